@@ -1,0 +1,46 @@
+"""ckpt-bridge: exact, streaming checkpoint conversion between Hugging Face
+transformers, TorchTitan/flame and verl.
+
+Public API::
+
+    ckpt_bridge.inspect(path)              -> report dict (no tensor data read)
+    ckpt_bridge.to_hf(src, out, dtype=...) -> ExportSummary
+    ckpt_bridge.verify(a, b, ...)          -> VerifyResult (.ok)
+"""
+
+from .errors import (
+    BridgeError,
+    CheckpointFormatError,
+    KeyPlanError,
+    OutputError,
+    UnsafePickleError,
+    VerificationFailed,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BridgeError", "CheckpointFormatError", "KeyPlanError", "OutputError", "UnsafePickleError",
+    "VerificationFailed", "inspect", "to_hf", "verify",
+]  # fmt: skip
+
+
+def inspect(path, **kw):
+    """Detect and describe the checkpoint at ``path`` (see :func:`ckpt_bridge.inspection.inspect`)."""
+    from .inspection import inspect as _inspect
+
+    return _inspect(path, **kw)
+
+
+def to_hf(src, out, **kw):
+    """Export ``src`` to a Hugging Face directory (see :func:`ckpt_bridge.export.to_hf`)."""
+    from .export import to_hf as _to_hf
+
+    return _to_hf(src, out, **kw)
+
+
+def verify(a, b, **kw):
+    """Compare two checkpoints (see :func:`ckpt_bridge.verification.verify`)."""
+    from .verification import verify as _verify
+
+    return _verify(a, b, **kw)

@@ -1,0 +1,154 @@
+"""``ckpt-bridge <verb>``: inspect, to-hf, verify.
+
+Errors from bad input print one line (no traceback) and exit 2; a verification
+that finds a difference exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .errors import BridgeError
+
+EPILOG = """\
+examples:
+  # what is this checkpoint, and is anything wrong with it?
+  ckpt-bridge inspect checkpoints/global_step_200/actor
+  # merge a verl FSDP checkpoint into a Hugging Face model dir (trained dtype kept)
+  ckpt-bridge to-hf checkpoints/global_step_200 --out exports/step200-hf
+  # the same in bf16, 2 GB shards
+  ckpt-bridge to-hf checkpoints/global_step_200/actor --out exports/step200-bf16 --dtype bf16 --max-shard-size 2GB
+  # did the export keep every weight? (exit 0 equal, 1 different, 2 bad input)
+  ckpt-bridge verify checkpoints/global_step_200/actor exports/step200-bf16 --cast-to bf16
+
+exit codes: 0 ok, 1 verification found differences, 2 bad input (message names the file/key/rank)
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ckpt-bridge",
+        description="Move model checkpoints between Hugging Face transformers, TorchTitan/flame and verl: "
+        "exactly (bit-for-bit unless you ask for a cast) and streaming (one tensor in memory at a time).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+
+    pi = sub.add_parser(
+        "inspect",
+        help="detect a checkpoint's format and report its contents and problems (reads no tensor data)",
+        description="Detect the format (verl FSDP actor dir, Hugging Face dir, DCP step folder, torch-save file), "
+        "say which files decided it, and list tensors, parameters, bytes, dtypes, layout and every problem "
+        "visible without reading tensor data: missing ranks, mixed world sizes, missing .metadata, "
+        "placements that disagree across ranks.",
+    )
+    pi.add_argument("path", help="checkpoint directory or file")
+    pi.add_argument("--json", action="store_true", help="print the report as JSON")
+    pi.add_argument("--trust-pickle", action="store_true", help="allow pickles beyond tensors (only for files you trust)")
+
+    ph = sub.add_parser(
+        "to-hf",
+        help="export a checkpoint to a Hugging Face model directory",
+        description="Merge a checkpoint into a directory that AutoModelForCausalLM.from_pretrained loads. "
+        "verl FSDP: SRC is global_step_N (the actor is used) or global_step_N/actor|critic; shards are "
+        "placed from the saved DTensor placements and device mesh, never guessed. Output: sharded "
+        "safetensors (+ index), config.json (dtype = what was written), generation_config.json, tokenizer "
+        "files, and extra_state_merged.pt + lr_scheduler_state.json (lr scheduler, every rank's rng, step). "
+        "The output appears only when complete.",
+        epilog="example:\n  ckpt-bridge to-hf ckpts/global_step_200 --out exports/step200-hf --dtype bf16",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ph.add_argument("src", help="source checkpoint (verl global_step_N[/actor], HF dir, DCP folder, torch file)")
+    ph.add_argument("--out", required=True, metavar="DIR", help="output directory (must not exist unless --overwrite)")
+    ph.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp16", "fp32"],
+                    help="dtype of floating tensors in the export (default: keep the trained dtype)")
+    ph.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="safetensors shard size (default 5GB)")
+    ph.add_argument("--config", metavar="PATH", help="config.json (or a dir with one) when the checkpoint has none")
+    ph.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    ph.add_argument("--dry-run", action="store_true", help="check everything and print the key plan; write nothing")
+    ph.add_argument("--trust-pickle", action="store_true", help="allow pickles beyond tensors (only for files you trust)")
+    ph.add_argument("--quiet", action="store_true", help="no progress bar")
+    ph.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    pv = sub.add_parser(
+        "verify",
+        help="compare two checkpoints tensor by tensor (exit 0 equal, 1 different, 2 bad input)",
+        description="Compare two checkpoints of any supported formats: missing/unexpected keys, shape and dtype "
+        "differences, max abs difference. Exact by default; --cast-to / --atol for exports that changed dtype; "
+        "--logits also loads both with transformers and compares logits on a fixed token batch.",
+    )
+    pv.add_argument("a")
+    pv.add_argument("b")
+    pv.add_argument("--atol", type=float, default=0.0, help="allowed max abs difference (default 0: exact)")
+    pv.add_argument("--cast-to", choices=["bf16", "fp16", "fp32"], help="cast floating tensors of both sides first")
+    pv.add_argument("--logits", action="store_true", help="also compare logits of both as transformers models")
+    pv.add_argument("--trust-pickle", action="store_true", help="allow pickles beyond tensors (only for files you trust)")
+    pv.add_argument("--json", action="store_true", help="print the result as JSON")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if not args.verb:
+        _parser().print_help()
+        return 2
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        if args.verb == "inspect":
+            from .inspection import format_report, inspect
+
+            report = inspect(args.path, trust_pickle=args.trust_pickle)
+            print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
+            return 0
+        if args.verb == "to-hf":
+            return _to_hf(args)
+        if args.verb == "verify":
+            from .verification import format_result, verify
+
+            res = verify(args.a, args.b, atol=args.atol, cast_to=args.cast_to, logits=args.logits,
+                         trust_pickle=args.trust_pickle)
+            print(json.dumps(res.as_dict(), indent=2, default=str) if args.json else format_result(res))
+            return 0 if res.ok else 1
+    except BridgeError as e:
+        print(f"ckpt-bridge {args.verb}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"ckpt-bridge {args.verb}: interrupted; no output was left behind", file=sys.stderr)
+        return 130
+    return 2
+
+
+def _to_hf(args: argparse.Namespace) -> int:
+    from .detect import open_reader
+    from .export import plan_export, to_hf
+
+    if args.dry_run:
+        with open_reader(args.src, trust_pickle=args.trust_pickle) as reader:
+            plan, cfg_dir = plan_export(reader, args.config)
+            print(f"# {reader.format} {reader.path} -> {plan.model_class} (config {cfg_dir / 'config.json'})")
+            print("\n".join(plan.lines()))
+        return 0
+    s = to_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, config=args.config,
+              overwrite=args.overwrite, trust_pickle=args.trust_pickle, progress=False if args.quiet else None)
+    for w in s.warnings:
+        print(f"ckpt-bridge to-hf: warning: {w}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(s.as_dict(), indent=2, default=str))
+        return 0
+    print(f"wrote {s.out}  ({s.model_class}, {s.dtype})")
+    print(f"  {s.tensors} tensors, {s.parameters:,} parameters, {s.bytes_written / 1e6:.1f} MB in "
+          f"{sum(f.endswith('.safetensors') for f in s.files)} safetensors file(s), {s.seconds:.1f} s")
+    for src, why in s.dropped:
+        print(f"  not written: {src} ({why})")
+    if s.extra_state:
+        print(f"  extra state: extra_state_merged.pt, lr_scheduler_state.json (global step {s.global_step})")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Path -> reader, with the evidence (the files that decided it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import CheckpointFormatError
+from .formats.base import Reader
+from .formats.dcp import DCPReader, is_dcp_dir
+from .formats.hf import HFReader, is_hf_dir
+from .formats.torch_file import TorchFileReader
+from .formats.verl_fsdp import VerlFSDPReader, find_actor_dir
+
+FORMATS = ("verl-fsdp", "hf", "dcp", "torch-file")
+
+
+def detect_format(path: str | Path) -> str:
+    """Name of the format at ``path``; raises :class:`CheckpointFormatError` if none fits."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointFormatError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
+            return "torch-file"
+        raise CheckpointFormatError(f"{path}: a file, but not a torch-save file (.pt/.pth/.bin/.ckpt)")
+    if find_actor_dir(path) is not None:
+        return "verl-fsdp"
+    if is_hf_dir(path):
+        return "hf"
+    if is_dcp_dir(path):
+        return "dcp"
+    seen = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
+    raise CheckpointFormatError(
+        f"{path}: not a recognised checkpoint (saw {seen}); expected a verl global_step_N[/actor], "
+        f"a Hugging Face model dir, a DCP step folder or a torch-save file"
+    )
+
+
+def open_reader(path: str | Path, *, trust_pickle: bool = False) -> Reader:
+    fmt = detect_format(path)
+    path = Path(path)
+    if fmt == "verl-fsdp":
+        return VerlFSDPReader(path, trust_pickle=trust_pickle)
+    if fmt == "hf":
+        return HFReader(path, trust_pickle=trust_pickle)
+    if fmt == "dcp":
+        return DCPReader(path)
+    return TorchFileReader(path, trust_pickle=trust_pickle)

@@ -1,0 +1,233 @@
+"""``to_hf``: any readable checkpoint -> a Hugging Face model directory.
+
+reader -> key plan -> tensor stream -> sharded safetensors writer, with config,
+generation config, tokenizer and training extra state alongside.  Everything
+that can be checked from metadata (rank files, placements, keys, shapes) is
+checked before the output directory is created; the directory is written
+under a temporary name and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .detect import open_reader
+from .errors import BridgeError
+from .formats.base import Reader
+from .keys import KeyPlan, plan_hf_export
+from .progress import Progress
+from .writers.atomic import AtomicDir
+from .writers.safetensors_shards import ShardedSafetensorsWriter, parse_size
+
+log = logging.getLogger("ckpt_bridge")
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_TORCH_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
+                      torch.float64: "float64"}  # fmt: skip
+
+# Tokenizer / processor files that travel with a model (matched by name prefix).
+TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template",
+                      "spiece", "sentencepiece", "preprocessor_config", "processor_config")  # fmt: skip
+
+
+@dataclass
+class ExportSummary:
+    source: str
+    source_format: str
+    out: str
+    tensors: int = 0
+    parameters: int = 0
+    bytes_written: int = 0
+    dtype: str = ""
+    files: list[str] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    model_class: str | None = None
+    extra_state: bool = False
+    global_step: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def target_dtype(dtype: str) -> torch.dtype | None:
+    if dtype == "keep":
+        return None
+    if dtype not in DTYPES:
+        raise BridgeError(f"--dtype {dtype!r}: choose one of keep, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _config_dir(reader: Reader, config: str | Path | None) -> tuple[Path | None, Path | None]:
+    """(directory holding config.json, explicit config.json file or None)."""
+    if config is None:
+        return reader.hf_config_dir(), None
+    p = Path(config)
+    if p.is_dir() and (p / "config.json").is_file():
+        return p, None
+    if p.is_file():
+        return p.parent, p
+    raise BridgeError(f"--config {p}: neither a config.json file nor a directory containing one")
+
+
+def plan_export(reader: Reader, config: str | Path | None = None) -> tuple[KeyPlan, Path]:
+    """Everything checkable before writing: structure, per-key layouts, key plan."""
+    if hasattr(reader, "check"):
+        reader.check()
+    infos = reader.tensors()
+    if hasattr(reader, "layout") and reader.format == "verl-fsdp":
+        for key in infos:  # placements and shard shapes of every key, on every rank (metadata only)
+            reader.layout(key)
+    cfg_dir, cfg_file = _config_dir(reader, config)
+    if cfg_file is not None and cfg_file.name != "config.json":
+        raise BridgeError(f"--config {cfg_file}: pass a file named config.json or the directory holding it")
+    plan = plan_hf_export(infos, cfg_dir, where=str(reader.path))
+    return plan, cfg_dir  # type: ignore[return-value]
+
+
+def to_hf(
+    src: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "keep",
+    max_shard_size: str | int = "5GB",
+    config: str | Path | None = None,
+    overwrite: bool = False,
+    trust_pickle: bool = False,
+    progress: bool | None = None,
+) -> ExportSummary:
+    """Export the checkpoint at ``src`` to a Hugging Face directory ``out``.
+
+    ``dtype`` is ``keep`` (the trained dtype) or one of bf16/fp16/fp32 (floating
+    tensors are cast, integer buffers kept).  Returns a summary; raises a
+    :class:`~ckpt_bridge.errors.BridgeError` subclass on bad input, leaving no
+    ``out`` behind.
+    """
+    t0 = time.perf_counter()
+    cast = target_dtype(dtype)
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as e:
+        raise BridgeError(f"--max-shard-size: {e}") from None
+    with open_reader(src, trust_pickle=trust_pickle) as reader:
+        plan, cfg_dir = plan_export(reader, config)
+        summary = ExportSummary(str(src), reader.format, str(out), model_class=plan.model_class,
+                                dropped=list(plan.dropped))
+        out_dtype = {e.target: (cast if cast is not None and e.info.dtype.is_floating_point else e.info.dtype)
+                     for e in plan.entries}
+        protect = (Path(src), reader.path, cfg_dir)
+        with AtomicDir(out, overwrite=overwrite, protect=protect) as tmp:
+            writer = ShardedSafetensorsWriter(
+                tmp, [(e.target, e.info.shape, out_dtype[e.target]) for e in plan.entries], shard_bytes
+            )
+            bar = Progress(writer.total_size, "to-hf", enabled=progress)
+            try:
+                for e in plan.entries:
+                    t = reader.read(e.source, out_dtype[e.target])
+                    writer.write(e.target, t)
+                    summary.tensors += 1
+                    summary.parameters += t.numel()
+                    bar.update(t.numel() * t.element_size(), e.target)
+                    del t
+            finally:
+                bar.close()
+            summary.files = writer.close()
+            summary.bytes_written = writer.total_size
+            written = _dominant_float_dtype(plan, out_dtype)
+            summary.dtype = _TORCH_DTYPE_NAMES.get(written, str(written))
+            summary.files += _write_configs(tmp, cfg_dir, config, plan, written, summary)
+            summary.files += _copy_tokenizer(tmp, cfg_dir, summary)
+            extra = reader.extra_state()
+            if extra:
+                summary.files += write_extra_state(tmp, extra, source=str(reader.path))
+                summary.extra_state = True
+                summary.global_step = extra.get("global_step")
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _dominant_float_dtype(plan: KeyPlan, out_dtype: dict[str, torch.dtype]) -> torch.dtype:
+    by_bytes: dict[torch.dtype, int] = {}
+    for e in plan.entries:
+        d = out_dtype[e.target]
+        if d.is_floating_point:
+            by_bytes[d] = by_bytes.get(d, 0) + e.info.numel
+    return max(by_bytes, key=by_bytes.__getitem__) if by_bytes else torch.float32
+
+
+def _write_configs(tmp: Path, cfg_dir: Path, config_arg: Any, plan: KeyPlan, written: torch.dtype,
+                   summary: ExportSummary) -> list[str]:
+    cfg = json.loads((cfg_dir / "config.json").read_text())
+    if not cfg.get("architectures") and plan.model_class:
+        cfg["architectures"] = [plan.model_class]
+    # The config must describe the tensors actually written (verl's own hf_model
+    # save writes fp32 tensors under a config that says bf16).  transformers 5
+    # reads "dtype", 4.x reads "torch_dtype": keep both in step.
+    name = _TORCH_DTYPE_NAMES.get(written, str(written).replace("torch.", ""))
+    cfg["dtype"] = name
+    cfg["torch_dtype"] = name
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    gen = cfg_dir / "generation_config.json"
+    if gen.is_file():
+        shutil.copy2(gen, tmp / "generation_config.json")
+    else:
+        keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+        g = {"_from_model_config": True, **{k: cfg[k] for k in keys if cfg.get(k) is not None}}
+        (tmp / "generation_config.json").write_text(json.dumps(g, indent=2) + "\n")
+    return ["config.json", "generation_config.json"]
+
+
+def _copy_tokenizer(tmp: Path, cfg_dir: Path, summary: ExportSummary) -> list[str]:
+    copied = []
+    for p in sorted(cfg_dir.iterdir()):
+        if p.is_file() and p.name.startswith(TOKENIZER_PREFIXES):
+            shutil.copy2(p, tmp / p.name)
+            copied.append(p.name)
+    if not any(n.startswith("tokenizer") for n in copied):
+        summary.warnings.append(
+            f"no tokenizer files in {cfg_dir}; the export has weights and config only "
+            f"(copy a tokenizer in, or pass --config a model dir that has one)"
+        )
+    return copied
+
+
+def write_extra_state(tmp: Path, extra: dict[str, Any], *, source: str) -> list[str]:
+    """``extra_state_merged.pt`` + ``lr_scheduler_state.json`` (human-readable)."""
+    payload = {
+        "lr_scheduler": extra.get("lr_scheduler"),
+        "rng": extra.get("rng", {}),  # {rank: rng state}; verl restores rng per rank
+        "global_step": extra.get("global_step"),
+        "world_size": extra.get("world_size"),
+        "source": source,
+    }
+    torch.save(payload, tmp / "extra_state_merged.pt")
+    readable = {
+        "global_step": extra.get("global_step"),
+        "world_size": extra.get("world_size"),
+        "ranks_with_rng": sorted(extra.get("rng", {})),
+        "lr_scheduler": _jsonable(extra.get("lr_scheduler")),
+        "source": source,
+    }
+    (tmp / "lr_scheduler_state.json").write_text(json.dumps(readable, indent=2) + "\n")
+    return ["extra_state_merged.pt", "lr_scheduler_state.json"]
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist() if obj.numel() <= 64 else f"<tensor {tuple(obj.shape)} {obj.dtype}>"
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    return repr(obj)

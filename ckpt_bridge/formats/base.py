@@ -1,0 +1,96 @@
+"""The one small interface every on-disk format implements.
+
+A reader lists tensors (key, global shape, dtype) without reading tensor data,
+reads one tensor at a time on request, and exposes the training extra state
+(lr_scheduler, rng, step) when the format has any.  It never holds more than
+the tensor it was asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass
+class Evidence:
+    """Why a path was recognised as a format: the files that decided it."""
+
+    format: str
+    files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+class Reader(ABC):
+    """Base class of all readers.  Subclasses set ``format`` and fill ``evidence``."""
+
+    format: str = "?"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.evidence = Evidence(self.format)
+
+    @abstractmethod
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor key in file order, with its global shape and dtype (no data read)."""
+
+    @abstractmethod
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The full tensor for ``key`` (cast to ``dtype`` when given), read on demand."""
+
+    def extra_state(self) -> dict[str, Any]:
+        """lr_scheduler / rng / step state, if the format stores any."""
+        return {}
+
+    def problems(self) -> list[str]:
+        """Everything wrong that can be seen without reading tensor data."""
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        """Format-specific facts for ``inspect`` (world size, layout, ...)."""
+        return {}
+
+    def hf_config_dir(self) -> Path | None:
+        """A directory with the Hugging Face config.json (and tokenizer), if the checkpoint has one."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_json(path: Path) -> Any:
+    from ..errors import CheckpointFormatError
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointFormatError(f"{path}: not valid JSON ({e}); restore it from the source") from None

@@ -1,0 +1,119 @@
+"""Hugging Face model directories: ``model.safetensors``, sharded safetensors
+with ``model.safetensors.index.json``, or ``pytorch_model*.bin``.
+
+safetensors files are memory-mapped by ``safe_open`` and read one tensor at a
+time; ``.bin`` files go through the weights-only loader with ``mmap=True``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .. import pages, safeload
+from ..errors import CheckpointFormatError
+from .base import Reader, TensorInfo, read_json
+
+_ST_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64,
+}  # fmt: skip
+
+
+def weight_files(path: Path) -> tuple[str, list[Path]]:
+    """("safetensors"|"bin"|"", files) for a directory, preferring safetensors like transformers does."""
+    for index, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
+        if (path / index).is_file():
+            weight_map = read_json(path / index).get("weight_map", {})
+            return kind, [path / f for f in dict.fromkeys(weight_map.values())]
+    if (path / "model.safetensors").is_file():
+        return "safetensors", [path / "model.safetensors"]
+    if (path / "pytorch_model.bin").is_file():
+        return "bin", [path / "pytorch_model.bin"]
+    return "", []
+
+
+def is_hf_dir(path: Path) -> bool:
+    return Path(path).is_dir() and bool(weight_files(Path(path))[0])
+
+
+class HFReader(Reader):
+    format = "hf"
+
+    def __init__(self, path: Path, *, trust_pickle: bool = False):
+        super().__init__(path)
+        self.trust_pickle = trust_pickle
+        self.kind, self.files = weight_files(self.path)
+        if not self.kind:
+            raise CheckpointFormatError(f"{self.path}: no model.safetensors, index or pytorch_model.bin here")
+        self.evidence.files = [p.name for p in self.files[:4]]
+        if (self.path / "config.json").is_file():
+            self.evidence.files.append("config.json")
+        self._problems = [f"{p}: listed in the index but missing" for p in self.files if not p.is_file()]
+        self._where: dict[str, Path] = {}
+        self._info: dict[str, TensorInfo] | None = None
+        self._bins: dict[Path, dict[str, Any]] = {}
+
+    def problems(self) -> list[str]:
+        return list(self._problems)
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        if self._info is not None:
+            return self._info
+        if self._problems:
+            raise CheckpointFormatError(self._problems[0])
+        info: dict[str, TensorInfo] = {}
+        for f in self.files:
+            if self.kind == "safetensors":
+                # The header alone gives shapes and dtypes; no tensor bytes are read.
+                try:
+                    with safe_open(f, framework="pt") as st:
+                        for k in st.keys():
+                            sl = st.get_slice(k)
+                            dt = _ST_DTYPES.get(sl.get_dtype())
+                            if dt is None:
+                                raise CheckpointFormatError(f"{f}: key {k!r} has unsupported dtype {sl.get_dtype()}")
+                            info[k] = TensorInfo(k, tuple(sl.get_shape()), dt)
+                            self._where[k] = f
+                except (OSError, RuntimeError, ValueError) as e:
+                    # safetensors raises SafetensorError (an Exception subclass) on bad headers
+                    raise CheckpointFormatError(f"{f}: not a readable safetensors file ({e})") from None
+                except Exception as e:
+                    if type(e).__name__ != "SafetensorError":
+                        raise
+                    raise CheckpointFormatError(f"{f}: not a readable safetensors file ({e})") from None
+            else:
+                for k, v in self._bin(f).items():
+                    if isinstance(v, torch.Tensor):
+                        info[k] = TensorInfo(k, tuple(v.shape), v.dtype)
+                        self._where[k] = f
+        self._info = info
+        return info
+
+    def _bin(self, f: Path) -> dict[str, Any]:
+        if f not in self._bins:
+            self._bins[f] = safeload.load(f, mmap=True, trust_pickle=self.trust_pickle)
+        return self._bins[f]
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        self.tensors()
+        f = self._where[key]
+        if self.kind == "safetensors":
+            with safe_open(f, framework="pt") as st:
+                t = st.get_tensor(key)  # a fresh copy; the mapping closes with the handle
+            return t if dtype is None or t.dtype == dtype else t.to(dtype)
+        v = self._bin(f)[key]
+        out = v.to(dtype=dtype or v.dtype, copy=True)
+        pages.release(v)
+        return out
+
+    def hf_config_dir(self) -> Path | None:
+        return self.path if (self.path / "config.json").is_file() else None
+
+    def describe(self) -> dict[str, Any]:
+        return {"weights": self.kind, "files": len(self.files), "config": (self.path / "config.json").is_file()}

@@ -1,0 +1,392 @@
+"""verl FSDP checkpoints: ``global_step_N/actor`` with one torch-save file per rank.
+
+What verl writes (0.4 .. 0.9.1, ``FSDPCheckpointManager.save_checkpoint``)::
+
+    actor/
+      model_world_size_W_rank_R.pt        {fqn: DTensor | Tensor}   one per rank
+      optim_world_size_W_rank_R.pt        optimizer shard            (optional)
+      extra_state_world_size_W_rank_R.pt  {"lr_scheduler": ..., "rng": {...}}
+      fsdp_config.json                    {"FSDP_version": 1|2, "world_size": W}   (verl >= 0.4)
+      huggingface/                        config.json, tokenizer, generation_config (verl >= 0.5)
+      config.json, tokenizer files        (verl 0.4.0 keeps them at the actor root)
+      lora_train_meta.json                (LoRA runs)
+
+Model values are DTensors carrying their placements and device mesh (FSDP1 and
+FSDP2 alike: ``(Shard(0),)`` on ``('fsdp',)``; HSDP ``(Replicate(), Shard(0))``
+on ``('ddp','fsdp')``; legacy FSDP2 workers also ``Shard(1)``+), or plain
+tensors copied on every rank (buffers, unwrapped params, 1-GPU FSDP1 runs).
+We merge from that metadata alone (see :mod:`ckpt_bridge.layout`), reading the
+rank files with ``mmap`` and copying one key at a time, then handing the pages
+back (:mod:`ckpt_bridge.pages`).  verl itself is never imported.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from .. import pages, safeload
+from ..errors import CheckpointFormatError
+from ..layout import Placement, local_region, placements_of, source_coords
+from .base import Reader, TensorInfo, read_json
+
+_RANK_FILE = re.compile(r"^(model|optim|extra_state)_world_size_(\d+)_rank_(\d+)\.pt$")
+_STEP_DIR = re.compile(r"^global_step_(\d+)$")
+
+
+def find_actor_dir(path: Path) -> Path | None:
+    """``path`` itself if it holds rank files, else ``path/actor`` if that does."""
+    path = Path(path)
+    if any(_RANK_FILE.match(p.name) for p in _listdir(path)):
+        return path
+    actor = path / "actor"
+    if actor.is_dir() and any(_RANK_FILE.match(p.name) for p in _listdir(actor)):
+        return actor
+    return None
+
+
+def _listdir(path: Path) -> list[Path]:
+    try:
+        return sorted(path.iterdir()) if path.is_dir() else []
+    except OSError:
+        return []
+
+
+@dataclass
+class _Layout:
+    """How one key is stored across ranks, derived from metadata only."""
+
+    kind: str  # "dtensor" or "plain"
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    placements: tuple[Placement, ...] = ()
+    mesh_shape: tuple[int, ...] = ()
+    # (rank, region) pairs whose local tensors tile the global tensor exactly once
+    sources: tuple[tuple[int, tuple[tuple[int, int], ...]], ...] = ()
+
+
+class VerlFSDPReader(Reader):
+    format = "verl-fsdp"
+
+    def __init__(self, path: Path, *, trust_pickle: bool = False):
+        path = Path(path)
+        actor = find_actor_dir(path)
+        if actor is None:
+            raise CheckpointFormatError(
+                f"{path}: no model_world_size_W_rank_R.pt files here or in {path / 'actor'}; "
+                f"point at global_step_N or global_step_N/actor"
+            )
+        super().__init__(actor)
+        self.requested = path
+        self.trust_pickle = trust_pickle
+        self._scan()
+        self._sds: dict[int, dict[str, Any]] = {}
+        self._layouts: dict[str, _Layout] = {}
+        self._mesh_cache: dict[int, tuple[torch.Tensor, tuple[str, ...] | None, int | None]] = {}
+
+    # ------------------------------------------------------------------ scan
+    def _scan(self) -> None:
+        """Group the rank files by kind and world size; record problems (no tensor data read)."""
+        self.files: dict[str, dict[int, dict[int, Path]]] = {"model": {}, "optim": {}, "extra_state": {}}
+        for p in _listdir(self.path):
+            m = _RANK_FILE.match(p.name)
+            if m:
+                kind, w, r = m.group(1), int(m.group(2)), int(m.group(3))
+                self.files[kind].setdefault(w, {})[r] = p
+        self.evidence.files = sorted(
+            p.name for p in _listdir(self.path) if _RANK_FILE.match(p.name) or p.name == "fsdp_config.json"
+        )[:6]
+        self._problems: list[str] = []
+        model_sizes = sorted(self.files["model"])
+        if len(model_sizes) > 1:
+            counts = ", ".join(f"world size {w} ({len(self.files['model'][w])} files)" for w in model_sizes)
+            self._problems.append(
+                f"{self.path}: model files from more than one world size: {counts}; "
+                f"move the stale ones out of this directory"
+            )
+        self.world_size = model_sizes[-1] if model_sizes else 0
+        if not model_sizes:
+            self._problems.append(f"{self.path}: no model_world_size_W_rank_R.pt files (optimizer/extra state only?)")
+        self.fsdp_config = None
+        cfg = self.path / "fsdp_config.json"
+        if cfg.is_file():
+            self.fsdp_config = read_json(cfg)
+            self.evidence.notes.append(f"fsdp_config.json: {self.fsdp_config}")
+            ws = self.fsdp_config.get("world_size")
+            if len(model_sizes) == 1 and ws is not None and ws != self.world_size:
+                self._problems.append(
+                    f"{cfg}: says world_size {ws} but the rank files say {self.world_size}; "
+                    f"the directory mixes two saves"
+                )
+        else:
+            self.evidence.notes.append("no fsdp_config.json (written by verl >= 0.4; older layout)")
+        for kind in ("model", "extra_state", "optim"):
+            for w, ranks in self.files[kind].items():
+                missing = sorted(set(range(w)) - set(ranks))
+                extra = sorted(set(ranks) - set(range(w)))
+                if missing:
+                    names = ", ".join(f"{kind}_world_size_{w}_rank_{r}.pt" for r in missing[:4])
+                    more = f" and {len(missing) - 4} more" if len(missing) > 4 else ""
+                    self._problems.append(
+                        f"{self.path}: missing rank file(s) {names}{more} ({len(ranks)} of {w} present); "
+                        f"copy every rank's file (on multi-node runs each node writes its own)"
+                    )
+                if extra:
+                    self._problems.append(
+                        f"{self.path}: rank file(s) for rank {extra} exceed world size {w}; the directory is mixed up"
+                    )
+            if kind != "model" and self.world_size and set(self.files[kind]) - {self.world_size}:
+                others = sorted(set(self.files[kind]) - {self.world_size})
+                self._problems.append(
+                    f"{self.path}: {kind} files saved with world size {others} but the model with "
+                    f"{self.world_size}; move the stale ones out"
+                )
+
+    def problems(self) -> list[str]:
+        return list(self._problems)
+
+    def check(self) -> None:
+        """Raise the first structural problem (conversion refuses what inspect reports)."""
+        if self._problems:
+            more = f" (and {len(self._problems) - 1} more problems: run `ckpt-bridge inspect`)" if len(self._problems) > 1 else ""
+            raise CheckpointFormatError(self._problems[0] + more)
+
+    # ------------------------------------------------------------- metadata
+    def model_file(self, rank: int) -> Path:
+        return self.files["model"][self.world_size][rank]
+
+    def _sd(self, rank: int) -> dict[str, Any]:
+        if rank not in self._sds:
+            sd = safeload.load(self.model_file(rank), mmap=True, trust_pickle=self.trust_pickle)
+            if not isinstance(sd, dict):
+                raise CheckpointFormatError(
+                    f"{self.model_file(rank)}: expected a dict of tensors, found {type(sd).__name__}"
+                )
+            self._sds[rank] = sd
+        return self._sds[rank]
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        self.check()
+        return self.rank0_tensors()
+
+    def rank0_tensors(self) -> dict[str, TensorInfo]:
+        """Keys and global shapes from rank 0's file alone (for inspect on a damaged checkpoint)."""
+        out: dict[str, TensorInfo] = {}
+        for key, v in self._sd(0).items():
+            if not isinstance(v, torch.Tensor):
+                raise CheckpointFormatError(
+                    f"{self.model_file(0)}: key {key!r} holds a {type(v).__name__}, not a tensor; "
+                    f"only DTensor/Tensor state dicts can be merged"
+                )
+            out[key] = TensorInfo(key, tuple(v.shape), v.dtype)
+        return out
+
+    def _mesh(self, rank: int, key: str, dt: DTensor) -> tuple[torch.Tensor, tuple[str, ...] | None, int | None]:
+        m = dt.device_mesh
+        if id(m) not in self._mesh_cache:
+            try:
+                mesh = m.mesh
+            except Exception:  # a DeviceMesh pickled by another torch version
+                mesh = m.__dict__.get("mesh")
+            if not isinstance(mesh, torch.Tensor):
+                raise CheckpointFormatError(
+                    f"{self.model_file(rank)}: key {key!r}: the saved device mesh has no rank layout; "
+                    f"cannot place the shard"
+                )
+            names = getattr(m, "mesh_dim_names", None) or m.__dict__.get("_mesh_dim_names")
+            saved_rank = m.__dict__.get("_rank")
+            self._mesh_cache[id(m)] = (mesh.clone(), tuple(names) if names else None, saved_rank)
+        return self._mesh_cache[id(m)]
+
+    def layout(self, key: str) -> _Layout:
+        """Check ``key`` across every rank file and work out where each shard goes."""
+        if key in self._layouts:
+            return self._layouts[key]
+        W = self.world_size
+        values = []
+        for r in range(W):
+            sd = self._sd(r)
+            if key not in sd:
+                raise CheckpointFormatError(
+                    f"{self.model_file(r)}: key {key!r} is missing on rank {r} but present on rank 0; "
+                    f"the rank files come from different saves"
+                )
+            values.append(sd[key])
+        first = values[0]
+        if not isinstance(first, DTensor):
+            for r, v in enumerate(values):
+                if isinstance(v, DTensor) or tuple(v.shape) != tuple(first.shape) or v.dtype != first.dtype:
+                    raise CheckpointFormatError(
+                        f"{self.model_file(r)}: key {key!r} is a plain tensor on rank 0 but differs in "
+                        f"type/shape/dtype on rank {r}; cannot tell how it was sharded"
+                    )
+            lay = _Layout("plain", tuple(first.shape), first.dtype)
+            self._layouts[key] = lay
+            return lay
+
+        where0 = f"{self.model_file(0)}: key {key!r}"
+        placements = placements_of(first.placements, where0)
+        mesh, names, _ = self._mesh(0, key, first)
+        if len(placements) != mesh.dim():
+            raise CheckpointFormatError(f"{where0}: {len(placements)} placements for a {mesh.dim()}-D mesh")
+        if mesh.numel() != W or sorted(mesh.flatten().tolist()) != list(range(W)):
+            raise CheckpointFormatError(
+                f"{where0}: the device mesh holds ranks {mesh.flatten().tolist()} but the checkpoint has "
+                f"world size {W}; the rank files do not belong together"
+            )
+        shape = tuple(first.shape)
+        coord_rank: dict[tuple[int, ...], int] = {}
+        for r, v in enumerate(values):
+            where = f"{self.model_file(r)}: key {key!r}"
+            if not isinstance(v, DTensor):
+                raise CheckpointFormatError(f"{where}: plain tensor on rank {r} but a DTensor on rank 0")
+            if placements_of(v.placements, where) != placements or tuple(v.shape) != shape or v.dtype != first.dtype:
+                raise CheckpointFormatError(
+                    f"{where}: placements/shape/dtype {tuple(map(str, placements_of(v.placements, where)))} "
+                    f"{tuple(v.shape)} {v.dtype} on rank {r} disagree with rank 0's "
+                    f"{tuple(map(str, placements))} {shape} {first.dtype}"
+                )
+            m, n, saved_rank = self._mesh(r, key, v)
+            if not torch.equal(m, mesh) or n != names:
+                raise CheckpointFormatError(f"{where}: device mesh on rank {r} differs from rank 0's")
+            if saved_rank is not None and saved_rank != r:
+                raise CheckpointFormatError(
+                    f"{where}: the file name says rank {r} but its tensors were saved by rank {saved_rank}; "
+                    f"rank files were renamed or swapped"
+                )
+            coord = tuple(int(i) for i in (mesh == r).nonzero()[0].tolist())
+            region = local_region(shape, tuple(mesh.shape), placements, coord)
+            expect = tuple(b - a for a, b in region)
+            if tuple(v._local_tensor.shape) != expect:
+                raise CheckpointFormatError(
+                    f"{where}: rank {r} holds a shard of shape {tuple(v._local_tensor.shape)}, but "
+                    f"{tuple(map(str, placements))} on mesh {tuple(mesh.shape)} puts {expect} there; "
+                    f"the file does not match its own metadata"
+                )
+            coord_rank[coord] = r
+        sources = []
+        for c in source_coords(tuple(mesh.shape), placements):
+            r = coord_rank[c]
+            sources.append((r, local_region(shape, tuple(mesh.shape), placements, c)))
+        lay = _Layout("dtensor", shape, first.dtype, placements, tuple(mesh.shape), tuple(sources))
+        self._layouts[key] = lay
+        return lay
+
+    # ------------------------------------------------------------------ data
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        lay = self.layout(key)
+        dtype = dtype or lay.dtype
+        if lay.kind == "plain":
+            return self._read_plain(key, dtype)
+        out = torch.empty(lay.shape, dtype=dtype)
+        for r, region in lay.sources:
+            if any(a == b for a, b in region):
+                continue  # an empty trailing shard (more ranks than rows)
+            local = self._sd(r)[key]._local_tensor
+            out[tuple(slice(a, b) for a, b in region)].copy_(local)
+            pages.release(local)
+        return out
+
+    def _read_plain(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        # A plain tensor is a full copy on every rank (buffers, unwrapped params).
+        # Keep one, but make sure they really are copies: a shard saved without
+        # its DTensor metadata would otherwise be silently taken as the whole.
+        base = self._sd(0)[key]
+        for r in range(1, self.world_size):
+            other = self._sd(r)[key]
+            same = torch.equal(base, other)
+            pages.release(other)
+            if not same:
+                raise CheckpointFormatError(
+                    f"{self.model_file(r)}: key {key!r} is a plain tensor whose value on rank {r} differs from "
+                    f"rank 0's; without DTensor placements its layout cannot be known"
+                )
+        out = base.to(dtype=dtype, copy=True)
+        pages.release(base)
+        return out
+
+    # ----------------------------------------------------------- extra state
+    @property
+    def global_step(self) -> int | None:
+        for p in (self.path, self.path.parent):
+            m = _STEP_DIR.match(p.name)
+            if m:
+                return int(m.group(1))
+        return None
+
+    def extra_state(self) -> dict[str, Any]:
+        """lr_scheduler (checked equal on every rank) and every rank's rng, keyed by rank."""
+        files = self.files["extra_state"].get(self.world_size)
+        if not files:
+            return {}
+        lr = None
+        rng: dict[int, Any] = {}
+        for r in range(self.world_size):
+            f = files[r]
+            st = safeload.load(f, mmap=False, allow_numpy=True, trust_pickle=self.trust_pickle)
+            if not isinstance(st, dict):
+                raise CheckpointFormatError(f"{f}: expected a dict with lr_scheduler/rng, found {type(st).__name__}")
+            if r == 0:
+                lr = st.get("lr_scheduler")
+            elif not _deep_equal(st.get("lr_scheduler"), lr):
+                raise CheckpointFormatError(
+                    f"{f}: lr_scheduler state on rank {r} differs from rank 0's; the extra_state files "
+                    f"come from different saves"
+                )
+            if "rng" in st:
+                rng[r] = st["rng"]
+        return {"lr_scheduler": lr, "rng": rng, "global_step": self.global_step, "world_size": self.world_size}
+
+    # ---------------------------------------------------------------- report
+    def hf_config_dir(self) -> Path | None:
+        for d in (self.path / "huggingface", self.path):  # verl >= 0.5, then verl 0.4.0
+            if (d / "config.json").is_file():
+                return d
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        W = self.world_size
+        d: dict[str, Any] = {
+            "world_size": W,
+            "ranks_present": sorted(self.files["model"].get(W, {})),
+            "fsdp_config": self.fsdp_config,
+            "hf_config_dir": str(self.hf_config_dir()) if self.hf_config_dir() else None,
+            "optimizer_ranks": len(self.files["optim"].get(W, {})),
+            "extra_state_ranks": len(self.files["extra_state"].get(W, {})),
+            "global_step": self.global_step,
+            "lora": (self.path / "lora_train_meta.json").is_file() or (self.path / "lora_adapter").is_dir(),
+        }
+        siblings = [p.name for p in _listdir(self.path.parent) if p.is_dir() and find_actor_dir(p)]
+        if self.path.name in ("actor", "critic") and len(siblings) > 1:
+            d["roles"] = siblings
+        return d
+
+    def placement_summary(self) -> dict[str, int]:
+        """Counts of (placements, mesh dim names) patterns on rank 0 (metadata only)."""
+        counts: dict[str, int] = {}
+        for key, v in self._sd(0).items():
+            if isinstance(v, DTensor):
+                _, names, _ = self._mesh(0, key, v)
+                label = f"{tuple(str(p) for p in placements_of(v.placements, key))} on {names}"
+            else:
+                label = "plain tensor (copied on every rank)"
+            counts[label] = counts.get(label, 0) + 1
+        return counts
+
+
+def _deep_equal(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_deep_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_deep_equal(x, y) for x, y in zip(a, b))
+    try:
+        return bool(a == b)
+    except Exception:
+        return False

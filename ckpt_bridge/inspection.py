@@ -1,0 +1,85 @@
+"""``inspect``: what a checkpoint is, why we think so, and what is wrong with it,
+all from metadata (no tensor data is read)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .detect import detect_format, open_reader
+from .errors import BridgeError
+from .formats.verl_fsdp import VerlFSDPReader
+
+
+def inspect(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Any]:
+    """A report dict: format, evidence, tensors/parameters/bytes/dtypes, details, problems."""
+    fmt = detect_format(path)
+    report: dict[str, Any] = {"path": str(path), "format": fmt}
+    with open_reader(path, trust_pickle=trust_pickle) as reader:
+        report["resolved_path"] = str(reader.path)
+        problems = reader.problems()
+        infos = {}
+        try:
+            if isinstance(reader, VerlFSDPReader):
+                infos = reader.rank0_tensors() if 0 in reader.files["model"].get(reader.world_size, {}) else {}
+                if not problems:
+                    for key in infos:  # cross-rank placement checks: metadata only
+                        try:
+                            reader.layout(key)
+                        except BridgeError as e:
+                            problems.append(str(e))
+                    report["placements"] = reader.placement_summary()
+            elif not problems:
+                infos = reader.tensors()
+        except BridgeError as e:
+            problems.append(str(e))
+        report["evidence"] = {"files": reader.evidence.files, "notes": reader.evidence.notes}
+        report["tensors"] = len(infos)
+        report["parameters"] = sum(i.numel for i in infos.values())
+        report["bytes"] = sum(i.nbytes for i in infos.values())
+        dtypes: dict[str, int] = {}
+        for i in infos.values():
+            name = str(i.dtype).replace("torch.", "")
+            dtypes[name] = dtypes.get(name, 0) + 1
+        report["dtypes"] = dtypes
+        try:
+            report["details"] = reader.describe()
+        except BridgeError as e:
+            problems.append(str(e))
+            report["details"] = {}
+        cfg = reader.hf_config_dir()
+        report["config"] = str(cfg / "config.json") if cfg else None
+        report["problems"] = problems
+    return report
+
+
+def _size(n: float, unit: str = "B") -> str:
+    for prefix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or prefix == "T":
+            return f"{n:.0f} {prefix}{unit}" if prefix == "" else f"{n:.2f} {prefix}{unit}"
+        n /= 1000
+    return str(n)
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = [f"{r['resolved_path']}"]
+    ev = r["evidence"]
+    lines.append(f"  format      {r['format']}   (evidence: {', '.join(ev['files']) or '-'})")
+    for note in ev["notes"]:
+        lines.append(f"              {note}")
+    lines.append(
+        f"  tensors     {r['tensors']}   parameters {_size(r['parameters'], '').strip()}   bytes {_size(r['bytes'])}"
+    )
+    if r["dtypes"]:
+        lines.append("  dtypes      " + ", ".join(f"{k}: {v}" for k, v in sorted(r["dtypes"].items())))
+    for k, v in (r.get("placements") or {}).items():
+        lines.append(f"  layout      {v:>4} x {k}")
+    for k, v in (r.get("details") or {}).items():
+        lines.append(f"  {k:<11} {v}")
+    lines.append(f"  config      {r['config'] or 'none found (to-hf needs --config)'}")
+    if r["problems"]:
+        lines.append(f"  problems    {len(r['problems'])}")
+        lines += [f"    - {p}" for p in r["problems"]]
+    else:
+        lines.append("  problems    none")
+    return "\n".join(lines)

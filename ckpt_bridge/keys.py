@@ -1,0 +1,201 @@
+"""The key plan: source keys -> target keys, computed and checked before any
+tensor moves.
+
+Rules, in order:
+
+1. Wrapper prefixes are stripped by a rule table (:data:`WRAPPER_RULES`):
+   DDP/FSDP1's ``module.`` at the front, and the ``_fsdp_wrapped_module``,
+   ``_orig_mod`` (torch.compile) and ``_checkpoint_wrapped_module`` path
+   components anywhere.  Two source keys that collapse onto one name are an
+   error, never a silent overwrite.
+2. The target key set is what the consumer expects: for a Hugging Face export,
+   the persistent state dict of the model class the config names, built on the
+   meta device (no memory, no weights).  Every expected key must have exactly
+   one source of the same shape; every source key must land somewhere or be
+   dropped by a named rule.
+3. Tied weights come from the model itself: parameters that are the same
+   object (``lm_head.weight`` and ``model.embed_tokens.weight`` when
+   ``tie_word_embeddings``) are written once, under the first name, exactly
+   as ``save_pretrained`` does.  An untied config with a missing head is an
+   error (rule 2).
+4. Rotary ``inv_freq`` buffers found in old checkpoints are dropped with a
+   reason: transformers recomputes them and no longer stores them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import KeyPlanError
+from .formats.base import TensorInfo
+
+# (kind, text): "prefix" strips text at the start of a key, "component" removes a
+# dotted path component wherever it appears.
+WRAPPER_RULES: tuple[tuple[str, str], ...] = (
+    ("prefix", "module."),
+    ("component", "_fsdp_wrapped_module"),
+    ("component", "_orig_mod"),
+    ("component", "_checkpoint_wrapped_module"),
+)
+
+_DROP_SUFFIXES = {"inv_freq": "rotary inv_freq is a non-persistent buffer recomputed from the config"}
+
+
+def canonical_key(key: str) -> str:
+    for kind, text in WRAPPER_RULES:
+        if kind == "prefix":
+            while key.startswith(text):
+                key = key[len(text):]
+        else:
+            key = ".".join(part for part in key.split(".") if part != text)
+    return key
+
+
+@dataclass
+class PlanEntry:
+    target: str
+    source: str
+    info: TensorInfo
+
+
+@dataclass
+class KeyPlan:
+    entries: list[PlanEntry]
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (source key, why)
+    notes: list[str] = field(default_factory=list)
+    model_class: str | None = None
+
+    def lines(self) -> list[str]:
+        out = [f"{e.source} -> {e.target}" if e.source != e.target else e.target for e in self.entries]
+        out += [f"{src} -> (dropped: {why})" for src, why in self.dropped]
+        return out
+
+
+@dataclass
+class ModelExpectation:
+    """What a transformers model class expects: keys with shapes, and tie groups."""
+
+    model_class: str
+    shapes: dict[str, tuple[int, ...]]
+    tie_groups: list[list[str]]
+
+
+def expected_model(config_dir: Path) -> ModelExpectation:
+    """Build the config's model on the meta device and read its expectations.
+
+    Raises :class:`KeyPlanError` if transformers cannot build it.
+    """
+    import torch
+
+    try:
+        import transformers
+        from transformers import AutoConfig, AutoModelForCausalLM
+    except ImportError as e:  # pragma: no cover - transformers is a dependency
+        raise KeyPlanError(f"transformers is needed to check keys against the model: {e}") from None
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            cfg = AutoConfig.from_pretrained(str(config_dir))
+            archs = getattr(cfg, "architectures", None) or []
+            cls = getattr(transformers, archs[0], None) if archs else None
+            with torch.device("meta"):
+                model = cls._from_config(cfg) if cls is not None else AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot check"
+        raise KeyPlanError(
+            f"{config_dir / 'config.json'}: transformers cannot build this model ({type(e).__name__}: {e})"
+        ) from None
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return ModelExpectation(type(model).__name__, shapes, [g for g in groups.values() if len(g) > 1])
+
+
+def canonicalize(src: dict[str, TensorInfo], where: str) -> dict[str, TensorInfo]:
+    """Apply the wrapper rules; refuse collisions."""
+    out: dict[str, TensorInfo] = {}
+    origin: dict[str, str] = {}
+    for k, info in src.items():
+        c = canonical_key(k)
+        if c in out:
+            raise KeyPlanError(
+                f"{where}: keys {origin[c]!r} and {k!r} both become {c!r} after stripping wrapper prefixes; "
+                f"the checkpoint holds two copies of one weight"
+            )
+        out[c] = info
+        origin[c] = k
+    return out
+
+
+def plan_hf_export(src: dict[str, TensorInfo], config_dir: Path | None, *, where: str) -> KeyPlan:
+    """Plan an export of ``src`` (source key -> info) to a Hugging Face model directory."""
+    canon = canonicalize(src, where)
+    source_of = {canonical_key(k): k for k in src}
+    if any(k.startswith("base_model.model.") or ".lora_A." in k for k in canon):
+        raise KeyPlanError(
+            f"{where}: this is a LoRA/PEFT checkpoint (keys like {next(iter(canon))!r}); merging adapters "
+            f"into the base model is not supported yet"
+        )
+    if config_dir is None:
+        raise KeyPlanError(f"{where}: no config.json found; pass --config PATH (a config.json or a model dir)")
+    exp = expected_model(config_dir)
+    plan = KeyPlan([], model_class=exp.model_class)
+    alias_of: dict[str, str] = {}
+    for group in exp.tie_groups:
+        for alias in group[1:]:
+            alias_of[alias] = group[0]
+
+    missing: list[str] = []
+    used: set[str] = set()
+    for target, shape in exp.shapes.items():
+        if target in alias_of:
+            continue  # written once, under the group's first name
+        candidates = [target] + [a for a, t in alias_of.items() if t == target]
+        found = next((c for c in candidates if c in canon), None)
+        if found is None:
+            missing.append(target)
+            continue
+        info = canon[found]
+        if tuple(info.shape) != tuple(shape):
+            raise KeyPlanError(
+                f"{where}: key {source_of[found]!r} has shape {tuple(info.shape)} but {exp.model_class} from "
+                f"{config_dir / 'config.json'} expects {tuple(shape)} for {target!r}; wrong config for these weights"
+            )
+        plan.entries.append(PlanEntry(target, source_of[found], TensorInfo(target, info.shape, info.dtype)))
+        used.add(found)
+        if found != target:
+            plan.notes.append(f"{target} taken from tied alias {source_of[found]}")
+    for c in canon:
+        if c in used:
+            continue
+        if c in alias_of:
+            plan.dropped.append((source_of[c], f"tied to {alias_of[c]} (tie_word_embeddings)"))
+            continue
+        reason = next((why for suf, why in _DROP_SUFFIXES.items() if c.endswith(suf)), None)
+        if reason:
+            plan.dropped.append((source_of[c], reason))
+            continue
+    unexpected = [source_of[c] for c in canon if c not in used and not any(d[0] == source_of[c] for d in plan.dropped)]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} key(s) {exp.model_class} needs are not in the checkpoint: {_few(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} checkpoint key(s) the model does not have: {_few(unexpected)}")
+        raise KeyPlanError(f"{where}: " + "; ".join(parts) + f" (config: {config_dir / 'config.json'})")
+    return plan
+
+
+def _few(keys: list[str], n: int = 4) -> str:
+    s = ", ".join(keys[:n])
+    return s + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def load_config_dict(config_dir: Path) -> dict[str, Any]:
+    return json.loads((Path(config_dir) / "config.json").read_text())

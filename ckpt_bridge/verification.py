@@ -1,0 +1,174 @@
+"""``verify``: compare two checkpoints of any supported formats, tensor by tensor.
+
+Keys are compared after the wrapper rules of :mod:`ckpt_bridge.keys`; a tied
+alias present on one side only (``lm_head.weight`` of a tied model) is not a
+difference.  Values are compared exactly by default (``torch.equal``); with
+``cast_to`` both sides are cast first (the export changed dtype), with ``atol``
+a max-abs-difference tolerance applies.  One tensor per side is in memory at a
+time.  ``logits=True`` additionally loads both as transformers models and
+compares their logits on a fixed token batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .detect import open_reader
+from .errors import BridgeError, KeyPlanError
+from .export import DTYPES, to_hf
+from .keys import canonical_key, canonicalize, expected_model
+
+
+@dataclass
+class VerifyResult:
+    a: str
+    b: str
+    compared: int = 0
+    equal: int = 0
+    only_in_a: list[str] = field(default_factory=list)
+    only_in_b: list[str] = field(default_factory=list)
+    tied_aliases: list[str] = field(default_factory=list)
+    shape_diffs: list[tuple[str, tuple, tuple]] = field(default_factory=list)
+    dtype_diffs: list[tuple[str, str, str]] = field(default_factory=list)
+    value_diffs: list[tuple[str, float]] = field(default_factory=list)
+    max_abs_diff: float = 0.0
+    logits_max_abs_diff: float | None = None
+    logits_ok: bool | None = None
+    tolerance: str = "exact"
+
+    @property
+    def ok(self) -> bool:
+        return not (self.only_in_a or self.only_in_b or self.shape_diffs or self.value_diffs
+                    or (self.dtype_diffs and self.tolerance == "exact") or self.logits_ok is False)
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["ok"] = self.ok
+        return d
+
+
+def _tied_aliases(reader) -> set[str]:
+    cfg = reader.hf_config_dir()
+    if cfg is None:
+        return set()
+    try:
+        exp = expected_model(cfg)
+    except KeyPlanError:
+        return set()
+    return {alias for g in exp.tie_groups for alias in g[1:]}
+
+
+def verify(a: str | Path, b: str | Path, *, atol: float = 0.0, cast_to: str | None = None,
+           logits: bool = False, trust_pickle: bool = False) -> VerifyResult:
+    cast = None
+    if cast_to is not None:
+        if cast_to not in DTYPES:
+            raise BridgeError(f"--cast-to {cast_to!r}: choose one of {', '.join(DTYPES)}")
+        cast = DTYPES[cast_to]
+    res = VerifyResult(str(a), str(b))
+    res.tolerance = "exact" if not atol and cast is None else f"cast_to={cast_to} atol={atol}"
+    with open_reader(a, trust_pickle=trust_pickle) as ra, open_reader(b, trust_pickle=trust_pickle) as rb:
+        ia, ib = ra.tensors(), rb.tensors()
+        ca, cb = canonicalize(ia, str(ra.path)), canonicalize(ib, str(rb.path))
+        src_a = {canonical_key(k): k for k in ia}
+        src_b = {canonical_key(k): k for k in ib}
+        one_sided = (set(ca) ^ set(cb))
+        aliases = (_tied_aliases(ra) | _tied_aliases(rb)) if one_sided else set()
+        for k in ca:
+            if k not in cb:
+                (res.tied_aliases if k in aliases else res.only_in_a).append(k)
+        for k in cb:
+            if k not in ca:
+                (res.tied_aliases if k in aliases else res.only_in_b).append(k)
+        for k in ca:
+            if k not in cb:
+                continue
+            x, y = ca[k], cb[k]
+            if x.shape != y.shape:
+                res.shape_diffs.append((k, x.shape, y.shape))
+                continue
+            if x.dtype != y.dtype:
+                res.dtype_diffs.append((k, str(x.dtype), str(y.dtype)))
+            ta = ra.read(src_a[k], cast if (cast and x.dtype.is_floating_point) else None)
+            tb = rb.read(src_b[k], cast if (cast and y.dtype.is_floating_point) else None)
+            res.compared += 1
+            if ta.dtype == tb.dtype and torch.equal(ta, tb):
+                res.equal += 1
+                continue
+            if ta.dtype.is_floating_point or tb.dtype.is_floating_point:
+                diff = (ta.double() - tb.double()).abs()
+                d = float(diff.max()) if diff.numel() else 0.0
+                if diff.isnan().any():
+                    d = float("nan")
+            else:
+                d = float((ta.long() - tb.long()).abs().max()) if ta.numel() else 0.0
+            res.max_abs_diff = max(res.max_abs_diff, d) if d == d else float("nan")
+            if ta.dtype != tb.dtype and res.tolerance == "exact":
+                continue  # reported as a dtype difference
+            if not (d <= atol):
+                res.value_diffs.append((k, d))
+            else:
+                res.equal += 1
+    if logits:
+        res.logits_max_abs_diff = compare_logits(a, b, trust_pickle=trust_pickle)
+        res.logits_ok = res.logits_max_abs_diff <= max(atol, 1e-5) if cast is None else \
+            res.logits_max_abs_diff <= max(atol, 1e-2)
+    return res
+
+
+def _as_hf_dir(path: Path, tmp: Path, trust_pickle: bool) -> Path:
+    from .detect import detect_format
+
+    if detect_format(path) == "hf":
+        return path
+    out = tmp / "export"
+    to_hf(path, out, trust_pickle=trust_pickle, progress=False)
+    return out
+
+
+def compare_logits(a: str | Path, b: str | Path, *, trust_pickle: bool = False, seed: int = 0) -> float:
+    """Max |logits_a - logits_b| on a fixed batch (both loaded with transformers, fp32 compute)."""
+    from transformers import AutoModelForCausalLM
+
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    with tempfile.TemporaryDirectory() as ta, tempfile.TemporaryDirectory() as tb:
+        da = _as_hf_dir(Path(a), Path(ta), trust_pickle)
+        db = _as_hf_dir(Path(b), Path(tb), trust_pickle)
+        outs = []
+        for d in (da, db):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
+            g = torch.Generator().manual_seed(seed)
+            tokens = torch.randint(0, model.config.vocab_size, (2, 16), generator=g)
+            with torch.no_grad():
+                outs.append(model(tokens).logits)
+            del model
+        return float((outs[0] - outs[1]).abs().max())
+
+
+def format_result(r: VerifyResult) -> str:
+    lines = [f"verify {r.a}  vs  {r.b}   ({r.tolerance})"]
+    lines.append(f"  compared {r.compared} tensors: {r.equal} equal; max abs diff {r.max_abs_diff:.3g}")
+    if r.tied_aliases:
+        lines.append(f"  tied aliases (one side only, not a difference): {', '.join(r.tied_aliases)}")
+    for title, items in (("only in A", r.only_in_a), ("only in B", r.only_in_b)):
+        if items:
+            lines.append(f"  {title} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}")
+    for k, sa, sb in r.shape_diffs[:8]:
+        lines.append(f"  shape differs  {k}: {tuple(sa)} vs {tuple(sb)}")
+    for k, da, db in r.dtype_diffs[:8]:
+        lines.append(f"  dtype differs  {k}: {da} vs {db}")
+    for k, d in r.value_diffs[:8]:
+        lines.append(f"  value differs  {k}: max abs diff {d:.3g}")
+    if r.logits_max_abs_diff is not None:
+        lines.append(f"  logits max abs diff {r.logits_max_abs_diff:.3g} ({'ok' if r.logits_ok else 'DIFFERENT'})")
+    lines.append("  result: " + ("EQUAL" if r.ok else "DIFFERENT"))
+    return "\n".join(lines)
