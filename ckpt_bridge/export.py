@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ from typing import Any
 import torch
 
 from .detect import open_reader
-from .errors import BridgeError
+from .errors import BridgeError, KeyPlanError
 from .formats.base import Reader
-from .keys import KeyPlan, plan_hf_export
+from .keys import KeyPlan, confirm_plan, expected_model, plan_hf_export, provisional_hf_plan
 from .progress import Progress
+from .stream import read_ahead
 from .writers.atomic import AtomicDir
 from .writers.safetensors_shards import ShardedSafetensorsWriter, parse_size
 
@@ -79,19 +81,26 @@ def _config_dir(reader: Reader, config: str | Path | None) -> tuple[Path | None,
     raise BridgeError(f"--config {p}: neither a config.json file nor a directory containing one")
 
 
-def plan_export(reader: Reader, config: str | Path | None = None) -> tuple[KeyPlan, Path]:
-    """Everything checkable before writing: structure, per-key layouts, key plan."""
+def _checked_source(reader: Reader, config: str | Path | None) -> tuple[dict, Path]:
+    """Structure and per-key layouts (metadata only), and the config directory."""
     if hasattr(reader, "check"):
         reader.check()
     infos = reader.tensors()
-    if hasattr(reader, "layout") and reader.format == "verl-fsdp":
-        for key in infos:  # placements and shard shapes of every key, on every rank (metadata only)
+    if reader.format == "verl-fsdp":
+        for key in infos:  # placements and shard shapes of every key, on every rank
             reader.layout(key)
     cfg_dir, cfg_file = _config_dir(reader, config)
     if cfg_file is not None and cfg_file.name != "config.json":
         raise BridgeError(f"--config {cfg_file}: pass a file named config.json or the directory holding it")
-    plan = plan_hf_export(infos, cfg_dir, where=str(reader.path))
-    return plan, cfg_dir  # type: ignore[return-value]
+    if cfg_dir is None:
+        raise KeyPlanError(f"{reader.path}: no config.json found; pass --config PATH (a config.json or a model dir)")
+    return infos, cfg_dir
+
+
+def plan_export(reader: Reader, config: str | Path | None = None) -> tuple[KeyPlan, Path]:
+    """Everything checkable before writing: structure, per-key layouts, the checked key plan."""
+    infos, cfg_dir = _checked_source(reader, config)
+    return plan_hf_export(infos, cfg_dir, where=str(reader.path)), cfg_dir
 
 
 def to_hf(
@@ -111,6 +120,12 @@ def to_hf(
     tensors are cast, integer buffers kept).  Returns a summary; raises a
     :class:`~ckpt_bridge.errors.BridgeError` subclass on bad input, leaving no
     ``out`` behind.
+
+    The key plan is checked against the model class the config names.  Building
+    that class on the meta device means importing transformers (seconds), so it
+    runs in a thread while tensors already stream under the plan the config
+    JSON gives; the two must agree before the output is committed, and a
+    disagreement aborts with nothing left behind.
     """
     t0 = time.perf_counter()
     cast = target_dtype(dtype)
@@ -118,10 +133,15 @@ def to_hf(
         shard_bytes = parse_size(max_shard_size)
     except ValueError as e:
         raise BridgeError(f"--max-shard-size: {e}") from None
-    with open_reader(src, trust_pickle=trust_pickle) as reader:
-        plan, cfg_dir = plan_export(reader, config)
-        summary = ExportSummary(str(src), reader.format, str(out), model_class=plan.model_class,
-                                dropped=list(plan.dropped))
+    with open_reader(src, trust_pickle=trust_pickle) as reader, ThreadPoolExecutor(1) as pool:
+        infos, cfg_dir = _checked_source(reader, config)
+        where = str(reader.path)
+        expectation = pool.submit(expected_model, cfg_dir)
+        plan = provisional_hf_plan(infos, read_config(cfg_dir), where=where)
+        confirmed = plan is None
+        if plan is None:
+            plan = plan_hf_export(infos, cfg_dir, where=where, expectation=expectation.result())
+        summary = ExportSummary(str(src), reader.format, str(out))
         out_dtype = {e.target: (cast if cast is not None and e.info.dtype.is_floating_point else e.info.dtype)
                      for e in plan.entries}
         protect = (Path(src), reader.path, cfg_dir)
@@ -131,8 +151,11 @@ def to_hf(
             )
             bar = Progress(writer.total_size, "to-hf", enabled=progress)
             try:
-                for e in plan.entries:
-                    t = reader.read(e.source, out_dtype[e.target])
+                stream = read_ahead(plan.entries, lambda e: reader.read(e.source, out_dtype[e.target]))
+                for e, t in stream:
+                    if not confirmed and expectation.done():  # fail early if the model disagrees
+                        plan = confirm_plan(plan, infos, cfg_dir, expectation.result(), where=where)
+                        confirmed = True
                     writer.write(e.target, t)
                     summary.tensors += 1
                     summary.parameters += t.numel()
@@ -140,11 +163,14 @@ def to_hf(
                     del t
             finally:
                 bar.close()
+            if not confirmed:
+                plan = confirm_plan(plan, infos, cfg_dir, expectation.result(), where=where)
+            summary.model_class, summary.dropped = plan.model_class, list(plan.dropped)
             summary.files = writer.close()
             summary.bytes_written = writer.total_size
             written = _dominant_float_dtype(plan, out_dtype)
             summary.dtype = _TORCH_DTYPE_NAMES.get(written, str(written))
-            summary.files += _write_configs(tmp, cfg_dir, config, plan, written, summary)
+            summary.files += _write_configs(tmp, cfg_dir, plan, written)
             summary.files += _copy_tokenizer(tmp, cfg_dir, summary)
             extra = reader.extra_state()
             if extra:
@@ -153,6 +179,13 @@ def to_hf(
                 summary.global_step = extra.get("global_step")
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def read_config(cfg_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((cfg_dir / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BridgeError(f"{cfg_dir / 'config.json'}: cannot be read as JSON ({e})") from None
 
 
 def _dominant_float_dtype(plan: KeyPlan, out_dtype: dict[str, torch.dtype]) -> torch.dtype:
@@ -164,9 +197,8 @@ def _dominant_float_dtype(plan: KeyPlan, out_dtype: dict[str, torch.dtype]) -> t
     return max(by_bytes, key=by_bytes.__getitem__) if by_bytes else torch.float32
 
 
-def _write_configs(tmp: Path, cfg_dir: Path, config_arg: Any, plan: KeyPlan, written: torch.dtype,
-                   summary: ExportSummary) -> list[str]:
-    cfg = json.loads((cfg_dir / "config.json").read_text())
+def _write_configs(tmp: Path, cfg_dir: Path, plan: KeyPlan, written: torch.dtype) -> list[str]:
+    cfg = read_config(cfg_dir)
     if not cfg.get("architectures") and plan.model_class:
         cfg["architectures"] = [plan.model_class]
     # The config must describe the tensors actually written (verl's own hf_model

@@ -133,18 +133,64 @@ def canonicalize(src: dict[str, TensorInfo], where: str) -> dict[str, TensorInfo
     return out
 
 
-def plan_hf_export(src: dict[str, TensorInfo], config_dir: Path | None, *, where: str) -> KeyPlan:
-    """Plan an export of ``src`` (source key -> info) to a Hugging Face model directory."""
-    canon = canonicalize(src, where)
-    source_of = {canonical_key(k): k for k in src}
+def _refuse_peft(canon: dict[str, TensorInfo], where: str) -> None:
     if any(k.startswith("base_model.model.") or ".lora_A." in k for k in canon):
         raise KeyPlanError(
             f"{where}: this is a LoRA/PEFT checkpoint (keys like {next(iter(canon))!r}); merging adapters "
             f"into the base model is not supported yet"
         )
+
+
+def provisional_hf_plan(src: dict[str, TensorInfo], config: dict[str, Any], *, where: str) -> KeyPlan | None:
+    """The plan the rules give from the config JSON alone, or None if they cannot decide.
+
+    Building the model class to check keys costs seconds (importing
+    transformers), so an export starts streaming with this plan while that runs
+    and must then confirm it (:func:`confirm_plan`) before the output is
+    committed.  None (no ``tie_word_embeddings`` in the JSON: the class default
+    decides) means: wait for the full plan.
+    """
+    canon = canonicalize(src, where)
+    _refuse_peft(canon, where)
+    if "tie_word_embeddings" not in config:
+        return None
+    tied = bool(config["tie_word_embeddings"])
+    plan = KeyPlan([])
+    for k, info in src.items():
+        c = canonical_key(k)
+        reason = next((why for suf, why in _DROP_SUFFIXES.items() if c.endswith(suf)), None)
+        if tied and c == "lm_head.weight" and "model.embed_tokens.weight" in canon:
+            plan.dropped.append((k, "tied to model.embed_tokens.weight"))
+        elif reason:
+            plan.dropped.append((k, reason))
+        else:
+            plan.entries.append(PlanEntry(c, k, TensorInfo(c, info.shape, info.dtype)))
+    return plan
+
+
+def confirm_plan(plan: KeyPlan, src: dict[str, TensorInfo], config_dir: Path, exp: ModelExpectation,
+                 *, where: str) -> KeyPlan:
+    """Check a provisional plan against the model's expectations; return the checked plan."""
+    final = plan_hf_export(src, config_dir, where=where, expectation=exp)
+    got = {(e.target, e.source, tuple(e.info.shape)) for e in plan.entries}
+    want = {(e.target, e.source, tuple(e.info.shape)) for e in final.entries}
+    if got != want:
+        raise KeyPlanError(
+            f"{where}: {exp.model_class} expects a different key set than the config's rules gave "
+            f"(extra: {_few(sorted(t for t, _, _ in got - want))}; missing: {_few(sorted(t for t, _, _ in want - got))})"
+        )
+    return final
+
+
+def plan_hf_export(src: dict[str, TensorInfo], config_dir: Path | None, *, where: str,
+                   expectation: ModelExpectation | None = None) -> KeyPlan:
+    """Plan an export of ``src`` (source key -> info) to a Hugging Face model directory."""
+    canon = canonicalize(src, where)
+    source_of = {canonical_key(k): k for k in src}
+    _refuse_peft(canon, where)
     if config_dir is None:
         raise KeyPlanError(f"{where}: no config.json found; pass --config PATH (a config.json or a model dir)")
-    exp = expected_model(config_dir)
+    exp = expectation or expected_model(config_dir)
     plan = KeyPlan([], model_class=exp.model_class)
     alias_of: dict[str, str] = {}
     for group in exp.tie_groups:
@@ -175,7 +221,7 @@ def plan_hf_export(src: dict[str, TensorInfo], config_dir: Path | None, *, where
         if c in used:
             continue
         if c in alias_of:
-            plan.dropped.append((source_of[c], f"tied to {alias_of[c]} (tie_word_embeddings)"))
+            plan.dropped.append((source_of[c], f"tied to {alias_of[c]}"))
             continue
         reason = next((why for suf, why in _DROP_SUFFIXES.items() if c.endswith(suf)), None)
         if reason:

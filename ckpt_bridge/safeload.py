@@ -47,14 +47,20 @@ def _numpy_rng_globals() -> list[Any]:
 
 
 @contextmanager
-def _quiet_device_mesh() -> Iterator[None]:
-    # Unpickling a DeviceMesh outside the job that saved it logs a warning per
-    # tensor about missing process groups; we never use those groups.
+def quiet_loading() -> Iterator[None]:
+    """Silence what unpickling checkpoints from another job prints.
+
+    A DeviceMesh unpickled outside the job that saved it logs a warning per
+    tensor about missing process groups (we never use them), and torch warns
+    about storage/typed-storage details we do not act on.
+    """
     log = logging.getLogger("torch.distributed.device_mesh")
     level = log.level
     log.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
     finally:
         log.setLevel(level)
 
@@ -73,8 +79,7 @@ def load(
     """
     path = Path(path)
     try:
-        with _quiet_device_mesh(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_loading():
             if trust_pickle:
                 return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
             if allow_numpy:
