@@ -25,7 +25,7 @@ test: install
 	$(PYTHON) -m pytest -q tests
 
 bench: install
-	$(PYTHON) bench/bench_verl_to_hf.py
+	$(PYTHON) bench/bench_verl_to_hf.py --repeat 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info

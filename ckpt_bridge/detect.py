@@ -7,11 +7,11 @@ from pathlib import Path
 from .errors import CheckpointFormatError
 from .formats.base import Reader
 from .formats.dcp import DCPReader, is_dcp_dir
-from .formats.hf import HFReader, is_hf_dir
+from .formats.hf import HFReader, SafetensorsFileReader, is_hf_dir
 from .formats.torch_file import TorchFileReader
 from .formats.verl_fsdp import VerlFSDPReader, find_actor_dir
 
-FORMATS = ("verl-fsdp", "hf", "dcp", "torch-file")
+FORMATS = ("verl-fsdp", "hf", "dcp", "torch-file", "safetensors-file")
 
 
 def detect_format(path: str | Path) -> str:
@@ -22,7 +22,9 @@ def detect_format(path: str | Path) -> str:
     if path.is_file():
         if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
             return "torch-file"
-        raise CheckpointFormatError(f"{path}: a file, but not a torch-save file (.pt/.pth/.bin/.ckpt)")
+        if path.suffix == ".safetensors":
+            return "safetensors-file"
+        raise CheckpointFormatError(f"{path}: a file, but neither torch-save (.pt/.pth/.bin/.ckpt) nor .safetensors")
     if find_actor_dir(path) is not None:
         return "verl-fsdp"
     if is_hf_dir(path):
@@ -45,4 +47,6 @@ def open_reader(path: str | Path, *, trust_pickle: bool = False) -> Reader:
         return HFReader(path, trust_pickle=trust_pickle)
     if fmt == "dcp":
         return DCPReader(path)
+    if fmt == "safetensors-file":
+        return SafetensorsFileReader(path)
     return TorchFileReader(path, trust_pickle=trust_pickle)

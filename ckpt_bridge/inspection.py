@@ -63,6 +63,7 @@ def _size(n: float, unit: str = "B") -> str:
 
 def format_report(r: dict[str, Any]) -> str:
     lines = [f"{r['resolved_path']}"]
+    # labels padded to one column: "  label  value"
     ev = r["evidence"]
     lines.append(f"  format      {r['format']}   (evidence: {', '.join(ev['files']) or '-'})")
     for note in ev["notes"]:
@@ -75,7 +76,7 @@ def format_report(r: dict[str, Any]) -> str:
     for k, v in (r.get("placements") or {}).items():
         lines.append(f"  layout      {v:>4} x {k}")
     for k, v in (r.get("details") or {}).items():
-        lines.append(f"  {k:<11} {v}")
+        lines.append(f"  {k:<17} {v}")
     lines.append(f"  config      {r['config'] or 'none found (to-hf needs --config)'}")
     if r["problems"]:
         lines.append(f"  problems    {len(r['problems'])}")

@@ -85,7 +85,50 @@ class ModelExpectation:
     tie_groups: list[list[str]]
 
 
+def _cache_file(config_dir: Path) -> Path | None:
+    """Where the expectation for this exact config.json and transformers version is cached."""
+    import hashlib
+    import os
+    from importlib import metadata
+
+    try:
+        version = metadata.version("transformers")
+        raw = (Path(config_dir) / "config.json").read_bytes()
+    except (metadata.PackageNotFoundError, OSError):
+        return None
+    root = Path(os.environ.get("CKPT_BRIDGE_CACHE") or Path.home() / ".cache" / "ckpt-bridge")
+    digest = hashlib.sha256(raw + b"\0transformers " + version.encode()).hexdigest()[:32]
+    return root / "model-keys" / f"{digest}.json"
+
+
 def expected_model(config_dir: Path) -> ModelExpectation:
+    """What the config's model class expects, cached per (config.json, transformers version).
+
+    Building the class means importing transformers, which costs seconds; a
+    run that exports every save step of one model pays it once.  The cache
+    holds keys, shapes and tie groups only, keyed by the config's bytes.
+    """
+    cache = _cache_file(config_dir)
+    if cache is not None and cache.is_file():
+        try:
+            d = json.loads(cache.read_text())
+            return ModelExpectation(d["model_class"], {k: tuple(v) for k, v in d["shapes"]}, d["tie_groups"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # a damaged cache entry is rebuilt below
+    exp = _build_expected_model(config_dir)
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".tmp{id(exp)}")
+            tmp.write_text(json.dumps({"model_class": exp.model_class, "shapes": list(exp.shapes.items()),
+                                       "tie_groups": exp.tie_groups}))
+            tmp.replace(cache)
+        except OSError:
+            pass  # a read-only home is fine: we just do not cache
+    return exp
+
+
+def _build_expected_model(config_dir: Path) -> ModelExpectation:
     """Build the config's model on the meta device and read its expectations.
 
     Raises :class:`KeyPlanError` if transformers cannot build it.

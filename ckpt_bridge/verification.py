@@ -138,6 +138,9 @@ def compare_logits(a: str | Path, b: str | Path, *, trust_pickle: bool = False, 
     from transformers import AutoModelForCausalLM
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as ta, tempfile.TemporaryDirectory() as tb:
         da = _as_hf_dir(Path(a), Path(ta), trust_pickle)
         db = _as_hf_dir(Path(b), Path(tb), trust_pickle)

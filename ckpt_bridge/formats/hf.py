@@ -117,3 +117,22 @@ class HFReader(Reader):
 
     def describe(self) -> dict[str, Any]:
         return {"weights": self.kind, "files": len(self.files), "config": (self.path / "config.json").is_file()}
+
+
+class SafetensorsFileReader(HFReader):
+    """One ``.safetensors`` file on its own (e.g. a reference state dict)."""
+
+    format = "safetensors-file"
+
+    def __init__(self, path: Path, *, trust_pickle: bool = False):
+        Reader.__init__(self, path)
+        self.trust_pickle = trust_pickle
+        self.kind, self.files = "safetensors", [self.path]
+        self.evidence.files = [self.path.name]
+        self._problems = []
+        self._where = {}
+        self._info = None
+        self._bins = {}
+
+    def hf_config_dir(self) -> Path | None:
+        return None

@@ -1,0 +1,1 @@
+"""Test and demo helpers: tiny models and real multi-rank verl checkpoints."""

@@ -1,0 +1,239 @@
+"""Run real multi-rank jobs (torchrun, CPU/gloo) for tests, demos and benchmarks.
+
+``make_verl_checkpoint(root, model="llama", mesh="2")`` launches
+``python -m torch.distributed.run ... -m ckpt_bridge.testing.verl_save`` and
+returns ``root/global_step_{steps}/actor``: a checkpoint written by verl
+0.9.1's own ``FSDPCheckpointManager``.  ``reference_dir(actor)`` is where the
+live model's full state dict, logits and per-rank RNG/scheduler state were
+written at save time (see ``verl_save``'s docstring for the layout).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ckpt_bridge.testing.verl_save import source_fingerprint
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VERL_SAVE_MODULE = "ckpt_bridge.testing.verl_save"
+
+# What verl's extra_state_world_size_W_rank_R.pt needs beyond torch's default
+# weights_only allowlist: np.random.get_state() pickles a uint32 ndarray.
+NUMPY_RNG_GLOBAL_NAMES = (
+    "numpy._core.multiarray._reconstruct",
+    "numpy.ndarray",
+    "numpy.dtype",
+    "numpy.dtypes.UInt32DType",
+)
+
+# Filled by make_verl_checkpoint: (root, nproc, wall seconds, reused?)
+BUILD_LOG: list[dict] = []
+
+
+class TorchrunError(RuntimeError):
+    """A torchrun job failed or timed out; the message ends with the tail of its stderr."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_env(env: dict | None) -> dict:
+    out = dict(os.environ)
+    out.update(
+        {
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "CUDA_VISIBLE_DEVICES": "",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "RAY_DEDUP_LOGS": "0",
+        }
+    )
+    paths = [str(REPO_ROOT)] + [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p]
+    out["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    if env:
+        out.update({k: str(v) for k, v in env.items()})
+    return out
+
+
+def _tail(text: str, n: int = 6000) -> str:
+    return text if len(text) <= n else "...\n" + text[-n:]
+
+
+def run_torchrun(module_args: list[str], nproc: int, timeout: float, env: dict | None = None,
+                 retries: int = 2) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc_per_node=nproc ... -m <module_args>``.
+
+    ``module_args[0]`` is the module, the rest its arguments.  Runs with
+    OMP_NUM_THREADS=1 and master 127.0.0.1 on a free port (retried if another
+    process grabbed the port first).  Returns the CompletedProcess (text
+    stdout/stderr); raises ``TorchrunError`` with the stderr tail on a non-zero
+    exit or after ``timeout`` seconds (the whole process group is killed).
+    """
+    child_env = _child_env(env)
+    for attempt in range(retries + 1):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run",
+            f"--nproc_per_node={nproc}", "--nnodes=1",
+            "--master_addr=127.0.0.1", f"--master_port={free_port()}",
+            "-m", *[str(a) for a in module_args],
+        ]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env,
+                                cwd=str(REPO_ROOT), start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise TorchrunError(f"timed out after {timeout:.0f}s: {' '.join(cmd)}\n{_tail(err)}") from None
+        if proc.returncode == 0:
+            return subprocess.CompletedProcess(cmd, 0, out, err)
+        port_clash = "address already in use" in err.lower() or "EADDRINUSE" in err
+        if not (port_clash and attempt < retries):
+            raise TorchrunError(f"exit code {proc.returncode}: {' '.join(cmd)}\n{_tail(err)}")
+    raise AssertionError("unreachable")
+
+
+def mesh_nproc(mesh: str | int) -> int:
+    n = 1
+    for p in str(mesh).lower().split("x"):
+        n *= int(p)
+    return n
+
+
+def _wanted_info(model, mesh, shard_dim, steps, dtype, tokenizer, save_steps, hf_model) -> dict:
+    return {
+        "model": model,
+        "mesh": str(mesh),
+        "shard_dim": int(shard_dim),
+        "steps": int(steps),
+        "dtype": dtype,
+        "tokenizer": bool(tokenizer),
+        "hf_model": bool(hf_model),
+        "save_steps": sorted(save_steps) if save_steps else [int(steps)],
+        "fingerprint": source_fingerprint(),
+    }
+
+
+_OUR_ENTRIES = ("base_model", "reference", "run_info.json", "latest_checkpointed_iteration.txt", "COMPLETE")
+
+
+def _clear_partial(root: Path) -> None:
+    for p in root.iterdir():
+        if p.name in _OUR_ENTRIES or p.name.startswith("global_step_"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+        else:
+            raise FileExistsError(f"{root}: refusing to overwrite {p.name}, which make_verl_checkpoint did not write")
+
+
+def make_verl_checkpoint(root: Path, model: str = "llama", mesh: str = "2", shard_dim: int = 0, steps: int = 1,
+                         dtype: str = "fp32", tokenizer: bool = True, *, save_steps: list[int] | None = None,
+                         hf_model: bool = False, timeout: float | None = None) -> Path:
+    """Write a real verl FSDP2 checkpoint under ``root``; return ``root/global_step_{steps}/actor``.
+
+    ``mesh`` is ``"N"`` (1-D ``('fsdp',)``) or ``"AxB"`` (HSDP ``('ddp','fsdp')``); the
+    job runs ``prod(mesh)`` processes.  A ``root`` that already holds a
+    complete run with the same arguments is reused as is.
+    """
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # one builder per root, even across concurrent pytest sessions sharing CKPT_BRIDGE_TEST_CACHE
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _make_verl_checkpoint_locked(root, model, str(mesh), shard_dim, steps, dtype, tokenizer,
+                                            save_steps, hf_model, timeout)
+
+
+def _make_verl_checkpoint_locked(root, model, mesh, shard_dim, steps, dtype, tokenizer, save_steps, hf_model,
+                                 timeout) -> Path:
+    nproc = mesh_nproc(mesh)
+    want = _wanted_info(model, mesh, shard_dim, steps, dtype, tokenizer, save_steps, hf_model)
+    actor = root / f"global_step_{steps}" / "actor"
+    info_path = root / "run_info.json"
+    if (root / "COMPLETE").is_file() and info_path.is_file():
+        info = json.loads(info_path.read_text())
+        if {k: info.get(k) for k in want} == want:
+            BUILD_LOG.append({"root": str(root), "nproc": nproc, "seconds": 0.0, "reused": True, **want})
+            return actor
+    root.mkdir(parents=True, exist_ok=True)
+    _clear_partial(root)
+    args = [VERL_SAVE_MODULE, "--model", model, "--out", str(root), "--mesh", mesh, "--shard-dim", str(shard_dim),
+            "--steps", str(steps), "--dtype", dtype]
+    if save_steps:
+        args += ["--save-steps", ",".join(str(s) for s in save_steps)]
+    if not tokenizer:
+        args.append("--no-tokenizer")
+    if hf_model:
+        args.append("--hf-model")
+    if timeout is None:
+        timeout = 180 + 20 * nproc
+    t = time.perf_counter()
+    run_torchrun(args, nproc=nproc, timeout=timeout)
+    wall = time.perf_counter() - t
+    BUILD_LOG.append({"root": str(root), "nproc": nproc, "seconds": round(wall, 2), "reused": False, **want})
+    if not (actor / f"model_world_size_{nproc}_rank_0.pt").is_file():
+        raise TorchrunError(f"torchrun succeeded but {actor} has no rank files")
+    return actor
+
+
+def reference_dir(actor: Path, step: int | None = None) -> Path:
+    """``ROOT/reference/global_step_S`` for ``actor = ROOT/global_step_S/actor`` (or its parent)."""
+    actor = Path(actor)
+    step_dir = actor.parent if actor.name == "actor" else actor
+    name = step_dir.name if step is None else f"global_step_{step}"
+    return step_dir.parent / "reference" / name
+
+
+def numpy_rng_globals() -> list:
+    """The objects behind ``NUMPY_RNG_GLOBAL_NAMES``, for ``torch.serialization.safe_globals``."""
+    import numpy as np
+
+    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+
+
+def load_rank_file(path: Path, mmap: bool = True) -> dict:
+    """A verl model/optim rank file, loaded with ``weights_only=True``."""
+    import torch
+    import torch.distributed.tensor  # noqa: F401  (registers DTensor for weights_only)
+
+    return torch.load(path, weights_only=True, mmap=mmap)
+
+
+def load_extra_state(path: Path) -> dict:
+    """A verl extra_state rank file, ``weights_only=True`` plus the numpy RNG globals."""
+    import torch
+
+    with torch.serialization.safe_globals(numpy_rng_globals()):
+        return torch.load(path, weights_only=True)
+
+
+__all__ = [
+    "BUILD_LOG",
+    "NUMPY_RNG_GLOBAL_NAMES",
+    "TorchrunError",
+    "free_port",
+    "load_extra_state",
+    "load_rank_file",
+    "make_verl_checkpoint",
+    "mesh_nproc",
+    "numpy_rng_globals",
+    "reference_dir",
+    "run_torchrun",
+]

@@ -1,0 +1,225 @@
+"""Tiny transformers models and a tokenizer, built from configs only (never the hub).
+
+Sizes are deliberately odd (vocab 251/253, intermediate 173/171) so FSDP shards
+are uneven on every world size we test, and the llama presets carry
+``attention_bias=True``: transformers initialises those biases to zero, which
+makes their shards look "replicated" at step 0.
+
+``llama_1b`` has the Llama-3.2-1B shape; it is for benchmarks only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+# Token ids shared by every tiny preset and by save_tiny_tokenizer().
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def _llama(**over):
+    from transformers import LlamaConfig
+
+    kw = dict(
+        vocab_size=251,
+        hidden_size=64,
+        intermediate_size=173,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    kw.update(over)
+    cfg = LlamaConfig(**kw)
+    cfg.architectures = ["LlamaForCausalLM"]
+    return cfg
+
+
+def _llama_tied():
+    return _llama(tie_word_embeddings=True)
+
+
+def _olmo2():
+    from transformers import Olmo2Config
+
+    cfg = Olmo2Config(
+        vocab_size=253,
+        hidden_size=64,
+        intermediate_size=171,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+    )
+    cfg.architectures = ["Olmo2ForCausalLM"]
+    return cfg
+
+
+def _llama_1b():
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+        },
+        bos_token_id=128000,
+        eos_token_id=128001,
+    )
+    cfg.architectures = ["LlamaForCausalLM"]
+    return cfg
+
+
+PRESETS: dict[str, Callable] = {
+    "llama": _llama,
+    "llama_tied": _llama_tied,
+    "olmo2": _olmo2,
+    "llama_1b": _llama_1b,
+}
+
+
+def build_config(name: str):
+    """A fresh ``PretrainedConfig`` for preset ``name`` (``config.architectures`` set)."""
+    try:
+        return PRESETS[name]()
+    except KeyError:
+        raise ValueError(f"unknown tiny model {name!r}; choose from {sorted(PRESETS)}") from None
+
+
+def build_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
+    """``AutoModelForCausalLM.from_config`` with a fixed seed: identical weights in every process.
+
+    The model is initialised in float32 and then cast, so a bf16 model holds
+    exactly ``fp32_model.to(bfloat16)``.  The global torch RNG is left seeded
+    with ``seed`` plus whatever the init consumed.
+    """
+    from transformers import AutoModelForCausalLM
+
+    cfg = build_config(name)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    if dtype != torch.float32:
+        model = model.to(dtype)
+        model.config.dtype = dtype
+    return model.eval()
+
+
+def generation_config_for(config):
+    from transformers import GenerationConfig
+
+    return GenerationConfig(
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        pad_token_id=config.pad_token_id,
+        do_sample=True,
+        temperature=0.6,
+        top_p=0.9,
+    )
+
+
+_CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, this is a tiny tokenizer for checkpoint tests",
+    "fully sharded data parallel saves one file per rank",
+    "a model state dict maps parameter names to tensors",
+    "reinforcement learning from human feedback with verl",
+    "torchtitan trains llama and olmo models with distributed checkpoints",
+    "0123456789 + - * / = ( ) [ ] { } < > ! ? . , ; : ' \" # $ % & @ ^ _ ` | ~ \\",
+]
+
+
+def build_tiny_tokenizer(vocab_size: int = 251):
+    """A ``PreTrainedTokenizerFast`` (character-level BPE with a few merges), built in memory.
+
+    Deterministic; the vocabulary holds at most ``vocab_size`` tokens, every
+    printable ASCII character is covered, and ids 0..3 are
+    ``<unk> <s> </s> <pad>``.
+    """
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    alphabet = sorted(set(string.printable) - set(string.whitespace)) + ["\u2581"]
+    if vocab_size < len(SPECIAL_TOKENS) + len(alphabet):
+        raise ValueError(f"vocab_size {vocab_size} is too small for the {len(alphabet)}-character alphabet")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="<unk>",
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        model_max_length=128,
+    )
+
+
+def save_tiny_tokenizer(directory, vocab_size: int = 251):
+    """Write a working tokenizer (tokenizer.json + tokenizer_config.json ...) into ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tok = build_tiny_tokenizer(vocab_size)
+    tok.save_pretrained(directory)
+    return tok
+
+
+def save_tiny_hf(directory, name: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0,
+                 tokenizer: bool = True, max_shard_size: str | int | None = None):
+    """``save_pretrained`` a tiny model (safetensors) + generation config + tokenizer."""
+    directory = Path(directory)
+    model = build_model(name, dtype=dtype, seed=seed)
+    model.generation_config = generation_config_for(model.config)
+    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(directory, **kw)
+    if tokenizer:
+        save_tiny_tokenizer(directory, min(model.config.vocab_size, 251))
+    return model
+
+
+__all__ = [
+    "PRESETS",
+    "build_config",
+    "build_model",
+    "build_tiny_tokenizer",
+    "generation_config_for",
+    "save_tiny_hf",
+    "save_tiny_tokenizer",
+]
+

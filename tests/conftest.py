@@ -1,0 +1,104 @@
+"""Session fixtures: real verl FSDP checkpoints (built once each) and a tiny HF model dir.
+
+``verl_ckpt(model, mesh, shard_dim=0, dtype="fp32", steps=1)`` returns
+``ROOT/global_step_{steps}/actor`` of a checkpoint written by verl 0.9.1's
+``FSDPCheckpointManager`` under torchrun (see ``ckpt_bridge.testing.verl_save``);
+each distinct argument tuple costs one torchrun job per session.  Treat the
+returned directories as read-only: copy before damaging.
+
+Set ``CKPT_BRIDGE_TEST_CACHE=/some/dir`` to keep the checkpoints between
+sessions (a run is reused only if its arguments and the harness sources match).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from ckpt_bridge.testing.harness import BUILD_LOG, make_verl_checkpoint
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_model_keys_cache(tmp_path_factory):
+    """Keep the key-plan expectation cache (keys.expected_model) out of ~/.cache during tests."""
+    old = os.environ.get("CKPT_BRIDGE_CACHE")
+    os.environ["CKPT_BRIDGE_CACHE"] = str(tmp_path_factory.mktemp("ckpt-bridge-cache"))
+    yield
+    if old is None:
+        os.environ.pop("CKPT_BRIDGE_CACHE", None)
+    else:
+        os.environ["CKPT_BRIDGE_CACHE"] = old
+
+
+def _case_name(model: str, mesh: str, shard_dim: int, dtype: str, steps: int) -> str:
+    name = f"{model}-mesh{mesh}"
+    if shard_dim:
+        name += f"-shard{shard_dim}"
+    if dtype != "fp32":
+        name += f"-{dtype}"
+    if steps != 1:
+        name += f"-steps{steps}"
+    return name
+
+
+@pytest.fixture(scope="session")
+def verl_ckpt(tmp_path_factory):
+    """Factory: ``verl_ckpt("llama", "3")`` -> Path of ``.../global_step_1/actor``."""
+    cache_env = os.environ.get("CKPT_BRIDGE_TEST_CACHE")
+    base = Path(cache_env) if cache_env else tmp_path_factory.mktemp("verl_ckpts")
+    built: dict[tuple, Path] = {}
+
+    def get(model: str = "llama", mesh: str | int = "2", shard_dim: int = 0, dtype: str = "fp32",
+            steps: int = 1) -> Path:
+        key = (model, str(mesh), int(shard_dim), dtype, int(steps))
+        if key not in built:
+            root = base / _case_name(*key)
+            built[key] = make_verl_checkpoint(root, model=model, mesh=str(mesh), shard_dim=int(shard_dim),
+                                              steps=int(steps), dtype=dtype)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_factory(tmp_path_factory):
+    """Factory: ``tiny_hf_factory("llama_tied", dtype="bf16")`` -> an HF dir (save_pretrained + tokenizer)."""
+    import torch
+
+    from ckpt_bridge.testing.tiny_models import save_tiny_hf
+
+    built: dict[tuple, Path] = {}
+
+    def get(model: str = "llama", dtype: str = "fp32", max_shard_size: str | None = "100KB") -> Path:
+        key = (model, dtype, max_shard_size)
+        if key not in built:
+            d = tmp_path_factory.mktemp(f"hf-{model}-{dtype}")
+            save_tiny_hf(d, model, dtype={"fp32": torch.float32, "bf16": torch.bfloat16}[dtype],
+                         max_shard_size=max_shard_size)
+            built[key] = d
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tiny_hf_factory):
+    """A tiny llama saved with ``save_pretrained`` (safetensors, sharded at 100KB: 6 shards + index),
+    generation_config.json and tokenizer files.  Session-shared: do not modify it."""
+    return tiny_hf_factory("llama")
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not BUILD_LOG:
+        return
+    terminalreporter.write_sep("-", "verl checkpoints built by torchrun")
+    for b in BUILD_LOG:
+        how = "reused" if b["reused"] else f"{b['seconds']:.1f}s"
+        terminalreporter.write_line(
+            f"{b['model']:<11} mesh {b['mesh']:<4} shard_dim {b['shard_dim']} {b['dtype']} "
+            f"steps {b['steps']}  nproc {b['nproc']:<2}  {how}"
+        )
+    total = sum(b["seconds"] for b in BUILD_LOG)
+    terminalreporter.write_line(f"total torchrun wall time: {total:.1f}s")
