@@ -65,19 +65,6 @@ WORLD_SIZE = 4
 GLOBAL_STEP = 1
 CHUNK = 64 * 1024 * 1024
 
-LLAMA_1B = dict(
-    vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_hidden_layers=16,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    head_dim=64,
-    tie_word_embeddings=True,
-    rope_theta=500000.0,
-    max_position_embeddings=131072,
-)
-
 # Tensors compared bit for bit between outputs in the sanity check.
 SANITY_KEYS = [
     "model.embed_tokens.weight",
@@ -93,30 +80,15 @@ SANITY_KEYS = [
 # --------------------------------------------------------------------------------------
 
 
-def _tiny_tokenizer():
-    """A 5-token WordLevel tokenizer: verl's merger insists on loading *a* tokenizer."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<|begin_of_text|>": 1, "<|end_of_text|>": 2, "hello": 3, "world": 4}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="<unk>",
-        bos_token="<|begin_of_text|>",
-        eos_token="<|end_of_text|>",
-        pad_token="<|end_of_text|>",
-    )
-
-
 def rank_build(actor_dir: str) -> None:
     import torch
     import torch.distributed as dist
     from omegaconf import OmegaConf
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
+
+    from ckpt_bridge.testing.tiny_models import build_config, build_tiny_tokenizer
 
     from verl.utils.checkpoint.fsdp_checkpoint_manager import FSDPCheckpointManager
 
@@ -125,8 +97,7 @@ def rank_build(actor_dir: str) -> None:
     t0 = time.perf_counter()
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",))
 
-    cfg = LlamaConfig(**LLAMA_1B)
-    cfg.architectures = ["LlamaForCausalLM"]
+    cfg = build_config("llama_1b")  # the Llama-3.2-1B shape, shared with the test presets
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     assert model.lm_head.weight is model.model.embed_tokens.weight, "expected tied embeddings"
@@ -155,7 +126,7 @@ def rank_build(actor_dir: str) -> None:
         model=model,
         optimizer=None,
         lr_scheduler=sched,
-        processing_class=_tiny_tokenizer(),
+        processing_class=build_tiny_tokenizer(),
         checkpoint_config=OmegaConf.create(
             {"save_contents": ["model", "extra"], "load_contents": ["model", "extra"]}
         ),

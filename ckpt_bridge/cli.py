@@ -29,6 +29,12 @@ exit codes: 0 ok, 1 verification found differences, 2 bad input (message names t
 """
 
 
+def _common(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true", help=f"print {what} as JSON")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow pickles beyond tensors and numpy rng state (only for files you trust)")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ckpt-bridge",
@@ -48,8 +54,7 @@ def _parser() -> argparse.ArgumentParser:
         "placements that disagree across ranks.",
     )
     pi.add_argument("path", help="checkpoint directory or file")
-    pi.add_argument("--json", action="store_true", help="print the report as JSON")
-    pi.add_argument("--trust-pickle", action="store_true", help="allow pickles beyond tensors (only for files you trust)")
+    _common(pi, "the report")
 
     ph = sub.add_parser(
         "to-hf",
@@ -71,9 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     ph.add_argument("--config", metavar="PATH", help="config.json (or a dir with one) when the checkpoint has none")
     ph.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     ph.add_argument("--dry-run", action="store_true", help="check everything and print the key plan; write nothing")
-    ph.add_argument("--trust-pickle", action="store_true", help="allow pickles beyond tensors (only for files you trust)")
     ph.add_argument("--quiet", action="store_true", help="no progress bar")
-    ph.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _common(ph, "the summary")
 
     pv = sub.add_parser(
         "verify",
@@ -87,8 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     pv.add_argument("--atol", type=float, default=0.0, help="allowed max abs difference (default 0: exact)")
     pv.add_argument("--cast-to", choices=["bf16", "fp16", "fp32"], help="cast floating tensors of both sides first")
     pv.add_argument("--logits", action="store_true", help="also compare logits of both as transformers models")
-    pv.add_argument("--trust-pickle", action="store_true", help="allow pickles beyond tensors (only for files you trust)")
-    pv.add_argument("--json", action="store_true", help="print the result as JSON")
+    _common(pv, "the result")
     return p
 
 

@@ -11,8 +11,6 @@ from .formats.hf import HFReader, SafetensorsFileReader, is_hf_dir
 from .formats.torch_file import TorchFileReader
 from .formats.verl_fsdp import VerlFSDPReader, find_actor_dir
 
-FORMATS = ("verl-fsdp", "hf", "dcp", "torch-file", "safetensors-file")
-
 
 def detect_format(path: str | Path) -> str:
     """Name of the format at ``path``; raises :class:`CheckpointFormatError` if none fits."""

@@ -284,7 +284,3 @@ def plan_hf_export(src: dict[str, TensorInfo], config_dir: Path | None, *, where
 def _few(keys: list[str], n: int = 4) -> str:
     s = ", ".join(keys[:n])
     return s + (f" and {len(keys) - n} more" if len(keys) > n else "")
-
-
-def load_config_dict(config_dir: Path) -> dict[str, Any]:
-    return json.loads((Path(config_dir) / "config.json").read_text())

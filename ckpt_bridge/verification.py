@@ -167,8 +167,12 @@ def format_result(r: VerifyResult) -> str:
             lines.append(f"  {title} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}")
     for k, sa, sb in r.shape_diffs[:8]:
         lines.append(f"  shape differs  {k}: {tuple(sa)} vs {tuple(sb)}")
-    for k, da, db in r.dtype_diffs[:8]:
-        lines.append(f"  dtype differs  {k}: {da} vs {db}")
+    if r.dtype_diffs and r.tolerance != "exact":
+        pairs = sorted({f"{da} vs {db}" for _, da, db in r.dtype_diffs})
+        lines.append(f"  dtype differs on {len(r.dtype_diffs)} tensors ({', '.join(pairs)}): compared after the cast")
+    else:
+        for k, da, db in r.dtype_diffs[:8]:
+            lines.append(f"  dtype differs  {k}: {da} vs {db}")
     for k, d in r.value_diffs[:8]:
         lines.append(f"  value differs  {k}: max abs diff {d:.3g}")
     if r.logits_max_abs_diff is not None:

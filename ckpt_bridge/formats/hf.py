@@ -73,20 +73,15 @@ class HFReader(Reader):
                 # The header alone gives shapes and dtypes; no tensor bytes are read.
                 try:
                     with safe_open(f, framework="pt") as st:
-                        for k in st.keys():
-                            sl = st.get_slice(k)
-                            dt = _ST_DTYPES.get(sl.get_dtype())
-                            if dt is None:
-                                raise CheckpointFormatError(f"{f}: key {k!r} has unsupported dtype {sl.get_dtype()}")
-                            info[k] = TensorInfo(k, tuple(sl.get_shape()), dt)
-                            self._where[k] = f
-                except (OSError, RuntimeError, ValueError) as e:
-                    # safetensors raises SafetensorError (an Exception subclass) on bad headers
+                        header = {k: (st.get_slice(k).get_dtype(), tuple(st.get_slice(k).get_shape()))
+                                  for k in st.keys()}
+                except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: a bad or truncated file
                     raise CheckpointFormatError(f"{f}: not a readable safetensors file ({e})") from None
-                except Exception as e:
-                    if type(e).__name__ != "SafetensorError":
-                        raise
-                    raise CheckpointFormatError(f"{f}: not a readable safetensors file ({e})") from None
+                for k, (dt_name, shape) in header.items():
+                    if dt_name not in _ST_DTYPES:
+                        raise CheckpointFormatError(f"{f}: key {k!r} has unsupported dtype {dt_name}")
+                    info[k] = TensorInfo(k, shape, _ST_DTYPES[dt_name])
+                    self._where[k] = f
             else:
                 for k, v in self._bin(f).items():
                     if isinstance(v, torch.Tensor):

@@ -1,0 +1,38 @@
+"""The CLI surface: --dry-run, verify --logits, python -m ckpt_bridge, --help."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from ckpt_bridge.cli import main
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(verl_ckpt, tmp_path, capsys):
+    actor = verl_ckpt("llama_tied", "2")
+    out = tmp_path / "never"
+    assert main(["to-hf", str(actor), "--out", str(out), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "LlamaForCausalLM" in plan and "model.embed_tokens.weight" in plan
+    assert "lm_head.weight -> (dropped: tied to model.embed_tokens.weight)" in plan
+    assert not out.exists()
+
+
+def test_verify_logits_between_verl_checkpoint_and_export(verl_ckpt, tmp_path, capsys):
+    actor = verl_ckpt("olmo2", "2")
+    out = tmp_path / "hf"
+    assert main(["to-hf", str(actor), "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["verify", str(actor), str(out), "--logits", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["ok"] and res["logits_ok"] and res["logits_max_abs_diff"] == 0.0
+    assert res["compared"] == res["equal"] > 0
+
+
+def test_module_entry_point_and_help():
+    proc = subprocess.run([sys.executable, "-m", "ckpt_bridge", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0
+    assert "to-hf" in proc.stdout and "examples:" in proc.stdout and "exit codes" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "ckpt_bridge"], capture_output=True, text=True)
+    assert proc.returncode == 2
