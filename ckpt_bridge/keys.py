@@ -46,6 +46,10 @@ WRAPPER_RULES: tuple[tuple[str, str], ...] = (
 _DROP_SUFFIXES = {"inv_freq": "rotary inv_freq is a non-persistent buffer recomputed from the config"}
 
 
+def _drop_reason(key: str) -> str | None:
+    return next((why for suf, why in _DROP_SUFFIXES.items() if key.endswith(suf)), None)
+
+
 def canonical_key(key: str) -> str:
     for kind, text in WRAPPER_RULES:
         if kind == "prefix":
@@ -201,7 +205,7 @@ def provisional_hf_plan(src: dict[str, TensorInfo], config: dict[str, Any], *, w
     plan = KeyPlan([])
     for k, info in src.items():
         c = canonical_key(k)
-        reason = next((why for suf, why in _DROP_SUFFIXES.items() if c.endswith(suf)), None)
+        reason = _drop_reason(c)
         if tied and c == "lm_head.weight" and "model.embed_tokens.weight" in canon:
             plan.dropped.append((k, "tied to model.embed_tokens.weight"))
         elif reason:
@@ -260,17 +264,17 @@ def plan_hf_export(src: dict[str, TensorInfo], config_dir: Path | None, *, where
         used.add(found)
         if found != target:
             plan.notes.append(f"{target} taken from tied alias {source_of[found]}")
+    unexpected: list[str] = []
     for c in canon:
         if c in used:
             continue
+        reason = _drop_reason(c)
         if c in alias_of:
             plan.dropped.append((source_of[c], f"tied to {alias_of[c]}"))
-            continue
-        reason = next((why for suf, why in _DROP_SUFFIXES.items() if c.endswith(suf)), None)
-        if reason:
+        elif reason:
             plan.dropped.append((source_of[c], reason))
-            continue
-    unexpected = [source_of[c] for c in canon if c not in used and not any(d[0] == source_of[c] for d in plan.dropped)]
+        else:
+            unexpected.append(source_of[c])
     if missing or unexpected:
         parts = []
         if missing:

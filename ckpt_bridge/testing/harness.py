@@ -27,15 +27,6 @@ from ckpt_bridge.testing.verl_save import source_fingerprint
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VERL_SAVE_MODULE = "ckpt_bridge.testing.verl_save"
 
-# What verl's extra_state_world_size_W_rank_R.pt needs beyond torch's default
-# weights_only allowlist: np.random.get_state() pickles a uint32 ndarray.
-NUMPY_RNG_GLOBAL_NAMES = (
-    "numpy._core.multiarray._reconstruct",
-    "numpy.ndarray",
-    "numpy.dtype",
-    "numpy.dtypes.UInt32DType",
-)
-
 # Filled by make_verl_checkpoint: (root, nproc, wall seconds, reused?)
 BUILD_LOG: list[dict] = []
 
@@ -201,39 +192,28 @@ def reference_dir(actor: Path, step: int | None = None) -> Path:
     return step_dir.parent / "reference" / name
 
 
-def numpy_rng_globals() -> list:
-    """The objects behind ``NUMPY_RNG_GLOBAL_NAMES``, for ``torch.serialization.safe_globals``."""
-    import numpy as np
-
-    return [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
-
-
 def load_rank_file(path: Path, mmap: bool = True) -> dict:
-    """A verl model/optim rank file, loaded with ``weights_only=True``."""
-    import torch
-    import torch.distributed.tensor  # noqa: F401  (registers DTensor for weights_only)
+    """A verl model/optim rank file, loaded with ``weights_only=True`` (ckpt_bridge.safeload)."""
+    from ckpt_bridge import safeload
 
-    return torch.load(path, weights_only=True, mmap=mmap)
+    return safeload.load(path, mmap=mmap)
 
 
 def load_extra_state(path: Path) -> dict:
-    """A verl extra_state rank file, ``weights_only=True`` plus the numpy RNG globals."""
-    import torch
+    """A verl extra_state rank file: ``weights_only=True`` plus exactly the numpy RNG globals."""
+    from ckpt_bridge import safeload
 
-    with torch.serialization.safe_globals(numpy_rng_globals()):
-        return torch.load(path, weights_only=True)
+    return safeload.load(path, mmap=False, allow_numpy=True)
 
 
 __all__ = [
     "BUILD_LOG",
-    "NUMPY_RNG_GLOBAL_NAMES",
     "TorchrunError",
     "free_port",
     "load_extra_state",
     "load_rank_file",
     "make_verl_checkpoint",
     "mesh_nproc",
-    "numpy_rng_globals",
     "reference_dir",
     "run_torchrun",
 ]
