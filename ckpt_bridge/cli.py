@@ -1,4 +1,4 @@
-"""``ckpt-bridge <verb>``: inspect, to-hf, verify.
+"""``ckpt-bridge <verb>``: inspect, to-hf, to-dcp, verify.
 
 Errors from bad input print one line (no traceback) and exit 2; a verification
 that finds a difference exits 1.
@@ -24,6 +24,10 @@ examples:
   ckpt-bridge to-hf checkpoints/global_step_200/actor --out exports/step200-bf16 --dtype bf16 --max-shard-size 2GB
   # did the export keep every weight? (exit 0 equal, 1 different, 2 bad input)
   ckpt-bridge verify checkpoints/global_step_200/actor exports/step200-bf16 --cast-to bf16
+  # bootstrap TorchTitan/flame from a Hugging Face model, with two fresh aux heads
+  ckpt-bridge to-dcp models/OLMo-2-1B --out bootstrap/olmo2 --aux future_predictor:mlp --aux action_layer:linear:16
+  # will the trainer's model-only load take it, and is it the same model? (loss on a text file)
+  ckpt-bridge verify bootstrap/olmo2 --against models/OLMo-2-1B --loss some_text.txt
 
 exit codes: 0 ok, 1 verification found differences, 2 bad input (message names the file/key/rank)
 """
@@ -79,18 +83,69 @@ def _parser() -> argparse.ArgumentParser:
     ph.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(ph, "the summary")
 
+    pt = sub.add_parser(
+        "to-dcp",
+        help="write a Hugging Face model as the DCP folder a TorchTitan/flame model-only load accepts",
+        description="Write HF_DIR's weights (streamed, one tensor in memory) as a torch.distributed.checkpoint "
+        "folder holding exactly the keys the trainer's model-only load requests. --layout auto asks the installed "
+        "torchtitan's CheckpointManager (flat <fqn> since torchtitan 0.1.0 / commit cddd7dc); nested "
+        "(model.<fqn>) is for torchtitan before 2025-06-13 and flame pins up to 5e2033c. Auxiliary modules "
+        "(--aux) are added freshly initialised (seeded) or copied (--aux-from). A manifest with the source "
+        "files' sha256, the HF config, the layout decision and the aux specs is written next to the weights.",
+        epilog="examples:\n"
+        "  ckpt-bridge to-dcp models/OLMo-2-1B --out bootstrap/olmo2\n"
+        "  ckpt-bridge to-dcp models/OLMo-2-1B --out bootstrap/olmo2-aux --aux future_encoder:mlp \\\n"
+        "      --aux future_predictor:linear --aux action_layer:linear:16 --seed 7\n"
+        "  ckpt-bridge to-dcp models/OLMo-2-1B --out old-flame/step-0 --layout nested   # flame pin <= 5e2033c\n"
+        "then: --checkpoint.initial_load_path $(realpath bootstrap/olmo2) --checkpoint.initial_load_model_only,\n"
+        "and call ckpt_bridge.integrations.torchtitan.after_load(model, HF_DIR) after the load.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pt.add_argument("src", metavar="HF_DIR", help="Hugging Face model dir (config.json + safetensors)")
+    pt.add_argument("--out", required=True, metavar="DIR", help="output DCP folder (must not exist unless --overwrite)")
+    pt.add_argument("--layout", default="auto", choices=["auto", "nested", "flat"],
+                    help="auto (default): ask the installed torchtitan; nested/flat: force one for another trainer")
+    pt.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "keep"],
+                    help="dtype of floating tensors written (default fp32, the usual master-weight dtype)")
+    pt.add_argument("--aux", action="append", default=[], metavar="NAME[:linear|mlp][:hidden|vocab|N]",
+                    help="add an auxiliary module under prefix NAME (repeatable); linear: Linear(hidden, OUT); "
+                    "mlp: Linear(hidden, intermediate) -> GELU -> Linear(intermediate, OUT); OUT defaults to hidden")
+    pt.add_argument("--seed", type=int, default=0, help="seed of the aux modules' init (default 0)")
+    pt.add_argument("--aux-from", metavar="PATH", help="copy the aux modules' weights from this checkpoint "
+                    "(DCP, HF dir, safetensors or torch file) instead of initialising them")
+    pt.add_argument("--config", metavar="PATH", help="config.json (or a dir with one) when HF_DIR has none")
+    pt.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
+    pt.add_argument("--dry-run", action="store_true", help="check everything and print the key plan; write nothing")
+    pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    _common(pt, "the summary")
+
     pv = sub.add_parser(
         "verify",
-        help="compare two checkpoints tensor by tensor (exit 0 equal, 1 different, 2 bad input)",
+        help="compare two checkpoints tensor by tensor, or a DCP against its HF source (exit 0 ok, 1 different, "
+        "2 bad input)",
         description="Compare two checkpoints of any supported formats: missing/unexpected keys, shape and dtype "
         "differences, max abs difference. Exact by default; --cast-to / --atol for exports that changed dtype; "
-        "--logits also loads both with transformers and compares logits on a fixed token batch.",
+        "--logits also loads both with transformers and compares logits on a fixed token batch. "
+        "With --against HF_DIR, A is a DCP folder checked for a trainer's model-only load: how many of the keys "
+        "the loader requests it has (--layout-for), whether its values equal HF_DIR's, and with --loss TEXTFILE "
+        "the loss of both models on the same tokens.",
+        epilog="examples:\n"
+        "  ckpt-bridge verify ckpts/global_step_200/actor exports/step200-hf\n"
+        "  ckpt-bridge verify bootstrap/olmo2 --against models/OLMo-2-1B --layout-for nested\n"
+        "  ckpt-bridge verify bootstrap/olmo2 --against models/OLMo-2-1B --loss corpus.txt",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    pv.add_argument("a")
-    pv.add_argument("b")
+    pv.add_argument("a", metavar="A", help="checkpoint (with --against: a DCP folder)")
+    pv.add_argument("b", metavar="B", nargs="?", help="checkpoint to compare with (omit with --against)")
     pv.add_argument("--atol", type=float, default=0.0, help="allowed max abs difference (default 0: exact)")
     pv.add_argument("--cast-to", choices=["bf16", "fp16", "fp32"], help="cast floating tensors of both sides first")
     pv.add_argument("--logits", action="store_true", help="also compare logits of both as transformers models")
+    pv.add_argument("--against", metavar="HF_DIR", help="check DCP folder A against the HF model it came from")
+    pv.add_argument("--layout-for", default="installed", choices=["installed", "nested", "flat"],
+                    help="with --against: the loader to check for (installed: ask the installed torchtitan)")
+    pv.add_argument("--loss", metavar="TEXTFILE", help="with --against: compare the loss of both on this text")
+    pv.add_argument("--loss-tokens", type=int, default=2048, help="tokens of TEXTFILE used by --loss (default 2048)")
+    pv.add_argument("--loss-atol", type=float, default=1e-5, help="allowed |loss difference| (default 1e-5)")
     _common(pv, "the result")
     return p
 
@@ -110,13 +165,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.verb == "to-hf":
             return _to_hf(args)
+        if args.verb == "to-dcp":
+            return _to_dcp(args)
         if args.verb == "verify":
-            from .verification import format_result, verify
-
-            res = verify(args.a, args.b, atol=args.atol, cast_to=args.cast_to, logits=args.logits,
-                         trust_pickle=args.trust_pickle)
-            print(json.dumps(res.as_dict(), indent=2, default=str) if args.json else format_result(res))
-            return 0 if res.ok else 1
+            return _verify(args)
     except BridgeError as e:
         print(f"ckpt-bridge {args.verb}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -150,6 +202,55 @@ def _to_hf(args: argparse.Namespace) -> int:
         print(f"  not written: {src} ({why})")
     if s.extra_state:
         print(f"  extra state: extra_state_merged.pt, lr_scheduler_state.json (global step {s.global_step})")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    if args.against:
+        from .verify_dcp import format_dcp_result, verify_dcp
+
+        if args.b:
+            raise BridgeError("give either B or --against HF_DIR, not both")
+        res = verify_dcp(args.a, args.against, layout_for=args.layout_for, loss_text=args.loss,
+                         loss_tokens=args.loss_tokens, loss_atol=args.loss_atol)
+        print(json.dumps(res.as_dict(), indent=2, default=str) if args.json else format_dcp_result(res))
+        return 0 if res.ok else 1
+    if not args.b:
+        raise BridgeError("verify needs two checkpoints A B, or A --against HF_DIR")
+    if args.loss:
+        raise BridgeError("--loss works with --against HF_DIR (a DCP folder checked against its HF source)")
+    from .verification import format_result, verify
+
+    res = verify(args.a, args.b, atol=args.atol, cast_to=args.cast_to, logits=args.logits,
+                 trust_pickle=args.trust_pickle)
+    print(json.dumps(res.as_dict(), indent=2, default=str) if args.json else format_result(res))
+    return 0 if res.ok else 1
+
+
+def _to_dcp(args: argparse.Namespace) -> int:
+    from .dcp_export import to_dcp
+
+    res = to_dcp(args.src, args.out, layout=args.layout, dtype=args.dtype, aux=args.aux, seed=args.seed,
+                 aux_from=args.aux_from, config=args.config, overwrite=args.overwrite,
+                 trust_pickle=args.trust_pickle, progress=False if args.quiet else None, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"# {res.requested.layout} layout ({res.requested.reason}); {len(res.entries)} keys, "
+              f"model {res.model_class}")
+        print("\n".join(res.lines()))
+        return 0
+    if args.json:
+        print(json.dumps({**res.as_dict(), "flags": res.flags()}, indent=2, default=str))
+        return 0
+    print(f"wrote {res.out}  ({res.layout} layout, {res.dtype})")
+    print(f"  layout: {res.reason}")
+    print(f"  {res.tensors} tensors: {res.from_source} from {res.source}, {res.aux_tensors} in aux modules "
+          f"({', '.join(res.aux) or 'none'}); {res.bytes_written / 1e6:.1f} MB in {res.seconds:.1f} s")
+    for src, why in res.dropped:
+        print(f"  not written: {src} ({why})")
+    print(f"  manifest: {res.manifest}")
+    print("to start training from it:")
+    for line in res.flags():
+        print(f"  {line}")
     return 0
 
 

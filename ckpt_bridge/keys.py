@@ -132,8 +132,8 @@ def expected_model(config_dir: Path) -> ModelExpectation:
     return exp
 
 
-def _build_expected_model(config_dir: Path) -> ModelExpectation:
-    """Build the config's model on the meta device and read its expectations.
+def build_meta_model(config_dir: Path):
+    """The model class ``config_dir/config.json`` names, built on the meta device (no memory, no weights).
 
     Raises :class:`KeyPlanError` if transformers cannot build it.
     """
@@ -152,16 +152,25 @@ def _build_expected_model(config_dir: Path) -> ModelExpectation:
             archs = getattr(cfg, "architectures", None) or []
             cls = getattr(transformers, archs[0], None) if archs else None
             with torch.device("meta"):
-                model = cls._from_config(cfg) if cls is not None else AutoModelForCausalLM.from_config(cfg)
+                return cls._from_config(cfg) if cls is not None else AutoModelForCausalLM.from_config(cfg)
     except Exception as e:  # noqa: BLE001 - any failure means "cannot check"
         raise KeyPlanError(
             f"{config_dir / 'config.json'}: transformers cannot build this model ({type(e).__name__}: {e})"
         ) from None
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def tie_groups(model) -> list[list[str]]:
+    """Parameter names that are one object (tied weights), first name first."""
     groups: dict[int, list[str]] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         groups.setdefault(id(p), []).append(name)
-    return ModelExpectation(type(model).__name__, shapes, [g for g in groups.values() if len(g) > 1])
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def _build_expected_model(config_dir: Path) -> ModelExpectation:
+    model = build_meta_model(config_dir)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return ModelExpectation(type(model).__name__, shapes, tie_groups(model))
 
 
 def canonicalize(src: dict[str, TensorInfo], where: str) -> dict[str, TensorInfo]:

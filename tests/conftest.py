@@ -102,3 +102,14 @@ def pytest_terminal_summary(terminalreporter):
         )
     total = sum(b["seconds"] for b in BUILD_LOG)
     terminalreporter.write_line(f"total torchrun wall time: {total:.1f}s")
+
+
+@pytest.fixture(scope="session")
+def trained_olmo2(tmp_path_factory):
+    """A tiny OLMo-2 trained on the shipped corpus (byte tokens; loss far below a random init's):
+    save_pretrained + tokenizer + training.json.  Session-shared: do not modify it."""
+    from ckpt_bridge.testing.tiny_olmo2 import train_tiny_olmo2
+
+    d = tmp_path_factory.mktemp("olmo2-trained")
+    train_tiny_olmo2(d)
+    return d

@@ -1,0 +1,450 @@
+"""``to_dcp``: a Hugging Face model directory -> the DCP folder a TorchTitan /
+flame model-only load accepts, with auxiliary modules and a manifest.
+
+reader -> key plan (against the keys the trainer will request) -> tensor
+stream -> DCP's own ``FileSystemWriter``.  We hand DCP a state dict of *meta*
+tensors (shape and dtype only) and a planner whose ``resolve_data`` reads each
+tensor from the source at the moment DCP writes it, so one tensor is in memory
+at a time and the files are exactly what ``dcp.save`` writes (DCP's metadata,
+``planner_data`` nesting and storage layout: nothing re-implemented).
+
+Everything checkable (keys both ways, shapes, aux sources) is checked before
+the output directory is created; the output is written under a temporary name
+and renamed at the end.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .auxiliary import AuxSpec, as_specs, attach_aux, init_aux, parse_aux
+from .detect import open_reader
+from .errors import BridgeError, KeyPlanError
+from .export import DTYPES, TOKENIZER_PREFIXES, _config_dir, _jsonable, read_config
+from .formats.base import Reader, TensorInfo
+from .keys import _DROP_SUFFIXES, _few, build_meta_model, canonical_key, canonicalize, tie_groups
+from .progress import Progress
+from .trainer_keys import RequestedKeys, requested_keys
+from .writers.atomic import AtomicDir
+
+log = logging.getLogger("ckpt_bridge")
+
+MANIFEST = "ckpt_bridge_manifest.json"
+
+
+@dataclass
+class DCPEntry:
+    """One DCP key and where its value comes from."""
+
+    key: str  # the DCP key, as the trainer requests it
+    fqn: str  # the trainer model's state-dict name
+    source: str | None  # source checkpoint key, or None for an aux tensor
+    info: TensorInfo  # shape and the dtype written
+
+
+@dataclass
+class DCPPlan:
+    requested: RequestedKeys
+    entries: list[DCPEntry]
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    model_class: str = ""
+
+    def lines(self) -> list[str]:
+        out = []
+        for e in self.entries:
+            src = e.source if e.source is not None else f"(aux {e.fqn.split('.', 1)[0]})"
+            out.append(e.key if src == e.key else f"{src} -> {e.key}")
+        out += [f"{src} -> (dropped: {why})" for src, why in self.dropped]
+        return out
+
+
+@dataclass
+class DCPExportSummary:
+    source: str
+    out: str
+    layout: str = ""
+    trainer: str = ""
+    reason: str = ""
+    tensors: int = 0
+    from_source: int = 0
+    aux_tensors: int = 0
+    bytes_written: int = 0
+    dtype: str = ""
+    aux: list[str] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    manifest: str = ""
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def flags(self) -> list[str]:
+        """How to point a trainer at this checkpoint (absolute paths: torchtitan 0.3.0 requires them)."""
+        out = str(Path(self.out).absolute())
+        return [
+            f"torchtitan: --checkpoint.initial_load_path {out} --checkpoint.initial_load_model_only",
+            f"flame (older pins): put it at <job.dump_folder>/<checkpoint.folder>/step-0 "
+            f"(cp -r {out} .../checkpoint/step-0) and pass --checkpoint.load_step 0",
+            "after the load: ckpt_bridge.integrations.torchtitan.after_load(model, HF_DIR) recomputes rotary "
+            "inv_freq (never stored anywhere) and checks the config",
+        ]
+
+
+def _write_dtype(dtype: str) -> torch.dtype | None:
+    if dtype == "keep":
+        return None
+    if dtype not in DTYPES:
+        raise BridgeError(f"--dtype {dtype!r}: choose one of fp32 (default), bf16, fp16, keep")
+    return DTYPES[dtype]
+
+
+# ---------------------------------------------------------------- aux sources
+
+
+def _aux_from_manifest(path: Path) -> list[AuxSpec]:
+    m = path / MANIFEST if path.is_dir() else None
+    if m is None or not m.is_file():
+        raise BridgeError(f"--aux-from {path}: no --aux names given and {path} has no {MANIFEST} naming them; "
+                          f"pass --aux NAME for each module to copy")
+    specs = []
+    for a in json.loads(m.read_text()).get("aux", []):
+        if a.get("kind") == "factory":
+            raise BridgeError(f"--aux-from {path}: aux {a['name']!r} was built by a Python factory; "
+                              f"pass it to to_dcp(aux={{...}}) from Python")
+        specs.append(parse_aux(a["spec"]))
+    return specs
+
+
+def _aux_tensors_from(path: Path, specs: list[AuxSpec], want: dict[str, TensorInfo],
+                      trust_pickle: bool) -> dict[str, tuple[torch.Tensor, str]]:
+    """Copy every aux fqn in ``want`` from an existing checkpoint (any readable format)."""
+    from .formats.dcp import DCPReader
+
+    out: dict[str, tuple[torch.Tensor, str]] = {}
+    with open_reader(path, trust_pickle=trust_pickle) as r:
+        infos = r.tensors()
+        strip = f"{'model.'}" if isinstance(r, DCPReader) and r.layout() == "nested" else ""
+        by_fqn = {}
+        for k in infos:
+            c = canonical_key(k[len(strip):] if strip and k.startswith(strip) else k)
+            by_fqn.setdefault(c, k)
+        names = {s.name for s in specs}
+        missing = [f for f in want if f not in by_fqn]
+        if missing:
+            raise KeyPlanError(f"--aux-from {path}: has no {_few(missing)} (aux modules {', '.join(sorted(names))}); "
+                               f"it holds {_few(sorted(k for k in by_fqn if k.split('.', 1)[0] in names)) or 'none of them'}")
+        extra = sorted(k for k in by_fqn if k.split(".", 1)[0] in names and k not in want)
+        if extra:
+            raise KeyPlanError(f"--aux-from {path}: has aux keys the target module does not: {_few(extra)}; "
+                               f"the --aux type/size differs from the one that wrote it")
+        for fqn, info in want.items():
+            src = by_fqn[fqn]
+            if tuple(infos[src].shape) != tuple(info.shape):
+                raise KeyPlanError(f"--aux-from {path}: {src!r} has shape {tuple(infos[src].shape)}, the aux module "
+                                   f"wants {tuple(info.shape)} for {fqn!r}; match the --aux type and size")
+            out[fqn] = (r.read(src), f"{Path(path).absolute()}:{src}")
+    return out
+
+
+def _tensor_sha256(tensors: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def plan_dcp(src: dict[str, TensorInfo], req: RequestedKeys, aux_fqns: set[str], groups: list[list[str]],
+             cast: torch.dtype | None, *, where: str, model_class: str = "") -> DCPPlan:
+    """Map every key the trainer requests to exactly one source (or an aux module); refuse gaps both ways."""
+    canon = canonicalize(src, where)
+    source_of = {canonical_key(k): k for k in src}
+    alias: dict[str, list[str]] = {}
+    for g in groups:
+        g = [canonical_key(n) for n in g]
+        for n in g:
+            alias[n] = [m for m in g if m != n]
+    plan = DCPPlan(req, [], model_class=model_class)
+    missing, shape_errors = [], []
+    used: set[str] = set()
+    for key, fqn in req.fqn_of.items():
+        want = req.info[key]
+        c = canonical_key(fqn)
+        if c in aux_fqns:
+            dt = cast if cast is not None and want.dtype.is_floating_point else want.dtype
+            plan.entries.append(DCPEntry(key, fqn, None, TensorInfo(key, want.shape, dt)))
+            continue
+        found = c if c in canon else next((a for a in alias.get(c, []) if a in canon), None)
+        if found is None:
+            missing.append(key)
+            continue
+        info = canon[found]
+        if tuple(info.shape) != tuple(want.shape):
+            shape_errors.append(f"{source_of[found]!r} is {tuple(info.shape)} but the trainer's {key!r} is "
+                                f"{tuple(want.shape)}")
+            continue
+        if found != c:
+            plan.notes.append(f"{key} <- {source_of[found]} (tied weights)")
+        dt = cast if cast is not None and info.dtype.is_floating_point else info.dtype
+        plan.entries.append(DCPEntry(key, fqn, source_of[found], TensorInfo(key, info.shape, dt)))
+        used.add(found)
+    if shape_errors:
+        raise KeyPlanError(f"{where}: shapes differ from the trainer's model: {'; '.join(shape_errors[:3])}"
+                           f"{' ...' if len(shape_errors) > 3 else ''}; wrong config for these weights")
+    unexpected = []
+    for c in canon:
+        if c in used:
+            continue
+        why = next((w for suf, w in _DROP_SUFFIXES.items() if c.endswith(suf)), None)
+        if why is None and any(a in used for a in alias.get(c, [])):
+            why = f"tied to {next(a for a in alias[c] if a in used)}"
+        if why:
+            plan.dropped.append((source_of[c], why))
+        else:
+            unexpected.append(source_of[c])
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} key(s) the trainer requests are not in the source: {_few(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} source key(s) the trainer does not request: {_few(unexpected)}")
+        hint = ("; the trainer's model differs from the config's (an aux module not passed with --aux?)"
+                if missing and not unexpected else "")
+        raise KeyPlanError(f"{where}: " + "; ".join(parts) + hint + f" (layout: {req.layout}, {req.trainer})")
+    return plan
+
+
+# ---------------------------------------------------------------- writing
+
+
+class _StreamingSavePlanner:
+    """Built lazily: DefaultSavePlanner whose tensor data is read at write time."""
+
+    def __new__(cls, fetch):
+        from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+        from torch.distributed.checkpoint.planner import WriteItemType
+
+        class Planner(DefaultSavePlanner):
+            def resolve_data(self, write_item):
+                if write_item.type == WriteItemType.TENSOR:
+                    return fetch(write_item.index.fqn)
+                return super().resolve_data(write_item)
+
+        return Planner(dedup_save_to_lowest_rank=False)
+
+
+def _hash_files(paths: list[Path]) -> list[dict[str, Any]]:
+    out = []
+    for p in paths:
+        with open(p, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        out.append({"name": p.name, "bytes": p.stat().st_size, "sha256": digest})
+    return out
+
+
+def _source_files(reader: Reader, cfg_dir: Path) -> list[Path]:
+    files = [Path(f) for f in getattr(reader, "files", [])] or ([reader.path] if reader.path.is_file() else [])
+    files = sorted(files)
+    for p in sorted(cfg_dir.iterdir()):
+        if p.is_file() and (p.name in ("config.json", "generation_config.json", "model.safetensors.index.json")
+                            or p.name.startswith(TOKENIZER_PREFIXES)) and p not in files:
+            files.append(p)
+    return files
+
+
+def to_dcp(
+    src: str | Path,
+    out: str | Path,
+    *,
+    layout: str = "auto",
+    dtype: str = "fp32",
+    aux: Any = None,
+    seed: int = 0,
+    aux_from: str | Path | None = None,
+    model: nn.Module | list[nn.Module] | None = None,
+    config: str | Path | None = None,
+    overwrite: bool = False,
+    trust_pickle: bool = False,
+    progress: bool | None = None,
+    dry_run: bool = False,
+) -> DCPExportSummary | DCPPlan:
+    """Write the DCP folder a model-only load of the trainer's model accepts.
+
+    ``layout``: ``auto`` asks the installed torchtitan which keys it requests;
+    ``nested`` / ``flat`` force one.  ``aux``: ``["future_predictor:mlp", ...]``
+    or ``{name: factory(config) -> nn.Module}``; fresh weights seeded by ``seed``
+    or copied from ``aux_from``.  ``model``: the trainer's own model (or model
+    parts, meta is fine) when it is not the plain HF class plus aux modules, e.g.
+    per-block ``torch.compile`` (``_orig_mod.`` in its keys).  ``dtype``: of
+    floating tensors written (fp32, the usual master-weight dtype; ``keep``).
+    With ``dry_run`` the checked plan is returned and nothing is written.
+    """
+    t0 = time.perf_counter()
+    cast = _write_dtype(dtype)
+    specs = as_specs(aux)
+    if aux_from is not None and not specs:
+        specs = _aux_from_manifest(Path(aux_from))
+    with open_reader(src, trust_pickle=trust_pickle) as reader, ThreadPoolExecutor(1) as pool:
+        where = str(reader.path)
+        if hasattr(reader, "check"):
+            reader.check()
+        cfg_dir, _ = _config_dir(reader, config)
+        if cfg_dir is None:
+            raise KeyPlanError(f"{where}: no config.json found; pass --config PATH (a config.json or a model dir)")
+        infos = reader.tensors()
+        hashes = pool.submit(_hash_files, _source_files(reader, cfg_dir)) if not dry_run else None
+
+        from transformers import AutoConfig
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hf_config = AutoConfig.from_pretrained(str(cfg_dir))
+        if model is None:
+            target = build_meta_model(cfg_dir)
+            clash = [s.name for s in specs if hasattr(target, s.name)]
+            if clash:
+                raise BridgeError(f"--aux {clash[0]!r}: {type(target).__name__} already has a child of that name")
+            attach_aux(target, specs, hf_config)
+            parts = [target]
+        else:
+            parts = [model] if isinstance(model, nn.Module) else list(model)
+        model_class = type(parts[0]).__name__
+        req = requested_keys(parts, layout)
+        aux_names = {s.name for s in specs}
+        aux_want = {canonical_key(f): req.info[k] for k, f in req.fqn_of.items()
+                    if canonical_key(f).split(".", 1)[0] in aux_names}
+        absent = sorted(n for n in aux_names if not any(f.split(".", 1)[0] == n for f in aux_want))
+        if absent:
+            raise KeyPlanError(f"aux module {absent[0]!r} is not in the trainer model's state dict; attach it "
+                               f"(ckpt_bridge.auxiliary.attach_aux) before asking for its keys")
+        groups = [g for p in parts for g in tie_groups(p)]
+        plan = plan_dcp(infos, req, set(aux_want), groups, cast, where=where, model_class=model_class)
+        if dry_run:
+            return plan
+
+        # Aux values: small, made (or copied) up front so a bad --aux-from fails before any output exists.
+        aux_values: dict[str, tuple[torch.Tensor, str]] = {}
+        aux_records = []
+        if aux_from is not None:
+            aux_values = _aux_tensors_from(Path(aux_from), specs, aux_want, trust_pickle)
+        for s in specs:
+            rec: dict[str, Any] = {"name": s.name, "spec": s.describe(), "kind": s.kind,
+                                   "out": s.out if s.factory is None else None, "seed": seed}
+            if aux_from is None:
+                module, how = init_aux(s, hf_config, seed)
+                for k, v in module.state_dict().items():
+                    aux_values[f"{s.name}.{k}"] = (v, "init")
+                rec["init"] = how
+            else:
+                rec["init"] = f"copied from {Path(aux_from).absolute()}"
+            keys = sorted(f for f in aux_want if f.split(".", 1)[0] == s.name)
+            missing = [k for k in keys if k not in aux_values]
+            if missing:
+                raise KeyPlanError(f"aux {s.name!r}: the module built for the trainer has {_few(missing)} but the "
+                                   f"freshly built one does not; build both from the same spec")
+            rec["keys"] = {k: list(aux_values[k][0].shape) for k in keys}
+            rec["sha256"] = _tensor_sha256([aux_values[k][0] for k in keys])
+            aux_records.append(rec)
+
+        by_key = {e.key: e for e in plan.entries}
+        total = sum(e.info.nbytes for e in plan.entries)
+        bar = Progress(total, "to-dcp", enabled=progress)
+        summary = DCPExportSummary(str(src), str(Path(out).absolute()), req.layout, req.trainer, req.reason)
+
+        def fetch(key: str) -> torch.Tensor:
+            e = by_key[key]
+            if e.source is None:
+                t = aux_values[canonical_key(e.fqn)][0].to(e.info.dtype)
+                summary.aux_tensors += 1
+            else:
+                t = reader.read(e.source, e.info.dtype)
+                summary.from_source += 1
+            bar.update(e.info.nbytes, key)
+            return t.contiguous()
+
+        meta_sd = {e.fqn if req.layout == "nested" else e.key: torch.empty(e.info.shape, dtype=e.info.dtype,
+                                                                             device="meta")
+                   for e in plan.entries}
+        state = {"model": meta_sd} if req.layout == "nested" else meta_sd
+        protect = tuple(p for p in (Path(src), reader.path, cfg_dir, Path(aux_from) if aux_from else None) if p)
+        import torch.distributed.checkpoint as dcp
+
+        with AtomicDir(out, overwrite=overwrite, protect=protect) as tmp:
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+                    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), single_file_per_rank=True,
+                                                                        thread_count=1),
+                             planner=_StreamingSavePlanner(fetch), no_dist=True)
+            finally:
+                bar.close()
+            summary.tensors = len(plan.entries)
+            summary.bytes_written = total
+            dts = {e.info.dtype for e in plan.entries if e.info.dtype.is_floating_point}
+            summary.dtype = ", ".join(sorted(str(d).replace("torch.", "") for d in dts))
+            summary.aux = [s.describe() for s in specs]
+            summary.dropped = list(plan.dropped)
+            manifest = {
+                "tool": f"ckpt-bridge {_version()}",
+                "command": "to-dcp",
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "source": {"path": str(Path(src).absolute()), "format": reader.format,
+                           "config_dir": str(cfg_dir.absolute()), "files": hashes.result()},
+                "hf_config": read_config(cfg_dir),
+                "model_class": model_class,
+                "layout": req.as_dict(),
+                "dtype": summary.dtype,
+                "tensors": summary.tensors,
+                "aux": aux_records,
+                "dropped": [list(d) for d in plan.dropped],
+                "notes": plan.notes,
+                "versions": _versions(),
+            }
+            (tmp / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=2) + "\n")
+            summary.manifest = str(Path(out).absolute() / MANIFEST)
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("torch", "transformers", "torchtitan", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The to-dcp manifest of a DCP folder, or None."""
+    m = Path(path) / MANIFEST
+    if not m.is_file():
+        return None
+    try:
+        return json.loads(m.read_text())
+    except (OSError, ValueError) as e:
+        raise BridgeError(f"{m}: not valid JSON ({e})") from None

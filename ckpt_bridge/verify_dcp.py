@@ -1,0 +1,248 @@
+"""``verify DCP --against HF_DIR``: will the trainer's model-only load take this
+checkpoint, and does it hold the HF model's values?
+
+Three questions, answered in this order:
+
+1. **Keys.**  Which keys does the loader request (``--layout-for installed``
+   asks the installed torchtitan; ``nested`` / ``flat`` name an older/newer
+   one), and how many of them does the checkpoint have with the right shape?
+   DCP raises on the first missing key (``CheckpointException``, a
+   ``BaseException``) and ignores everything unrequested, so "0 of 123 would
+   load" is the real answer to "why did my run start at loss 5".
+2. **Values.**  Every HF tensor against the DCP tensor at the same model fqn
+   (under the checkpoint's own layout, so a wrong layout still gets its values
+   checked), exactly after casting the HF side to the DCP dtype (``to-dcp
+   --dtype`` is an asked-for cast; fp32 <- bf16 is lossless).  Aux modules,
+   which HF does not have, are checked against the sha256 the to-dcp manifest
+   recorded.
+3. **Loss** (``--loss TEXTFILE``).  The HF model (``from_pretrained``) and the
+   same class loaded from the DCP through ``dcp.load`` (what torchtitan does),
+   followed by ``after_load``, on the same tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .auxiliary import as_specs, attach_aux, parse_aux
+from .dcp_export import _tensor_sha256, read_manifest
+from .errors import BridgeError, CheckpointFormatError
+from .formats.dcp import DCPReader, is_dcp_dir
+from .formats.hf import HFReader, is_hf_dir
+from .keys import _few, build_meta_model, canonical_key, tie_groups
+from .trainer_keys import NEST, requested_keys
+
+LAYOUT_FOR = ("installed", "nested", "flat")
+
+
+@dataclass
+class DCPVerifyResult:
+    dcp: str
+    hf: str
+    checkpoint_layout: str = ""
+    layout_for: str = ""
+    trainer: str = ""
+    loader_layout: str = ""
+    requested: int = 0
+    satisfied: int = 0
+    missing: list[str] = field(default_factory=list)
+    wrong_shape: list[str] = field(default_factory=list)
+    compared: int = 0
+    equal: int = 0
+    cast_note: str = ""
+    value_diffs: list[tuple[str, float]] = field(default_factory=list)
+    not_in_dcp: list[str] = field(default_factory=list)
+    aux: dict[str, bool] = field(default_factory=dict)  # aux module -> values match the manifest hash
+    unknown_extra: list[str] = field(default_factory=list)
+    loss_hf: float | None = None
+    loss_dcp: float | None = None
+    loss_atol: float = 1e-5
+    loss_tokens: int = 0
+
+    @property
+    def keys_ok(self) -> bool:
+        return self.requested > 0 and self.satisfied == self.requested
+
+    @property
+    def loss_ok(self) -> bool | None:
+        if self.loss_hf is None or self.loss_dcp is None:
+            return None
+        return abs(self.loss_hf - self.loss_dcp) <= self.loss_atol
+
+    @property
+    def ok(self) -> bool:
+        return (self.keys_ok and not self.value_diffs and not self.not_in_dcp and all(self.aux.values())
+                and not self.unknown_extra and self.loss_ok is not False)
+
+    def headline(self) -> str:
+        s = f"{self.satisfied} of {self.requested} model keys would load"
+        if self.keys_ok:
+            return s + f" (checkpoint {self.checkpoint_layout}; loader: {self.trainer}, {self.loader_layout})"
+        if self.checkpoint_layout in ("nested", "flat") and self.checkpoint_layout != self.loader_layout:
+            return (s + f": the checkpoint is {self.checkpoint_layout}, this trainer loads {self.loader_layout} "
+                    f"(rewrite it with: ckpt-bridge to-dcp HF_DIR --out NEW --layout {self.loader_layout})")
+        return s + f": missing {_few(self.missing + self.wrong_shape)}"
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d.update(ok=self.ok, keys_ok=self.keys_ok, loss_ok=self.loss_ok, headline=self.headline())
+        return d
+
+
+def _checkpoint_fqns(r: DCPReader) -> dict[str, str]:
+    """model fqn (canonical) -> DCP key, under the checkpoint's own layout."""
+    layout = r.layout()
+    out = {}
+    for k in r.model_keys():
+        fqn = k[len(NEST) + 1:] if layout == "nested" and k.startswith(NEST + ".") else k
+        out.setdefault(canonical_key(fqn), k)
+    return out
+
+
+def _target_model(hf_dir: Path, manifest: dict | None):
+    model = build_meta_model(hf_dir)
+    specs = [parse_aux(a["spec"]) for a in (manifest or {}).get("aux", []) if a.get("kind") != "factory"]
+    if specs:
+        attach_aux(model, specs, model.config)
+    return model, specs
+
+
+def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "installed",
+               loss_text: str | Path | None = None, loss_tokens: int = 2048, loss_atol: float = 1e-5
+               ) -> DCPVerifyResult:
+    dcp_dir, hf_dir = Path(dcp_dir), Path(hf_dir)
+    if not is_dcp_dir(dcp_dir):
+        raise CheckpointFormatError(f"{dcp_dir}: not a DCP folder (no .metadata or .distcp files)")
+    if not is_hf_dir(hf_dir) or not (hf_dir / "config.json").is_file():
+        raise CheckpointFormatError(f"--against {hf_dir}: not a Hugging Face model dir (config.json + weights)")
+    if layout_for not in LAYOUT_FOR:
+        raise BridgeError(f"--layout-for {layout_for!r}: choose one of {', '.join(LAYOUT_FOR)}")
+    res = DCPVerifyResult(str(dcp_dir), str(hf_dir), layout_for=layout_for, loss_atol=loss_atol)
+    r = DCPReader(dcp_dir)
+    if r.problems():
+        raise CheckpointFormatError(r.problems()[0])
+    hf = HFReader(hf_dir)
+    manifest = read_manifest(dcp_dir)
+    res.checkpoint_layout = r.layout()
+    dcp_info = r.tensors()
+
+    # 1. keys the loader requests
+    model, specs = _target_model(hf_dir, manifest)
+    req = requested_keys(model, "auto" if layout_for == "installed" else layout_for)
+    res.trainer, res.loader_layout, res.requested = req.trainer, req.layout, len(req.fqn_of)
+    for key, want in req.info.items():
+        have = dcp_info.get(key)
+        if have is None:
+            res.missing.append(key)
+        elif tuple(have.shape) != tuple(want.shape):
+            res.wrong_shape.append(key)
+        else:
+            res.satisfied += 1
+
+    # 2. values, under the checkpoint's own layout
+    in_dcp = _checkpoint_fqns(r)
+    hf_info = {canonical_key(k): k for k in hf.tensors()}
+    aliases = {canonical_key(a): canonical_key(g[0]) for g in tie_groups(model) for a in g[1:]}
+    aliases.update({v: k for k, v in list(aliases.items())})
+    casts = set()
+    for fqn, hf_key in hf_info.items():
+        if fqn.endswith("inv_freq"):
+            continue
+        dkey = in_dcp.get(fqn) or in_dcp.get(aliases.get(fqn, ""))
+        if dkey is None:
+            res.not_in_dcp.append(fqn)
+            continue
+        d = r.read(dkey)
+        h = hf.read(hf_key, d.dtype if d.dtype.is_floating_point else None)
+        if hf.tensors()[hf_key].dtype != d.dtype:
+            casts.add(f"{hf.tensors()[hf_key].dtype} -> {d.dtype}".replace("torch.", ""))
+        res.compared += 1
+        if h.shape == d.shape and torch.equal(h, d):
+            res.equal += 1
+        else:
+            diff = float((h.double() - d.double()).abs().max()) if h.shape == d.shape else float("inf")
+            res.value_diffs.append((fqn, diff))
+    if casts:
+        res.cast_note = f"HF side cast {', '.join(sorted(casts))} before comparing (the dtype to-dcp wrote)"
+    aux_names = {s.name for s in specs}
+    for rec in (manifest or {}).get("aux", []):
+        keys = sorted(rec.get("keys", {}))
+        if all(k in in_dcp for k in keys):
+            res.aux[rec["name"]] = _tensor_sha256([r.read(in_dcp[k]) for k in keys]) == rec.get("sha256")
+        else:
+            res.aux[rec["name"]] = False
+    res.unknown_extra = sorted(f for f in in_dcp if f not in hf_info and aliases.get(f) not in hf_info
+                               and f.split(".", 1)[0] not in aux_names and not f.endswith("inv_freq"))
+
+    # 3. loss on the same tokens
+    if loss_text is not None:
+        res.loss_hf, res.loss_dcp, res.loss_tokens = _losses(r, hf_dir, specs, Path(loss_text), loss_tokens)
+    return res
+
+
+def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int) -> tuple[float, float, int]:
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .loss import text_loss
+    from .model_fixups import after_load, load_hf_config
+
+    try:
+        text = text_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BridgeError(f"--loss {text_file}: cannot read it as UTF-8 text ({e})") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    except Exception as e:  # noqa: BLE001 - no tokenizer in the dir, or a broken one
+        raise BridgeError(f"--loss needs a tokenizer in {hf_dir} ({type(e).__name__}: {e})") from None
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+        loss_hf = text_loss(hf_model, tok, text, max_tokens=max_tokens)
+        n_tokens = min(len(tok(text)["input_ids"]), max_tokens)
+        del hf_model
+        # The checkpoint side: the same class from the config, filled by dcp.load under the checkpoint's
+        # own layout (what the trainer does), then after_load.
+        model = AutoModelForCausalLM.from_config(load_hf_config(hf_dir), dtype=torch.float32)
+        if specs:
+            attach_aux(model, as_specs(specs), model.config)
+        sd = model.state_dict()
+        fqns = _checkpoint_fqns(r)
+        have = {fqns[canonical_key(k)]: v for k, v in sd.items() if canonical_key(k) in fqns}
+        state = {NEST: {k[len(NEST) + 1:]: v for k, v in have.items()}} if r.layout() == "nested" else have
+        dcp.load(state, checkpoint_id=str(r.path), no_dist=True)
+        after_load(model, hf_dir)
+        loss_dcp = text_loss(model.eval(), tok, text, max_tokens=max_tokens)
+    return loss_hf, loss_dcp, n_tokens
+
+
+def format_dcp_result(res: DCPVerifyResult) -> str:
+    lines = [f"verify {res.dcp}  against  {res.hf}   (loader: {res.trainer}, --layout-for {res.layout_for})"]
+    lines.append(f"  keys: {res.headline()}")
+    if res.wrong_shape:
+        lines.append(f"  wrong shape: {_few(res.wrong_shape)}")
+    lines.append(f"  values: compared {res.compared} HF tensors with the checkpoint ({res.checkpoint_layout} layout): "
+                 f"{res.equal} equal")
+    if res.cast_note:
+        lines.append(f"  {res.cast_note}")
+    for k, d in res.value_diffs[:8]:
+        lines.append(f"  value differs  {k}: max abs diff {d:.3g}")
+    if res.not_in_dcp:
+        lines.append(f"  HF tensors not in the checkpoint ({len(res.not_in_dcp)}): {_few(res.not_in_dcp)}")
+    for name, ok in res.aux.items():
+        lines.append(f"  aux {name}: {'matches the manifest' if ok else 'DIFFERS from the manifest (or missing)'}")
+    if res.unknown_extra:
+        lines.append(f"  checkpoint keys neither in HF nor a manifest aux module: {_few(res.unknown_extra)}")
+    if res.loss_hf is not None:
+        lines.append(f"  loss on {res.loss_tokens} tokens: HF {res.loss_hf:.6f}  checkpoint {res.loss_dcp:.6f}  "
+                     f"|diff| {abs(res.loss_hf - res.loss_dcp):.2e} ({'ok' if res.loss_ok else 'DIFFERENT'}, "
+                     f"atol {res.loss_atol:g})")
+    lines.append("  result: " + ("OK" if res.ok else "PROBLEMS"))
+    return "\n".join(lines)

@@ -1,0 +1,311 @@
+"""to-dcp output loaded by the real trainer code: torchtitan 0.3.0's CheckpointManager on a 1-process gloo
+group (flat / auto), real DCP with the pre-2025-06 ``{"model": ...}`` request (nested), and the wrong
+pairings caught by ``verify --against``.  Every comparison is torch.equal against the HF files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file
+
+from ckpt_bridge.auxiliary import as_specs, attach_aux, init_aux
+from ckpt_bridge.cli import main as cli
+from ckpt_bridge.dcp_export import MANIFEST, to_dcp
+from ckpt_bridge.errors import BridgeError, KeyPlanError, OutputError
+from ckpt_bridge.formats.dcp import DCPReader
+from ckpt_bridge.formats.hf import weight_files
+from ckpt_bridge.verify_dcp import verify_dcp
+
+AUX = ["future_encoder:mlp", "future_predictor:linear", "action_layer:linear:16"]
+
+
+@pytest.fixture(scope="module")
+def gloo1(tmp_path_factory):
+    """A 1-process gloo group, as the torchtitan trainer would have."""
+    if not dist.is_initialized():
+        store = tmp_path_factory.mktemp("gloo") / "store"
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def hf_state(hf_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in weight_files(hf_dir)[1]:
+        out.update(load_file(f))
+    return out
+
+
+def aux_state(specs, config, seed: int = 0) -> dict[str, torch.Tensor]:
+    out = {}
+    for s in as_specs(specs):
+        module, _ = init_aux(s, config, seed)
+        out.update({f"{s.name}.{k}": v for k, v in module.state_dict().items()})
+    return out
+
+
+def trainer_model(hf_dir: Path, aux=AUX, compile_blocks: bool = False):
+    """The flame-style target: the HF class built on meta from the config, aux heads attached, to_empty."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(hf_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    attach_aux(model, aux, cfg)
+    if compile_blocks:  # per-block torch.compile: the trainer's keys show "_orig_mod."
+        for i, layer in enumerate(model.model.layers):
+            model.model.layers[i] = torch.compile(layer)
+    return model
+
+
+def titan_load(model, dcp_dir: Path, dump: Path) -> bool:
+    from torchtitan.components.checkpoint import CheckpointManager
+
+    cfg = CheckpointManager.Config(enable=True, folder="checkpoint", keep_latest_k=0,
+                                   initial_load_path=str(dcp_dir.absolute()), initial_load_model_only=True)
+    mgr = CheckpointManager(cfg, dataloader=None, model_parts=[model], optimizers=None, lr_schedulers=None,
+                            states={}, sd_adapter=None, base_folder=str(dump))
+    try:
+        return mgr.load()
+    finally:
+        mgr.close()
+
+
+def assert_equal_to_source(model, hf_dir: Path, aux=AUX, seed: int = 0) -> int:
+    from ckpt_bridge.keys import canonical_key
+
+    want = {**hf_state(hf_dir), **aux_state(aux, model.config, seed)}
+    got = {canonical_key(k): v for k, v in model.state_dict().items()}
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    assert set(got) == set(want) | tied
+    for k, v in want.items():
+        assert got[k].dtype == torch.float32
+        assert torch.equal(got[k], v.float()), k
+    if tied:
+        assert torch.equal(got["lm_head.weight"], want["model.embed_tokens.weight"].float())
+    return len(want)
+
+
+@pytest.mark.parametrize("layout", ["auto", "flat"])
+@pytest.mark.parametrize("model", ["olmo2", "llama_tied"])
+def test_titan_checkpoint_manager_loads_to_dcp_output_exactly(gloo1, tiny_hf_factory, tmp_path, layout, model):
+    hf = tiny_hf_factory(model)
+    s = to_dcp(hf, tmp_path / "dcp", layout=layout, aux=AUX, progress=False)
+    assert s.layout == "flat" and (s.trainer == "torchtitan 0.3.0" if layout == "auto" else "forced" in s.trainer)
+    m = trainer_model(hf)
+    m.to_empty(device="cpu")
+    assert titan_load(m, tmp_path / "dcp", tmp_path / "dump") is True
+    n = assert_equal_to_source(m, hf)
+    assert s.tensors == len(m.state_dict()) and n > 20
+
+
+def test_nested_output_loads_through_the_old_model_only_request(tiny_hf_factory, tmp_path):
+    """torchtitan before 2025-06-13 asked DCP for {"model": ModelWrapper(model)} on a model-only load."""
+    import torch.distributed.checkpoint as dcp
+    from torchtitan.components.checkpoint import ModelWrapper
+
+    hf = tiny_hf_factory("olmo2")
+    s = to_dcp(hf, tmp_path / "nested", layout="nested", aux=AUX, progress=False)
+    assert s.layout == "nested"
+    r = DCPReader(tmp_path / "nested")
+    assert r.layout() == "nested" and all(k.startswith("model.") for k in r.tensors())
+    m = trainer_model(hf)
+    m.to_empty(device="cpu")
+    dcp.load({"model": ModelWrapper(m)}, checkpoint_id=str(tmp_path / "nested"), no_dist=True)
+    assert_equal_to_source(m, hf)
+
+
+def test_wrong_layout_fails_the_real_loader_and_verify_says_why(gloo1, tiny_hf_factory, tmp_path, capsys):
+    hf = tiny_hf_factory("olmo2")
+    to_dcp(hf, tmp_path / "nested", layout="nested", aux=AUX, progress=False)
+    to_dcp(hf, tmp_path / "flat", layout="flat", aux=AUX, progress=False)
+    m = trainer_model(hf)
+    m.to_empty(device="cpu")
+    # DCP's CheckpointException is a BaseException: `except Exception` would not even see it.
+    with pytest.raises(BaseException, match="Missing key in checkpoint state_dict"):
+        titan_load(m, tmp_path / "nested", tmp_path / "dump")
+
+    res = verify_dcp(tmp_path / "nested", hf, layout_for="installed")
+    assert not res.ok and res.satisfied == 0 and res.requested == len(m.state_dict())
+    assert "the checkpoint is nested, this trainer loads flat" in res.headline()
+    assert res.equal == res.compared > 0  # values are right; only the layout is wrong
+    res = verify_dcp(tmp_path / "flat", hf, layout_for="nested")
+    assert not res.ok and res.satisfied == 0 and "the checkpoint is flat, this trainer loads nested" in res.headline()
+    assert verify_dcp(tmp_path / "flat", hf, layout_for="installed").ok
+    assert verify_dcp(tmp_path / "nested", hf, layout_for="nested").ok
+
+    assert cli(["verify", str(tmp_path / "nested"), "--against", str(hf)]) == 1
+    out = capsys.readouterr().out
+    assert f"0 of {len(m.state_dict())} model keys would load: the checkpoint is nested, this trainer loads flat" in out
+    assert cli(["verify", str(tmp_path / "flat"), "--against", str(hf)]) == 0
+
+
+def test_compiled_blocks_get_orig_mod_keys(gloo1, tiny_hf_factory, tmp_path):
+    hf = tiny_hf_factory("olmo2")
+    target = trainer_model(hf, compile_blocks=True)
+    assert any("_orig_mod" in k for k in target.state_dict())
+    s = to_dcp(hf, tmp_path / "dcp", aux=AUX, model=target, progress=False)
+    keys = DCPReader(tmp_path / "dcp").tensors()
+    assert "model.layers.0._orig_mod.self_attn.q_proj.weight" in keys and s.tensors == len(keys)
+    m = trainer_model(hf, compile_blocks=True)
+    m.to_empty(device="cpu")
+    assert titan_load(m, tmp_path / "dcp", tmp_path / "dump")
+    assert_equal_to_source(m, hf)
+
+
+def test_aux_init_is_seeded_per_module_and_manifest_records_everything(tiny_hf_factory, tmp_path):
+    hf = tiny_hf_factory("olmo2")
+    to_dcp(hf, tmp_path / "a", aux=["future_predictor"], seed=3, progress=False)
+    to_dcp(hf, tmp_path / "b", aux=["future_predictor", "action_layer:linear:16"], seed=3, progress=False)
+    to_dcp(hf, tmp_path / "c", aux=["future_predictor"], seed=4, progress=False)
+    ra, rb, rc = (DCPReader(tmp_path / n) for n in "abc")
+    w = "future_predictor.weight"
+    assert torch.equal(ra.read(w), rb.read(w))  # adding a head does not change the others
+    assert not torch.equal(ra.read(w), rc.read(w))
+    assert float(ra.read("future_predictor.bias").abs().max()) == 0.0
+    assert abs(float(ra.read(w).std()) - 0.02) < 0.004  # initializer_range of the config
+    assert rb.tensors()["action_layer.weight"].shape == (16, 64)
+
+    m = json.loads((tmp_path / "b" / MANIFEST).read_text())
+    files = {f["name"]: f for f in m["source"]["files"]}
+    for p in weight_files(hf)[1] + [hf / "config.json"]:
+        assert files[p.name]["sha256"] == hashlib.sha256(p.read_bytes()).hexdigest()
+    assert m["hf_config"] == json.loads((hf / "config.json").read_text())
+    assert m["layout"]["layout"] == "flat" and m["layout"]["trainer"] == "torchtitan 0.3.0"
+    aux = {a["name"]: a for a in m["aux"]}
+    assert aux["action_layer"]["keys"] == {"action_layer.bias": [16], "action_layer.weight": [16, 64]}
+    assert aux["future_predictor"]["seed"] == 3 and "normal(0, 0.02)" in aux["future_predictor"]["init"]
+
+
+def test_aux_from_copies_and_checks(tiny_hf_factory, tmp_path):
+    hf = tiny_hf_factory("olmo2")
+    to_dcp(hf, tmp_path / "first", aux=AUX, seed=9, progress=False)
+    to_dcp(hf, tmp_path / "copy", aux_from=tmp_path / "first", progress=False)  # names from the manifest
+    a, b = DCPReader(tmp_path / "first"), DCPReader(tmp_path / "copy")
+    assert set(a.tensors()) == set(b.tensors())
+    assert all(torch.equal(a.read(k), b.read(k)) for k in a.tensors())
+    with pytest.raises(KeyPlanError, match="--aux-from .* has no"):
+        to_dcp(hf, tmp_path / "bad", aux=["other_head"], aux_from=tmp_path / "first", progress=False)
+    with pytest.raises(KeyPlanError, match="shape"):
+        to_dcp(hf, tmp_path / "bad", aux=["action_layer:linear:8"], aux_from=tmp_path / "first", progress=False)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_python_factory_aux(tiny_hf_factory, tmp_path):
+    hf = tiny_hf_factory("olmo2")
+
+    def head(cfg):
+        return torch.nn.Sequential(torch.nn.Linear(cfg.hidden_size, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+    s1 = to_dcp(hf, tmp_path / "f1", aux={"value_head": head}, seed=1, progress=False)
+    to_dcp(hf, tmp_path / "f2", aux={"value_head": head}, seed=1, progress=False)
+    r1, r2 = DCPReader(tmp_path / "f1"), DCPReader(tmp_path / "f2")
+    assert {"value_head.0.weight", "value_head.2.bias"} <= set(r1.tensors())
+    assert all(torch.equal(r1.read(k), r2.read(k)) for k in r1.tensors())
+    assert s1.aux_tensors == 4
+
+
+def test_dtype_cast_and_bf16_source(tiny_hf_factory, tmp_path):
+    hf16 = tiny_hf_factory("olmo2", dtype="bf16")
+    to_dcp(hf16, tmp_path / "fp32", progress=False)  # default: fp32 master weights, lossless from bf16
+    r = DCPReader(tmp_path / "fp32")
+    src = hf_state(hf16)
+    assert all(r.tensors()[k].dtype == torch.float32 for k in src)
+    assert all(torch.equal(r.read(k), v.float()) for k, v in src.items())
+    res = verify_dcp(tmp_path / "fp32", hf16)
+    assert res.ok and "bfloat16 -> float32" in res.cast_note
+
+    hf = tiny_hf_factory("olmo2")
+    to_dcp(hf, tmp_path / "bf16", dtype="bf16", progress=False)
+    r = DCPReader(tmp_path / "bf16")
+    assert all(torch.equal(r.read(k), v.to(torch.bfloat16)) for k, v in hf_state(hf).items())
+
+
+def test_refusals_leave_nothing_behind(tiny_hf_factory, tmp_path, monkeypatch):
+    hf = tiny_hf_factory("olmo2")
+    target = trainer_model(hf, aux=["future_predictor"])  # the trainer has a head nobody asked for
+    with pytest.raises(KeyPlanError, match=r"2 key\(s\) the trainer requests are not in the source: "
+                                           r"future_predictor.weight, future_predictor.bias"):
+        to_dcp(hf, tmp_path / "x", model=target, progress=False)
+    with pytest.raises(OutputError, match="inside"):
+        to_dcp(hf, hf / "dcp", progress=False)
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(OutputError, match="already exists"):
+        to_dcp(hf, tmp_path / "exists", progress=False)
+    with pytest.raises(BridgeError, match="already has a child"):
+        to_dcp(hf, tmp_path / "x", aux=["lm_head"], progress=False)
+
+    import ckpt_bridge.trainer_keys as tk
+
+    monkeypatch.setattr(tk, "torchtitan_version", lambda: None)
+    with pytest.raises(BridgeError, match="none is installed here; pass --layout nested or --layout flat"):
+        to_dcp(hf, tmp_path / "x", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]  # no output, no .partial dir
+    assert not [p for p in hf.iterdir() if "dcp" in p.name]  # nothing written into the source
+
+
+def test_source_missing_a_weight_is_refused(tiny_hf_factory, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    hf = tiny_hf_factory("olmo2", max_shard_size=None)
+    bad = tmp_path / "hf"
+    shutil.copytree(hf, bad)
+    sd = load_file(bad / "model.safetensors")
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(KeyPlanError, match="not in the source: model.layers.1.mlp.up_proj.weight"):
+        to_dcp(bad, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_to_dcp_prints_flags_and_dry_run(tiny_hf_factory, tmp_path, capsys):
+    hf = tiny_hf_factory("olmo2")
+    out = tmp_path / "boot"
+    assert cli(["to-dcp", str(hf), "--out", str(out), "--aux", "future_predictor", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert f"--checkpoint.initial_load_path {out.absolute()} --checkpoint.initial_load_model_only" in text
+    assert "--checkpoint.load_step 0" in text and "after_load" in text
+    assert cli(["to-dcp", str(hf), "--out", str(tmp_path / "dry"), "--dry-run", "--layout", "nested"]) == 0
+    text = capsys.readouterr().out
+    assert "model.model.embed_tokens.weight" in text and not (tmp_path / "dry").exists()
+    assert cli(["to-dcp", str(hf), "--out", str(tmp_path / "e"), "--aux", "bad:conv"]) == 2
+    assert "--aux 'bad:conv'" in capsys.readouterr().err
+
+
+def test_verify_loss_on_the_shipped_corpus(trained_olmo2, tmp_path, capsys):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from ckpt_bridge.testing.tiny_olmo2 import corpus_text
+
+    text = tmp_path / "corpus.txt"
+    text.write_text(corpus_text())
+    to_dcp(trained_olmo2, tmp_path / "good", aux=["future_predictor"], progress=False)
+    assert cli(["verify", str(tmp_path / "good"), "--against", str(trained_olmo2), "--loss", str(text),
+                "--loss-tokens", "768"]) == 0
+    out = capsys.readouterr().out
+    assert "loss on 768 tokens" in out and "(ok, atol 1e-05)" in out
+    res = verify_dcp(tmp_path / "good", trained_olmo2, loss_text=text, loss_tokens=768)
+    assert res.loss_hf == res.loss_dcp and res.loss_hf < 2.6
+
+    # a checkpoint one tensor off: values and loss both say so
+    bad_hf = tmp_path / "bad-hf"
+    shutil.copytree(trained_olmo2, bad_hf)
+    sd = load_file(bad_hf / "model.safetensors")
+    sd["model.layers.0.self_attn.q_proj.weight"] = sd["model.layers.0.self_attn.q_proj.weight"].t().contiguous()
+    save_file(sd, bad_hf / "model.safetensors", metadata={"format": "pt"})
+    to_dcp(bad_hf, tmp_path / "bad", progress=False)
+    res = verify_dcp(tmp_path / "bad", trained_olmo2, loss_text=text, loss_tokens=768)
+    assert not res.ok and res.keys_ok
+    assert [k for k, _ in res.value_diffs] == ["model.layers.0.self_attn.q_proj.weight"]
+    assert res.loss_dcp - res.loss_hf > 0.05
+    assert cli(["verify", str(tmp_path / "bad"), "--against", str(trained_olmo2)]) == 1
+    assert cli(["verify", str(tmp_path / "bad"), str(trained_olmo2), "--loss", str(text)]) == 2
