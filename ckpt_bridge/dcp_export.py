@@ -277,6 +277,7 @@ def to_dcp(
     seed: int = 0,
     aux_from: str | Path | None = None,
     model: nn.Module | list[nn.Module] | None = None,
+    sd_adapter: Any = None,
     config: str | Path | None = None,
     overwrite: bool = False,
     trust_pickle: bool = False,
@@ -290,7 +291,9 @@ def to_dcp(
     or ``{name: factory(config) -> nn.Module}``; fresh weights seeded by ``seed``
     or copied from ``aux_from``.  ``model``: the trainer's own model (or model
     parts, meta is fine) when it is not the plain HF class plus aux modules, e.g.
-    per-block ``torch.compile`` (``_orig_mod.`` in its keys).  ``dtype``: of
+    per-block ``torch.compile`` (``_orig_mod.`` in its keys).  ``sd_adapter``: for
+    TorchTitan's own model definitions (pass ``model=`` too), the model's
+    ``StateDictAdapter``; HF keys go through its ``from_hf`` one at a time.  ``dtype``: of
     floating tensors written (fp32, the usual master-weight dtype; ``keep``).
     With ``dry_run`` the checked plan is returned and nothing is written.
     """
@@ -306,7 +309,14 @@ def to_dcp(
         cfg_dir, _ = _config_dir(reader, config)
         if cfg_dir is None:
             raise KeyPlanError(f"{where}: no config.json found; pass --config PATH (a config.json or a model dir)")
-        infos = reader.tensors()
+        source: Reader = reader
+        if sd_adapter is not None:
+            if model is None:
+                raise BridgeError("sd_adapter= needs model= (the TorchTitan model, meta is fine) to ask for its keys")
+            from .formats.adapted import AdapterView
+
+            source = AdapterView(reader, sd_adapter)
+        infos = source.tensors()
         hashes = pool.submit(_hash_files, _source_files(reader, cfg_dir)) if not dry_run else None
 
         from transformers import AutoConfig
@@ -334,6 +344,7 @@ def to_dcp(
                                f"(ckpt_bridge.auxiliary.attach_aux) before asking for its keys")
         groups = [g for p in parts for g in tie_groups(p)]
         plan = plan_dcp(infos, req, set(aux_want), groups, cast, where=where, model_class=model_class)
+        plan.dropped += getattr(source, "dropped", [])
         if dry_run:
             return plan
 
@@ -372,7 +383,7 @@ def to_dcp(
                 t = aux_values[canonical_key(e.fqn)][0].to(e.info.dtype)
                 summary.aux_tensors += 1
             else:
-                t = reader.read(e.source, e.info.dtype)
+                t = source.read(e.source, e.info.dtype)
                 summary.from_source += 1
             bar.update(e.info.nbytes, key)
             return t.contiguous()

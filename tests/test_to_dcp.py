@@ -309,3 +309,76 @@ def test_verify_loss_on_the_shipped_corpus(trained_olmo2, tmp_path, capsys):
     assert res.loss_dcp - res.loss_hf > 0.05
     assert cli(["verify", str(tmp_path / "bad"), "--against", str(trained_olmo2)]) == 1
     assert cli(["verify", str(tmp_path / "bad"), str(trained_olmo2), "--loss", str(text)]) == 2
+
+
+class _PermutingAdapter:
+    """A per-key adapter in the shape of TorchTitan's llama3 StateDictAdapter: renames every key and
+    reverse-permutes q/k (the real llama3 adapter cannot be imported on this CPU machine: torchtitan's model
+    package imports triton)."""
+
+    def __init__(self, n_heads: int, n_kv: int):
+        self.n_heads, self.n_kv = n_heads, n_kv
+        self.hf_name: dict[str, str] = {}
+
+    def native(self, key: str) -> str | None:
+        if key.endswith("inv_freq"):
+            return None
+        nk = key.replace("model.", "", 1).replace("self_attn", "attention").replace(".", "_")
+        self.hf_name[nk] = key
+        return nk
+
+    def _perm(self, w, n, inverse=False):
+        d1, d2 = w.shape
+        shape = (n, 2, d1 // n // 2, d2) if inverse else (n, d1 // n // 2, 2, d2)
+        return w.reshape(shape).transpose(1, 2).reshape(d1, d2)
+
+    def from_hf(self, sd):
+        out = {}
+        for k, v in sd.items():
+            if k.endswith("q_proj.weight"):
+                v = self._perm(v, self.n_heads, inverse=True)
+            elif k.endswith("k_proj.weight"):
+                v = self._perm(v, self.n_kv, inverse=True)
+            nk = self.native(k)
+            if nk is not None:
+                out[nk] = v
+        return out
+
+    def to_hf(self, sd):
+        back = {}
+        for k, v in sd.items():
+            hf = self.hf_name[k]
+            if hf.endswith("q_proj.weight"):
+                v = self._perm(v, self.n_heads)
+            elif hf.endswith("k_proj.weight"):
+                v = self._perm(v, self.n_kv)
+            back[hf] = v
+        return back
+
+
+def test_torchtitan_style_model_through_its_state_dict_adapter(gloo1, tiny_hf_factory, tmp_path):
+    from transformers import AutoConfig
+
+    hf = tiny_hf_factory("llama")
+    cfg = AutoConfig.from_pretrained(hf)
+    adapter = _PermutingAdapter(cfg.num_attention_heads, cfg.num_key_value_heads)
+    src = hf_state(hf)
+
+    def native_model(device):
+        m = torch.nn.Module()
+        with torch.device(device):
+            for k, v in adapter.from_hf({k: torch.empty(v.shape, device="meta") for k, v in src.items()}).items():
+                m.register_parameter(k, torch.nn.Parameter(torch.empty(v.shape)))
+        return m
+
+    s = to_dcp(hf, tmp_path / "dcp", model=native_model("meta"), sd_adapter=adapter, progress=False)
+    keys = DCPReader(tmp_path / "dcp").tensors()
+    assert "layers_0_attention_q_proj_weight" in keys and "embed_tokens_weight" in keys
+    assert s.tensors == len(src)
+    m = native_model("cpu")
+    assert titan_load(m, tmp_path / "dcp", tmp_path / "dump")
+    back = adapter.to_hf(dict(m.state_dict()))
+    assert set(back) == set(src)
+    assert all(torch.equal(back[k], v) for k, v in src.items())
+    q = "model.layers.0.self_attn.q_proj.weight"  # the permutation really happened
+    assert not torch.equal(m.state_dict()["layers_0_attention_q_proj_weight"], src[q])
