@@ -77,7 +77,14 @@ def _parser() -> argparse.ArgumentParser:
     ph.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp16", "fp32"],
                     help="dtype of floating tensors in the export (default: keep the trained dtype)")
     ph.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="safetensors shard size (default 5GB)")
-    ph.add_argument("--config", metavar="PATH", help="config.json (or a dir with one) when the checkpoint has none")
+    ph.add_argument("--config", metavar="PATH", help="config.json (or a dir with one) when the checkpoint has none "
+                    "(a to-dcp manifest names its source dir, which is used when it still exists)")
+    ph.add_argument("--tokenizer", metavar="DIR", help="copy tokenizer files from DIR (default: the config's dir)")
+    ph.add_argument("--aux", default="separate", choices=["separate", "drop", "inline"],
+                    help="auxiliary modules (prefixes a to-dcp manifest names, --aux-prefix, or any top-level "
+                    "prefix the HF model lacks): separate (default: aux_modules.safetensors), drop, or inline")
+    ph.add_argument("--aux-prefix", action="append", default=[], metavar="NAME",
+                    help="treat keys under NAME. as an auxiliary module (repeatable)")
     ph.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     ph.add_argument("--dry-run", action="store_true", help="check everything and print the key plan; write nothing")
     ph.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -184,11 +191,14 @@ def _to_hf(args: argparse.Namespace) -> int:
 
     if args.dry_run:
         with open_reader(args.src, trust_pickle=args.trust_pickle) as reader:
-            plan, cfg_dir = plan_export(reader, args.config)
+            plan, cfg_dir = plan_export(reader, args.config, args.aux_prefix)
             print(f"# {reader.format} {reader.path} -> {plan.model_class} (config {cfg_dir / 'config.json'})")
             print("\n".join(plan.lines()))
+            for note in plan.notes:
+                print(f"# {note}")
         return 0
     s = to_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, config=args.config,
+              tokenizer=args.tokenizer, aux=args.aux, aux_prefixes=args.aux_prefix,
               overwrite=args.overwrite, trust_pickle=args.trust_pickle, progress=False if args.quiet else None)
     for w in s.warnings:
         print(f"ckpt-bridge to-hf: warning: {w}", file=sys.stderr)
@@ -199,9 +209,14 @@ def _to_hf(args: argparse.Namespace) -> int:
     print(f"  {s.tensors} tensors, {s.parameters:,} parameters, {s.bytes_written / 1e6:.1f} MB in "
           f"{sum(f.endswith('.safetensors') for f in s.files)} safetensors file(s), {s.seconds:.1f} s")
     for src, why in s.dropped:
-        print(f"  not written: {src} ({why})")
+        if not why.startswith("aux module"):
+            print(f"  not written: {src} ({why})")
+    for name, keys in s.aux.items():
+        where = {"separate": "aux_modules.safetensors", "drop": "not written", "inline": "in the main weights"}
+        print(f"  aux module {name}: {len(keys)} tensor(s), {where[s.aux_mode]}")
     if s.extra_state:
-        print(f"  extra state: extra_state_merged.pt, lr_scheduler_state.json (global step {s.global_step})")
+        print(f"  extra state: extra_state_merged.pt, lr_scheduler_state.json, trainer_state.json "
+              f"(global step {s.global_step})")
     return 0
 
 

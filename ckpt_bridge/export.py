@@ -23,7 +23,7 @@ import torch
 from .detect import open_reader
 from .errors import BridgeError, KeyPlanError
 from .formats.base import Reader
-from .keys import KeyPlan, confirm_plan, expected_model, plan_hf_export, provisional_hf_plan
+from .keys import KeyPlan, PlanEntry, confirm_plan, expected_model, plan_hf_export, provisional_hf_plan
 from .progress import Progress
 from .stream import read_ahead
 from .writers.atomic import AtomicDir
@@ -56,6 +56,8 @@ class ExportSummary:
     model_class: str | None = None
     extra_state: bool = False
     global_step: int | None = None
+    aux: dict[str, list[str]] = field(default_factory=dict)  # aux module -> keys
+    aux_mode: str = "separate"
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -85,7 +87,7 @@ def _checked_source(reader: Reader, config: str | Path | None) -> tuple[dict, Pa
     """Structure and per-key layouts (metadata only), and the config directory."""
     if hasattr(reader, "check"):
         reader.check()
-    infos = reader.tensors()
+    infos = reader.model_tensors() if hasattr(reader, "model_tensors") else reader.tensors()
     if reader.format == "verl-fsdp":
         for key in infos:  # placements and shard shapes of every key, on every rank
             reader.layout(key)
@@ -97,10 +99,49 @@ def _checked_source(reader: Reader, config: str | Path | None) -> tuple[dict, Pa
     return infos, cfg_dir
 
 
-def plan_export(reader: Reader, config: str | Path | None = None) -> tuple[KeyPlan, Path]:
-    """Everything checkable before writing: structure, per-key layouts, the checked key plan."""
+def plan_export(reader: Reader, config: str | Path | None = None, aux_prefixes: list[str] | None = None
+                ) -> tuple[KeyPlan, Path]:
+    """Everything checkable before writing: structure, per-key layouts, the checked key plan (aux split off)."""
     infos, cfg_dir = _checked_source(reader, config)
-    return plan_hf_export(infos, cfg_dir, where=str(reader.path)), cfg_dir
+    infos, aux = split_aux(infos, reader, cfg_dir, aux_prefixes, str(reader.path))
+    plan = plan_hf_export(infos, cfg_dir, where=str(reader.path))
+    plan.notes += [f"aux module {name}: {len(keys)} tensor(s) ({', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''})"
+                   for name, keys in aux.items()]
+    return plan, cfg_dir
+
+
+AUX_MODES = ("separate", "drop", "inline")
+AUX_FILE = "aux_modules"
+
+
+def split_aux(infos: dict, reader: Reader, cfg_dir: Path, names: list[str] | None, where: str
+              ) -> tuple[dict, dict[str, list[str]]]:
+    """(main tensors, {aux module: keys}).
+
+    Aux modules are the prefixes a to-dcp manifest names, the ones passed in
+    ``names``, and any top-level prefix the HF model class does not have
+    (``future_predictor.weight`` next to ``model.*`` / ``lm_head.*``): they
+    would make ``from_pretrained`` warn about unexpected keys, or fail.
+    """
+    wanted = set(names or [])
+    manifest = reader.manifest() if hasattr(reader, "manifest") else None
+    wanted |= {a["name"] for a in (manifest or {}).get("aux", [])}
+    tops = {k.split(".", 1)[0] for k in infos}
+    if tops - wanted - {"model", "lm_head"}:  # only then is the model class needed to decide
+        known = {k.split(".", 1)[0] for k in expected_model(cfg_dir).shapes}
+        wanted |= tops - known
+    aux: dict[str, list[str]] = {}
+    main = {}
+    for k, info in infos.items():
+        top = k.split(".", 1)[0]
+        if top in wanted:
+            aux.setdefault(top, []).append(k)
+        else:
+            main[k] = info
+    missing = sorted(n for n in (names or []) if n not in aux)
+    if missing:
+        raise KeyPlanError(f"{where}: --aux-prefix {missing[0]!r}: no keys start with {missing[0] + '.'!r}")
+    return main, aux
 
 
 def to_hf(
@@ -110,6 +151,9 @@ def to_hf(
     dtype: str = "keep",
     max_shard_size: str | int = "5GB",
     config: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    aux: str = "separate",
+    aux_prefixes: list[str] | None = None,
     overwrite: bool = False,
     trust_pickle: bool = False,
     progress: bool | None = None,
@@ -117,9 +161,11 @@ def to_hf(
     """Export the checkpoint at ``src`` to a Hugging Face directory ``out``.
 
     ``dtype`` is ``keep`` (the trained dtype) or one of bf16/fp16/fp32 (floating
-    tensors are cast, integer buffers kept).  Returns a summary; raises a
-    :class:`~ckpt_bridge.errors.BridgeError` subclass on bad input, leaving no
-    ``out`` behind.
+    tensors are cast, integer buffers kept).  Auxiliary modules (see
+    :func:`split_aux`) go to ``aux_modules.safetensors`` (``aux="separate"``),
+    nowhere (``"drop"``) or into the main weights (``"inline"``).  Returns a
+    summary; raises a :class:`~ckpt_bridge.errors.BridgeError` subclass on bad
+    input, leaving no ``out`` behind.
 
     The key plan is checked against the model class the config names.  Building
     that class on the meta device means importing transformers (seconds), so it
@@ -129,34 +175,55 @@ def to_hf(
     """
     t0 = time.perf_counter()
     cast = target_dtype(dtype)
+    if aux not in AUX_MODES:
+        raise BridgeError(f"--aux {aux!r}: choose one of {', '.join(AUX_MODES)}")
     try:
         shard_bytes = parse_size(max_shard_size)
     except ValueError as e:
         raise BridgeError(f"--max-shard-size: {e}") from None
+    tok_dir = Path(tokenizer) if tokenizer is not None else None
+    if tok_dir is not None and not tok_dir.is_dir():
+        raise BridgeError(f"--tokenizer {tok_dir}: not a directory")
     with open_reader(src, trust_pickle=trust_pickle) as reader, ThreadPoolExecutor(1) as pool:
         infos, cfg_dir = _checked_source(reader, config)
         where = str(reader.path)
+        infos, aux_keys = split_aux(infos, reader, cfg_dir, aux_prefixes, where)
         expectation = pool.submit(expected_model, cfg_dir)
         plan = provisional_hf_plan(infos, read_config(cfg_dir), where=where)
         confirmed = plan is None
         if plan is None:
             plan = plan_hf_export(infos, cfg_dir, where=where, expectation=expectation.result())
-        summary = ExportSummary(str(src), reader.format, str(out))
-        out_dtype = {e.target: (cast if cast is not None and e.info.dtype.is_floating_point else e.info.dtype)
-                     for e in plan.entries}
-        protect = (Path(src), reader.path, cfg_dir)
+        summary = ExportSummary(str(src), reader.format, str(out), aux=aux_keys, aux_mode=aux)
+        all_infos = reader.model_tensors() if hasattr(reader, "model_tensors") else reader.tensors()
+        aux_entries = [PlanEntry(k, k, all_infos[k]) for keys in aux_keys.values() for k in keys]
+        if aux == "drop":
+            summary.dropped += [(e.source, f"aux module {e.source.split('.', 1)[0]} (--aux drop)") for e in aux_entries]
+        main_entries = list(plan.entries) + (aux_entries if aux == "inline" else [])
+        sep_entries = aux_entries if aux == "separate" else []
+
+        def out_dt(e: PlanEntry) -> torch.dtype:
+            return cast if cast is not None and e.info.dtype.is_floating_point else e.info.dtype
+
+        out_dtype = {e.target: out_dt(e) for e in main_entries + sep_entries}
+        sep_ids = {id(e) for e in sep_entries}
+        protect = tuple(p for p in (Path(src), reader.path, cfg_dir, tok_dir) if p is not None)
         with AtomicDir(out, overwrite=overwrite, protect=protect) as tmp:
             writer = ShardedSafetensorsWriter(
-                tmp, [(e.target, e.info.shape, out_dtype[e.target]) for e in plan.entries], shard_bytes
+                tmp, [(e.target, e.info.shape, out_dtype[e.target]) for e in main_entries], shard_bytes
             )
-            bar = Progress(writer.total_size, "to-hf", enabled=progress)
+            aux_writer = ShardedSafetensorsWriter(
+                tmp, [(e.target, e.info.shape, out_dtype[e.target]) for e in sep_entries], shard_bytes,
+                prefix=AUX_FILE) if sep_entries else None
+            total = writer.total_size + (aux_writer.total_size if aux_writer else 0)
+            bar = Progress(total, "to-hf", enabled=progress)
             try:
-                stream = read_ahead(plan.entries, lambda e: reader.read(e.source, out_dtype[e.target]))
+                stream = read_ahead(main_entries + sep_entries,
+                                    lambda e: reader.read(e.source, out_dtype[e.target]))
                 for e, t in stream:
                     if not confirmed and expectation.done():  # fail early if the model disagrees
                         plan = confirm_plan(plan, infos, cfg_dir, expectation.result(), where=where)
                         confirmed = True
-                    writer.write(e.target, t)
+                    (aux_writer if id(e) in sep_ids else writer).write(e.target, t)
                     summary.tensors += 1
                     summary.parameters += t.numel()
                     bar.update(t.numel() * t.element_size(), e.target)
@@ -165,13 +232,23 @@ def to_hf(
                 bar.close()
             if not confirmed:
                 plan = confirm_plan(plan, infos, cfg_dir, expectation.result(), where=where)
-            summary.model_class, summary.dropped = plan.model_class, list(plan.dropped)
+            summary.model_class = plan.model_class
+            summary.dropped = list(plan.dropped) + summary.dropped
             summary.files = writer.close()
             summary.bytes_written = writer.total_size
+            if aux_writer is not None:
+                summary.files += aux_writer.close()
+                summary.bytes_written += aux_writer.total_size
+                (tmp / f"{AUX_FILE}.json").write_text(json.dumps({
+                    "modules": {name: {k: list(all_infos[k].shape) for k in keys} for name, keys in aux_keys.items()},
+                    "note": "auxiliary modules kept out of the main weights so from_pretrained loads cleanly; "
+                            "load with safetensors.torch.load_file and model.add_module / load_state_dict",
+                }, indent=2) + "\n")
+                summary.files.append(f"{AUX_FILE}.json")
             written = _dominant_float_dtype(plan, out_dtype)
             summary.dtype = _TORCH_DTYPE_NAMES.get(written, str(written))
             summary.files += _write_configs(tmp, cfg_dir, plan, written)
-            summary.files += _copy_tokenizer(tmp, cfg_dir, summary)
+            summary.files += _copy_tokenizer(tmp, tok_dir or cfg_dir, summary)
             extra = reader.extra_state()
             if extra:
                 summary.files += write_extra_state(tmp, extra, source=str(reader.path))
@@ -233,12 +310,19 @@ def _copy_tokenizer(tmp: Path, cfg_dir: Path, summary: ExportSummary) -> list[st
 
 
 def write_extra_state(tmp: Path, extra: dict[str, Any], *, source: str) -> list[str]:
-    """``extra_state_merged.pt`` + ``lr_scheduler_state.json`` (human-readable)."""
+    """``extra_state_merged.pt`` + readable ``lr_scheduler_state.json`` and ``trainer_state.json``.
+
+    The same three files for every source: verl (lr_scheduler, rng of every
+    rank, step) and TorchTitan/flame (lr_scheduler, train_state, dataloader,
+    and rng of every rank when the ckpt-bridge hook saved it).
+    """
     payload = {
         "lr_scheduler": extra.get("lr_scheduler"),
-        "rng": extra.get("rng", {}),  # {rank: rng state}; verl restores rng per rank
+        "rng": extra.get("rng", {}),  # {rank: rng state}; both trainers restore rng per rank
         "global_step": extra.get("global_step"),
         "world_size": extra.get("world_size"),
+        "train_state": extra.get("train_state"),
+        "dataloader": extra.get("dataloader"),
         "source": source,
     }
     torch.save(payload, tmp / "extra_state_merged.pt")
@@ -250,7 +334,19 @@ def write_extra_state(tmp: Path, extra: dict[str, Any], *, source: str) -> list[
         "source": source,
     }
     (tmp / "lr_scheduler_state.json").write_text(json.dumps(readable, indent=2) + "\n")
-    return ["extra_state_merged.pt", "lr_scheduler_state.json"]
+    trainer = {
+        "global_step": extra.get("global_step"),
+        "world_size": extra.get("world_size"),
+        "train_state": _jsonable(extra.get("train_state")),
+        "dataloader_state_saved": extra.get("dataloader") is not None,
+        "rng_saved_for_ranks": sorted(extra.get("rng", {})),
+        "lr_scheduler": _jsonable(extra.get("lr_scheduler")),
+        "restore": "torch.load('extra_state_merged.pt', weights_only=False) is trusted output of ckpt-bridge; "
+                   "rng[rank] holds python/numpy/torch (and cuda) states",
+        "source": source,
+    }
+    (tmp / "trainer_state.json").write_text(json.dumps(trainer, indent=2) + "\n")
+    return ["extra_state_merged.pt", "lr_scheduler_state.json", "trainer_state.json"]
 
 
 def _jsonable(obj: Any) -> Any:

@@ -109,3 +109,19 @@ def _unsafe_global(message: str) -> str | None:
         if "Unsupported operand" in line:
             return line.strip()
     return None
+
+
+def load_bytes(stream, *, where: str, allow_numpy: bool = True) -> Any:
+    """``torch.load`` an in-memory blob (a DCP bytes entry) weights-only; numpy rng state allowed."""
+    try:
+        with quiet_loading():
+            if allow_numpy:
+                with torch.serialization.safe_globals(_numpy_rng_globals()):
+                    return torch.load(stream, map_location="cpu", weights_only=True)
+            return torch.load(stream, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        culprit = _unsafe_global(str(e))
+        raise UnsafePickleError(f"{where}: refusing to unpickle {culprit or 'a non-tensor object'} with "
+                                f"weights_only=True") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointFormatError(f"{where}: cannot be read ({type(e).__name__}: {e}); the save is corrupt") from None

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ from ckpt_bridge.trainer_keys import torchtitan_version
 
 log = logging.getLogger("ckpt_bridge")
 
-__all__ = ["set_initial_load", "after_load", "AfterLoadReport", "ConfigMismatchError", "cache_root"]
+__all__ = ["set_initial_load", "after_load", "AfterLoadReport", "ConfigMismatchError", "cache_root", "attach", "HFExport",
+           "ExportHook", "rng_state", "restore_rng_state"]
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -152,3 +154,180 @@ def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: 
     if hasattr(section, "initial_load_in_hf"):
         section.initial_load_in_hf = False
     return out
+
+
+# ---------------------------------------------------------------- save-time HF export
+
+
+@dataclass
+class HFExport:
+    """What ``attach`` exports after each checkpoint save.
+
+    ``hf_config``: the Hugging Face dir with config.json (and tokenizer) the
+    model was built from.  ``every``: export every N-th save (1 = each);
+    ``last_only``: only the last step's save.  ``name``: the export's path under
+    the checkpoint folder, ``{step}`` filled in.  The default ``hf/step-{step}``
+    is deliberately not ``step-{step}-hf``: torchtitan finds checkpoints to load
+    and to purge with ``re.search(r"step-(\\d+)", name)``, so a ``step-N-hf``
+    folder would count as a checkpoint for ``keep_latest_k`` (and one with an
+    index file as a loadable step).
+    """
+
+    hf_config: str | Path
+    every: int = 1
+    last_only: bool = False
+    name: str = "hf/step-{step}"
+    dtype: str = "keep"
+    aux: str = "separate"
+    max_shard_size: str = "5GB"
+    save_rng: bool = True
+    timeout: float = 3600.0
+
+
+@dataclass
+class ExportResult:
+    step: int
+    out: str
+    ok: bool
+    message: str = ""
+    seconds: float = 0.0
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's python / numpy / torch CPU (and CUDA, when present) rng states."""
+    import random
+
+    import numpy as np
+    import torch
+
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(),
+                             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of :func:`rng_state` (e.g. ``restore_rng_state(extra["rng"][rank])`` on resume)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class ExportHook:
+    """Runs after every checkpoint save of one CheckpointManager (see :func:`attach`)."""
+
+    def __init__(self, manager: Any, export: HFExport):
+        import concurrent.futures
+
+        if export.every < 1:
+            raise BridgeError(f"HFExport.every={export.every}: must be >= 1")
+        if not (Path(export.hf_config) / "config.json").is_file():
+            raise BridgeError(f"HFExport.hf_config {export.hf_config}: no config.json there")
+        self.manager, self.export = manager, export
+        self.saves = 0
+        self.results: list[ExportResult] = []
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-bridge-export")
+        self._pending: list[concurrent.futures.Future] = []
+
+    def _rank_world(self) -> tuple[int, int]:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
+    def after_save(self, step: int, last_step: bool) -> None:
+        import torch
+
+        from ckpt_bridge.formats.dcp import RNG_DIR
+
+        rank, world = self._rank_world()
+        step_dir = Path(self.manager._create_checkpoint_id(step))
+        if self.export.save_rng:
+            # Every rank writes its own state now (it is what the next step will draw from); torchtitan saves none.
+            d = step_dir / RNG_DIR
+            d.mkdir(parents=True, exist_ok=True)
+            tmp = d / f".rank_{rank}.pt.tmp"
+            torch.save(rng_state(), tmp)
+            os.replace(tmp, d / f"rank_{rank}.pt")
+        self.saves += 1
+        wanted = last_step if self.export.last_only else (last_step or self.saves % self.export.every == 0)
+        if rank != 0 or not wanted:
+            return
+        future = getattr(self.manager, "save_future", None)  # async saves: the DCP write still runs
+        out = Path(self.manager.folder) / self.export.name.format(step=step)
+        self._pending.append(self._pool.submit(self._run, step, step_dir, out, future, world))
+
+    def _run(self, step: int, step_dir: Path, out: Path, future: Any, world: int) -> ExportResult:
+        import subprocess
+        import sys
+        import time
+
+        from ckpt_bridge.formats.dcp import RNG_DIR
+
+        t0 = time.monotonic()
+        try:
+            if future is not None:
+                future.result(timeout=self.export.timeout)
+            deadline = time.monotonic() + self.export.timeout
+            while not (step_dir / ".metadata").is_file() or (
+                    self.export.save_rng and len(list((step_dir / RNG_DIR).glob("rank_*.pt"))) < world):
+                if not step_dir.exists():
+                    raise RuntimeError(f"{step_dir} was purged (keep_latest_k) before it could be exported")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{step_dir}: save not complete after {self.export.timeout:.0f}s")
+                time.sleep(0.2)
+            # A separate process: the export never competes with training for the GIL, and a crash in it
+            # cannot take the trainer down.  to-hf writes under a temporary name and renames at the end.
+            cmd = [sys.executable, "-m", "ckpt_bridge", "to-hf", str(step_dir), "--out", str(out), "--config",
+                   str(self.export.hf_config), "--dtype", self.export.dtype, "--aux", self.export.aux,
+                   "--max-shard-size", self.export.max_shard_size, "--quiet", "--overwrite"]
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.export.timeout)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else
+                                   f"exit code {proc.returncode}")
+            res = ExportResult(step, str(out), True, "exported", time.monotonic() - t0)
+            log.info("ckpt-bridge: exported step %s -> %s in %.1fs", step, out, res.seconds)
+        except Exception as e:  # noqa: BLE001 - logged, never raised into training
+            res = ExportResult(step, str(out), False, str(e), time.monotonic() - t0)
+            log.warning("ckpt-bridge: HF export of step %s failed (training continues): %s", step, e)
+        self.results.append(res)
+        return res
+
+    def wait(self, timeout: float | None = None) -> list[ExportResult]:
+        """Block until every export started so far has finished; returns all results."""
+        import concurrent.futures
+
+        concurrent.futures.wait(self._pending, timeout=timeout)
+        return list(self.results)
+
+    def close(self) -> None:
+        from ckpt_bridge.patches.torchtitan_save import unwrap_save
+
+        self.wait()
+        self._pool.shutdown(wait=True)
+        unwrap_save(self.manager)
+
+
+def attach(manager: Any, export: HFExport) -> ExportHook:
+    """Make each save of ``manager`` (a torchtitan ``CheckpointManager``) also produce an HF export.
+
+    Every rank stores its rng state next to the DCP files; rank 0 then waits
+    for the save to finish (async modes included) and runs ``ckpt-bridge
+    to-hf`` in a background process, into ``<checkpoint folder>/<export.name>``
+    (aux modules apart, extra state with every rank's rng).  Failures are
+    logged, never raised; call ``hook.close()`` (or ``wait()``) before exit.
+    """
+    from ckpt_bridge.patches.torchtitan_save import wrap_save
+
+    hook = ExportHook(manager, export)
+    wrap_save(manager, hook.after_save)
+    return hook

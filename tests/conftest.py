@@ -113,3 +113,15 @@ def trained_olmo2(tmp_path_factory):
     d = tmp_path_factory.mktemp("olmo2-trained")
     train_tiny_olmo2(d)
     return d
+
+
+@pytest.fixture(scope="module")
+def gloo1(tmp_path_factory):
+    """A 1-process gloo group in the test process, as a 1-rank torchtitan trainer would have."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        store = tmp_path_factory.mktemp("gloo") / "store"
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()

@@ -24,16 +24,6 @@ from ckpt_bridge.verify_dcp import verify_dcp
 AUX = ["future_encoder:mlp", "future_predictor:linear", "action_layer:linear:16"]
 
 
-@pytest.fixture(scope="module")
-def gloo1(tmp_path_factory):
-    """A 1-process gloo group, as the torchtitan trainer would have."""
-    if not dist.is_initialized():
-        store = tmp_path_factory.mktemp("gloo") / "store"
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def hf_state(hf_dir: Path) -> dict[str, torch.Tensor]:
     out = {}
     for f in weight_files(hf_dir)[1]:

@@ -20,11 +20,32 @@ from ..errors import CheckpointFormatError
 from .base import Reader, TensorInfo
 
 TRAINING_SECTIONS = ("optimizer", "lr_scheduler", "dataloader", "train_state")
+RNG_DIR = "ckpt_bridge_rng"  # written by ckpt_bridge.integrations.torchtitan.attach (torchtitan saves no rng)
 
 
 def is_dcp_dir(path: Path) -> bool:
     path = Path(path)
     return path.is_dir() and ((path / ".metadata").is_file() or any(path.glob("*.distcp")))
+
+
+def _cached_reader_class():
+    from torch.distributed.checkpoint import FileSystemReader
+
+    class Cached(FileSystemReader):
+        """DCP's FileSystemReader with the .metadata parsed once (dcp.load asks for it on every call)."""
+
+        def __init__(self, path: str, metadata):
+            super().__init__(path)
+            self._md = metadata
+
+        def read_metadata(self):
+            return self._md
+
+    return Cached
+
+
+def _CachedMetadataReader(path: str, metadata):  # noqa: N802 - a factory standing in for a class
+    return _cached_reader_class()(path, metadata)
 
 
 class DCPReader(Reader):
@@ -47,6 +68,7 @@ class DCPReader(Reader):
 
         try:
             self.metadata = FileSystemReader(str(self.path)).read_metadata()
+            self._storage = _CachedMetadataReader(str(self.path), self.metadata)
         except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
             self._problems.append(f"{meta}: cannot be read ({type(e).__name__}: {e}); the save is corrupt")
             return
@@ -97,15 +119,116 @@ class DCPReader(Reader):
     def model_keys(self) -> list[str]:
         return [k for k in self.tensors() if k.split(".", 1)[0] not in TRAINING_SECTIONS]
 
+    def model_fqns(self) -> dict[str, str]:
+        """model fqn -> DCP key: the model's tensors under this checkpoint's layout (``model.`` of a nested
+        checkpoint stripped; optimizer and other training sections left out)."""
+        nested = self.layout() == "nested"
+        out = {}
+        for k in self.model_keys():
+            out[k[len("model."):] if nested and k.startswith("model.") else k] = k
+        return out
+
+    def model_tensors(self) -> dict[str, TensorInfo]:
+        infos = self.tensors()
+        return {f: TensorInfo(f, infos[k].shape, infos[k].dtype) for f, k in self.model_fqns().items()}
+
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor through DCP's own loader (it assembles every chunk, from any number of .distcp files).
+
+        ``key`` is a DCP key or a model fqn from :meth:`model_tensors`.  The
+        metadata is parsed once per reader, not once per tensor.
+        """
         import torch.distributed.checkpoint as dcp
 
-        info = self.tensors()[key]
+        self._check()
+        infos = self.tensors()
+        if key not in infos:
+            key = self.model_fqns().get(key, key)
+        info = infos[key]
         out = torch.empty(info.shape, dtype=info.dtype)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            dcp.load({key: out}, checkpoint_id=str(self.path), no_dist=True)
+            dcp.load({key: out}, storage_reader=self._storage, no_dist=True)
         return out if dtype is None or dtype == out.dtype else out.to(dtype)
+
+    def _bytes_entry(self, key: str) -> Any:
+        """A non-tensor entry (lr_scheduler, train_state, dataloader state), unpickled weights-only."""
+        import io
+
+        from torch.distributed.checkpoint.metadata import MetadataIndex
+
+        from .. import safeload
+
+        info = self.metadata.storage_data[MetadataIndex(key)]
+        with open(self.path / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            blob = f.read(info.length)
+        return safeload.load_bytes(io.BytesIO(blob), where=f"{self.path / info.relative_path} entry {key!r}")
+
+    def extra_state(self) -> dict[str, Any]:
+        """lr_scheduler / train_state / dataloader sections, nested back as saved; ``global_step``."""
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+        self._check()
+        nest = self.nesting()
+        infos = self.tensors()
+        out: dict[str, Any] = {}
+        for k, md in self.metadata.state_dict_metadata.items():
+            path = nest.get(k, tuple(k.split(".", 1)))
+            if path[0] not in ("lr_scheduler", "train_state", "dataloader"):
+                continue
+            value = self._bytes_entry(k) if isinstance(md, BytesStorageMetadata) else self.read(k) if k in infos else None
+            node = out
+            for part in path[:-1]:
+                node = node.setdefault(part, {})
+            node[path[-1]] = value
+        step = None
+        ts = out.get("train_state")
+        if isinstance(ts, dict) and ts.get("step") is not None:
+            step = int(ts["step"])
+        else:
+            import re
+
+            m = re.search(r"step-(\d+)", self.path.name)
+            step = int(m.group(1)) if m else None
+        rng = self.rng_states()
+        if rng:
+            out["rng"] = rng
+            out["world_size"] = len(rng)
+        if out:
+            out["global_step"] = step
+        return out
+
+    def rng_states(self) -> dict[int, Any]:
+        """Every rank's rng state, when the ckpt-bridge save hook stored it (``RNG_DIR/rank_R.pt``)."""
+        import re
+
+        from .. import safeload
+
+        d = self.path / RNG_DIR
+        if not d.is_dir():
+            return {}
+        out = {}
+        for f in d.glob("rank_*.pt"):
+            m = re.fullmatch(r"rank_(\d+)\.pt", f.name)
+            if m:
+                out[int(m.group(1))] = safeload.load(f, mmap=False, allow_numpy=True)
+        ranks = sorted(out)
+        if ranks != list(range(len(ranks))):
+            raise CheckpointFormatError(f"{d}: rng files for ranks {ranks}; expected 0..{len(ranks) - 1} with none "
+                                        f"missing (an interrupted save?)")
+        return {r: out[r] for r in ranks}
+
+    def manifest(self) -> dict[str, Any] | None:
+        from ..dcp_export import read_manifest
+
+        return read_manifest(self.path)
+
+    def hf_config_dir(self) -> Path | None:
+        """The HF dir a to-dcp manifest names, if it is still there."""
+        m = self.manifest() or {}
+        d = Path(m.get("source", {}).get("config_dir", "")) if m.get("source") else None
+        return d if d is not None and (d / "config.json").is_file() else None
 
     def describe(self) -> dict[str, Any]:
         if self.metadata is None:
