@@ -1,4 +1,4 @@
-"""``ckpt-bridge <verb>``: inspect, to-hf, to-dcp, verify.
+"""``ckpt-bridge <verb>``: inspect, to-hf, to-dcp, verify, watch.
 
 Errors from bad input print one line (no traceback) and exit 2; a verification
 that finds a difference exits 1.
@@ -154,6 +154,30 @@ def _parser() -> argparse.ArgumentParser:
     pv.add_argument("--loss-tokens", type=int, default=2048, help="tokens of TEXTFILE used by --loss (default 2048)")
     pv.add_argument("--loss-atol", type=float, default=1e-5, help="allowed |loss difference| (default 1e-5)")
     _common(pv, "the result")
+
+    pw = sub.add_parser(
+        "watch",
+        help="export each new verl save step to Hugging Face format, from outside the training job",
+        description="Follow ROOT/latest_checkpointed_iteration.txt (ROOT = verl's trainer.default_local_dir) and "
+        "export each new global_step_N/<role> with to-hf, for verl versions (or the legacy trainer) without the "
+        "checkpoint_callback_class hook. Idempotent: a step whose export exists is skipped; an interrupted export "
+        "(a .partial dir whose process is gone) is redone. A step whose rank files are not all visible yet is "
+        "retried on the next poll. Exports go to global_step_N/<role>_hf (survives max_actor_ckpt_to_keep, which "
+        "deletes global_step_N/actor only) or under --out-root.",
+        epilog="examples:\n"
+        "  ckpt-bridge watch checkpoints/my_run                      # until Ctrl-C, polling every 30 s\n"
+        "  ckpt-bridge watch checkpoints/my_run --once --all         # export every saved step, then exit\n"
+        "  ckpt-bridge watch checkpoints/my_run --out-root /exports --keep 3 --dtype bf16",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    pw.add_argument("root", metavar="ROOT", help="verl checkpoint root (holds latest_checkpointed_iteration.txt)")
+    pw.add_argument("--role", default="actor", choices=["actor", "critic"], help="which model to export")
+    pw.add_argument("--out-root", metavar="DIR", help="put exports under DIR/global_step_N/<role>")
+    pw.add_argument("--dtype", default="keep", choices=["keep", "bf16", "fp16", "fp32"])
+    pw.add_argument("--all", action="store_true", help="also export older saved steps not exported yet")
+    pw.add_argument("--once", action="store_true", help="one pass, then exit (exit 1 if an export failed)")
+    pw.add_argument("--interval", type=float, default=30.0, help="seconds between polls (default 30)")
+    pw.add_argument("--keep", type=int, default=0, help="keep only the newest K exports (default 0: keep all)")
     return p
 
 
@@ -176,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
             return _to_dcp(args)
         if args.verb == "verify":
             return _verify(args)
+        if args.verb == "watch":
+            return _watch(args)
     except BridgeError as e:
         print(f"ckpt-bridge {args.verb}: error: {e}", file=sys.stderr)
         return e.exit_code
@@ -240,6 +266,19 @@ def _verify(args: argparse.Namespace) -> int:
                  trust_pickle=args.trust_pickle)
     print(json.dumps(res.as_dict(), indent=2, default=str) if args.json else format_result(res))
     return 0 if res.ok else 1
+
+
+def _watch(args: argparse.Namespace) -> int:
+    from .watch import watch
+
+    def show(ev) -> None:
+        print(f"step {ev.step}: {ev.status}  {ev.out}" + (f"  ({ev.message})" if ev.message else ""), flush=True)
+
+    events = watch(args.root, role=args.role, out_root=args.out_root, dtype=args.dtype, every_step=args.all,
+                   once=args.once, interval=args.interval, keep=args.keep, on_event=show)
+    if args.once and not events:
+        print(f"nothing to export: no {args.root}/latest_checkpointed_iteration.txt yet")
+    return 1 if any(e.status == "failed" for e in events) else 0
 
 
 def _to_dcp(args: argparse.Namespace) -> int:

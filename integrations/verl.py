@@ -1,0 +1,115 @@
+"""verl save callback: a merged Hugging Face export (+ extra state) of every saved step.
+
+    trainer.checkpoint_callback_class=ckpt_bridge.integrations.verl.HFExportCallback
+
+verl 0.9.1's v1 PPO trainer calls ``on_save`` on the driver after the actor
+(and critic) saves and ``latest_checkpointed_iteration.txt``.  An exception
+there aborts training, so this callback never raises: it checks that every
+rank file is visible (on multi-node runs the driver sees them only on shared
+storage), then starts ``ckpt-bridge to-hf`` in a separate background process
+(the next step is not delayed) and logs how earlier exports ended.
+
+Settings: keyword arguments of a subclass's ``super().__init__``, or
+environment variables (a Hydra override cannot add keys to verl's struct
+config): ``CKPT_BRIDGE_EXPORT_ROLES`` (``actor``; ``actor,critic``),
+``CKPT_BRIDGE_EXPORT_ROOT`` (default: ``global_step_N/<role>_hf``, which
+survives verl's rotation because ``max_actor_ckpt_to_keep`` deletes only
+``global_step_N/actor``), ``CKPT_BRIDGE_EXPORT_DTYPE`` (``keep``),
+``CKPT_BRIDGE_EXPORT_KEEP`` (rotate exports beyond the newest K; 0 = keep all).
+For verl versions without the hook, run ``ckpt-bridge watch ROOT`` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ckpt_bridge.watch import clear_stale_partials, export_dir, rank_files_problem, rotate
+
+log = logging.getLogger("ckpt_bridge")
+
+try:  # verl is optional for the library; the callback needs it
+    from verl.trainer.ppo.checkpoint_callback import CheckpointCallback
+except ImportError:  # pragma: no cover - verl without the hook: use `ckpt-bridge watch`
+    class CheckpointCallback:  # type: ignore[no-redef]
+        def __init__(self, config=None):
+            self.config = config
+
+
+class HFExportCallback(CheckpointCallback):
+    def __init__(self, config: Any = None, *, roles: tuple[str, ...] | None = None,
+                 out_root: str | Path | None = None, dtype: str | None = None, keep: int | None = None):
+        super().__init__(config)
+        env = os.environ
+        self.roles = tuple(roles or [r for r in env.get("CKPT_BRIDGE_EXPORT_ROLES", "actor").split(",") if r])
+        self.out_root = out_root if out_root is not None else env.get("CKPT_BRIDGE_EXPORT_ROOT") or None
+        self.dtype = dtype or env.get("CKPT_BRIDGE_EXPORT_DTYPE", "keep")
+        self.keep = keep if keep is not None else int(env.get("CKPT_BRIDGE_EXPORT_KEEP", "0"))
+        self.running: list[tuple[int, str, Path, subprocess.Popen, Path, Path]] = []
+        self.finished: list[dict[str, Any]] = []
+
+    def on_save(self, trainer: Any, global_step: int, checkpoint_dir: str, async_save: bool = False,
+                **kwargs: Any) -> None:
+        try:
+            self._reap()
+            if async_save:
+                log.warning("ckpt-bridge: step %s was saved asynchronously and may not be durable yet; not exporting "
+                            "it here (run `ckpt-bridge watch %s` to export it once it is)", global_step,
+                            Path(checkpoint_dir).parent)
+                return
+            for role in self.roles:
+                self._start(global_step, Path(checkpoint_dir), role)
+        except Exception:  # noqa: BLE001 - an exception here would abort verl's training
+            log.exception("ckpt-bridge: HF export callback failed for step %s (training continues)", global_step)
+
+    def _start(self, step: int, step_dir: Path, role: str) -> None:
+        src = step_dir / role
+        out = export_dir(step_dir, role, self.out_root)
+        problem = rank_files_problem(src)
+        if problem:
+            log.error("ckpt-bridge: not exporting step %s %s: %s", step, role, problem)
+            self.finished.append({"step": step, "role": role, "out": str(out), "ok": False, "message": problem})
+            return
+        clear_stale_partials(out)
+        # The log goes to the temp dir, never into the checkpoint; it is removed after a success.
+        fd, name = tempfile.mkstemp(prefix=f"ckpt-bridge-export-step{step}-{role}-", suffix=".log")
+        os.close(fd)
+        log_file = Path(name)
+        cmd = [sys.executable, "-m", "ckpt_bridge", "to-hf", str(src), "--out", str(out), "--dtype", self.dtype,
+               "--quiet", "--overwrite"]
+        with open(log_file, "w") as lf:
+            # Its own session: the export is not killed by a Ctrl-C meant for the trainer's foreground.
+            proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)
+        self.running.append((step, role, out, proc, log_file, step_dir.parent))
+        log.info("ckpt-bridge: exporting step %s %s -> %s in the background (pid %s)", step, role, out, proc.pid)
+
+    def _reap(self, block: bool = False) -> None:
+        still = []
+        for step, role, out, proc, log_file, root in self.running:
+            code = proc.wait() if block else proc.poll()
+            if code is None:
+                still.append((step, role, out, proc, log_file, root))
+                continue
+            text = log_file.read_text().strip() if log_file.is_file() else ""
+            ok = code == 0
+            self.finished.append({"step": step, "role": role, "out": str(out), "ok": ok,
+                                  "message": text.splitlines()[-1] if text else f"exit code {code}"})
+            if ok:
+                log.info("ckpt-bridge: exported step %s %s -> %s", step, role, out)
+                log_file.unlink(missing_ok=True)
+                if self.keep:
+                    rotate(root, role, self.keep, self.out_root)
+            else:
+                log.error("ckpt-bridge: export of step %s %s failed (training continues; log %s): %s", step, role,
+                          log_file, self.finished[-1]["message"])
+        self.running = still
+
+    def wait(self) -> list[dict[str, Any]]:
+        """Block until every started export has finished (end of training, tests); returns all outcomes."""
+        self._reap(block=True)
+        return list(self.finished)
