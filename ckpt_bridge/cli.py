@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     ph.add_argument("--aux", default="separate", choices=["separate", "drop", "inline"],
                     help="auxiliary modules (prefixes a to-dcp manifest names, --aux-prefix, or any top-level "
                     "prefix the HF model lacks): separate (default: aux_modules.safetensors), drop, or inline")
+    ph.add_argument("--models", default="main", metavar="main[,NAME...]",
+                    help="several models in one DCP checkpoint: main,ema writes model.safetensors and ema.safetensors")
+    ph.add_argument("--base", metavar="DIR", help="base model dir: its other components (VAE files, processor "
+                    "configs, ...) are copied unchanged; it also supplies config.json; never written to")
     ph.add_argument("--aux-prefix", action="append", default=[], metavar="NAME",
                     help="treat keys under NAME. as an auxiliary module (repeatable)")
     ph.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
@@ -225,6 +229,7 @@ def _to_hf(args: argparse.Namespace) -> int:
         return 0
     s = to_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, config=args.config,
               tokenizer=args.tokenizer, aux=args.aux, aux_prefixes=args.aux_prefix,
+              models=[m for m in args.models.split(",") if m], base=args.base,
               overwrite=args.overwrite, trust_pickle=args.trust_pickle, progress=False if args.quiet else None)
     for w in s.warnings:
         print(f"ckpt-bridge to-hf: warning: {w}", file=sys.stderr)

@@ -83,11 +83,16 @@ def _config_dir(reader: Reader, config: str | Path | None) -> tuple[Path | None,
     raise BridgeError(f"--config {p}: neither a config.json file nor a directory containing one")
 
 
-def _checked_source(reader: Reader, config: str | Path | None) -> tuple[dict, Path]:
+def _checked_source(reader: Reader, config: str | Path | None, other_models: tuple[str, ...] = ()
+                    ) -> tuple[dict, Path]:
     """Structure and per-key layouts (metadata only), and the config directory."""
     if hasattr(reader, "check"):
         reader.check()
-    infos = reader.model_tensors() if hasattr(reader, "model_tensors") else reader.tensors()
+    if other_models and not hasattr(reader, "section_tensors"):
+        raise BridgeError(f"--models {','.join(('main',) + other_models)}: several models in one checkpoint are read "
+                          f"from DCP folders (sections saved next to the model); {reader.path} is {reader.format}")
+    infos = (reader.model_tensors(other_models) if other_models else reader.model_tensors()) \
+        if hasattr(reader, "model_tensors") else reader.tensors()
     if reader.format == "verl-fsdp":
         for key in infos:  # placements and shard shapes of every key, on every rank
             reader.layout(key)
@@ -154,6 +159,8 @@ def to_hf(
     tokenizer: str | Path | None = None,
     aux: str = "separate",
     aux_prefixes: list[str] | None = None,
+    models: list[str] | None = None,
+    base: str | Path | None = None,
     overwrite: bool = False,
     trust_pickle: bool = False,
     progress: bool | None = None,
@@ -163,7 +170,12 @@ def to_hf(
     ``dtype`` is ``keep`` (the trained dtype) or one of bf16/fp16/fp32 (floating
     tensors are cast, integer buffers kept).  Auxiliary modules (see
     :func:`split_aux`) go to ``aux_modules.safetensors`` (``aux="separate"``),
-    nowhere (``"drop"``) or into the main weights (``"inline"``).  Returns a
+    nowhere (``"drop"``) or into the main weights (``"inline"``).  ``models``:
+    ``["main", "ema"]`` also writes each named section of a DCP checkpoint (an
+    EMA copy saved as ``{"ema": state_dict}``) as ``ema.safetensors`` beside
+    ``model.safetensors``.  ``base``: a base model directory whose other
+    components (a VAE file, processor configs, ...) are copied unchanged; it is
+    never written to.  Returns a
     summary; raises a :class:`~ckpt_bridge.errors.BridgeError` subclass on bad
     input, leaving no ``out`` behind.
 
@@ -184,11 +196,28 @@ def to_hf(
     tok_dir = Path(tokenizer) if tokenizer is not None else None
     if tok_dir is not None and not tok_dir.is_dir():
         raise BridgeError(f"--tokenizer {tok_dir}: not a directory")
+    models = list(models or ["main"])
+    if models[0] != "main" or len(set(models)) != len(models):
+        raise BridgeError(f"--models {','.join(models)}: list main first, then the other sections (e.g. main,ema)")
+    others = tuple(models[1:])
+    base_dir = Path(base) if base is not None else None
+    if base_dir is not None and not (base_dir / "config.json").is_file():
+        raise BridgeError(f"--base {base_dir}: not a model directory (no config.json)")
+    if config is None and base_dir is not None:
+        config = base_dir
     with open_reader(src, trust_pickle=trust_pickle) as reader, ThreadPoolExecutor(1) as pool:
-        infos, cfg_dir = _checked_source(reader, config)
+        infos, cfg_dir = _checked_source(reader, config, others)
         where = str(reader.path)
         infos, aux_keys = split_aux(infos, reader, cfg_dir, aux_prefixes, where)
         expectation = pool.submit(expected_model, cfg_dir)
+        other_plans = []
+        for name in others:  # planned and checked in full before any output exists
+            sec = reader.section_tensors(name)
+            if not sec:
+                raise KeyPlanError(f"{where}: --models {name}: no section {name!r} in this checkpoint "
+                                   f"(model sections: {', '.join(reader.model_sections()) or 'none'})")
+            other_plans.append((name, sec, plan_hf_export(sec, cfg_dir, where=f"{where} [{name}]",
+                                                          expectation=expectation.result())))
         plan = provisional_hf_plan(infos, read_config(cfg_dir), where=where)
         confirmed = plan is None
         if plan is None:
@@ -206,7 +235,7 @@ def to_hf(
 
         out_dtype = {e.target: out_dt(e) for e in main_entries + sep_entries}
         sep_ids = {id(e) for e in sep_entries}
-        protect = tuple(p for p in (Path(src), reader.path, cfg_dir, tok_dir) if p is not None)
+        protect = tuple(p for p in (Path(src), reader.path, cfg_dir, tok_dir, base_dir) if p is not None)
         with AtomicDir(out, overwrite=overwrite, protect=protect) as tmp:
             writer = ShardedSafetensorsWriter(
                 tmp, [(e.target, e.info.shape, out_dtype[e.target]) for e in main_entries], shard_bytes
@@ -245,10 +274,14 @@ def to_hf(
                             "load with safetensors.torch.load_file and model.add_module / load_state_dict",
                 }, indent=2) + "\n")
                 summary.files.append(f"{AUX_FILE}.json")
+            for name, sec, p_other in other_plans:
+                summary.files += _write_section(reader, name, sec, p_other, tmp, cast, shard_bytes)
             written = _dominant_float_dtype(plan, out_dtype)
             summary.dtype = _TORCH_DTYPE_NAMES.get(written, str(written))
             summary.files += _write_configs(tmp, cfg_dir, plan, written)
             summary.files += _copy_tokenizer(tmp, tok_dir or cfg_dir, summary)
+            if base_dir is not None:
+                summary.files += _copy_base(tmp, base_dir)
             extra = reader.extra_state()
             if extra:
                 summary.files += write_extra_state(tmp, extra, source=str(reader.path))
@@ -256,6 +289,38 @@ def to_hf(
                 summary.global_step = extra.get("global_step")
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _write_section(reader: Reader, name: str, sec: dict, plan: KeyPlan, tmp: Path, cast: torch.dtype | None,
+                   shard_bytes: int) -> list[str]:
+    """Another model of the checkpoint (e.g. the EMA) as ``NAME.safetensors`` (sharded like the main weights)."""
+    fqn_to_key = reader.section_fqns(name)
+    dt = {e.target: (cast if cast is not None and e.info.dtype.is_floating_point else e.info.dtype)
+          for e in plan.entries}
+    writer = ShardedSafetensorsWriter(tmp, [(e.target, e.info.shape, dt[e.target]) for e in plan.entries],
+                                      shard_bytes, prefix=name)
+    for e, t in read_ahead(plan.entries, lambda e: reader.read(fqn_to_key[e.source], dt[e.target])):
+        writer.write(e.target, t)
+        del t
+    return writer.close()
+
+
+_WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model.bin.index.json")
+
+
+def _copy_base(tmp: Path, base: Path) -> list[str]:
+    """Every component of ``base`` the export does not write itself (VAE files, processor configs, ...)."""
+    copied = []
+    for p in sorted(base.iterdir()):
+        if p.name in _WEIGHT_NAMES or p.name.startswith(("model-0", "pytorch_model-0", ".")) or (tmp / p.name).exists():
+            continue
+        if p.is_dir():
+            shutil.copytree(p, tmp / p.name)
+        else:
+            shutil.copy2(p, tmp / p.name)
+        copied.append(p.name)
+    return copied
 
 
 def read_config(cfg_dir: Path) -> dict[str, Any]:

@@ -100,15 +100,18 @@ class DCPReader(Reader):
         return {k: tuple(v) for k, v in (pd or {}).items()}
 
     def layout(self) -> str:
-        """"nested" if model tensors sit under a top-level "model" dict, "flat" if at the top, else "unknown"."""
+        """"nested" if model tensors sit under a top-level "model" dict, "flat" if at the top, else "unknown".
+
+        Other nested sections (optimizer, lr_scheduler, an "ema" copy of the model) do not decide it.
+        """
         nest = self.nesting()
-        tops = {path[0] for k, path in nest.items() if k in self.tensors() and path}
-        model_tops = tops - set(TRAINING_SECTIONS)
-        if not nest or not model_tops:
-            return "unknown"
-        if model_tops == {"model"} and any(len(p) > 1 and p[0] == "model" for p in nest.values()):
+        paths = [nest[k] for k in self.tensors() if k in nest]
+        model_paths = [p for p in paths if p and p[0] not in TRAINING_SECTIONS]
+        if any(len(p) == 1 for p in model_paths):
+            return "flat"
+        if any(len(p) > 1 and p[0] == "model" for p in model_paths):
             return "nested"
-        return "flat"
+        return "unknown"
 
     def sections(self) -> list[str]:
         """Which training-state sections are present besides the model."""
@@ -116,21 +119,45 @@ class DCPReader(Reader):
         present = {p[0] for p in nest.values() if p} | {k.split(".", 1)[0] for k in self.metadata.state_dict_metadata}
         return [s for s in TRAINING_SECTIONS if s in present]
 
+    def model_sections(self) -> list[str]:
+        """Nested sections that are neither the model nor training state (e.g. an "ema" copy)."""
+        return sorted({p[0] for p in self.nesting().values() if len(p) > 1 and p[0] not in TRAINING_SECTIONS
+                       and p[0] != "model"})
+
     def model_keys(self) -> list[str]:
         return [k for k in self.tensors() if k.split(".", 1)[0] not in TRAINING_SECTIONS]
 
-    def model_fqns(self) -> dict[str, str]:
-        """model fqn -> DCP key: the model's tensors under this checkpoint's layout (``model.`` of a nested
-        checkpoint stripped; optimizer and other training sections left out)."""
-        nested = self.layout() == "nested"
+    def section_fqns(self, name: str) -> dict[str, str]:
+        """fqn -> DCP key of a named model section (``{"ema": state_dict}`` saved next to the model)."""
+        nest = self.nesting()
         out = {}
-        for k in self.model_keys():
-            out[k[len("model."):] if nested and k.startswith("model.") else k] = k
+        for k in self.tensors():
+            path = nest.get(k)
+            if path and len(path) > 1 and path[0] == name:
+                out[".".join(path[1:])] = k
+            elif not path and k.startswith(name + "."):
+                out[k[len(name) + 1:]] = k
         return out
 
-    def model_tensors(self) -> dict[str, TensorInfo]:
+    def model_fqns(self, exclude_sections: tuple[str, ...] = ()) -> dict[str, str]:
+        """model fqn -> DCP key: the model's tensors under this checkpoint's layout (``model.`` of a nested
+        checkpoint stripped; optimizer, other training sections and ``exclude_sections`` left out)."""
+        nested = self.layout() == "nested"
+        skip = {k for name in exclude_sections for k in self.section_fqns(name).values()}
+        out = {}
+        for k in self.model_keys():
+            if k not in skip:
+                out[k[len("model."):] if nested and k.startswith("model.") else k] = k
+        return out
+
+    def model_tensors(self, exclude_sections: tuple[str, ...] = ()) -> dict[str, TensorInfo]:
         infos = self.tensors()
-        return {f: TensorInfo(f, infos[k].shape, infos[k].dtype) for f, k in self.model_fqns().items()}
+        return {f: TensorInfo(f, infos[k].shape, infos[k].dtype)
+                for f, k in self.model_fqns(exclude_sections).items()}
+
+    def section_tensors(self, name: str) -> dict[str, TensorInfo]:
+        infos = self.tensors()
+        return {f: TensorInfo(f, infos[k].shape, infos[k].dtype) for f, k in self.section_fqns(name).items()}
 
     def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """One tensor through DCP's own loader (it assembles every chunk, from any number of .distcp files).
