@@ -74,7 +74,8 @@ def verify(a: str | Path, b: str | Path, *, atol: float = 0.0, cast_to: str | No
         cast = DTYPES[cast_to]
     res = VerifyResult(str(a), str(b))
     res.tolerance = "exact" if not atol and cast is None else f"cast_to={cast_to} atol={atol}"
-    with open_reader(a, trust_pickle=trust_pickle) as ra, open_reader(b, trust_pickle=trust_pickle) as rb:
+    with open_reader(a, trust_pickle=trust_pickle) as ra0, open_reader(b, trust_pickle=trust_pickle) as rb0:
+        ra, rb = _model_view(ra0), _model_view(rb0)
         ia, ib = ra.tensors(), rb.tensors()
         ca, cb = canonicalize(ia, str(ra.path)), canonicalize(ib, str(rb.path))
         src_a = {canonical_key(k): k for k in ia}
@@ -121,6 +122,36 @@ def verify(a: str | Path, b: str | Path, *, atol: float = 0.0, cast_to: str | No
         res.logits_ok = res.logits_max_abs_diff <= max(atol, 1e-5) if cast is None else \
             res.logits_max_abs_diff <= max(atol, 1e-2)
     return res
+
+
+class _ModelView:
+    """What verify compares: a checkpoint's model tensors (a DCP's without optimizer / training sections,
+    under its own layout) plus, for an HF export, the aux modules kept apart in aux_modules.safetensors."""
+
+    def __init__(self, reader):
+        from .formats.hf import SafetensorsFileReader
+
+        self.inner, self.path = reader, reader.path
+        self._aux = None
+        aux_file = reader.path / "aux_modules.safetensors" if reader.format == "hf" else None
+        if aux_file is not None and aux_file.is_file():
+            self._aux = SafetensorsFileReader(aux_file)
+
+    def tensors(self):
+        base = self.inner.model_tensors() if hasattr(self.inner, "model_tensors") else self.inner.tensors()
+        return {**base, **(self._aux.tensors() if self._aux else {})}
+
+    def read(self, key, dtype=None):
+        if self._aux is not None and key in self._aux.tensors():
+            return self._aux.read(key, dtype)
+        return self.inner.read(key, dtype)
+
+    def hf_config_dir(self):
+        return self.inner.hf_config_dir()
+
+
+def _model_view(reader) -> _ModelView:
+    return _ModelView(reader)
 
 
 def _as_hf_dir(path: Path, tmp: Path, trust_pickle: bool) -> Path:
