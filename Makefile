@@ -26,6 +26,7 @@ test: install
 
 bench: install
 	$(PYTHON) bench/bench_verl_to_hf.py --repeat 3
+	$(PYTHON) bench/bench_dcp.py --repeat 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -74,9 +74,26 @@ def child_export_part(dcp_dir: str, out: str, part: int, parts: int) -> None:
     Path(out).mkdir(parents=True, exist_ok=True)
     w = ShardedSafetensorsWriter(Path(out), [(k, infos[k].shape, infos[k].dtype) for k in keys], 5 << 30,
                                  prefix=f"part{part}")
-    for k in keys:
-        w.write(k, r.read(k))
+    from ckpt_bridge.stream import read_ahead
+
+    for k, t in read_ahead(keys, r.read):  # the same one-tensor read-ahead as ckpt-bridge to-hf
+        w.write(k, t)
     w.close()
+
+
+def child_trainer(seconds_of_work: str, out: str) -> None:
+    """Stands in for one training rank: a fixed amount of single-threaded matmul work; writes its wall time."""
+    import torch
+
+    torch.set_num_threads(1)
+    a = torch.randn(384, 384)
+    t0 = time.perf_counter()
+    n = 0
+    while n < int(seconds_of_work):
+        for _ in range(200):
+            a = torch.tanh(a @ a.T / 384)
+        n += 1
+    Path(out).write_text(str(time.perf_counter() - t0))
 
 
 def child_sanity(a: str, b: str) -> None:
@@ -138,6 +155,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default=str(HERE / "out"))
     ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--trainer-work", type=int, default=12, help="units of work per stand-in training rank")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -190,15 +208,28 @@ def main() -> int:
                                   [me + ["export_part", str(outs["dcp-cb"]), str(outs["split2"]), str(i), "2"]
                                    for i in range(2)], dcp_files, logdir))
         shutil.rmtree(outs["split2"], ignore_errors=True)
+        # g. the export next to a busy trainer: 2 "ranks" of fixed work, alone / with 1 export process /
+        # with the export split over 2 processes.  What matters is how much the ranks slow down.
+        for label, parts in (("g0_trainers_alone", 0), ("g1_trainers_with_one_exporter", 1),
+                             ("g2_trainers_with_two_exporters", 2)):
+            cmds = [me + ["trainer", str(args.trainer_work), str(work / f"trainer{i}.txt")] for i in range(2)]
+            cmds += [me + ["export_part", str(outs["dcp-cb"]), str(outs["split2"]), str(i), str(parts)]
+                     for i in range(parts)]
+            row = measure_parallel(label, cmds, dcp_files, logdir)
+            row["trainer_s"] = max(float((work / f"trainer{i}.txt").read_text()) for i in range(2))
+            print(f"[{label}] slowest trainer {row['trainer_s']:.2f}s", flush=True)
+            r.append(row)
+            shutil.rmtree(outs["split2"], ignore_errors=True)
         shutil.rmtree(outs["dcp-cb"], ignore_errors=True)
         for row in r:
             rows.setdefault(row["name"], []).append(row)
     best = {n: min(v, key=lambda x: x["wall_s"]) for n, v in rows.items()}
     lines = [f"HF <-> DCP, Llama-3.2-1B shape (1.24B params), fp32 DCP (4.9 GB); fastest of {args.repeat}; "
              f"{datetime.date.today()}, git {V._git_rev()}", "",
-             "| step | wall s | peak RSS GB |", "|---|---:|---:|"]
+             "| step | wall s | peak RSS GB | slowest trainer s |", "|---|---:|---:|---:|"]
     for n, row in best.items():
-        lines.append(f"| {n} | {row['wall_s']:.1f} | {row['rss_gb']:.2f} |")
+        tr = f"{row['trainer_s']:.1f}" if "trainer_s" in row else ""
+        lines.append(f"| {n} | {row['wall_s']:.1f} | {row['rss_gb']:.2f} | {tr} |")
     lines += ["", f"sanity (to-dcp output vs to-hf of it, sampled torch.equal): {sanity}"]
     text = "\n".join(lines)
     print("\n" + text)

@@ -232,20 +232,21 @@ def plan_dcp(src: dict[str, TensorInfo], req: RequestedKeys, aux_fqns: set[str],
 # ---------------------------------------------------------------- writing
 
 
-class _StreamingSavePlanner:
-    """Built lazily: DefaultSavePlanner whose tensor data is read at write time."""
+def streaming_planner(fetch):
+    """DCP's DefaultSavePlanner, except that tensor data is ``fetch(key)``-ed when the writer asks for it.
 
-    def __new__(cls, fetch):
-        from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-        from torch.distributed.checkpoint.planner import WriteItemType
+    Built in a function so importing this module does not import torch.distributed.checkpoint.
+    """
+    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.planner import WriteItemType
 
-        class Planner(DefaultSavePlanner):
-            def resolve_data(self, write_item):
-                if write_item.type == WriteItemType.TENSOR:
-                    return fetch(write_item.index.fqn)
-                return super().resolve_data(write_item)
+    class StreamingSavePlanner(DefaultSavePlanner):
+        def resolve_data(self, write_item):
+            if write_item.type == WriteItemType.TENSOR:
+                return fetch(write_item.index.fqn)
+            return super().resolve_data(write_item)
 
-        return Planner(dedup_save_to_lowest_rank=False)
+    return StreamingSavePlanner(dedup_save_to_lowest_rank=False)
 
 
 def _hash_files(paths: list[Path]) -> list[dict[str, Any]]:
@@ -399,9 +400,12 @@ def to_dcp(
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
-                    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), single_file_per_rank=True,
+                    # One .distcp file per tensor: DCP's writer keeps a reference to every tensor it has written
+                    # to a file until that file is closed (torch 2.13 filesystem.py, tensor_dict), so a single
+                    # file would hold the whole model in memory by the end.
+                    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), single_file_per_rank=False,
                                                                         thread_count=1),
-                             planner=_StreamingSavePlanner(fetch), no_dist=True)
+                             planner=streaming_planner(fetch), no_dist=True)
             finally:
                 bar.close()
             summary.tensors = len(plan.entries)

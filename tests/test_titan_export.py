@@ -9,7 +9,6 @@ import json
 import warnings
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 

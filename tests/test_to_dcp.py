@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 from safetensors.torch import load_file
 
 from ckpt_bridge.auxiliary import as_specs, attach_aux, init_aux
@@ -372,3 +371,41 @@ def test_torchtitan_style_model_through_its_state_dict_adapter(gloo1, tiny_hf_fa
     assert all(torch.equal(back[k], v) for k, v in src.items())
     q = "model.layers.0.self_attn.q_proj.weight"  # the permutation really happened
     assert not torch.equal(m.state_dict()["layers_0_attention_q_proj_weight"], src[q])
+
+
+@pytest.mark.parametrize("direction", ["to_dcp", "dcp_to_hf"])
+def test_one_tensor_in_memory_at_a_time(tiny_hf_factory, tmp_path, monkeypatch, direction):
+    """Each time the next source tensor is read, counts how many earlier ones still have their memory held
+    by some live tensor (a view, a detached alias, a writer's cache): a writer that kept what it wrote (DCP's
+    FileSystemWriter does, per file) or a reader that cached would show many."""
+    import gc
+
+    from ckpt_bridge.export import to_hf
+    from ckpt_bridge.formats.dcp import DCPReader
+    from ckpt_bridge.formats.hf import HFReader
+
+    hf = tiny_hf_factory("olmo2")
+    if direction == "dcp_to_hf":
+        to_dcp(hf, tmp_path / "dcp", progress=False)
+    cls = HFReader if direction == "to_dcp" else DCPReader
+    original, issued, peak = cls.read, [], [0]
+
+    def live_data_ptrs() -> set[int]:
+        gc.collect()
+        return {o.untyped_storage().data_ptr() for o in gc.get_objects()
+                if isinstance(o, torch.Tensor) and o.device.type == "cpu" and o.numel()}
+
+    def counting_read(self, key, dtype=None):
+        live = live_data_ptrs()
+        peak[0] = max(peak[0], sum(p in live for p in issued))
+        t = original(self, key, dtype)
+        issued.append(t.untyped_storage().data_ptr())
+        return t
+
+    monkeypatch.setattr(cls, "read", counting_read)
+    if direction == "to_dcp":
+        to_dcp(hf, tmp_path / "out", progress=False)
+    else:
+        to_hf(tmp_path / "dcp", tmp_path / "out", progress=False)
+    assert len(issued) >= 25
+    assert peak[0] <= 2  # the tensor being written and, for to-hf, the one read ahead
