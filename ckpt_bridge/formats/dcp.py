@@ -269,4 +269,8 @@ class DCPReader(Reader):
             "model_tensors": len(model),
             "distcp_files": len(list(self.path.glob("*.distcp"))),
             "non_tensor_entries": len(self.metadata.state_dict_metadata) - len(tensors),
+            "other_model_sections": self.model_sections(),
+            "rng_saved_for_ranks": sorted(self.rng_states()) if (self.path / RNG_DIR).is_dir() else [],
+            "to_dcp_manifest": {"source": m.get("source", {}).get("path"), "layout": m.get("layout"),
+                                "aux": [a.get("spec") for a in m.get("aux", [])]} if (m := self.manifest()) else None,
         }
