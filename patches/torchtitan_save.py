@@ -62,7 +62,6 @@ def wrap_save(manager: Any, after_save: Callable[[int, bool], None]) -> None:
 
 
 def unwrap_save(manager: Any) -> None:
-    original = getattr(manager, "_ckpt_bridge_original_save", None)
-    if original is not None:
-        manager.save = original
+    if getattr(manager, "_ckpt_bridge_original_save", None) is not None:
+        del manager.save  # the instance attribute goes; the class's own save is visible again
         manager._ckpt_bridge_original_save = None

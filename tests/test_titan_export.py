@@ -9,6 +9,7 @@ import json
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -91,3 +92,33 @@ def test_failing_export_leaves_training_and_checkpoint_alone(gloo1, tiny_hf_fact
         assert not DCPReader(ck / f"step-{step}").problems()
     hf_dir = ck / "hf"
     assert not hf_dir.exists() or not any(hf_dir.iterdir())  # nothing half-written, under any name
+
+
+def test_a_step_purged_before_its_export_is_skipped(tiny_hf_factory, tmp_path):
+    """keep_latest_k can delete step-N while its export waits in the queue: no export, a clear reason."""
+    from torchtitan.components.checkpoint import CheckpointManager
+
+    from ckpt_bridge.integrations.torchtitan import HFExport, attach
+
+    mgr = CheckpointManager(CheckpointManager.Config(enable=True, keep_latest_k=0), dataloader=None,
+                            model_parts=[torch.nn.Linear(2, 2)], optimizers=None, lr_schedulers=None, states={},
+                            sd_adapter=None, base_folder=str(tmp_path))
+    hook = attach(mgr, HFExport(hf_config=tiny_hf_factory("olmo2")))
+    gone = tmp_path / "checkpoint" / "step-3"  # never written, as after a purge
+    res = hook._run(3, gone, tmp_path / "checkpoint" / "hf" / "step-3", None, 1)
+    assert not res.ok and "was purged (keep_latest_k) before it could be exported" in res.message
+    assert not (tmp_path / "checkpoint" / "hf").exists()
+    hook.close()
+    assert "save" not in vars(mgr)  # unwrapped: the class's own save again
+    mgr.close()
+
+
+def test_patch_refuses_untested_torchtitan(monkeypatch, tmp_path):
+    import ckpt_bridge.patches.torchtitan_save as patch
+    from ckpt_bridge.errors import BridgeError
+
+    monkeypatch.setattr(patch, "torchtitan_version", lambda: "0.4.0")
+    with pytest.raises(BridgeError, match="tested with torchtitan 0.3.0, this is 0.4.0"):
+        patch.check_version()
+    monkeypatch.setenv("CKPT_BRIDGE_ALLOW_UNTESTED_TORCHTITAN", "1")
+    assert patch.check_version() == "0.4.0"
