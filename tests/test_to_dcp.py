@@ -375,10 +375,12 @@ def test_torchtitan_style_model_through_its_state_dict_adapter(gloo1, tiny_hf_fa
 
 @pytest.mark.parametrize("direction", ["to_dcp", "dcp_to_hf"])
 def test_one_tensor_in_memory_at_a_time(tiny_hf_factory, tmp_path, monkeypatch, direction):
-    """Each time the next source tensor is read, counts how many earlier ones still have their memory held
-    by some live tensor (a view, a detached alias, a writer's cache): a writer that kept what it wrote (DCP's
-    FileSystemWriter does, per file) or a reader that cached would show many."""
+    """Each time the next source tensor is read, counts how many earlier ones still have their storage alive
+    (held by a view, a detached alias, a writer's cache): a writer that kept what it wrote (DCP's
+    FileSystemWriter does, per file) or a reader that cached would show many.  torch keeps one Python object
+    per storage for as long as the storage lives, so a weak reference to it tracks the memory exactly."""
     import gc
+    import weakref
 
     from ckpt_bridge.export import to_hf
     from ckpt_bridge.formats.dcp import DCPReader
@@ -390,16 +392,11 @@ def test_one_tensor_in_memory_at_a_time(tiny_hf_factory, tmp_path, monkeypatch, 
     cls = HFReader if direction == "to_dcp" else DCPReader
     original, issued, peak = cls.read, [], [0]
 
-    def live_data_ptrs() -> set[int]:
-        gc.collect()
-        return {o.untyped_storage().data_ptr() for o in gc.get_objects()
-                if isinstance(o, torch.Tensor) and o.device.type == "cpu" and o.numel()}
-
     def counting_read(self, key, dtype=None):
-        live = live_data_ptrs()
-        peak[0] = max(peak[0], sum(p in live for p in issued))
+        gc.collect()
+        peak[0] = max(peak[0], sum(r() is not None for r in issued))
         t = original(self, key, dtype)
-        issued.append(t.untyped_storage().data_ptr())
+        issued.append(weakref.ref(t.untyped_storage()))
         return t
 
     monkeypatch.setattr(cls, "read", counting_read)
