@@ -36,7 +36,6 @@ from .export import DTYPES, TOKENIZER_PREFIXES, _config_dir, _jsonable, read_con
 from .formats.base import Reader, TensorInfo
 from .keys import _DROP_SUFFIXES, _few, build_meta_model, canonical_key, canonicalize, tie_groups
 from .progress import Progress
-from .stream import read_ahead
 from .trainer_keys import RequestedKeys, requested_keys
 from .writers.atomic import AtomicDir
 
@@ -379,36 +378,16 @@ def to_dcp(
         bar = Progress(total, "to-dcp", enabled=progress)
         summary = DCPExportSummary(str(src), str(Path(out).absolute()), req.layout, req.trainer, req.reason)
 
-        def read_entry(e: DCPEntry) -> torch.Tensor:
-            if e.source is None:
-                return aux_values[canonical_key(e.fqn)][0].to(e.info.dtype).contiguous()
-            return source.read(e.source, e.info.dtype).contiguous()
-
-        # DCP (one file per item, one writer thread) asks for tensors in plan order, so the next one is read
-        # while this one is written.  Should a torch version ask in another order, prefetching stops and each
-        # tensor is read on demand.
-        ahead = read_ahead(plan.entries, read_entry)
-
         def fetch(key: str) -> torch.Tensor:
-            nonlocal ahead
             e = by_key[key]
-            t = None
-            if ahead is not None:
-                nxt = next(ahead, None)
-                if nxt is not None and nxt[0].key == key:
-                    t = nxt[1]
-                else:
-                    ahead.close()
-                    ahead = None
-                del nxt
-            if t is None:
-                t = read_entry(e)
             if e.source is None:
+                t = aux_values[canonical_key(e.fqn)][0].to(e.info.dtype)
                 summary.aux_tensors += 1
             else:
+                t = source.read(e.source, e.info.dtype)
                 summary.from_source += 1
             bar.update(e.info.nbytes, key)
-            return t
+            return t.contiguous()
 
         meta_sd = {e.fqn if req.layout == "nested" else e.key: torch.empty(e.info.shape, dtype=e.info.dtype,
                                                                              device="meta")
@@ -429,8 +408,6 @@ def to_dcp(
                              planner=streaming_planner(fetch), no_dist=True)
             finally:
                 bar.close()
-                if ahead is not None:
-                    ahead.close()
             summary.tensors = len(plan.entries)
             summary.bytes_written = total
             dts = {e.info.dtype for e in plan.entries if e.info.dtype.is_floating_point}
