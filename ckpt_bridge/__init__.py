@@ -5,6 +5,7 @@ Public API::
 
     ckpt_bridge.inspect(path)              -> report dict (no tensor data read)
     ckpt_bridge.to_hf(src, out, dtype=...) -> ExportSummary
+    ckpt_bridge.to_dcp(hf_dir, out, ...)   -> DCPExportSummary
     ckpt_bridge.verify(a, b, ...)          -> VerifyResult (.ok)
 """
 
@@ -21,7 +22,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BridgeError", "CheckpointFormatError", "KeyPlanError", "OutputError", "UnsafePickleError",
-    "VerificationFailed", "inspect", "to_hf", "verify",
+    "VerificationFailed", "inspect", "to_hf", "to_dcp", "verify",
 ]  # fmt: skip
 
 
@@ -37,6 +38,14 @@ def to_hf(src, out, **kw):
     from .export import to_hf as _to_hf
 
     return _to_hf(src, out, **kw)
+
+
+def to_dcp(src, out, **kw):
+    """Write a Hugging Face model as the DCP a trainer's model-only load accepts (see
+    :func:`ckpt_bridge.dcp_export.to_dcp`)."""
+    from .dcp_export import to_dcp as _to_dcp
+
+    return _to_dcp(src, out, **kw)
 
 
 def verify(a, b, **kw):
