@@ -136,7 +136,7 @@ def _aux_tensors_from(path: Path, specs: list[AuxSpec], want: dict[str, TensorIn
     out: dict[str, tuple[torch.Tensor, str]] = {}
     with open_reader(path, trust_pickle=trust_pickle) as r:
         infos = r.tensors()
-        strip = f"{'model.'}" if isinstance(r, DCPReader) and r.layout() == "nested" else ""
+        strip = "model." if isinstance(r, DCPReader) and r.layout() == "nested" else ""
         by_fqn = {}
         for k in infos:
             c = canonical_key(k[len(strip):] if strip and k.startswith(strip) else k)

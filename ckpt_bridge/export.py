@@ -206,9 +206,9 @@ def to_hf(
     if config is None and base_dir is not None:
         config = base_dir
     with open_reader(src, trust_pickle=trust_pickle) as reader, ThreadPoolExecutor(1) as pool:
-        infos, cfg_dir = _checked_source(reader, config, others)
+        all_infos, cfg_dir = _checked_source(reader, config, others)
         where = str(reader.path)
-        infos, aux_keys = split_aux(infos, reader, cfg_dir, aux_prefixes, where)
+        infos, aux_keys = split_aux(all_infos, reader, cfg_dir, aux_prefixes, where)
         expectation = pool.submit(expected_model, cfg_dir)
         other_plans = []
         for name in others:  # planned and checked in full before any output exists
@@ -223,7 +223,6 @@ def to_hf(
         if plan is None:
             plan = plan_hf_export(infos, cfg_dir, where=where, expectation=expectation.result())
         summary = ExportSummary(str(src), reader.format, str(out), aux=aux_keys, aux_mode=aux)
-        all_infos = reader.model_tensors() if hasattr(reader, "model_tensors") else reader.tensors()
         aux_entries = [PlanEntry(k, k, all_infos[k]) for keys in aux_keys.values() for k in keys]
         if aux == "drop":
             summary.dropped += [(e.source, f"aux module {e.source.split('.', 1)[0]} (--aux drop)") for e in aux_entries]

@@ -26,10 +26,11 @@ LAYOUTS = ("auto", "nested", "flat")
 NEST = "model"  # the top-level state name torchtitan has always used for the model
 TESTED_TORCHTITAN = ("0.3.0",)
 
-LAYOUT_HELP = (
-    "nested: torchtitan before 2025-06-13 (flame pins up to 5e2033c) loads {'model': ...}, keys model.<fqn>; "
-    "flat: torchtitan >= 0.1.0 (commit cddd7dc, flame 0b44d4c) loads <fqn>"
-)
+WHO_LOADS = {
+    "nested": "nested: torchtitan before 2025-06-13 (flame pins up to 5e2033c) loads {'model': ...}, keys model.<fqn>",
+    "flat": "flat: torchtitan >= 0.1.0 (commit cddd7dc, flame 0b44d4c) loads <fqn>",
+}
+LAYOUT_HELP = "; ".join(WHO_LOADS.values())
 
 
 @dataclass
@@ -123,7 +124,7 @@ def requested_keys(model: nn.Module | list[nn.Module], layout: str = "auto") -> 
         fqn_of = {(f"{NEST}.{k}" if layout == "nested" else k): k for k in sd}
         values = {dk: sd[fqn] for dk, fqn in fqn_of.items()}
         trainer = f"a {layout} loader (forced)"
-        reason = f"--layout {layout} ({LAYOUT_HELP.split('; ')[0 if layout == 'nested' else 1]})"
+        reason = f"--layout {layout} ({WHO_LOADS[layout]})"
     else:
         raise BridgeError(f"--layout {layout!r}: choose one of {', '.join(LAYOUTS)}")
     info = {}

@@ -56,6 +56,8 @@ class DCPReader(Reader):
         self.evidence.files = sorted(p.name for p in self.path.iterdir() if p.suffix == ".distcp" or p.name == ".metadata")[:6]
         self._problems: list[str] = []
         self.metadata = None
+        self._tensors: dict[str, TensorInfo] | None = None
+        self._fqns: dict[tuple[str, ...], dict[str, str]] = {}
         meta = self.path / ".metadata"
         if not meta.is_file():
             n = len(list(self.path.glob("*.distcp")))
@@ -86,13 +88,13 @@ class DCPReader(Reader):
 
     def tensors(self) -> dict[str, TensorInfo]:
         self._check()
-        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+        if self._tensors is None:  # the metadata never changes; read() asks for this once per tensor
+            from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-        out = {}
-        for k, md in self.metadata.state_dict_metadata.items():
-            if isinstance(md, TensorStorageMetadata):
-                out[k] = TensorInfo(k, tuple(md.size), md.properties.dtype)
-        return out
+            self._tensors = {k: TensorInfo(k, tuple(md.size), md.properties.dtype)
+                             for k, md in self.metadata.state_dict_metadata.items()
+                             if isinstance(md, TensorStorageMetadata)}
+        return self._tensors
 
     def nesting(self) -> dict[str, tuple[str, ...]]:
         """Original state-dict path of every key (from planner_data)."""
@@ -142,13 +144,12 @@ class DCPReader(Reader):
     def model_fqns(self, exclude_sections: tuple[str, ...] = ()) -> dict[str, str]:
         """model fqn -> DCP key: the model's tensors under this checkpoint's layout (``model.`` of a nested
         checkpoint stripped; optimizer, other training sections and ``exclude_sections`` left out)."""
-        nested = self.layout() == "nested"
-        skip = {k for name in exclude_sections for k in self.section_fqns(name).values()}
-        out = {}
-        for k in self.model_keys():
-            if k not in skip:
-                out[k[len("model."):] if nested and k.startswith("model.") else k] = k
-        return out
+        if exclude_sections not in self._fqns:
+            nested = self.layout() == "nested"
+            skip = {k for name in exclude_sections for k in self.section_fqns(name).values()}
+            self._fqns[exclude_sections] = {(k[len("model."):] if nested and k.startswith("model.") else k): k
+                                            for k in self.model_keys() if k not in skip}
+        return self._fqns[exclude_sections]
 
     def model_tensors(self, exclude_sections: tuple[str, ...] = ()) -> dict[str, TensorInfo]:
         infos = self.tensors()

@@ -47,10 +47,11 @@ def _llama_tied():
     return _llama(tie_word_embeddings=True)
 
 
-def _olmo2():
+def _olmo2(**over):
+    """Toy-size OLMo-2 with the release rope theta / norm eps (5e5, 1e-6), not Olmo2Config's defaults."""
     from transformers import Olmo2Config
 
-    cfg = Olmo2Config(
+    kw = dict(
         vocab_size=253,
         hidden_size=64,
         intermediate_size=171,
@@ -64,6 +65,8 @@ def _olmo2():
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
     )
+    kw.update(over)
+    cfg = Olmo2Config(**kw)
     cfg.architectures = ["Olmo2ForCausalLM"]
     return cfg
 

@@ -108,26 +108,11 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def olmo2_config() -> Olmo2Config:
-    """``Olmo2Config`` at toy size with the OLMo-2 release rope theta / norm eps (not the class defaults)."""
-    from transformers import Olmo2Config
+    """The tiny_models OLMo-2 preset (release rope theta / norm eps) with the byte vocabulary and 256 positions."""
+    from .tiny_models import _olmo2
 
-    cfg = Olmo2Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=171,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        # transformers 5 keeps rope settings in rope_parameters; OLMo-2 uses theta 5e5, not the 1e4 default.
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        pad_token_id=PAD_ID,
-    )
-    cfg.architectures = ["Olmo2ForCausalLM"]
-    return cfg
+    return _olmo2(vocab_size=VOCAB_SIZE, max_position_embeddings=256, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
+                  pad_token_id=PAD_ID)
 
 
 def corpus_text() -> str:
