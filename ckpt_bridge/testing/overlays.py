@@ -1,0 +1,71 @@
+"""Package overlays: another version of a package next to the pinned venv, in seconds.
+
+``pip install --no-deps --target DIR SPEC...`` writes a plain directory of
+packages; putting DIR first on a subprocess's ``PYTHONPATH`` makes that
+process import the overlay's versions instead of the venv's, while everything
+else (torch, numpy, ...) still comes from the venv.  Tests use this to run the
+same check under the newest transformers 4.x / 5.x or an older TorchTitan
+source tree without a second venv.
+
+Every install carries ``-c constraints.txt`` (torch==2.13.0), so no overlay
+can pull a CUDA build of torch.  Overlays are cached by their spec under
+``$CKPT_BRIDGE_OVERLAYS`` (default ``~/.cache/ckpt-bridge/overlays``), built
+under a temporary name and renamed into place, so concurrent test runs and an
+interrupted install never see half an overlay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CONSTRAINTS = REPO_ROOT / "constraints.txt"
+
+
+class OverlayError(RuntimeError):
+    """pip could not build the overlay (no registry, unknown version, ...)."""
+
+
+def overlay_root() -> Path:
+    return Path(os.environ.get("CKPT_BRIDGE_OVERLAYS") or Path.home() / ".cache" / "ckpt-bridge" / "overlays")
+
+
+def overlay(specs: list[str], *, deps: bool = False, name: str | None = None, timeout: float = 900) -> Path:
+    """A directory holding ``specs`` (pip requirement strings or local source paths), built once.
+
+    ``deps=False`` installs exactly the named packages (``--no-deps``); pass
+    the small extra packages an old source tree imports as further specs.
+    Returns the directory to put first on ``PYTHONPATH``.
+    """
+    key = hashlib.sha256("\0".join([*specs, f"deps={deps}", CONSTRAINTS.read_text()]).encode()).hexdigest()[:16]
+    target = overlay_root() / f"{name or 'overlay'}-{key}"
+    if (target / ".complete").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target", str(tmp),
+           "-c", str(CONSTRAINTS), *([] if deps else ["--no-deps"]), *specs]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OverlayError(f"pip could not install {' '.join(specs)}: {proc.stderr.strip()[-2000:]}")
+    (tmp / ".complete").write_text(" ".join(specs) + "\n")
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished the same overlay first: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def overlay_env(directory: Path, env: dict[str, str] | None = None) -> dict[str, str]:
+    """A copy of ``env`` (default: this process's) with ``directory`` first on PYTHONPATH, then the repo."""
+    out = dict(os.environ if env is None else env)
+    rest = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p]
+    out["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(directory), str(REPO_ROOT), *rest]))
+    return out
