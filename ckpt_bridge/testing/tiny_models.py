@@ -100,11 +100,75 @@ def _llama_1b():
     return cfg
 
 
+def _rope(theta: float, **scaling):
+    """Rope settings in the shape the installed transformers reads: ``rope_parameters`` (5.x) or
+    ``rope_theta`` / ``rope_scaling`` (4.x), so a preset builds the same model on every version."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        return {"rope_parameters": {"rope_type": scaling.pop("rope_type", "default"), "rope_theta": theta, **scaling}}
+    return {"rope_theta": theta, "rope_scaling": scaling or None}
+
+
+def _family(config_class: str, architecture: str, **over):
+    """A 2-layer, hidden-64 model of any decoder family: odd vocab / intermediate sizes, GQA 4/2 heads."""
+    import transformers
+
+    kw = dict(vocab_size=251, hidden_size=64, intermediate_size=173, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+              bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    kw.update(over)
+    cfg = getattr(transformers, config_class)(**kw)
+    cfg.architectures = [architecture]
+    return cfg
+
+
+# The family matrix verl / TorchTitan users train (tiny: 2 layers, hidden 64, odd vocab, 4 experts).
+FAMILIES: dict[str, Callable] = {
+    "qwen2": lambda: _family("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen2_tied": lambda: _family("Qwen2Config", "Qwen2ForCausalLM", tie_word_embeddings=True),
+    "qwen3": lambda: _family("Qwen3Config", "Qwen3ForCausalLM", head_dim=16, tie_word_embeddings=True),
+    "qwen3_moe": lambda: _family("Qwen3MoeConfig", "Qwen3MoeForCausalLM", head_dim=16, num_experts=4,
+                                 num_experts_per_tok=2, moe_intermediate_size=40, decoder_sparse_step=1,  # 16-byte strides for grouped_mm
+                                 norm_topk_prob=True),
+    "mixtral": lambda: _family("MixtralConfig", "MixtralForCausalLM", num_local_experts=4, num_experts_per_tok=2,
+                                 intermediate_size=88),  # grouped_mm needs 16-byte strides
+    "gemma2": lambda: _family("Gemma2Config", "Gemma2ForCausalLM", head_dim=16, query_pre_attn_scalar=16,
+                              sliding_window=32, tie_word_embeddings=True),
+    "gemma3_text": lambda: _family("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=16, query_pre_attn_scalar=16,
+                                   sliding_window=32, tie_word_embeddings=True),
+    "phi3": lambda: _family("Phi3Config", "Phi3ForCausalLM"),
+    "llama3_rope": lambda: _llama(attention_bias=False, **_rope(500000.0, rope_type="llama3", factor=8.0,
+                                                                 low_freq_factor=1.0, high_freq_factor=4.0,
+                                                                 original_max_position_embeddings=32)),
+    "qwen2_critic": lambda: _family("Qwen2Config", "Qwen2ForTokenClassification", num_labels=1),
+    "qwen2_5_vl": lambda: _qwen2_5_vl(),
+}
+
+
+def _qwen2_5_vl():
+    """Qwen2.5-VL with a 2-block vision tower; image/video token ids inside the tiny vocab."""
+    from transformers import Qwen2_5_VLConfig
+
+    text = dict(vocab_size=251, hidden_size=64, intermediate_size=173, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False,
+                bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+                **_rope(1000000.0, rope_type="default", mrope_section=[2, 3, 3]))
+    vision = dict(depth=2, hidden_size=32, intermediate_size=43, num_heads=2, out_hidden_size=64, patch_size=14,
+                  spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1])
+    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=247, video_token_id=248,
+                           vision_start_token_id=245, vision_end_token_id=246, tie_word_embeddings=False,
+                           bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
+    return cfg
+
+
 PRESETS: dict[str, Callable] = {
     "llama": _llama,
     "llama_tied": _llama_tied,
     "olmo2": _olmo2,
     "llama_1b": _llama_1b,
+    **FAMILIES,
 }
 
 
@@ -123,15 +187,20 @@ def build_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
     exactly ``fp32_model.to(bfloat16)``.  The global torch RNG is left seeded
     with ``seed`` plus whatever the init consumed.
     """
-    from transformers import AutoModelForCausalLM
-
     cfg = build_config(name)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = model_class(cfg)._from_config(cfg, dtype=torch.float32)
     if dtype != torch.float32:
         model = model.to(dtype)
         model.config.dtype = dtype
     return model.eval()
+
+
+def model_class(config):
+    """The transformers class ``config.architectures[0]`` names (causal LM, token classification, VLM, ...)."""
+    import transformers
+
+    return getattr(transformers, config.architectures[0])
 
 
 def generation_config_for(config):
@@ -217,11 +286,13 @@ def save_tiny_hf(directory, name: str = "llama", dtype: torch.dtype = torch.floa
 
 
 __all__ = [
+    "FAMILIES",
     "PRESETS",
     "build_config",
     "build_model",
     "build_tiny_tokenizer",
     "generation_config_for",
+    "model_class",
     "save_tiny_hf",
     "save_tiny_tokenizer",
 ]
