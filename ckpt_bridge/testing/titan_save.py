@@ -34,7 +34,11 @@ def draws() -> list:
 
 
 def run(hf: str, dump: str, *, steps: int = 4, interval: int = 2, async_mode: str = "disabled",
-        export_config: str | None = None, keep_latest_k: int = 0) -> dict:
+        export_config: str | None = None, keep_latest_k: int = 0, aux: list[str] | None = None,
+        loss_tokens: int = 0) -> dict:
+    """Train ``steps`` steps from ``hf`` with the save hook; ``aux`` heads (the first is trained as a
+    next-hidden-state predictor).  ``loss_tokens > 0``: before the first step, the loaded model's loss on
+    the shipped corpus and (rank 0) the HF model's own loss on the same tokens are recorded."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import fully_shard
@@ -46,19 +50,20 @@ def run(hf: str, dump: str, *, steps: int = 4, interval: int = 2, async_mode: st
     from ckpt_bridge.auxiliary import attach_aux
     from ckpt_bridge.integrations.torchtitan import HFExport, after_load, attach, set_initial_load
 
+    aux = list(aux or AUX)
     rank, world = dist.get_rank(), dist.get_world_size()
     random.seed(100 + rank)
     np.random.seed(200 + rank)
     torch.manual_seed(300 + rank)
     cfg = AutoConfig.from_pretrained(hf)
     boot = CheckpointManager.Config(enable=True, initial_load_model_only=False)
-    set_initial_load(boot, hf, aux=AUX, cache_dir=os.path.join(dump, "bootstrap"))
+    set_initial_load(boot, hf, aux=aux, cache_dir=os.path.join(dump, "bootstrap"))
     ck = CheckpointManager.Config(enable=True, folder="checkpoint", interval=interval, keep_latest_k=keep_latest_k,
                                   async_mode=async_mode, last_save_model_only=False,
                                   initial_load_path=boot.initial_load_path, initial_load_model_only=True)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
-    attach_aux(model, AUX, cfg)
+    attach_aux(model, aux, cfg)
     if world > 1:
         for layer in model.model.layers:
             fully_shard(layer)
@@ -77,14 +82,17 @@ def run(hf: str, dump: str, *, steps: int = 4, interval: int = 2, async_mode: st
     hook = attach(mgr, HFExport(hf_config=export_config or hf))
 
     rec: dict = {"rank": rank, "world": world, "draws": {}, "lr_after_step": {}, "saved": []}
+    if loss_tokens:
+        rec.update(_first_step_losses(model, hf, loss_tokens, rank))
     for step in range(1, steps + 1):
         rec["draws"][step] = draws()
         ids = torch.randint(0, cfg.vocab_size, (2, 16))  # the global torch rng picks the batch
         out = model(input_ids=ids, output_hidden_states=True, use_cache=False)
         lm = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
         h = out.hidden_states[-1]
-        aux = F.mse_loss(model.future_predictor(h[:, :-1]), h[:, 1:].detach())
-        (lm + aux).backward()
+        head = getattr(model, aux[0].split(":", 1)[0])
+        aux_loss = F.mse_loss(head(h[:, :-1]), h[:, 1:].detach())
+        (lm + aux_loss).backward()
         opt.step()
         opt.zero_grad()
         sched.step()
@@ -112,6 +120,23 @@ def run(hf: str, dump: str, *, steps: int = 4, interval: int = 2, async_mode: st
     return rec
 
 
+def _first_step_losses(model, hf: str, max_tokens: int, rank: int) -> dict:
+    """The loaded model's loss on the shipped corpus (every rank takes part) and the HF model's own."""
+    from transformers import AutoTokenizer
+
+    from ckpt_bridge.loss import text_loss
+    from ckpt_bridge.testing.tiny_models import model_class
+    from ckpt_bridge.testing.tiny_olmo2 import corpus_text
+
+    tok = AutoTokenizer.from_pretrained(hf)
+    out = {"loss_loaded": text_loss(model, tok, corpus_text(), max_tokens=max_tokens)}
+    model.train()
+    if rank == 0:
+        ref = model_class(model.config).from_pretrained(hf, dtype=torch.float32)
+        out["loss_hf"] = text_loss(ref, tok, corpus_text(), max_tokens=max_tokens)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hf", required=True)
@@ -120,10 +145,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--interval", type=int, default=2)
     ap.add_argument("--async-mode", default="disabled")
+    ap.add_argument("--aux", action="append", help="aux head spec (repeatable; default future_predictor)")
+    ap.add_argument("--loss-tokens", type=int, default=0, help="record the first-step loss vs the HF model's")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     dist.init_process_group("gloo")
-    rec = run(args.hf, args.dump, steps=args.steps, interval=args.interval, async_mode=args.async_mode)
+    rec = run(args.hf, args.dump, steps=args.steps, interval=args.interval, async_mode=args.async_mode,
+              aux=args.aux, loss_tokens=args.loss_tokens)
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, rec)
     if dist.get_rank() == 0:
