@@ -292,7 +292,7 @@ def _to_dcp(args: argparse.Namespace) -> int:
                  aux_from=args.aux_from, config=args.config, overwrite=args.overwrite,
                  trust_pickle=args.trust_pickle, progress=False if args.quiet else None, dry_run=args.dry_run)
     if args.dry_run:
-        print(f"# {res.requested.layout} layout ({res.requested.reason}); {len(res.entries)} keys, "
+        print(f"# {res.requested.layout} layout ({res.requested.reason}); {len(res.targets()) + len(res.aux)} keys, "
               f"model {res.model_class}")
         print("\n".join(res.lines()))
         return 0

@@ -23,6 +23,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,9 @@ from .detect import open_reader
 from .errors import BridgeError, KeyPlanError
 from .export import DTYPES, TOKENIZER_PREFIXES, _config_dir, _jsonable, read_config
 from .formats.base import Reader, TensorInfo
+from .conversions import Conversions, Group
 from .keys import _DROP_SUFFIXES, _few, build_meta_model, canonical_key, canonicalize, tie_groups
+from .plan import Plan, Transform, derive, execute, rename
 from .progress import Progress
 from .trainer_keys import RequestedKeys, requested_keys
 from .writers.atomic import AtomicDir
@@ -45,30 +48,18 @@ MANIFEST = "ckpt_bridge_manifest.json"
 
 
 @dataclass
-class DCPEntry:
-    """One DCP key and where its value comes from."""
+class DCPPlan(Plan):
+    """The plan of one to-dcp export: transforms whose targets are the DCP keys the trainer requests.
 
-    key: str  # the DCP key, as the trainer requests it
-    fqn: str  # the trainer model's state-dict name
-    source: str | None  # source checkpoint key, or None for an aux tensor
-    info: TensorInfo  # shape and the dtype written
+    ``aux`` maps the DCP keys of auxiliary modules (made fresh or copied, not
+    read from the source) to their shape and dtype.
+    """
 
-
-@dataclass
-class DCPPlan:
-    requested: RequestedKeys
-    entries: list[DCPEntry]
-    dropped: list[tuple[str, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    model_class: str = ""
+    requested: RequestedKeys | None = None
+    aux: dict[str, TensorInfo] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
-        out = []
-        for e in self.entries:
-            src = e.source if e.source is not None else f"(aux {e.fqn.split('.', 1)[0]})"
-            out.append(e.key if src == e.key else f"{src} -> {e.key}")
-        out += [f"{src} -> (dropped: {why})" for src, why in self.dropped]
-        return out
+        return super().lines() + [f"(aux {k.split('.', 1)[0]}) -> {k}" for k in self.aux]
 
 
 @dataclass
@@ -170,53 +161,76 @@ def _tensor_sha256(tensors: list[torch.Tensor]) -> str:
 
 
 def plan_dcp(src: dict[str, TensorInfo], req: RequestedKeys, aux_fqns: set[str], groups: list[list[str]],
-             cast: torch.dtype | None, *, where: str, model_class: str = "") -> DCPPlan:
-    """Map every key the trainer requests to exactly one source (or an aux module); refuse gaps both ways."""
+             *, where: str, model_class: str = "", conversions: Conversions | None = None) -> DCPPlan:
+    """The checked plan that gives every key the trainer requests exactly one producer (or an aux module).
+
+    Source keys are first brought to the in-memory names of the HF model the
+    way ``from_pretrained`` does (``conversions``: transformers' load-time
+    mapping, e.g. per-expert MoE weights fused into ``experts.gate_up_proj``;
+    None: the names are taken as they are), then matched to the requested
+    keys through the wrapper rules and tied weights.  Gaps either way are
+    refused before anything is written.
+    """
     canon = canonicalize(src, where)
     source_of = {canonical_key(k): k for k in src}
+    plan = DCPPlan(model_class=model_class, requested=req)
+    for c in canon:
+        why = next((w for suf, w in _DROP_SUFFIXES.items() if c.endswith(suf)), None)
+        if why:
+            plan.dropped.append((source_of[c], why))
+    kept = [c for c in canon if source_of[c] not in {k for k, _ in plan.dropped}]
+    producers = _load_groups(kept, canon, source_of, conversions)  # [(Group, {in-memory key: info}, fn)]
+    made_by = {m: i for i, (_, outs, _) in enumerate(producers) for m in outs}
     alias: dict[str, list[str]] = {}
     for g in groups:
         g = [canonical_key(n) for n in g]
         for n in g:
             alias[n] = [m for m in g if m != n]
-    plan = DCPPlan(req, [], model_class=model_class)
+    wanted: dict[int, dict[str, list[str]]] = {}  # producer -> {in-memory key: [DCP keys]}
     missing, shape_errors = [], []
-    used: set[str] = set()
     for key, fqn in req.fqn_of.items():
         want = req.info[key]
         c = canonical_key(fqn)
         if c in aux_fqns:
-            dt = cast if cast is not None and want.dtype.is_floating_point else want.dtype
-            plan.entries.append(DCPEntry(key, fqn, None, TensorInfo(key, want.shape, dt)))
+            plan.aux[key] = want
             continue
-        found = c if c in canon else next((a for a in alias.get(c, []) if a in canon), None)
+        found = c if c in made_by else next((a for a in alias.get(c, []) if a in made_by), None)
         if found is None:
             missing.append(key)
             continue
-        info = canon[found]
+        i = made_by[found]
+        info = producers[i][1][found]
         if tuple(info.shape) != tuple(want.shape):
-            shape_errors.append(f"{source_of[found]!r} is {tuple(info.shape)} but the trainer's {key!r} is "
-                                f"{tuple(want.shape)}")
+            shape_errors.append(f"{_inputs_of(producers[i], source_of)} gives {tuple(info.shape)} but the trainer's "
+                                f"{key!r} is {tuple(want.shape)}")
             continue
         if found != c:
-            plan.notes.append(f"{key} <- {source_of[found]} (tied weights)")
-        dt = cast if cast is not None and info.dtype.is_floating_point else info.dtype
-        plan.entries.append(DCPEntry(key, fqn, source_of[found], TensorInfo(key, info.shape, dt)))
-        used.add(found)
+            plan.notes.append(f"{key} <- {found} (tied weights)")
+        wanted.setdefault(i, {}).setdefault(found, [])
+        wanted[i][found].append(key)
     if shape_errors:
         raise KeyPlanError(f"{where}: shapes differ from the trainer's model: {'; '.join(shape_errors[:3])}"
                            f"{' ...' if len(shape_errors) > 3 else ''}; wrong config for these weights")
     unexpected = []
-    for c in canon:
-        if c in used:
+    for i, (g, outs, fn) in enumerate(producers):
+        got = wanted.get(i, {})
+        if not got:
+            tied = next((a for m in outs for a in alias.get(m, []) if a in made_by and made_by[a] in wanted), None)
+            for k in g.inputs:
+                if tied:
+                    plan.dropped.append((source_of[k], f"tied to {tied}"))
+                else:
+                    unexpected.append(source_of[k])
             continue
-        why = next((w for suf, w in _DROP_SUFFIXES.items() if c.endswith(suf)), None)
-        if why is None and any(a in used for a in alias.get(c, [])):
-            why = f"tied to {next(a for a in alias[c] if a in used)}"
-        if why:
-            plan.dropped.append((source_of[c], why))
-        else:
-            unexpected.append(source_of[c])
+        if g.is_rename:
+            for dcp_key in got[g.target]:
+                plan.transforms.append(rename(source_of[g.inputs[0]], dcp_key, outs[g.target], _rule(g, conversions)))
+            continue
+        lost = [m for m in outs if m not in got]
+        if lost or any(len(v) > 1 for v in got.values()):
+            raise KeyPlanError(f"{where}: transformers converts {_inputs_of(producers[i], source_of)} into "
+                               f"{', '.join(outs)}, but the trainer requests {_few(sorted(k for v in got.values() for k in v))}")
+        plan.transforms.append(_renamed(g, outs, got, fn, source_of, conversions))
     if missing or unexpected:
         parts = []
         if missing:
@@ -226,7 +240,54 @@ def plan_dcp(src: dict[str, TensorInfo], req: RequestedKeys, aux_fqns: set[str],
         hint = ("; the trainer's model differs from the config's (an aux module not passed with --aux?)"
                 if missing and not unexpected else "")
         raise KeyPlanError(f"{where}: " + "; ".join(parts) + hint + f" (layout: {req.layout}, {req.trainer})")
-    return plan
+    return plan.check(src, where=where)
+
+
+def _load_groups(keys: list[str], canon: dict[str, TensorInfo], source_of: dict[str, str],
+                 conversions: Conversions | None) -> list[tuple[Group, dict[str, TensorInfo], Any]]:
+    """Each group of source keys with the in-memory keys it produces (learned on meta tensors) and its function."""
+    if conversions is None or conversions.empty:
+        return [(Group(c, (c,), None, c), {c: TensorInfo(c, canon[c].shape, canon[c].dtype)}, None) for c in keys]
+    out = []
+    for g in conversions.groups(keys):
+        if g.is_rename:
+            out.append((g, {g.target: TensorInfo(g.target, canon[g.inputs[0]].shape, canon[g.inputs[0]].dtype)}, None))
+            continue
+        fn = partial(_run_group, conversions, g)
+        t = derive("fuse", {c: canon[c] for c in g.inputs}, fn, conversions.describe(g))
+        out.append((g, {o.key: o for o in t.outputs}, fn))
+    return out
+
+
+def _run_group(conversions: Conversions, group: Group, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return conversions.run(group, tensors)
+
+
+def _renamed(g: Group, outs: dict[str, TensorInfo], got: dict[str, list[str]], fn, source_of: dict[str, str],
+             conversions: Conversions) -> Transform:
+    """A converter group as a transform reading source keys and producing the trainer's DCP keys."""
+    dcp_of = {m: v[0] for m, v in got.items()}
+    canon_of = {source_of[c]: c for c in g.inputs}
+
+    def run(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        res = fn({canon_of[k]: v for k, v in tensors.items()})
+        return {dcp_of[m]: v for m, v in res.items()}
+
+    n_in, n_out = len(g.inputs), len(outs)
+    op = "fuse" if n_in > n_out else "split" if n_in < n_out else "convert"
+    return Transform(op, tuple(source_of[c] for c in g.inputs),
+                     tuple(TensorInfo(dcp_of[m], i.shape, i.dtype) for m, i in outs.items()), run,
+                     conversions.describe(g))
+
+
+def _rule(g: Group, conversions: Conversions | None) -> str:
+    if conversions is None or g.target == g.inputs[0]:
+        return ""
+    return f"transformers {type(conversions.model).__name__} load: rename"
+
+
+def _inputs_of(producer, source_of: dict[str, str]) -> str:
+    return _few([source_of[c] for c in producer[0].inputs], 2)
 
 
 # ---------------------------------------------------------------- writing
@@ -247,6 +308,40 @@ def streaming_planner(fetch):
             return super().resolve_data(write_item)
 
     return StreamingSavePlanner(dedup_save_to_lowest_rank=False)
+
+
+def _out_dtype(cast: torch.dtype | None):
+    return lambda info: cast if cast is not None and info.dtype.is_floating_point else info.dtype
+
+
+class _Fetcher:
+    """DCP's writer asks for one key at a time; the plan produces a transform's outputs together.
+
+    Runs the plan (:func:`ckpt_bridge.plan.execute`, no read-ahead: DCP's
+    fsync'd writes bound the run, and a read-ahead would keep one more group
+    alive) up to the transform that makes the asked key, hands that key out
+    and keeps the transform's other outputs until they are asked for.
+    """
+
+    def __init__(self, plan: DCPPlan, source: Reader, out_dt, aux_values, bar: Progress, summary):
+        self.stream = execute(plan, source.read, out_dt, ahead=False)
+        self.pending: dict[str, torch.Tensor] = {}
+        self.plan, self.out_dt, self.aux_values, self.bar, self.summary = plan, out_dt, aux_values, bar, summary
+        self.fqn_of = plan.requested.fqn_of
+
+    def __call__(self, key: str) -> torch.Tensor:
+        if key in self.plan.aux:
+            info = self.plan.aux[key]
+            t = self.aux_values[canonical_key(self.fqn_of[key])][0].to(self.out_dt(info))
+            self.summary.aux_tensors += 1
+        else:
+            while key not in self.pending:
+                _, outs = next(self.stream)
+                self.pending.update(outs)
+            t = self.pending.pop(key)
+            self.summary.from_source += 1
+        self.bar.update(t.numel() * t.element_size(), key)
+        return t.contiguous()
 
 
 def _hash_files(paths: list[Path]) -> list[dict[str, Any]]:
@@ -344,7 +439,11 @@ def to_dcp(
             raise KeyPlanError(f"aux module {absent[0]!r} is not in the trainer model's state dict; attach it "
                                f"(ckpt_bridge.auxiliary.attach_aux) before asking for its keys")
         groups = [g for p in parts for g in tie_groups(p)]
-        plan = plan_dcp(infos, req, set(aux_want), groups, cast, where=where, model_class=model_class)
+        # transformers' load-time conversions of the HF class (not of a TorchTitan model: its adapter converts)
+        hf_model = None if sd_adapter is not None else (parts[0] if model is None else build_meta_model(cfg_dir))
+        conversions = Conversions(hf_model, "load") if hf_model is not None else None
+        plan = plan_dcp(infos, req, set(aux_want), groups, where=where, model_class=model_class,
+                        conversions=conversions)
         plan.dropped += getattr(source, "dropped", [])
         if dry_run:
             return plan
@@ -373,25 +472,17 @@ def to_dcp(
             rec["sha256"] = _tensor_sha256([aux_values[k][0] for k in keys])
             aux_records.append(rec)
 
-        by_key = {e.key: e for e in plan.entries}
-        total = sum(e.info.nbytes for e in plan.entries)
+        out_dt = _out_dtype(cast)
+        targets = {**plan.targets(), **plan.aux}
+        total = sum(TensorInfo(k, i.shape, out_dt(i)).nbytes for k, i in targets.items())
         bar = Progress(total, "to-dcp", enabled=progress)
         summary = DCPExportSummary(str(src), str(Path(out).absolute()), req.layout, req.trainer, req.reason)
-
-        def fetch(key: str) -> torch.Tensor:
-            e = by_key[key]
-            if e.source is None:
-                t = aux_values[canonical_key(e.fqn)][0].to(e.info.dtype)
-                summary.aux_tensors += 1
-            else:
-                t = source.read(e.source, e.info.dtype)
-                summary.from_source += 1
-            bar.update(e.info.nbytes, key)
-            return t.contiguous()
-
-        meta_sd = {e.fqn if req.layout == "nested" else e.key: torch.empty(e.info.shape, dtype=e.info.dtype,
-                                                                             device="meta")
-                   for e in plan.entries}
+        fetch = _Fetcher(plan, source, out_dt, aux_values, bar, summary)
+        # In plan order, so DCP's writer (one file per item, in state-dict order) asks for a multi-output
+        # transform's outputs one after the other and only one group is ever held.
+        meta_sd = {(req.fqn_of[k] if req.layout == "nested" else k): torch.empty(i.shape, dtype=out_dt(i),
+                                                                                   device="meta")
+                   for k, i in targets.items()}
         state = {"model": meta_sd} if req.layout == "nested" else meta_sd
         protect = tuple(p for p in (Path(src), reader.path, cfg_dir, Path(aux_from) if aux_from else None) if p)
         import torch.distributed.checkpoint as dcp
@@ -408,9 +499,9 @@ def to_dcp(
                              planner=streaming_planner(fetch), no_dist=True)
             finally:
                 bar.close()
-            summary.tensors = len(plan.entries)
+            summary.tensors = len(targets)
             summary.bytes_written = total
-            dts = {e.info.dtype for e in plan.entries if e.info.dtype.is_floating_point}
+            dts = {out_dt(i) for i in targets.values() if i.dtype.is_floating_point}
             summary.dtype = ", ".join(sorted(str(d).replace("torch.", "") for d in dts))
             summary.aux = [s.describe() for s in specs]
             summary.dropped = list(plan.dropped)

@@ -1,6 +1,9 @@
 """``to_hf``: any readable checkpoint -> a Hugging Face model directory.
 
-reader -> key plan -> tensor stream -> sharded safetensors writer, with config,
+reader -> plan of transforms (:mod:`ckpt_bridge.plan`, planned by
+:func:`ckpt_bridge.keys.plan_hf_export`: renames, and transformers' own
+save-time conversions such as per-expert splits of fused MoE weights) -> the
+plan executed one transform at a time -> sharded safetensors writer, with config,
 generation config, tokenizer and training extra state alongside.  Everything
 that can be checked from metadata (rank files, placements, keys, shapes) is
 checked before the output directory is created; the directory is written
@@ -13,7 +16,6 @@ import json
 import logging
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,9 +25,9 @@ import torch
 from .detect import open_reader
 from .errors import BridgeError, KeyPlanError
 from .formats.base import Reader
-from .keys import KeyPlan, PlanEntry, confirm_plan, expected_model, plan_hf_export, provisional_hf_plan
+from .keys import canonicalize, expected_model, plan_hf_export, value_head
+from .plan import Plan, Transform, execute, rename
 from .progress import Progress
-from .stream import read_ahead
 from .writers.atomic import AtomicDir
 from .writers.safetensors_shards import ShardedSafetensorsWriter, parse_size
 
@@ -105,8 +107,8 @@ def _checked_source(reader: Reader, config: str | Path | None, other_models: tup
 
 
 def plan_export(reader: Reader, config: str | Path | None = None, aux_prefixes: list[str] | None = None
-                ) -> tuple[KeyPlan, Path]:
-    """Everything checkable before writing: structure, per-key layouts, the checked key plan (aux split off)."""
+                ) -> tuple[Plan, Path]:
+    """Everything checkable before writing: structure, per-key layouts, the checked plan (aux split off)."""
     infos, cfg_dir = _checked_source(reader, config)
     infos, aux = split_aux(infos, reader, cfg_dir, aux_prefixes, str(reader.path))
     plan = plan_hf_export(infos, cfg_dir, where=str(reader.path))
@@ -133,7 +135,8 @@ def split_aux(infos: dict, reader: Reader, cfg_dir: Path, names: list[str] | Non
     wanted |= {a["name"] for a in (manifest or {}).get("aux", [])}
     tops = {k.split(".", 1)[0] for k in infos}
     if tops - wanted - {"model", "lm_head"}:  # only then is the model class needed to decide
-        known = {k.split(".", 1)[0] for k in expected_model(cfg_dir).shapes}
+        exp = expected_model(cfg_dir, value_head(canonicalize(infos, where), cfg_dir))
+        known = {k.split(".", 1)[0] for k in [*exp.shapes, *exp.disk_shapes]}  # in-memory and on-disk names
         wanted |= tops - known
     aux: dict[str, list[str]] = {}
     main = {}
@@ -179,11 +182,10 @@ def to_hf(
     summary; raises a :class:`~ckpt_bridge.errors.BridgeError` subclass on bad
     input, leaving no ``out`` behind.
 
-    The key plan is checked against the model class the config names.  Building
-    that class on the meta device means importing transformers (seconds), so it
-    runs in a thread while tensors already stream under the plan the config
-    JSON gives; the two must agree before the output is committed, and a
-    disagreement aborts with nothing left behind.
+    The plan is checked against the model class the config names (built on
+    the meta device; its keys, shapes and conversion groups are cached per
+    config.json and transformers version, so a warm run never imports
+    transformers unless a conversion has to run) before ``out`` exists.
     """
     t0 = time.perf_counter()
     cast = target_dtype(dtype)
@@ -205,61 +207,46 @@ def to_hf(
         raise BridgeError(f"--base {base_dir}: not a model directory (no config.json)")
     if config is None and base_dir is not None:
         config = base_dir
-    with open_reader(src, trust_pickle=trust_pickle) as reader, ThreadPoolExecutor(1) as pool:
+    with open_reader(src, trust_pickle=trust_pickle) as reader:
         all_infos, cfg_dir = _checked_source(reader, config, others)
         where = str(reader.path)
         infos, aux_keys = split_aux(all_infos, reader, cfg_dir, aux_prefixes, where)
-        expectation = pool.submit(expected_model, cfg_dir)
+        plan = plan_hf_export(infos, cfg_dir, where=where)
         other_plans = []
         for name in others:  # planned and checked in full before any output exists
             sec = reader.section_tensors(name)
             if not sec:
                 raise KeyPlanError(f"{where}: --models {name}: no section {name!r} in this checkpoint "
                                    f"(model sections: {', '.join(reader.model_sections()) or 'none'})")
-            other_plans.append((name, sec, plan_hf_export(sec, cfg_dir, where=f"{where} [{name}]",
-                                                          expectation=expectation.result())))
-        plan = provisional_hf_plan(infos, read_config(cfg_dir), where=where)
-        confirmed = plan is None
-        if plan is None:
-            plan = plan_hf_export(infos, cfg_dir, where=where, expectation=expectation.result())
+            other_plans.append((name, plan_hf_export(sec, cfg_dir, where=f"{where} [{name}]")))
         summary = ExportSummary(str(src), reader.format, str(out), aux=aux_keys, aux_mode=aux)
-        aux_entries = [PlanEntry(k, k, all_infos[k]) for keys in aux_keys.values() for k in keys]
+        aux_tf = [rename(k, k, all_infos[k], f"aux module {name}") for name, keys in aux_keys.items() for k in keys]
         if aux == "drop":
-            summary.dropped += [(e.source, f"aux module {e.source.split('.', 1)[0]} (--aux drop)") for e in aux_entries]
-        main_entries = list(plan.entries) + (aux_entries if aux == "inline" else [])
-        sep_entries = aux_entries if aux == "separate" else []
-
-        def out_dt(e: PlanEntry) -> torch.dtype:
-            return cast if cast is not None and e.info.dtype.is_floating_point else e.info.dtype
-
-        out_dtype = {e.target: out_dt(e) for e in main_entries + sep_entries}
-        sep_ids = {id(e) for e in sep_entries}
+            summary.dropped += [(t.inputs[0], f"aux module {t.inputs[0].split('.', 1)[0]} (--aux drop)")
+                                for t in aux_tf]
+        main_tf = list(plan.transforms) + (aux_tf if aux == "inline" else [])
+        sep_tf = aux_tf if aux == "separate" else []
+        out_dt = _out_dtype(cast)
         protect = tuple(p for p in (Path(src), reader.path, cfg_dir, tok_dir, base_dir) if p is not None)
         with AtomicDir(out, overwrite=overwrite, protect=protect) as tmp:
-            writer = ShardedSafetensorsWriter(
-                tmp, [(e.target, e.info.shape, out_dtype[e.target]) for e in main_entries], shard_bytes
-            )
-            aux_writer = ShardedSafetensorsWriter(
-                tmp, [(e.target, e.info.shape, out_dtype[e.target]) for e in sep_entries], shard_bytes,
-                prefix=AUX_FILE) if sep_entries else None
+            writer = ShardedSafetensorsWriter(tmp, _planned(main_tf, out_dt), shard_bytes)
+            aux_writer = ShardedSafetensorsWriter(tmp, _planned(sep_tf, out_dt), shard_bytes, prefix=AUX_FILE) \
+                if sep_tf else None
             total = writer.total_size + (aux_writer.total_size if aux_writer else 0)
             bar = Progress(total, "to-hf", enabled=progress)
+            sep_keys = {o.key for t in sep_tf for o in t.outputs}
             try:
-                stream = read_ahead(main_entries + sep_entries,
-                                    lambda e: reader.read(e.source, out_dtype[e.target]))
-                for e, t in stream:
-                    if not confirmed and expectation.done():  # fail early if the model disagrees
-                        plan = confirm_plan(plan, infos, cfg_dir, expectation.result(), where=where)
-                        confirmed = True
-                    (aux_writer if id(e) in sep_ids else writer).write(e.target, t)
-                    summary.tensors += 1
-                    summary.parameters += t.numel()
-                    bar.update(t.numel() * t.element_size(), e.target)
-                    del t
+                for t, outs in execute(main_tf + sep_tf, reader.read, out_dt):
+                    for o in t.outputs:  # in planned order: the writer checks it
+                        v = outs.pop(o.key)
+                        (aux_writer if o.key in sep_keys else writer).write(o.key, v)
+                        summary.tensors += 1
+                        summary.parameters += v.numel()
+                        bar.update(v.numel() * v.element_size(), o.key)
+                        del v
+                    del outs
             finally:
                 bar.close()
-            if not confirmed:
-                plan = confirm_plan(plan, infos, cfg_dir, expectation.result(), where=where)
             summary.model_class = plan.model_class
             summary.dropped = list(plan.dropped) + summary.dropped
             summary.files = writer.close()
@@ -273,9 +260,9 @@ def to_hf(
                             "load with safetensors.torch.load_file and model.add_module / load_state_dict",
                 }, indent=2) + "\n")
                 summary.files.append(f"{AUX_FILE}.json")
-            for name, sec, p_other in other_plans:
-                summary.files += _write_section(reader, name, sec, p_other, tmp, cast, shard_bytes)
-            written = _dominant_float_dtype(plan, out_dtype)
+            for name, p_other in other_plans:
+                summary.files += _write_section(reader, name, p_other, tmp, out_dt, shard_bytes)
+            written = _dominant_float_dtype(plan, out_dt)
             summary.dtype = _TORCH_DTYPE_NAMES.get(written, str(written))
             summary.files += _write_configs(tmp, cfg_dir, plan, written)
             summary.files += _copy_tokenizer(tmp, tok_dir or cfg_dir, summary)
@@ -290,17 +277,23 @@ def to_hf(
     return summary
 
 
-def _write_section(reader: Reader, name: str, sec: dict, plan: KeyPlan, tmp: Path, cast: torch.dtype | None,
-                   shard_bytes: int) -> list[str]:
+def _out_dtype(cast: torch.dtype | None):
+    """The dtype a target is written in: ``cast`` for floating tensors, else as produced."""
+    return lambda info: cast if cast is not None and info.dtype.is_floating_point else info.dtype
+
+
+def _planned(transforms: list[Transform], out_dt) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    return [(o.key, o.shape, out_dt(o)) for t in transforms for o in t.outputs]
+
+
+def _write_section(reader: Reader, name: str, plan: Plan, tmp: Path, out_dt, shard_bytes: int) -> list[str]:
     """Another model of the checkpoint (e.g. the EMA) as ``NAME.safetensors`` (sharded like the main weights)."""
     fqn_to_key = reader.section_fqns(name)
-    dt = {e.target: (cast if cast is not None and e.info.dtype.is_floating_point else e.info.dtype)
-          for e in plan.entries}
-    writer = ShardedSafetensorsWriter(tmp, [(e.target, e.info.shape, dt[e.target]) for e in plan.entries],
-                                      shard_bytes, prefix=name)
-    for e, t in read_ahead(plan.entries, lambda e: reader.read(fqn_to_key[e.source], dt[e.target])):
-        writer.write(e.target, t)
-        del t
+    writer = ShardedSafetensorsWriter(tmp, _planned(plan.transforms, out_dt), shard_bytes, prefix=name)
+    for t, outs in execute(plan, lambda k, dt: reader.read(fqn_to_key[k], dt), out_dt):
+        for o in t.outputs:
+            writer.write(o.key, outs.pop(o.key))
+        del outs
     return writer.close()
 
 
@@ -329,19 +322,20 @@ def read_config(cfg_dir: Path) -> dict[str, Any]:
         raise BridgeError(f"{cfg_dir / 'config.json'}: cannot be read as JSON ({e})") from None
 
 
-def _dominant_float_dtype(plan: KeyPlan, out_dtype: dict[str, torch.dtype]) -> torch.dtype:
+def _dominant_float_dtype(plan: Plan, out_dt) -> torch.dtype:
     by_bytes: dict[torch.dtype, int] = {}
-    for e in plan.entries:
-        d = out_dtype[e.target]
+    for info in plan.targets().values():
+        d = out_dt(info)
         if d.is_floating_point:
-            by_bytes[d] = by_bytes.get(d, 0) + e.info.numel
+            by_bytes[d] = by_bytes.get(d, 0) + info.numel
     return max(by_bytes, key=by_bytes.__getitem__) if by_bytes else torch.float32
 
 
-def _write_configs(tmp: Path, cfg_dir: Path, plan: KeyPlan, written: torch.dtype) -> list[str]:
+def _write_configs(tmp: Path, cfg_dir: Path, plan: Plan, written: torch.dtype) -> list[str]:
     cfg = read_config(cfg_dir)
     if not cfg.get("architectures") and plan.model_class:
         cfg["architectures"] = [plan.model_class]
+    cfg.update(plan.config_updates)  # e.g. a critic's value head: XForTokenClassification, num_labels
     # The config must describe the tensors actually written (verl's own hf_model
     # save writes fp32 tensors under a config that says bf16).  transformers 5
     # reads "dtype", 4.x reads "torch_dtype": keep both in step.

@@ -1,5 +1,5 @@
-"""The key plan: source keys -> target keys, computed and checked before any
-tensor moves.
+"""Planning an export to Hugging Face: source keys -> a checked plan of transforms
+(:mod:`ckpt_bridge.plan`), computed before any tensor moves.
 
 Rules, in order:
 
@@ -8,18 +8,23 @@ Rules, in order:
    ``_orig_mod`` (torch.compile) and ``_checkpoint_wrapped_module`` path
    components anywhere.  Two source keys that collapse onto one name are an
    error, never a silent overwrite.
-2. The target key set is what the consumer expects: for a Hugging Face export,
-   the persistent state dict of the model class the config names, built on the
-   meta device (no memory, no weights).  Every expected key must have exactly
-   one source of the same shape; every source key must land somewhere or be
-   dropped by a named rule.
-3. Tied weights come from the model itself: parameters that are the same
+2. The source must be the persistent state dict of the model class the config
+   names (built on the meta device: no memory, no weights), or already what
+   ``save_pretrained`` writes: every expected key exactly one source of the
+   same shape, every source key used or dropped by a named rule.
+3. The targets are what ``save_pretrained`` of the installed transformers
+   writes: its save-time conversions (:mod:`ckpt_bridge.conversions`: fused MoE
+   experts split per expert, renamed sub-models) grouped the way transformers
+   groups them, one transform per group.
+4. Tied weights come from the model itself: parameters that are the same
    object (``lm_head.weight`` and ``model.embed_tokens.weight`` when
    ``tie_word_embeddings``) are written once, under the first name, exactly
-   as ``save_pretrained`` does.  An untied config with a missing head is an
-   error (rule 2).
-4. Rotary ``inv_freq`` buffers found in old checkpoints are dropped with a
+   as ``save_pretrained`` does.
+5. Rotary ``inv_freq`` buffers found in old checkpoints are dropped with a
    reason: transformers recomputes them and no longer stores them.
+6. A value head (``score.weight [num_labels, hidden]``, no ``lm_head``) under a
+   causal-LM config is a critic: the plan names the model type's
+   token-classification class and ``num_labels`` for the exported config.
 """
 
 from __future__ import annotations
@@ -31,8 +36,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .conversions import Group
 from .errors import KeyPlanError
 from .formats.base import TensorInfo
+from .plan import Plan, Transform, rename
 
 # (kind, text): "prefix" strips text at the start of a key, "component" removes a
 # dotted path component wherever it appears.
@@ -61,36 +68,32 @@ def canonical_key(key: str) -> str:
 
 
 @dataclass
-class PlanEntry:
-    target: str
-    source: str
-    info: TensorInfo
-
-
-@dataclass
-class KeyPlan:
-    entries: list[PlanEntry]
-    dropped: list[tuple[str, str]] = field(default_factory=list)  # (source key, why)
-    notes: list[str] = field(default_factory=list)
-    model_class: str | None = None
-
-    def lines(self) -> list[str]:
-        out = [f"{e.source} -> {e.target}" if e.source != e.target else e.target for e in self.entries]
-        out += [f"{src} -> (dropped: {why})" for src, why in self.dropped]
-        return out
-
-
-@dataclass
 class ModelExpectation:
-    """What a transformers model class expects: keys with shapes, and tie groups."""
+    """What a transformers model class expects, and how ``save_pretrained`` writes it.
+
+    ``shapes``: the in-memory persistent state dict (keys -> shapes).
+    ``tie_groups``: parameter names that are one object, first name first.
+    ``save_groups``: the in-memory keys (tied aliases and ``_keys_to_ignore_on_save``
+    removed, as ``save_pretrained`` does) bucketed by transformers' reversed
+    conversion mapping, each with the on-disk keys and shapes it becomes
+    (learned by running the converter on meta tensors).
+    ``config_updates``: what the exported config.json must say besides the
+    source's (a value head's token-classification class and labels).
+    """
 
     model_class: str
     shapes: dict[str, tuple[int, ...]]
     tie_groups: list[list[str]]
+    save_groups: list[dict] = field(default_factory=list)
+    config_updates: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def disk_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(s) for g in self.save_groups for k, s in g["outputs"]}
 
 
-def _cache_file(config_dir: Path) -> Path | None:
-    """Where the expectation for this exact config.json and transformers version is cached."""
+def _cache_file(config_dir: Path, overrides: dict | None = None) -> Path | None:
+    """Where the expectation for this exact config.json (+ overrides) and transformers version is cached."""
     import hashlib
     import os
     from importlib import metadata
@@ -101,39 +104,47 @@ def _cache_file(config_dir: Path) -> Path | None:
     except (metadata.PackageNotFoundError, OSError):
         return None
     root = Path(os.environ.get("CKPT_BRIDGE_CACHE") or Path.home() / ".cache" / "ckpt-bridge")
-    digest = hashlib.sha256(raw + b"\0transformers " + version.encode()).hexdigest()[:32]
+    extra = json.dumps(overrides or {}, sort_keys=True).encode()
+    digest = hashlib.sha256(raw + b"\0transformers " + version.encode() + b"\0" + extra
+                            + b"\0v2").hexdigest()[:32]
     return root / "model-keys" / f"{digest}.json"
 
 
-def expected_model(config_dir: Path) -> ModelExpectation:
-    """What the config's model class expects, cached per (config.json, transformers version).
+def expected_model(config_dir: Path, overrides: dict | None = None) -> ModelExpectation:
+    """What the config's model class expects, cached per (config.json, overrides, transformers version).
 
     Building the class means importing transformers, which costs seconds; a
     run that exports every save step of one model pays it once.  The cache
-    holds keys, shapes and tie groups only, keyed by the config's bytes.
+    holds keys, shapes, tie groups and the save-time conversion groups (names
+    and shapes only), keyed by the config's bytes: a warm export of a model
+    whose conversions are all renames never imports transformers.
     """
-    cache = _cache_file(config_dir)
+    cache = _cache_file(config_dir, overrides)
     if cache is not None and cache.is_file():
         try:
             d = json.loads(cache.read_text())
-            return ModelExpectation(d["model_class"], {k: tuple(v) for k, v in d["shapes"]}, d["tie_groups"])
+            return ModelExpectation(d["model_class"], {k: tuple(v) for k, v in d["shapes"]}, d["tie_groups"],
+                                    d["save_groups"], d["config_updates"])
         except (OSError, ValueError, KeyError, TypeError):
             pass  # a damaged cache entry is rebuilt below
-    exp = _build_expected_model(config_dir)
+    exp = _build_expected_model(config_dir, overrides)
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".tmp{id(exp)}")
             tmp.write_text(json.dumps({"model_class": exp.model_class, "shapes": list(exp.shapes.items()),
-                                       "tie_groups": exp.tie_groups}))
+                                       "tie_groups": exp.tie_groups, "save_groups": exp.save_groups,
+                                       "config_updates": exp.config_updates}))
             tmp.replace(cache)
         except OSError:
             pass  # a read-only home is fine: we just do not cache
     return exp
 
 
-def build_meta_model(config_dir: Path):
+def build_meta_model(config_dir: Path, overrides: dict | None = None):
     """The model class ``config_dir/config.json`` names, built on the meta device (no memory, no weights).
+
+    ``overrides``: config attributes to set first (``architectures``, ``num_labels``).
 
     Raises :class:`KeyPlanError` if transformers cannot build it.
     """
@@ -148,7 +159,10 @@ def build_meta_model(config_dir: Path):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            cfg = AutoConfig.from_pretrained(str(config_dir))
+            extra = {k: v for k, v in (overrides or {}).items() if k != "architectures"}
+            cfg = AutoConfig.from_pretrained(str(config_dir), **extra)
+            if overrides and "architectures" in overrides:
+                cfg.architectures = list(overrides["architectures"])
             archs = getattr(cfg, "architectures", None) or []
             cls = getattr(transformers, archs[0], None) if archs else None
             with torch.device("meta"):
@@ -167,10 +181,43 @@ def tie_groups(model) -> list[list[str]]:
     return [g for g in groups.values() if len(g) > 1]
 
 
-def _build_expected_model(config_dir: Path) -> ModelExpectation:
-    model = build_meta_model(config_dir)
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    return ModelExpectation(type(model).__name__, shapes, tie_groups(model))
+def _build_expected_model(config_dir: Path, overrides: dict | None = None) -> ModelExpectation:
+    model = build_meta_model(config_dir, overrides)
+    sd = model.state_dict()
+    shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    ties = tie_groups(model)
+    aliases = {a for g in ties for a in g[1:]}
+    ignore = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    conv = save_conversions(config_dir, overrides, model)
+    groups = []
+    for g in conv.groups(k for k in sd if k not in aliases and k not in ignore):
+        out = conv.run(g, {k: sd[k] for k in g.inputs})  # meta tensors: learns names and shapes
+        rule = "" if g.is_rename else conv.describe(g)
+        if g.is_rename and g.target != g.inputs[0]:
+            rule = f"transformers {type(model).__name__} save: rename"
+        groups.append({"layer": g.layer, "inputs": list(g.inputs), "patterns": list(g.patterns or []) or None,
+                       "outputs": [[k, list(v.shape)] for k, v in out.items()], "rule": rule})
+    updates = {}
+    if overrides:
+        cfg = model.config
+        updates = {"architectures": [type(model).__name__], "num_labels": cfg.num_labels,
+                   "id2label": {str(k): v for k, v in cfg.id2label.items()},
+                   "label2id": dict(cfg.label2id)}
+    return ModelExpectation(type(model).__name__, shapes, ties, groups, updates)
+
+
+_SAVE_CONVERSIONS: dict[tuple[str, str], Any] = {}
+
+
+def save_conversions(config_dir: Path, overrides: dict | None = None, model=None):
+    """transformers' save-time conversions for this config (built once per process, on first use)."""
+    from .conversions import Conversions
+
+    key = (str(Path(config_dir).absolute()), json.dumps(overrides or {}, sort_keys=True))
+    if key not in _SAVE_CONVERSIONS:
+        _SAVE_CONVERSIONS[key] = Conversions(model if model is not None else build_meta_model(config_dir, overrides),
+                                             "save")
+    return _SAVE_CONVERSIONS[key]
 
 
 def canonicalize(src: dict[str, TensorInfo], where: str) -> dict[str, TensorInfo]:
@@ -197,88 +244,86 @@ def _refuse_peft(canon: dict[str, TensorInfo], where: str) -> None:
         )
 
 
-def provisional_hf_plan(src: dict[str, TensorInfo], config: dict[str, Any], *, where: str) -> KeyPlan | None:
-    """The plan the rules give from the config JSON alone, or None if they cannot decide.
+def value_head(canon: dict[str, TensorInfo], config_dir: Path) -> dict[str, Any] | None:
+    """Overrides that turn the config's causal LM into its token-classification class, if the weights are a critic.
 
-    Building the model class to check keys costs seconds (importing
-    transformers), so an export starts streaming with this plan while that runs
-    and must then confirm it (:func:`confirm_plan`) before the output is
-    committed.  None (no ``tie_word_embeddings`` in the JSON: the class default
-    decides) means: wait for the full plan.
+    verl's critic keeps ``architectures: [XForCausalLM]`` in its saved config,
+    but its weights have a value head ``score.weight [num_labels, hidden]`` and
+    no ``lm_head``.  The class to write is the one transformers' own auto
+    mapping names for the model type (``AutoModelForTokenClassification``).
     """
-    canon = canonicalize(src, where)
-    _refuse_peft(canon, where)
-    if "tie_word_embeddings" not in config:
+    head = canon.get("score.weight")
+    if head is None or "lm_head.weight" in canon or len(head.shape) != 2:
         return None
-    tied = bool(config["tie_word_embeddings"])
-    plan = KeyPlan([])
-    for k, info in src.items():
-        c = canonical_key(k)
-        reason = _drop_reason(c)
-        if tied and c == "lm_head.weight" and "model.embed_tokens.weight" in canon:
-            plan.dropped.append((k, "tied to model.embed_tokens.weight"))
-        elif reason:
-            plan.dropped.append((k, reason))
-        else:
-            plan.entries.append(PlanEntry(c, k, TensorInfo(c, info.shape, info.dtype)))
-    return plan
+    try:
+        cfg = json.loads((Path(config_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    archs = cfg.get("architectures") or []
+    if archs and not archs[0].endswith("ForCausalLM"):
+        return None  # the config already names a head class: trust it
+    from transformers.models.auto.modeling_auto import MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES as names
 
-
-def confirm_plan(plan: KeyPlan, src: dict[str, TensorInfo], config_dir: Path, exp: ModelExpectation,
-                 *, where: str) -> KeyPlan:
-    """Check a provisional plan against the model's expectations; return the checked plan."""
-    final = plan_hf_export(src, config_dir, where=where, expectation=exp)
-    got = {(e.target, e.source, tuple(e.info.shape)) for e in plan.entries}
-    want = {(e.target, e.source, tuple(e.info.shape)) for e in final.entries}
-    if got != want:
-        raise KeyPlanError(
-            f"{where}: {exp.model_class} expects a different key set than the config's rules gave "
-            f"(extra: {_few(sorted(t for t, _, _ in got - want))}; missing: {_few(sorted(t for t, _, _ in want - got))})"
-        )
-    return final
+    cls = names.get(cfg.get("model_type", ""))
+    if cls is None:
+        raise KeyPlanError(f"{config_dir / 'config.json'}: the weights have a value head (score.weight "
+                           f"{tuple(head.shape)}, no lm_head) but transformers has no token-classification class "
+                           f"for model_type {cfg.get('model_type')!r}; pass --config a config naming the class")
+    return {"architectures": [cls], "num_labels": int(head.shape[0])}
 
 
 def plan_hf_export(src: dict[str, TensorInfo], config_dir: Path | None, *, where: str,
-                   expectation: ModelExpectation | None = None) -> KeyPlan:
-    """Plan an export of ``src`` (source key -> info) to a Hugging Face model directory."""
+                   expectation: ModelExpectation | None = None) -> Plan:
+    """The checked plan of transforms that writes ``src`` (source key -> info) as ``save_pretrained`` would.
+
+    The source may hold the model's in-memory names (a trainer's state dict:
+    transformers' save-time conversions apply) or already the on-disk names
+    (a Hugging Face directory: each tensor is copied).
+    """
     canon = canonicalize(src, where)
     source_of = {canonical_key(k): k for k in src}
     _refuse_peft(canon, where)
     if config_dir is None:
         raise KeyPlanError(f"{where}: no config.json found; pass --config PATH (a config.json or a model dir)")
-    exp = expectation or expected_model(config_dir)
-    plan = KeyPlan([], model_class=exp.model_class)
-    alias_of: dict[str, str] = {}
-    for group in exp.tie_groups:
-        for alias in group[1:]:
-            alias_of[alias] = group[0]
-
-    missing: list[str] = []
-    used: set[str] = set()
-    for target, shape in exp.shapes.items():
-        if target in alias_of:
-            continue  # written once, under the group's first name
-        candidates = [target] + [a for a, t in alias_of.items() if t == target]
-        found = next((c for c in candidates if c in canon), None)
-        if found is None:
-            missing.append(target)
+    overrides = value_head(canon, config_dir) if expectation is None else None
+    exp = expectation or expected_model(config_dir, overrides)
+    alias_of = {alias: g[0] for g in exp.tie_groups for alias in g[1:]}
+    found, missing = _match(canon, exp.shapes, alias_of, source_of, where, exp, config_dir)
+    if missing:
+        disk = exp.disk_shapes
+        if all(k in canon and tuple(canon[k].shape) == tuple(s) for k, s in disk.items()):
+            found, missing = {k: k for k in disk}, []  # already save_pretrained's format
+            groups = [{"inputs": [k], "outputs": [[k, list(s)]], "patterns": None, "rule": ""} for k, s in disk.items()]
+        else:
+            groups = exp.save_groups
+    else:
+        groups = exp.save_groups
+    plan = Plan(model_class=exp.model_class, config_updates=dict(exp.config_updates))
+    if overrides:
+        plan.notes.append(f"value head score.weight {tuple(canon['score.weight'].shape)} and no lm_head: written as "
+                          f"{exp.model_class} with num_labels={overrides['num_labels']}")
+    used = set()
+    for g in groups if not missing else []:
+        ins = [found[k] for k in g["inputs"]]
+        used.update(ins)
+        first = canon[ins[0]]
+        outs = tuple(TensorInfo(k, tuple(s), first.dtype) for k, s in g["outputs"])
+        if g["patterns"] is None:
+            plan.transforms.append(rename(source_of[ins[0]], outs[0].key, first, g["rule"]))
+            if ins[0] != g["inputs"][0]:
+                plan.notes.append(f"{outs[0].key} taken from tied alias {source_of[ins[0]]}")
             continue
-        info = canon[found]
-        if tuple(info.shape) != tuple(shape):
-            raise KeyPlanError(
-                f"{where}: key {source_of[found]!r} has shape {tuple(info.shape)} but {exp.model_class} from "
-                f"{config_dir / 'config.json'} expects {tuple(shape)} for {target!r}; wrong config for these weights"
-            )
-        plan.entries.append(PlanEntry(target, source_of[found], TensorInfo(target, info.shape, info.dtype)))
-        used.add(found)
-        if found != target:
-            plan.notes.append(f"{target} taken from tied alias {source_of[found]}")
-    unexpected: list[str] = []
+        group = Group(g["layer"], tuple(g["inputs"]), tuple(g["patterns"]))
+        mem_of = {source_of[c]: m for c, m in zip(ins, g["inputs"])}
+        op = "split" if len(ins) < len(outs) else "fuse" if len(ins) > len(outs) else "convert"
+        plan.transforms.append(Transform(op, tuple(source_of[c] for c in ins), outs,
+                                         _converter_fn(config_dir, overrides, group, mem_of), g["rule"]))
+    unexpected = []
     for c in canon:
         if c in used:
             continue
         reason = _drop_reason(c)
-        if c in alias_of:
+        if c in alias_of and not missing:
             plan.dropped.append((source_of[c], f"tied to {alias_of[c]}"))
         elif reason:
             plan.dropped.append((source_of[c], reason))
@@ -291,7 +336,38 @@ def plan_hf_export(src: dict[str, TensorInfo], config_dir: Path | None, *, where
         if unexpected:
             parts.append(f"{len(unexpected)} checkpoint key(s) the model does not have: {_few(unexpected)}")
         raise KeyPlanError(f"{where}: " + "; ".join(parts) + f" (config: {config_dir / 'config.json'})")
-    return plan
+    return plan.check(src, where=where)
+
+
+def _match(canon, shapes, alias_of, source_of, where, exp, config_dir) -> tuple[dict[str, str], list[str]]:
+    """({in-memory key: canonical source key}, [in-memory keys with no source]); a wrong shape is an error."""
+    found: dict[str, str] = {}
+    missing: list[str] = []
+    for target, shape in shapes.items():
+        if target in alias_of:
+            continue  # written once, under the group's first name
+        candidates = [target] + [a for a, t in alias_of.items() if t == target]
+        hit = next((c for c in candidates if c in canon), None)
+        if hit is None:
+            missing.append(target)
+            continue
+        if tuple(canon[hit].shape) != tuple(shape):
+            raise KeyPlanError(
+                f"{where}: key {source_of[hit]!r} has shape {tuple(canon[hit].shape)} but {exp.model_class} from "
+                f"{config_dir / 'config.json'} expects {tuple(shape)} for {target!r}; wrong config for these weights"
+            )
+        found[target] = hit
+    return found, missing
+
+
+def _converter_fn(config_dir: Path, overrides: dict | None, group: Group, mem_of: dict[str, str]):
+    """The transform function of one converter group: transformers' own converter, built on first use."""
+
+    def fn(tensors: dict[str, Any]) -> dict[str, Any]:
+        conv = save_conversions(config_dir, overrides)
+        return conv.run(group, {mem_of[k]: v for k, v in tensors.items()})
+
+    return fn
 
 
 def _few(keys: list[str], n: int = 4) -> str:

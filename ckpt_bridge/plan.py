@@ -121,6 +121,7 @@ class Plan:
     dropped: list[tuple[str, str]] = field(default_factory=list)  # (source key, the named rule)
     notes: list[str] = field(default_factory=list)
     model_class: str | None = None
+    config_updates: dict = field(default_factory=dict)  # what the target's config.json must say (a value head's class)
 
     def targets(self) -> dict[str, TensorInfo]:
         """Every target key in plan order with its shape and dtype (before any cast)."""
@@ -161,7 +162,7 @@ class Plan:
 
 
 def execute(plan: Plan | list[Transform], read: Callable[..., torch.Tensor],
-            dtype_of: Callable[[TensorInfo], torch.dtype | None] = lambda info: None,
+            dtype_of: Callable[[TensorInfo], torch.dtype | None] = lambda info: None, *, ahead: bool = True,
             ) -> Iterator[tuple[Transform, dict[str, torch.Tensor]]]:
     """Stream ``plan``: yield ``(transform, {target: tensor})`` one transform at a time.
 
@@ -172,7 +173,8 @@ def execute(plan: Plan | list[Transform], read: Callable[..., torch.Tensor],
     or a fuse computes on the trained values.  The next transform's inputs
     are read in a background thread while the caller writes this one's
     outputs (see :mod:`ckpt_bridge.stream`); drop the tensors before asking
-    for the next item.
+    for the next item.  ``ahead=False`` reads in the caller's thread (a sink
+    whose own writes bound the run gains nothing from the overlap).
     """
     transforms = plan.transforms if isinstance(plan, Plan) else plan
 
@@ -186,7 +188,11 @@ def execute(plan: Plan | list[Transform], read: Callable[..., torch.Tensor],
                 out[o.key] = out[o.key].to(dt)
         return out
 
-    yield from read_ahead(transforms, run)
+    if ahead:
+        yield from read_ahead(transforms, run)
+    else:
+        for t in transforms:
+            yield t, run(t)
 
 
 def _few(keys: list[str], n: int = 4) -> str:

@@ -35,6 +35,7 @@ class VerifyResult:
     only_in_a: list[str] = field(default_factory=list)
     only_in_b: list[str] = field(default_factory=list)
     tied_aliases: list[str] = field(default_factory=list)
+    aux_only: list[str] = field(default_factory=list)  # aux modules one side keeps apart: not a difference
     shape_diffs: list[tuple[str, tuple, tuple]] = field(default_factory=list)
     dtype_diffs: list[tuple[str, str, str]] = field(default_factory=list)
     value_diffs: list[tuple[str, float]] = field(default_factory=list)
@@ -78,16 +79,20 @@ def verify(a: str | Path, b: str | Path, *, atol: float = 0.0, cast_to: str | No
         ra, rb = _model_view(ra0), _model_view(rb0)
         ia, ib = ra.tensors(), rb.tensors()
         ca, cb = canonicalize(ia, str(ra.path)), canonicalize(ib, str(rb.path))
+        if set(ca) != set(cb):  # one side in-memory names (a trainer's), the other save_pretrained's?
+            ra, rb = _as_saved(ra), _as_saved(rb)
+            ia, ib = ra.tensors(), rb.tensors()
+            ca, cb = canonicalize(ia, str(ra.path)), canonicalize(ib, str(rb.path))
         src_a = {canonical_key(k): k for k in ia}
         src_b = {canonical_key(k): k for k in ib}
         one_sided = (set(ca) ^ set(cb))
         aliases = (_tied_aliases(ra) | _tied_aliases(rb)) if one_sided else set()
         for k in ca:
             if k not in cb:
-                (res.tied_aliases if k in aliases else res.only_in_a).append(k)
+                (res.tied_aliases if k in aliases else res.aux_only if k in ra.aux_keys else res.only_in_a).append(k)
         for k in cb:
             if k not in ca:
-                (res.tied_aliases if k in aliases else res.only_in_b).append(k)
+                (res.tied_aliases if k in aliases else res.aux_only if k in rb.aux_keys else res.only_in_b).append(k)
         for k in ca:
             if k not in cb:
                 continue
@@ -137,6 +142,10 @@ class _ModelView:
         if aux_file is not None and aux_file.is_file():
             self._aux = SafetensorsFileReader(aux_file)
 
+    @property
+    def aux_keys(self) -> set[str]:
+        return set(self._aux.tensors()) if self._aux else set()
+
     def tensors(self):
         base = self.inner.model_tensors() if hasattr(self.inner, "model_tensors") else self.inner.tensors()
         return {**base, **(self._aux.tensors() if self._aux else {})}
@@ -152,6 +161,55 @@ class _ModelView:
 
 def _model_view(reader) -> _ModelView:
     return _ModelView(reader)
+
+
+class _SavedView:
+    """A side seen through its to-hf plan: the keys ``save_pretrained`` writes (fused MoE experts split,
+    sub-models renamed), so a trainer's checkpoint compares with its export.  Reading a key runs the
+    transform that produces it, once; its other outputs wait for their turn (one group in memory)."""
+
+    def __init__(self, view: _ModelView, plan, aux: set[str]):
+        self.view, self.path, self.aux_keys = view, view.path, view.aux_keys
+        self._producer = {o.key: t for t in plan.transforms for o in t.outputs}
+        infos = view.tensors()
+        self._infos = {**plan.targets(), **{k: infos[k] for k in aux}}
+        self._ready: dict[str, torch.Tensor] = {}
+
+    def tensors(self):
+        return self._infos
+
+    def read(self, key, dtype=None):
+        t = self._producer.get(key)
+        if t is None:
+            return self.view.read(key, dtype)  # an aux tensor, as it is
+        if t.fn is None:
+            return self.view.read(t.inputs[0], dtype)
+        if key not in self._ready:
+            self._ready = t.apply({k: self.view.read(k) for k in t.inputs})
+        v = self._ready.pop(key)
+        return v.to(dtype) if dtype is not None else v
+
+    def hf_config_dir(self):
+        return self.view.hf_config_dir()
+
+
+def _as_saved(view: _ModelView):
+    """``view`` under the names its to-hf export would have, or ``view`` itself if no plan applies."""
+    from .export import split_aux
+    from .keys import plan_hf_export
+
+    cfg = view.hf_config_dir()
+    if cfg is None:
+        return view
+    try:
+        infos = {k: v for k, v in view.tensors().items() if k not in view.aux_keys}
+        main, aux = split_aux(infos, view.inner, cfg, None, str(view.path))
+        plan = plan_hf_export(main, cfg, where=str(view.path))
+    except BridgeError:
+        return view  # not a model the config describes: compare the keys as they are
+    if {canonical_key(k) for k in main} == set(plan.targets()):
+        return view
+    return _SavedView(view, plan, {k for keys in aux.values() for k in keys} | view.aux_keys)
 
 
 def _as_hf_dir(path: Path, tmp: Path, trust_pickle: bool) -> Path:
@@ -193,6 +251,9 @@ def format_result(r: VerifyResult) -> str:
     lines.append(f"  compared {r.compared} tensors: {r.equal} equal; max abs diff {r.max_abs_diff:.3g}")
     if r.tied_aliases:
         lines.append(f"  tied aliases (one side only, not a difference): {', '.join(r.tied_aliases)}")
+    if r.aux_only:
+        lines.append(f"  aux modules kept apart in aux_modules.safetensors (one side only, not a difference): "
+                     f"{', '.join(r.aux_only[:8])}{' ...' if len(r.aux_only) > 8 else ''}")
     for title, items in (("only in A", r.only_in_a), ("only in B", r.only_in_b)):
         if items:
             lines.append(f"  {title} ({len(items)}): {', '.join(items[:8])}{' ...' if len(items) > 8 else ''}")

@@ -184,6 +184,54 @@ def _make_verl_checkpoint_locked(root, model, mesh, shard_dim, steps, dtype, tok
     return actor
 
 
+def make_verl_family_checkpoints(root: Path, models: list[str], mesh: str = "2", steps: int = 1,
+                                 timeout: float | None = None) -> dict[str, Path]:
+    """Real verl FSDP2 checkpoints of several presets from ONE torchrun job: ``{preset: actor dir}``.
+
+    Each preset gets ``root/<preset>/`` laid out as :func:`make_verl_checkpoint`'s
+    root (its reference also holds ``hf/``, ``save_pretrained`` of the live model).
+    Starting torchrun and importing verl cost far more than a tiny model's save,
+    so the family matrix shares one job.  Reused when ``root`` holds a complete
+    run of the same presets, mesh and harness sources.
+    """
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    want = {"models": list(models), "mesh": str(mesh), "steps": int(steps), "fingerprint": source_fingerprint()}
+    actors = {m: root / m / f"global_step_{steps}" / "actor" for m in models}
+    nproc = mesh_nproc(mesh)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info_path = root / "run_info.json"
+        if (root / "COMPLETE").is_file() and info_path.is_file():
+            info = json.loads(info_path.read_text())
+            if {k: info.get(k) for k in want} == want:
+                BUILD_LOG.append({"root": str(root), "nproc": nproc, "seconds": 0.0, "reused": True,
+                                  "model": ",".join(models), "mesh": str(mesh), "shard_dim": 0, "dtype": "fp32",
+                                  "steps": steps})
+                return actors
+        if root.exists():
+            for p in root.iterdir():
+                if p.name in models or p.name in _OUR_ENTRIES:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+                else:
+                    raise FileExistsError(f"{root}: refusing to overwrite {p.name}, which this harness did not write")
+        args = [VERL_SAVE_MODULE, "--model", ",".join(models), "--out", str(root), "--mesh", str(mesh),
+                "--steps", str(steps)]
+        t = time.perf_counter()
+        run_torchrun(args, nproc=nproc, timeout=timeout or 240 + 20 * len(models))
+        wall = time.perf_counter() - t
+        info = json.loads(info_path.read_text())
+        info.update(want)  # steps is not written by verl_save's summary
+        info_path.write_text(json.dumps(info))
+        BUILD_LOG.append({"root": str(root), "nproc": nproc, "seconds": round(wall, 2), "reused": False,
+                          "model": ",".join(models), "mesh": str(mesh), "shard_dim": 0, "dtype": "fp32",
+                          "steps": steps})
+    for m, actor in actors.items():
+        if not (actor / f"model_world_size_{nproc}_rank_0.pt").is_file():
+            raise TorchrunError(f"torchrun succeeded but {actor} ({m}) has no rank files")
+    return actors
+
+
 def reference_dir(actor: Path, step: int | None = None) -> Path:
     """``ROOT/reference/global_step_S`` for ``actor = ROOT/global_step_S/actor`` (or its parent)."""
     actor = Path(actor)
@@ -213,6 +261,7 @@ __all__ = [
     "load_extra_state",
     "load_rank_file",
     "make_verl_checkpoint",
+    "make_verl_family_checkpoints",
     "mesh_nproc",
     "reference_dir",
     "run_torchrun",

@@ -206,6 +206,7 @@ def model_class(config):
 def generation_config_for(config):
     from transformers import GenerationConfig
 
+    config = config.get_text_config()  # a VLM keeps its token ids in text_config
     return GenerationConfig(
         bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id,
@@ -281,7 +282,7 @@ def save_tiny_hf(directory, name: str = "llama", dtype: torch.dtype = torch.floa
     kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(directory, **kw)
     if tokenizer:
-        save_tiny_tokenizer(directory, min(model.config.vocab_size, 251))
+        save_tiny_tokenizer(directory, min(model.config.get_text_config().vocab_size, 251))
     return model
 
 

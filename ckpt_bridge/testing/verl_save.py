@@ -104,7 +104,8 @@ def mesh_world_size(mesh: str) -> int:
 
 def _args(argv=None):
     p = argparse.ArgumentParser(prog="python -m ckpt_bridge.testing.verl_save", description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="llama")
+    p.add_argument("--model", default="llama",
+                   help="a tiny preset, or a comma list: each is saved in turn under OUT/<preset>/ by this one job")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--mesh", default=None, help="N (1-D fsdp) or AxB (HSDP ddp x fsdp); default: world size")
     p.add_argument("--shard-dim", type=int, default=0)
@@ -126,7 +127,6 @@ def main(argv=None) -> int:
     args = _args(argv)
     _set_env_defaults()
 
-    import numpy as np
     import torch
     import torch.distributed as dist
 
@@ -144,32 +144,62 @@ def main(argv=None) -> int:
     timings: dict[str, float] = {}
 
     t = time.perf_counter()
+    import transformers  # noqa: F401 - timed here, used by _run_model
+    import verl.utils.checkpoint.fsdp_checkpoint_manager  # noqa: F401
+
+    timings["import_s"] = time.perf_counter() - t
+
+    names_list = [m for m in args.model.split(",") if m]
+    out_root: Path = args.out.resolve()
+    for name in names_list:
+        root = out_root / name if len(names_list) > 1 else out_root
+        t0 = time.perf_counter()
+        losses, tied, t_model = _run_model(name, root, args, rank, world, mesh_spec, shape, names, save_steps, dtype)
+        t_model["total_s"] = time.perf_counter() - (t_start if len(names_list) == 1 else t0)
+        if len(names_list) == 1:
+            t_model["import_s"] = timings["import_s"]
+        if rank == 0:
+            _write_run_info(root, args, name, mesh_spec, shape, names, world, save_steps, tied, losses, t_model)
+        dist.barrier()
+    if rank == 0 and len(names_list) > 1:
+        (out_root / "run_info.json").write_text(json.dumps({"models": names_list, "mesh": mesh_spec,
+                                                            "fingerprint": source_fingerprint(),
+                                                            "total_s": round(time.perf_counter() - t_start, 2)}))
+        (out_root / "COMPLETE").write_text("ok\n")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def _run_model(model_name, root, args, rank, world, mesh_spec, shape, names, save_steps, dtype):
+    """Steps 1-5 of the module docstring for one preset: base model, FSDP2, training, verl saves, references."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from verl.utils.checkpoint.fsdp_checkpoint_manager import FSDPCheckpointManager
     from verl.utils.fsdp_utils import apply_fsdp2
     from verl.utils.torch_functional import get_cosine_schedule_with_warmup
 
-    from ckpt_bridge.testing.tiny_models import save_tiny_hf
-
-    timings["import_s"] = time.perf_counter() - t
-
-    root: Path = args.out.resolve()
+    args.model = model_name
+    timings: dict[str, float] = {}
     base = root / "base_model"
     t = time.perf_counter()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         if base.exists():
             shutil.rmtree(base)
-        save_tiny_hf(base, args.model, seed=SEED, tokenizer=not args.no_tokenizer)
+        _save_base(base, args.model, tokenizer=not args.no_tokenizer)
     dist.barrier()
 
-    # -- model, exactly as verl's actor gets it: from_pretrained(local_path, dtype) -------------
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+    # -- model, exactly as verl's actor / critic gets it: from_pretrained(local_path, dtype) ----------
+    model, critic = _load_like_verl(base, args.model, dtype)
+    live_class = type(model)  # before fully_shard swaps in its FSDP subclass
     model.train()
     tokenizer = None if args.no_tokenizer else AutoTokenizer.from_pretrained(str(base))
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
@@ -225,12 +255,15 @@ def main(argv=None) -> int:
     for step in range(0, args.steps + 1):
         if step > 0:
             t = time.perf_counter()
-            tokens = torch.randint(0, model.config.vocab_size, (BATCH, SEQ))
+            tokens = torch.randint(0, text_token_bound(model.config), (BATCH, SEQ))
             np.random.rand()  # advance numpy/python RNGs too, as a real data pipeline would
             random.random()
             if data_iter is not None:
                 next(data_iter)
-            loss = model(input_ids=tokens, labels=tokens).loss
+            if critic:  # a value head: regress every token's value onto 0 (no lm loss exists)
+                loss = model(input_ids=tokens).logits.float().pow(2).mean()
+            else:  # text-only tokens, also for a VLM
+                loss = model(input_ids=tokens, labels=tokens).loss
             loss.backward()
             optimizer.step()
             lr_scheduler.step()
@@ -271,38 +304,38 @@ def main(argv=None) -> int:
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         sharded = model.state_dict()
         if rank == 0:
-            _write_reference(ref, full, sharded, model.config, dtype, tied, world, shape, names, step,
+            _write_reference(ref, full, sharded, model.config, live_class, dtype, tied, world, shape, names, step,
                              save_file=save_file, DTensor=DTensor)
         dist.barrier()
         timings["reference_s"] += time.perf_counter() - t
         _log(rank, f"saved global_step_{step} (world {world}, mesh {mesh_spec})")
 
-    timings["total_s"] = time.perf_counter() - t_start
-    if rank == 0:
-        info = {
-            "model": args.model,
-            "mesh": mesh_spec,
-            "mesh_shape": list(shape),
-            "mesh_dim_names": list(names),
-            "world_size": world,
-            "shard_dim": args.shard_dim,
-            "steps": args.steps,
-            "save_steps": save_steps,
-            "dtype": args.dtype,
-            "tokenizer": not args.no_tokenizer,
-            "hf_model": args.hf_model,
-            "tied": tied,
-            "fingerprint": source_fingerprint(),
-            "losses_rank0": losses,
-            "timings_rank0": {k: round(v, 3) for k, v in timings.items()},
-            "versions": _versions(),
-        }
-        (root / "run_info.json").write_text(json.dumps(info, indent=2))
-        (root / "COMPLETE").write_text("ok\n")
-        _log(rank, f"done in {timings['total_s']:.1f}s: " + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()))
-    dist.barrier()
-    dist.destroy_process_group()
-    return 0
+    return losses, tied, timings
+
+
+def _write_run_info(root, args, model_name, mesh_spec, shape, names, world, save_steps, tied, losses, timings):
+    info = {
+        "model": model_name,
+        "mesh": mesh_spec,
+        "mesh_shape": list(shape),
+        "mesh_dim_names": list(names),
+        "world_size": world,
+        "shard_dim": args.shard_dim,
+        "steps": args.steps,
+        "save_steps": save_steps,
+        "dtype": args.dtype,
+        "tokenizer": not args.no_tokenizer,
+        "hf_model": args.hf_model,
+        "tied": tied,
+        "fingerprint": source_fingerprint(),
+        "losses_rank0": losses,
+        "timings_rank0": {k: round(v, 3) for k, v in timings.items()},
+        "versions": _versions(),
+    }
+    (root / "run_info.json").write_text(json.dumps(info, indent=2))
+    (root / "COMPLETE").write_text("ok\n")
+    print(f"[verl_save] {model_name}: done in {timings['total_s']:.1f}s: "
+          + ", ".join(f"{k}={v:.1f}" for k, v in timings.items()), file=sys.stderr, flush=True)
 
 
 def _dataloader():
@@ -318,9 +351,67 @@ def _dataloader():
                               drop_last=True)
 
 
-def _write_reference(ref: Path, full, sharded, config, dtype, tied, world, shape, names, step, *, save_file, DTensor):
+def text_token_bound(config) -> int:
+    """Token ids below this are plain text: the text vocab, stopping short of a VLM's image/video ids
+    (a text-only step must not contain an image token without pixels)."""
+    special = [getattr(config, a, None) for a in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                  "vision_end_token_id", "vision_token_id")]
+    return min([config.get_text_config().vocab_size] + [i for i in special if isinstance(i, int)])
+
+
+def _save_base(base: Path, name: str, tokenizer: bool) -> None:
+    """The "downloaded" HF model.  A critic starts, as in verl, from the causal LM of its family."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from ckpt_bridge.testing import tiny_models
+
+    cfg = tiny_models.build_config(name)
+    if cfg.architectures[0].endswith("ForTokenClassification"):
+        lm = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg.model_type]
+        orig = tiny_models.PRESETS[name]
+        tiny_models.PRESETS[name] = lambda: _with_arch(orig(), lm)
+        try:
+            tiny_models.save_tiny_hf(base, name, seed=SEED, tokenizer=tokenizer)
+        finally:
+            tiny_models.PRESETS[name] = orig
+        return
+    tiny_models.save_tiny_hf(base, name, seed=SEED, tokenizer=tokenizer)
+
+
+def _with_arch(cfg, arch: str):
+    cfg.architectures = [arch]
+    return cfg
+
+
+def _load_like_verl(base: Path, name: str, dtype):
+    """(model, is_critic).  The actor: the class the config names, ``from_pretrained(base, dtype)``.
+
+    The critic: verl 0.9.1's FSDP engine (workers/engine/fsdp/transformer_impl.py) sets
+    ``num_labels=1`` and zero dropouts on the base model's config and calls
+    ``verl.utils.model.load_valuehead_model``, i.e.
+    ``AutoModelForTokenClassification.from_pretrained(base, config=that config)`` (its
+    ``attn_implementation="flash_attention_2"`` is left out: CPU).  The config keeps
+    ``architectures: [XForCausalLM]``, and verl saves it as is.
+    """
+    import transformers
+    from transformers import AutoConfig, AutoModelForTokenClassification
+
+    from ckpt_bridge.testing import tiny_models
+
+    if tiny_models.build_config(name).architectures[0].endswith("ForTokenClassification"):
+        cfg = AutoConfig.from_pretrained(str(base))
+        cfg.num_labels = 1
+        cfg.classifier_dropout = 0.0
+        cfg.hidden_dropout = "0"
+        cfg.summary_dropout_prob = 0.0
+        return AutoModelForTokenClassification.from_pretrained(str(base), dtype=dtype, config=cfg), True
+    cfg = AutoConfig.from_pretrained(str(base))
+    return getattr(transformers, cfg.architectures[0]).from_pretrained(str(base), dtype=dtype), False
+
+
+def _write_reference(ref: Path, full, sharded, config, live_class, dtype, tied, world, shape, names, step, *,
+                     save_file, DTensor):
     import torch
-    from transformers import AutoModelForCausalLM
 
     keys = list(full)
     (ref / "keys.json").write_text(json.dumps(keys, indent=1))
@@ -336,14 +427,16 @@ def _write_reference(ref: Path, full, sharded, config, dtype, tied, world, shape
         to_save[k] = v.contiguous()
     save_file(to_save, str(ref / "model.safetensors"), metadata={"format": "pt"})
 
-    # logits of an unsharded model holding exactly the full state dict (RNG untouched)
+    # logits of an unsharded model of the live class holding exactly the full state dict (RNG untouched);
+    # its save_pretrained (ref/hf) is what an export must equal, key for key and bit for bit
     with torch.random.fork_rng(devices=[]):
-        fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        fresh = live_class._from_config(config, dtype=dtype)
     fresh.load_state_dict(full, strict=True)
     fresh.eval()
+    fresh.save_pretrained(ref / "hf")
     gen = torch.Generator()
     gen.manual_seed(REF_TOKENS_SEED)
-    tokens = torch.randint(0, config.vocab_size, (REF_BATCH, REF_SEQ), generator=gen)
+    tokens = torch.randint(0, text_token_bound(config), (REF_BATCH, REF_SEQ), generator=gen)
     with torch.no_grad():
         logits = fresh(input_ids=tokens).logits
     torch.save(tokens, ref / "tokens.pt")

@@ -1,0 +1,132 @@
+"""The family matrix: real verl 0.9.1 FSDP2 saves (2 CPU ranks) of every tiny family, one torchrun job.
+
+For each family: ``to-hf`` equals ``save_pretrained`` of the live model (key for
+key, bit for bit: MoE experts split per expert, Mixtral's ``block_sparse_moe``,
+Qwen2.5-VL's ``model.*`` / ``visual.*``, a critic's value head written as
+``*ForTokenClassification``); ``from_pretrained`` of the export loads with no
+missing or unexpected key and gives the live model's logits; and the
+``save_pretrained`` directory goes ``to-dcp`` (the trainer's in-memory keys:
+fused experts) and back ``to-hf`` to the same tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from ckpt_bridge.dcp_export import to_dcp
+from ckpt_bridge.export import to_hf
+from ckpt_bridge.testing.harness import make_verl_family_checkpoints, reference_dir
+
+FAMILIES = ["qwen2", "qwen2_tied", "qwen3", "qwen3_moe", "mixtral", "gemma2", "gemma3_text", "phi3", "llama3_rope",
+            "qwen2_critic", "qwen2_5_vl"]
+
+
+@pytest.fixture(scope="module")
+def family_ckpts(tmp_path_factory) -> dict[str, Path]:
+    cache = os.environ.get("CKPT_BRIDGE_TEST_CACHE")
+    root = (Path(cache) if cache else tmp_path_factory.mktemp("families")) / "families-mesh2"
+    return make_verl_family_checkpoints(root, FAMILIES, mesh="2")
+
+
+def _tensors(d: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        if f.name.startswith("aux_modules"):
+            continue
+        with safe_open(str(f), "pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})
+    return out
+
+
+def _assert_same_tensors(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+
+
+def _load(d: Path):
+    import transformers
+
+    cfg = json.loads((d / "config.json").read_text())
+    cls = getattr(transformers, cfg["architectures"][0])
+    model, info = cls.from_pretrained(str(d), output_loading_info=True)
+    return model.eval(), info
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_to_hf_is_save_pretrained_and_loads_with_the_live_logits(family, family_ckpts, tmp_path):
+    actor = family_ckpts[family]
+    ref = reference_dir(actor)
+    out = tmp_path / "hf"
+    to_hf(actor, out, progress=False)
+    _assert_same_tensors(_tensors(out), _tensors(ref / "hf"))
+
+    model, info = _load(out)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    if family == "qwen2_critic":  # verl's config says Qwen2ForCausalLM; the weights are a value head
+        cfg = json.loads((out / "config.json").read_text())
+        assert cfg["architectures"] == ["Qwen2ForTokenClassification"] and model.config.num_labels == 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the reference ran at 1 thread; CPU MoE grouped matmuls depend on the count
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=torch.load(ref / "tokens.pt")).logits
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(logits, torch.load(ref / "logits.pt"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hub_format_to_dcp_and_back_gives_the_same_files(family, family_ckpts, tmp_path):
+    hub = reference_dir(family_ckpts[family]) / "hf"  # save_pretrained: the format a hub download has
+    dcp_dir, back = tmp_path / "dcp", tmp_path / "back"
+    to_dcp(hub, dcp_dir, dtype="keep", progress=False)
+    from ckpt_bridge.formats.dcp import DCPReader
+
+    with DCPReader(dcp_dir) as r:  # what the trainer's model requests: transformers' in-memory names
+        from transformers import AutoConfig
+
+        keys = set(r.tensors())
+        cfg = AutoConfig.from_pretrained(str(hub))
+    if family in ("qwen3_moe", "mixtral"):
+        assert "model.layers.0.mlp.experts.gate_up_proj" in keys
+        assert not any(".experts.0." in k for k in keys)
+    if family == "qwen2_5_vl":
+        assert any(k.startswith("model.language_model.") for k in keys) and cfg.model_type == "qwen2_5_vl"
+    to_hf(dcp_dir, back, progress=False)
+    _assert_same_tensors(_tensors(back), _tensors(hub))
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_5_vl"])
+def test_verify_compares_a_trainer_checkpoint_with_its_hub_format_export(family, family_ckpts, tmp_path):
+    """verl holds transformers' in-memory names (fused experts); the export holds save_pretrained's.
+    verify sees the trainer side through its to-hf plan and compares every tensor."""
+    from ckpt_bridge.verification import verify
+
+    actor = family_ckpts[family]
+    out = tmp_path / "hf"
+    to_hf(actor, out, progress=False)
+    res = verify(actor, out)
+    assert res.ok and not res.only_in_a and not res.only_in_b
+    assert res.compared == res.equal == len(_tensors(out))
+
+
+def test_verify_reports_aux_modules_kept_apart_as_aux(family_ckpts, tmp_path):
+    """An export whose aux heads sit in aux_modules.safetensors against its HF source: every model
+    tensor equal, the aux ones listed as aux, not as 'only in B'."""
+    from ckpt_bridge.verification import format_result, verify
+
+    hub = reference_dir(family_ckpts["qwen2"]) / "hf"
+    to_dcp(hub, tmp_path / "dcp", aux=["future_predictor:mlp"], dtype="keep", progress=False)
+    to_hf(tmp_path / "dcp", tmp_path / "hf", progress=False)
+    assert (tmp_path / "hf" / "aux_modules.safetensors").is_file()
+    res = verify(hub, tmp_path / "hf")
+    assert res.ok and not res.only_in_b and res.compared == len(_tensors(hub))
+    assert sorted(k.split(".", 1)[0] for k in res.aux_only) == ["future_predictor"] * 4
+    assert "aux modules kept apart" in format_result(res)
