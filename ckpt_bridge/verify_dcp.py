@@ -107,15 +107,16 @@ def _checkpoint_fqns(r: DCPReader) -> dict[str, str]:
 
 def _target_model(hf_dir: Path, manifest: dict | None):
     model = build_meta_model(hf_dir)
-    specs = [parse_aux(a["spec"]) for a in (manifest or {}).get("aux", []) if a.get("kind") != "factory"]
+    specs = [parse_aux(a["spec"], origin=f"the to-dcp manifest's aux[{i}].spec")
+             for i, a in enumerate((manifest or {}).get("aux", [])) if a.get("kind") != "factory"]
     if specs:
         attach_aux(model, specs, model.config)
     return model, specs
 
 
 def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "installed",
-               loss_text: str | Path | None = None, loss_tokens: int = 2048, loss_atol: float = 1e-5
-               ) -> DCPVerifyResult:
+               loss_text: str | Path | None = None, loss_tokens: int = 2048, loss_atol: float = 1e-5,
+               trust_pickle: bool = False) -> DCPVerifyResult:
     dcp_dir, hf_dir = Path(dcp_dir), Path(hf_dir)
     if not is_dcp_dir(dcp_dir):
         raise CheckpointFormatError(f"{dcp_dir}: not a DCP folder (no .metadata or .distcp files)")
@@ -124,10 +125,10 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
     if layout_for not in LAYOUT_FOR:
         raise BridgeError(f"--layout-for {layout_for!r}: choose one of {', '.join(LAYOUT_FOR)}")
     res = DCPVerifyResult(str(dcp_dir), str(hf_dir), layout_for=layout_for, loss_atol=loss_atol)
-    r = DCPReader(dcp_dir)
+    r = DCPReader(dcp_dir, trust_pickle=trust_pickle)
     if r.problems():
         raise CheckpointFormatError(r.problems()[0])
-    hf = HFReader(hf_dir)
+    hf = HFReader(hf_dir, trust_pickle=trust_pickle)
     manifest = read_manifest(dcp_dir)
     res.checkpoint_layout = r.layout()
     dcp_info = r.tensors()
@@ -217,7 +218,8 @@ def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int)
         fqns = _checkpoint_fqns(r)
         have = {fqns[canonical_key(k)]: v for k, v in sd.items() if canonical_key(k) in fqns}
         state = {NEST: {k[len(NEST) + 1:]: v for k, v in have.items()}} if r.layout() == "nested" else have
-        dcp.load(state, checkpoint_id=str(r.path), no_dist=True)
+        # r's storage reader: the .metadata already read by the restricted unpickler, never pickle.load
+        dcp.load(state, storage_reader=r.storage_reader(), no_dist=True)
         after_load(model, hf_dir)
         loss_dcp = text_loss(model.eval(), tok, text, max_tokens=max_tokens)
     return loss_hf, loss_dcp, n_tokens

@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .. import pages, safeload
+from .. import jsonfiles, pages, safeload
 from ..errors import CheckpointFormatError
-from .base import Reader, TensorInfo, read_json
+from ..jsonfiles import read_json
+from .base import Reader, TensorInfo
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -29,7 +30,7 @@ def weight_files(path: Path) -> tuple[str, list[Path]]:
     """("safetensors"|"bin"|"", files) for a directory, preferring safetensors like transformers does."""
     for index, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
         if (path / index).is_file():
-            weight_map = read_json(path / index).get("weight_map", {})
+            weight_map = read_json(path / index, jsonfiles.INDEX, required=("weight_map",))["weight_map"]
             return kind, [path / f for f in dict.fromkeys(weight_map.values())]
     if (path / "model.safetensors").is_file():
         return "safetensors", [path / "model.safetensors"]

@@ -40,7 +40,8 @@ from torch.distributed.tensor import DTensor
 from .. import pages, safeload
 from ..errors import CheckpointFormatError
 from ..layout import Placement, local_region, placements_of, source_coords
-from .base import Reader, TensorInfo, read_json
+from ..jsonfiles import FSDP_CONFIG, read_json
+from .base import Reader, TensorInfo
 
 _RANK_FILE = re.compile(r"^(model|optim|extra_state)_world_size_(\d+)_rank_(\d+)\.pt$")
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
@@ -125,7 +126,7 @@ class VerlFSDPReader(Reader):
         self.fsdp_config = None
         cfg = self.path / "fsdp_config.json"
         if cfg.is_file():
-            self.fsdp_config = read_json(cfg)
+            self.fsdp_config = read_json(cfg, FSDP_CONFIG)
             self.evidence.notes.append(f"fsdp_config.json: {self.fsdp_config}")
             ws = self.fsdp_config.get("world_size")
             if len(model_sizes) == 1 and ws is not None and ws != self.world_size:
