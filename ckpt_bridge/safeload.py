@@ -78,6 +78,8 @@ def load(
     :class:`UnsafePickleError` for pickles outside the allowlist.
     """
     path = Path(path)
+    if mmap and is_legacy_format(path):
+        mmap = False  # torch can only mmap zip archives; a legacy file is read whole (see is_legacy_format)
     try:
         with quiet_loading():
             if trust_pickle:
@@ -98,6 +100,21 @@ def load(
             f"{path}: cannot be read as a torch.save archive ({first}); the file is truncated or "
             f"corrupt: copy it again from the training job's storage"
         ) from None
+
+
+def is_legacy_format(path: str | Path) -> bool:
+    """A pre-1.6 / ``_use_new_zipfile_serialization=False`` torch.save file (a bare pickle stream, not a zip).
+
+    ``torch.load`` still reads these weights-only, but not with ``mmap=True``; they are loaded whole into
+    memory instead (inspect says so).  The check is the file's magic: a legacy file starts with a pickle
+    protocol opcode (0x80), a zip with ``PK``; anything else is left to the loader's corrupt-file message.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and head[:2] != b"PK"
 
 
 def _unsafe_global(message: str) -> str | None:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .auxiliary import as_specs, attach_aux, parse_aux
+from .compare import bits_equal, diff
 from .dcp_export import _tensor_sha256, read_manifest
 from .errors import BridgeError, CheckpointFormatError
 from .formats.dcp import DCPReader, is_dcp_dir
@@ -57,6 +58,7 @@ class DCPVerifyResult:
     equal: int = 0
     cast_note: str = ""
     value_diffs: list[tuple[str, float]] = field(default_factory=list)
+    diff_notes: dict[str, str] = field(default_factory=dict)
     not_in_dcp: list[str] = field(default_factory=list)
     aux: dict[str, bool] = field(default_factory=dict)  # aux module -> values match the manifest hash
     unknown_extra: list[str] = field(default_factory=list)
@@ -164,11 +166,15 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
         if hf.tensors()[hf_key].dtype != d.dtype:
             casts.add(f"{hf.tensors()[hf_key].dtype} -> {d.dtype}".replace("torch.", ""))
         res.compared += 1
-        if h.shape == d.shape and torch.equal(h, d):
+        if bits_equal(h, d):  # the same bits: NaN equals the same NaN, -0.0 differs from 0.0
             res.equal += 1
+        elif h.shape != d.shape:
+            res.value_diffs.append((fqn, float("inf")))
         else:
-            diff = float((h.double() - d.double()).abs().max()) if h.shape == d.shape else float("inf")
-            res.value_diffs.append((fqn, diff))
+            dd = diff(h, d)
+            res.value_diffs.append((fqn, dd.max_abs))
+            res.diff_notes[fqn] = dd.describe() if dd.nonfinite_mismatch or dd.max_abs else \
+                "equal as numbers but the bits differ (-0.0 vs 0.0, or another NaN payload)"
     if casts:
         res.cast_note = f"HF side cast {', '.join(sorted(casts))} before comparing (the dtype to-dcp wrote)"
     aux_names = {s.name for s in specs}
@@ -235,7 +241,7 @@ def format_dcp_result(res: DCPVerifyResult) -> str:
     if res.cast_note:
         lines.append(f"  {res.cast_note}")
     for k, d in res.value_diffs[:8]:
-        lines.append(f"  value differs  {k}: max abs diff {d:.3g}")
+        lines.append(f"  value differs  {k}: " + res.diff_notes.get(k, f"max abs diff {d:.3g}"))
     if res.not_in_dcp:
         lines.append(f"  HF tensors not in the checkpoint ({len(res.not_in_dcp)}): {_few(res.not_in_dcp)}")
     for name, ok in res.aux.items():

@@ -39,6 +39,12 @@ def weight_files(path: Path) -> tuple[str, list[Path]]:
     return "", []
 
 
+def legacy_notes(files: list[Path]) -> list[str]:
+    """What inspect says about legacy (non-zip) torch.save files: they cannot be memory-mapped."""
+    return [f"{f.name}: legacy (non-zip) torch.save format: loaded whole into memory (no mmap), weights-only"
+            for f in files if f.is_file() and safeload.is_legacy_format(f)]
+
+
 def is_hf_dir(path: Path) -> bool:
     return Path(path).is_dir() and bool(weight_files(Path(path))[0])
 
@@ -56,6 +62,8 @@ class HFReader(Reader):
         if (self.path / "config.json").is_file():
             self.evidence.files.append("config.json")
         self._problems = [f"{p}: listed in the index but missing" for p in self.files if not p.is_file()]
+        if self.kind == "bin":
+            self.evidence.notes += legacy_notes(self.files)
         self._where: dict[str, Path] = {}
         self._info: dict[str, TensorInfo] | None = None
         self._bins: dict[Path, dict[str, Any]] = {}
