@@ -53,6 +53,7 @@ class AuxSpec:
     kind: str = "linear"  # linear | mlp | factory
     out: str | int = "hidden"
     factory: Callable[[Any], nn.Module] | None = field(default=None, repr=False)
+    origin: str = field(default="--aux", repr=False, compare=False)  # where the spec came from, for errors
 
     def describe(self) -> str:
         if self.factory is not None:
@@ -60,22 +61,23 @@ class AuxSpec:
         return f"{self.name}:{self.kind}:{self.out}"
 
 
-def parse_aux(text: str) -> AuxSpec:
-    """``NAME[:linear|mlp][:OUT]`` with OUT ``hidden``, ``vocab`` or an integer."""
+def parse_aux(text: str, origin: str = "--aux") -> AuxSpec:
+    """``NAME[:linear|mlp][:OUT]`` with OUT ``hidden``, ``vocab`` or an integer; ``origin`` names where the
+    text came from (``--aux``, or a manifest's field) in errors."""
     parts = text.split(":")
     name = parts[0]
     kind = parts[1] if len(parts) > 1 and parts[1] else "linear"
     out: str | int = parts[2] if len(parts) > 2 and parts[2] else "hidden"
     if len(parts) > 3 or not _NAME.match(name) or kind not in KINDS:
         raise BridgeError(
-            f"--aux {text!r}: expected NAME[:{'|'.join(KINDS)}][:hidden|vocab|N] with NAME a Python identifier, "
+            f"{origin} {text!r}: expected NAME[:{'|'.join(KINDS)}][:hidden|vocab|N] with NAME a Python identifier, "
             f"e.g. --aux future_predictor:mlp or --aux action_layer:linear:16"
         )
     if isinstance(out, str) and out not in ("hidden", "vocab"):
         if not out.isdigit() or int(out) < 1:
-            raise BridgeError(f"--aux {text!r}: output size {out!r} is not hidden, vocab or a positive integer")
+            raise BridgeError(f"{origin} {text!r}: output size {out!r} is not hidden, vocab or a positive integer")
         out = int(out)
-    return AuxSpec(name, kind, out)
+    return AuxSpec(name, kind, out, origin=origin)
 
 
 def as_specs(aux: Any) -> list[AuxSpec]:
@@ -98,10 +100,19 @@ def _cfg(config: Any, name: str, default: Any = None) -> Any:
 
 
 def out_features(spec: AuxSpec, config: Any) -> int:
+    """The head's output size.  An explicit N is bounded by the model's own largest dimension, checked
+    before anything is allocated: a spec from a checkpoint's manifest is input like any other, and
+    ``action_layer:linear:99999999999`` would otherwise ask for terabytes."""
     if spec.out == "hidden":
         return int(_cfg(config, "hidden_size"))
     if spec.out == "vocab":
         return int(_cfg(config, "vocab_size"))
+    dims = {n: _cfg(config, n) for n in ("hidden_size", "intermediate_size", "vocab_size")}
+    limit = max((v for v in dims.values() if isinstance(v, int)), default=0)
+    if int(spec.out) > limit:
+        raise BridgeError(f"{spec.origin} {spec.describe()!r}: output size {int(spec.out):,} exceeds the model's "
+                          f"largest dimension ({limit:,}: the max of hidden_size, intermediate_size, vocab_size "
+                          f"in its config); give a size up to that (hand-edited or corrupt spec?)")
     return int(spec.out)
 
 

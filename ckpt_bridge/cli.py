@@ -10,8 +10,9 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 
-from .errors import BridgeError
+from .errors import BridgeError, disk_full, is_disk_full, one_line, root_cause
 
 EPILOG = """\
 examples:
@@ -28,7 +29,8 @@ examples:
   # will the trainer's model-only load take it, and is it the same model? (loss on a text file)
   ckpt-bridge verify bootstrap/olmo2 --against models/OLMo-2-1B --loss some_text.txt
 
-exit codes: 0 ok, 1 verification found differences, 2 bad input (message names the file/key/rank)
+exit codes: 0 ok, 1 verification found differences, 2 bad input or any other failure (one line naming the
+file/key/rank; --debug adds the traceback), 130 interrupted (nothing partial is left)
 """
 
 
@@ -46,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    p.add_argument("--debug", action="store_true", help="on failure, also print the Python traceback")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
 
     pi = sub.add_parser(
@@ -181,6 +184,9 @@ def _parser() -> argparse.ArgumentParser:
     pw.add_argument("--once", action="store_true", help="one pass, then exit (exit 1 if an export failed)")
     pw.add_argument("--interval", type=float, default=30.0, help="seconds between polls (default 30)")
     pw.add_argument("--keep", type=int, default=0, help="keep only the newest K exports (default 0: keep all)")
+    for sp in sub.choices.values():  # --debug also after the verb
+        sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on failure, also print the Python traceback")
     return p
 
 
@@ -191,27 +197,53 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        if args.verb == "inspect":
-            from .inspection import format_report, inspect
+        return _run(args)
+    except BaseException as e:  # noqa: BLE001 - every failure becomes one line and an exit code
+        if isinstance(e, SystemExit):
+            raise
+        if args.debug:
+            traceback.print_exc()
+        message, code = _failure(e)
+        print(f"ckpt-bridge {args.verb}: {message}", file=sys.stderr)
+        return code
 
-            report = inspect(args.path, trust_pickle=args.trust_pickle)
-            print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
-            return 0
-        if args.verb == "to-hf":
-            return _to_hf(args)
-        if args.verb == "to-dcp":
-            return _to_dcp(args)
-        if args.verb == "verify":
-            return _verify(args)
-        if args.verb == "watch":
-            return _watch(args)
-    except BridgeError as e:
-        print(f"ckpt-bridge {args.verb}: error: {e}", file=sys.stderr)
-        return e.exit_code
-    except KeyboardInterrupt:
-        print(f"ckpt-bridge {args.verb}: interrupted; no output was left behind", file=sys.stderr)
-        return 130
+
+def _run(args: argparse.Namespace) -> int:
+    if args.verb == "inspect":
+        from .inspection import format_report, inspect
+
+        report = inspect(args.path, trust_pickle=args.trust_pickle)
+        print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
+        return 0
+    if args.verb == "to-hf":
+        return _to_hf(args)
+    if args.verb == "to-dcp":
+        return _to_dcp(args)
+    if args.verb == "verify":
+        return _verify(args)
+    if args.verb == "watch":
+        return _watch(args)
     return 2
+
+
+def _failure(e: BaseException) -> tuple[str, int]:
+    """(one-line message, exit code) for any exception: 2 for bad input and every unexpected failure,
+    1 only for VerificationFailed, 130 for Ctrl-C (also when DCP wrapped it in a CheckpointException)."""
+    cause = root_cause(e)
+    if isinstance(cause, KeyboardInterrupt):
+        return "interrupted; no output was left behind", 130
+    if isinstance(cause, BridgeError):
+        return "error: " + " ".join(str(cause).split("\n")), cause.exit_code
+    if is_disk_full(cause):
+        where = cause.filename or "the output"
+        return "error: " + str(disk_full(cause, where, None)), 2
+    if isinstance(cause, MemoryError):
+        return ("error: out of memory (a tensor larger than this machine's RAM, or a corrupt size in the "
+                "input); rerun with --debug to see where"), 2
+    if isinstance(cause, OSError):
+        return f"error: {one_line(cause)}; check the path and its permissions", 2
+    return (f"error: unexpected {one_line(cause)}; rerun with --debug for the traceback and report it "
+            f"if the input looks fine"), 2
 
 
 def _to_hf(args: argparse.Namespace) -> int:
@@ -257,7 +289,7 @@ def _verify(args: argparse.Namespace) -> int:
         if args.b:
             raise BridgeError("give either B or --against HF_DIR, not both")
         res = verify_dcp(args.a, args.against, layout_for=args.layout_for, loss_text=args.loss,
-                         loss_tokens=args.loss_tokens, loss_atol=args.loss_atol)
+                         loss_tokens=args.loss_tokens, loss_atol=args.loss_atol, trust_pickle=args.trust_pickle)
         print(json.dumps(res.as_dict(), indent=2, default=str) if args.json else format_dcp_result(res))
         return 0 if res.ok else 1
     if not args.b:

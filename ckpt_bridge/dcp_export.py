@@ -106,16 +106,16 @@ def _write_dtype(dtype: str) -> torch.dtype | None:
 
 
 def _aux_from_manifest(path: Path) -> list[AuxSpec]:
-    m = path / MANIFEST if path.is_dir() else None
-    if m is None or not m.is_file():
+    manifest = read_manifest(path) if path.is_dir() else None
+    if manifest is None:
         raise BridgeError(f"--aux-from {path}: no --aux names given and {path} has no {MANIFEST} naming them; "
                           f"pass --aux NAME for each module to copy")
     specs = []
-    for a in json.loads(m.read_text()).get("aux", []):
+    for i, a in enumerate(manifest.get("aux", [])):
         if a.get("kind") == "factory":
             raise BridgeError(f"--aux-from {path}: aux {a['name']!r} was built by a Python factory; "
                               f"pass it to to_dcp(aux={{...}}) from Python")
-        specs.append(parse_aux(a["spec"]))
+        specs.append(parse_aux(a["spec"], origin=f"{path / MANIFEST} aux[{i}].spec"))
     return specs
 
 
@@ -405,6 +405,7 @@ def to_dcp(
         cfg_dir, _ = _config_dir(reader, config)
         if cfg_dir is None:
             raise KeyPlanError(f"{where}: no config.json found; pass --config PATH (a config.json or a model dir)")
+        read_config(cfg_dir)  # its structure and model_type, before transformers parses it
         source: Reader = reader
         if sd_adapter is not None:
             if model is None:
@@ -547,10 +548,9 @@ def _versions() -> dict[str, str | None]:
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
     """The to-dcp manifest of a DCP folder, or None."""
+    from .jsonfiles import MANIFEST as SHAPE, read_json
+
     m = Path(path) / MANIFEST
     if not m.is_file():
         return None
-    try:
-        return json.loads(m.read_text())
-    except (OSError, ValueError) as e:
-        raise BridgeError(f"{m}: not valid JSON ({e})") from None
+    return read_json(m, SHAPE)

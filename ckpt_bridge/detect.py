@@ -44,7 +44,7 @@ def open_reader(path: str | Path, *, trust_pickle: bool = False) -> Reader:
     if fmt == "hf":
         return HFReader(path, trust_pickle=trust_pickle)
     if fmt == "dcp":
-        return DCPReader(path)
+        return DCPReader(path, trust_pickle=trust_pickle)
     if fmt == "safetensors-file":
         return SafetensorsFileReader(path)
     return TorchFileReader(path, trust_pickle=trust_pickle)

@@ -9,6 +9,14 @@ difference.
 
 from __future__ import annotations
 
+import errno
+import os
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
 
 class BridgeError(Exception):
     """Base class: bad input or a refused operation (exit code 2)."""
@@ -37,3 +45,79 @@ class VerificationFailed(BridgeError):
     """Two checkpoints were compared and differ (exit code 1)."""
 
     exit_code = 1
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The exception that actually happened, out of DCP's ``CheckpointException`` wrapper.
+
+    ``dcp.save`` / ``dcp.load`` catch whatever a rank raised (a disk-full ``OSError``, a Ctrl-C, one of our
+    BridgeErrors from inside a read) and re-raise it as ``CheckpointException({rank: (exc, traceback)})``,
+    a ``BaseException`` whose message is a traceback.  Callers unwrap it to react to the real cause.
+    """
+    seen = 0
+    while hasattr(e, "failures") and isinstance(getattr(e, "failures"), dict) and e.failures and seen < 8:
+        first = next(iter(e.failures.values()))
+        inner = first[0] if isinstance(first, tuple) else first
+        if not isinstance(inner, BaseException):
+            break
+        e, seen = inner, seen + 1
+    return e
+
+
+def free_bytes(where: str | os.PathLike) -> int | None:
+    """Free bytes on the file system holding ``where`` (or its nearest existing parent)."""
+    p = Path(where).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    try:
+        return shutil.disk_usage(p).free
+    except OSError:
+        return None
+
+
+def disk_full(e: OSError, where: str | os.PathLike, needed: int | None) -> OutputError:
+    """The one-line error for ENOSPC / EDQUOT while writing ``where`` (``needed`` bytes in all)."""
+    where = _output_name(where)
+    free = free_bytes(where)
+    need = f"needs {needed:,} bytes" if needed is not None else "ran out of space"
+    have = f", {free:,} bytes free there now" if free is not None else ""
+    return OutputError(f"{where}: no space left on the device ({e.strerror or e}) - the export {need}{have}; "
+                       f"free space or choose an --out on another disk (nothing was left behind)")
+
+
+def is_disk_full(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def one_line(e: BaseException) -> str:
+    """Any exception as one line: its class and the first line of its message."""
+    text = str(e).strip().splitlines()
+    first = text[0] if text else ""
+    if isinstance(e, OSError) and e.filename is not None:
+        first = f"{e.filename}: {e.strerror or first}"
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _output_name(where: str | os.PathLike) -> Path:
+    """The --out a temporary ``.NAME.partial-PID`` directory (or a file in it) stands for."""
+    p = Path(where)
+    for q in (p, *p.parents):
+        m = re.fullmatch(r"\.(.+)\.partial-\d+", q.name)
+        if m:
+            return q.parent / m.group(1)
+    return p
+
+
+@contextmanager
+def writing(where: str | os.PathLike, needed: int | None) -> Iterator[None]:
+    """Around code that writes an output of ``needed`` bytes under ``where``: a full disk becomes the
+    one-line :func:`disk_full` error, and what DCP wrapped (Ctrl-C, our own errors) is re-raised as itself."""
+    try:
+        yield
+    except BaseException as e:
+        cause = root_cause(e)
+        if is_disk_full(cause):
+            raise disk_full(cause, _output_name(where), needed) from None
+        if cause is not e and isinstance(cause, (KeyboardInterrupt, BridgeError)):
+            raise cause from None
+        raise

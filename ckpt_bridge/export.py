@@ -103,6 +103,7 @@ def _checked_source(reader: Reader, config: str | Path | None, other_models: tup
         raise BridgeError(f"--config {cfg_file}: pass a file named config.json or the directory holding it")
     if cfg_dir is None:
         raise KeyPlanError(f"{reader.path}: no config.json found; pass --config PATH (a config.json or a model dir)")
+    read_config(cfg_dir)  # its structure and model_type, before any work
     return infos, cfg_dir
 
 
@@ -316,10 +317,10 @@ def _copy_base(tmp: Path, base: Path) -> list[str]:
 
 
 def read_config(cfg_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((cfg_dir / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise BridgeError(f"{cfg_dir / 'config.json'}: cannot be read as JSON ({e})") from None
+    """config.json, checked (UTF-8, an object, field types, a model_type transformers has built in)."""
+    from .jsonfiles import check_config, read_json
+
+    return check_config(read_json(cfg_dir / "config.json"), cfg_dir / "config.json")
 
 
 def _dominant_float_dtype(plan: Plan, out_dt) -> torch.dtype:

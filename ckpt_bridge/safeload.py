@@ -78,6 +78,8 @@ def load(
     :class:`UnsafePickleError` for pickles outside the allowlist.
     """
     path = Path(path)
+    if mmap and is_legacy_format(path):
+        mmap = False  # torch can only mmap zip archives; a legacy file is read whole (see is_legacy_format)
     try:
         with quiet_loading():
             if trust_pickle:
@@ -98,6 +100,21 @@ def load(
             f"{path}: cannot be read as a torch.save archive ({first}); the file is truncated or "
             f"corrupt: copy it again from the training job's storage"
         ) from None
+
+
+def is_legacy_format(path: str | Path) -> bool:
+    """A pre-1.6 / ``_use_new_zipfile_serialization=False`` torch.save file (a bare pickle stream, not a zip).
+
+    ``torch.load`` still reads these weights-only, but not with ``mmap=True``; they are loaded whole into
+    memory instead (inspect says so).  The check is the file's magic: a legacy file starts with a pickle
+    protocol opcode (0x80), a zip with ``PK``; anything else is left to the loader's corrupt-file message.
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return False
+    return len(head) == 2 and head[0] == 0x80 and head[:2] != b"PK"
 
 
 def _unsafe_global(message: str) -> str | None:
@@ -125,3 +142,77 @@ def load_bytes(stream, *, where: str, allow_numpy: bool = True) -> Any:
                                 f"weights_only=True") from None
     except (RuntimeError, EOFError, ValueError) as e:
         raise CheckpointFormatError(f"{where}: cannot be read ({type(e).__name__}: {e}); the save is corrupt") from None
+
+
+# ---------------------------------------------------------------- DCP .metadata
+
+# DCP writes ``.metadata`` with a plain ``pickle.dump`` of a ``Metadata`` dataclass, and torch's
+# FileSystemReader reads it back with a plain ``pickle.load``: a hostile file runs any code it names.
+# These are the only globals a DCP metadata pickle of torch 2.6 - 2.15 refers to (metadata.py: the
+# dataclasses and the memory-format enum TensorProperties pickles; filesystem.py: the per-entry storage
+# info; torch.Size for sizes/offsets; dtypes as torch.<name> globals; layouts through
+# torch.serialization._get_layout, which we answer with our own name lookup).  Their construction runs
+# no code beyond setting fields (TensorProperties.__setstate__ only maps its enum back).
+_DCP_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "_MEM_FORMAT_ENCODING", "StorageMeta", "MetadataIndex",
+    ),
+    "torch.distributed.checkpoint.filesystem": ("_StorageInfo", "_StoragePrefix"),
+    # StorageMeta.checkpoint_id is the path dcp.save was given (a PurePath's constructor does no I/O)
+    "pathlib": ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"),
+    "pathlib._local": ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"),  # Python >= 3.13
+}  # fmt: skip
+
+
+class _DCPMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if name in _DCP_METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch":
+            if name == "Size":
+                return torch.Size
+            value = getattr(torch, name, None)
+            if isinstance(value, (torch.dtype, torch.layout)):  # torch.float32, torch.strided
+                return value
+        if module == "torch.serialization" and name == "_get_layout":
+            return _layout  # how torch pickles a layout: _get_layout("torch.strided")
+        if module in ("builtins", "__builtin__") and name in ("set", "frozenset", "tuple", "list", "dict"):
+            return super().find_class("builtins", name)  # plain containers (protocol < 2 pickles)
+        raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
+
+
+def _layout(name: Any) -> torch.layout:
+    value = getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(value, torch.layout):
+        raise pickle.UnpicklingError(f"{name!r} is not a torch layout")
+    return value
+
+
+def load_dcp_metadata(path: str | Path, *, trust_pickle: bool = False) -> Any:
+    """Unpickle a DCP ``.metadata`` file allowing only the classes DCP metadata is made of.
+
+    Anything else is refused with :class:`UnsafePickleError` (``trust_pickle=True`` uses plain pickle).
+    The result is checked to be a ``Metadata`` so later code can rely on its fields.
+    """
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            md = pickle.load(f) if trust_pickle else _DCPMetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        culprit = _unsafe_global(str(e))
+        if culprit is not None:
+            raise UnsafePickleError(
+                f"{path}: refusing to unpickle {culprit}: a DCP .metadata holds only DCP's metadata classes; "
+                f"if you trust where this file came from, rerun with --trust-pickle"
+            ) from None
+        raise CheckpointFormatError(f"{path}: not a DCP metadata pickle ({e}); the save is corrupt or "
+                                    f"truncated: copy it again") from None
+    except Exception as e:  # noqa: BLE001 - EOF, bad opcodes, wrong field types: all mean a corrupt file
+        raise CheckpointFormatError(f"{path}: not a DCP metadata pickle ({type(e).__name__}: {e}); the save is "
+                                    f"corrupt or truncated: copy it again") from None
+    if not isinstance(md, Metadata):
+        raise CheckpointFormatError(f"{path}: holds a {type(md).__name__}, not DCP Metadata; the save is corrupt")
+    return md

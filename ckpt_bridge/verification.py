@@ -2,7 +2,7 @@
 
 Keys are compared after the wrapper rules of :mod:`ckpt_bridge.keys`; a tied
 alias present on one side only (``lm_head.weight`` of a tied model) is not a
-difference.  Values are compared exactly by default (``torch.equal``); with
+difference.  Values are compared exactly by default (same bits: ``compare.bits_equal``); with
 ``cast_to`` both sides are cast first (the export changed dtype), with ``atol``
 a max-abs-difference tolerance applies.  One tensor per side is in memory at a
 time.  ``logits=True`` additionally loads both as transformers models and
@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .compare import bits_equal, diff
 from .detect import open_reader
 from .errors import BridgeError, KeyPlanError
 from .export import DTYPES, to_hf
@@ -43,6 +44,7 @@ class VerifyResult:
     logits_max_abs_diff: float | None = None
     logits_ok: bool | None = None
     tolerance: str = "exact"
+    nonfinite: dict[str, str] = field(default_factory=dict)  # key -> why it differs beyond max abs diff
 
     @property
     def ok(self) -> bool:
@@ -105,28 +107,33 @@ def verify(a: str | Path, b: str | Path, *, atol: float = 0.0, cast_to: str | No
             ta = ra.read(src_a[k], cast if (cast and x.dtype.is_floating_point) else None)
             tb = rb.read(src_b[k], cast if (cast and y.dtype.is_floating_point) else None)
             res.compared += 1
-            if ta.dtype == tb.dtype and torch.equal(ta, tb):
-                res.equal += 1
-                continue
-            if ta.dtype.is_floating_point or tb.dtype.is_floating_point:
-                diff = (ta.double() - tb.double()).abs()
-                d = float(diff.max()) if diff.numel() else 0.0
-                if diff.isnan().any():
-                    d = float("nan")
-            else:
-                d = float((ta.long() - tb.long()).abs().max()) if ta.numel() else 0.0
-            res.max_abs_diff = max(res.max_abs_diff, d) if d == d else float("nan")
-            if ta.dtype != tb.dtype and res.tolerance == "exact":
-                continue  # reported as a dtype difference
-            if not (d <= atol):
-                res.value_diffs.append((k, d))
-            else:
-                res.equal += 1
+            _compare_values(res, k, ta, tb, atol)
     if logits:
         res.logits_max_abs_diff = compare_logits(a, b, trust_pickle=trust_pickle)
         res.logits_ok = res.logits_max_abs_diff <= max(atol, 1e-5) if cast is None else \
             res.logits_max_abs_diff <= max(atol, 1e-2)
     return res
+
+
+def _compare_values(res: VerifyResult, key: str, ta: torch.Tensor, tb: torch.Tensor, atol: float) -> None:
+    """Exact: same bits (a NaN equals the same NaN, -0.0 differs from 0.0).  With a tolerance: finite values
+    within ``atol`` and NaN/Inf at the same positions (compare.diff)."""
+    if bits_equal(ta, tb):
+        res.equal += 1
+        return
+    d = diff(ta, tb)
+    res.max_abs_diff = max(res.max_abs_diff, d.max_abs)
+    if ta.dtype != tb.dtype and res.tolerance == "exact":
+        return  # reported as a dtype difference
+    exact = res.tolerance == "exact"
+    if d.within(atol) and not exact:
+        res.equal += 1
+        return
+    res.value_diffs.append((key, d.max_abs))
+    if d.nonfinite_mismatch:
+        res.nonfinite[key] = d.describe()
+    elif exact and d.max_abs == 0:
+        res.nonfinite[key] = "equal as numbers but the bits differ (-0.0 vs 0.0, or another NaN payload)"
 
 
 class _ModelView:
@@ -243,7 +250,8 @@ def compare_logits(a: str | Path, b: str | Path, *, trust_pickle: bool = False, 
             with torch.no_grad():
                 outs.append(model(tokens).logits)
             del model
-        return float((outs[0] - outs[1]).abs().max())
+        d = diff(outs[0], outs[1])  # the same NaN/Inf positions are equal; unmatched ones are a difference
+        return float("inf") if d.nonfinite_mismatch else d.max_abs
 
 
 def format_result(r: VerifyResult) -> str:
@@ -266,7 +274,7 @@ def format_result(r: VerifyResult) -> str:
         for k, da, db in r.dtype_diffs[:8]:
             lines.append(f"  dtype differs  {k}: {da} vs {db}")
     for k, d in r.value_diffs[:8]:
-        lines.append(f"  value differs  {k}: max abs diff {d:.3g}")
+        lines.append(f"  value differs  {k}: " + r.nonfinite.get(k, f"max abs diff {d:.3g}"))
     if r.logits_max_abs_diff is not None:
         lines.append(f"  logits max abs diff {r.logits_max_abs_diff:.3g} ({'ok' if r.logits_ok else 'DIFFERENT'})")
     lines.append("  result: " + ("EQUAL" if r.ok else "DIFFERENT"))

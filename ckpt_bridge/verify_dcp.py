@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .auxiliary import as_specs, attach_aux, parse_aux
+from .compare import bits_equal, diff
 from .dcp_export import _tensor_sha256, read_manifest
 from .errors import BridgeError, CheckpointFormatError
 from .formats.dcp import DCPReader, is_dcp_dir
@@ -57,6 +58,7 @@ class DCPVerifyResult:
     equal: int = 0
     cast_note: str = ""
     value_diffs: list[tuple[str, float]] = field(default_factory=list)
+    diff_notes: dict[str, str] = field(default_factory=dict)
     not_in_dcp: list[str] = field(default_factory=list)
     aux: dict[str, bool] = field(default_factory=dict)  # aux module -> values match the manifest hash
     unknown_extra: list[str] = field(default_factory=list)
@@ -107,15 +109,16 @@ def _checkpoint_fqns(r: DCPReader) -> dict[str, str]:
 
 def _target_model(hf_dir: Path, manifest: dict | None):
     model = build_meta_model(hf_dir)
-    specs = [parse_aux(a["spec"]) for a in (manifest or {}).get("aux", []) if a.get("kind") != "factory"]
+    specs = [parse_aux(a["spec"], origin=f"the to-dcp manifest's aux[{i}].spec")
+             for i, a in enumerate((manifest or {}).get("aux", [])) if a.get("kind") != "factory"]
     if specs:
         attach_aux(model, specs, model.config)
     return model, specs
 
 
 def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "installed",
-               loss_text: str | Path | None = None, loss_tokens: int = 2048, loss_atol: float = 1e-5
-               ) -> DCPVerifyResult:
+               loss_text: str | Path | None = None, loss_tokens: int = 2048, loss_atol: float = 1e-5,
+               trust_pickle: bool = False) -> DCPVerifyResult:
     dcp_dir, hf_dir = Path(dcp_dir), Path(hf_dir)
     if not is_dcp_dir(dcp_dir):
         raise CheckpointFormatError(f"{dcp_dir}: not a DCP folder (no .metadata or .distcp files)")
@@ -124,10 +127,10 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
     if layout_for not in LAYOUT_FOR:
         raise BridgeError(f"--layout-for {layout_for!r}: choose one of {', '.join(LAYOUT_FOR)}")
     res = DCPVerifyResult(str(dcp_dir), str(hf_dir), layout_for=layout_for, loss_atol=loss_atol)
-    r = DCPReader(dcp_dir)
+    r = DCPReader(dcp_dir, trust_pickle=trust_pickle)
     if r.problems():
         raise CheckpointFormatError(r.problems()[0])
-    hf = HFReader(hf_dir)
+    hf = HFReader(hf_dir, trust_pickle=trust_pickle)
     manifest = read_manifest(dcp_dir)
     res.checkpoint_layout = r.layout()
     dcp_info = r.tensors()
@@ -163,11 +166,15 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
         if hf.tensors()[hf_key].dtype != d.dtype:
             casts.add(f"{hf.tensors()[hf_key].dtype} -> {d.dtype}".replace("torch.", ""))
         res.compared += 1
-        if h.shape == d.shape and torch.equal(h, d):
+        if bits_equal(h, d):  # the same bits: NaN equals the same NaN, -0.0 differs from 0.0
             res.equal += 1
+        elif h.shape != d.shape:
+            res.value_diffs.append((fqn, float("inf")))
         else:
-            diff = float((h.double() - d.double()).abs().max()) if h.shape == d.shape else float("inf")
-            res.value_diffs.append((fqn, diff))
+            dd = diff(h, d)
+            res.value_diffs.append((fqn, dd.max_abs))
+            res.diff_notes[fqn] = dd.describe() if dd.nonfinite_mismatch or dd.max_abs else \
+                "equal as numbers but the bits differ (-0.0 vs 0.0, or another NaN payload)"
     if casts:
         res.cast_note = f"HF side cast {', '.join(sorted(casts))} before comparing (the dtype to-dcp wrote)"
     aux_names = {s.name for s in specs}
@@ -217,7 +224,8 @@ def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int)
         fqns = _checkpoint_fqns(r)
         have = {fqns[canonical_key(k)]: v for k, v in sd.items() if canonical_key(k) in fqns}
         state = {NEST: {k[len(NEST) + 1:]: v for k, v in have.items()}} if r.layout() == "nested" else have
-        dcp.load(state, checkpoint_id=str(r.path), no_dist=True)
+        # r's storage reader: the .metadata already read by the restricted unpickler, never pickle.load
+        dcp.load(state, storage_reader=r.storage_reader(), no_dist=True)
         after_load(model, hf_dir)
         loss_dcp = text_loss(model.eval(), tok, text, max_tokens=max_tokens)
     return loss_hf, loss_dcp, n_tokens
@@ -233,7 +241,7 @@ def format_dcp_result(res: DCPVerifyResult) -> str:
     if res.cast_note:
         lines.append(f"  {res.cast_note}")
     for k, d in res.value_diffs[:8]:
-        lines.append(f"  value differs  {k}: max abs diff {d:.3g}")
+        lines.append(f"  value differs  {k}: " + res.diff_notes.get(k, f"max abs diff {d:.3g}"))
     if res.not_in_dcp:
         lines.append(f"  HF tensors not in the checkpoint ({len(res.not_in_dcp)}): {_few(res.not_in_dcp)}")
     for name, ok in res.aux.items():

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointFormatError
+from ..errors import BridgeError, CheckpointFormatError, one_line, root_cause
 from .base import Reader, TensorInfo
 
 TRAINING_SECTIONS = ("optimizer", "lr_scheduler", "dataloader", "train_state")
@@ -28,31 +28,45 @@ def is_dcp_dir(path: Path) -> bool:
     return path.is_dir() and ((path / ".metadata").is_file() or any(path.glob("*.distcp")))
 
 
-def _cached_reader_class():
+def _safe_reader_class():
     from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
 
-    class Cached(FileSystemReader):
-        """DCP's FileSystemReader with the .metadata parsed once (dcp.load asks for it on every call)."""
+    class SafeMetadataReader(FileSystemReader):
+        """DCP's FileSystemReader with ``.metadata`` read by our restricted unpickler, once.
+
+        torch's own ``read_metadata`` is a plain ``pickle.load`` (code execution from a hostile file) and
+        ``dcp.load`` asks for it on every call.  Everything we hand to ``dcp.load`` uses this reader.
+        """
 
         def __init__(self, path: str, metadata):
             super().__init__(path)
             self._md = metadata
 
-        def read_metadata(self):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            if self._md.storage_meta is None:  # what torch's read_metadata fills in
+                self._md.storage_meta = StorageMeta()
             return self._md
 
-    return Cached
+    return SafeMetadataReader
 
 
-def _CachedMetadataReader(path: str, metadata):  # noqa: N802 - a factory standing in for a class
-    return _cached_reader_class()(path, metadata)
+def safe_storage_reader(path: str | Path, *, trust_pickle: bool = False, metadata=None):
+    """A DCP ``StorageReader`` for ``path`` whose metadata went through :func:`safeload.load_dcp_metadata`;
+    pass it as ``dcp.load(..., storage_reader=...)`` instead of ``checkpoint_id=path``."""
+    from .. import safeload
+
+    if metadata is None:
+        metadata = safeload.load_dcp_metadata(Path(path) / ".metadata", trust_pickle=trust_pickle)
+    return _safe_reader_class()(str(path), metadata)
 
 
 class DCPReader(Reader):
     format = "dcp"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, trust_pickle: bool = False):
         super().__init__(path)
+        self.trust_pickle = trust_pickle
         self.evidence.files = sorted(p.name for p in self.path.iterdir() if p.suffix == ".distcp" or p.name == ".metadata")[:6]
         self._problems: list[str] = []
         self.metadata = None
@@ -66,18 +80,19 @@ class DCPReader(Reader):
                 f"(DCP writes .metadata last); use an earlier step"
             )
             return
-        from torch.distributed.checkpoint import FileSystemReader
+        from .. import safeload
+        from .dcp_checks import metadata_problems
 
-        try:
-            self.metadata = FileSystemReader(str(self.path)).read_metadata()
-            self._storage = _CachedMetadataReader(str(self.path), self.metadata)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
-            self._problems.append(f"{meta}: cannot be read ({type(e).__name__}: {e}); the save is corrupt")
-            return
-        needed = {getattr(info, "relative_path", None) for info in (self.metadata.storage_data or {}).values()}
-        for rel in sorted(n for n in needed if n):
-            if not (self.path / rel).is_file():
-                self._problems.append(f"{self.path / rel}: referenced by .metadata but missing; copy every .distcp file")
+        # An unsafe or unreadable .metadata raises here (one line): nothing else of the folder can be trusted.
+        self.metadata = safeload.load_dcp_metadata(meta, trust_pickle=trust_pickle)
+        self._problems += metadata_problems(self.path, self.metadata)
+        if not self._problems:
+            self._storage = safe_storage_reader(self.path, metadata=self.metadata)
+
+    def storage_reader(self):
+        """The DCP StorageReader to pass to ``dcp.load`` for this folder (safe, already-checked metadata)."""
+        self._check()
+        return self._storage
 
     def problems(self) -> list[str]:
         return list(self._problems)
@@ -174,9 +189,17 @@ class DCPReader(Reader):
             key = self.model_fqns().get(key, key)
         info = infos[key]
         out = torch.empty(info.shape, dtype=info.dtype)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            dcp.load({key: out}, storage_reader=self._storage, no_dist=True)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                dcp.load({key: out}, storage_reader=self._storage, no_dist=True)
+        except BaseException as e:  # noqa: BLE001 - DCP wraps everything in CheckpointException (a BaseException)
+            cause = root_cause(e)
+            if isinstance(cause, (KeyboardInterrupt, BridgeError, MemoryError)):
+                raise cause from None
+            files = sorted({v.relative_path for k, v in self.metadata.storage_data.items() if k.fqn == key})
+            raise CheckpointFormatError(f"{self.path}: tensor {key!r} cannot be read from {', '.join(files)} "
+                                        f"({one_line(cause)}); the file is corrupt: copy it again") from None
         return out if dtype is None or dtype == out.dtype else out.to(dtype)
 
     def _bytes_entry(self, key: str) -> Any:
@@ -259,8 +282,8 @@ class DCPReader(Reader):
         return d if d is not None and (d / "config.json").is_file() else None
 
     def describe(self) -> dict[str, Any]:
-        if self.metadata is None:
-            return {"metadata": False}
+        if self.metadata is None or self._problems:  # the problems are listed once, by problems()
+            return {"metadata": self.metadata is not None}
         tensors = self.tensors()
         model = self.model_keys()
         return {

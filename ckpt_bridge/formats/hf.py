@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .. import pages, safeload
+from .. import jsonfiles, pages, safeload
 from ..errors import CheckpointFormatError
-from .base import Reader, TensorInfo, read_json
+from ..jsonfiles import read_json
+from .base import Reader, TensorInfo
 
 _ST_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -29,13 +30,19 @@ def weight_files(path: Path) -> tuple[str, list[Path]]:
     """("safetensors"|"bin"|"", files) for a directory, preferring safetensors like transformers does."""
     for index, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
         if (path / index).is_file():
-            weight_map = read_json(path / index).get("weight_map", {})
+            weight_map = read_json(path / index, jsonfiles.INDEX, required=("weight_map",))["weight_map"]
             return kind, [path / f for f in dict.fromkeys(weight_map.values())]
     if (path / "model.safetensors").is_file():
         return "safetensors", [path / "model.safetensors"]
     if (path / "pytorch_model.bin").is_file():
         return "bin", [path / "pytorch_model.bin"]
     return "", []
+
+
+def legacy_notes(files: list[Path]) -> list[str]:
+    """What inspect says about legacy (non-zip) torch.save files: they cannot be memory-mapped."""
+    return [f"{f.name}: legacy (non-zip) torch.save format: loaded whole into memory (no mmap), weights-only"
+            for f in files if f.is_file() and safeload.is_legacy_format(f)]
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -55,6 +62,8 @@ class HFReader(Reader):
         if (self.path / "config.json").is_file():
             self.evidence.files.append("config.json")
         self._problems = [f"{p}: listed in the index but missing" for p in self.files if not p.is_file()]
+        if self.kind == "bin":
+            self.evidence.notes += legacy_notes(self.files)
         self._where: dict[str, Path] = {}
         self._info: dict[str, TensorInfo] | None = None
         self._bins: dict[Path, dict[str, Any]] = {}

@@ -34,6 +34,9 @@ class TorchFileReader(Reader):
     def __init__(self, path: Path, *, trust_pickle: bool = False):
         super().__init__(path)
         self.evidence.files = [self.path.name]
+        if safeload.is_legacy_format(self.path):
+            self.evidence.notes.append(f"{self.path.name}: legacy (non-zip) torch.save format: loaded whole into "
+                                       f"memory (no mmap), weights-only")
         obj = safeload.load(self.path, mmap=True, trust_pickle=trust_pickle)
         self._tensors: dict[str, torch.Tensor] = {}
         self.non_tensor: list[str] = []

@@ -40,7 +40,9 @@ from torch.distributed.tensor import DTensor
 from .. import pages, safeload
 from ..errors import CheckpointFormatError
 from ..layout import Placement, local_region, placements_of, source_coords
-from .base import Reader, TensorInfo, read_json
+from ..compare import bits_equal, deep_equal
+from ..jsonfiles import FSDP_CONFIG, read_json
+from .base import Reader, TensorInfo
 
 _RANK_FILE = re.compile(r"^(model|optim|extra_state)_world_size_(\d+)_rank_(\d+)\.pt$")
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
@@ -125,7 +127,7 @@ class VerlFSDPReader(Reader):
         self.fsdp_config = None
         cfg = self.path / "fsdp_config.json"
         if cfg.is_file():
-            self.fsdp_config = read_json(cfg)
+            self.fsdp_config = read_json(cfg, FSDP_CONFIG)
             self.evidence.notes.append(f"fsdp_config.json: {self.fsdp_config}")
             ws = self.fsdp_config.get("world_size")
             if len(model_sizes) == 1 and ws is not None and ws != self.world_size:
@@ -355,7 +357,7 @@ class VerlFSDPReader(Reader):
         base = self._sd(0)[key]
         for r in range(1, self.world_size):
             other = self._sd(r)[key]
-            same = torch.equal(base, other)
+            same = bits_equal(base, other)  # NaN on every rank is a copy; -0.0 vs 0.0 is not
             pages.release(other)
             if not same:
                 raise CheckpointFormatError(
@@ -389,7 +391,7 @@ class VerlFSDPReader(Reader):
                 raise CheckpointFormatError(f"{f}: expected a dict with lr_scheduler/rng, found {type(st).__name__}")
             if r == 0:
                 lr = st.get("lr_scheduler")
-            elif not _deep_equal(st.get("lr_scheduler"), lr):
+            elif not deep_equal(st.get("lr_scheduler"), lr):
                 raise CheckpointFormatError(
                     f"{f}: lr_scheduler state on rank {r} differs from rank 0's; the extra_state files "
                     f"come from different saves"
@@ -466,15 +468,3 @@ def _pread_into(fd: int, offset: int, dst: torch.Tensor, path: Path, key: str) -
             raise CheckpointFormatError(f"{path}: key {key!r}: file ends before the tensor data; it is truncated")
         done += n
 
-
-def _deep_equal(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_deep_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_deep_equal(x, y) for x, y in zip(a, b))
-    try:
-        return bool(a == b)
-    except Exception:
-        return False

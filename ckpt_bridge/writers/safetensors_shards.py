@@ -21,6 +21,8 @@ from typing import BinaryIO
 
 import torch
 
+from ..errors import BridgeError, writing
+
 _DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -51,7 +53,9 @@ class ShardedSafetensorsWriter:
         size = 0
         for name, shape, dtype in specs:
             if dtype not in _DTYPE_NAMES:
-                raise ValueError(f"{name}: dtype {dtype} cannot be stored in safetensors")
+                kind = str(dtype).replace("torch.", "")
+                raise BridgeError(f"{name}: dtype {kind} cannot be stored in safetensors (it has no {kind}); "
+                                  f"convert that tensor in the source (e.g. torch.view_as_real) or export to DCP")
             n = _nbytes(shape, dtype)
             if shards[-1] and size + n > max_shard_size:
                 shards.append([])
@@ -90,6 +94,10 @@ class ShardedSafetensorsWriter:
         self._left_in_file = len(entries)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        with writing(self.out_dir, self.total_size):
+            self._write(name, tensor)
+
+    def _write(self, name: str, tensor: torch.Tensor) -> None:
         expected = self._order[self._next]
         if name != expected:
             raise RuntimeError(f"tensor {name!r} written out of plan order (expected {expected!r})")
@@ -112,6 +120,10 @@ class ShardedSafetensorsWriter:
 
     def close(self) -> list[str]:
         """Finish; writes the index when sharded.  Returns the files written."""
+        with writing(self.out_dir, self.total_size):
+            return self._close()
+
+    def _close(self) -> list[str]:
         if self._next != len(self._order):
             raise RuntimeError(f"only {self._next} of {len(self._order)} planned tensors were written")
         if self._file_index < 0:  # an empty model: still write a valid file
