@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Detect the format (verl FSDP actor dir, Hugging Face dir, DCP step folder, torch-save file), "
         "say which files decided it, and list tensors, parameters, bytes, dtypes, layout and every problem "
         "visible without reading tensor data: missing ranks, mixed world sizes, missing .metadata, "
-        "placements that disagree across ranks.",
+        "placements that disagree across ranks. Exit 0 when no problem is found, 2 when the report lists any.",
     )
     pi.add_argument("path", help="checkpoint directory or file")
     _common(pi, "the report")
@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="dtype of floating tensors in the export (default: keep the trained dtype)")
     ph.add_argument("--max-shard-size", default="5GB", metavar="SIZE", help="safetensors shard size (default 5GB)")
     ph.add_argument("--config", metavar="PATH", help="config.json (or a dir with one) when the checkpoint has none "
-                    "(a to-dcp manifest names its source dir, which is used when it still exists)")
+                    "inside it (a path recorded in a to-dcp manifest is not followed; the error names it)")
     ph.add_argument("--tokenizer", metavar="DIR", help="copy tokenizer files from DIR (default: the config's dir)")
     ph.add_argument("--aux", default="separate", choices=["separate", "drop", "inline"],
                     help="auxiliary modules (prefixes a to-dcp manifest names, --aux-prefix, or any top-level "
@@ -92,7 +92,11 @@ def _parser() -> argparse.ArgumentParser:
     ph.add_argument("--aux-prefix", action="append", default=[], metavar="NAME",
                     help="treat keys under NAME. as an auxiliary module (repeatable)")
     ph.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
-    ph.add_argument("--dry-run", action="store_true", help="check everything and print the key plan; write nothing")
+    ph.add_argument("--dry-run", action="store_true", help="check everything the real run reads (structure, "
+                    "layouts, key plan, config, extra state of every rank, --out) and print the key plan; write "
+                    "nothing, read no tensor data")
+    ph.add_argument("--allow-missing-rng", action="store_true", help="a DCP step whose saved rng lacks a rank: "
+                    "export anyway, recording a warning in trainer_state.json (default: refuse)")
     ph.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(ph, "the summary")
 
@@ -214,7 +218,7 @@ def _run(args: argparse.Namespace) -> int:
 
         report = inspect(args.path, trust_pickle=args.trust_pickle)
         print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
-        return 0
+        return 2 if report["problems"] else 0
     if args.verb == "to-hf":
         return _to_hf(args)
     if args.verb == "to-dcp":
@@ -247,21 +251,19 @@ def _failure(e: BaseException) -> tuple[str, int]:
 
 
 def _to_hf(args: argparse.Namespace) -> int:
-    from .detect import open_reader
-    from .export import plan_export, to_hf
+    from .export import to_hf
 
-    if args.dry_run:
-        with open_reader(args.src, trust_pickle=args.trust_pickle) as reader:
-            plan, cfg_dir = plan_export(reader, args.config, args.aux_prefix)
-            print(f"# {reader.format} {reader.path} -> {plan.model_class} (config {cfg_dir / 'config.json'})")
-            print("\n".join(plan.lines()))
-            for note in plan.notes:
-                print(f"# {note}")
-        return 0
     s = to_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, config=args.config,
               tokenizer=args.tokenizer, aux=args.aux, aux_prefixes=args.aux_prefix,
               models=[m for m in args.models.split(",") if m], base=args.base,
-              overwrite=args.overwrite, trust_pickle=args.trust_pickle, progress=False if args.quiet else None)
+              overwrite=args.overwrite, trust_pickle=args.trust_pickle, progress=False if args.quiet else None,
+              allow_missing_rng=args.allow_missing_rng, dry_run=args.dry_run)
+    if args.dry_run:  # the same checks as the real run (extra state and --out included), no tensor data read
+        print(f"# {s.source_format} {s.source} -> {s.model_class} (config {s.config})")
+        print("\n".join(s.plan_lines))
+        for w in s.warnings:
+            print(f"ckpt-bridge to-hf: warning: {w}", file=sys.stderr)
+        return 0
     for w in s.warnings:
         print(f"ckpt-bridge to-hf: warning: {w}", file=sys.stderr)
     if args.json:

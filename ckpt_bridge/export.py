@@ -23,12 +23,14 @@ from typing import Any
 import torch
 
 from .detect import open_reader
-from .errors import BridgeError, KeyPlanError
+from .confine import is_inside
+from .errors import BridgeError, CheckpointFormatError, KeyPlanError
+from .export_marker import write_marker
 from .formats.base import Reader
 from .keys import canonicalize, expected_model, plan_hf_export, value_head
 from .plan import Plan, Transform, execute, rename
 from .progress import Progress
-from .writers.atomic import AtomicDir
+from .writers.atomic import AtomicDir, check_target
 from .writers.safetensors_shards import ShardedSafetensorsWriter, parse_size
 
 log = logging.getLogger("ckpt_bridge")
@@ -60,6 +62,8 @@ class ExportSummary:
     global_step: int | None = None
     aux: dict[str, list[str]] = field(default_factory=dict)  # aux module -> keys
     aux_mode: str = "separate"
+    config: str = ""
+    plan_lines: list[str] = field(default_factory=list)  # --dry-run: the checked key plan
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -74,9 +78,22 @@ def target_dtype(dtype: str) -> torch.dtype | None:
 
 
 def _config_dir(reader: Reader, config: str | Path | None) -> tuple[Path | None, Path | None]:
-    """(directory holding config.json, explicit config.json file or None)."""
+    """(directory holding config.json, explicit config.json file or None).
+
+    Without ``config`` the checkpoint's own config dir is used, and every file
+    we would read or copy from it (config, generation config, tokenizer) must
+    resolve inside the checkpoint folder (see :mod:`ckpt_bridge.confine`).
+    """
     if config is None:
-        return reader.hf_config_dir(), None
+        d = reader.hf_config_dir()
+        if d is not None:
+            root = reader.path if reader.path.is_dir() else reader.path.parent
+            for f in [d / "config.json", d / "generation_config.json", *_tokenizer_files(d)]:
+                if f.exists() and not is_inside(root, f):
+                    raise CheckpointFormatError(
+                        f"{f}: resolves outside the checkpoint folder {root} (a symlink?); refused; pass "
+                        f"--config/--tokenizer explicitly to use files from elsewhere")
+        return d, None
     p = Path(config)
     if p.is_dir() and (p / "config.json").is_file():
         return p, None
@@ -102,7 +119,10 @@ def _checked_source(reader: Reader, config: str | Path | None, other_models: tup
     if cfg_file is not None and cfg_file.name != "config.json":
         raise BridgeError(f"--config {cfg_file}: pass a file named config.json or the directory holding it")
     if cfg_dir is None:
-        raise KeyPlanError(f"{reader.path}: no config.json found; pass --config PATH (a config.json or a model dir)")
+        recorded = reader.recorded_config_dir() if hasattr(reader, "recorded_config_dir") else None
+        hint = (f"; its manifest records the source {recorded}, which is outside the checkpoint and not followed: "
+                f"pass --config {recorded} to use it" if recorded else "")
+        raise KeyPlanError(f"{reader.path}: no config.json found{hint or '; pass --config PATH (a config.json or a model dir)'}")
     read_config(cfg_dir)  # its structure and model_type, before any work
     return infos, cfg_dir
 
@@ -168,6 +188,8 @@ def to_hf(
     overwrite: bool = False,
     trust_pickle: bool = False,
     progress: bool | None = None,
+    allow_missing_rng: bool = False,
+    dry_run: bool = False,
 ) -> ExportSummary:
     """Export the checkpoint at ``src`` to a Hugging Face directory ``out``.
 
@@ -187,6 +209,13 @@ def to_hf(
     the meta device; its keys, shapes and conversion groups are cached per
     config.json and transformers version, so a warm run never imports
     transformers unless a conversion has to run) before ``out`` exists.
+
+    ``dry_run``: every check the real run makes on its input and output
+    location - structure, per-key layouts, the confirmed key plan, config and
+    tokenizer, the full extra state (every rank's rng and lr_scheduler) - and
+    no tensor data read, nothing written; ``summary.plan_lines`` holds the plan.
+    ``allow_missing_rng``: a DCP step whose hook-saved rng lacks a rank
+    exports with a warning recorded in the output instead of failing.
     """
     t0 = time.perf_counter()
     cast = target_dtype(dtype)
@@ -209,6 +238,7 @@ def to_hf(
     if config is None and base_dir is not None:
         config = base_dir
     with open_reader(src, trust_pickle=trust_pickle) as reader:
+        reader.allow_missing_rng = allow_missing_rng  # DCP: a rank without rng is a warning, not an error
         all_infos, cfg_dir = _checked_source(reader, config, others)
         where = str(reader.path)
         infos, aux_keys = split_aux(all_infos, reader, cfg_dir, aux_prefixes, where)
@@ -229,6 +259,14 @@ def to_hf(
         sep_tf = aux_tf if aux == "separate" else []
         out_dt = _out_dtype(cast)
         protect = tuple(p for p in (Path(src), reader.path, cfg_dir, tok_dir, base_dir) if p is not None)
+        if dry_run:  # everything the real run reads before writing, minus tensor data
+            check_target(out, overwrite=overwrite, protect=protect)
+            extra = reader.extra_state()
+            summary.model_class, summary.extra_state = plan.model_class, bool(extra)
+            summary.warnings += (extra or {}).get("warnings", [])
+            summary.plan_lines = plan.lines() + [f"# {n}" for n in plan.notes]
+            summary.config = str(cfg_dir / "config.json")
+            return summary
         with AtomicDir(out, overwrite=overwrite, protect=protect) as tmp:
             writer = ShardedSafetensorsWriter(tmp, _planned(main_tf, out_dt), shard_bytes)
             aux_writer = ShardedSafetensorsWriter(tmp, _planned(sep_tf, out_dt), shard_bytes, prefix=AUX_FILE) \
@@ -274,6 +312,11 @@ def to_hf(
                 summary.files += write_extra_state(tmp, extra, source=str(reader.path))
                 summary.extra_state = True
                 summary.global_step = extra.get("global_step")
+                summary.warnings += extra.get("warnings", [])
+            summary.files.append(write_marker(
+                tmp, source=reader.path, source_format=reader.format,
+                parts=["model"] + (["extra_state"] if extra else []),
+                rng_ranks=sorted(extra.get("rng", {})) if extra else [], warnings=summary.warnings))
     summary.seconds = time.perf_counter() - t0
     return summary
 
@@ -354,12 +397,15 @@ def _write_configs(tmp: Path, cfg_dir: Path, plan: Plan, written: torch.dtype) -
     return ["config.json", "generation_config.json"]
 
 
+def _tokenizer_files(d: Path) -> list[Path]:
+    return [p for p in sorted(d.iterdir()) if p.is_file() and p.name.startswith(TOKENIZER_PREFIXES)]
+
+
 def _copy_tokenizer(tmp: Path, cfg_dir: Path, summary: ExportSummary) -> list[str]:
     copied = []
-    for p in sorted(cfg_dir.iterdir()):
-        if p.is_file() and p.name.startswith(TOKENIZER_PREFIXES):
-            shutil.copy2(p, tmp / p.name)
-            copied.append(p.name)
+    for p in _tokenizer_files(cfg_dir):
+        shutil.copy2(p, tmp / p.name)
+        copied.append(p.name)
     if not any(n.startswith("tokenizer") for n in copied):
         summary.warnings.append(
             f"no tokenizer files in {cfg_dir}; the export has weights and config only "
@@ -403,6 +449,7 @@ def write_extra_state(tmp: Path, extra: dict[str, Any], *, source: str) -> list[
         "restore": "torch.load('extra_state_merged.pt', weights_only=False) is trusted output of ckpt-bridge; "
                    "rng[rank] holds python/numpy/torch (and cuda) states",
         "source": source,
+        "warnings": extra.get("warnings", []),
     }
     (tmp / "trainer_state.json").write_text(json.dumps(trainer, indent=2) + "\n")
     return ["extra_state_merged.pt", "lr_scheduler_state.json", "trainer_state.json"]

@@ -1,5 +1,6 @@
 """``inspect``: what a checkpoint is, why we think so, and what is wrong with it,
-all from metadata (no tensor data is read)."""
+all from metadata (no tensor data is read).  The CLI exits 2 when the report
+lists any problem, 0 only when there is none."""
 
 from __future__ import annotations
 
@@ -22,6 +23,12 @@ def inspect(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Any]:
         try:
             if isinstance(reader, VerlFSDPReader):
                 infos = reader.rank0_tensors() if 0 in reader.files["model"].get(reader.world_size, {}) else {}
+                if not problems:
+                    for r in range(1, reader.world_size):  # a refused/corrupt rank file: one problem, not one per key
+                        try:
+                            reader._sd(r)
+                        except BridgeError as e:
+                            problems.append(str(e))
                 if not problems:
                     for key in infos:  # cross-rank placement checks: metadata only
                         try:
@@ -49,7 +56,7 @@ def inspect(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Any]:
             report["details"] = {}
         cfg = reader.hf_config_dir()
         report["config"] = str(cfg / "config.json") if cfg else None
-        report["problems"] = problems
+        report["problems"] = list(dict.fromkeys(problems))  # each problem once
     return report
 
 

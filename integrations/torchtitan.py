@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,9 @@ from torch import nn
 
 from ckpt_bridge.auxiliary import as_specs
 from ckpt_bridge.dcp_export import MANIFEST, to_dcp
-from ckpt_bridge.errors import BridgeError
+from ckpt_bridge.confine import is_inside
+from ckpt_bridge.errors import BridgeError, OutputError
+from ckpt_bridge.export_marker import read_marker
 from ckpt_bridge.formats.hf import weight_files
 from ckpt_bridge.model_fixups import AfterLoadReport, ConfigMismatchError, after_load  # noqa: F401 - re-exported
 from ckpt_bridge.trainer_keys import torchtitan_version
@@ -221,6 +224,31 @@ def restore_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+_TITAN_STEP = re.compile(r"step-(\d+)")  # how torchtitan finds its checkpoints (to load and to purge)
+
+
+def check_export_name(folder: Path, name: str) -> None:
+    """Refuse an ``HFExport.name`` whose exports would be, contain or lie inside a checkpoint ``step-N`` folder.
+
+    A folder whose name torchtitan's ``re.search(r"step-(\\d+)")`` matches
+    *is* a checkpoint to it: loaded on resume, deleted by ``keep_latest_k``.
+    """
+    try:
+        out = (folder / name.format(step=1)).absolute()
+    except (KeyError, IndexError, ValueError) as e:
+        raise OutputError(f"HFExport.name {name!r}: not a format string with only {{step}} ({e})") from None
+    base = folder.absolute()
+    if is_inside(out, base):
+        raise OutputError(f"HFExport.name {name!r}: the export {out} is or contains the checkpoint folder {base}; "
+                          f"use a subfolder such as 'hf/step-{{step}}'")
+    if is_inside(base, out):
+        first = out.relative_to(base).parts[0] if out != base else ""
+        if _TITAN_STEP.search(first):
+            raise OutputError(f"HFExport.name {name!r}: {base / first} is (or would count as) a checkpoint step "
+                              f"folder; exports there would be written into, or purged with, the checkpoints; "
+                              f"use a subfolder such as 'hf/step-{{step}}'")
+
+
 class ExportHook:
     """Runs after every checkpoint save of one CheckpointManager (see :func:`attach`)."""
 
@@ -231,6 +259,7 @@ class ExportHook:
             raise BridgeError(f"HFExport.every={export.every}: must be >= 1")
         if not (Path(export.hf_config) / "config.json").is_file():
             raise BridgeError(f"HFExport.hf_config {export.hf_config}: no config.json there")
+        check_export_name(Path(manager.folder), export.name)
         self.manager, self.export = manager, export
         self.saves = 0
         self.results: list[ExportResult] = []
@@ -285,11 +314,16 @@ class ExportHook:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{step_dir}: save not complete after {self.export.timeout:.0f}s")
                 time.sleep(0.2)
+            if is_inside(step_dir, out) or is_inside(out, step_dir):
+                raise RuntimeError(f"{out}: is, contains or lies inside the checkpoint {step_dir}; not exported")
+            if out.exists() and read_marker(out) is None:
+                raise RuntimeError(f"{out}: exists and is not a ckpt-bridge export; left alone")
             # A separate process: the export never competes with training for the GIL, and a crash in it
-            # cannot take the trainer down.  to-hf writes under a temporary name and renames at the end.
+            # cannot take the trainer down.  to-hf writes under a temporary name and renames at the end;
+            # --overwrite replaces only our own earlier export of this step (checked just above).
             cmd = [sys.executable, "-m", "ckpt_bridge", "to-hf", str(step_dir), "--out", str(out), "--config",
                    str(self.export.hf_config), "--dtype", self.export.dtype, "--aux", self.export.aux,
-                   "--max-shard-size", self.export.max_shard_size, "--quiet", "--overwrite"]
+                   "--max-shard-size", self.export.max_shard_size, "--quiet"] + (["--overwrite"] if out.exists() else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.export.timeout)
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else

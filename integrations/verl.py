@@ -6,7 +6,8 @@ verl 0.9.1's v1 PPO trainer calls ``on_save`` on the driver after the actor
 (and critic) saves and ``latest_checkpointed_iteration.txt``.  An exception
 there aborts training, so this callback never raises: it checks that every
 rank file is visible (on multi-node runs the driver sees them only on shared
-storage), then starts ``ckpt-bridge to-hf`` in a separate background process
+storage) and that the export location is not on or around a source checkpoint,
+then starts ``ckpt-bridge to-hf`` in a separate background process
 (the next step is not delayed) and logs how earlier exports ended.
 
 Settings: keyword arguments of a subclass's ``super().__init__``, or
@@ -29,7 +30,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ckpt_bridge.watch import clear_stale_partials, export_dir, rank_files_problem, rotate
+from ckpt_bridge.errors import BridgeError
+from ckpt_bridge.watch import export_dir, rotate, step_action
 
 log = logging.getLogger("ckpt_bridge")
 
@@ -69,19 +71,23 @@ class HFExportCallback(CheckpointCallback):
 
     def _start(self, step: int, step_dir: Path, role: str) -> None:
         src = step_dir / role
-        out = export_dir(step_dir, role, self.out_root)
-        problem = rank_files_problem(src)
-        if problem:
-            log.error("ckpt-bridge: not exporting step %s %s: %s", step, role, problem)
-            self.finished.append({"step": step, "role": role, "out": str(out), "ok": False, "message": problem})
+        try:  # the same rules as `ckpt-bridge watch`: location, completeness, our own marker
+            action, out, why = step_action(step_dir.parent, step, role, self.out_root)
+        except BridgeError as e:  # an export location on/around a source checkpoint: refused, nothing started
+            action, out, why = "refuse", export_dir(step_dir, role, self.out_root), str(e)
+        if action == "skip":
             return
-        clear_stale_partials(out)
+        if action in ("wait", "refuse"):
+            log.error("ckpt-bridge: not exporting step %s %s: %s", step, role, why)
+            self.finished.append({"step": step, "role": role, "out": str(out), "ok": False, "message": why})
+            return
         # The log goes to the temp dir, never into the checkpoint; it is removed after a success.
         fd, name = tempfile.mkstemp(prefix=f"ckpt-bridge-export-step{step}-{role}-", suffix=".log")
         os.close(fd)
         log_file = Path(name)
+        # --overwrite only to redo our own export that lacked a part; anything else at `out` was refused above
         cmd = [sys.executable, "-m", "ckpt_bridge", "to-hf", str(src), "--out", str(out), "--dtype", self.dtype,
-               "--quiet", "--overwrite"]
+               "--quiet"] + (["--overwrite"] if action == "redo" else [])
         with open(log_file, "w") as lf:
             # Its own session: the export is not killed by a Ctrl-C meant for the trainer's foreground.
             proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)

@@ -125,3 +125,20 @@ def gloo1(tmp_path_factory):
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     yield
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def titan_two_rank_run(tiny_hf_factory, tmp_path_factory):
+    """A real 2-rank TorchTitan run under torchrun with the ckpt-bridge save hook (tiny OLMo-2, 4 steps, saves at
+    2 and 4): (per-rank records, run dir, HF dir).  Shared by the export and the incomplete-save tests (one
+    torchrun job); treat as read-only: copy a step folder before damaging it."""
+    import json
+
+    from ckpt_bridge.testing.harness import run_torchrun
+
+    hf = tiny_hf_factory("olmo2")
+    tmp = tmp_path_factory.mktemp("titan-two-rank")
+    out = tmp / "result.json"
+    run_torchrun(["ckpt_bridge.testing.titan_save", "--hf", str(hf), "--dump", str(tmp / "run"),
+                  "--out", str(out), "--steps", "4", "--interval", "2"], nproc=2, timeout=400)
+    return json.loads(out.read_text()), tmp / "run", hf

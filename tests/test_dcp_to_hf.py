@@ -45,8 +45,8 @@ def load_pretrained(d: Path):
 def test_round_trip_through_to_dcp_with_aux(tiny_hf_factory, tmp_path, capsys):
     hf = tiny_hf_factory("olmo2")
     to_dcp(hf, tmp_path / "dcp", aux=["future_predictor", "action_layer:linear:16"], progress=False)
-    # no --config: the to-dcp manifest names the source dir (config and tokenizer)
-    assert cli(["to-hf", str(tmp_path / "dcp"), "--out", str(tmp_path / "back"), "--quiet"]) == 0
+    # the manifest's recorded source dir lies outside the DCP folder: followed only when passed explicitly
+    assert cli(["to-hf", str(tmp_path / "dcp"), "--out", str(tmp_path / "back"), "--quiet", "--config", str(hf)]) == 0
     assert "aux module future_predictor: 2 tensor(s), aux_modules.safetensors" in capsys.readouterr().out
     back, src = hf_state(tmp_path / "back"), hf_state(hf)
     assert set(back) == set(src) and all(torch.equal(back[k], src[k]) for k in src)
@@ -56,9 +56,9 @@ def test_round_trip_through_to_dcp_with_aux(tiny_hf_factory, tmp_path, capsys):
     _, info = load_pretrained(tmp_path / "back")
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
-    to_hf(tmp_path / "dcp", tmp_path / "drop", aux="drop", progress=False)
+    to_hf(tmp_path / "dcp", tmp_path / "drop", aux="drop", config=hf, progress=False)
     assert not (tmp_path / "drop" / "aux_modules.safetensors").exists()
-    to_hf(tmp_path / "dcp", tmp_path / "inline", aux="inline", progress=False)
+    to_hf(tmp_path / "dcp", tmp_path / "inline", aux="inline", config=hf, progress=False)
     assert {"future_predictor.weight", "action_layer.bias"} <= set(hf_state(tmp_path / "inline"))
 
 

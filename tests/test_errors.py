@@ -50,7 +50,7 @@ def test_missing_rank_file(damaged, tmp_path, capsys):
     msg = assert_refused(capsys, tmp_path / "out", damaged, match="model_world_size_3_rank_1.pt")
     assert "2 of 3 present" in msg
     code, report, _ = run_cli(capsys, "inspect", damaged)
-    assert code == 0 and "missing rank file" in report
+    assert code == 2 and "missing rank file" in report  # inspect exits 2 when it lists problems
 
 
 def test_truncated_rank_file(damaged, tmp_path, capsys):

@@ -14,7 +14,6 @@ import torch
 from safetensors.torch import load_file
 
 from ckpt_bridge.integrations.torchtitan import restore_rng_state
-from ckpt_bridge.testing.harness import run_torchrun
 from ckpt_bridge.testing.titan_save import draws, run
 
 
@@ -54,19 +53,15 @@ def check_export(rec_all: list[dict], dump: Path, hf: Path, step: int, steps: in
     assert opt.optimizers[0].param_groups[0]["lr"] == rec_all[0]["lr_after_step"][str(step + 1)]
 
 
-def test_two_rank_run_exports_every_save(tiny_hf_factory, tmp_path):
-    hf = tiny_hf_factory("olmo2")
-    out = tmp_path / "result.json"
-    run_torchrun(["ckpt_bridge.testing.titan_save", "--hf", str(hf), "--dump", str(tmp_path / "run"),
-                  "--out", str(out), "--steps", "4", "--interval", "2"], nproc=2, timeout=400)
-    recs = json.loads(out.read_text())
+def test_two_rank_run_exports_every_save(titan_two_rank_run):
+    recs, run_dir, hf = titan_two_rank_run
     assert [r["rank"] for r in recs] == [0, 1] and recs[0]["saved"] == [2, 4]
     assert [(e["step"], e["ok"]) for e in recs[0]["exports"]] == [(2, True), (4, True)]
     assert recs[0]["draws"]["3"] != recs[1]["draws"]["3"]  # ranks really have different rng streams
     for step in (2, 4):
-        check_export(recs, tmp_path / "run", hf, step, 4)
+        check_export(recs, run_dir, hf, step, 4)
     # torchtitan's own scans still see exactly the two checkpoints (the exports live under hf/)
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoint").iterdir()) == ["hf", "step-2", "step-4"]
+    assert sorted(p.name for p in (run_dir / "checkpoint").iterdir()) == ["hf", "step-2", "step-4"]
 
 
 def test_async_save_is_awaited_before_export(gloo1, tiny_hf_factory, tmp_path):

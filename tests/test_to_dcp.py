@@ -403,6 +403,6 @@ def test_one_tensor_in_memory_at_a_time(tiny_hf_factory, tmp_path, monkeypatch, 
     if direction == "to_dcp":
         to_dcp(hf, tmp_path / "out", progress=False)
     else:
-        to_hf(tmp_path / "dcp", tmp_path / "out", progress=False)
+        to_hf(tmp_path / "dcp", tmp_path / "out", config=hf, progress=False)
     assert len(issued) >= 25
     assert peak[0] <= 2  # the tensor being written and, for to-hf, the one read ahead

@@ -95,7 +95,10 @@ class DCPReader(Reader):
         return self._storage
 
     def problems(self) -> list[str]:
-        return list(self._problems)
+        missing = self.missing_rng_ranks() if self.metadata is not None else []
+        rng = [f"{self.path / RNG_DIR}: no rng file for rank(s) {missing} of world size {self.world_size()}; "
+               f"to-hf refuses it (or exports without it under --allow-missing-rng)"] if missing else []
+        return list(self._problems) + rng
 
     def _check(self) -> None:
         if self._problems:
@@ -211,7 +214,9 @@ class DCPReader(Reader):
         from .. import safeload
 
         info = self.metadata.storage_data[MetadataIndex(key)]
-        with open(self.path / info.relative_path, "rb") as f:
+        from ..confine import confined
+
+        with open(confined(self.path, info.relative_path, source=self.path / ".metadata", what="data file"), "rb") as f:
             f.seek(info.offset)
             blob = f.read(info.length)
         return safeload.load_bytes(io.BytesIO(blob), where=f"{self.path / info.relative_path} entry {key!r}")
@@ -242,44 +247,93 @@ class DCPReader(Reader):
 
             m = re.search(r"step-(\d+)", self.path.name)
             step = int(m.group(1)) if m else None
-        rng = self.rng_states()
-        if rng:
+        rng, missing = self.rng_states(), self.missing_rng_ranks()
+        if rng or missing:
             out["rng"] = rng
-            out["world_size"] = len(rng)
+            out["world_size"] = self.world_size()
+        if missing:
+            out["rng_missing_ranks"] = missing
+            out["warnings"] = [f"{self.path / RNG_DIR}: no rng state for rank(s) {missing} of world size "
+                               f"{self.world_size()} (--allow-missing-rng); those ranks cannot resume their rng"]
         if out:
             out["global_step"] = step
         return out
 
-    def rng_states(self) -> dict[int, Any]:
-        """Every rank's rng state, when the ckpt-bridge save hook stored it (``RNG_DIR/rank_R.pt``)."""
+    def world_size(self) -> int:
+        """How many ranks wrote this save, from the DCP itself: ``__R_N.distcp`` files the metadata references."""
         import re
 
-        from .. import safeload
+        names = [Path(getattr(info, "relative_path", "") or "").name
+                 for info in ((self.metadata.storage_data or {}).values() if self.metadata is not None else ())]
+        names += [p.name for p in self.path.glob("__*.distcp")]  # a rank with nothing to write leaves an empty file
+        ranks = {int(m.group(1)) for n in names if (m := re.fullmatch(r"__(\d+)_\d+\.distcp", n))}
+        return max(ranks) + 1 if ranks else 1
+
+    def _rng_files(self) -> dict[int, Path]:
+        import re
 
         d = self.path / RNG_DIR
-        if not d.is_dir():
-            return {}
-        out = {}
-        for f in d.glob("rank_*.pt"):
+        found = {}
+        for f in d.glob("rank_*.pt") if d.is_dir() else ():
             m = re.fullmatch(r"rank_(\d+)\.pt", f.name)
             if m:
-                out[int(m.group(1))] = safeload.load(f, mmap=False, allow_numpy=True)
-        ranks = sorted(out)
-        if ranks != list(range(len(ranks))):
-            raise CheckpointFormatError(f"{d}: rng files for ranks {ranks}; expected 0..{len(ranks) - 1} with none "
-                                        f"missing (an interrupted save?)")
-        return {r: out[r] for r in ranks}
+                found[int(m.group(1))] = f
+        return found
+
+    def missing_rng_ranks(self) -> list[int]:
+        """Ranks of this save with no rng file, when the hook saved rng for any (else [])."""
+        found = self._rng_files()
+        return sorted(set(range(self.world_size())) - set(found)) if found else []
+
+    def rng_states(self) -> dict[int, Any]:
+        """Every rank's rng state, when the ckpt-bridge save hook stored it (``RNG_DIR/rank_R.pt``).
+
+        The ranks must be exactly those of the DCP save (:meth:`world_size`): a
+        missing one is an error, unless ``allow_missing_rng`` (then
+        :meth:`extra_state` records a warning that travels into the export).
+        """
+        from .. import safeload
+
+        found = self._rng_files()
+        if not found:
+            return {}
+        d, world = self.path / RNG_DIR, self.world_size()
+        extra = sorted(set(found) - set(range(world)))
+        if extra:
+            raise CheckpointFormatError(f"{d}: rng files for rank(s) {extra}, but the DCP save has world size {world} "
+                                        f"(from its .distcp files); the folder mixes two saves")
+        missing = self.missing_rng_ranks()
+        if missing and not getattr(self, "allow_missing_rng", False):
+            raise CheckpointFormatError(
+                f"{d}: rank_{missing[0]}.pt missing (rng for {len(found)} of {world} ranks; the save was interrupted "
+                f"or the files were not all copied); copy it, or pass --allow-missing-rng to export without it")
+        return {r: safeload.load(found[r], mmap=False, allow_numpy=True) for r in sorted(found)}
 
     def manifest(self) -> dict[str, Any] | None:
         from ..dcp_export import read_manifest
 
         return read_manifest(self.path)
 
-    def hf_config_dir(self) -> Path | None:
-        """The HF dir a to-dcp manifest names, if it is still there."""
+    def recorded_config_dir(self) -> str | None:
+        """The HF dir a to-dcp manifest says the weights came from (as recorded; not checked or followed)."""
         m = self.manifest() or {}
-        d = Path(m.get("source", {}).get("config_dir", "")) if m.get("source") else None
-        return d if d is not None and (d / "config.json").is_file() else None
+        src = m.get("source") if isinstance(m, dict) else None
+        d = src.get("config_dir") if isinstance(src, dict) else None
+        return d if isinstance(d, str) and d else None
+
+    def hf_config_dir(self) -> Path | None:
+        """A config dir inside this folder (config.json, or one the manifest names inside it).
+
+        A manifest's recorded source outside the folder is not followed: the
+        user passes it with ``--config`` (the to-hf error names it).
+        """
+        from ..confine import is_inside
+
+        rec = self.recorded_config_dir()
+        for d in ([self.path / rec] if rec else []) + [self.path]:
+            if (d / "config.json").is_file() and is_inside(self.path, d / "config.json"):
+                return d
+        return None
 
     def describe(self) -> dict[str, Any]:
         if self.metadata is None or self._problems:  # the problems are listed once, by problems()
@@ -294,7 +348,8 @@ class DCPReader(Reader):
             "distcp_files": len(list(self.path.glob("*.distcp"))),
             "non_tensor_entries": len(self.metadata.state_dict_metadata) - len(tensors),
             "other_model_sections": self.model_sections(),
-            "rng_saved_for_ranks": sorted(self.rng_states()) if (self.path / RNG_DIR).is_dir() else [],
+            "world_size": self.world_size(),
+            "rng_saved_for_ranks": sorted(self._rng_files()),
             "to_dcp_manifest": {"source": m.get("source", {}).get("path"), "layout": m.get("layout"),
                                 "aux": [a.get("spec") for a in m.get("aux", [])]} if (m := self.manifest()) else None,
         }

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from .. import jsonfiles, pages, safeload
+from ..confine import confined
 from ..errors import CheckpointFormatError
 from ..jsonfiles import read_json
 from .base import Reader, TensorInfo
@@ -31,7 +32,9 @@ def weight_files(path: Path) -> tuple[str, list[Path]]:
     for index, kind in (("model.safetensors.index.json", "safetensors"), ("pytorch_model.bin.index.json", "bin")):
         if (path / index).is_file():
             weight_map = read_json(path / index, jsonfiles.INDEX, required=("weight_map",))["weight_map"]
-            return kind, [path / f for f in dict.fromkeys(weight_map.values())]
+            # file names come from the index: confined to this folder (no "../../x.safetensors")
+            return kind, [confined(path, f, source=path / index, what="weight_map file")
+                          for f in dict.fromkeys(weight_map.values())]
     if (path / "model.safetensors").is_file():
         return "safetensors", [path / "model.safetensors"]
     if (path / "pytorch_model.bin").is_file():

@@ -402,8 +402,11 @@ class VerlFSDPReader(Reader):
 
     # ---------------------------------------------------------------- report
     def hf_config_dir(self) -> Path | None:
+        from ..confine import is_inside
+
         for d in (self.path / "huggingface", self.path):  # verl >= 0.5, then verl 0.4.0
-            if (d / "config.json").is_file():
+            # a huggingface/ (or config.json) symlinked out of the checkpoint is not followed
+            if (d / "config.json").is_file() and is_inside(self.path, d / "config.json"):
                 return d
         return None
 

@@ -1,19 +1,52 @@
-"""Output directories that appear whole or not at all.
+"""Output directories that appear whole or not at all, and never over someone else's.
 
 We write into ``.<name>.partial-<pid>`` next to the target and rename it into
 place only after every file is written, so a failure (bad rank file found
 halfway, disk full, Ctrl-C) leaves no directory under the final name.  The
 target must not be, contain, or sit inside the source: an export must never
 write into the checkpoint it reads or a base-model directory.
+
+The final rename, chosen so that nothing is lost in any race:
+
+* without ``--overwrite`` it must not replace anything that appeared at the
+  name while we wrote (another export, a user's files).  Linux:
+  ``renameat2(RENAME_NOREPLACE)``; macOS: ``renamex_np(RENAME_EXCL)``; both
+  fail atomically with EEXIST.  Elsewhere: a plain ``rename``, which POSIX
+  lets replace only an *empty* directory (a non-empty one gives ENOTEMPTY, a
+  file ENOTDIR), so at worst an empty directory created in the last instant
+  is replaced, never content.  (Taking the name first with ``mkdir`` would
+  not help: the rename would then have to replace our own placeholder, which
+  is exactly the replace-an-empty-dir rename.)  On a conflict the finished
+  output is kept as ``NAME.conflict-PID`` and the error names both paths.
+* with ``--overwrite`` the old export is swapped out atomically with
+  ``renameat2(RENAME_EXCHANGE)`` and then deleted: at every instant the name
+  holds either the old or the new export.  Without it, the old one is first
+  moved to ``.NAME.old-PID``; if we die before the new one is in place, the
+  next run writing to NAME puts the old one back (and says so).
+
+Leftovers of dead processes (``.NAME.partial-PID``, ``.NAME.old-PID``) are
+cleaned by the next run of any command writing to NAME.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import errno
+import logging
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from ..errors import OutputError
+
+log = logging.getLogger("ckpt_bridge")
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+_RENAME_EXCL = 0x4  # macOS renamex_np
 
 
 def _inside(a: Path, b: Path) -> bool:
@@ -24,21 +57,138 @@ def _inside(a: Path, b: Path) -> bool:
         return False
 
 
+def _libc():
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except OSError:  # pragma: no cover - no libc to load
+        return None
+
+
+_LIBC = _libc()
+
+
+def _native_rename(src: Path, dst: Path, flag: str) -> bool:
+    """Rename with ``flag`` ("noreplace" | "exchange") through libc; False when this OS/filesystem lacks it.
+
+    Raises FileExistsError (noreplace, ``dst`` exists) and other OSErrors as they come.
+    """
+    if _LIBC is None:
+        return False
+    s, d = os.fsencode(src), os.fsencode(dst)
+    if sys.platform.startswith("linux") and hasattr(_LIBC, "renameat2"):
+        flags = _RENAME_NOREPLACE if flag == "noreplace" else _RENAME_EXCHANGE
+        rc = _LIBC.renameat2(_AT_FDCWD, s, _AT_FDCWD, d, ctypes.c_uint(flags))
+    elif sys.platform == "darwin" and hasattr(_LIBC, "renamex_np") and flag == "noreplace":
+        rc = _LIBC.renamex_np(s, d, ctypes.c_uint(_RENAME_EXCL))
+    else:
+        return False
+    if rc == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False  # the kernel or this filesystem does not do it: fall back
+    raise OSError(err, os.strerror(err), str(src), None, str(dst))
+
+
+# Switches for the tests: force the portable fallbacks, and a hook run between the two renames of an
+# --overwrite without RENAME_EXCHANGE (a crash there is what the recovery of the next run is for).
+USE_NATIVE = True
+BETWEEN_RENAMES = None
+
+
+def rename_noreplace(src: Path, dst: Path) -> None:
+    """Move ``src`` to ``dst``; FileExistsError if anything is at ``dst`` (see the module doc for the fallback)."""
+    if USE_NATIVE and _native_rename(src, dst, "noreplace"):
+        return
+    if os.path.lexists(dst):
+        raise FileExistsError(errno.EEXIST, "exists", str(dst))
+    try:
+        os.rename(src, dst)  # replaces at most an empty directory created since the check
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR):
+            raise FileExistsError(errno.EEXIST, "exists", str(dst)) from None
+        raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _dead_leftovers(target: Path, kind: str) -> list[Path]:
+    out = []
+    for p in target.parent.glob(f".{target.name}.{kind}-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            out.append(p)
+    return out
+
+
+def restore_interrupted(target: str | Path) -> Path | None:
+    """Put back the previous export an ``--overwrite`` moved to ``.NAME.old-PID`` before its writer died.
+
+    Returns the path it was restored from (None if there was nothing to do).
+    An ``.old`` whose writer did get the new export into place is garbage and
+    is removed.
+    """
+    target = Path(target).absolute()
+    restored = None
+    for p in sorted(_dead_leftovers(target, "old")) if target.parent.is_dir() else []:
+        try:
+            rename_noreplace(p, target)
+            restored = p
+            log.warning("ckpt-bridge: %s was missing after an interrupted --overwrite; restored the previous "
+                        "export from %s", target, p)
+        except FileExistsError:
+            shutil.rmtree(p, ignore_errors=True)
+    return restored
+
+
+def clear_stale_partials(target: str | Path) -> list[Path]:
+    """Remove ``.NAME.partial-PID`` dirs of dead processes (unfinished outputs of ``target``); returns them."""
+    target = Path(target).absolute()
+    if not target.parent.is_dir():
+        return []
+    done = []
+    for p in _dead_leftovers(target, "partial"):
+        shutil.rmtree(p, ignore_errors=True)
+        done.append(p)
+    return done
+
+
+def check_target(target: str | Path, *, overwrite: bool = False, protect: tuple[Path, ...] = ()) -> Path:
+    """The checks of an output location, without touching anything (``--dry-run`` uses them too)."""
+    target = Path(target).absolute()
+    for src in protect:
+        s = Path(src).resolve()
+        t = target.resolve()
+        if t == s or _inside(t, s) or _inside(s, t):
+            raise OutputError(f"{target}: output would be inside (or contain) the source {s}; choose an --out "
+                              f"outside it")
+    if target.exists() and not overwrite:
+        raise OutputError(f"{target}: already exists; pass --overwrite to replace it")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"{target}: exists and is not a directory")
+    return target
+
+
 class AtomicDir:
     def __init__(self, target: str | Path, *, overwrite: bool = False, protect: tuple[Path, ...] = ()):
-        self.target = Path(target).absolute()
-        for src in protect:
-            s = Path(src).resolve()
-            t = self.target.resolve()
-            if t == s or _inside(t, s) or _inside(s, t):
-                raise OutputError(
-                    f"{self.target}: output would be inside (or contain) the source {s}; "
-                    f"choose an --out outside it"
-                )
-        if self.target.exists() and not overwrite:
-            raise OutputError(f"{self.target}: already exists; pass --overwrite to replace it")
-        if self.target.exists() and not self.target.is_dir():
-            raise OutputError(f"{self.target}: exists and is not a directory")
+        self.target = check_target(target, overwrite=True, protect=protect)
+        clear_stale_partials(self.target)
+        restored = restore_interrupted(self.target)  # before the existence check, which then sees it
+        try:
+            check_target(self.target, overwrite=overwrite)
+        except OutputError as e:
+            if restored is None:
+                raise
+            raise OutputError(f"{e} (restored the previous export from {restored}, left by an interrupted "
+                              f"--overwrite)") from None
         self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
         self.overwrite = overwrite
 
@@ -56,10 +206,44 @@ class AtomicDir:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
-        old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
-            os.replace(self.target, old)
-        os.replace(self.tmp, self.target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        try:
+            rename_noreplace(self.tmp, self.target)
+            return
+        except FileExistsError:
+            if not self.overwrite:
+                self._refuse_conflict()
+        self._replace()
+
+    def _refuse_conflict(self) -> None:
+        """Something appeared at the name while we wrote: keep our output beside it, say where."""
+        kept = self.target.parent / f"{self.target.name}.conflict-{os.getpid()}"
+        try:
+            rename_noreplace(self.tmp, kept)
+        except OSError:
+            kept = self.tmp
+        raise OutputError(f"{self.target}: appeared while this export ran (another export or your files; left "
+                          f"untouched); the finished output is kept at {kept}") from None
+
+    def _replace(self) -> None:
+        """--overwrite: put the new output in place so that the old one is never lost without the new one."""
+        if not self.target.is_dir() or self.target.is_symlink():
+            raise OutputError(f"{self.target}: exists and is not a directory; not replaced (the finished output is "
+                              f"kept at {self.tmp})")
+        if USE_NATIVE and _native_rename(self.tmp, self.target, "exchange"):
+            shutil.rmtree(self.tmp, ignore_errors=True)  # self.tmp now holds the old export
+            return
+        old = self.target.parent / f".{self.target.name}.old-{os.getpid()}"
+        os.rename(self.target, old)
+        if BETWEEN_RENAMES is not None:
+            BETWEEN_RENAMES()
+        try:
+            rename_noreplace(self.tmp, self.target)
+        except OSError as e:
+            try:
+                rename_noreplace(old, self.target)
+                where = f"the previous export is back at {self.target}"
+            except OSError:
+                where = f"the previous export is at {old}"
+            raise OutputError(f"{self.target}: could not put the new export in place ({e.strerror}); {where}; "
+                              f"the new one is at {self.tmp}") from None
+        shutil.rmtree(old, ignore_errors=True)
