@@ -127,17 +127,6 @@ def _checked_source(reader: Reader, config: str | Path | None, other_models: tup
     return infos, cfg_dir
 
 
-def plan_export(reader: Reader, config: str | Path | None = None, aux_prefixes: list[str] | None = None
-                ) -> tuple[Plan, Path]:
-    """Everything checkable before writing: structure, per-key layouts, the checked plan (aux split off)."""
-    infos, cfg_dir = _checked_source(reader, config)
-    infos, aux = split_aux(infos, reader, cfg_dir, aux_prefixes, str(reader.path))
-    plan = plan_hf_export(infos, cfg_dir, where=str(reader.path))
-    plan.notes += [f"aux module {name}: {len(keys)} tensor(s) ({', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''})"
-                   for name, keys in aux.items()]
-    return plan, cfg_dir
-
-
 AUX_MODES = ("separate", "drop", "inline")
 AUX_FILE = "aux_modules"
 
@@ -264,7 +253,9 @@ def to_hf(
             extra = reader.extra_state()
             summary.model_class, summary.extra_state = plan.model_class, bool(extra)
             summary.warnings += (extra or {}).get("warnings", [])
-            summary.plan_lines = plan.lines() + [f"# {n}" for n in plan.notes]
+            aux_lines = [] if aux == "drop" else [f"{t.inputs[0]}  [{t.rule}, --aux {aux}]" for t in aux_tf]
+            summary.plan_lines = (plan.lines() + aux_lines + [f"{k} -> (dropped: {why})" for k, why in summary.dropped]
+                                  + [f"# {n}" for n in plan.notes])
             summary.config = str(cfg_dir / "config.json")
             return summary
         with AtomicDir(out, overwrite=overwrite, protect=protect) as tmp:
