@@ -168,6 +168,8 @@ PRESETS: dict[str, Callable] = {
     "llama_tied": _llama_tied,
     "olmo2": _olmo2,
     "llama_1b": _llama_1b,
+    # dynamic NTK rope: transformers 4.x keeps original_inv_freq as a plain attribute, 5.x as a buffer
+    "llama_dynamic_rope": lambda: _llama(**_rope(10000.0, rope_type="dynamic", factor=2.0)),
     **FAMILIES,
 }
 
@@ -206,10 +208,11 @@ def model_class(config):
 def generation_config_for(config):
     from transformers import GenerationConfig
 
+    text = config.get_text_config()  # a VLM keeps its token ids in text_config (transformers 5)
     return GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
+        bos_token_id=getattr(config, "bos_token_id", None) or text.bos_token_id,
+        eos_token_id=getattr(config, "eos_token_id", None) or text.eos_token_id,
+        pad_token_id=getattr(config, "pad_token_id", None) or text.pad_token_id,
         do_sample=True,
         temperature=0.6,
         top_p=0.9,
@@ -281,7 +284,7 @@ def save_tiny_hf(directory, name: str = "llama", dtype: torch.dtype = torch.floa
     kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(directory, **kw)
     if tokenizer:
-        save_tiny_tokenizer(directory, min(model.config.vocab_size, 251))
+        save_tiny_tokenizer(directory, min(model.config.get_text_config().vocab_size, 251))
     return model
 
 
