@@ -84,7 +84,9 @@ def _rope(cfg: Any) -> dict[str, Any]:
 
 
 def parity_fields(cfg: Any) -> dict[str, Any]:
-    """The config fields that change what the weights compute."""
+    """The config fields that change what the weights compute (of the text model, for a VLM)."""
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
     heads = _get(cfg, "num_attention_heads")
     hidden = _get(cfg, "hidden_size")
     head_dim = _get(cfg, "head_dim") or (hidden // heads if hidden and heads else None)
