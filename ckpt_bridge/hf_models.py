@@ -41,12 +41,62 @@ def architecture_class(config: Any) -> type:
     return cls or transformers.AutoModelForCausalLM
 
 
+def _major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
+def legacy_rope_fields(cfg: dict) -> dict:
+    """``rope_theta`` / ``rope_scaling`` (what transformers 4.x reads) from a transformers 5 ``rope_parameters``.
+
+    5.x writes only ``rope_parameters``; 4.x ignores it and silently uses
+    rope_theta 10000.  5.x reads the legacy fields too (``rope_scaling`` wins
+    over ``rope_parameters``, so both must say the same).  Per-layer-type
+    parameters (Gemma 3: ``{"full_attention": {...}, ...}``) give the
+    full-attention values, which is what 4.x's global rope fields mean.
+    Returns only fields ``cfg`` lacks; ``{}`` when there is nothing to add.
+    """
+    rp = cfg.get("rope_parameters")
+    if not isinstance(rp, dict) or "rope_theta" in cfg:
+        return {}
+    if "rope_theta" not in rp and isinstance(rp.get("full_attention"), dict):
+        rp = rp["full_attention"]
+    if "rope_theta" not in rp:
+        return {}
+    out: dict[str, Any] = {"rope_theta": rp["rope_theta"]}
+    scaling = {k: v for k, v in rp.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    if "partial_rotary_factor" in rp and "partial_rotary_factor" not in cfg:
+        out["partial_rotary_factor"] = rp["partial_rotary_factor"]
+    if "rope_scaling" not in cfg:
+        out["rope_scaling"] = None if scaling in ({}, {"rope_type": "default"}) else scaling
+    return out
+
+
+def with_legacy_rope(cfg: dict) -> dict:
+    """``cfg`` (and its sub-configs: text_config, vision_config, ...) readable by both majors."""
+    out = {k: with_legacy_rope(v) if isinstance(v, dict) and k.endswith("_config") else v for k, v in cfg.items()}
+    out.update(legacy_rope_fields(out))
+    return out
+
+
 def load_config(hf_dir: str | Path) -> Any:
+    """``AutoConfig`` of ``hf_dir``; under transformers 4.x a config written by 5.x (``rope_parameters``
+    only) is read with its rope settings, not 4.x's silent rope_theta 10000."""
+    import json
+    import tempfile
+
     from transformers import AutoConfig
 
+    path = Path(hf_dir) / "config.json"
+    raw = json.loads(path.read_text()) if path.is_file() else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return AutoConfig.from_pretrained(str(hf_dir))
+        if _major() >= 5 or with_legacy_rope(raw) == raw:
+            return AutoConfig.from_pretrained(str(hf_dir))
+        with tempfile.TemporaryDirectory() as tmp:  # config.json only: AutoConfig reads nothing else
+            (Path(tmp) / "config.json").write_text(json.dumps(with_legacy_rope(raw)))
+            return AutoConfig.from_pretrained(tmp)
 
 
 def load_pretrained(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -55,10 +105,12 @@ def load_pretrained(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> n
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()  # our output is a report, not a loading bar
-    cls = architecture_class(load_config(hf_dir))
+    config = load_config(hf_dir)
+    cls = architecture_class(config)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, info = cls.from_pretrained(str(hf_dir), output_loading_info=True, **{dtype_kwarg(): dtype})
+        model, info = cls.from_pretrained(str(hf_dir), config=config, output_loading_info=True,
+                                          **{dtype_kwarg(): dtype})
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise BridgeError(f"{hf_dir}: {cls.__name__} (config.json architectures) needs {len(missing)} weight(s) the "

@@ -123,14 +123,12 @@ def check_config_parity(model_config: Any, hf_config: Any, *, where: str = "") -
 
 
 def load_hf_config(hf_dir: str | Path) -> Any:
-    from transformers import AutoConfig
+    from .hf_models import load_config
 
     p = Path(hf_dir)
     if not (p / "config.json").is_file():
         raise BridgeError(f"{p}: no config.json here; pass the Hugging Face model directory the weights came from")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoConfig.from_pretrained(str(p))
+    return load_config(p)
 
 
 # ---------------------------------------------------------------- buffers

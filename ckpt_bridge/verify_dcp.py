@@ -217,7 +217,13 @@ def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int
     try:
         tok = AutoTokenizer.from_pretrained(str(hf_dir))
     except Exception as e:  # noqa: BLE001 - no tokenizer in the dir, or a broken one
-        raise BridgeError(f"--loss needs a tokenizer in {hf_dir} ({type(e).__name__}: {e})") from None
+        if not (hf_dir / "tokenizer.json").is_file():
+            raise BridgeError(f"--loss needs a tokenizer in {hf_dir} ({type(e).__name__}: {e})") from None
+        # tokenizer_config.json of the other major (5.x names "TokenizersBackend", unknown to 4.x): the
+        # token ids come from tokenizer.json alone, which both read the same
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
     logging.getLogger("transformers").setLevel(logging.ERROR)
     # Both sides are the class config.json names (causal LM, VLM on text tokens, token classification).
     hf_model = load_pretrained(hf_dir)

@@ -58,7 +58,7 @@ def _olmo2(**over):
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=128,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        **_rope(500000.0),
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
         bos_token_id=BOS_ID,
@@ -85,14 +85,8 @@ def _llama_1b():
         max_position_embeddings=131072,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 32.0,
-            "high_freq_factor": 4.0,
-            "low_freq_factor": 1.0,
-            "original_max_position_embeddings": 8192,
-        },
+        **_rope(500000.0, rope_type="llama3", factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                original_max_position_embeddings=8192),
         bos_token_id=128000,
         eos_token_id=128001,
     )
@@ -105,9 +99,12 @@ def _rope(theta: float, **scaling):
     ``rope_theta`` / ``rope_scaling`` (4.x), so a preset builds the same model on every version."""
     import transformers
 
+    rope_type = scaling.pop("rope_type", "default")
     if int(transformers.__version__.split(".")[0]) >= 5:
-        return {"rope_parameters": {"rope_type": scaling.pop("rope_type", "default"), "rope_theta": theta, **scaling}}
-    return {"rope_theta": theta, "rope_scaling": scaling or None}
+        return {"rope_parameters": {"rope_type": rope_type, "rope_theta": theta, **scaling}}
+    if rope_type == "default" and not scaling:
+        return {"rope_theta": theta, "rope_scaling": None}
+    return {"rope_theta": theta, "rope_scaling": {"rope_type": rope_type, **scaling}}
 
 
 def _family(config_class: str, architecture: str, **over):
