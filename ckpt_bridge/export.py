@@ -27,6 +27,7 @@ from .confine import is_inside
 from .errors import BridgeError, CheckpointFormatError, KeyPlanError
 from .export_marker import write_marker
 from .formats.base import Reader
+from .hf_models import with_legacy_rope
 from .keys import canonicalize, expected_model, plan_hf_export, value_head
 from .plan import Plan, Transform, execute, rename
 from .progress import Progress
@@ -377,6 +378,8 @@ def _write_configs(tmp: Path, cfg_dir: Path, plan: Plan, written: torch.dtype) -
     name = _TORCH_DTYPE_NAMES.get(written, str(written).replace("torch.", ""))
     cfg["dtype"] = name
     cfg["torch_dtype"] = name
+    # Read the same by both majors: 5.x writes only rope_parameters, which 4.x ignores (rope_theta 10000).
+    cfg = with_legacy_rope(cfg)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     gen = cfg_dir / "generation_config.json"
     if gen.is_file():
@@ -388,14 +391,39 @@ def _write_configs(tmp: Path, cfg_dir: Path, plan: Plan, written: torch.dtype) -
     return ["config.json", "generation_config.json"]
 
 
+# What is not a processor / tokenizer file: weights and their indexes in any format, trainer state, and
+# the files an export writes itself.  Everything else beside the config travels (tokenizer, processor,
+# video / image preprocessor, chat templates and additional_chat_templates/, README / LICENSE, ...), so a
+# new processor file needs no change here.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".distcp",
+                    ".index.json", ".npz", ".pkl")
+_WRITTEN_HERE = ("config.json", "generation_config.json", "lr_scheduler_state.json", "trainer_state.json",
+                 "ckpt_bridge_manifest.json", f"{AUX_FILE}.json")
+
+
+def _is_side_file(p: Path) -> bool:
+    if p.name.startswith(".") or p.name in _WRITTEN_HERE or p.name.endswith(_WEIGHT_SUFFIXES):
+        return False
+    if p.is_dir():  # e.g. additional_chat_templates/; a folder holding weights is a checkpoint, not a processor
+        return not any(q.is_file() and (q.name.endswith(_WEIGHT_SUFFIXES) or q.name == ".metadata")
+                       for q in p.rglob("*"))
+    return p.is_file()
+
+
 def _tokenizer_files(d: Path) -> list[Path]:
-    return [p for p in sorted(d.iterdir()) if p.is_file() and p.name.startswith(TOKENIZER_PREFIXES)]
+    return [p for p in sorted(d.iterdir()) if _is_side_file(p)]
 
 
 def _copy_tokenizer(tmp: Path, cfg_dir: Path, summary: ExportSummary) -> list[str]:
+    """Copy every tokenizer / processor file and folder beside the config (see ``_is_side_file``)."""
     copied = []
     for p in _tokenizer_files(cfg_dir):
-        shutil.copy2(p, tmp / p.name)
+        if (tmp / p.name).exists():
+            continue
+        if p.is_dir():
+            shutil.copytree(p, tmp / p.name)
+        else:
+            shutil.copy2(p, tmp / p.name)
         copied.append(p.name)
     if not any(n.startswith("tokenizer") for n in copied):
         summary.warnings.append(

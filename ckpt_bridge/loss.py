@@ -25,6 +25,15 @@ def _eval_mode(model):
         model.train(was_training)
 
 
+def _forward_windows(model: torch.nn.Module, windows: list[torch.Tensor]):
+    """(ids, float32 per-token outputs) for each window, one forward per window, no_grad and eval mode."""
+    device = next(model.parameters()).device
+    with torch.no_grad(), _eval_mode(model):
+        for w in windows:
+            ids = w.to(device)[None]
+            yield ids[0], model(input_ids=ids, use_cache=False).logits[0].float()
+
+
 def _windows_loss(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
     """Token-weighted mean next-token cross-entropy over 1-D windows, one forward per window.
 
@@ -32,19 +41,34 @@ def _windows_loss(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
     depend on how windows would be batched; per-window sums are accumulated in
     float64 in a fixed order.
     """
-    device = next(model.parameters()).device
     total, count = 0.0, 0
-    with torch.no_grad(), _eval_mode(model):
-        for w in windows:
-            if w.numel() < 2:
-                continue  # nothing to predict
-            ids = w.to(device)[None]
-            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-            total += F.cross_entropy(logits, ids[0, 1:], reduction="sum").double().item()
-            count += ids.shape[1] - 1
+    for ids, logits in _forward_windows(model, [w for w in windows if w.numel() >= 2]):
+        total += F.cross_entropy(logits[:-1], ids[1:], reduction="sum").double().item()
+        count += ids.shape[0] - 1
     if count == 0:
         raise ValueError("need at least 2 tokens to measure a next-token loss")
     return total / count
+
+
+def _windows(model: torch.nn.Module, tokenizer, text: str, max_tokens: int, seq_len: int | None) -> list[torch.Tensor]:
+    if seq_len is None:
+        seq_len = min(256, int(model.config.get_text_config().max_position_embeddings))
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens], dtype=torch.long)
+    return list(ids.split(seq_len))
+
+
+def text_values(model: torch.nn.Module, tokenizer, text: str, max_tokens: int = 2048,
+                seq_len: int | None = None) -> torch.Tensor:
+    """Per-token outputs ``[tokens, num_labels]`` (float64) of a value / token-classification model on ``text``.
+
+    A critic has no next-token loss: its ``score`` head predicts values, so two
+    critics are compared on the values themselves, over the same windows
+    ``text_loss`` uses.
+    """
+    return torch.cat([out.double() for _, out in _forward_windows(model, _windows(model, tokenizer, text,
+                                                                                  max_tokens, seq_len))])
 
 
 def text_loss(model: torch.nn.Module, tokenizer, text: str, max_tokens: int = 2048,
@@ -59,11 +83,4 @@ def text_loss(model: torch.nn.Module, tokenizer, text: str, max_tokens: int = 20
     The model runs in its own dtype and device.  A pure function of (weights,
     text), so two models can be compared on exactly the same tokens.
     """
-    if seq_len is None:
-        seq_len = min(256, int(model.config.max_position_embeddings))
-    if seq_len < 2:
-        raise ValueError(f"seq_len must be >= 2, got {seq_len}")
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens], dtype=torch.long)
-    return _windows_loss(model, list(ids.split(seq_len)))
-
-
+    return _windows_loss(model, _windows(model, tokenizer, text, max_tokens, seq_len))

@@ -6,15 +6,21 @@ like) are never in a state dict, a DCP or a safetensors file.  After the
 meta-device build -> ``fully_shard`` -> ``to_empty()`` that flame and
 torchtitan use, they hold whatever memory ``to_empty`` handed out, unless
 something recomputes them (transformers 4.x and 5.23 ``post_init()`` do not).
+The same holds for tensors a module derives at init as plain attributes
+(transformers 4.x rotary ``original_inv_freq``: ``to_empty`` leaves it on meta).
 Nothing raises: RoPE is simply wrong and the first-step loss is far above the
-source model's.  We recompute each one with the model's own code:
+source model's.  We recompute each one with the model's own code: a fresh
+instance of the owning class built from its config with its parameters on the
+meta device (cheap), whose constructor computes every buffer exactly as
+``from_config`` does on that transformers version; the values are copied over
+by module path.  No per-class tables and no calls into rope functions whose
+signatures change between versions.  A module with no config anywhere above
+it is refused by name (we will not guess a buffer's value).
 
-- Hugging Face rotary modules: the rope function of the module's own
-  ``rope_type`` from ``module.config``, exactly what transformers'
-  ``_init_weights`` does on ``from_pretrained``;
-- any other module with a ``config``: a fresh instance built from that config
-  on CPU, whose constructor computes the buffers;
-- anything else is refused by name (we will not guess a buffer's value).
+``to_empty()`` also unties tied weights (a new tensor per module): after it
+``lm_head.weight`` and ``embed_tokens.weight`` train apart.  We tie them
+again with transformers' own ``tie_weights()`` (the groups come from the fresh
+build), and refuse if the two were loaded with different values.
 
 Config parity: a trainer-side config built by hand gives no error, only a
 different network (``Olmo2Config`` defaults rope_theta=1e4, rms_norm_eps=1e-5;
@@ -24,6 +30,7 @@ function the weights compute and refuse on any difference.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,9 +50,11 @@ class ConfigMismatchError(BridgeError):
 class AfterLoadReport:
     recomputed: list[tuple[str, float]] = field(default_factory=list)  # (buffer, max |old - new|)
     checked: list[str] = field(default_factory=list)  # config fields compared
+    retied: list[list[str]] = field(default_factory=list)  # parameter names made one tensor again
 
     def lines(self) -> list[str]:
         out = [f"recomputed {name} (max |change| {d:.3g})" for name, d in self.recomputed]
+        out += [f"re-tied {' = '.join(g)}" for g in self.retied]
         out.append(f"config matches on {', '.join(self.checked)}")
         return out
 
@@ -75,7 +84,9 @@ def _rope(cfg: Any) -> dict[str, Any]:
 
 
 def parity_fields(cfg: Any) -> dict[str, Any]:
-    """The config fields that change what the weights compute."""
+    """The config fields that change what the weights compute (of the text model, for a VLM)."""
+    if hasattr(cfg, "get_text_config"):
+        cfg = cfg.get_text_config()
     heads = _get(cfg, "num_attention_heads")
     hidden = _get(cfg, "hidden_size")
     head_dim = _get(cfg, "head_dim") or (hidden // heads if hidden and heads else None)
@@ -112,67 +123,202 @@ def check_config_parity(model_config: Any, hf_config: Any, *, where: str = "") -
 
 
 def load_hf_config(hf_dir: str | Path) -> Any:
-    from transformers import AutoConfig
+    from .hf_models import load_config
 
     p = Path(hf_dir)
     if not (p / "config.json").is_file():
         raise BridgeError(f"{p}: no config.json here; pass the Hugging Face model directory the weights came from")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return AutoConfig.from_pretrained(str(p))
+    return load_config(p)
 
 
 # ---------------------------------------------------------------- buffers
 
 
-def _fresh_buffers(name: str, module: nn.Module) -> dict[str, torch.Tensor]:
-    """Correct values of ``module``'s non-persistent buffers, computed by the model's own code."""
-    bufs = sorted(module._non_persistent_buffers_set)
-    cfg = getattr(module, "config", None)
-    if cfg is not None and hasattr(module, "rope_type") and "inv_freq" in bufs:
-        # transformers' own _init_weights branch for rotary modules.
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters go to the meta device as they are registered; buffers and plain attributes stay real.
 
-        fn = (module.compute_default_rope_parameters if module.rope_type == "default"
-              and hasattr(module, "compute_default_rope_parameters") else ROPE_INIT_FUNCTIONS[module.rope_type])
-        inv_freq, _ = fn(cfg, torch.device("cpu"))
-        out = {b: inv_freq for b in bufs if b in ("inv_freq", "original_inv_freq")}
-        if len(out) == len(bufs):
-            return out
-    if cfg is not None:
-        try:
-            with torch.device("cpu"), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                fresh = type(module)(cfg)
-            return {b: getattr(fresh, b) for b in bufs}
-        except Exception as e:  # noqa: BLE001 - say which buffer and why
-            raise BridgeError(f"after_load: cannot recompute non-persistent buffer(s) {', '.join(bufs)} of {name} "
-                              f"({type(module).__name__}({type(cfg).__name__}) failed: {e})") from None
-    raise BridgeError(f"after_load: {name} ({type(module).__name__}) has non-persistent buffer(s) {', '.join(bufs)} "
-                      f"and no config to recompute them from; pass recompute=False and set them yourself")
+    A model built under this costs its buffers only (a few KB), yet every
+    buffer and derived attribute is computed by the model's own constructor:
+    the same code that runs under ``from_pretrained`` / ``from_config`` on
+    every transformers version, whatever the rope functions' signatures.
+    """
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = type(param)(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def _tensor_attributes(module: nn.Module) -> list[str]:
+    """Plain tensor attributes (neither parameter nor buffer), e.g. transformers 4.x rotary ``original_inv_freq``:
+    derived at init, and left on the meta device by ``to_empty``."""
+    return sorted(k for k, v in vars(module).items() if isinstance(v, torch.Tensor) and not k.startswith("__"))
+
+
+def _derived(module: nn.Module) -> list[str]:
+    bufs = [b for b in module._non_persistent_buffers_set if getattr(module, b, None) is not None]
+    return sorted(bufs) + _tensor_attributes(module)
+
+
+class _FreshBuilds:
+    """Fresh instances of the model's own classes, built from their configs with parameters on meta.
+
+    For a module with derived state we build its outermost ancestor that has a
+    ``config`` (normally the whole ``PreTrainedModel``: one build serves every
+    module) and look the module up at the same relative path; an ancestor that
+    cannot be rebuilt from its config alone is skipped for the next one down.
+    """
+
+    def __init__(self) -> None:
+        self._built: dict[int, nn.Module | Exception] = {}
+
+    def _build(self, owner: nn.Module) -> nn.Module | Exception:
+        if id(owner) not in self._built:
+            try:
+                with _parameters_on_meta(), torch.device("cpu"), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    self._built[id(owner)] = type(owner)(owner.config)
+            except Exception as e:  # noqa: BLE001 - reported if no other ancestor can stand in
+                self._built[id(owner)] = e
+        return self._built[id(owner)]
+
+    def twin(self, path: list[tuple[str, nn.Module]]) -> tuple[nn.Module | None, str]:
+        """``path``: (name, module) from the model part down to the module.  Its fresh twin, or (None, why)."""
+        why = "no config to recompute them from"
+        target = path[-1][1]
+        for i, (_, owner) in enumerate(path):
+            if getattr(owner, "config", None) is None:
+                continue
+            fresh = self._build(owner)
+            if isinstance(fresh, Exception):
+                why = f"{type(owner).__name__}({type(owner.config).__name__}) failed: {fresh}"
+                continue
+            rel = ".".join(n for n, _ in path[i + 1:])
+            try:
+                twin = fresh.get_submodule(rel) if rel else fresh
+            except AttributeError:
+                continue
+            if type(twin) is type(target):
+                return twin, ""
+        return None, why
+
+
+def _module_paths(part: nn.Module):
+    """Every module with its (name, module) path from ``part``."""
+    stack = [[("", part)]]
+    while stack:
+        path = stack.pop()
+        yield path
+        stack.extend(path + [(n, m)] for n, m in reversed(list(path[-1][1].named_children())))
 
 
 @torch.no_grad()
+def _copy_derived(module: nn.Module, twin: nn.Module, names: list[str], where: str) -> list[tuple[str, float]]:
+    done = []
+    twin_buffers = {id(b): n for n, b in twin.named_buffers(recurse=False)}
+    for b in names:
+        cur, new = getattr(module, b), getattr(twin, b, None)
+        if not isinstance(new, torch.Tensor):
+            raise BridgeError(f"after_load: {where}.{b} is not set by {type(module).__name__}'s constructor; "
+                              f"pass recompute=False and set it yourself")
+        if b in module._buffers and cur.device.type != "meta":
+            new = new.to(device=cur.device, dtype=cur.dtype)
+            if cur.shape != new.shape:
+                raise BridgeError(f"after_load: {where}.{b} has shape {tuple(cur.shape)} but its config gives "
+                                  f"{tuple(new.shape)}")
+            old = cur.detach().double()
+            change = float((old - new.double()).abs().nan_to_num(float("inf")).max()) if cur.numel() else 0.0
+            cur.copy_(new)
+        else:
+            # a plain attribute (or a buffer still on meta): the constructor's value, aliasing our buffer where
+            # the constructor's aliased its own (4.x: original_inv_freq = inv_freq)
+            alias = twin_buffers.get(id(new))
+            device = next((t.device for t in module.buffers(recurse=False) if t.device.type != "meta"),
+                          torch.device("cpu"))
+            value = getattr(module, alias) if alias and alias != b else new.to(device)
+            change = float("inf") if cur.device.type == "meta" else float(
+                (cur.detach().double().cpu() - value.double().cpu()).abs().max()) if cur.numel() else 0.0
+            setattr(module, b, value)
+        done.append((f"{where}.{b}" if where else b, change))
+    return done
+
+
 def recompute_buffers(model: nn.Module | list[nn.Module]) -> list[tuple[str, float]]:
-    """Recompute every non-persistent buffer in place; return (name, max |old - new|) for each."""
+    """Recompute every non-persistent buffer and derived tensor attribute in place, with the model's own
+    constructor; return (name, max |old - new|) for each."""
     done = []
     for part in _parts(model):
-        for mod_name, module in part.named_modules():
-            names = [b for b in module._non_persistent_buffers_set if getattr(module, b, None) is not None]
+        fresh = _FreshBuilds()
+        for path in _module_paths(part):
+            module = path[-1][1]
+            names = _derived(module)
             if not names:
                 continue
-            fresh = _fresh_buffers(mod_name or type(module).__name__, module)
-            for b in sorted(names):
-                cur = getattr(module, b)
-                new = fresh[b].to(device=cur.device, dtype=cur.dtype)
-                if cur.shape != new.shape:
-                    raise BridgeError(f"after_load: {mod_name}.{b} has shape {tuple(cur.shape)} but its config gives "
-                                      f"{tuple(new.shape)}")
-                old = cur.detach().double()
-                change = float((old - new.double()).abs().nan_to_num(float("inf")).max()) if cur.numel() else 0.0
-                cur.copy_(new)
-                done.append((f"{mod_name}.{b}" if mod_name else b, change))
+            where = ".".join(n for n, _ in path[1:])
+            twin, why = fresh.twin(path)
+            if twin is None:
+                raise BridgeError(f"after_load: {where or type(module).__name__} ({type(module).__name__}) has "
+                                  f"non-persistent buffer(s) {', '.join(names)} and {why}; pass recompute=False "
+                                  f"and set them yourself")
+            done.extend(_copy_derived(module, twin, names, where))
     return done
+
+
+# ---------------------------------------------------------------- tied weights
+
+
+def _tie_groups(model: nn.Module) -> list[list[str]]:
+    """Parameter names that are one tensor in ``model`` (several names, one ``Parameter``)."""
+    by_id: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(name)
+    return [g for g in by_id.values() if len(g) > 1]
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in (a, b)]
+    return local[0].shape == local[1].shape and bool(torch.equal(local[0].detach(), local[1].detach()))
+
+
+@torch.no_grad()
+def retie_weights(model: nn.Module | list[nn.Module]) -> list[list[str]]:
+    """Tie again what the model's own constructor ties (``to_empty()`` unties it); return the groups re-tied.
+
+    The groups come from a fresh build of the same class (parameters on meta),
+    the tying from transformers' own ``tie_weights()``.  Refuses when the tied
+    tensors were loaded with different values (tying would silently drop one).
+    """
+    retied = []
+    for part in _parts(model):
+        if getattr(part, "config", None) is None or not hasattr(part, "tie_weights"):
+            continue
+        twin, _ = _FreshBuilds().twin([("", part)])
+        want = _tie_groups(twin) if twin is not None else []
+        params = dict(part.named_parameters(remove_duplicate=False))
+        broken = [g for g in want if all(n in params for n in g) and len({id(params[n]) for n in g}) > 1]
+        if not broken:
+            continue
+        for g in broken:
+            if not all(_same_values(params[g[0]], params[n]) for n in g[1:]):
+                raise BridgeError(f"after_load: {' and '.join(g)} are tied in {type(part).__name__} but were loaded "
+                                  f"with different values; the checkpoint does not come from this tied model")
+        part.tie_weights()
+        params = dict(part.named_parameters(remove_duplicate=False))
+        still = [g for g in broken if len({id(params[n]) for n in g}) > 1]
+        if still:
+            raise BridgeError(f"after_load: {' and '.join(still[0])} should be one tensor and tie_weights() did not "
+                              f"tie them; tie them yourself (e.g. lm_head.weight = embed_tokens.weight) before "
+                              f"building the optimizer")
+        retied.extend(broken)
+    return retied
 
 
 def model_config_of(model: nn.Module | list[nn.Module]) -> Any:
@@ -184,13 +330,14 @@ def model_config_of(model: nn.Module | list[nn.Module]) -> Any:
 
 
 def after_load(model: nn.Module | list[nn.Module], hf_dir: str | Path, *, model_config: Any = None,
-               check_config: bool = True, recompute: bool = True) -> AfterLoadReport:
-    """Call once after the trainer's checkpoint load (every rank).
+               check_config: bool = True, recompute: bool = True, retie: bool = True) -> AfterLoadReport:
+    """Call once after the trainer's checkpoint load (every rank), before building the optimizer.
 
     Refuses (:class:`ConfigMismatchError`, one line) when the model's config
     differs from ``hf_dir``'s on rope_theta, rms_norm_eps, vocab, head_dim,
     tie_word_embeddings or the shape fields; then recomputes every
-    non-persistent buffer from the model's config.
+    non-persistent buffer and derived tensor attribute with the model's own
+    constructor, and ties again the weights ``to_empty()`` untied.
     """
     report = AfterLoadReport()
     if check_config:
@@ -200,4 +347,6 @@ def after_load(model: nn.Module | list[nn.Module], hf_dir: str | Path, *, model_
         report.checked = check_config_parity(cfg, load_hf_config(hf_dir), where=str(Path(hf_dir) / "config.json"))
     if recompute:
         report.recomputed = recompute_buffers(model)
+    if retie:
+        report.retied = retie_weights(model)
     return report

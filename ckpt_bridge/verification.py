@@ -230,11 +230,11 @@ def _as_hf_dir(path: Path, tmp: Path, trust_pickle: bool) -> Path:
 
 
 def compare_logits(a: str | Path, b: str | Path, *, trust_pickle: bool = False, seed: int = 0) -> float:
-    """Max |logits_a - logits_b| on a fixed batch (both loaded with transformers, fp32 compute)."""
-    from transformers import AutoModelForCausalLM
-
-    logging.getLogger("transformers").setLevel(logging.ERROR)
+    """Max |logits_a - logits_b| on a fixed batch of text tokens, both sides loaded as the class their
+    config.json names (causal LM, VLM, token classification), fp32 compute."""
     from transformers.utils import logging as hf_logging
+
+    from .hf_models import load_pretrained, text_token_ids
 
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as ta, tempfile.TemporaryDirectory() as tb:
@@ -242,14 +242,13 @@ def compare_logits(a: str | Path, b: str | Path, *, trust_pickle: bool = False, 
         db = _as_hf_dir(Path(b), Path(tb), trust_pickle)
         outs = []
         for d in (da, db):
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval()
-            g = torch.Generator().manual_seed(seed)
-            tokens = torch.randint(0, model.config.vocab_size, (2, 16), generator=g)
+            model = load_pretrained(d)
+            tokens = text_token_ids(model.config, (2, 16), torch.Generator().manual_seed(seed))
             with torch.no_grad():
-                outs.append(model(tokens).logits)
+                outs.append(model(input_ids=tokens).logits)
             del model
+        if outs[0].shape != outs[1].shape:
+            return float("inf")
         d = diff(outs[0], outs[1])  # the same NaN/Inf positions are equal; unmatched ones are a difference
         return float("inf") if d.nonfinite_mismatch else d.max_abs
 

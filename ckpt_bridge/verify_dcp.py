@@ -66,6 +66,7 @@ class DCPVerifyResult:
     loss_dcp: float | None = None
     loss_atol: float = 1e-5
     loss_tokens: int = 0
+    value_diff: float | None = None  # a value model (critic): max |value_hf - value_dcp| over the tokens
 
     @property
     def keys_ok(self) -> bool:
@@ -75,6 +76,8 @@ class DCPVerifyResult:
     def loss_ok(self) -> bool | None:
         if self.loss_hf is None or self.loss_dcp is None:
             return None
+        if self.value_diff is not None:
+            return self.value_diff <= self.loss_atol
         return abs(self.loss_hf - self.loss_dcp) <= self.loss_atol
 
     @property
@@ -189,15 +192,29 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
 
     # 3. loss on the same tokens
     if loss_text is not None:
-        res.loss_hf, res.loss_dcp, res.loss_tokens = _losses(r, hf_dir, specs, Path(loss_text), loss_tokens)
+        res.loss_hf, res.loss_dcp, res.loss_tokens, res.value_diff = _losses(r, hf_dir, specs, Path(loss_text),
+                                                                             loss_tokens)
     return res
 
 
-def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int) -> tuple[float, float, int]:
-    import torch.distributed.checkpoint as dcp
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _measure(model, tok, text: str, max_tokens: int) -> tuple[float, torch.Tensor | None]:
+    """A language model's next-token loss; a critic's mean value and its per-token values."""
+    from .hf_models import is_language_model
+    from .loss import text_loss, text_values
 
-    from .loss import text_loss
+    if is_language_model(model):
+        return text_loss(model, tok, text, max_tokens=max_tokens), None
+    values = text_values(model, tok, text, max_tokens=max_tokens)
+    return float(values.mean()), values
+
+
+def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int
+            ) -> tuple[float, float, int, float | None]:
+    """(HF side, checkpoint side, tokens, max |value diff| for a value model else None)."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import AutoTokenizer
+
+    from .hf_models import from_config, load_pretrained
     from .model_fixups import after_load, load_hf_config
 
     try:
@@ -207,17 +224,24 @@ def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int)
     try:
         tok = AutoTokenizer.from_pretrained(str(hf_dir))
     except Exception as e:  # noqa: BLE001 - no tokenizer in the dir, or a broken one
-        raise BridgeError(f"--loss needs a tokenizer in {hf_dir} ({type(e).__name__}: {e})") from None
+        if not (hf_dir / "tokenizer.json").is_file():
+            raise BridgeError(f"--loss needs a tokenizer in {hf_dir} ({type(e).__name__}: {e})") from None
+        # tokenizer_config.json of the other major (5.x names "TokenizersBackend", unknown to 4.x): the
+        # token ids come from tokenizer.json alone, which both read the same
+        from transformers import PreTrainedTokenizerFast
+
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    # Both sides are the class config.json names (causal LM, VLM on text tokens, token classification).
+    hf_model = load_pretrained(hf_dir)
+    loss_hf, values_hf = _measure(hf_model, tok, text, max_tokens)
+    n_tokens = min(len(tok(text)["input_ids"]), max_tokens)
+    del hf_model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-        loss_hf = text_loss(hf_model, tok, text, max_tokens=max_tokens)
-        n_tokens = min(len(tok(text)["input_ids"]), max_tokens)
-        del hf_model
         # The checkpoint side: the same class from the config, filled by dcp.load under the checkpoint's
         # own layout (what the trainer does), then after_load.
-        model = AutoModelForCausalLM.from_config(load_hf_config(hf_dir), dtype=torch.float32)
+        model = from_config(load_hf_config(hf_dir))
         if specs:
             attach_aux(model, as_specs(specs), model.config)
         sd = model.state_dict()
@@ -227,8 +251,9 @@ def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int)
         # r's storage reader: the .metadata already read by the restricted unpickler, never pickle.load
         dcp.load(state, storage_reader=r.storage_reader(), no_dist=True)
         after_load(model, hf_dir)
-        loss_dcp = text_loss(model.eval(), tok, text, max_tokens=max_tokens)
-    return loss_hf, loss_dcp, n_tokens
+        loss_dcp, values_dcp = _measure(model.eval(), tok, text, max_tokens)
+    value_diff = None if values_hf is None else float((values_hf - values_dcp).abs().max())
+    return loss_hf, loss_dcp, n_tokens, value_diff
 
 
 def format_dcp_result(res: DCPVerifyResult) -> str:
@@ -248,7 +273,11 @@ def format_dcp_result(res: DCPVerifyResult) -> str:
         lines.append(f"  aux {name}: {'matches the manifest' if ok else 'DIFFERS from the manifest (or missing)'}")
     if res.unknown_extra:
         lines.append(f"  checkpoint keys neither in HF nor a manifest aux module: {_few(res.unknown_extra)}")
-    if res.loss_hf is not None:
+    if res.value_diff is not None:
+        lines.append(f"  values (value head) on {res.loss_tokens} tokens: mean HF {res.loss_hf:.6f}  checkpoint "
+                     f"{res.loss_dcp:.6f}  max |diff| {res.value_diff:.2e} ({'ok' if res.loss_ok else 'DIFFERENT'}, "
+                     f"atol {res.loss_atol:g})")
+    elif res.loss_hf is not None:
         lines.append(f"  loss on {res.loss_tokens} tokens: HF {res.loss_hf:.6f}  checkpoint {res.loss_dcp:.6f}  "
                      f"|diff| {abs(res.loss_hf - res.loss_dcp):.2e} ({'ok' if res.loss_ok else 'DIFFERENT'}, "
                      f"atol {res.loss_atol:g})")

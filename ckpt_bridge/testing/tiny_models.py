@@ -58,7 +58,7 @@ def _olmo2(**over):
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=128,
-        rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
+        **_rope(500000.0),
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
         bos_token_id=BOS_ID,
@@ -85,14 +85,8 @@ def _llama_1b():
         max_position_embeddings=131072,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
-        rope_parameters={
-            "rope_type": "llama3",
-            "rope_theta": 500000.0,
-            "factor": 32.0,
-            "high_freq_factor": 4.0,
-            "low_freq_factor": 1.0,
-            "original_max_position_embeddings": 8192,
-        },
+        **_rope(500000.0, rope_type="llama3", factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                original_max_position_embeddings=8192),
         bos_token_id=128000,
         eos_token_id=128001,
     )
@@ -105,9 +99,12 @@ def _rope(theta: float, **scaling):
     ``rope_theta`` / ``rope_scaling`` (4.x), so a preset builds the same model on every version."""
     import transformers
 
+    rope_type = scaling.pop("rope_type", "default")
     if int(transformers.__version__.split(".")[0]) >= 5:
-        return {"rope_parameters": {"rope_type": scaling.pop("rope_type", "default"), "rope_theta": theta, **scaling}}
-    return {"rope_theta": theta, "rope_scaling": scaling or None}
+        return {"rope_parameters": {"rope_type": rope_type, "rope_theta": theta, **scaling}}
+    if rope_type == "default" and not scaling:
+        return {"rope_theta": theta, "rope_scaling": None}
+    return {"rope_theta": theta, "rope_scaling": {"rope_type": rope_type, **scaling}}
 
 
 def _family(config_class: str, architecture: str, **over):
@@ -168,6 +165,8 @@ PRESETS: dict[str, Callable] = {
     "llama_tied": _llama_tied,
     "olmo2": _olmo2,
     "llama_1b": _llama_1b,
+    # dynamic NTK rope: transformers 4.x keeps original_inv_freq as a plain attribute, 5.x as a buffer
+    "llama_dynamic_rope": lambda: _llama(**_rope(10000.0, rope_type="dynamic", factor=2.0)),
     **FAMILIES,
 }
 
@@ -206,11 +205,11 @@ def model_class(config):
 def generation_config_for(config):
     from transformers import GenerationConfig
 
-    config = config.get_text_config()  # a VLM keeps its token ids in text_config
+    text = config.get_text_config()  # a VLM keeps its token ids in text_config (transformers 5)
     return GenerationConfig(
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-        pad_token_id=config.pad_token_id,
+        bos_token_id=getattr(config, "bos_token_id", None) or text.bos_token_id,
+        eos_token_id=getattr(config, "eos_token_id", None) or text.eos_token_id,
+        pad_token_id=getattr(config, "pad_token_id", None) or text.pad_token_id,
         do_sample=True,
         temperature=0.6,
         top_p=0.9,
