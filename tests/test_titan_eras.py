@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 import tarfile
@@ -21,14 +20,12 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_bridge.testing import upstream
 from ckpt_bridge.testing.harness import run_torchrun
-from ckpt_bridge.testing.overlays import REPO_ROOT, OverlayError, overlay, overlay_env
+from ckpt_bridge.testing.overlays import OverlayError, overlay_env
+from ckpt_bridge.testing.upstream import tarball
 from ckpt_bridge.titan_eras import read_source
 
-# public TorchTitan sources used as fixtures (never copied into the project): ../shared/upstream of the checkout
-UPSTREAM = Path(os.environ.get("CKPT_BRIDGE_UPSTREAM") or REPO_ROOT.parents[1] / "shared" / "upstream")
-# the small packages these eras import at package import (tokenizers, blob io, tables); tyro etc. are in the venv
-ERA_DEPS = ["tiktoken==0.14.0", "blobfile==3.3.0", "pycryptodomex==3.24.2", "lxml==6.1.3", "tabulate==0.10.0"]
 ERAS = {  # era -> (layout its trainer loads, how a seed is given)
     "e320a37": ("nested", "step-0"),
     "5e2033c": ("nested", "step-0"),
@@ -38,16 +35,16 @@ AUX = ["future_predictor", "action_layer:linear:16"]
 
 
 def _tarball(era: str) -> Path:
-    path = UPSTREAM / f"torchtitan-{era}.tar.gz"
-    if not path.is_file():
-        pytest.fail(f"{path} missing: the era sources are test fixtures of this repo's environment")
-    return path
+    try:
+        return tarball(f"torchtitan-{era}")
+    except FileNotFoundError as e:
+        pytest.fail(str(e))
 
 
 def era_overlay(era: str, deps: bool = True) -> Path:
     try:
-        return overlay([str(_tarball(era)), *(ERA_DEPS if deps else [])], name=f"torchtitan-{era}")
-    except OverlayError as e:
+        return upstream.era_overlay(era, deps)
+    except (OverlayError, FileNotFoundError) as e:
         pytest.fail(f"cannot build the torchtitan {era} overlay: {e}")
 
 
