@@ -105,23 +105,27 @@ def _parser() -> argparse.ArgumentParser:
         help="write a Hugging Face model as the DCP folder a TorchTitan/flame model-only load accepts",
         description="Write HF_DIR's weights (streamed, one tensor in memory) as a torch.distributed.checkpoint "
         "folder holding exactly the keys the trainer's model-only load requests. --layout auto asks the installed "
-        "torchtitan's CheckpointManager (flat <fqn> since torchtitan 0.1.0 / commit cddd7dc); nested "
-        "(model.<fqn>) is for torchtitan before 2025-06-13 and flame pins up to 5e2033c. Auxiliary modules "
+        "torchtitan of any era - its own CheckpointManager, or its source when it does not import - and says "
+        "which era it found: nested (model.<fqn>) up to commit e320a37 (already versioned 0.1.0; flame pins up to "
+        "5e2033c), flat (<fqn>) from cddd7dc on (flame's 0b44d4c, 0.2.x, 0.3.0). The printed flags use that era's "
+        "names (initial_load_model_only / initial_load_model_weights_only, or step-0 + load_step 0). Auxiliary modules "
         "(--aux) are added freshly initialised (seeded) or copied (--aux-from). A manifest with the source "
         "files' sha256, the HF config, the layout decision and the aux specs is written next to the weights.",
         epilog="examples:\n"
         "  ckpt-bridge to-dcp models/OLMo-2-1B --out bootstrap/olmo2\n"
         "  ckpt-bridge to-dcp models/OLMo-2-1B --out bootstrap/olmo2-aux --aux future_encoder:mlp \\\n"
         "      --aux future_predictor:linear --aux action_layer:linear:16 --seed 7\n"
-        "  ckpt-bridge to-dcp models/OLMo-2-1B --out old-flame/step-0 --layout nested   # flame pin <= 5e2033c\n"
-        "then: --checkpoint.initial_load_path $(realpath bootstrap/olmo2) --checkpoint.initial_load_model_only,\n"
+        "  ckpt-bridge to-dcp models/OLMo-2-1B --out DUMP/checkpoint/step-0 --layout nested   # flame pin <= 5e2033c\n"
+        "then (0.2.x/0.3.0): --checkpoint.initial_load_path $(realpath bootstrap/olmo2) "
+        "--checkpoint.initial_load_model_only\n(the command prints the flags of the torchtitan installed here), "
         "and call ckpt_bridge.integrations.torchtitan.after_load(model, HF_DIR) after the load.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pt.add_argument("src", metavar="HF_DIR", help="Hugging Face model dir (config.json + safetensors)")
     pt.add_argument("--out", required=True, metavar="DIR", help="output DCP folder (must not exist unless --overwrite)")
     pt.add_argument("--layout", default="auto", choices=["auto", "nested", "flat"],
-                    help="auto (default): ask the installed torchtitan; nested/flat: force one for another trainer")
+                    help="auto (default): ask the installed torchtitan (any era); nested: trainers up to e320a37 "
+                    "(flame <= 5e2033c); flat: cddd7dc and later (flame 0b44d4c, 0.2.x, 0.3.0)")
     pt.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16", "keep"],
                     help="dtype of floating tensors written (default fp32, the usual master-weight dtype)")
     pt.add_argument("--aux", action="append", default=[], metavar="NAME[:linear|mlp][:hidden|vocab|N]",

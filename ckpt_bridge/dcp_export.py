@@ -39,6 +39,7 @@ from .conversions import Conversions, Group
 from .keys import _DROP_SUFFIXES, _few, build_meta_model, canonical_key, canonicalize, tie_groups
 from .plan import Plan, Transform, derive, execute, rename
 from .progress import Progress
+from .titan_eras import seed_flags
 from .trainer_keys import RequestedKeys, requested_keys
 from .writers.atomic import AtomicDir
 
@@ -78,20 +79,14 @@ class DCPExportSummary:
     dropped: list[tuple[str, str]] = field(default_factory=list)
     manifest: str = ""
     seconds: float = 0.0
+    seed_flags: list[str] = field(default_factory=list)  # in the installed era's words (titan_eras.seed_flags)
 
     def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        return {k: v for k, v in self.__dict__.items() if k != "seed_flags"}
 
     def flags(self) -> list[str]:
         """How to point a trainer at this checkpoint (absolute paths: torchtitan 0.3.0 requires them)."""
-        out = str(Path(self.out).absolute())
-        return [
-            f"torchtitan: --checkpoint.initial_load_path {out} --checkpoint.initial_load_model_only",
-            f"flame (older pins): put it at <job.dump_folder>/<checkpoint.folder>/step-0 "
-            f"(cp -r {out} .../checkpoint/step-0) and pass --checkpoint.load_step 0",
-            "after the load: ckpt_bridge.integrations.torchtitan.after_load(model, HF_DIR) recomputes rotary "
-            "inv_freq (never stored anywhere) and checks the config",
-        ]
+        return self.seed_flags or seed_flags(str(Path(self.out).absolute()), None, self.layout)
 
 
 def _write_dtype(dtype: str) -> torch.dtype | None:
@@ -478,6 +473,7 @@ def to_dcp(
         total = sum(TensorInfo(k, i.shape, out_dt(i)).nbytes for k, i in targets.items())
         bar = Progress(total, "to-dcp", enabled=progress)
         summary = DCPExportSummary(str(src), str(Path(out).absolute()), req.layout, req.trainer, req.reason)
+        summary.seed_flags = seed_flags(summary.out, req.era, req.layout)
         fetch = _Fetcher(plan, source, out_dt, aux_values, bar, summary)
         # In plan order, so DCP's writer (one file per item, in state-dict order) asks for a multi-output
         # transform's outputs one after the other and only one group is ever held.

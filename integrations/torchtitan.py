@@ -34,7 +34,7 @@ from ckpt_bridge.errors import BridgeError, OutputError
 from ckpt_bridge.export_marker import read_marker
 from ckpt_bridge.formats.hf import weight_files
 from ckpt_bridge.model_fixups import AfterLoadReport, ConfigMismatchError, after_load  # noqa: F401 - re-exported
-from ckpt_bridge.trainer_keys import torchtitan_version
+from ckpt_bridge.titan_eras import install_origin, torchtitan_version
 
 log = logging.getLogger("ckpt_bridge")
 
@@ -87,10 +87,67 @@ def source_digest(hf_dir: str | Path, memo_file: Path | None = None) -> str:
 def _checkpoint_section(config: Any) -> Any:
     """The checkpoint config: ``config.checkpoint`` of a job/trainer config, or the section itself."""
     section = getattr(config, "checkpoint", config)
-    if not hasattr(section, "initial_load_path"):
-        raise BridgeError(f"set_initial_load: {type(config).__name__} has no checkpoint.initial_load_path; pass the "
-                          f"trainer config (or its checkpoint section)")
+    if not (hasattr(section, "initial_load_path") or hasattr(section, "load_step")):
+        raise BridgeError(f"set_initial_load: {type(config).__name__} has neither checkpoint.initial_load_path nor "
+                          f"checkpoint.load_step; pass the trainer's JobConfig (or its checkpoint section)")
     return section
+
+
+SEED_MARK = ".ckpt-bridge-seed"  # in a step-0 we placed: which conversion it holds (so we never touch others')
+
+
+def _step0(config: Any, section: Any) -> Path:
+    """``<job.dump_folder>/<checkpoint.folder>/step-0``: where a trainer without initial_load_path seeds from."""
+    job = getattr(config, "job", None)
+    if job is None or not hasattr(job, "dump_folder"):
+        raise BridgeError(f"set_initial_load: this TorchTitan has no checkpoint.initial_load_path, so the seed goes to "
+                          f"<job.dump_folder>/<checkpoint.folder>/step-0; pass the whole JobConfig, not "
+                          f"{type(config).__name__}")
+    return Path(job.dump_folder, section.folder, "step-0").absolute()
+
+
+def _place_step0(out: Path, step0: Path) -> None:
+    """Make ``step0`` hold the conversion ``out``: hard links (copies across filesystems), never over others' files.
+
+    Hard links, not a symlink: torchtitan's ``keep_latest_k`` purge rmtree's
+    old steps, which unlinks our links and leaves the cache intact (and fails
+    on a symlink).  A step-0 we did not create is refused, not replaced.
+    """
+    import shutil
+
+    if step0.exists() or step0.is_symlink():
+        mark = step0 / SEED_MARK
+        if mark.is_file() and mark.read_text().strip() == str(out):
+            return  # ours, from an earlier start of this run
+        raise BridgeError(f"set_initial_load: {step0} already exists and is not this conversion (no matching "
+                          f"{SEED_MARK}); the trainer would load it instead of the HF model. Move it away or use "
+                          f"another job.dump_folder")
+    step0.parent.mkdir(parents=True, exist_ok=True)
+    tmp = step0.parent / f".ckpt-bridge-seed-tmp-{os.getpid()}"  # no "step-N" in it: the trainer never sees it
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        for f in out.iterdir():
+            if f.is_file():
+                try:
+                    os.link(f, tmp / f.name)
+                except OSError:
+                    shutil.copy2(f, tmp / f.name)
+        (tmp / SEED_MARK).write_text(f"{out}\n")
+        tmp.rename(step0)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _later_steps(folder: Path) -> list[int]:
+    """Saved steps after 0 (torchtitan's own test: a step-N dir with .metadata)."""
+    import re
+
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for d in folder.iterdir() for m in [re.search(r"step-(\d+)", d.name)]
+                  if m and int(m.group(1)) > 0 and (d / ".metadata").is_file())
 
 
 def _dist_rank() -> tuple[bool, int]:
@@ -107,15 +164,25 @@ def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: 
                      cache_dir: str | Path | None = None) -> Path:
     """Convert ``hf_dir`` once and make the trainer's first load read it (model only).
 
-    Sets ``checkpoint.initial_load_path`` (absolute, as torchtitan 0.3.0
-    requires) and ``initial_load_model_only=True`` (and ``initial_load_in_hf``
-    off) on ``config``; returns the DCP folder.  Under ``torch.distributed``,
+    Works with the config of every TorchTitan era, by its own field names:
+    with ``checkpoint.initial_load_path`` (0b44d4c, 0.2.x, 0.3.0) it sets that
+    (absolute, as 0.3.0 requires) and ``initial_load_model_only`` (at 0b44d4c
+    ``initial_load_model_weights_only``) on, ``initial_load_in_hf`` off;
+    without it (e320a37, 5e2033c) it places the conversion at
+    ``<job.dump_folder>/<checkpoint.folder>/step-0`` (hard links; pass the
+    whole JobConfig) and sets ``load_step = 0`` - unless later steps are saved
+    there already (a restart resumes from them).  A step-0 it did not create
+    is refused, never replaced.  The checkpointer's enable switch is turned
+    on.  Returns the DCP folder.  Under ``torch.distributed``,
     rank 0 converts while the others wait at a barrier (the cache must be on a
     filesystem every rank sees).  The cache key is the content of the weight
     files and config, the aux specs, seed, dtype, layout and the trainer
     version; a finished conversion is reused, an interrupted one is redone.
     """
     section = _checkpoint_section(config)
+    step0 = None if hasattr(section, "initial_load_path") else _step0(config, section)
+    # a restart of a step-0 era: the trainer resumes from its own latest step; leave step-0 and load_step alone
+    reseed = step0 is None or not _later_steps(step0.parent)
     root = cache_root(cache_dir)
     specs = as_specs(aux)
     if any(s.factory is not None for s in specs) and model is None:
@@ -124,7 +191,8 @@ def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: 
         "source": source_digest(hf_dir, root / "file-hashes.json"),
         "aux": [s.describe() for s in specs],
         "aux_from": str(Path(aux_from).absolute()) if aux_from else None,
-        "seed": seed, "dtype": dtype, "layout": layout, "torchtitan": torchtitan_version(),
+        # version and commit: e320a37 (nested) and 0b44d4c (flat) both call themselves 0.1.0
+        "seed": seed, "dtype": dtype, "layout": layout, "torchtitan": [torchtitan_version(), install_origin()],
         "model_keys": sorted(k for p in ([model] if isinstance(model, nn.Module) else model or [])
                              for k in p.state_dict()),
     }  # fmt: skip
@@ -141,6 +209,13 @@ def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: 
             if not distributed:
                 raise
             failure = str(e)
+    if rank == 0 and step0 is not None and reseed and not failure:
+        try:
+            _place_step0(out, step0)
+        except BridgeError as e:
+            if not distributed:
+                raise
+            failure = str(e)
     if distributed:
         # Rank 0's outcome goes to every rank, so a failed conversion stops all of them (no hang at a barrier).
         import torch.distributed as dist
@@ -152,11 +227,29 @@ def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: 
     if not (out / ".metadata").is_file():
         raise BridgeError(f"set_initial_load: {out} is not visible on rank {rank}; put cache_dir on storage every "
                           f"rank shares")
-    section.initial_load_path = str(out)
-    section.initial_load_model_only = True
-    if hasattr(section, "initial_load_in_hf"):
-        section.initial_load_in_hf = False
+    _point_at(section, out, step0, reseed)
     return out
+
+
+def _point_at(section: Any, out: Path, step0: Path | None, reseed: bool) -> None:
+    """Set the era's own fields so its first load reads ``out``, model only."""
+    for enable in ("enable", "enable_checkpoint"):  # a disabled checkpointer loads nothing
+        if hasattr(section, enable):
+            setattr(section, enable, True)
+    if step0 is None:
+        section.initial_load_path = str(out)
+        # 0b44d4c calls it initial_load_model_weights_only; 0.2.x / 0.3.0 initial_load_model_only
+        for name in ("initial_load_model_only", "initial_load_model_weights_only"):
+            if hasattr(section, name):
+                setattr(section, name, True)
+        if hasattr(section, "initial_load_in_hf"):
+            section.initial_load_in_hf = False
+        return
+    if reseed:
+        section.load_step = 0  # step 0 is a model-only load in these eras
+    else:
+        log.info("ckpt-bridge: %s already has saved steps; load_step left at %s (resume)", step0.parent,
+                 section.load_step)
 
 
 # ---------------------------------------------------------------- save-time HF export
