@@ -229,6 +229,32 @@ def plan_dcp(src: dict[str, TensorInfo], req: RequestedKeys, aux_fqns: set[str],
     return plan
 
 
+# ---------------------------------------------------------------- TorchTitan's own models
+
+
+def _titan_source(reader: Reader, cfg_dir: Path, model: Any, sd_adapter: Any, titan_model: str | None
+                  ) -> tuple[Reader, Any, str | None]:
+    """(source reader under the trainer model's names, trainer model, titan model name for the manifest).
+
+    A TorchTitan model (``titan_model`` name, or ``model`` + ``sd_adapter``) sees
+    the HF weights through its adapter's ``from_hf``, applied as plan transforms.
+    """
+    if titan_model is None and sd_adapter is None:
+        return reader, model, None
+    from .formats.adapted import from_hf_reader
+
+    if titan_model is not None:
+        if sd_adapter is not None or model is not None:
+            raise BridgeError("titan_model= builds the model and adapter itself; pass it alone, or model= + sd_adapter=")
+        from .titan_models import titan_model as build
+
+        tm = build(titan_model, cfg_dir)
+        return from_hf_reader(reader, tm.adapter), tm.build("meta"), titan_model
+    if model is None:
+        raise BridgeError("sd_adapter= needs model= (the TorchTitan model, meta is fine) to ask for its keys")
+    return from_hf_reader(reader, sd_adapter), model, None
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -279,6 +305,7 @@ def to_dcp(
     aux_from: str | Path | None = None,
     model: nn.Module | list[nn.Module] | None = None,
     sd_adapter: Any = None,
+    titan_model: str | None = None,
     config: str | Path | None = None,
     overwrite: bool = False,
     trust_pickle: bool = False,
@@ -294,7 +321,10 @@ def to_dcp(
     parts, meta is fine) when it is not the plain HF class plus aux modules, e.g.
     per-block ``torch.compile`` (``_orig_mod.`` in its keys).  ``sd_adapter``: for
     TorchTitan's own model definitions (pass ``model=`` too), the model's
-    ``StateDictAdapter``; HF keys go through its ``from_hf`` one at a time.  ``dtype``: of
+    ``StateDictAdapter``; HF keys go through its ``from_hf`` group by group
+    (:mod:`ckpt_bridge.formats.adapted`).  ``titan_model``: a TorchTitan model
+    name (``llama3``, ``qwen3``) built from the HF config, model and adapter
+    both (:mod:`ckpt_bridge.titan_models`).  ``dtype``: of
     floating tensors written (fp32, the usual master-weight dtype; ``keep``).
     With ``dry_run`` the checked plan is returned and nothing is written.
     """
@@ -310,13 +340,7 @@ def to_dcp(
         cfg_dir, _ = _config_dir(reader, config)
         if cfg_dir is None:
             raise KeyPlanError(f"{where}: no config.json found; pass --config PATH (a config.json or a model dir)")
-        source: Reader = reader
-        if sd_adapter is not None:
-            if model is None:
-                raise BridgeError("sd_adapter= needs model= (the TorchTitan model, meta is fine) to ask for its keys")
-            from .formats.adapted import AdapterView
-
-            source = AdapterView(reader, sd_adapter)
+        source, model, titan = _titan_source(reader, cfg_dir, model, sd_adapter, titan_model)
         infos = source.tensors()
         hashes = pool.submit(_hash_files, _source_files(reader, cfg_dir)) if not dry_run else None
 
@@ -334,6 +358,8 @@ def to_dcp(
             parts = [target]
         else:
             parts = [model] if isinstance(model, nn.Module) else list(model)
+            if titan is not None and specs:  # the model we built: its aux modules go on it like on the HF class
+                attach_aux(parts[0], specs, hf_config)
         model_class = type(parts[0]).__name__
         req = requested_keys(parts, layout)
         aux_names = {s.name for s in specs}
@@ -422,6 +448,7 @@ def to_dcp(
                            "config_dir": str(cfg_dir.absolute()), "files": hashes.result()},
                 "hf_config": read_config(cfg_dir),
                 "model_class": model_class,
+                "titan_model": titan,
                 "layout": req.as_dict(),
                 "dtype": summary.dtype,
                 "tensors": summary.tensors,
