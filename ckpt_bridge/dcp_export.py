@@ -87,6 +87,7 @@ class DCPExportSummary:
     dropped: list[tuple[str, str]] = field(default_factory=list)
     manifest: str = ""
     seconds: float = 0.0
+    titan_model: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -403,6 +404,7 @@ def to_dcp(
         total = sum(e.info.nbytes for e in plan.entries)
         bar = Progress(total, "to-dcp", enabled=progress)
         summary = DCPExportSummary(str(src), str(Path(out).absolute()), req.layout, req.trainer, req.reason)
+        summary.titan_model = titan
 
         def fetch(key: str) -> torch.Tensor:
             e = by_key[key]

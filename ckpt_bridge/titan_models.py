@@ -270,3 +270,52 @@ def hf_view(reader: Any, config: str | Path | None, titan_model_name: str | None
         raise TitanModelError(f"{reader.path}: holds TorchTitan {name} weights; pass --config HF_DIR (the Hugging "
                               f"Face config they follow) so its adapter can name them")
     return to_hf_reader(reader, titan_model(name, cfg_dir).adapter)
+
+
+# ---------------------------------------------------------------- after the trainer's load
+
+
+def _buffer_owners(parts: list[nn.Module]) -> list[tuple[str, nn.Module]]:
+    """TorchTitan modules that compute their own non-persistent buffers (RoPE caches, MoE counters)."""
+    from torchtitan.protocols.module import Module
+
+    return [(name, m) for p in parts for name, m in p.named_modules()
+            if isinstance(m, Module) and type(m)._init_self_buffers is not Module._init_self_buffers
+            and any(b in m._non_persistent_buffers_set for b in m._buffers)]
+
+
+def titan_after_load(model: nn.Module | list[nn.Module], hf_dir: str | Path, *, check_config: bool = True,
+                     recompute: bool = True) -> Any:
+    """``after_load`` for a TorchTitan model: config parity under mapped field names, buffers by its own code.
+
+    The config check reads the model's TorchTitan config under HF names
+    (:func:`titan_parity`: ``rope.theta`` -> ``rope_theta``, ``norm.eps`` ->
+    ``rms_norm_eps``, ...).  The RoPE cache (and any other non-persistent
+    buffer) is recomputed by the module's own ``_init_self_buffers`` -- what
+    ``init_states`` does after ``to_empty`` -- without touching a parameter.
+    """
+    import torch
+
+    from .model_fixups import AfterLoadReport, check_config_parity, load_hf_config
+
+    parts = [model] if isinstance(model, nn.Module) else list(model)
+    report = AfterLoadReport()
+    if check_config:
+        cfg = next((p.config for p in parts if getattr(p, "config", None) is not None), None)
+        if cfg is None:
+            raise BridgeError("after_load: the TorchTitan model has no .config to check against the HF config")
+        report.checked = check_config_parity(titan_parity(cfg), load_hf_config(hf_dir),
+                                             where=str(Path(hf_dir) / "config.json"))
+    if recompute:
+        with torch.no_grad():
+            for name, m in _buffer_owners(parts):
+                names = [b for b in m._buffers if b in m._non_persistent_buffers_set]
+                old = {b: m._buffers[b].detach().clone() for b in names}
+                m._init_self_buffers(buffer_device=next(iter(old.values())).device)
+                for b in names:
+                    new = m._buffers[b]
+                    o = old[b]
+                    change = (float((o.to(new.dtype) - new).abs().double().nan_to_num(float("inf")).max())
+                              if o.shape == new.shape and o.numel() else float("inf") if o.shape != new.shape else 0.0)
+                    report.recomputed.append((f"{name}.{b}" if name else b, change))
+    return report

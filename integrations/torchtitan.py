@@ -101,7 +101,7 @@ def _dist_rank() -> tuple[bool, int]:
 def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: int = 0, dtype: str = "fp32",
                      layout: str = "auto", aux_from: str | Path | None = None,
                      model: nn.Module | list[nn.Module] | None = None,
-                     cache_dir: str | Path | None = None) -> Path:
+                     cache_dir: str | Path | None = None, titan_model: str | None = None) -> Path:
     """Convert ``hf_dir`` once and make the trainer's first load read it (model only).
 
     Sets ``checkpoint.initial_load_path`` (absolute, as torchtitan 0.3.0
@@ -111,6 +111,8 @@ def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: 
     filesystem every rank sees).  The cache key is the content of the weight
     files and config, the aux specs, seed, dtype, layout and the trainer
     version; a finished conversion is reused, an interrupted one is redone.
+    ``titan_model``: the trainer builds TorchTitan's own model of that name
+    (``llama3``, ``qwen3``); the DCP gets its keys through its StateDictAdapter.
     """
     section = _checkpoint_section(config)
     root = cache_root(cache_dir)
@@ -121,7 +123,7 @@ def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: 
         "source": source_digest(hf_dir, root / "file-hashes.json"),
         "aux": [s.describe() for s in specs],
         "aux_from": str(Path(aux_from).absolute()) if aux_from else None,
-        "seed": seed, "dtype": dtype, "layout": layout, "torchtitan": torchtitan_version(),
+        "seed": seed, "dtype": dtype, "layout": layout, "torchtitan": torchtitan_version(), "titan_model": titan_model,
         "model_keys": sorted(k for p in ([model] if isinstance(model, nn.Module) else model or [])
                              for k in p.state_dict()),
     }  # fmt: skip
@@ -133,7 +135,7 @@ def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: 
         log.info("ckpt-bridge: converting %s -> %s", hf_dir, out)
         try:
             to_dcp(hf_dir, out, layout=layout, dtype=dtype, aux=specs, seed=seed, aux_from=aux_from, model=model,
-                   overwrite=out.exists(), progress=False)
+                   titan_model=titan_model, overwrite=out.exists(), progress=False)
         except BridgeError as e:
             if not distributed:
                 raise

@@ -203,7 +203,7 @@ class AdaptedReader(Reader):
         self._source_infos = source_infos
 
     def tensors(self) -> dict[str, TensorInfo]:
-        return dict(self._infos)
+        return self._infos
 
     def model_tensors(self, exclude_sections: tuple[str, ...] = ()) -> dict[str, TensorInfo]:
         return self.tensors()
