@@ -310,6 +310,8 @@ def _to_dcp(args: argparse.Namespace) -> int:
         print(f"# {res.requested.layout} layout ({res.requested.reason}); {len(res.entries)} keys, "
               f"model {res.model_class}")
         print("\n".join(res.lines()))
+        for note in res.notes:
+            print(f"# {note}")
         return 0
     if args.json:
         print(json.dumps({**res.as_dict(), "flags": res.flags()}, indent=2, default=str))

@@ -373,6 +373,8 @@ def to_dcp(
         groups = [g for p in parts for g in tie_groups(p)]
         plan = plan_dcp(infos, req, set(aux_want), groups, cast, where=where, model_class=model_class)
         plan.dropped += getattr(source, "dropped", [])
+        if titan is not None or sd_adapter is not None:  # --dry-run shows what the adapter does, group by group
+            plan.notes += [line for line in source.plan.lines() if "(dropped" not in line]
         if dry_run:
             return plan
 

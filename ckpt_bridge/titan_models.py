@@ -319,3 +319,24 @@ def titan_after_load(model: nn.Module | list[nn.Module], hf_dir: str | Path, *, 
                               if o.shape == new.shape and o.numel() else float("inf") if o.shape != new.shape else 0.0)
                     report.recomputed.append((f"{name}.{b}" if name else b, change))
     return report
+
+
+class HFStyleLM(nn.Module):
+    """A TorchTitan decoder called like a transformers causal LM (``model(input_ids=...).logits``).
+
+    So one loss function (:func:`ckpt_bridge.loss.text_loss`) puts the HF model
+    and the TorchTitan model on exactly the same tokens.  Positions are
+    0..L-1 in one document: the causal mask TorchTitan's own
+    ``get_attention_masks`` builds for it.
+    """
+
+    def __init__(self, model: nn.Module, hf_config: Any):
+        super().__init__()
+        self.model, self.config = model, hf_config
+
+    def forward(self, input_ids, use_cache: bool = False):  # noqa: ARG002 - the HF signature
+        import torch
+        from types import SimpleNamespace
+
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        return SimpleNamespace(logits=self.model(input_ids, attention_masks=self.model.get_attention_masks(positions)))

@@ -221,14 +221,14 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
                                and f.split(".", 1)[0] not in aux_names and not f.endswith("inv_freq"))
 
     # 3. loss on the same tokens
-    if loss_text is not None and titan is not None:
-        raise BridgeError("--loss with a TorchTitan model is not supported yet; check keys and values without it")
     if loss_text is not None:
-        res.loss_hf, res.loss_dcp, res.loss_tokens = _losses(r, hf_dir, specs, Path(loss_text), loss_tokens)
+        res.loss_hf, res.loss_dcp, res.loss_tokens = _losses(r, hf_dir, specs, Path(loss_text), loss_tokens,
+                                                             titan[0] if titan is not None else None)
     return res
 
 
-def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int) -> tuple[float, float, int]:
+def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int, titan: Any = None
+            ) -> tuple[float, float, int]:
     import torch.distributed.checkpoint as dcp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -252,15 +252,24 @@ def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int)
         del hf_model
         # The checkpoint side: the same class from the config, filled by dcp.load under the checkpoint's
         # own layout (what the trainer does), then after_load.
-        model = AutoModelForCausalLM.from_config(load_hf_config(hf_dir), dtype=torch.float32)
+        if titan is None:
+            model = AutoModelForCausalLM.from_config(load_hf_config(hf_dir), dtype=torch.float32)
+        else:  # TorchTitan's own model, as its trainer builds it (meta -> to_empty), loaded the same way
+            model = titan.build("meta").to_empty(device="cpu")
         if specs:
-            attach_aux(model, as_specs(specs), model.config)
+            attach_aux(model, as_specs(specs), load_hf_config(hf_dir))
         sd = model.state_dict()
         fqns = _checkpoint_fqns(r)
         have = {fqns[canonical_key(k)]: v for k, v in sd.items() if canonical_key(k) in fqns}
         state = {NEST: {k[len(NEST) + 1:]: v for k, v in have.items()}} if r.layout() == "nested" else have
         dcp.load(state, checkpoint_id=str(r.path), no_dist=True)
+        if titan is not None:  # state_dict() split the fused qkv into copies: load them back (torchtitan does)
+            model.load_state_dict({k: v for k, v in sd.items()}, strict=False)
         after_load(model, hf_dir)
+        if titan is not None:
+            from .titan_models import HFStyleLM
+
+            model = HFStyleLM(model, load_hf_config(hf_dir))
         loss_dcp = text_loss(model.eval(), tok, text, max_tokens=max_tokens)
     return loss_hf, loss_dcp, n_tokens
 

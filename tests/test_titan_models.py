@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from ckpt_bridge.cli import main as cli
 from ckpt_bridge.formats.hf import weight_files
+from ckpt_bridge.testing.tiny_models import save_tiny_tokenizer
 
 pytest.importorskip("triton", reason="torchtitan 0.3.0's models import triton (requirements.lock pins it)")
 
@@ -61,6 +62,7 @@ def hf_dirs(tmp_path_factory):
                     if p.dim() == 1:
                         p.uniform_(0.5, 1.5)
             model.save_pretrained(root / case, max_shard_size="40KB")  # several shards + index, as real models
+        save_tiny_tokenizer(root / case, vocab_size=256)
         out[case] = root / case
     return out
 
@@ -172,9 +174,12 @@ def test_verify_judges_against_the_titan_models_keys(hf_dirs, tmp_path, capsys):
     assert "1 of 21 model keys would load: the checkpoint holds Hugging Face names" in out  # lm_head.weight: same name
     assert "--titan-model llama3" in out and "PROBLEMS" in out
     # our titan output: the manifest names the model, every key and value checks out through from_hf
-    assert cli(["verify", str(tmp_path / "titan"), "--against", str(hf)]) == 0
+    text = tmp_path / "text.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog; a model state dict maps names to tensors. " * 8)
+    assert cli(["verify", str(tmp_path / "titan"), "--against", str(hf), "--loss", str(text)]) == 0
     out = capsys.readouterr().out
     assert "TorchTitan llama3" in out and "21 of 21 model keys would load" in out and "21 equal" in out
+    assert "(ok, atol 1e-05)" in out  # TorchTitan's own forward, loaded from the DCP, vs the HF model
 
 
 def test_tied_plan_streams_one_key_with_the_embedding_as_context(hf_dirs):
