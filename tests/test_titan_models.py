@@ -75,15 +75,17 @@ def _hf_state(hf_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def _titan_load(tm, dump: Path, **config) -> torch.nn.Module:
-    """The trainer's flow: meta build -> to_empty -> init_states -> torchtitan's own CheckpointManager.load()."""
+    """The trainer's flow: meta build -> to_empty -> torchtitan's own CheckpointManager.load().  No init_states:
+    the RoPE cache is left as garbage (NaN), as after a to_empty that nothing re-initialises."""
     from torchtitan.components.checkpoint import CheckpointManager
 
     model = tm.build("meta")
     model.to_empty(device="cpu")
     with torch.no_grad():
-        model.init_states()
-        for p in model.parameters():  # nothing of init may survive the load
+        for p in model.parameters():  # nothing may survive the load
             p.fill_(7.0)
+        for b in model.buffers():
+            b.fill_(float("nan"))
     cfg = CheckpointManager.Config(enable=True, folder="checkpoint", keep_latest_k=0, initial_load_model_only=True,
                                    **config)
     mgr = CheckpointManager(cfg, dataloader=None, model_parts=[model], optimizers=None, lr_schedulers=None,
@@ -129,6 +131,7 @@ def test_titan_model_from_cli_loads_like_torchtitans_own_hf_load(gloo1, hf_dirs,
 
     report = after_load(ours, hf)  # rope cache by the model's own code, config parity under mapped names
     assert {r for r, _ in report.recomputed} == {f"layers.{i}.attention.rope.cache" for i in range(2)}
+    assert all(change == float("inf") for _, change in report.recomputed)  # it was NaN; now the model's own
     assert {"rope_theta", "rms_norm_eps", "tie_word_embeddings", "head_dim"} <= set(report.checked)
     tokens = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(1))
     hf_model = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
@@ -225,13 +228,18 @@ def test_moe_experts_group_by_what_the_adapter_stacks():
     assert set(plan.targets()) == set(adapter.from_hf(dict(hf)))  # what one whole-model call gives
 
 
-def test_bad_titan_model_requests_are_one_line_errors(hf_dirs, tmp_path, capsys):
+def test_bad_titan_model_requests_are_one_line_errors(hf_dirs, tiny_hf_factory, tmp_path, capsys):
     hf = hf_dirs["llama3-untied"]
+    biased = tiny_hf_factory("llama")  # the shared preset has attention_bias=True: no TorchTitan llama3 has biases
+    capsys.readouterr()
     assert cli(["to-dcp", str(hf), "--out", str(tmp_path / "x"), "--titan-model", "qwen3"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model_type 'llama'" in err
     assert cli(["to-dcp", str(hf), "--out", str(tmp_path / "x"), "--titan-model", "gpt2"]) == 2
     assert "llama3, qwen3" in capsys.readouterr().err
+    assert cli(["to-dcp", str(biased), "--out", str(tmp_path / "x"), "--titan-model", "llama3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "attention_bias=True" in err
     assert not (tmp_path / "x").exists()
 
 
