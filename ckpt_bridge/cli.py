@@ -34,6 +34,10 @@ file/key/rank; --debug adds the traceback), 130 interrupted (nothing partial is 
 """
 
 
+TITAN_HELP = ("TorchTitan's own model definition the trainer builds (llama3, qwen3): its keys are written/checked, "
+              "the weights pass through its StateDictAdapter, its config is derived from the HF config and checked")
+
+
 def _common(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--json", action="store_true", help=f"print {what} as JSON")
     p.add_argument("--trust-pickle", action="store_true",
@@ -91,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
                     "configs, ...) are copied unchanged; it also supplies config.json; never written to")
     ph.add_argument("--aux-prefix", action="append", default=[], metavar="NAME",
                     help="treat keys under NAME. as an auxiliary module (repeatable)")
+    ph.add_argument("--titan-model", metavar="NAME", help="SRC is a DCP of TorchTitan's own NAME model (llama3, qwen3): "
+                    "map its names back with the model's StateDictAdapter.to_hf (default: what the to-dcp manifest "
+                    "recorded; needs the HF config: --config or the manifest's source dir)")
     ph.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     ph.add_argument("--dry-run", action="store_true", help="check everything the real run reads (structure, "
                     "layouts, key plan, config, extra state of every rank, --out) and print the key plan; write "
@@ -116,6 +123,7 @@ def _parser() -> argparse.ArgumentParser:
         "  ckpt-bridge to-dcp models/OLMo-2-1B --out bootstrap/olmo2-aux --aux future_encoder:mlp \\\n"
         "      --aux future_predictor:linear --aux action_layer:linear:16 --seed 7\n"
         "  ckpt-bridge to-dcp models/OLMo-2-1B --out DUMP/checkpoint/step-0 --layout nested   # flame pin <= 5e2033c\n"
+        "  ckpt-bridge to-dcp models/Llama-3.2-1B --out bootstrap/llama --titan-model llama3   # torchtitan's llama3\n"
         "then (0.2.x/0.3.0): --checkpoint.initial_load_path $(realpath bootstrap/olmo2) "
         "--checkpoint.initial_load_model_only\n(the command prints the flags of the torchtitan installed here), "
         "and call ckpt_bridge.integrations.torchtitan.after_load(model, HF_DIR) after the load.",
@@ -135,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--aux-from", metavar="PATH", help="copy the aux modules' weights from this checkpoint "
                     "(DCP, HF dir, safetensors or torch file) instead of initialising them")
     pt.add_argument("--config", metavar="PATH", help="config.json (or a dir with one) when HF_DIR has none")
+    pt.add_argument("--titan-model", metavar="NAME", help=TITAN_HELP + " (default: the HF model class itself)")
     pt.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     pt.add_argument("--dry-run", action="store_true", help="check everything and print the key plan; write nothing")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -164,6 +173,8 @@ def _parser() -> argparse.ArgumentParser:
     pv.add_argument("--against", metavar="HF_DIR", help="check DCP folder A against the HF model it came from")
     pv.add_argument("--layout-for", default="installed", choices=["installed", "nested", "flat"],
                     help="with --against: the loader to check for (installed: ask the installed torchtitan)")
+    pv.add_argument("--titan-model", metavar="NAME", help="with --against: " + TITAN_HELP +
+                    " (default: what the to-dcp manifest recorded)")
     pv.add_argument("--loss", metavar="TEXTFILE", help="with --against: compare the loss of both on this text")
     pv.add_argument("--loss-tokens", type=int, default=2048, help="tokens of TEXTFILE used by --loss (default 2048)")
     pv.add_argument("--loss-atol", type=float, default=1e-5, help="allowed |loss difference| (default 1e-5)")
@@ -259,7 +270,7 @@ def _to_hf(args: argparse.Namespace) -> int:
 
     s = to_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, config=args.config,
               tokenizer=args.tokenizer, aux=args.aux, aux_prefixes=args.aux_prefix,
-              models=[m for m in args.models.split(",") if m], base=args.base,
+              models=[m for m in args.models.split(",") if m], base=args.base, titan_model=args.titan_model,
               overwrite=args.overwrite, trust_pickle=args.trust_pickle, progress=False if args.quiet else None,
               allow_missing_rng=args.allow_missing_rng, dry_run=args.dry_run)
     if args.dry_run:  # the same checks as the real run (extra state and --out included), no tensor data read
@@ -295,11 +306,14 @@ def _verify(args: argparse.Namespace) -> int:
         if args.b:
             raise BridgeError("give either B or --against HF_DIR, not both")
         res = verify_dcp(args.a, args.against, layout_for=args.layout_for, loss_text=args.loss,
-                         loss_tokens=args.loss_tokens, loss_atol=args.loss_atol, trust_pickle=args.trust_pickle)
+                         loss_tokens=args.loss_tokens, loss_atol=args.loss_atol, trust_pickle=args.trust_pickle,
+                         titan_model=args.titan_model)
         print(json.dumps(res.as_dict(), indent=2, default=str) if args.json else format_dcp_result(res))
         return 0 if res.ok else 1
     if not args.b:
         raise BridgeError("verify needs two checkpoints A B, or A --against HF_DIR")
+    if args.titan_model:
+        raise BridgeError("--titan-model works with --against HF_DIR (a DCP folder checked for that model's load)")
     if args.loss:
         raise BridgeError("--loss works with --against HF_DIR (a DCP folder checked against its HF source)")
     from .verification import format_result, verify
@@ -327,12 +341,14 @@ def _to_dcp(args: argparse.Namespace) -> int:
     from .dcp_export import to_dcp
 
     res = to_dcp(args.src, args.out, layout=args.layout, dtype=args.dtype, aux=args.aux, seed=args.seed,
-                 aux_from=args.aux_from, config=args.config, overwrite=args.overwrite,
+                 aux_from=args.aux_from, config=args.config, titan_model=args.titan_model, overwrite=args.overwrite,
                  trust_pickle=args.trust_pickle, progress=False if args.quiet else None, dry_run=args.dry_run)
     if args.dry_run:
         print(f"# {res.requested.layout} layout ({res.requested.reason}); {len(res.targets()) + len(res.aux)} keys, "
               f"model {res.model_class}")
         print("\n".join(res.lines()))
+        for note in res.notes:
+            print(f"# {note}")
         return 0
     if args.json:
         print(json.dumps({**res.as_dict(), "flags": res.flags()}, indent=2, default=str))

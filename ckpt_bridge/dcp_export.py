@@ -80,6 +80,7 @@ class DCPExportSummary:
     manifest: str = ""
     seconds: float = 0.0
     seed_flags: list[str] = field(default_factory=list)  # in the installed era's words (titan_eras.seed_flags)
+    titan_model: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "seed_flags"}
@@ -285,6 +286,32 @@ def _inputs_of(producer, source_of: dict[str, str]) -> str:
     return _few([source_of[c] for c in producer[0].inputs], 2)
 
 
+# ---------------------------------------------------------------- TorchTitan's own models
+
+
+def _titan_source(reader: Reader, cfg_dir: Path, model: Any, sd_adapter: Any, titan_model: str | None
+                  ) -> tuple[Reader, Any, str | None]:
+    """(source reader under the trainer model's names, trainer model, titan model name for the manifest).
+
+    A TorchTitan model (``titan_model`` name, or ``model`` + ``sd_adapter``) sees
+    the HF weights through its adapter's ``from_hf``, applied as plan transforms.
+    """
+    if titan_model is None and sd_adapter is None:
+        return reader, model, None
+    from .formats.adapted import from_hf_reader
+
+    if titan_model is not None:
+        if sd_adapter is not None or model is not None:
+            raise BridgeError("titan_model= builds the model and adapter itself; pass it alone, or model= + sd_adapter=")
+        from .titan_models import titan_model as build
+
+        tm = build(titan_model, cfg_dir)
+        return from_hf_reader(reader, tm.adapter), tm.build("meta"), titan_model
+    if model is None:
+        raise BridgeError("sd_adapter= needs model= (the TorchTitan model, meta is fine) to ask for its keys")
+    return from_hf_reader(reader, sd_adapter), model, None
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -369,6 +396,7 @@ def to_dcp(
     aux_from: str | Path | None = None,
     model: nn.Module | list[nn.Module] | None = None,
     sd_adapter: Any = None,
+    titan_model: str | None = None,
     config: str | Path | None = None,
     overwrite: bool = False,
     trust_pickle: bool = False,
@@ -384,7 +412,10 @@ def to_dcp(
     parts, meta is fine) when it is not the plain HF class plus aux modules, e.g.
     per-block ``torch.compile`` (``_orig_mod.`` in its keys).  ``sd_adapter``: for
     TorchTitan's own model definitions (pass ``model=`` too), the model's
-    ``StateDictAdapter``; HF keys go through its ``from_hf`` one at a time.  ``dtype``: of
+    ``StateDictAdapter``; HF keys go through its ``from_hf`` group by group
+    (:mod:`ckpt_bridge.formats.adapted`).  ``titan_model``: a TorchTitan model
+    name (``llama3``, ``qwen3``) built from the HF config, model and adapter
+    both (:mod:`ckpt_bridge.titan_models`).  ``dtype``: of
     floating tensors written (fp32, the usual master-weight dtype; ``keep``).
     With ``dry_run`` the checked plan is returned and nothing is written.
     """
@@ -401,13 +432,7 @@ def to_dcp(
         if cfg_dir is None:
             raise KeyPlanError(f"{where}: no config.json found; pass --config PATH (a config.json or a model dir)")
         read_config(cfg_dir)  # its structure and model_type, before transformers parses it
-        source: Reader = reader
-        if sd_adapter is not None:
-            if model is None:
-                raise BridgeError("sd_adapter= needs model= (the TorchTitan model, meta is fine) to ask for its keys")
-            from .formats.adapted import AdapterView
-
-            source = AdapterView(reader, sd_adapter)
+        source, model, titan = _titan_source(reader, cfg_dir, model, sd_adapter, titan_model)
         infos = source.tensors()
         hashes = pool.submit(_hash_files, _source_files(reader, cfg_dir)) if not dry_run else None
 
@@ -425,6 +450,8 @@ def to_dcp(
             parts = [target]
         else:
             parts = [model] if isinstance(model, nn.Module) else list(model)
+            if titan is not None and specs:  # the model we built: its aux modules go on it like on the HF class
+                attach_aux(parts[0], specs, hf_config)
         model_class = type(parts[0]).__name__
         req = requested_keys(parts, layout)
         aux_names = {s.name for s in specs}
@@ -436,11 +463,14 @@ def to_dcp(
                                f"(ckpt_bridge.auxiliary.attach_aux) before asking for its keys")
         groups = [g for p in parts for g in tie_groups(p)]
         # transformers' load-time conversions of the HF class (not of a TorchTitan model: its adapter converts)
-        hf_model = None if sd_adapter is not None else (parts[0] if model is None else build_meta_model(cfg_dir))
+        titan_native = sd_adapter is not None or titan is not None
+        hf_model = None if titan_native else (parts[0] if model is None else build_meta_model(cfg_dir))
         conversions = Conversions(hf_model, "load") if hf_model is not None else None
         plan = plan_dcp(infos, req, set(aux_want), groups, where=where, model_class=model_class,
                         conversions=conversions)
         plan.dropped += getattr(source, "dropped", [])
+        if titan is not None or sd_adapter is not None:  # --dry-run shows what the adapter does, group by group
+            plan.notes += [line for line in source.plan.lines() if "(dropped" not in line]
         if dry_run:
             return plan
 
@@ -474,6 +504,7 @@ def to_dcp(
         bar = Progress(total, "to-dcp", enabled=progress)
         summary = DCPExportSummary(str(src), str(Path(out).absolute()), req.layout, req.trainer, req.reason)
         summary.seed_flags = seed_flags(summary.out, req.era, req.layout)
+        summary.titan_model = titan
         fetch = _Fetcher(plan, source, out_dt, aux_values, bar, summary)
         # In plan order, so DCP's writer (one file per item, in state-dict order) asks for a multi-output
         # transform's outputs one after the other and only one group is ever held.
@@ -510,6 +541,7 @@ def to_dcp(
                            "config_dir": str(cfg_dir.absolute()), "files": hashes.result()},
                 "hf_config": read_config(cfg_dir),
                 "model_class": model_class,
+                "titan_model": titan,
                 "layout": req.as_dict(),
                 "dtype": summary.dtype,
                 "tensors": summary.tensors,

@@ -175,6 +175,7 @@ def to_hf(
     aux_prefixes: list[str] | None = None,
     models: list[str] | None = None,
     base: str | Path | None = None,
+    titan_model: str | None = None,
     overwrite: bool = False,
     trust_pickle: bool = False,
     progress: bool | None = None,
@@ -191,7 +192,9 @@ def to_hf(
     EMA copy saved as ``{"ema": state_dict}``) as ``ema.safetensors`` beside
     ``model.safetensors``.  ``base``: a base model directory whose other
     components (a VAE file, processor configs, ...) are copied unchanged; it is
-    never written to.  Returns a
+    never written to.  ``titan_model``: the checkpoint holds a TorchTitan model's
+    own names (``llama3``, ``qwen3``; default: what the to-dcp manifest
+    recorded); its adapter's ``to_hf`` maps them back.  Returns a
     summary; raises a :class:`~ckpt_bridge.errors.BridgeError` subclass on bad
     input, leaving no ``out`` behind.
 
@@ -229,6 +232,9 @@ def to_hf(
         config = base_dir
     with open_reader(src, trust_pickle=trust_pickle) as reader:
         reader.allow_missing_rng = allow_missing_rng  # DCP: a rank without rng is a warning, not an error
+        from .titan_models import hf_view
+
+        reader = hf_view(reader, config, titan_model)  # a TorchTitan-native DCP through its adapter's to_hf
         all_infos, cfg_dir = _checked_source(reader, config, others)
         where = str(reader.path)
         infos, aux_keys = split_aux(all_infos, reader, cfg_dir, aux_prefixes, where)

@@ -339,6 +339,12 @@ def after_load(model: nn.Module | list[nn.Module], hf_dir: str | Path, *, model_
     non-persistent buffer and derived tensor attribute with the model's own
     constructor, and ties again the weights ``to_empty()`` untied.
     """
+    from .titan_models import is_titan_model
+
+    if model_config is None and is_titan_model(model):  # TorchTitan's own model code: its config, its buffers
+        from .titan_models import titan_after_load
+
+        return titan_after_load(model, hf_dir, check_config=check_config, recompute=recompute)
     report = AfterLoadReport()
     if check_config:
         cfg = model_config if model_config is not None else model_config_of(model)

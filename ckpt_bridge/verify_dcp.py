@@ -67,6 +67,8 @@ class DCPVerifyResult:
     loss_atol: float = 1e-5
     loss_tokens: int = 0
     value_diff: float | None = None  # a value model (critic): max |value_hf - value_dcp| over the tokens
+    titan_model: str | None = None  # the trainer model is TorchTitan's own (llama3, qwen3, ...)
+    hf_named: bool = False  # the checkpoint holds Hugging Face names the titan model does not request
 
     @property
     def keys_ok(self) -> bool:
@@ -89,6 +91,9 @@ class DCPVerifyResult:
         s = f"{self.satisfied} of {self.requested} model keys would load"
         if self.keys_ok:
             return s + f" (checkpoint {self.checkpoint_layout}; loader: {self.trainer}, {self.loader_layout})"
+        if self.hf_named:
+            return (s + f": the checkpoint holds Hugging Face names and TorchTitan's {self.titan_model} requests its "
+                    f"own (rewrite it with: ckpt-bridge to-dcp HF_DIR --out NEW --titan-model {self.titan_model})")
         if self.checkpoint_layout in ("nested", "flat") and self.checkpoint_layout != self.loader_layout:
             return (s + f": the checkpoint is {self.checkpoint_layout}, this trainer loads {self.loader_layout} "
                     f"(rewrite it with: ckpt-bridge to-dcp HF_DIR --out NEW --layout {self.loader_layout})")
@@ -119,9 +124,32 @@ def _target_model(hf_dir: Path, manifest: dict | None):
     return model, specs
 
 
+def _titan_target(hf_dir: Path, manifest: dict | None, titan_model: str | None):
+    """(TorchTitan model built for hf_dir, its meta module with the manifest's aux modules, aux specs), or None.
+
+    The trainer model is TorchTitan's own when ``--titan-model`` names it or the
+    to-dcp manifest recorded it; its keys and its adapter's ``from_hf`` decide.
+    """
+    name = titan_model or (manifest or {}).get("titan_model")
+    if not name:
+        return None
+    from .titan_models import titan_model as build
+
+    tm = build(name, hf_dir)
+    model = tm.build("meta")
+    specs = [parse_aux(a["spec"]) for a in (manifest or {}).get("aux", []) if a.get("kind") != "factory"]
+    if specs:
+        from .model_fixups import load_hf_config
+
+        attach_aux(model, specs, load_hf_config(hf_dir))
+    return tm, model, specs
+
+
 def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "installed",
                loss_text: str | Path | None = None, loss_tokens: int = 2048, loss_atol: float = 1e-5,
-               trust_pickle: bool = False) -> DCPVerifyResult:
+               trust_pickle: bool = False, titan_model: str | None = None) -> DCPVerifyResult:
+    """``titan_model``: the trainer model is TorchTitan's own (``llama3``, ``qwen3``; default: what the
+    to-dcp manifest recorded): its keys are requested and HF values pass through its adapter's ``from_hf``."""
     dcp_dir, hf_dir = Path(dcp_dir), Path(hf_dir)
     if not is_dcp_dir(dcp_dir):
         raise CheckpointFormatError(f"{dcp_dir}: not a DCP folder (no .metadata or .distcp files)")
@@ -139,7 +167,16 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
     dcp_info = r.tensors()
 
     # 1. keys the loader requests
-    model, specs = _target_model(hf_dir, manifest)
+    titan = _titan_target(hf_dir, manifest, titan_model)
+    if titan is None:
+        model, specs = _target_model(hf_dir, manifest)
+    else:
+        tm, model, specs = titan
+        res.titan_model = tm.name
+        from .formats.adapted import from_hf_reader
+
+        hf_names = set(canonical_key(k) for k in hf.tensors())
+        hf = from_hf_reader(hf, tm.adapter)  # HF values under the titan model's names
     req = requested_keys(model, "auto" if layout_for == "installed" else layout_for)
     res.trainer, res.loader_layout, res.requested = req.trainer, req.layout, len(req.fqn_of)
     for key, want in req.info.items():
@@ -150,6 +187,9 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
             res.wrong_shape.append(key)
         else:
             res.satisfied += 1
+    if titan is not None and res.missing:
+        have = set(_checkpoint_fqns(r))
+        res.hf_named = len(have & hf_names) > len(have) // 2
 
     # 2. values, under the checkpoint's own layout
     in_dcp = _checkpoint_fqns(r)
@@ -192,8 +232,8 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
 
     # 3. loss on the same tokens
     if loss_text is not None:
-        res.loss_hf, res.loss_dcp, res.loss_tokens, res.value_diff = _losses(r, hf_dir, specs, Path(loss_text),
-                                                                             loss_tokens)
+        res.loss_hf, res.loss_dcp, res.loss_tokens, res.value_diff = _losses(
+            r, hf_dir, specs, Path(loss_text), loss_tokens, titan[0] if titan is not None else None)
     return res
 
 
@@ -208,9 +248,11 @@ def _measure(model, tok, text: str, max_tokens: int) -> tuple[float, torch.Tenso
     return float(values.mean()), values
 
 
-def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int
+def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int, titan: Any = None
             ) -> tuple[float, float, int, float | None]:
-    """(HF side, checkpoint side, tokens, max |value diff| for a value model else None)."""
+    """(HF side, checkpoint side, tokens, max |value diff| for a value model else None).
+
+    ``titan``: the trainer model is TorchTitan's own (built meta -> to_empty as its trainer does)."""
     import torch.distributed.checkpoint as dcp
     from transformers import AutoTokenizer
 
@@ -241,23 +283,33 @@ def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int
         warnings.simplefilter("ignore")
         # The checkpoint side: the same class from the config, filled by dcp.load under the checkpoint's
         # own layout (what the trainer does), then after_load.
-        model = from_config(load_hf_config(hf_dir))
+        if titan is None:
+            model = from_config(load_hf_config(hf_dir))
+        else:  # TorchTitan's own model, as its trainer builds it (meta -> to_empty), loaded the same way
+            model = titan.build("meta").to_empty(device="cpu")
         if specs:
-            attach_aux(model, as_specs(specs), model.config)
+            attach_aux(model, as_specs(specs), load_hf_config(hf_dir))
         sd = model.state_dict()
         fqns = _checkpoint_fqns(r)
         have = {fqns[canonical_key(k)]: v for k, v in sd.items() if canonical_key(k) in fqns}
         state = {NEST: {k[len(NEST) + 1:]: v for k, v in have.items()}} if r.layout() == "nested" else have
         # r's storage reader: the .metadata already read by the restricted unpickler, never pickle.load
         dcp.load(state, storage_reader=r.storage_reader(), no_dist=True)
+        if titan is not None:  # state_dict() split the fused qkv into copies: load them back (torchtitan does)
+            model.load_state_dict({k: v for k, v in sd.items()}, strict=False)
         after_load(model, hf_dir)
+        if titan is not None:
+            from .titan_models import HFStyleLM
+
+            model = HFStyleLM(model, load_hf_config(hf_dir))
         loss_dcp, values_dcp = _measure(model.eval(), tok, text, max_tokens)
     value_diff = None if values_hf is None else float((values_hf - values_dcp).abs().max())
     return loss_hf, loss_dcp, n_tokens, value_diff
 
 
 def format_dcp_result(res: DCPVerifyResult) -> str:
-    lines = [f"verify {res.dcp}  against  {res.hf}   (loader: {res.trainer}, --layout-for {res.layout_for})"]
+    model = f"TorchTitan {res.titan_model}, " if res.titan_model else ""
+    lines = [f"verify {res.dcp}  against  {res.hf}   ({model}loader: {res.trainer}, --layout-for {res.layout_for})"]
     lines.append(f"  keys: {res.headline()}")
     if res.wrong_shape:
         lines.append(f"  wrong shape: {_few(res.wrong_shape)}")

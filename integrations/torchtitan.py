@@ -161,7 +161,7 @@ def _dist_rank() -> tuple[bool, int]:
 def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: int = 0, dtype: str = "fp32",
                      layout: str = "auto", aux_from: str | Path | None = None,
                      model: nn.Module | list[nn.Module] | None = None,
-                     cache_dir: str | Path | None = None) -> Path:
+                     cache_dir: str | Path | None = None, titan_model: str | None = None) -> Path:
     """Convert ``hf_dir`` once and make the trainer's first load read it (model only).
 
     Works with the config of every TorchTitan era, by its own field names:
@@ -178,6 +178,8 @@ def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: 
     filesystem every rank sees).  The cache key is the content of the weight
     files and config, the aux specs, seed, dtype, layout and the trainer
     version; a finished conversion is reused, an interrupted one is redone.
+    ``titan_model``: the trainer builds TorchTitan's own model of that name
+    (``llama3``, ``qwen3``); the DCP gets its keys through its StateDictAdapter.
     """
     section = _checkpoint_section(config)
     step0 = None if hasattr(section, "initial_load_path") else _step0(config, section)
@@ -193,6 +195,7 @@ def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: 
         "aux_from": str(Path(aux_from).absolute()) if aux_from else None,
         # version and commit: e320a37 (nested) and 0b44d4c (flat) both call themselves 0.1.0
         "seed": seed, "dtype": dtype, "layout": layout, "torchtitan": [torchtitan_version(), install_origin()],
+        "titan_model": titan_model,
         "model_keys": sorted(k for p in ([model] if isinstance(model, nn.Module) else model or [])
                              for k in p.state_dict()),
     }  # fmt: skip
@@ -204,7 +207,7 @@ def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: 
         log.info("ckpt-bridge: converting %s -> %s", hf_dir, out)
         try:
             to_dcp(hf_dir, out, layout=layout, dtype=dtype, aux=specs, seed=seed, aux_from=aux_from, model=model,
-                   overwrite=out.exists(), progress=False)
+                   titan_model=titan_model, overwrite=out.exists(), progress=False)
         except BridgeError as e:
             if not distributed:
                 raise
