@@ -23,6 +23,8 @@ import torch
 from .detect import open_reader
 from .errors import BridgeError, KeyPlanError
 from .formats.base import Reader
+from .lora import is_lora
+from .lora_export import export_lora
 from .keys import KeyPlan, PlanEntry, confirm_plan, expected_model, plan_hf_export, provisional_hf_plan
 from .progress import Progress
 from .stream import read_ahead
@@ -58,6 +60,7 @@ class ExportSummary:
     global_step: int | None = None
     aux: dict[str, list[str]] = field(default_factory=dict)  # aux module -> keys
     aux_mode: str = "separate"
+    lora: dict[str, Any] | None = None  # LoRA source: mode, r, alpha, targets, notes (see ckpt_bridge.lora)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -161,6 +164,8 @@ def to_hf(
     aux_prefixes: list[str] | None = None,
     models: list[str] | None = None,
     base: str | Path | None = None,
+    lora: str = "both",
+    lora_config: str | Path | None = None,
     overwrite: bool = False,
     trust_pickle: bool = False,
     progress: bool | None = None,
@@ -175,7 +180,10 @@ def to_hf(
     EMA copy saved as ``{"ema": state_dict}``) as ``ema.safetensors`` beside
     ``model.safetensors``.  ``base``: a base model directory whose other
     components (a VAE file, processor configs, ...) are copied unchanged; it is
-    never written to.  Returns a
+    never written to (for a LoRA-only checkpoint it also supplies the base
+    weights).  ``lora``: for a LoRA checkpoint, ``merge`` / ``adapter`` /
+    ``both`` (see :mod:`ckpt_bridge.lora_export`); ``lora_config``: the
+    run's adapter_config.json when the checkpoint lacks it.  Returns a
     summary; raises a :class:`~ckpt_bridge.errors.BridgeError` subclass on bad
     input, leaving no ``out`` behind.
 
@@ -207,6 +215,10 @@ def to_hf(
         config = base_dir
     with open_reader(src, trust_pickle=trust_pickle) as reader, ThreadPoolExecutor(1) as pool:
         all_infos, cfg_dir = _checked_source(reader, config, others)
+        if is_lora(all_infos):  # LoRA (issue 11): its own plan of folds + renames and a PEFT adapter
+            return export_lora(reader, all_infos, cfg_dir, src, out, mode=lora, lora_config=lora_config, cast=cast,
+                               shard_bytes=shard_bytes, tokenizer=tok_dir, base=base_dir, overwrite=overwrite,
+                               progress=progress, t0=t0)
         where = str(reader.path)
         infos, aux_keys = split_aux(all_infos, reader, cfg_dir, aux_prefixes, where)
         expectation = pool.submit(expected_model, cfg_dir)

@@ -111,7 +111,7 @@ class WatchEvent:
 
 
 def export_step(root: Path, step: int, *, role: str = "actor", out_root: str | Path | None = None,
-                dtype: str = "keep") -> WatchEvent:
+                dtype: str = "keep", lora: str = "both") -> WatchEvent:
     """Export ``global_step_{step}/{role}`` once: skip when complete, redo when interrupted."""
     from .export import to_hf
 
@@ -124,7 +124,7 @@ def export_step(root: Path, step: int, *, role: str = "actor", out_root: str | P
         return WatchEvent(step, str(out), "waiting", problem)
     clear_stale_partials(out)
     try:
-        s = to_hf(step_dir / role, out, dtype=dtype, progress=False)
+        s = to_hf(step_dir / role, out, dtype=dtype, lora=lora, progress=False)
     except BridgeError as e:
         return WatchEvent(step, str(out), "failed", str(e))
     return WatchEvent(step, str(out), "exported", f"{s.tensors} tensors in {s.seconds:.1f}s")
@@ -132,12 +132,13 @@ def export_step(root: Path, step: int, *, role: str = "actor", out_root: str | P
 
 def watch(root: str | Path, *, role: str = "actor", out_root: str | Path | None = None, dtype: str = "keep",
           every_step: bool = False, once: bool = False, interval: float = 30.0, keep: int = 0,
-          on_event=None, stop=None) -> list[WatchEvent]:
+          on_event=None, stop=None, lora: str = "both") -> list[WatchEvent]:
     """Follow ``ROOT/latest_checkpointed_iteration.txt`` and export each new step.
 
     ``every_step``: also export older saved steps not exported yet (default: the
     latest only, as they appear).  ``once``: one pass, then return.  ``stop``: a
-    callable; the loop ends when it returns True (tests, embedding).
+    callable; the loop ends when it returns True (tests, embedding).  ``lora``: what
+    a LoRA run's exports hold (``to_hf``'s ``lora``: merge, adapter or both).
     """
     root = Path(root)
     if not root.is_dir():
@@ -148,7 +149,7 @@ def watch(root: str | Path, *, role: str = "actor", out_root: str | Path | None 
         todo = ([s for s in saved_steps(root) if latest is None or s <= latest] if every_step
                 else ([latest] if latest is not None else []))
         for step in todo:
-            ev = export_step(root, step, role=role, out_root=out_root, dtype=dtype)
+            ev = export_step(root, step, role=role, out_root=out_root, dtype=dtype, lora=lora)
             if ev.status != "skipped" or once:
                 events.append(ev)
                 if on_event:

@@ -1,0 +1,176 @@
+"""LoRA checkpoints from verl: the merged model equals PEFT's own merge_and_unload(), the adapter loads in PEFT.
+
+Every checkpoint here is a real verl 0.9.1 FSDPCheckpointManager save of a PEFT-wrapped tiny model on 2 FSDP2
+CPU ranks after 2 AdamW steps (all cases in one torchrun job, ckpt_bridge.testing.verl_save --lora).  The
+reference is the live model's full state dict at save time, loaded into a fresh PEFT model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ckpt_bridge import to_hf
+from ckpt_bridge.cli import main as cli
+from ckpt_bridge.testing.harness import make_verl_lora_checkpoints
+
+peft = pytest.importorskip("peft")  # pinned in requirements.lock; the tests need the real PEFT
+
+CASES = ["llama", "qwen2_rslora", "qwen2_embed", "qwen2_lora_only"]
+
+
+@pytest.fixture(scope="session")
+def lora_root(tmp_path_factory) -> Path:
+    cache = os.environ.get("CKPT_BRIDGE_TEST_CACHE")
+    base = Path(cache) if cache else tmp_path_factory.mktemp("verl_lora")
+    return make_verl_lora_checkpoints(base / "lora", CASES)
+
+
+def actor(root: Path, case: str) -> Path:
+    return root / case / "global_step_2" / "actor"
+
+
+def live_peft_model(case_dir: Path):
+    """A fresh PEFT model holding the live model's full state dict at save time (eval mode)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    ref = case_dir / "reference"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(case_dir / "base_model", dtype=torch.float32),
+                           LoraConfig.from_pretrained(ref / "peft_config"))
+    model.load_state_dict(load_file(ref / "model.safetensors"), strict=True)
+    return model.eval()
+
+
+def merged_weights(out: Path) -> dict[str, torch.Tensor]:
+    return {k: v for f in sorted(out.glob("model*.safetensors")) for k, v in load_file(f).items()}
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(input_ids=tokens).logits
+
+
+def export(root: Path, case: str, out: Path, **kw):
+    extra = {"lora_config": root / case / "init_adapter"} if case == "qwen2_rslora" else {}
+    if case == "qwen2_lora_only":
+        extra["base"] = root / case / "base_model"
+    return to_hf(actor(root, case), out, progress=False, **extra, **kw)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_merged_equals_peft_merge_and_unload(lora_root, tmp_path, case):
+    from transformers import AutoModelForCausalLM
+
+    live = live_peft_model(lora_root / case)
+    sd = live.state_dict()
+    b = [v for k, v in sd.items() if ".lora_B." in k or "lora_embedding_B" in k]
+    assert b and all(v.abs().sum() > 0 for v in b), "the training steps must have changed every lora_B"
+    s = export(lora_root, case, tmp_path / "out")
+    assert s.lora["mode"] == "both" and s.lora["r"] == 4 and s.lora["alpha"] == 8
+    peft_merged = live.merge_and_unload()
+    want = {k: v for k, v in peft_merged.state_dict().items() if not (k == "lm_head.weight"
+                                                                        and peft_merged.config.tie_word_embeddings)}
+    got = merged_weights(tmp_path / "out")
+    assert set(got) == set(want)
+    assert not [k for k in got if "base_layer" in k or "lora_" in k or k.startswith("base_model.")]
+    differ = [k for k in want if not torch.equal(got[k], want[k])]
+    assert not differ, f"not bit-identical to PEFT's merge_and_unload: {differ}"
+    tokens = torch.load(lora_root / case / "reference" / "logits.pt")["tokens"]
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert torch.equal(logits(ours, tokens), logits(peft_merged, tokens))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_adapter_loads_in_peft_without_warnings_and_gives_live_logits(lora_root, tmp_path, case):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    export(lora_root, case, tmp_path / "out")
+    adir = tmp_path / "out" / "lora_adapter"
+    cfg = json.loads((adir / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["task_type"] == "CAUSAL_LM"
+    assert cfg["use_rslora"] is (case == "qwen2_rslora")
+    base = AutoModelForCausalLM.from_pretrained(lora_root / case / "base_model", dtype=torch.float32)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger().addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model = PeftModel.from_pretrained(base, adir).eval()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    # PEFT warns about any tied model whose embedding is an adapter target (peft#2777), the live run's own
+    # get_peft_model included: a property of that run's config, not of the adapter we wrote
+    tied_note = "tied layer is part of the adapter"
+    left = [str(w.message) for w in caught if not (case == "qwen2_embed" and tied_note in str(w.message))]
+    assert not left, left
+    assert not [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+    ref = torch.load(lora_root / case / "reference" / "logits.pt")
+    assert torch.equal(logits(model, ref["tokens"]), ref["logits"])
+
+
+def test_peft_key_names_match_save_pretrained(lora_root, tmp_path):
+    """The adapter file holds exactly the keys PeftModel.save_pretrained writes for the live model."""
+    export(lora_root, "qwen2_embed", tmp_path / "out", lora="adapter")
+    live = live_peft_model(lora_root / "qwen2_embed")
+    live.save_pretrained(tmp_path / "peft")
+    want = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_lora_only_without_base_writes_the_adapter_and_says_so(lora_root, tmp_path, capsys):
+    src = actor(lora_root, "qwen2_lora_only")
+    cfg = json.loads((src / "huggingface" / "config.json").read_text())
+    if cfg.get("_name_or_path") and Path(cfg["_name_or_path"]).is_dir():
+        pytest.fail("this test expects a checkpoint that does not record a local base dir")
+    assert cli(["to-hf", str(src), "--out", str(tmp_path / "a"), "--quiet"]) == 0
+    assert "adapter alone" in capsys.readouterr().err
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "a" / "model.safetensors").exists()
+    assert cli(["to-hf", str(src), "--out", str(tmp_path / "b"), "--lora", "merge"]) == 2
+    err = capsys.readouterr().err
+    assert "--base" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
+def test_dry_run_shows_fold_transforms_and_inspect_shows_lora(lora_root, capsys):
+    src = actor(lora_root, "llama")
+    assert cli(["to-hf", str(src), "--out", "/nonexistent/never", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    folds = [ln for ln in out.splitlines() if ln.startswith("fold: ")]
+    assert len(folds) == 14  # 7 projections x 2 layers
+    assert "model.layers.0.self_attn.q_proj.weight  [PEFT LoRA merge, scale alpha/r = 2]" in folds[0] or any(
+        ln.endswith("-> model.layers.0.self_attn.q_proj.weight  [PEFT LoRA merge, scale alpha/r = 2]") for ln in folds)
+    assert cli(["inspect", str(src)]) == 0
+    report = capsys.readouterr().out
+    assert "r=4" in report and "alpha=8" in report and "q_proj" in report and "base inside" in report
+
+
+def test_dora_is_refused_naming_the_module(tmp_path, capsys):
+    """A real PEFT DoRA state dict: one line naming the module, exit 2, nothing written."""
+    from peft import LoraConfig, get_peft_model
+
+    from ckpt_bridge.testing.tiny_models import build_model, save_tiny_hf
+
+    save_tiny_hf(tmp_path / "base", "llama")
+    model = get_peft_model(build_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"],
+                                                            use_dora=True))
+    torch.save(model.state_dict(), tmp_path / "dora.pt")
+    (tmp_path / "cfg.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "peft_type": "LORA"}))
+    rc = cli(["to-hf", str(tmp_path / "dora.pt"), "--config", str(tmp_path / "base"), "--out", str(tmp_path / "o"),
+              "--lora-config", str(tmp_path / "cfg.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and "model.layers.0.self_attn.v_proj" in err[-1] and "DoRA" in err[-1]
+    assert not (tmp_path / "o").exists()
