@@ -257,6 +257,8 @@ def _to_hf(args: argparse.Namespace) -> int:
         print(f"  LoRA r={s.lora['r']} alpha={s.lora['alpha']}{' rsLoRA' if s.lora['rslora'] else ''}, "
               f"{s.lora['modules']} module(s) ({', '.join(s.lora['targets'])}); --lora {s.lora['mode']}"
               + (f", adapter in {s.out}/lora_adapter" if s.lora["mode"] == "both" else ""))
+        for note in s.lora["notes"]:
+            print(f"  note: {note}")
     print(f"  {s.tensors} tensors, {s.parameters:,} parameters, {s.bytes_written / 1e6:.1f} MB in "
           f"{sum(f.endswith('.safetensors') for f in s.files)} safetensors file(s), {s.seconds:.1f} s")
     for src, why in s.dropped:

@@ -163,7 +163,8 @@ def find_settings(ckpt_dir: Path, lora_config: str | Path | None = None) -> Lora
     with the checkpoint, else verl's ``lora_train_meta.json`` (r, alpha, task_type only: verl's own
     LoRA config has no rsLoRA / patterns, so those need ``--lora-config``)."""
     cands = [Path(lora_config)] if lora_config is not None else [
-        ckpt_dir / ADAPTER_CONFIG, ckpt_dir / ADAPTER_SUBDIR / ADAPTER_CONFIG, ckpt_dir / "huggingface" / ADAPTER_CONFIG]
+        ckpt_dir / ADAPTER_CONFIG, ckpt_dir / ADAPTER_SUBDIR / ADAPTER_CONFIG,
+        ckpt_dir / "huggingface" / ADAPTER_CONFIG]
     for p in cands:
         f = p / ADAPTER_CONFIG if p.is_dir() else p
         if f.is_file():

@@ -83,6 +83,9 @@ def plan_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, *, mo
     where = str(reader.path)
     ck = lora.parse(infos, lora.find_settings(reader.path, lora_config), where=where)
     job = LoraJob(ck, mode, None, None, None, {})
+    if Path(ck.settings.source).name == lora.META_FILE:
+        job.notes.append(f"scale alpha/r from {lora.META_FILE} (verl records no rsLoRA or rank patterns; pass "
+                         f"--lora-config ADAPTER_DIR if the run started from an adapter that used them)")
     base_dir = base
     if base_dir is None and not ck.base_inside:
         base_dir = lora.recorded_base(cfg_dir, ck.settings)
@@ -194,7 +197,8 @@ def export_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, src
     """``to_hf`` of a LoRA checkpoint (called from :func:`ckpt_bridge.export.to_hf`; same summary, same rules)."""
     import time
 
-    from .export import ExportSummary, _TORCH_DTYPE_NAMES, _copy_tokenizer, _write_configs, write_extra_state
+    from .export import (_TORCH_DTYPE_NAMES, ExportSummary, _copy_base, _copy_tokenizer, _write_configs,
+                         write_extra_state)
     from .progress import Progress
     from .writers.atomic import AtomicDir
 
@@ -225,6 +229,8 @@ def export_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, src
                 summary.dtype = _TORCH_DTYPE_NAMES.get(written, str(written))
                 summary.files += _write_configs(tmp, cfg_dir, job.key_plan, written)
                 summary.files += _copy_tokenizer(tmp, tokenizer or cfg_dir, summary)
+                if base is not None:
+                    summary.files += _copy_base(tmp, base)
                 extra = reader.extra_state()
                 if extra:
                     summary.files += write_extra_state(tmp, extra, source=str(reader.path))
