@@ -75,7 +75,9 @@ _PATTERNS: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), role) for 
 _REFUSE: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), what) for p, what in (
     (r"^(.+)\.lora_magnitude_vector\.", "DoRA (lora_magnitude_vector): its merge renormalises W by a weight norm"),
     (r"^(.+)\.lora_B\.[^.]+\.bias$", "a trained LoRA bias (lora_bias=True)"),
-    (r"^(.+)\.base_layer\.base_layer\.", "nested adapter layers"),
+    (r"^(.+?)\.base_layer\.base_layer\.", "nested adapter layers"),
+    (r"^(.+?)\.base_layer\.(?!(?:weight|bias)$)", "LoRA on a bare parameter (target_parameters / ParamWrapper)"),
+    (r"^(.+?)\.(?:token_adapter|trainable_tokens_)", "trainable token deltas (trainable_token_indices)"),
     (r"^(.+?)\.(?:lora_|hada_|lokr_|ia3_|oft_|boft_|vera_|adapter_|ln_tuning|prompt_|fourierft_)", "an adapter type "
      "ckpt-bridge does not fold (plain LoRA only)"),
 ))
@@ -211,11 +213,11 @@ def parse(infos: dict[str, TensorInfo], settings: LoraSettings | None, *, where:
         rest = canonical_key(key)  # FSDP1 / compile wrapper components, as for any other checkpoint
         rest = rest[len(PEFT_PREFIX):] if rest.startswith(PEFT_PREFIX) else rest
         role, m = next(((role, m) for pat, role in _PATTERNS if (m := pat.match(rest))), (None, None))
-        if role is None:
+        if role is None or ".base_layer" in m.group(1):
             bad = next(((m2, what) for pat, what in _REFUSE if (m2 := pat.match(rest))), None)
             if bad is not None:
-                raise KeyPlanError(f"{where}: module {bad[0].group(1)!r} holds {bad[1]} ({key}); it cannot be "
-                                   f"merged exactly. Export it with PEFT itself, or drop that adapter")
+                raise KeyPlanError(f"{where}: module {bad[0].group(1)!r} holds {bad[1]} ({key}); ckpt-bridge does "
+                                   f"not fold this exactly: merge that run with PEFT's merge_and_unload instead")
             plain[rest] = key
         elif role in ("A", "B", "embA", "embB"):
             adapters.add(m.group(2))
@@ -235,8 +237,12 @@ def parse(infos: dict[str, TensorInfo], settings: LoraSettings | None, *, where:
             else:
                 mod.base_bias = key
     if len(adapters) > 1:
-        raise KeyPlanError(f"{where}: {len(adapters)} adapters ({', '.join(sorted(adapters))}); export one at a time")
+        raise KeyPlanError(f"{where}: {len(adapters)} adapters ({', '.join(sorted(adapters))}) in one checkpoint; "
+                           f"ckpt-bridge folds a single adapter (PEFT: set_adapter, then merge_and_unload)")
     for mod in mods.values():
+        if not (mod.a or mod.b):
+            raise KeyPlanError(f"{where}: module {mod.name!r} has a base_layer but no lora_A / lora_B: an adapter "
+                               f"type ckpt-bridge does not fold (plain LoRA only)")
         if not (mod.a and mod.b):
             raise KeyPlanError(f"{where}: module {mod.name!r} has {'lora_A' if mod.a else 'lora_B'} but not "
                                f"{'lora_B' if mod.a else 'lora_A'}; the checkpoint is incomplete")
@@ -331,10 +337,11 @@ def merge_plan(ck: LoraCheckpoint, base: dict[str, TensorInfo] | None, *, where:
         plan.transforms.append(rename(key, name, src_infos[key], "strip base_model.model."))
         covered.add(name)
     if base is not None:  # the rest of the model comes from the base dir unchanged
+        used = plan.sources()
         for name, info in base.items():
             if name not in covered:
                 plan.transforms.append(rename(BASE_NS + name, name, info, "from --base"))
-            elif BASE_NS + name not in plan.sources():
+            elif BASE_NS + name not in used:
                 plan.dropped.append((BASE_NS + name, "replaced by the checkpoint's weight"))
     plan.notes.append(f"LoRA: {len(ck.modules)} module(s) folded (r={s.r}, alpha={s.lora_alpha}"
                       f"{', rsLoRA' if s.use_rslora else ''}; settings from {s.source})")

@@ -160,21 +160,29 @@ def test_dry_run_shows_fold_transforms_and_inspect_shows_lora(lora_root, capsys)
     assert "r=4" in report and "alpha=8" in report and "q_proj" in report and "base inside" in report
 
 
-def test_dora_is_refused_naming_the_module(tmp_path, capsys):
-    """A real PEFT DoRA state dict: one line naming the module, exit 2, nothing written."""
+@pytest.mark.parametrize("extra,module,what", [
+    ({"use_dora": True}, "model.layers.0.self_attn.v_proj", "DoRA"),
+    ({"lora_bias": True}, "model.layers.0.self_attn.v_proj", "LoRA bias"),
+    ({"trainable_token_indices": [5, 6]}, "model.embed_tokens", "trainable token"),
+])
+def test_unfoldable_adapters_are_refused_naming_the_module(tmp_path, capsys, extra, module, what):
+    """Real PEFT state dicts of adapters whose merge is not a plain fold: one line, exit 2, nothing written."""
     from peft import LoraConfig, get_peft_model
 
     from ckpt_bridge.testing.tiny_models import build_model, save_tiny_hf
 
     save_tiny_hf(tmp_path / "base", "llama")
-    model = get_peft_model(build_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"],
-                                                            use_dora=True))
-    torch.save(model.state_dict(), tmp_path / "dora.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(build_model("llama"), LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj"],
+                                                                **extra))
+    torch.save(model.state_dict(), tmp_path / "peft_state.pt")
     (tmp_path / "cfg.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "peft_type": "LORA"}))
-    rc = cli(["to-hf", str(tmp_path / "dora.pt"), "--config", str(tmp_path / "base"), "--out", str(tmp_path / "o"),
-              "--lora-config", str(tmp_path / "cfg.json")])
+    capsys.readouterr()  # the base model's save progress
+    rc = cli(["to-hf", str(tmp_path / "peft_state.pt"), "--config", str(tmp_path / "base"),
+              "--out", str(tmp_path / "o"), "--lora-config", str(tmp_path / "cfg.json")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and "model.layers.0.self_attn.v_proj" in err[-1] and "DoRA" in err[-1]
+    assert rc == 2 and len(err) == 1 and repr(module) in err[0] and what in err[0], err
     assert not (tmp_path / "o").exists()
 
 
