@@ -252,3 +252,29 @@ def test_lora_export_streams_one_module_at_a_time(lora_root, tmp_path, monkeypat
     export(lora_root, "llama", tmp_path / "out")
     assert len(issued) >= 80  # the merged model's and the adapter's inputs
     assert peak[0] <= 5
+
+
+def test_verl_callback_and_watch_export_lora_runs(lora_root, tmp_path):
+    """The save-time callback (default both) and `watch --lora adapter` on a LoRA run."""
+    import shutil
+
+    from ckpt_bridge.integrations.verl import HFExportCallback
+    from ckpt_bridge.watch import watch
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_root / "llama" / "global_step_2", run / "global_step_2")
+    (run / "latest_checkpointed_iteration.txt").write_text("2")  # as verl's trainer writes it after a save
+    cb = HFExportCallback()
+    cb.on_save(trainer=None, global_step=2, checkpoint_dir=str(run / "global_step_2"))
+    assert [o["ok"] for o in cb.wait()] == [True]
+    out = run / "global_step_2" / "actor_hf"
+    direct = export(lora_root, "llama", tmp_path / "direct")
+    assert direct.lora["mode"] == "both"
+    for f in ("model.safetensors", "lora_adapter/adapter_model.safetensors", "lora_adapter/adapter_config.json"):
+        assert (out / f).read_bytes() == (tmp_path / "direct" / f).read_bytes(), f
+    events = watch(run, once=True, out_root=tmp_path / "w", lora="adapter")
+    assert [(e.step, e.status) for e in events] == [(2, "exported")]
+    got = tmp_path / "w" / "global_step_2" / "actor"
+    assert (got / "adapter_model.safetensors").read_bytes() == (out / "lora_adapter" / "adapter_model.safetensors"
+                                                                ).read_bytes()
+    assert not (got / "model.safetensors").exists()
