@@ -22,6 +22,8 @@ examples:
   ckpt-bridge to-hf checkpoints/global_step_200 --out exports/step200-hf
   # the same in bf16, 2 GB shards
   ckpt-bridge to-hf checkpoints/global_step_200/actor --out exports/step200-bf16 --dtype bf16 --max-shard-size 2GB
+  # a verl LoRA run: merged model in OUT, PEFT adapter in OUT/lora_adapter (--lora merge|adapter for one)
+  ckpt-bridge to-hf checkpoints/global_step_200 --out exports/step200-lora
   # did the export keep every weight? (exit 0 equal, 1 different, 2 bad input)
   ckpt-bridge verify checkpoints/global_step_200/actor exports/step200-bf16 --cast-to bf16
   # bootstrap TorchTitan/flame from a Hugging Face model, with two fresh aux heads
@@ -92,7 +94,17 @@ def _parser() -> argparse.ArgumentParser:
     ph.add_argument("--models", default="main", metavar="main[,NAME...]",
                     help="several models in one DCP checkpoint: main,ema writes model.safetensors and ema.safetensors")
     ph.add_argument("--base", metavar="DIR", help="base model dir: its other components (VAE files, processor "
-                    "configs, ...) are copied unchanged; it also supplies config.json; never written to")
+                    "configs, ...) are copied unchanged; it also supplies config.json (and, for a LoRA-only "
+                    "checkpoint, the base weights); never written to")
+    ph.add_argument("--lora", default="both", choices=["merge", "adapter", "both"],
+                    help="a LoRA checkpoint (PEFT keys, lora_train_meta.json): merge = a plain HF model with every "
+                    "adapter folded in exactly as PEFT's merge_and_unload; adapter = a PEFT adapter dir "
+                    "(PeftModel.from_pretrained(base, OUT)); both (default) = merged model in OUT, adapter in "
+                    "OUT/lora_adapter. A save_lora_only checkpoint merges onto --base DIR (or the local base "
+                    "it records); without one it writes the adapter alone")
+    ph.add_argument("--lora-config", metavar="PATH", help="the run's adapter_config.json (or its dir) when the "
+                    "checkpoint lacks it: verl's lora_train_meta.json records r, alpha and task type only, so an "
+                    "rsLoRA / rank_pattern run started from an adapter (model.lora_adapter_path) needs it")
     ph.add_argument("--aux-prefix", action="append", default=[], metavar="NAME",
                     help="treat keys under NAME. as an auxiliary module (repeatable)")
     ph.add_argument("--titan-model", metavar="NAME", help="SRC is a DCP of TorchTitan's own NAME model (llama3, qwen3): "
@@ -202,6 +214,8 @@ def _parser() -> argparse.ArgumentParser:
     pw.add_argument("--all", action="store_true", help="also export older saved steps not exported yet")
     pw.add_argument("--once", action="store_true", help="one pass, then exit (exit 1 if an export failed)")
     pw.add_argument("--interval", type=float, default=30.0, help="seconds between polls (default 30)")
+    pw.add_argument("--lora", default="both", choices=["merge", "adapter", "both"],
+                    help="LoRA runs: what each export holds (see to-hf --lora; default both)")
     pw.add_argument("--keep", type=int, default=0, help="keep only the newest K exports (default 0: keep all)")
     for sp in sub.choices.values():  # --debug also after the verb
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -271,6 +285,7 @@ def _to_hf(args: argparse.Namespace) -> int:
     s = to_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, config=args.config,
               tokenizer=args.tokenizer, aux=args.aux, aux_prefixes=args.aux_prefix,
               models=[m for m in args.models.split(",") if m], base=args.base, titan_model=args.titan_model,
+              lora=args.lora, lora_config=args.lora_config,
               overwrite=args.overwrite, trust_pickle=args.trust_pickle, progress=False if args.quiet else None,
               allow_missing_rng=args.allow_missing_rng, dry_run=args.dry_run)
     if args.dry_run:  # the same checks as the real run (extra state and --out included), no tensor data read
@@ -284,7 +299,13 @@ def _to_hf(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(s.as_dict(), indent=2, default=str))
         return 0
-    print(f"wrote {s.out}  ({s.model_class}, {s.dtype})")
+    print(f"wrote {s.out}  ({s.model_class}, {s.dtype or 'adapter dtype kept'})")
+    if s.lora:
+        print(f"  LoRA r={s.lora['r']} alpha={s.lora['alpha']}{' rsLoRA' if s.lora['rslora'] else ''}, "
+              f"{s.lora['modules']} module(s) ({', '.join(s.lora['targets'])}); --lora {s.lora['mode']}"
+              + (f", adapter in {s.out}/lora_adapter" if s.lora["mode"] == "both" else ""))
+        for note in s.lora["notes"]:
+            print(f"  note: {note}")
     print(f"  {s.tensors} tensors, {s.parameters:,} parameters, {s.bytes_written / 1e6:.1f} MB in "
           f"{sum(f.endswith('.safetensors') for f in s.files)} safetensors file(s), {s.seconds:.1f} s")
     for src, why in s.dropped:
@@ -331,7 +352,7 @@ def _watch(args: argparse.Namespace) -> int:
         print(f"step {ev.step}: {ev.status}  {ev.out}" + (f"  ({ev.message})" if ev.message else ""), flush=True)
 
     events = watch(args.root, role=args.role, out_root=args.out_root, dtype=args.dtype, every_step=args.all,
-                   once=args.once, interval=args.interval, keep=args.keep, on_event=show)
+                   once=args.once, interval=args.interval, keep=args.keep, on_event=show, lora=args.lora)
     if args.once and not events:
         print(f"nothing to export: no {args.root}/latest_checkpointed_iteration.txt yet")
     return 1 if any(e.status == "failed" for e in events) else 0

@@ -30,6 +30,8 @@ from .formats.base import Reader
 from .hf_models import with_legacy_rope
 from .keys import canonicalize, expected_model, plan_hf_export, value_head
 from .plan import Plan, Transform, execute, rename
+from .lora import is_lora
+from .lora_export import export_lora
 from .progress import Progress
 from .writers.atomic import AtomicDir, check_target
 from .writers.safetensors_shards import ShardedSafetensorsWriter, parse_size
@@ -65,6 +67,7 @@ class ExportSummary:
     aux_mode: str = "separate"
     config: str = ""
     plan_lines: list[str] = field(default_factory=list)  # --dry-run: the checked key plan
+    lora: dict[str, Any] | None = None  # LoRA source: mode, r, alpha, targets, notes (see ckpt_bridge.lora)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -176,6 +179,8 @@ def to_hf(
     models: list[str] | None = None,
     base: str | Path | None = None,
     titan_model: str | None = None,
+    lora: str = "both",
+    lora_config: str | Path | None = None,
     overwrite: bool = False,
     trust_pickle: bool = False,
     progress: bool | None = None,
@@ -192,9 +197,13 @@ def to_hf(
     EMA copy saved as ``{"ema": state_dict}``) as ``ema.safetensors`` beside
     ``model.safetensors``.  ``base``: a base model directory whose other
     components (a VAE file, processor configs, ...) are copied unchanged; it is
-    never written to.  ``titan_model``: the checkpoint holds a TorchTitan model's
+    never written to (for a LoRA-only checkpoint it also supplies the base
+    weights).  ``titan_model``: the checkpoint holds a TorchTitan model's
     own names (``llama3``, ``qwen3``; default: what the to-dcp manifest
-    recorded); its adapter's ``to_hf`` maps them back.  Returns a
+    recorded); its adapter's ``to_hf`` maps them back.  ``lora``: for a LoRA
+    checkpoint, ``merge`` / ``adapter`` / ``both`` (see
+    :mod:`ckpt_bridge.lora_export`); ``lora_config``: the run's
+    adapter_config.json when the checkpoint lacks it.  Returns a
     summary; raises a :class:`~ckpt_bridge.errors.BridgeError` subclass on bad
     input, leaving no ``out`` behind.
 
@@ -236,6 +245,10 @@ def to_hf(
 
         reader = hf_view(reader, config, titan_model)  # a TorchTitan-native DCP through its adapter's to_hf
         all_infos, cfg_dir = _checked_source(reader, config, others)
+        if is_lora(all_infos):  # LoRA (issue 11): its own plan of folds + renames and a PEFT adapter
+            return export_lora(reader, all_infos, cfg_dir, src, out, mode=lora, lora_config=lora_config, cast=cast,
+                               shard_bytes=shard_bytes, tokenizer=tok_dir, base=base_dir, overwrite=overwrite,
+                               progress=progress, t0=t0, dry_run=dry_run)
         where = str(reader.path)
         infos, aux_keys = split_aux(all_infos, reader, cfg_dir, aux_prefixes, where)
         plan = plan_hf_export(infos, cfg_dir, where=where)

@@ -10,6 +10,7 @@ from typing import Any
 from .detect import detect_format, open_reader
 from .errors import BridgeError
 from .formats.verl_fsdp import VerlFSDPReader
+from .lora import describe as describe_lora
 
 
 def inspect(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Any]:
@@ -54,6 +55,9 @@ def inspect(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Any]:
         except BridgeError as e:
             problems.append(str(e))
             report["details"] = {}
+        lora = describe_lora(infos, reader.path) if infos else None
+        if lora is not None:
+            report["lora"] = lora
         cfg = reader.hf_config_dir()
         report["config"] = str(cfg / "config.json") if cfg else None
         report["problems"] = list(dict.fromkeys(problems))  # each problem once
@@ -84,6 +88,8 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  layout      {v:>4} x {k}")
     for k, v in (r.get("details") or {}).items():
         lines.append(f"  {k:<17} {v}")
+    if r.get("lora"):
+        lines.append(f"  lora        {_lora_line(r['lora'])}")
     lines.append(f"  config      {r['config'] or 'none found (to-hf needs --config)'}")
     if r["problems"]:
         lines.append(f"  problems    {len(r['problems'])}")
@@ -91,3 +97,14 @@ def format_report(r: dict[str, Any]) -> str:
     else:
         lines.append("  problems    none")
     return "\n".join(lines)
+
+
+def _lora_line(d: dict[str, Any]) -> str:
+    if "problem" in d:
+        return f"LoRA keys, but: {d['problem']}"
+    scale = "rsLoRA " if d["rslora"] else ""
+    base = ("base inside (to-hf merges it)" if d["base_inside"]
+            else "LoRA-only save, base not inside (to-hf needs --base HF_DIR to merge)")
+    mts = f", modules_to_save: {', '.join(d['modules_to_save'])}" if d["modules_to_save"] else ""
+    return (f"{scale}r={d['r']} alpha={d['alpha']} on {d['modules']} module(s) ({', '.join(d['targets'])}){mts}; "
+            f"{base}; settings from {Path(d['settings_from']).name}")

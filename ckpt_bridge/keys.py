@@ -237,10 +237,12 @@ def canonicalize(src: dict[str, TensorInfo], where: str) -> dict[str, TensorInfo
 
 
 def _refuse_peft(canon: dict[str, TensorInfo], where: str) -> None:
+    """PEFT keys never reach a plain key plan: ``to_hf`` sends LoRA sources to :mod:`ckpt_bridge.lora_export`
+    first; any other path that meets them (a DCP section, ...) says where LoRA is handled."""
     if any(k.startswith("base_model.model.") or ".lora_A." in k for k in canon):
         raise KeyPlanError(
-            f"{where}: this is a LoRA/PEFT checkpoint (keys like {next(iter(canon))!r}); merging adapters "
-            f"into the base model is not supported yet"
+            f"{where}: this is a LoRA/PEFT checkpoint (keys like {next(iter(canon))!r}); export it with "
+            f"`ckpt-bridge to-hf SRC --out DIR --lora merge|adapter|both`"
         )
 
 

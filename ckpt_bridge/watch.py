@@ -199,7 +199,7 @@ def step_action(root: Path, step: int, role: str = "actor", out_root: str | Path
 
 
 def export_step(root: Path, step: int, *, role: str = "actor", out_root: str | Path | None = None,
-                dtype: str = "keep", settled: bool = True) -> WatchEvent:
+                dtype: str = "keep", settled: bool = True, lora: str = "both") -> WatchEvent:
     """Export ``global_step_{step}/{role}`` once: skip when complete, redo when a part was missing.
 
     ``settled``: the caller knows the save finished (verl's latest file, or
@@ -212,7 +212,7 @@ def export_step(root: Path, step: int, *, role: str = "actor", out_root: str | P
         return WatchEvent(step, str(out), {"wait": "waiting", "skip": "skipped", "refuse": "failed"}[action], why)
     src = Path(root) / f"global_step_{step}" / role
     try:
-        s = to_hf(src, out, dtype=dtype, progress=False, overwrite=action == "redo")
+        s = to_hf(src, out, dtype=dtype, progress=False, overwrite=action == "redo", lora=lora)
     except BridgeError as e:
         return WatchEvent(step, str(out), "failed", str(e))
     return WatchEvent(step, str(out), "exported", why or f"{s.tensors} tensors in {s.seconds:.1f}s")
@@ -232,13 +232,14 @@ def _settled(root: Path, step: int, role: str, latest: int | None, seen: dict[in
 
 def watch(root: str | Path, *, role: str = "actor", out_root: str | Path | None = None, dtype: str = "keep",
           every_step: bool = False, once: bool = False, interval: float = 30.0, keep: int = 0,
-          on_event=None, stop=None, settle: float = 2.0) -> list[WatchEvent]:
+          on_event=None, stop=None, settle: float = 2.0, lora: str = "both") -> list[WatchEvent]:
     """Follow ``ROOT/latest_checkpointed_iteration.txt`` and export each new step.
 
     ``every_step``: also export older saved steps not exported yet (default: the
     latest only, as they appear).  ``once``: one pass, then return (a step not
     covered by verl's latest file is polled twice, ``settle`` seconds apart).
-    ``stop``: a callable; the loop ends when it returns True (tests, embedding).
+    ``stop``: a callable; the loop ends when it returns True (tests, embedding).  ``lora``: what
+    a LoRA run's exports hold (``to_hf``'s ``lora``: merge, adapter or both).
     """
     root = Path(root)
     if not root.is_dir():
@@ -256,7 +257,7 @@ def watch(root: str | Path, *, role: str = "actor", out_root: str | Path | None 
             if not settled and once:
                 time.sleep(settle)
                 settled = _settled(root, step, role, latest, seen)
-            ev = export_step(root, step, role=role, out_root=out_root, dtype=dtype, settled=settled)
+            ev = export_step(root, step, role=role, out_root=out_root, dtype=dtype, settled=settled, lora=lora)
             if ev.status != "skipped" or once:
                 events.append(ev)
                 if on_event:

@@ -16,7 +16,8 @@ config): ``CKPT_BRIDGE_EXPORT_ROLES`` (``actor``; ``actor,critic``),
 ``CKPT_BRIDGE_EXPORT_ROOT`` (default: ``global_step_N/<role>_hf``, which
 survives verl's rotation because ``max_actor_ckpt_to_keep`` deletes only
 ``global_step_N/actor``), ``CKPT_BRIDGE_EXPORT_DTYPE`` (``keep``),
-``CKPT_BRIDGE_EXPORT_KEEP`` (rotate exports beyond the newest K; 0 = keep all).
+``CKPT_BRIDGE_EXPORT_KEEP`` (rotate exports beyond the newest K; 0 = keep all),
+``CKPT_BRIDGE_EXPORT_LORA`` (LoRA runs: ``both`` = merged model + PEFT adapter, ``merge``, ``adapter``).
 For verl versions without the hook, run ``ckpt-bridge watch ROOT`` instead.
 """
 
@@ -45,13 +46,15 @@ except ImportError:  # pragma: no cover - verl without the hook: use `ckpt-bridg
 
 class HFExportCallback(CheckpointCallback):
     def __init__(self, config: Any = None, *, roles: tuple[str, ...] | None = None,
-                 out_root: str | Path | None = None, dtype: str | None = None, keep: int | None = None):
+                 out_root: str | Path | None = None, dtype: str | None = None, keep: int | None = None,
+                 lora: str | None = None):
         super().__init__(config)
         env = os.environ
         self.roles = tuple(roles or [r for r in env.get("CKPT_BRIDGE_EXPORT_ROLES", "actor").split(",") if r])
         self.out_root = out_root if out_root is not None else env.get("CKPT_BRIDGE_EXPORT_ROOT") or None
         self.dtype = dtype or env.get("CKPT_BRIDGE_EXPORT_DTYPE", "keep")
         self.keep = keep if keep is not None else int(env.get("CKPT_BRIDGE_EXPORT_KEEP", "0"))
+        self.lora = lora or env.get("CKPT_BRIDGE_EXPORT_LORA", "both")  # LoRA runs: merge | adapter | both
         self.running: list[tuple[int, str, Path, subprocess.Popen, Path, Path]] = []
         self.finished: list[dict[str, Any]] = []
 
@@ -87,7 +90,7 @@ class HFExportCallback(CheckpointCallback):
         log_file = Path(name)
         # --overwrite only to redo our own export that lacked a part; anything else at `out` was refused above
         cmd = [sys.executable, "-m", "ckpt_bridge", "to-hf", str(src), "--out", str(out), "--dtype", self.dtype,
-               "--quiet"] + (["--overwrite"] if action == "redo" else [])
+               "--lora", self.lora, "--quiet"] + (["--overwrite"] if action == "redo" else [])
         with open(log_file, "w") as lf:
             # Its own session: the export is not killed by a Ctrl-C meant for the trainer's foreground.
             proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)

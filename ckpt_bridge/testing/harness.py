@@ -232,6 +232,36 @@ def make_verl_family_checkpoints(root: Path, models: list[str], mesh: str = "2",
     return actors
 
 
+def make_verl_lora_checkpoints(root: Path, cases: list[str], nproc: int = 2, timeout: float = 300) -> Path:
+    """Real verl FSDP2 saves of PEFT-wrapped tiny models, every case of ``verl_save.LORA_CASES``
+    named in ``cases`` built by ONE torchrun job into ``root/<case>/`` (reused when complete).
+
+    Each case dir holds ``base_model/``, ``global_step_2/actor`` and ``reference/`` (``model.safetensors``:
+    the live model's full PEFT state dict; ``peft_config/``; ``logits.pt``: tokens + logits of the
+    unmerged model), and ``init_adapter/`` when the case starts from an adapter.
+    """
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    want = {"lora": ",".join(cases), "fingerprint": source_fingerprint()}
+    # the same row shape as make_verl_checkpoint's (tests/conftest.py prints them)
+    row = {"model": "lora:" + want["lora"], "mesh": str(nproc), "shard_dim": 0, "dtype": "fp32", "steps": 2}
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info = root / "run_info.json"
+        if (root / "COMPLETE").is_file() and info.is_file():
+            if {k: json.loads(info.read_text()).get(k) for k in want} == want:
+                BUILD_LOG.append({"root": str(root), "nproc": nproc, "seconds": 0.0, "reused": True, **row})
+                return root
+        if root.exists():
+            shutil.rmtree(root)  # only ever a root this function built (the cache dir names it)
+        root.mkdir(parents=True)
+        t = time.perf_counter()
+        run_torchrun([VERL_SAVE_MODULE, "--lora", want["lora"], "--out", str(root)], nproc=nproc, timeout=timeout)
+        BUILD_LOG.append({"root": str(root), "nproc": nproc, "seconds": round(time.perf_counter() - t, 2),
+                          "reused": False, **row})
+    return root
+
+
 def reference_dir(actor: Path, step: int | None = None) -> Path:
     """``ROOT/reference/global_step_S`` for ``actor = ROOT/global_step_S/actor`` (or its parent)."""
     actor = Path(actor)
@@ -262,6 +292,7 @@ __all__ = [
     "load_rank_file",
     "make_verl_checkpoint",
     "make_verl_family_checkpoints",
+    "make_verl_lora_checkpoints",
     "mesh_nproc",
     "reference_dir",
     "run_torchrun",

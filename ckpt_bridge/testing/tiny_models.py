@@ -71,6 +71,19 @@ def _olmo2(**over):
     return cfg
 
 
+def _qwen2(**over):
+    """Toy-size Qwen2 with tied embeddings (as the small Qwen2 releases): q/k/v biases, no o_proj bias."""
+    from transformers import Qwen2Config
+
+    kw = dict(vocab_size=251, hidden_size=64, intermediate_size=172, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+              bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    kw.update(over)
+    cfg = Qwen2Config(**kw)
+    cfg.architectures = ["Qwen2ForCausalLM"]
+    return cfg
+
+
 def _llama_1b():
     from transformers import LlamaConfig
 

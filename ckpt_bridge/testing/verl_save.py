@@ -114,6 +114,8 @@ def _args(argv=None):
     p.add_argument("--save-steps", default=None, help="comma list of steps to save at; default: --steps")
     p.add_argument("--no-tokenizer", action="store_true")
     p.add_argument("--hf-model", action="store_true", help="add 'hf_model' to checkpoint save_contents")
+    p.add_argument("--lora", default=None, help="comma list of LORA_CASES: PEFT-wrapped runs, one after another "
+                   "in this one job, into OUT/<case>/ (see lora_main)")
     return p.parse_args(argv)
 
 
@@ -126,6 +128,8 @@ def main(argv=None) -> int:
     t_start = time.perf_counter()
     args = _args(argv)
     _set_env_defaults()
+    if args.lora:
+        return lora_main(args)
 
     import torch
     import torch.distributed as dist
@@ -479,6 +483,116 @@ def _versions():
         except md.PackageNotFoundError:
             out[name] = None
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LoRA runs (--lora CASE,...): the actor is a PEFT model, as verl builds it (get_peft_model(model,
+# LoraConfig(task_type=CAUSAL_LM, r, lora_alpha, target_modules, bias="none"))), sharded with apply_fsdp2 and
+# saved by FSDPCheckpointManager.  Several cases run in one torchrun job (one process-group start-up).
+
+_PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORA_CASES: dict[str, dict] = {
+    # LoRA on attention + MLP projections (llama: biased q/k/v/o base layers) + a modules_to_save lm_head copy
+    "llama": {"model": "llama", "lora": {"r": 4, "lora_alpha": 8, "target_modules": _PROJ,
+                                         "modules_to_save": ["lm_head"]}},
+    # rsLoRA (alpha/sqrt(r)); verl gets it from an adapter it starts from (model.lora_adapter_path), whose
+    # adapter_config.json the harness writes to OUT/<case>/init_adapter
+    "qwen2_rslora": {"model": "qwen2_tied", "lora": {"r": 4, "lora_alpha": 8, "target_modules": _PROJ, "use_rslora": True},
+                     "init_adapter": True},
+    # an embedding target, on a tied model: verl 0.9.1's apply_fsdp2 cannot shard an UNTIED model whose
+    # embed_tokens is a PEFT lora.Embedding (fully_shard: "'FSDPEmbedding' object layout differs from 'Embedding'")
+    "qwen2_embed": {"model": "qwen2_tied", "lora": {"r": 4, "lora_alpha": 8, "target_modules": _PROJ + ["embed_tokens"]}},
+    # checkpoint.save_lora_only=True: rank files hold the lora_ tensors only
+    "qwen2_lora_only": {"model": "qwen2_tied", "lora": {"r": 4, "lora_alpha": 8, "target_modules": _PROJ},
+                        "save_lora_only": True},
+}
+LORA_STEPS = 2  # PEFT starts B at zero, so A gets no gradient at step 1: two steps train both
+
+
+def lora_main(args) -> int:
+    """Each case: base_model -> PEFT -> FSDP2 -> LORA_STEPS AdamW steps -> verl save + reference."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    dist.init_process_group(backend="gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    t0 = time.perf_counter()
+    for name in args.lora.split(","):
+        _lora_case(args.out.resolve() / name, LORA_CASES[name], rank, world)
+        _log(rank, f"lora case {name} saved")
+    if rank == 0:
+        (args.out / "run_info.json").write_text(json.dumps({"lora": args.lora, "fingerprint": source_fingerprint(),
+                                                            "seconds": time.perf_counter() - t0}))
+        (args.out / "COMPLETE").write_text("ok\n")
+    dist.barrier()
+    dist.destroy_process_group()
+    return 0
+
+
+def _lora_case(root: Path, case: dict, rank: int, world: int) -> None:
+    import torch
+    import torch.distributed as dist
+    from peft import LoraConfig, TaskType, get_peft_model
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from verl.utils.checkpoint.fsdp_checkpoint_manager import FSDPCheckpointManager
+    from verl.utils.fsdp_utils import apply_fsdp2
+
+    from ckpt_bridge.testing.tiny_models import save_tiny_hf
+
+    base = root / "base_model"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        save_tiny_hf(base, case["model"], seed=SEED)
+    dist.barrier()
+    torch.manual_seed(SEED)
+    config = LoraConfig(task_type=TaskType.CAUSAL_LM, bias="none", **case["lora"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), config)
+    if case.get("init_adapter") and rank == 0:
+        model.save_pretrained(str(root / "init_adapter"))  # what verl's lora_adapter_path would point at
+    model.train()
+    apply_fsdp2(model, {"mesh": init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",)),
+                        "reshard_after_forward": True}, {})
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01)
+    manager = FSDPCheckpointManager(
+        model=model, optimizer=optimizer, lr_scheduler=None, processing_class=AutoTokenizer.from_pretrained(str(base)),
+        checkpoint_config={"save_contents": ["model", "optimizer", "extra"], "load_contents": ["model"],
+                           "async_save": False, "save_lora_only": bool(case.get("save_lora_only"))})
+    torch.manual_seed(DATA_SEED + rank)
+    for _ in range(LORA_STEPS):
+        tokens = torch.randint(0, model.config.vocab_size, (BATCH, SEQ))
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    manager.save_checkpoint(local_path=str(root / f"global_step_{LORA_STEPS}" / "actor"), hdfs_path=None,
+                            global_step=LORA_STEPS, max_ckpt_to_keep=None)
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        ref = root / "reference"
+        ref.mkdir(parents=True, exist_ok=True)
+        seen: set[int] = set()
+        to_save = {}
+        for k, v in full.items():  # safetensors refuses shared storage (tied weights): clones
+            v = v.detach()
+            to_save[k] = (v.clone() if v.untyped_storage().data_ptr() in seen else v).contiguous()
+            seen.add(v.untyped_storage().data_ptr())
+        save_file(to_save, str(ref / "model.safetensors"), metadata={"format": "pt"})
+        config.save_pretrained(str(ref / "peft_config"))
+        # logits of the live (unmerged) PEFT model: a fresh unsharded copy holding the full state dict
+        with torch.random.fork_rng(devices=[]):
+            fresh = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32), config)
+        fresh.load_state_dict(full, strict=True)
+        fresh.eval()
+        gen = torch.Generator()
+        gen.manual_seed(REF_TOKENS_SEED)
+        tokens = torch.randint(0, fresh.config.vocab_size, (REF_BATCH, REF_SEQ), generator=gen)
+        with torch.no_grad():
+            torch.save({"tokens": tokens, "logits": fresh(input_ids=tokens).logits}, ref / "logits.pt")
+    dist.barrier()
 
 
 if __name__ == "__main__":
