@@ -31,8 +31,8 @@ from . import lora
 from .detect import open_reader
 from .errors import BridgeError, KeyPlanError
 from .formats.base import Reader, TensorInfo
-from .keys import KeyPlan, ModelExpectation, plan_hf_export
-from .plan import Plan, Transform, execute
+from .keys import ModelExpectation, plan_hf_export
+from .plan import Plan, compose, execute
 from .writers.safetensors_shards import ShardedSafetensorsWriter
 
 ADAPTER_FILE = "adapter_model"
@@ -45,7 +45,7 @@ class LoraJob:
     checkpoint: lora.LoraCheckpoint
     mode: str
     merged: Plan | None
-    key_plan: KeyPlan | None  # the merged targets checked against the model class (model_class, ties)
+    key_plan: Plan | None  # the merged model's save rules (model_class, ties, config updates)
     adapter: Plan | None
     adapter_config: dict[str, Any]
     base_reader: Reader | None = None
@@ -112,31 +112,12 @@ def plan_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, *, mo
 
 
 def _checked_merge(ck: lora.LoraCheckpoint, base_infos, cfg_dir: Path, where: str,
-                   expectation: ModelExpectation | None) -> tuple[Plan, KeyPlan]:
-    """The merge plan, its target names checked by the same rules as any export (ties, inv_freq, shapes)."""
-    plan = lora.merge_plan(ck, base_infos, where=where)
-    targets = plan.targets()
-    kp = plan_hf_export(targets, cfg_dir, where=where, expectation=expectation)
-    keep = {e.source: e.target for e in kp.entries}
-    dropped = dict(kp.dropped)
-    final = Plan(dropped=list(plan.dropped), notes=plan.notes + kp.notes, model_class=kp.model_class)
-    for t in plan.transforms:
-        name = t.targets[0]
-        if name in dropped:
-            if t.op != "rename":
-                raise KeyPlanError(f"{where}: {name} is folded but {kp.model_class} drops it ({dropped[name]})")
-            final.dropped.append((t.inputs[0], dropped[name]))
-        elif keep[name] != name:
-            final.transforms.append(Transform(t.op, t.inputs, (TensorInfo(keep[name], t.outputs[0].shape,
-                                                                          t.outputs[0].dtype),), t.fn, t.rule)
-                                    if t.op == "rename" else _refuse_alias(where, name, keep[name]))
-        else:
-            final.transforms.append(t)
-    return final, kp
-
-
-def _refuse_alias(where: str, name: str, target: str) -> Transform:
-    raise KeyPlanError(f"{where}: folded weight {name} would have to be written as {target}")
+                   expectation: ModelExpectation | None) -> tuple[Plan, Plan]:
+    """The merge plan (folds and renames) followed by the model class's own save rules (ties, inv_freq,
+    transformers' conversions), composed into one plan over the checkpoint's keys."""
+    folds = lora.merge_plan(ck, base_infos, where=where)
+    save = plan_hf_export(folds.targets(), cfg_dir, where=where, expectation=expectation)
+    return compose(folds, save, where=where), save
 
 
 def write_lora(job: LoraJob, reader: Reader, tmp: Path, *, cast: torch.dtype | None, shard_bytes: int,

@@ -161,6 +161,50 @@ class Plan:
         return out
 
 
+def compose(first: Plan, second: Plan, *, where: str) -> Plan:
+    """``second`` applied to what ``first`` produces, as one plan reading ``first``'s sources.
+
+    E.g. a LoRA fold (W, A, B -> W') followed by the save rules of the model
+    class (a rename, or transformers' split of fused experts): a chain of
+    renames stays a rename; anything else becomes one transform that runs
+    ``first``'s producers and then ``second``'s operation, so the stream still
+    holds one group at a time.  A ``second`` rule that drops a tensor
+    ``first`` computed (not merely renamed) is refused: the work would be lost.
+    """
+    producer = {k: t for t in first.transforms for k in t.targets}
+    out = Plan(dropped=list(first.dropped), notes=first.notes + second.notes, model_class=second.model_class,
+               config_updates=dict(second.config_updates))
+    for key, why in second.dropped:
+        t1 = producer.get(key)
+        if t1 is None:
+            raise KeyPlanError(f"{where}: the plan drops {key!r}, which no earlier step produces")
+        if t1.fn is not None:
+            raise KeyPlanError(f"{where}: {key} is computed ({t1.op}: {t1.rule or 'unnamed'}) but then dropped "
+                               f"({why}); refusing to lose it")
+        out.dropped.append((t1.inputs[0], why))
+    for t2 in second.transforms:
+        missing = [k for k in t2.inputs if k not in producer]
+        if missing:
+            raise KeyPlanError(f"{where}: {t2.line()} reads {_few(missing)}, which no earlier step produces")
+        t1s = list({id(producer[k]): producer[k] for k in t2.inputs}.values())
+        if t2.fn is None and t1s[0].fn is None:  # rename after rename
+            rule = " + ".join(r for r in (t1s[0].rule, t2.rule) if r)
+            out.transforms.append(rename(t1s[0].inputs[0], t2.targets[0], t1s[0].outputs[0], rule))
+            continue
+        inputs = tuple(dict.fromkeys(k for t1 in t1s for k in t1.inputs))
+
+        def run(tensors: dict[str, torch.Tensor], t1s=t1s, t2=t2) -> dict[str, torch.Tensor]:
+            mid: dict[str, torch.Tensor] = {}
+            for t1 in t1s:
+                mid.update(t1.apply({k: tensors[k] for k in t1.inputs}))
+            return t2.apply({k: mid[k] for k in t2.inputs})
+
+        op = t2.op if t2.op != "rename" else t1s[0].op
+        rule = " then ".join(r for r in (*(t1.rule for t1 in t1s[:1]), t2.rule) if r)
+        out.transforms.append(Transform(op, inputs, t2.outputs, run, rule))
+    return out
+
+
 def execute(plan: Plan | list[Transform], read: Callable[..., torch.Tensor],
             dtype_of: Callable[[TensorInfo], torch.dtype | None] = lambda info: None, *, ahead: bool = True,
             ) -> Iterator[tuple[Transform, dict[str, torch.Tensor]]]:
