@@ -56,8 +56,9 @@ def test_rotate_deletes_only_our_marked_exports(root):
         forged = root / f"global_step_{step}" / "forged"
         shutil.copytree(root / "global_step_1" / "actor", forged)
         (forged / "ckpt_bridge_export.json").write_text(json.dumps({"tool": "ckpt-bridge", "source": str(forged)}))
-    before = digest(root)
+    with_forged = digest(root)
     assert rotate(root, "actor", 1) == [] and rotate(root, "forged", 1, out_root=root) == []
+    assert digest(root) == with_forged
     assert rotate(root, "actor", 1, out_root=root / "global_step_1" / "..") == []
 
     events = watch(root, once=True, every_step=True, keep=1)
