@@ -84,7 +84,9 @@ def _config_dir(reader: Reader, config: str | Path | None) -> tuple[Path | None,
     """
     if config is None:
         d = reader.hf_config_dir()
-        if d is not None:
+        # An HF model dir is the user's own choice (and a hub cache snapshot is all links into ../../blobs);
+        # a config dir a trainer checkpoint carries must not pull files from elsewhere into the export.
+        if d is not None and reader.format != "hf":
             root = reader.path if reader.path.is_dir() else reader.path.parent
             for f in [d / "config.json", d / "generation_config.json", *_tokenizer_files(d)]:
                 if f.exists() and not is_inside(root, f):

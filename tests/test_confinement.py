@@ -114,3 +114,17 @@ def test_verl_tokenizer_symlinked_out_of_the_checkpoint_is_refused(verl_ckpt, se
     shutil.copy2(verl_ckpt("llama", "2") / "huggingface" / "config.json", secret / "config.json")
     (actor / "huggingface").symlink_to(secret)
     assert_one_line_refusal(capsys, tmp_path / "out", actor, match="no config.json found")
+
+
+def test_hub_cache_snapshot_of_links_into_blobs_is_read(tiny_hf_dir, tmp_path, capsys):
+    """A Hugging Face cache snapshot: every file is a symlink into ../../blobs.  The names in its index stay
+    inside the folder, so it is read (confinement judges names from files, not the folder's own entries)."""
+    blobs, snap = tmp_path / "models--x" / "blobs", tmp_path / "models--x" / "snapshots" / "abc"
+    blobs.mkdir(parents=True)
+    snap.mkdir(parents=True)
+    for f in tiny_hf_dir.iterdir():
+        shutil.copy2(f, blobs / f.name)
+        (snap / f.name).symlink_to(Path("../../blobs") / f.name)
+    assert run_cli(capsys, "inspect", snap)[0] == 0
+    assert run_cli(capsys, "to-hf", snap, "--out", tmp_path / "out", "--quiet")[0] == 0
+    assert (tmp_path / "out" / "tokenizer.json").is_file()

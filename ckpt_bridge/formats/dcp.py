@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..confine import is_inside
+from ..confine import is_inside, names_inside
 from ..errors import CheckpointFormatError
 from .base import Reader, TensorInfo
 
@@ -77,7 +77,7 @@ class DCPReader(Reader):
             return
         needed = {getattr(info, "relative_path", None) for info in (self.metadata.storage_data or {}).values()}
         for rel in sorted(n for n in needed if n):
-            if not is_inside(self.path, self.path / rel):
+            if not names_inside(rel):
                 self._problems.append(f"{meta}: names data file {rel!r} outside the checkpoint folder; refused")
             elif not (self.path / rel).is_file():
                 self._problems.append(f"{self.path / rel}: referenced by .metadata but missing; copy every .distcp file")
@@ -307,10 +307,8 @@ class DCPReader(Reader):
         A manifest's recorded source outside the folder is not followed: the
         user passes it with ``--config`` (the to-hf error names it).
         """
-        from ..confine import is_inside
-
         rec = self.recorded_config_dir()
-        for d in ([self.path / rec] if rec else []) + [self.path]:
+        for d in ([self.path / rec] if rec and names_inside(rec) else []) + [self.path]:
             if (d / "config.json").is_file() and is_inside(self.path, d / "config.json"):
                 return d
         return None
