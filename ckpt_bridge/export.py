@@ -120,9 +120,10 @@ def _checked_source(reader: Reader, config: str | Path | None, other_models: tup
         raise BridgeError(f"--config {cfg_file}: pass a file named config.json or the directory holding it")
     if cfg_dir is None:
         recorded = reader.recorded_config_dir() if hasattr(reader, "recorded_config_dir") else None
-        hint = (f"; its manifest records the source {recorded}, which is outside the checkpoint and not followed: "
-                f"pass --config {recorded} to use it" if recorded else "")
-        raise KeyPlanError(f"{reader.path}: no config.json found{hint or '; pass --config PATH (a config.json or a model dir)'}")
+        hint = (f"its manifest records the source {recorded}, which is outside the checkpoint and not followed: "
+                f"pass --config {recorded} to use it" if recorded
+                else "pass --config PATH (a config.json or a model dir)")
+        raise KeyPlanError(f"{reader.path}: no config.json found; {hint}")
     return infos, cfg_dir
 
 

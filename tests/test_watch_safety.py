@@ -92,7 +92,8 @@ def test_verl_callback_refuses_an_export_root_on_the_sources(root, caplog, where
     assert digest(root) == before
 
 
-@pytest.mark.parametrize("name", ["step-{step}", "step-{step}/hf", "step-{step}-hf", ".", "..", "../.."])
+@pytest.mark.parametrize("name", ["step-{step}", "step-{step}/hf", "step-{step}-hf", "x/../step-{step}", ".", "..",
+                                  "../.."])
 def test_torchtitan_hook_refuses_export_names_on_checkpoints(tiny_hf_factory, tmp_path, name):
     from torchtitan.components.checkpoint import CheckpointManager
 
