@@ -198,9 +198,11 @@ def _parser() -> argparse.ArgumentParser:
         description="Follow ROOT/latest_checkpointed_iteration.txt (ROOT = verl's trainer.default_local_dir) and "
         "export each new global_step_N/<role> with to-hf, for verl versions (or the legacy trainer) without the "
         "checkpoint_callback_class hook. Idempotent: a step whose export exists is skipped; an interrupted export "
-        "(a .partial dir whose process is gone) is redone. A step whose rank files are not all visible yet is "
-        "retried on the next poll. Exports go to global_step_N/<role>_hf (survives max_actor_ckpt_to_keep, which "
-        "deletes global_step_N/actor only) or under --out-root.",
+        "(a .partial dir whose process is gone) is redone, and so is an export lacking a part saved after it "
+        "(extra_state). A step whose rank files are not all visible yet, or (past latest_checkpointed_iteration.txt) "
+        "whose files still change between polls, is retried on the next poll. Exports go to "
+        "global_step_N/<role>_hf (survives max_actor_ckpt_to_keep, which deletes global_step_N/actor only) or "
+        "under --out-root; a location on or inside a source checkpoint is refused (exit 2) before anything runs.",
         epilog="examples:\n"
         "  ckpt-bridge watch checkpoints/my_run                      # until Ctrl-C, polling every 30 s\n"
         "  ckpt-bridge watch checkpoints/my_run --once --all         # export every saved step, then exit\n"
@@ -216,7 +218,8 @@ def _parser() -> argparse.ArgumentParser:
     pw.add_argument("--interval", type=float, default=30.0, help="seconds between polls (default 30)")
     pw.add_argument("--lora", default="both", choices=["merge", "adapter", "both"],
                     help="LoRA runs: what each export holds (see to-hf --lora; default both)")
-    pw.add_argument("--keep", type=int, default=0, help="keep only the newest K exports (default 0: keep all)")
+    pw.add_argument("--keep", type=int, default=0, help="keep only the newest K exports (default 0: keep all); only "
+                    "directories carrying ckpt_bridge_export.json are ever deleted")
     for sp in sub.choices.values():  # --debug also after the verb
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="on failure, also print the Python traceback")

@@ -90,7 +90,9 @@ def _config_dir(reader: Reader, config: str | Path | None) -> tuple[Path | None,
     """
     if config is None:
         d = reader.hf_config_dir()
-        if d is not None:
+        # An HF model dir is the user's own choice (and a hub cache snapshot is all links into ../../blobs);
+        # a config dir a trainer checkpoint carries must not pull files from elsewhere into the export.
+        if d is not None and reader.format != "hf":
             root = reader.path if reader.path.is_dir() else reader.path.parent
             for f in [d / "config.json", d / "generation_config.json", *_tokenizer_files(d)]:
                 if f.exists() and not is_inside(root, f):
@@ -124,9 +126,10 @@ def _checked_source(reader: Reader, config: str | Path | None, other_models: tup
         raise BridgeError(f"--config {cfg_file}: pass a file named config.json or the directory holding it")
     if cfg_dir is None:
         recorded = reader.recorded_config_dir() if hasattr(reader, "recorded_config_dir") else None
-        hint = (f"; its manifest records the source {recorded}, which is outside the checkpoint and not followed: "
-                f"pass --config {recorded} to use it" if recorded else "")
-        raise KeyPlanError(f"{reader.path}: no config.json found{hint or '; pass --config PATH (a config.json or a model dir)'}")
+        hint = (f"its manifest records the source {recorded}, which is outside the checkpoint and not followed: "
+                f"pass --config {recorded} to use it" if recorded
+                else "pass --config PATH (a config.json or a model dir)")
+        raise KeyPlanError(f"{reader.path}: no config.json found; {hint}")
     read_config(cfg_dir)  # its structure and model_type, before any work
     return infos, cfg_dir
 

@@ -330,10 +330,10 @@ def check_export_name(folder: Path, name: str) -> None:
     *is* a checkpoint to it: loaded on resume, deleted by ``keep_latest_k``.
     """
     try:
-        out = (folder / name.format(step=1)).absolute()
+        out = Path(os.path.normpath(folder.absolute() / name.format(step=1)))
     except (KeyError, IndexError, ValueError) as e:
         raise OutputError(f"HFExport.name {name!r}: not a format string with only {{step}} ({e})") from None
-    base = folder.absolute()
+    base = Path(os.path.normpath(folder.absolute()))
     if is_inside(out, base):
         raise OutputError(f"HFExport.name {name!r}: the export {out} is or contains the checkpoint folder {base}; "
                           f"use a subfolder such as 'hf/step-{{step}}'")
@@ -419,7 +419,8 @@ class ExportHook:
             # --overwrite replaces only our own earlier export of this step (checked just above).
             cmd = [sys.executable, "-m", "ckpt_bridge", "to-hf", str(step_dir), "--out", str(out), "--config",
                    str(self.export.hf_config), "--dtype", self.export.dtype, "--aux", self.export.aux,
-                   "--max-shard-size", self.export.max_shard_size, "--quiet"] + (["--overwrite"] if out.exists() else [])
+                   "--max-shard-size", self.export.max_shard_size, "--quiet"]
+            cmd += ["--overwrite"] if out.exists() else []
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.export.timeout)
             if proc.returncode != 0:
                 raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else

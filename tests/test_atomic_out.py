@@ -87,18 +87,33 @@ BARRIER_EXPORT = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("native", [True], ids=["renameat2"])  # the fallback's race: the next test
-def test_two_concurrent_exports_to_one_new_out(tiny_hf_dir, tmp_path, native):
+def test_two_concurrent_exports_to_one_new_out(tiny_hf_dir, tmp_path, monkeypatch, capsys):
+    """One export in a second process, one here; both wait at a barrier after writing their weights, so both
+    have passed every check before either renames.  Exactly one wins; the other fails with the message."""
+    import time
+
+    from ckpt_bridge import export
+
     barrier = tmp_path / "barrier"
     barrier.mkdir()
     out = tmp_path / "out"
-    procs = [subprocess.Popen([sys.executable, "-c", BARRIER_EXPORT, str(barrier), name, "1" if native else "0",
-                               "to-hf", str(tiny_hf_dir), "--out", str(out), "--quiet"],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for name in ("a", "b")]
-    results = [(p.wait(timeout=120), p.stderr.read().strip()) for p in procs]
-    codes = sorted(c for c, _ in results)
-    assert codes == [0, 2], results
-    loser_pid, err = next((p.pid, e) for p, (c, e) in zip(procs, results) if c == 2)
+    other = subprocess.Popen([sys.executable, "-c", BARRIER_EXPORT, str(barrier), "other", "1",
+                              "to-hf", str(tiny_hf_dir), "--out", str(out), "--quiet"],
+                             stderr=subprocess.PIPE, text=True)
+    original = export._write_configs
+
+    def wait_for_both(*a, **k):
+        (barrier / "here").touch()
+        while len(list(barrier.iterdir())) < 2 and other.poll() is None:
+            time.sleep(0.02)
+        return original(*a, **k)
+
+    monkeypatch.setattr(export, "_write_configs", wait_for_both)
+    here = (main(["to-hf", str(tiny_hf_dir), "--out", str(out), "--quiet"]), capsys.readouterr().err.strip(),
+            os.getpid())
+    there = (other.wait(timeout=300), other.stderr.read().strip(), other.pid)
+    assert sorted([here[0], there[0]]) == [0, 2], (here, there)
+    _, err, loser_pid = here if here[0] == 2 else there
     assert len(err.splitlines()) == 1 and str(out) in err and "appeared while this export ran" in err, err
     kept = tmp_path / f"out.conflict-{loser_pid}"
     assert str(kept) in err

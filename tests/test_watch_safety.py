@@ -56,8 +56,9 @@ def test_rotate_deletes_only_our_marked_exports(root):
         forged = root / f"global_step_{step}" / "forged"
         shutil.copytree(root / "global_step_1" / "actor", forged)
         (forged / "ckpt_bridge_export.json").write_text(json.dumps({"tool": "ckpt-bridge", "source": str(forged)}))
-    before = digest(root)
+    with_forged = digest(root)
     assert rotate(root, "actor", 1) == [] and rotate(root, "forged", 1, out_root=root) == []
+    assert digest(root) == with_forged
     assert rotate(root, "actor", 1, out_root=root / "global_step_1" / "..") == []
 
     events = watch(root, once=True, every_step=True, keep=1)
@@ -91,7 +92,8 @@ def test_verl_callback_refuses_an_export_root_on_the_sources(root, caplog, where
     assert digest(root) == before
 
 
-@pytest.mark.parametrize("name", ["step-{step}", "step-{step}/hf", "step-{step}-hf", ".", "..", "../.."])
+@pytest.mark.parametrize("name", ["step-{step}", "step-{step}/hf", "step-{step}-hf", "x/../step-{step}", ".", "..",
+                                  "../.."])
 def test_torchtitan_hook_refuses_export_names_on_checkpoints(tiny_hf_factory, tmp_path, name):
     from torchtitan.components.checkpoint import CheckpointManager
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..confine import is_inside, names_inside
 from ..errors import BridgeError, CheckpointFormatError, one_line, root_cause
 from .base import Reader, TensorInfo
 
@@ -327,10 +328,8 @@ class DCPReader(Reader):
         A manifest's recorded source outside the folder is not followed: the
         user passes it with ``--config`` (the to-hf error names it).
         """
-        from ..confine import is_inside
-
         rec = self.recorded_config_dir()
-        for d in ([self.path / rec] if rec else []) + [self.path]:
+        for d in ([self.path / rec] if rec and names_inside(rec) else []) + [self.path]:
             if (d / "config.json").is_file() and is_inside(self.path, d / "config.json"):
                 return d
         return None
