@@ -31,6 +31,7 @@ function the weights compute and refuse on any difference.
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,7 +186,8 @@ class _FreshBuilds:
             try:
                 with _parameters_on_meta(), torch.device("cpu"), warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    self._built[id(owner)] = type(owner)(owner.config)
+                    # a copy: constructors may write into their config (attention implementation, ...)
+                    self._built[id(owner)] = type(owner)(copy.deepcopy(owner.config))
             except Exception as e:  # noqa: BLE001 - reported if no other ancestor can stand in
                 self._built[id(owner)] = e
         return self._built[id(owner)]
@@ -226,6 +228,8 @@ def _copy_derived(module: nn.Module, twin: nn.Module, names: list[str], where: s
     twin_buffers = {id(b): n for n, b in twin.named_buffers(recurse=False)}
     for b in names:
         cur, new = getattr(module, b), getattr(twin, b, None)
+        if b not in module._buffers and not isinstance(new, torch.Tensor):
+            continue  # a plain attribute the constructor does not set: a runtime cache (rope_deltas), not ours
         if not isinstance(new, torch.Tensor):
             raise BridgeError(f"after_load: {where}.{b} is not set by {type(module).__name__}'s constructor; "
                               f"pass recompute=False and set it yourself")

@@ -11,9 +11,7 @@ compares their logits on a fixed token batch.
 
 from __future__ import annotations
 
-import logging
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any

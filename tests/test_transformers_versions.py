@@ -49,14 +49,25 @@ def reference(tmp_path_factory, tiny_hf_factory):
             "text": d / "text.txt"}
 
 
+@pytest.fixture(scope="module")
+def results(reference, tmp_path_factory):
+    """One subprocess per version, run side by side (each is mostly single-threaded import and tiny models)."""
+    d = tmp_path_factory.mktemp("version-results")
+    args = [x for k in ("ref", "export", "source", "dcp", "text") for x in (f"--{k}", str(reference[k]))]
+    procs = {}
+    for version, specs in VERSIONS.items():
+        env = overlay_env(overlay(specs, name=f"transformers-{version}"))
+        env["OMP_NUM_THREADS"] = "1"
+        cmd = [sys.executable, "-m", "ckpt_bridge.testing.version_checks", "--out", str(d / f"{version}.json"), *args]
+        procs[version] = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    errors = {v: p.communicate(timeout=300)[1] for v, p in procs.items()}
+    return {v: (procs[v].returncode, errors[v], d / f"{v}.json") for v in VERSIONS}
+
+
 @pytest.mark.parametrize("version", sorted(VERSIONS))
-def test_fidelity_under_other_transformers(reference, tmp_path, version):
-    env = overlay_env(overlay(VERSIONS[version], name=f"transformers-{version}"))
-    out = tmp_path / "result.json"
-    cmd = [sys.executable, "-m", "ckpt_bridge.testing.version_checks", "--out", str(out),
-           *[x for k in ("ref", "export", "source", "dcp", "text") for x in (f"--{k}", str(reference[k]))]]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_fidelity_under_other_transformers(results, version):
+    code, err, out = results[version]
+    assert code == 0, err[-3000:]
     res = json.loads(out.read_text())
     assert res["version"] == version
     # an export written under 5.10.4 reads the same rope on this version, and computes the same function
