@@ -88,8 +88,9 @@ def _checkpoint_section(config: Any) -> Any:
     """The checkpoint config: ``config.checkpoint`` of a job/trainer config, or the section itself."""
     section = getattr(config, "checkpoint", config)
     if not (hasattr(section, "initial_load_path") or hasattr(section, "load_step")):
-        raise BridgeError(f"set_initial_load: {type(config).__name__} has neither checkpoint.initial_load_path nor "
-                          f"checkpoint.load_step; pass the trainer's JobConfig (or its checkpoint section)")
+        raise BridgeError(f"set_initial_load: {type(config).__name__} has no checkpoint.initial_load_path (nor the "
+                          f"checkpoint.load_step of older TorchTitan); pass the trainer's JobConfig (or its "
+                          f"checkpoint section)")
     return section
 
 

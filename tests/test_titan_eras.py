@@ -94,7 +94,7 @@ def test_layout_auto_and_verify_ask_the_installed_era(era_results, era):
     call = "_states_to_load(step=0)" if layout == "nested" else "_states_to_load(model_only=True)"
     assert call in r["to_dcp"]["reason"]
     assert r["verify_exit"] == 0 and "result: OK" in r["verify_out"]
-    assert f"loader: torchtitan" in r["verify_out"] and f"commit {era}), {layout})" in r["verify_out"]
+    assert "loader: torchtitan" in r["verify_out"] and f"commit {era}), {layout})" in r["verify_out"]
 
 
 @pytest.mark.parametrize("era", list(ERAS))
