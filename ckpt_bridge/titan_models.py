@@ -210,11 +210,12 @@ def titan_parity(cfg: Any) -> dict[str, Any]:
 def is_titan_model(model: nn.Module | list[nn.Module]) -> bool:
     """A model (or model parts) built from TorchTitan's own model code."""
     parts = [model] if isinstance(model, nn.Module) else list(model)
-    try:
-        from torchtitan.protocols.model import BaseModel
-    except ImportError:
+    # By class origin first: an HF model's after_load must not import torchtitan (seconds, and maybe absent).
+    if not any(c.__module__.startswith("torchtitan.") for p in parts for c in type(p).__mro__):
         return False
-    return any(isinstance(p, BaseModel) or isinstance(getattr(p, "config", None), BaseModel.Config) for p in parts)
+    from torchtitan.protocols.model import BaseModel
+
+    return any(isinstance(p, BaseModel) for p in parts)
 
 
 @dataclass
