@@ -40,7 +40,7 @@ class TitanModelKind:
 
     name: str  # torchtitan.models.<name>
     hf_model_types: tuple[str, ...]  # config.json "model_type" values it accepts
-    layers: Callable[[Any, Any, dict], dict]  # (module, hf_cfg, common) -> kwargs of the family's layer builder
+    layers: Callable[[Any, dict], dict]  # (hf_cfg, common kwargs) -> kwargs of the family's layer builder
     builder: str  # the family's own layer builder in torchtitan.models.<name>
     rope: str  # the RoPE config class the family's adapter asserts on
     unsupported: Callable[[Any], list[str]]  # HF features the TorchTitan model does not implement
@@ -82,11 +82,11 @@ def _common_unsupported(hf: Any) -> list[str]:
     return bad
 
 
-def _llama3_layers(mod: Any, hf: Any, common: dict) -> dict:
+def _llama3_layers(hf: Any, common: dict) -> dict:
     return dict(common, hidden_dim=hf.intermediate_size)
 
 
-def _qwen3_layers(mod: Any, hf: Any, common: dict) -> dict:
+def _qwen3_layers(hf: Any, common: dict) -> dict:
     return dict(common, head_dim=_head_dim(hf), hidden_dim=hf.intermediate_size)
 
 
@@ -152,7 +152,6 @@ def titan_config(name: str, hf: Any, *, attn_backend: str = "flex") -> Any:
     mod = _module(name)
     from torchtitan.models.common import Embedding, Linear
     from torchtitan.models.common import rope as rope_mod
-    from torchtitan.models.common.config_utils import get_attention_config  # noqa: F401 - the builder uses it
     from torchtitan.models.common.nn_modules import RMSNorm
 
     spec = mod.model_registry(next(iter(getattr(mod, f"{name}_configs"))))
@@ -161,7 +160,7 @@ def titan_config(name: str, hf: Any, *, attn_backend: str = "flex") -> Any:
     common = dict(n_layers=hf.num_hidden_layers, dim=hf.hidden_size, n_heads=hf.num_attention_heads,
                   n_kv_heads=_get(hf, "num_key_value_heads", hf.num_attention_heads), rope=rope,
                   attn_backend=attn_backend)
-    layers = getattr(mod, kind.builder)(**kind.layers(mod, hf, common))
+    layers = getattr(mod, kind.builder)(**kind.layers(hf, common))
     # Init functions do not matter (every weight is loaded); the family's own are used where the builder sets them.
     cfg = config_cls(
         dim=hf.hidden_size, vocab_size=hf.vocab_size,
@@ -211,11 +210,12 @@ def titan_parity(cfg: Any) -> dict[str, Any]:
 def is_titan_model(model: nn.Module | list[nn.Module]) -> bool:
     """A model (or model parts) built from TorchTitan's own model code."""
     parts = [model] if isinstance(model, nn.Module) else list(model)
-    try:
-        from torchtitan.protocols.model import BaseModel
-    except ImportError:
+    # By class origin first: an HF model's after_load must not import torchtitan (seconds, and maybe absent).
+    if not any(c.__module__.startswith("torchtitan.") for p in parts for c in type(p).__mro__):
         return False
-    return any(isinstance(p, BaseModel) or isinstance(getattr(p, "config", None), BaseModel.Config) for p in parts)
+    from torchtitan.protocols.model import BaseModel
+
+    return any(isinstance(p, BaseModel) for p in parts)
 
 
 @dataclass

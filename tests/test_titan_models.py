@@ -159,10 +159,23 @@ def test_set_initial_load_with_titan_model(gloo1, hf_dirs, tmp_path):
     assert ck.initial_load_path == str(out) and ck.initial_load_model_only
     tm = titan_model("qwen3", hf)
     model = _titan_load(tm, tmp_path / "dump", initial_load_path=ck.initial_load_path)
-    sd = model.state_dict()
-    back = tm.adapter.to_hf({k: v for k, v in sd.items()})
     src = _hf_state(hf)
-    assert set(back) == set(src) and all(torch.equal(back[k], v) for k, v in src.items())
+
+    # torchtitan's own last-step saves of that model: native DCP (model only) and its own HF export
+    for folder, in_hf in (("native", False), ("theirs", True)):
+        cfg = CheckpointManager.Config(enable=True, folder=folder, keep_latest_k=0, last_save_model_only=True,
+                                       last_save_in_hf=in_hf, export_dtype="float32")
+        mgr = CheckpointManager(cfg, dataloader=None, model_parts=[model], optimizers=None, lr_schedulers=None,
+                                states={}, sd_adapter=tm.adapter, base_folder=str(tmp_path / "run"))
+        mgr.save(curr_step=1, last_step=True)
+        mgr.close()
+    step = tmp_path / "run" / "native" / "step-1"
+    assert not (step / "ckpt_bridge_manifest.json").exists()  # nothing names the model: the flag does
+    assert cli(["to-hf", str(step), "--out", str(tmp_path / "back"), "--titan-model", "qwen3", "--config", str(hf),
+                "--quiet"]) == 0
+    ours, theirs = _hf_state(tmp_path / "back"), _hf_state(tmp_path / "run" / "theirs" / "step-1")
+    assert set(ours) == set(theirs) == set(src)
+    assert all(torch.equal(ours[k], theirs[k]) and torch.equal(ours[k], src[k]) for k in src)
 
 
 def test_verify_judges_against_the_titan_models_keys(hf_dirs, tmp_path, capsys):

@@ -190,7 +190,7 @@ class AdaptedReader(Reader):
 
     format = "adapted"
 
-    def __init__(self, inner: Reader, plan: Plan, source_infos: dict[str, TensorInfo] | None = None):
+    def __init__(self, inner: Reader, plan: Plan):
         super().__init__(inner.path)
         self.inner, self.plan = inner, plan
         self.format = f"{inner.format} via adapter"
@@ -200,7 +200,6 @@ class AdaptedReader(Reader):
         self._infos = plan.targets()
         self._held: tuple[Transform | None, dict[str, torch.Tensor]] = (None, {})
         self._lock = threading.Lock()
-        self._source_infos = source_infos
 
     def tensors(self) -> dict[str, TensorInfo]:
         return self._infos
@@ -249,11 +248,11 @@ def from_hf_reader(reader: Reader, adapter: Any) -> AdaptedReader:
     """An HF-named reader shown under a TorchTitan model's own names (its adapter's ``from_hf``)."""
     infos = _source_infos(reader)
     name = f"{type(adapter).__name__}.from_hf"
-    return AdaptedReader(reader, adapter_plan(infos, adapter.from_hf, name, where=str(reader.path)), infos)
+    return AdaptedReader(reader, adapter_plan(infos, adapter.from_hf, name, where=str(reader.path)))
 
 
 def to_hf_reader(reader: Reader, adapter: Any) -> AdaptedReader:
     """A TorchTitan-native checkpoint shown under Hugging Face names (its adapter's ``to_hf``)."""
     infos = _source_infos(reader)
     name = f"{type(adapter).__name__}.to_hf"
-    return AdaptedReader(reader, adapter_plan(infos, adapter.to_hf, name, where=str(reader.path)), infos)
+    return AdaptedReader(reader, adapter_plan(infos, adapter.to_hf, name, where=str(reader.path)))
