@@ -21,7 +21,6 @@ from ckpt_bridge import to_hf
 from ckpt_bridge.cli import main as cli
 from ckpt_bridge.testing.harness import make_verl_lora_checkpoints
 
-peft = pytest.importorskip("peft")  # pinned in requirements.lock; the tests need the real PEFT
 
 CASES = ["llama", "qwen2_rslora", "qwen2_embed", "qwen2_lora_only"]
 
