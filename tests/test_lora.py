@@ -157,6 +157,19 @@ def test_lora_only_without_base_writes_the_adapter_and_says_so(lora_root, tmp_pa
     assert "--base" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
 
 
+def test_lora_only_merges_onto_the_base_its_adapter_config_names(lora_root, exported, tmp_path):
+    """No --base, but the run's adapter_config.json records base_model_name_or_path (a local dir)."""
+    case = lora_root / "qwen2_lora_only"
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+           "base_model_name_or_path": str(case / "base_model")}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    s = to_hf(actor(lora_root, "qwen2_lora_only"), tmp_path / "out", lora_config=tmp_path, progress=False)
+    assert any(str(case / "base_model") in n for n in s.lora["notes"])
+    want = merged_weights(exported("qwen2_lora_only")[0])  # merged with --base, checked against PEFT above
+    got = merged_weights(tmp_path / "out")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_dry_run_shows_fold_transforms_and_inspect_shows_lora(lora_root, capsys):
     src = actor(lora_root, "llama")
     assert cli(["to-hf", str(src), "--out", "/nonexistent/never", "--dry-run"]) == 0
