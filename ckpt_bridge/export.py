@@ -23,9 +23,9 @@ import torch
 from .detect import open_reader
 from .errors import BridgeError, KeyPlanError
 from .formats.base import Reader
+from .keys import KeyPlan, PlanEntry, confirm_plan, expected_model, plan_hf_export, provisional_hf_plan
 from .lora import is_lora
 from .lora_export import export_lora
-from .keys import KeyPlan, PlanEntry, confirm_plan, expected_model, plan_hf_export, provisional_hf_plan
 from .progress import Progress
 from .stream import read_ahead
 from .writers.atomic import AtomicDir
