@@ -52,7 +52,7 @@ import torch
 from .errors import KeyPlanError
 from .formats.base import TensorInfo
 from .keys import canonical_key
-from .plan import Plan, Transform, derive, rename
+from .plan import Plan, derive, rename
 
 PEFT_PREFIX = "base_model.model."
 LORA_MODES = ("merge", "adapter", "both")

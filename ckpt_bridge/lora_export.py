@@ -90,7 +90,8 @@ def plan_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, *, mo
     if base_dir is None and not ck.base_inside:
         base_dir = lora.recorded_base(cfg_dir, ck.settings)
         if base_dir is not None:
-            job.notes.append(f"base weights from {base_dir} (recorded in the checkpoint)")
+            job.notes.append(f"base weights from {base_dir} (the base model {ck.settings.source} or the "
+                             f"checkpoint's config.json names)")
     base_infos = None
     if base_dir is not None and not ck.base_inside:
         job.base_reader = open_reader(base_dir)

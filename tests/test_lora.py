@@ -21,7 +21,6 @@ from ckpt_bridge import to_hf
 from ckpt_bridge.cli import main as cli
 from ckpt_bridge.testing.harness import make_verl_lora_checkpoints
 
-peft = pytest.importorskip("peft")  # pinned in requirements.lock; the tests need the real PEFT
 
 CASES = ["llama", "qwen2_rslora", "qwen2_embed", "qwen2_lora_only"]
 
@@ -31,6 +30,19 @@ def lora_root(tmp_path_factory) -> Path:
     cache = os.environ.get("CKPT_BRIDGE_TEST_CACHE")
     base = Path(cache) if cache else tmp_path_factory.mktemp("verl_lora")
     return make_verl_lora_checkpoints(base / "lora", CASES)
+
+
+@pytest.fixture(scope="module")
+def exported(lora_root, tmp_path_factory):
+    """``exported(case)`` -> (out dir, summary) of the default export (--lora both), made once per case."""
+    done: dict[str, tuple] = {}
+
+    def get(case: str):
+        if case not in done:
+            out = tmp_path_factory.mktemp(f"lora-{case}") / "out"
+            done[case] = (out, export(lora_root, case, out))
+        return done[case]
+    return get
 
 
 def actor(root: Path, case: str) -> Path:
@@ -66,35 +78,34 @@ def export(root: Path, case: str, out: Path, **kw):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_merged_equals_peft_merge_and_unload(lora_root, tmp_path, case):
+def test_merged_equals_peft_merge_and_unload(lora_root, exported, case):
     from transformers import AutoModelForCausalLM
 
     live = live_peft_model(lora_root / case)
     sd = live.state_dict()
     b = [v for k, v in sd.items() if ".lora_B." in k or "lora_embedding_B" in k]
     assert b and all(v.abs().sum() > 0 for v in b), "the training steps must have changed every lora_B"
-    s = export(lora_root, case, tmp_path / "out")
+    out, s = exported(case)
     assert s.lora["mode"] == "both" and s.lora["r"] == 4 and s.lora["alpha"] == 8
     peft_merged = live.merge_and_unload()
     want = {k: v for k, v in peft_merged.state_dict().items() if not (k == "lm_head.weight"
                                                                         and peft_merged.config.tie_word_embeddings)}
-    got = merged_weights(tmp_path / "out")
+    got = merged_weights(out)
     assert set(got) == set(want)
     assert not [k for k in got if "base_layer" in k or "lora_" in k or k.startswith("base_model.")]
     differ = [k for k in want if not torch.equal(got[k], want[k])]
     assert not differ, f"not bit-identical to PEFT's merge_and_unload: {differ}"
     tokens = torch.load(lora_root / case / "reference" / "logits.pt")["tokens"]
-    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ours = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert torch.equal(logits(ours, tokens), logits(peft_merged, tokens))
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_adapter_loads_in_peft_without_warnings_and_gives_live_logits(lora_root, tmp_path, case):
+def test_adapter_loads_in_peft_without_warnings_and_gives_live_logits(lora_root, exported, case):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    export(lora_root, case, tmp_path / "out")
-    adir = tmp_path / "out" / "lora_adapter"
+    adir = exported(case)[0] / "lora_adapter"
     cfg = json.loads((adir / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["lora_alpha"] == 8 and cfg["task_type"] == "CAUSAL_LM"
     assert cfg["use_rslora"] is (case == "qwen2_rslora")
@@ -119,10 +130,11 @@ def test_adapter_loads_in_peft_without_warnings_and_gives_live_logits(lora_root,
     assert torch.equal(logits(model, ref["tokens"]), ref["logits"])
 
 
-def test_peft_key_names_match_save_pretrained(lora_root, tmp_path):
-    """The adapter file holds exactly the keys PeftModel.save_pretrained writes for the live model."""
-    export(lora_root, "qwen2_embed", tmp_path / "out", lora="adapter")
-    live = live_peft_model(lora_root / "qwen2_embed")
+@pytest.mark.parametrize("case", ["llama", "qwen2_embed"])  # modules_to_save; embedding (PEFT saves its base)
+def test_peft_key_names_match_save_pretrained(lora_root, tmp_path, case):
+    """The adapter file holds exactly the keys and values PeftModel.save_pretrained writes for the live model."""
+    export(lora_root, case, tmp_path / "out", lora="adapter")
+    live = live_peft_model(lora_root / case)
     live.save_pretrained(tmp_path / "peft")
     want = load_file(tmp_path / "peft" / "adapter_model.safetensors")
     got = load_file(tmp_path / "out" / "adapter_model.safetensors")
@@ -143,6 +155,19 @@ def test_lora_only_without_base_writes_the_adapter_and_says_so(lora_root, tmp_pa
     assert cli(["to-hf", str(src), "--out", str(tmp_path / "b"), "--lora", "merge"]) == 2
     err = capsys.readouterr().err
     assert "--base" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
+
+
+def test_lora_only_merges_onto_the_base_its_adapter_config_names(lora_root, exported, tmp_path):
+    """No --base, but the run's adapter_config.json records base_model_name_or_path (a local dir)."""
+    case = lora_root / "qwen2_lora_only"
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+           "base_model_name_or_path": str(case / "base_model")}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    s = to_hf(actor(lora_root, "qwen2_lora_only"), tmp_path / "out", lora_config=tmp_path, progress=False)
+    assert any(str(case / "base_model") in n for n in s.lora["notes"])
+    want = merged_weights(exported("qwen2_lora_only")[0])  # merged with --base, checked against PEFT above
+    got = merged_weights(tmp_path / "out")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_dry_run_shows_fold_transforms_and_inspect_shows_lora(lora_root, capsys):
@@ -254,7 +279,7 @@ def test_lora_export_streams_one_module_at_a_time(lora_root, tmp_path, monkeypat
     assert peak[0] <= 5
 
 
-def test_verl_callback_and_watch_export_lora_runs(lora_root, tmp_path):
+def test_verl_callback_and_watch_export_lora_runs(lora_root, exported, tmp_path):
     """The save-time callback (default both) and `watch --lora adapter` on a LoRA run."""
     import shutil
 
@@ -268,10 +293,9 @@ def test_verl_callback_and_watch_export_lora_runs(lora_root, tmp_path):
     cb.on_save(trainer=None, global_step=2, checkpoint_dir=str(run / "global_step_2"))
     assert [o["ok"] for o in cb.wait()] == [True]
     out = run / "global_step_2" / "actor_hf"
-    direct = export(lora_root, "llama", tmp_path / "direct")
-    assert direct.lora["mode"] == "both"
+    direct = exported("llama")[0]
     for f in ("model.safetensors", "lora_adapter/adapter_model.safetensors", "lora_adapter/adapter_config.json"):
-        assert (out / f).read_bytes() == (tmp_path / "direct" / f).read_bytes(), f
+        assert (out / f).read_bytes() == (direct / f).read_bytes(), f
     events = watch(run, once=True, out_root=tmp_path / "w", lora="adapter")
     assert [(e.step, e.status) for e in events] == [(2, "exported")]
     got = tmp_path / "w" / "global_step_2" / "actor"

@@ -4,6 +4,8 @@
         -m ckpt_bridge.testing.verl_save --model llama --out ROOT \\
         [--mesh N | --mesh AxB] [--shard-dim 1] [--steps 1] [--dtype fp32|bf16] \\
         [--save-steps 1,2] [--no-tokenizer] [--hf-model]
+    torchrun --nproc_per_node=2 ... -m ckpt_bridge.testing.verl_save --lora llama,qwen2_rslora --out ROOT
+        (PEFT-wrapped LoRA runs, every named LORA_CASES entry in this one job: see lora_main)
 
 What it does, on every rank (gloo process group, CPU device mesh):
 
