@@ -276,10 +276,25 @@ def _failure(e: BaseException) -> tuple[str, int]:
     if isinstance(cause, MemoryError):
         return ("error: out of memory (a tensor larger than this machine's RAM, or a corrupt size in the "
                 "input); rerun with --debug to see where"), 2
+    loop = _symlink_loop(cause)
+    if loop:
+        return f"error: {loop}: is a symlink loop (a link that leads back to itself); remove it or use another path", 2
     if isinstance(cause, OSError):
         return f"error: {one_line(cause)}; check the path and its permissions", 2
     return (f"error: unexpected {one_line(cause)}; rerun with --debug for the traceback and report it "
             f"if the input looks fine"), 2
+
+
+def _symlink_loop(e: BaseException) -> str | None:
+    """The path of a symlink loop: pathlib's resolve() raises RuntimeError("Symlink loop from '...'") up to
+    Python 3.12 and OSError(ELOOP) after."""
+    import errno
+
+    if isinstance(e, OSError) and e.errno == errno.ELOOP:
+        return str(e.filename)
+    if isinstance(e, RuntimeError) and str(e).startswith("Symlink loop from "):
+        return str(e)[len("Symlink loop from "):].strip("'\"")
+    return None
 
 
 def _to_hf(args: argparse.Namespace) -> int:

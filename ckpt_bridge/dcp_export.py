@@ -32,7 +32,7 @@ from torch import nn
 
 from .auxiliary import AuxSpec, as_specs, attach_aux, init_aux, parse_aux
 from .detect import open_reader
-from .errors import BridgeError, KeyPlanError
+from .errors import BridgeError, KeyPlanError, writing
 from .export import DTYPES, TOKENIZER_PREFIXES, _config_dir, _jsonable, read_config
 from .formats.base import Reader, TensorInfo
 from .conversions import Conversions, Group
@@ -515,7 +515,9 @@ def to_dcp(
         protect = tuple(p for p in (Path(src), reader.path, cfg_dir, Path(aux_from) if aux_from else None) if p)
         import torch.distributed.checkpoint as dcp
 
-        with AtomicDir(out, overwrite=overwrite, protect=protect) as tmp:
+        with AtomicDir(out, overwrite=overwrite, protect=protect) as tmp, writing(tmp, total):
+            # writing(): DCP wraps a full disk, a Ctrl-C or our own read errors in a CheckpointException
+            # (a BaseException carrying a traceback as its message); this re-raises the real cause.
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"

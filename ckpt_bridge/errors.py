@@ -75,18 +75,36 @@ def free_bytes(where: str | os.PathLike) -> int | None:
         return None
 
 
-def disk_full(e: OSError, where: str | os.PathLike, needed: int | None) -> OutputError:
-    """The one-line error for ENOSPC / EDQUOT while writing ``where`` (``needed`` bytes in all)."""
-    where = _output_name(where)
+def _partial_bytes(where: str | os.PathLike) -> int:
+    """Bytes already written under the temporary output dir ``where`` is in (freed when it is removed)."""
+    p = Path(where)
+    top = next((q for q in (p, *p.parents) if re.fullmatch(r"\..+\.partial-\d+", q.name)), None)
+    if top is None or not top.is_dir():
+        return 0
+    return sum(f.stat().st_size for f in top.rglob("*") if f.is_file())
+
+
+def disk_full(e: BaseException, where: str | os.PathLike, needed: int | None) -> OutputError:
+    """The one-line error for a full disk while writing ``where`` (``needed`` bytes in all)."""
     free = free_bytes(where)
+    free = free + _partial_bytes(where) if free is not None else None
+    target = _output_name(where)
     need = f"needs {needed:,} bytes" if needed is not None else "ran out of space"
-    have = f", {free:,} bytes free there now" if free is not None else ""
-    return OutputError(f"{where}: no space left on the device ({e.strerror or e}) - the export {need}{have}; "
+    have = f" and {target.parent} has {free:,} bytes free" if free is not None else ""
+    why = e.strerror if isinstance(e, OSError) and e.strerror else "No space left on device"
+    return OutputError(f"{target}: no space left on the device ({why}): the export {need}{have}; "
                        f"free space or choose an --out on another disk (nothing was left behind)")
 
 
-def is_disk_full(e: BaseException) -> bool:
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+def is_disk_full(e: BaseException, where: str | os.PathLike | None = None) -> bool:
+    """ENOSPC / EDQUOT; or, while writing ``where``, a write failure torch's own writers report without the
+    errno (torch.save's zip writer: "unexpected pos ..." RuntimeError) on a file system left with < 1 MiB."""
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if where is None or not isinstance(e, (OSError, RuntimeError)):
+        return False
+    free = free_bytes(where)
+    return free is not None and free < 2**20
 
 
 def one_line(e: BaseException) -> str:
@@ -116,8 +134,8 @@ def writing(where: str | os.PathLike, needed: int | None) -> Iterator[None]:
         yield
     except BaseException as e:
         cause = root_cause(e)
-        if is_disk_full(cause):
-            raise disk_full(cause, _output_name(where), needed) from None
+        if is_disk_full(cause, where):
+            raise disk_full(cause, where, needed) from None
         if cause is not e and isinstance(cause, (KeyboardInterrupt, BridgeError)):
             raise cause from None
         raise

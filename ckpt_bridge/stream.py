@@ -27,26 +27,36 @@ def read_ahead(keys: list[K], read: Callable[[K], T], depth: int = 1) -> Iterato
     """
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
+    main = threading.main_thread()
+
+    def stopped() -> bool:
+        # A consumer that failed mid-loop (disk full in the writer) keeps this generator alive through the
+        # exception's traceback, so its finally may never run.  The worker then notices the interpreter
+        # shutting down (the main thread is no longer alive) and returns: interpreter exit must not kill it
+        # inside torch's C++ code ("terminate called without an active exception", SIGABRT).
+        return stop.is_set() or not main.is_alive()
+
+    def offer(item: object) -> None:
+        while not stopped():  # never block for good: the consumer may be gone
+            try:
+                q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def worker() -> None:
         try:
             for k in keys:
-                if stop.is_set():
+                if stopped():
                     return
-                item = (k, read(k))
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                del item
+                offer((k, read(k)))
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put(e)
+            offer(e)
             return
-        q.put(_DONE)
+        offer(_DONE)
 
-    t = threading.Thread(target=worker, name="ckpt-bridge-read-ahead", daemon=True)
+    # not a daemon: at exit the interpreter waits for it (at most one read) instead of killing it mid-read
+    t = threading.Thread(target=worker, name="ckpt-bridge-read-ahead", daemon=False)
     t.start()
     try:
         while True:

@@ -94,8 +94,22 @@ class ShardedSafetensorsWriter:
         self._left_in_file = len(entries)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        with writing(self.out_dir, self.total_size):
-            self._write(name, tensor)
+        try:
+            with writing(self.out_dir, self.total_size):
+                self._write(name, tensor)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        """Close the open file without flushing more (after a failure; the caller removes the directory).
+        An open handle would keep a full file system busy and its space allocated after the rmtree."""
+        if self._fh is not None:
+            try:
+                self._fh.close()
+            except OSError:  # the buffered tail cannot be written either: the fd is closed regardless
+                pass
+            self._fh = None
 
     def _write(self, name: str, tensor: torch.Tensor) -> None:
         expected = self._order[self._next]
@@ -120,8 +134,12 @@ class ShardedSafetensorsWriter:
 
     def close(self) -> list[str]:
         """Finish; writes the index when sharded.  Returns the files written."""
-        with writing(self.out_dir, self.total_size):
-            return self._close()
+        try:
+            with writing(self.out_dir, self.total_size):
+                return self._close()
+        except BaseException:
+            self.abort()
+            raise
 
     def _close(self) -> list[str]:
         if self._next != len(self._order):
