@@ -74,7 +74,7 @@ class Conversions:
         self.direction = direction
         self.renamings: list = []
         self.converters: list = []
-        self.legacy: dict[str, str] = {}  # 4.x: regex -> replacement
+        self.legacy: dict[str, str] | None = None  # transformers 4.x: regex -> replacement
         self.meta_sd = model.state_dict()  # meta tensors: names only matter
         self.base_prefix = getattr(model, "base_model_prefix", "") or ""
         try:
@@ -102,7 +102,7 @@ class Conversions:
 
     def rename(self, key: str) -> tuple[str, str | None]:
         """(the key in the converter namespace or its final name, the matched converter pattern or None)."""
-        if self.legacy:
+        if self.legacy is not None:
             return self._legacy_rename(key), None
         if self.direction == "save":
             from transformers.core_model_loading import rename_source_key

@@ -163,7 +163,10 @@ def build_meta_model(config_dir: Path, overrides: dict | None = None):
             cfg = AutoConfig.from_pretrained(str(config_dir), **extra)
             if overrides and "architectures" in overrides:
                 cfg.architectures = list(overrides["architectures"])
-            archs = getattr(cfg, "architectures", None) or []
+            # a config written by another transformers major may not hand its architectures back (4.57 reads
+            # a 5.x Qwen2.5-VL config.json with architectures None): the JSON says which class it is
+            archs = getattr(cfg, "architectures", None) or \
+                json.loads((Path(config_dir) / "config.json").read_text()).get("architectures") or []
             cls = getattr(transformers, archs[0], None) if archs else None
             with torch.device("meta"):
                 return cls._from_config(cfg) if cls is not None else AutoModelForCausalLM.from_config(cfg)
