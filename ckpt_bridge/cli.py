@@ -89,7 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     ph.add_argument("--aux-prefix", action="append", default=[], metavar="NAME",
                     help="treat keys under NAME. as an auxiliary module (repeatable)")
     ph.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
-    ph.add_argument("--dry-run", action="store_true", help="check everything, print the plan of transforms; write nothing")
+    ph.add_argument("--dry-run", action="store_true", help="check all, print the plan of transforms; write nothing")
     ph.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(ph, "the summary")
 
@@ -125,7 +125,7 @@ def _parser() -> argparse.ArgumentParser:
                     "(DCP, HF dir, safetensors or torch file) instead of initialising them")
     pt.add_argument("--config", metavar="PATH", help="config.json (or a dir with one) when HF_DIR has none")
     pt.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
-    pt.add_argument("--dry-run", action="store_true", help="check everything, print the plan of transforms; write nothing")
+    pt.add_argument("--dry-run", action="store_true", help="check all, print the plan of transforms; write nothing")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(pt, "the summary")
 

@@ -86,7 +86,8 @@ class Conversions:
             return
         if direction == "save":
             # What save_pretrained does for a model not loaded with from_pretrained (revert_weight_conversion).
-            found = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+            found = get_model_conversion_mapping(model, add_legacy=False)
+            found = [c for c in found if not isinstance(c, PrefixChange)]
             found = [c.reverse_transform() for c in found[::-1]]
         else:
             found = get_model_conversion_mapping(model)
