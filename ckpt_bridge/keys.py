@@ -209,14 +209,15 @@ def _build_expected_model(config_dir: Path, overrides: dict | None = None) -> Mo
     return ModelExpectation(type(model).__name__, shapes, ties, groups, updates)
 
 
-_SAVE_CONVERSIONS: dict[tuple[str, str], Any] = {}
+_SAVE_CONVERSIONS: dict[tuple[str, str], Any] = {}  # built once per process: converters need live objects
 
 
 def save_conversions(config_dir: Path, overrides: dict | None = None, model=None):
     """transformers' save-time conversions for this config (built once per process, on first use)."""
     from .conversions import Conversions
 
-    key = (str(Path(config_dir).absolute()), json.dumps(overrides or {}, sort_keys=True))
+    # keyed like the expectation cache (the config's bytes), so a watch process never reuses another model's rules
+    key = (str(_cache_file(config_dir, overrides) or Path(config_dir).absolute()), json.dumps(overrides or {}))
     if key not in _SAVE_CONVERSIONS:
         _SAVE_CONVERSIONS[key] = Conversions(model if model is not None else build_meta_model(config_dir, overrides),
                                              "save")
