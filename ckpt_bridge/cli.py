@@ -157,7 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--config", metavar="PATH", help="config.json (or a dir with one) when HF_DIR has none")
     pt.add_argument("--titan-model", metavar="NAME", help=TITAN_HELP + " (default: the HF model class itself)")
     pt.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
-    pt.add_argument("--dry-run", action="store_true", help="check everything and print the key plan; write nothing")
+    pt.add_argument("--dry-run", action="store_true", help="check all, print the plan of transforms; write nothing")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
     _common(pt, "the summary")
 

@@ -74,7 +74,7 @@ class Conversions:
         self.direction = direction
         self.renamings: list = []
         self.converters: list = []
-        self.legacy: dict[str, str] = {}  # 4.x: regex -> replacement
+        self.legacy: dict[str, str] | None = None  # transformers 4.x: regex -> replacement
         self.meta_sd = model.state_dict()  # meta tensors: names only matter
         self.base_prefix = getattr(model, "base_model_prefix", "") or ""
         try:
@@ -86,7 +86,8 @@ class Conversions:
             return
         if direction == "save":
             # What save_pretrained does for a model not loaded with from_pretrained (revert_weight_conversion).
-            found = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+            found = get_model_conversion_mapping(model, add_legacy=False)
+            found = [c for c in found if not isinstance(c, PrefixChange)]
             found = [c.reverse_transform() for c in found[::-1]]
         else:
             found = get_model_conversion_mapping(model)
@@ -102,7 +103,7 @@ class Conversions:
 
     def rename(self, key: str) -> tuple[str, str | None]:
         """(the key in the converter namespace or its final name, the matched converter pattern or None)."""
-        if self.legacy:
+        if self.legacy is not None:
             return self._legacy_rename(key), None
         if self.direction == "save":
             from transformers.core_model_loading import rename_source_key

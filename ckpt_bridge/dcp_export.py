@@ -176,13 +176,52 @@ def plan_dcp(src: dict[str, TensorInfo], req: RequestedKeys, aux_fqns: set[str],
             plan.dropped.append((source_of[c], why))
     kept = [c for c in canon if source_of[c] not in {k for k, _ in plan.dropped}]
     producers = _load_groups(kept, canon, source_of, conversions)  # [(Group, {in-memory key: info}, fn)]
-    made_by = {m: i for i, (_, outs, _) in enumerate(producers) for m in outs}
     alias: dict[str, list[str]] = {}
     for g in groups:
         g = [canonical_key(n) for n in g]
         for n in g:
             alias[n] = [m for m in g if m != n]
-    wanted: dict[int, dict[str, list[str]]] = {}  # producer -> {in-memory key: [DCP keys]}
+    wanted, missing = _assign(plan, req, aux_fqns, producers, alias, source_of, where)
+    unexpected = []
+    made_by = {m: i for i, (_, outs, _) in enumerate(producers) for m in outs}
+    for i, (g, outs, fn) in enumerate(producers):
+        got = wanted.get(i, {})
+        if not got:
+            tied = next((a for m in outs for a in alias.get(m, []) if a in made_by and made_by[a] in wanted), None)
+            for k in g.inputs:
+                if tied:
+                    plan.dropped.append((source_of[k], f"tied to {tied}"))
+                else:
+                    unexpected.append(source_of[k])
+        elif g.is_rename:  # a tied source feeds every name the trainer requests for it
+            plan.transforms += [rename(source_of[g.inputs[0]], k, outs[g.target], _rule(g, conversions))
+                                for k in got[g.target]]
+        elif [m for m in outs if m not in got] or any(len(v) > 1 for v in got.values()):
+            raise KeyPlanError(f"{where}: transformers converts {_inputs_of(producers[i], source_of)} into "
+                               f"{', '.join(outs)}, but the trainer requests "
+                               f"{_few(sorted(k for v in got.values() for k in v))}")
+        else:
+            plan.transforms.append(_renamed(g, outs, got, fn, source_of, conversions))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} key(s) the trainer requests are not in the source: {_few(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} source key(s) the trainer does not request: {_few(unexpected)}")
+        hint = ("; the trainer's model differs from the config's (an aux module not passed with --aux?)"
+                if missing and not unexpected else "")
+        raise KeyPlanError(f"{where}: " + "; ".join(parts) + hint + f" (layout: {req.layout}, {req.trainer})")
+    return plan.check(src, where=where)
+
+
+def _assign(plan: DCPPlan, req: RequestedKeys, aux_fqns: set[str], producers, alias: dict[str, list[str]],
+            source_of: dict[str, str], where: str) -> tuple[dict[int, dict[str, list[str]]], list[str]]:
+    """Each requested DCP key -> the producer of its in-memory name (or of a tied alias), or an aux module.
+
+    Returns ({producer index: {in-memory key: [DCP keys]}}, [requested keys nothing produces]).
+    """
+    made_by = {m: i for i, (_, outs, _) in enumerate(producers) for m in outs}
+    wanted: dict[int, dict[str, list[str]]] = {}
     missing, shape_errors = [], []
     for key, fqn in req.fqn_of.items():
         want = req.info[key]
@@ -202,41 +241,11 @@ def plan_dcp(src: dict[str, TensorInfo], req: RequestedKeys, aux_fqns: set[str],
             continue
         if found != c:
             plan.notes.append(f"{key} <- {found} (tied weights)")
-        wanted.setdefault(i, {}).setdefault(found, [])
-        wanted[i][found].append(key)
+        wanted.setdefault(i, {}).setdefault(found, []).append(key)
     if shape_errors:
         raise KeyPlanError(f"{where}: shapes differ from the trainer's model: {'; '.join(shape_errors[:3])}"
                            f"{' ...' if len(shape_errors) > 3 else ''}; wrong config for these weights")
-    unexpected = []
-    for i, (g, outs, fn) in enumerate(producers):
-        got = wanted.get(i, {})
-        if not got:
-            tied = next((a for m in outs for a in alias.get(m, []) if a in made_by and made_by[a] in wanted), None)
-            for k in g.inputs:
-                if tied:
-                    plan.dropped.append((source_of[k], f"tied to {tied}"))
-                else:
-                    unexpected.append(source_of[k])
-            continue
-        if g.is_rename:
-            for dcp_key in got[g.target]:
-                plan.transforms.append(rename(source_of[g.inputs[0]], dcp_key, outs[g.target], _rule(g, conversions)))
-            continue
-        lost = [m for m in outs if m not in got]
-        if lost or any(len(v) > 1 for v in got.values()):
-            raise KeyPlanError(f"{where}: transformers converts {_inputs_of(producers[i], source_of)} into "
-                               f"{', '.join(outs)}, but the trainer requests {_few(sorted(k for v in got.values() for k in v))}")
-        plan.transforms.append(_renamed(g, outs, got, fn, source_of, conversions))
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} key(s) the trainer requests are not in the source: {_few(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} source key(s) the trainer does not request: {_few(unexpected)}")
-        hint = ("; the trainer's model differs from the config's (an aux module not passed with --aux?)"
-                if missing and not unexpected else "")
-        raise KeyPlanError(f"{where}: " + "; ".join(parts) + hint + f" (layout: {req.layout}, {req.trainer})")
-    return plan.check(src, where=where)
+    return wanted, missing
 
 
 def _load_groups(keys: list[str], canon: dict[str, TensorInfo], source_of: dict[str, str],

@@ -163,7 +163,10 @@ def build_meta_model(config_dir: Path, overrides: dict | None = None):
             cfg = AutoConfig.from_pretrained(str(config_dir), **extra)
             if overrides and "architectures" in overrides:
                 cfg.architectures = list(overrides["architectures"])
-            archs = getattr(cfg, "architectures", None) or []
+            # a config written by another transformers major may not hand its architectures back (4.57 reads
+            # a 5.x Qwen2.5-VL config.json with architectures None): the JSON says which class it is
+            archs = getattr(cfg, "architectures", None) or \
+                json.loads((Path(config_dir) / "config.json").read_text()).get("architectures") or []
             cls = getattr(transformers, archs[0], None) if archs else None
             with torch.device("meta"):
                 return cls._from_config(cfg) if cls is not None else AutoModelForCausalLM.from_config(cfg)
@@ -206,14 +209,15 @@ def _build_expected_model(config_dir: Path, overrides: dict | None = None) -> Mo
     return ModelExpectation(type(model).__name__, shapes, ties, groups, updates)
 
 
-_SAVE_CONVERSIONS: dict[tuple[str, str], Any] = {}
+_SAVE_CONVERSIONS: dict[tuple[str, str], Any] = {}  # built once per process: converters need live objects
 
 
 def save_conversions(config_dir: Path, overrides: dict | None = None, model=None):
     """transformers' save-time conversions for this config (built once per process, on first use)."""
     from .conversions import Conversions
 
-    key = (str(Path(config_dir).absolute()), json.dumps(overrides or {}, sort_keys=True))
+    # keyed like the expectation cache (the config's bytes), so a watch process never reuses another model's rules
+    key = (str(_cache_file(config_dir, overrides) or Path(config_dir).absolute()), json.dumps(overrides or {}))
     if key not in _SAVE_CONVERSIONS:
         _SAVE_CONVERSIONS[key] = Conversions(model if model is not None else build_meta_model(config_dir, overrides),
                                              "save")
@@ -287,50 +291,25 @@ def plan_hf_export(src: dict[str, TensorInfo], config_dir: Path | None, *, where
     _refuse_peft(canon, where)
     if config_dir is None:
         raise KeyPlanError(f"{where}: no config.json found; pass --config PATH (a config.json or a model dir)")
-    overrides = value_head(canon, config_dir) if expectation is None else None
+    overrides = value_head(canon, config_dir)
     exp = expectation or expected_model(config_dir, overrides)
     alias_of = {alias: g[0] for g in exp.tie_groups for alias in g[1:]}
     found, missing = _match(canon, exp.shapes, alias_of, source_of, where, exp, config_dir)
-    if missing:
-        disk = exp.disk_shapes
-        if all(k in canon and tuple(canon[k].shape) == tuple(s) for k, s in disk.items()):
-            found, missing = {k: k for k in disk}, []  # already save_pretrained's format
-            groups = [{"inputs": [k], "outputs": [[k, list(s)]], "patterns": None, "rule": ""} for k, s in disk.items()]
-        else:
-            groups = exp.save_groups
-    else:
-        groups = exp.save_groups
+    groups = exp.save_groups
+    if missing and all(k in canon and tuple(canon[k].shape) == tuple(s) for k, s in exp.disk_shapes.items()):
+        # already save_pretrained's format (a Hugging Face directory): every tensor copied as it is
+        found, missing = {k: k for k in exp.disk_shapes}, []
+        groups = [{"inputs": [k], "outputs": [[k, list(s)]], "patterns": None, "rule": ""}
+                  for k, s in exp.disk_shapes.items()]
     plan = Plan(model_class=exp.model_class, config_updates=dict(exp.config_updates))
     if overrides:
         plan.notes.append(f"value head score.weight {tuple(canon['score.weight'].shape)} and no lm_head: written as "
                           f"{exp.model_class} with num_labels={overrides['num_labels']}")
-    used = set()
     for g in groups if not missing else []:
-        ins = [found[k] for k in g["inputs"]]
-        used.update(ins)
-        first = canon[ins[0]]
-        outs = tuple(TensorInfo(k, tuple(s), first.dtype) for k, s in g["outputs"])
-        if g["patterns"] is None:
-            plan.transforms.append(rename(source_of[ins[0]], outs[0].key, first, g["rule"]))
-            if ins[0] != g["inputs"][0]:
-                plan.notes.append(f"{outs[0].key} taken from tied alias {source_of[ins[0]]}")
-            continue
-        group = Group(g["layer"], tuple(g["inputs"]), tuple(g["patterns"]))
-        mem_of = {source_of[c]: m for c, m in zip(ins, g["inputs"])}
-        op = "split" if len(ins) < len(outs) else "fuse" if len(ins) > len(outs) else "convert"
-        plan.transforms.append(Transform(op, tuple(source_of[c] for c in ins), outs,
-                                         _converter_fn(config_dir, overrides, group, mem_of), g["rule"]))
-    unexpected = []
-    for c in canon:
-        if c in used:
-            continue
-        reason = _drop_reason(c)
-        if c in alias_of and not missing:
-            plan.dropped.append((source_of[c], f"tied to {alias_of[c]}"))
-        elif reason:
-            plan.dropped.append((source_of[c], reason))
-        else:
-            unexpected.append(source_of[c])
+        plan.transforms.append(_transform(g, found, canon, source_of, config_dir, overrides))
+        if g["patterns"] is None and found[g["inputs"][0]] != g["inputs"][0]:
+            plan.notes.append(f"{g['outputs'][0][0]} taken from tied alias {source_of[found[g['inputs'][0]]]}")
+    unexpected = _drop_the_rest(plan, canon, source_of, alias_of if not missing else {})
     if missing or unexpected:
         parts = []
         if missing:
@@ -339,6 +318,39 @@ def plan_hf_export(src: dict[str, TensorInfo], config_dir: Path | None, *, where
             parts.append(f"{len(unexpected)} checkpoint key(s) the model does not have: {_few(unexpected)}")
         raise KeyPlanError(f"{where}: " + "; ".join(parts) + f" (config: {config_dir / 'config.json'})")
     return plan.check(src, where=where)
+
+
+def _transform(g: dict, found: dict[str, str], canon: dict[str, TensorInfo], source_of: dict[str, str],
+               config_dir: Path, overrides: dict | None) -> Transform:
+    """One save group as a transform over the checkpoint's own keys."""
+    ins = [found[k] for k in g["inputs"]]
+    first = canon[ins[0]]
+    outs = tuple(TensorInfo(k, tuple(s), first.dtype) for k, s in g["outputs"])
+    if g["patterns"] is None:
+        return rename(source_of[ins[0]], outs[0].key, first, g["rule"])
+    group = Group(g["layer"], tuple(g["inputs"]), tuple(g["patterns"]))
+    mem_of = {source_of[c]: m for c, m in zip(ins, g["inputs"])}
+    op = "split" if len(ins) < len(outs) else "fuse" if len(ins) > len(outs) else "convert"
+    return Transform(op, tuple(source_of[c] for c in ins), outs,
+                     _converter_fn(config_dir, overrides, group, mem_of), g["rule"])
+
+
+def _drop_the_rest(plan: Plan, canon: dict[str, TensorInfo], source_of: dict[str, str],
+                   alias_of: dict[str, str]) -> list[str]:
+    """Drop unused source keys a named rule covers (tied aliases, inv_freq); return the others."""
+    used = plan.sources()
+    unexpected = []
+    for c in canon:
+        if source_of[c] in used:
+            continue
+        reason = _drop_reason(c)
+        if c in alias_of:
+            plan.dropped.append((source_of[c], f"tied to {alias_of[c]}"))
+        elif reason:
+            plan.dropped.append((source_of[c], reason))
+        else:
+            unexpected.append(source_of[c])
+    return unexpected
 
 
 def _match(canon, shapes, alias_of, source_of, where, exp, config_dir) -> tuple[dict[str, str], list[str]]:

@@ -32,11 +32,13 @@ import torch
 
 from .auxiliary import as_specs, attach_aux, parse_aux
 from .compare import bits_equal, diff
-from .dcp_export import _tensor_sha256, read_manifest
+from .conversions import Conversions
+from .dcp_export import _tensor_sha256, plan_dcp, read_manifest
 from .errors import BridgeError, CheckpointFormatError
 from .formats.dcp import DCPReader, is_dcp_dir
 from .formats.hf import HFReader, is_hf_dir
 from .keys import _few, build_meta_model, canonical_key, tie_groups
+from .plan import execute
 from .trainer_keys import NEST, requested_keys
 
 LAYOUT_FOR = ("installed", "nested", "flat")
@@ -191,43 +193,49 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
         have = set(_checkpoint_fqns(r))
         res.hf_named = len(have & hf_names) > len(have) // 2
 
-    # 2. values, under the checkpoint's own layout
+    # 2. values, under the checkpoint's own layout: the HF side goes through to-dcp's plan (transformers'
+    # load-time conversions: per-expert MoE weights fused, ...), one transform at a time
     in_dcp = _checkpoint_fqns(r)
-    hf_info = {canonical_key(k): k for k in hf.tensors()}
-    aliases = {canonical_key(a): canonical_key(g[0]) for g in tie_groups(model) for a in g[1:]}
-    aliases.update({v: k for k, v in list(aliases.items())})
+    aux_names = {s.name for s in specs}
+    flat = requested_keys(model, "flat")
+    plan = plan_dcp(hf.tensors(), flat, {f for f in flat.fqn_of if f.split(".", 1)[0] in aux_names},
+                    tie_groups(model), where=str(hf_dir), conversions=Conversions(model, "load"))
     casts = set()
-    for fqn, hf_key in hf_info.items():
-        if fqn.endswith("inv_freq"):
-            continue
-        dkey = in_dcp.get(fqn) or in_dcp.get(aliases.get(fqn, ""))
-        if dkey is None:
-            res.not_in_dcp.append(fqn)
-            continue
-        d = r.read(dkey)
-        h = hf.read(hf_key, d.dtype if d.dtype.is_floating_point else None)
-        if hf.tensors()[hf_key].dtype != d.dtype:
-            casts.add(f"{hf.tensors()[hf_key].dtype} -> {d.dtype}".replace("torch.", ""))
-        res.compared += 1
-        if bits_equal(h, d):  # the same bits: NaN equals the same NaN, -0.0 differs from 0.0
-            res.equal += 1
-        elif h.shape != d.shape:
-            res.value_diffs.append((fqn, float("inf")))
-        else:
-            dd = diff(h, d)
-            res.value_diffs.append((fqn, dd.max_abs))
-            res.diff_notes[fqn] = dd.describe() if dd.nonfinite_mismatch or dd.max_abs else \
-                "equal as numbers but the bits differ (-0.0 vs 0.0, or another NaN payload)"
+
+    def dcp_dtype(info):
+        dk = in_dcp.get(canonical_key(info.key))
+        d = dcp_info[dk].dtype if dk is not None else info.dtype
+        if d != info.dtype:
+            casts.add(f"{info.dtype} -> {d}".replace("torch.", ""))
+        return d if d.is_floating_point else None
+
+    for t, outs in execute(plan, hf.read, dcp_dtype, ahead=False):
+        for fqn, h in outs.items():
+            dkey = in_dcp.get(canonical_key(fqn))
+            if dkey is None:
+                res.not_in_dcp.append(fqn)
+                continue
+            d = r.read(dkey)
+            res.compared += 1
+            if bits_equal(h, d):  # the same bits: NaN equals the same NaN, -0.0 differs from 0.0
+                res.equal += 1
+            elif h.shape != d.shape:
+                res.value_diffs.append((fqn, float("inf")))
+            else:
+                dd = diff(h, d)
+                res.value_diffs.append((fqn, dd.max_abs))
+                res.diff_notes[fqn] = dd.describe() if dd.nonfinite_mismatch or dd.max_abs else \
+                    "equal as numbers but the bits differ (-0.0 vs 0.0, or another NaN payload)"
     if casts:
         res.cast_note = f"HF side cast {', '.join(sorted(casts))} before comparing (the dtype to-dcp wrote)"
-    aux_names = {s.name for s in specs}
+    hf_info = {canonical_key(k) for k in plan.targets()}
     for rec in (manifest or {}).get("aux", []):
         keys = sorted(rec.get("keys", {}))
         if all(k in in_dcp for k in keys):
             res.aux[rec["name"]] = _tensor_sha256([r.read(in_dcp[k]) for k in keys]) == rec.get("sha256")
         else:
             res.aux[rec["name"]] = False
-    res.unknown_extra = sorted(f for f in in_dcp if f not in hf_info and aliases.get(f) not in hf_info
+    res.unknown_extra = sorted(f for f in in_dcp if f not in hf_info
                                and f.split(".", 1)[0] not in aux_names and not f.endswith("inv_freq"))
 
     # 3. loss on the same tokens

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from ckpt_bridge.dcp_export import to_dcp
 from ckpt_bridge.export import to_hf
 from ckpt_bridge.testing.harness import make_verl_family_checkpoints, reference_dir
 
+CORPUS = Path(__file__).resolve().parents[1] / "ckpt_bridge" / "testing" / "data" / "corpus.txt"
 FAMILIES = ["qwen2", "qwen2_tied", "qwen3", "qwen3_moe", "mixtral", "gemma2", "gemma3_text", "phi3", "llama3_rope",
             "qwen2_critic", "qwen2_5_vl"]
 
@@ -82,25 +84,58 @@ def test_to_hf_is_save_pretrained_and_loads_with_the_live_logits(family, family_
     assert torch.equal(logits, torch.load(ref / "logits.pt"))
 
 
+_HUB_DCP: dict[str, tuple[Path, Path]] = {}
+
+
+def _hub_and_dcp(family: str, family_ckpts, tmp_path_factory) -> tuple[Path, Path]:
+    """(save_pretrained of the live model + its tokenizer: what a hub download holds, its to-dcp output)."""
+    if family not in _HUB_DCP:
+        actor = family_ckpts[family]
+        d = tmp_path_factory.mktemp(f"hub-{family}")
+        hub = d / "hub"
+        shutil.copytree(reference_dir(actor) / "hf", hub)
+        for tok in (actor.parents[1] / "base_model").glob("tokenizer*"):
+            shutil.copy2(tok, hub)
+        to_dcp(hub, d / "dcp", dtype="keep", progress=False)
+        _HUB_DCP[family] = (hub, d / "dcp")
+    return _HUB_DCP[family]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-def test_hub_format_to_dcp_and_back_gives_the_same_files(family, family_ckpts, tmp_path):
-    hub = reference_dir(family_ckpts[family]) / "hf"  # save_pretrained: the format a hub download has
-    dcp_dir, back = tmp_path / "dcp", tmp_path / "back"
-    to_dcp(hub, dcp_dir, dtype="keep", progress=False)
+def test_hub_format_to_dcp_and_back_gives_the_same_files(family, family_ckpts, tmp_path_factory, tmp_path):
     from ckpt_bridge.formats.dcp import DCPReader
+    from ckpt_bridge.verify_dcp import verify_dcp
 
+    hub, dcp_dir = _hub_and_dcp(family, family_ckpts, tmp_path_factory)
     with DCPReader(dcp_dir) as r:  # what the trainer's model requests: transformers' in-memory names
-        from transformers import AutoConfig
-
         keys = set(r.tensors())
-        cfg = AutoConfig.from_pretrained(str(hub))
     if family in ("qwen3_moe", "mixtral"):
         assert "model.layers.0.mlp.experts.gate_up_proj" in keys
         assert not any(".experts.0." in k for k in keys)
     if family == "qwen2_5_vl":
-        assert any(k.startswith("model.language_model.") for k in keys) and cfg.model_type == "qwen2_5_vl"
-    to_hf(dcp_dir, back, progress=False)
-    _assert_same_tensors(_tensors(back), _tensors(hub))
+        assert any(k.startswith("model.language_model.") for k in keys)
+    # every requested key present, every tensor equal to the hub's seen through the plan
+    res = verify_dcp(dcp_dir, hub)
+    assert res.keys_ok and res.compared == res.equal == len(keys) and not res.value_diffs
+    to_hf(dcp_dir, tmp_path / "back", progress=False)
+    _assert_same_tensors(_tensors(tmp_path / "back"), _tensors(hub))
+
+
+# verify --loss loads both sides as models and runs after_load; for these families that is issue 9 items
+# 5/6 (helper h9b: Gemma's embed_scale recomputed, the VLM / token-classification model class).  Strict:
+# the marker must go when that lands.
+_LOSS_PENDING = {"gemma2", "gemma3_text", "qwen2_critic", "qwen2_5_vl"}
+
+
+@pytest.mark.parametrize("family", [f if f not in _LOSS_PENDING else pytest.param(
+    f, marks=pytest.mark.xfail(strict=True, reason="verify --loss of this family: h9b (issue 9 items 5/6)"))
+    for f in FAMILIES])
+def test_verify_loss_of_the_bootstrapped_dcp_equals_the_hub_model(family, family_ckpts, tmp_path_factory):
+    from ckpt_bridge.verify_dcp import verify_dcp
+
+    hub, dcp_dir = _hub_and_dcp(family, family_ckpts, tmp_path_factory)
+    res = verify_dcp(dcp_dir, hub, loss_text=CORPUS, loss_tokens=64)
+    assert res.ok and res.loss_ok and res.loss_hf == res.loss_dcp
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_5_vl"])
@@ -130,3 +165,36 @@ def test_verify_reports_aux_modules_kept_apart_as_aux(family_ckpts, tmp_path):
     assert res.ok and not res.only_in_b and res.compared == len(_tensors(hub))
     assert sorted(k.split(".", 1)[0] for k in res.aux_only) == ["future_predictor"] * 4
     assert "aux modules kept apart" in format_result(res)
+
+
+@pytest.mark.parametrize("direction", ["to_dcp", "dcp_to_hf"])
+def test_moe_conversions_stream_one_group_at_a_time(direction, family_ckpts, tmp_path_factory, tmp_path,
+                                                    monkeypatch):
+    """Fusing per-expert weights (to-dcp) or splitting a fused tensor (to-hf) holds one group: each time
+    the next source tensor is read, count the earlier ones whose storage is still alive.  (No gc.collect():
+    refcounting frees a storage the moment its last tensor goes; one held in a cycle counts as alive, so
+    the check can only err on the strict side.)"""
+    import weakref
+
+    from ckpt_bridge.formats.dcp import DCPReader
+    from ckpt_bridge.formats.hf import HFReader
+
+    hub, dcp_dir = _hub_and_dcp("qwen3_moe", family_ckpts, tmp_path_factory)
+    cls = HFReader if direction == "to_dcp" else DCPReader
+    original, issued, peak = cls.read, [], [0]
+
+    def counting_read(self, key, dtype=None):
+        peak[0] = max(peak[0], sum(r() is not None for r in issued))
+        t = original(self, key, dtype)
+        issued.append(weakref.ref(t.untyped_storage()))
+        return t
+
+    monkeypatch.setattr(cls, "read", counting_read)
+    if direction == "to_dcp":
+        to_dcp(hub, tmp_path / "out", dtype="keep", progress=False)
+        assert len(issued) == 45
+        assert peak[0] <= 7  # the gate/up inputs of one layer's experts (8) read before the 8th
+    else:
+        to_hf(dcp_dir, tmp_path / "out", progress=False)
+        assert len(issued) == 25
+        assert peak[0] <= 2  # the fused tensor being split and written, and the one read ahead
