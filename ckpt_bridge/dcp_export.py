@@ -19,6 +19,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import shutil
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -46,6 +47,10 @@ from .writers.atomic import AtomicDir
 log = logging.getLogger("ckpt_bridge")
 
 MANIFEST = "ckpt_bridge_manifest.json"
+# config.json, generation config and tokenizer / processor files of the source, kept inside the DCP folder:
+# to-hf and verify read them from there (paths recorded in a checkpoint are only followed inside it), so a
+# bootstrap checkpoint converts back without --config even after the source dir moved.
+HF_CONFIG_DIR = "hf_config"
 
 
 @dataclass
@@ -550,6 +555,7 @@ def to_dcp(
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "source": {"path": str(Path(src).absolute()), "format": reader.format,
                            "config_dir": str(cfg_dir.absolute()), "files": hashes.result()},
+                "hf_config_dir": _keep_hf_files(cfg_dir, tmp / HF_CONFIG_DIR),
                 "hf_config": read_config(cfg_dir),
                 "model_class": model_class,
                 "titan_model": titan,
@@ -565,6 +571,18 @@ def to_dcp(
             summary.manifest = str(Path(out).absolute() / MANIFEST)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _keep_hf_files(cfg_dir: Path, dst: Path) -> str:
+    from .export import _tokenizer_files
+
+    dst.mkdir()
+    for p in [cfg_dir / "config.json", cfg_dir / "generation_config.json", *_tokenizer_files(cfg_dir)]:
+        if p.is_dir():
+            shutil.copytree(p, dst / p.name)
+        elif p.is_file():
+            shutil.copy2(p, dst / p.name)
+    return HF_CONFIG_DIR
 
 
 def _version() -> str:

@@ -99,7 +99,8 @@ CONFIG = {"model_type": is_(str), "architectures": list_of(str), "hidden_size": 
 MANIFEST = {"source": is_(dict), "source.path": is_(str), "source.config_dir": is_(str),
             "source.files": is_(list), "hf_config": is_(dict), "layout": is_(dict), "aux": is_(list),
             "aux.[].name": is_(str), "aux.[].spec": is_(str), "aux.[].kind": is_(str),
-            "aux.[].keys": map_of(str, list), "aux.[].sha256": is_(str), "dropped": is_(list)}
+            "aux.[].keys": map_of(str, list), "aux.[].sha256": is_(str), "dropped": is_(list),
+            "hf_config_dir": is_(str)}
 
 
 def check_config(cfg: dict[str, Any], path: Path) -> dict[str, Any]:

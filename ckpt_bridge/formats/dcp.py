@@ -323,13 +323,17 @@ class DCPReader(Reader):
         return d if isinstance(d, str) and d else None
 
     def hf_config_dir(self) -> Path | None:
-        """A config dir inside this folder (config.json, or one the manifest names inside it).
+        """A config dir inside this folder: the copy to-dcp keeps (``hf_config/``), one the manifest names
+        inside the folder, or the folder itself.
 
         A manifest's recorded source outside the folder is not followed: the
         user passes it with ``--config`` (the to-hf error names it).
         """
+        m = self.manifest() or {}
+        kept = m.get("hf_config_dir") if isinstance(m, dict) else None
         rec = self.recorded_config_dir()
-        for d in ([self.path / rec] if rec and names_inside(rec) else []) + [self.path]:
+        names = [n for n in (kept, rec) if isinstance(n, str) and n and names_inside(n)]
+        for d in [self.path / n for n in names] + [self.path]:
             if (d / "config.json").is_file() and is_inside(self.path, d / "config.json"):
                 return d
         return None
