@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_bridge.cli import main
-from ckpt_bridge.dcp_export import MANIFEST, to_dcp
+from ckpt_bridge.dcp_export import HF_CONFIG_DIR, MANIFEST, to_dcp
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
@@ -46,20 +46,37 @@ def secret(tmp_path) -> Path:
     return s
 
 
-@pytest.mark.parametrize("recorded", ["absolute", "dotdot"])
+@pytest.mark.parametrize("recorded", ["absolute", "dotdot", "kept-dotdot"])
 def test_manifest_config_dir_outside_is_not_followed(dcp_dir, tiny_hf_factory, secret, tmp_path, capsys, recorded):
     hf = tiny_hf_factory("olmo2")
     shutil.copy2(hf / "config.json", secret / "config.json")
     d = tmp_path / "dcp"
     shutil.copytree(dcp_dir, d)
+    shutil.rmtree(d / HF_CONFIG_DIR)  # only the recorded paths are left to (not) follow
     m = json.loads((d / MANIFEST).read_text())
     m["source"]["config_dir"] = str(secret) if recorded == "absolute" else "../secret"
+    if recorded == "kept-dotdot":
+        m[HF_CONFIG_DIR + "_dir"] = "../secret"
     (d / MANIFEST).write_text(json.dumps(m))
     msg = assert_one_line_refusal(capsys, tmp_path / "out", d, match="outside the checkpoint and not followed")
     assert f"--config {m['source']['config_dir']}" in msg
     # passed explicitly, the same directory is the user's choice
     assert run_cli(capsys, "to-hf", d, "--out", tmp_path / "out", "--quiet", "--config", hf)[0] == 0
     assert not (tmp_path / "out" / "vocab.txt").exists()
+
+
+def test_to_dcp_output_converts_back_from_its_own_config_copy(dcp_dir, tiny_hf_factory, tmp_path, capsys):
+    """to-dcp keeps config + tokenizer in OUT/hf_config: the DCP converts back with no --config, even after
+    the source dir moved away, and no path outside the checkpoint is read."""
+    d = tmp_path / "dcp"
+    shutil.copytree(dcp_dir, d)
+    m = json.loads((d / MANIFEST).read_text())
+    m["source"]["config_dir"] = str(tmp_path / "moved-away")
+    (d / MANIFEST).write_text(json.dumps(m))
+    assert run_cli(capsys, "to-hf", d, "--out", tmp_path / "out", "--quiet")[0] == 0
+    hf = tiny_hf_factory("olmo2")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "olmo2"
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
 
 
 def test_manifest_config_dir_inside_the_checkpoint_is_used(dcp_dir, tiny_hf_factory, tmp_path, capsys):
@@ -99,7 +116,7 @@ def test_dcp_metadata_naming_a_file_outside_is_refused(dcp_dir, tiny_hf_factory,
     with open(d / ".metadata", "wb") as f:
         pickle.dump(md, f)
     assert_one_line_refusal(capsys, tmp_path / "out", d, "--config", tiny_hf_factory("olmo2"),
-                            match="'../elsewhere.distcp' outside the checkpoint folder")
+                            match="points at '../elsewhere.distcp', outside the checkpoint folder")
 
 
 def test_verl_tokenizer_symlinked_out_of_the_checkpoint_is_refused(verl_ckpt, secret, tmp_path, capsys):

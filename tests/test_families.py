@@ -121,15 +121,9 @@ def test_hub_format_to_dcp_and_back_gives_the_same_files(family, family_ckpts, t
     _assert_same_tensors(_tensors(tmp_path / "back"), _tensors(hub))
 
 
-# verify --loss loads both sides as models and runs after_load; for these families that is issue 9 items
-# 5/6 (helper h9b: Gemma's embed_scale recomputed, the VLM / token-classification model class).  Strict:
-# the marker must go when that lands.
-_LOSS_PENDING = {"gemma2", "gemma3_text", "qwen2_critic", "qwen2_5_vl"}
-
-
-@pytest.mark.parametrize("family", [f if f not in _LOSS_PENDING else pytest.param(
-    f, marks=pytest.mark.xfail(strict=True, reason="verify --loss of this family: h9b (issue 9 items 5/6)"))
-    for f in FAMILIES])
+# verify --loss loads both sides as the class config.json names and runs after_load (Gemma's embed_scale,
+# the VLM's vision rotary, a critic compared on its values).
+@pytest.mark.parametrize("family", list(FAMILIES))
 def test_verify_loss_of_the_bootstrapped_dcp_equals_the_hub_model(family, family_ckpts, tmp_path_factory):
     from ckpt_bridge.verify_dcp import verify_dcp
 
