@@ -1,19 +1,26 @@
 """Produce a REAL verl FSDP2 checkpoint of a tiny model, on CPU, under torchrun.
 
     torchrun --nproc_per_node=N --master_addr=127.0.0.1 --master_port=PORT \\
-        -m ckpt_bridge.testing.verl_save --model llama --out ROOT \\
+        -m ckpt_bridge.testing.verl_save --model llama[,qwen3_moe,...] --out ROOT \\
         [--mesh N | --mesh AxB] [--shard-dim 1] [--steps 1] [--dtype fp32|bf16] \\
         [--save-steps 1,2] [--no-tokenizer] [--hf-model]
     torchrun --nproc_per_node=2 ... -m ckpt_bridge.testing.verl_save --lora llama,qwen2_rslora --out ROOT
         (PEFT-wrapped LoRA runs, every named LORA_CASES entry in this one job: see lora_main)
 
-What it does, on every rank (gloo process group, CPU device mesh):
+What it does, on every rank (gloo process group, CPU device mesh), for each preset
+in turn (several presets: each under ``ROOT/<preset>/``, one process group and one
+set of imports for all of them):
 
 1. rank 0 writes ``ROOT/base_model`` (the "downloaded" HF model: config,
    generation config, tokenizer, safetensors weights built from the preset with
    a fixed seed); every rank then loads it with ``from_pretrained`` in the
-   requested dtype, exactly like verl's actor does, so ``config.name_or_path``
-   points to it and verl copies its ``generation_config.json``.
+   requested dtype, exactly like verl's actor does (the class its config names:
+   causal LM, image-text-to-text), so ``config.name_or_path`` points to it and
+   verl copies its ``generation_config.json``.  A critic preset (a
+   ``*ForTokenClassification`` architecture) starts from its family's causal LM
+   and is loaded as verl 0.9.1's critic loads it: ``num_labels=1`` on the base
+   config, ``AutoModelForTokenClassification``; verl saves that config with
+   ``architectures: [XForCausalLM]``.
 2. shards it with FSDP2 ``fully_shard`` using verl 0.9.1's own ``apply_fsdp2``
    (every decoder layer, plus embed_tokens/lm_head when untied, then the root)
    on a 1-D ``('fsdp',)`` mesh or a 2-D HSDP ``('ddp', 'fsdp')`` mesh;
@@ -22,7 +29,8 @@ What it does, on every rank (gloo process group, CPU device mesh):
    size (torch's FSDP2 refuses uneven sharding on dim > 0; the others, e.g.
    llama's down_proj [64, 173], keep ``Shard(0)``).
 3. trains ``--steps`` AdamW steps with verl's cosine-with-warmup LambdaLR on random tokens
-   drawn from each rank's own global RNG (ranks are seeded apart).
+   drawn from each rank's own global RNG (ranks are seeded apart); text tokens only
+   (below a VLM's image ids), a value regression for a critic.
 4. at each save step S: ``FSDPCheckpointManager.save_checkpoint`` into
    ``ROOT/global_step_S/actor`` with ``global_step=S``, then, like verl's
    trainer, ``ROOT/global_step_S/data.pt`` (dataloader state) and
@@ -31,7 +39,9 @@ What it does, on every rank (gloo process group, CPU device mesh):
    ``model.safetensors`` (``get_model_state_dict(full_state_dict=True,
    cpu_offload=True)``; a tied ``lm_head.weight`` is stored as a clone),
    ``keys.json`` (every key of that full state dict, in order), ``tokens.pt`` +
-   ``logits.pt`` (a fresh unsharded model loaded with the full state dict, eval),
+   ``logits.pt`` (a fresh unsharded model of the live class loaded with the full
+   state dict, eval, at OMP_NUM_THREADS=1), ``hf/`` (that model's ``save_pretrained``:
+   what an export must equal),
    ``meta.json`` (placements, mesh, shapes), and per rank ``rank{R}_state.pt``
    (``lr_scheduler`` state dict, ``rng_cpu`` = ``torch.get_rng_state()``,
    ``rng_numpy``, ``rng_random``) captured right before verl saved.
