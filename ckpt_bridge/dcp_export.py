@@ -37,7 +37,7 @@ from .errors import BridgeError, KeyPlanError, writing
 from .export import DTYPES, TOKENIZER_PREFIXES, _config_dir, _jsonable, read_config
 from .formats.base import Reader, TensorInfo
 from .conversions import Conversions, Group
-from .keys import _DROP_SUFFIXES, _few, build_meta_model, canonical_key, canonicalize, tie_groups
+from .keys import _DROP_SUFFIXES, _few, gap_error, build_meta_model, canonical_key, canonicalize, tie_groups
 from .plan import Plan, Transform, derive, execute, rename
 from .progress import Progress
 from .titan_eras import seed_flags
@@ -208,14 +208,10 @@ def plan_dcp(src: dict[str, TensorInfo], req: RequestedKeys, aux_fqns: set[str],
         else:
             plan.transforms.append(_renamed(g, outs, got, fn, source_of, conversions))
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} key(s) the trainer requests are not in the source: {_few(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} source key(s) the trainer does not request: {_few(unexpected)}")
         hint = ("; the trainer's model differs from the config's (an aux module not passed with --aux?)"
                 if missing and not unexpected else "")
-        raise KeyPlanError(f"{where}: " + "; ".join(parts) + hint + f" (layout: {req.layout}, {req.trainer})")
+        raise gap_error(where, missing, "the trainer requests are not in the source", unexpected,
+                        "the trainer does not request", hint + f" (layout: {req.layout}, {req.trainer})")
     return plan.check(src, where=where)
 
 

@@ -311,13 +311,20 @@ def plan_hf_export(src: dict[str, TensorInfo], config_dir: Path | None, *, where
             plan.notes.append(f"{g['outputs'][0][0]} taken from tied alias {source_of[found[g['inputs'][0]]]}")
     unexpected = _drop_the_rest(plan, canon, source_of, alias_of if not missing else {})
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} key(s) {exp.model_class} needs are not in the checkpoint: {_few(missing)}")
-        if unexpected:
-            parts.append(f"{len(unexpected)} checkpoint key(s) the model does not have: {_few(unexpected)}")
-        raise KeyPlanError(f"{where}: " + "; ".join(parts) + f" (config: {config_dir / 'config.json'})")
+        raise gap_error(where, missing, f"{exp.model_class} needs are not in the checkpoint", unexpected,
+                        "the model does not have", f" (config: {config_dir / 'config.json'})", "checkpoint")
     return plan.check(src, where=where)
+
+
+def gap_error(where: str, missing: list[str], missing_why: str, unexpected: list[str], unexpected_why: str,
+              tail: str, source: str = "source") -> KeyPlanError:
+    """One line for keys a target needs that the source lacks, and source keys the target does not take."""
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} key(s) {missing_why}: {_few(missing)}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} {source} key(s) {unexpected_why}: {_few(unexpected)}")
+    return KeyPlanError(f"{where}: " + "; ".join(parts) + tail)
 
 
 def _transform(g: dict, found: dict[str, str], canon: dict[str, TensorInfo], source_of: dict[str, str],
