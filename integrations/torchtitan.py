@@ -270,7 +270,9 @@ class HFExport:
     is deliberately not ``step-{step}-hf``: torchtitan finds checkpoints to load
     and to purge with ``re.search(r"step-(\\d+)", name)``, so a ``step-N-hf``
     folder would count as a checkpoint for ``keep_latest_k`` (and one with an
-    index file as a loadable step).
+    index file as a loadable step).  ``titan_model``: the trainer runs
+    TorchTitan's own model of that name (``llama3``, ``qwen3``): its adapter's
+    ``to_hf`` maps the saved names back.
     """
 
     hf_config: str | Path
@@ -282,6 +284,7 @@ class HFExport:
     max_shard_size: str = "5GB"
     save_rng: bool = True
     timeout: float = 3600.0
+    titan_model: str | None = None
 
 
 @dataclass
@@ -421,6 +424,7 @@ class ExportHook:
             cmd = [sys.executable, "-m", "ckpt_bridge", "to-hf", str(step_dir), "--out", str(out), "--config",
                    str(self.export.hf_config), "--dtype", self.export.dtype, "--aux", self.export.aux,
                    "--max-shard-size", self.export.max_shard_size, "--quiet"]
+            cmd += ["--titan-model", self.export.titan_model] if self.export.titan_model else []
             cmd += ["--overwrite"] if out.exists() else []
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.export.timeout)
             if proc.returncode != 0:
