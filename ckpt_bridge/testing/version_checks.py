@@ -10,6 +10,8 @@ logits of EXPORT on fixed tokens).  Checked here, with this version's own code:
 - presets: each preset's state dict and buffers against REF (same model on every version);
 - export: ``from_pretrained`` of an export written under the pinned version reads the same rope
   settings and gives the same logits; ``verify --logits`` export vs source;
+- family exports: every FAMILIES export written under the pinned version loads with no missing /
+  unexpected keys and gives the pinned version's logits (its config.json builds the same model);
 - after_load: meta build -> to_empty -> weights -> after_load gives the buffers, derived attributes,
   tied parameters and logits of ``from_pretrained`` for the families that derive state at init;
 - ``verify DCP --against SOURCE --loss``: runs, and the two losses agree.
@@ -95,6 +97,28 @@ def _after_load(tmp: Path) -> dict:
     return out
 
 
+def _family_exports(ref: dict[str, torch.Tensor], exports: Path) -> dict:
+    """Each family's export (written under the pinned transformers) loaded by this version: the keys it
+    lacks or does not know, and whether its logits equal the pinned version's (at one thread, for MoE)."""
+    from ckpt_bridge.hf_models import architecture_class, dtype_kwarg, load_config
+
+    out = {}
+    torch.set_num_threads(1)
+    for d in sorted(p for p in exports.iterdir() if p.is_dir()):
+        config = load_config(d)
+        model, info = architecture_class(config).from_pretrained(
+            d, config=config, output_loading_info=True, **{dtype_kwarg(): torch.float32})
+        with torch.no_grad():
+            logits = model.eval()(input_ids=TOKENS).logits
+        want = ref[f"logits/family/{d.name}"]
+        out[d.name] = {"missing": sorted(info.get("missing_keys") or []),
+                       "unexpected": sorted(info.get("unexpected_keys") or []),
+                       "logits_equal": logits.shape == want.shape and torch.equal(logits, want),
+                       "moe": any(getattr(config.get_text_config(), k, None) for k in ("num_experts", "num_local_experts")),
+                       "max_diff": float((logits - want).abs().max()) if logits.shape == want.shape else None}
+    return out
+
+
 def _rope_theta(cfg) -> float:
     """The rope theta this transformers uses (4.x: rope_theta; 5.x: rope_parameters)."""
     from ckpt_bridge.hf_models import _major
@@ -104,7 +128,7 @@ def _rope_theta(cfg) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    for a in ("--ref", "--export", "--source", "--dcp", "--text", "--out"):
+    for a in ("--ref", "--export", "--exports", "--source", "--dcp", "--text", "--out"):
         ap.add_argument(a, required=True)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -123,6 +147,7 @@ def main(argv: list[str] | None = None) -> None:
            "export_rope_theta": _rope_theta(export.config),
            "export_logits_max_diff": float((logits - ref["logits/export"]).abs().max()),
            "verify_logits": compare_logits(args.export, args.source)}
+    res["family_exports"] = _family_exports(ref, Path(args.exports))
     loss = verify_dcp(args.dcp, args.source, loss_text=args.text)
     res["verify_loss"] = {"hf": loss.loss_hf, "dcp": loss.loss_dcp, "ok": loss.loss_ok}
     with tempfile.TemporaryDirectory() as tmp:
