@@ -7,7 +7,7 @@ PYTHONPATH: the newest 4.57.x, the newest 5.x), with results as JSON for the tes
 REF holds what the pinned transformers built (every preset's state dict and derived buffers, and the
 logits of EXPORT on fixed tokens).  Checked here, with this version's own code:
 
-- presets: each preset's state dict and buffers against REF (same model on every version);
+- presets: what save_pretrained writes of each preset, and its buffers, against REF (same model on every version);
 - export: ``from_pretrained`` of an export written under the pinned version reads the same rope
   settings and gives the same logits; ``verify --logits`` export vs source;
 - family exports: every FAMILIES export written under the pinned version loads with no missing /
@@ -42,10 +42,20 @@ def derived_state(model) -> dict[str, torch.Tensor]:
 
 
 def preset_tensors(name: str) -> dict[str, torch.Tensor]:
+    """What ``save_pretrained`` of preset ``name`` writes (the on-disk layout: in memory 5.x fuses MoE
+    experts, 4.x does not), and the model's derived state."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
     from ckpt_bridge.testing.tiny_models import build_model
 
     model = build_model(name)
-    out = {f"{name}/{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        for f in sorted(Path(tmp).glob("*.safetensors")):
+            out.update({f"{name}/{k}": v for k, v in load_file(f).items()})
     # derived state is named apart: which modules hold a buffer vs compute it in forward varies by version
     out.update({f"{name}/derived:{k}": v.detach().contiguous().clone() for k, v in derived_state(model).items()})
     return out
