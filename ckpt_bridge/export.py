@@ -27,7 +27,7 @@ from .confine import is_inside
 from .errors import BridgeError, CheckpointFormatError, KeyPlanError
 from .export_marker import write_marker
 from .formats.base import Reader
-from .hf_models import with_legacy_rope
+from .hf_models import with_legacy_fields
 from .keys import canonicalize, expected_model, plan_hf_export, value_head
 from .plan import Plan, Transform, execute, rename
 from .lora import is_lora
@@ -400,8 +400,9 @@ def _write_configs(tmp: Path, cfg_dir: Path, plan: Plan, written: torch.dtype) -
     name = _TORCH_DTYPE_NAMES.get(written, str(written).replace("torch.", ""))
     cfg["dtype"] = name
     cfg["torch_dtype"] = name
-    # Read the same by both majors: 5.x writes only rope_parameters, which 4.x ignores (rope_theta 10000).
-    cfg = with_legacy_rope(cfg)
+    # Read the same by both majors: 5.x writes only rope_parameters, which 4.x ignores (rope_theta 10000),
+    # and only the new names of renamed fields (num_local_experts), which 4.x does not know.
+    cfg = with_legacy_fields(cfg)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     gen = cfg_dir / "generation_config.json"
     if gen.is_file():

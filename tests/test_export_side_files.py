@@ -47,7 +47,7 @@ def test_config_has_rope_for_both_majors(tiny_hf_factory, tmp_path):
 
 
 def test_legacy_rope_fields_of_scaled_and_nested_rope():
-    from ckpt_bridge.hf_models import with_legacy_rope
+    from ckpt_bridge.hf_models import with_legacy_fields as with_legacy_rope
 
     llama3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "original_max_position_embeddings": 32}
     got = with_legacy_rope({"rope_parameters": llama3, "text_config": {"rope_parameters": dict(llama3)}})
@@ -60,3 +60,40 @@ def test_legacy_rope_fields_of_scaled_and_nested_rope():
     assert got["rope_theta"] == 1e6 and got["rope_scaling"] == {"rope_type": "linear", "factor": 8.0}
     legacy = {"rope_theta": 1e4, "rope_scaling": None, "rope_parameters": {"rope_theta": 1e4}}
     assert with_legacy_rope(legacy) == legacy  # what is there is left alone
+
+
+def test_renamed_fields_and_per_layer_rope_written_for_4x():
+    """Taken from the installed transformers' own config classes: Qwen3-MoE's attribute_map alias
+    (num_experts -> num_local_experts) and the legacy key Gemma 3's rope reading maps to sliding layers."""
+    from ckpt_bridge.hf_models import with_legacy_fields
+
+    got = with_legacy_fields({"model_type": "qwen3_moe", "num_local_experts": 4})
+    assert got["num_experts"] == 4 and got["num_local_experts"] == 4
+    gemma3 = {"model_type": "gemma3_text", "rope_theta": None,
+              "rope_scaling": {"full_attention": {"rope_type": "default"}, "rope_type": "default"},
+              "rope_parameters": {"rope_theta": None, "rope_type": "default",
+                                  "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                                  "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}
+    got = with_legacy_fields(gemma3)
+    assert got["rope_theta"] == 1e6 and got["rope_local_base_freq"] == 1e4 and got["rope_scaling"] is None
+
+
+def test_config_of_other_major_is_warned_about(tmp_path, caplog):
+    """A config.json written by transformers 4 read here (5.x): fields this version does not take are named."""
+    import logging
+
+    from ckpt_bridge.hf_models import load_config
+
+    cfg = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "transformers_version": "4.57.6",
+           "vocab_size": 251, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "rope_theta": 1e6, "made_up_4x_only_field": 7}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with caplog.at_level(logging.WARNING, logger="ckpt_bridge"):
+        load_config(tmp_path)
+    assert "made_up_4x_only_field" in caplog.text and "4.57.6" in caplog.text
+    caplog.clear()
+    cfg.pop("made_up_4x_only_field")
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with caplog.at_level(logging.WARNING, logger="ckpt_bridge"):
+        load_config(tmp_path)
+    assert caplog.text == ""

@@ -193,19 +193,73 @@ def build_config(name: str):
 
 
 def build_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
-    """``AutoModelForCausalLM.from_config`` with a fixed seed: identical weights in every process.
+    """The preset's model with weights that depend only on ``(name of each saved tensor, seed)``: the same
+    model, bit for bit, in every process and on every supported transformers version.
 
-    The model is initialised in float32 and then cast, so a bf16 model holds
-    exactly ``fp32_model.to(bfloat16)``.  The global torch RNG is left seeded
-    with ``seed`` plus whatever the init consumed.
+    transformers' own random init is not that: its draw order follows the in-memory layout, which differs
+    between versions (5.x fuses MoE experts, builds Qwen2.5-VL's rotary modules in another order).  So
+    every tensor ``save_pretrained`` writes is re-drawn from a generator seeded by its on-disk name
+    (:func:`_redraw`), and the model is loaded back with ``from_pretrained`` (transformers' own load
+    conversion refuses nothing it wrote).  The model is built in float32 and then cast, so a bf16 model
+    holds exactly ``fp32_model.to(bfloat16)``.  The global torch RNG is left seeded with ``seed`` plus
+    whatever transformers' init consumed.
     """
+    from transformers.utils import logging as hf_logging
+
     cfg = build_config(name)
     torch.manual_seed(seed)
-    model = model_class(cfg)._from_config(cfg, dtype=torch.float32)
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the round trip below is ours, not the caller's
+    try:
+        model = _build_redrawn(cfg, seed)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    model.config._name_or_path = ""  # not the temporary dir
     if dtype != torch.float32:
         model = model.to(dtype)
         model.config.dtype = dtype
     return model.eval()
+
+
+def _build_redrawn(cfg, seed: int):
+    import tempfile
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = model_class(cfg)._from_config(cfg, dtype=torch.float32)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            _redraw(Path(tmp), seed, _init_std(cfg))
+            return type(model).from_pretrained(tmp, config=cfg, **{_dtype_kwarg(): torch.float32})
+
+
+def _init_std(cfg) -> float:
+    std = getattr(cfg, "initializer_range", None) or getattr(cfg.get_text_config(), "initializer_range", None)
+    return float(std or 0.02)
+
+
+def _dtype_kwarg() -> str:
+    from ckpt_bridge.hf_models import dtype_kwarg
+
+    return dtype_kwarg()
+
+
+def _redraw(directory: Path, seed: int, std: float) -> None:
+    """Every saved tensor the init drew at random, re-drawn ``normal(0, std)`` from a generator seeded by its
+    on-disk name; constant ones (norm scales, zero biases: the module's own init) are kept."""
+    import zlib
+
+    from safetensors.torch import load_file, save_file
+
+    for f in sorted(directory.glob("*.safetensors")):
+        tensors = load_file(f)
+        for key, t in tensors.items():
+            if t.is_floating_point() and t.numel() > 1 and not bool((t == t.flatten()[0]).all()):
+                g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+                tensors[key] = torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=g).to(t.dtype)
+        save_file(tensors, f, metadata={"format": "pt"})
 
 
 def model_class(config):

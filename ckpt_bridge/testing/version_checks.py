@@ -7,9 +7,11 @@ PYTHONPATH: the newest 4.57.x, the newest 5.x), with results as JSON for the tes
 REF holds what the pinned transformers built (every preset's state dict and derived buffers, and the
 logits of EXPORT on fixed tokens).  Checked here, with this version's own code:
 
-- presets: each preset's state dict and buffers against REF (same model on every version);
+- presets: what save_pretrained writes of each preset, and its buffers, against REF (same model on every version);
 - export: ``from_pretrained`` of an export written under the pinned version reads the same rope
   settings and gives the same logits; ``verify --logits`` export vs source;
+- family exports: every FAMILIES export written under the pinned version loads with no missing /
+  unexpected keys and gives the pinned version's logits (its config.json builds the same model);
 - after_load: meta build -> to_empty -> weights -> after_load gives the buffers, derived attributes,
   tied parameters and logits of ``from_pretrained`` for the families that derive state at init;
 - ``verify DCP --against SOURCE --loss``: runs, and the two losses agree.
@@ -40,10 +42,20 @@ def derived_state(model) -> dict[str, torch.Tensor]:
 
 
 def preset_tensors(name: str) -> dict[str, torch.Tensor]:
+    """What ``save_pretrained`` of preset ``name`` writes (the on-disk layout: in memory 5.x fuses MoE
+    experts, 4.x does not), and the model's derived state."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
     from ckpt_bridge.testing.tiny_models import build_model
 
     model = build_model(name)
-    out = {f"{name}/{k}": v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        for f in sorted(Path(tmp).glob("*.safetensors")):
+            out.update({f"{name}/{k}": v for k, v in load_file(f).items()})
     # derived state is named apart: which modules hold a buffer vs compute it in forward varies by version
     out.update({f"{name}/derived:{k}": v.detach().contiguous().clone() for k, v in derived_state(model).items()})
     return out
@@ -95,6 +107,28 @@ def _after_load(tmp: Path) -> dict:
     return out
 
 
+def _family_exports(ref: dict[str, torch.Tensor], exports: Path) -> dict:
+    """Each family's export (written under the pinned transformers) loaded by this version: the keys it
+    lacks or does not know, and whether its logits equal the pinned version's (at one thread, for MoE)."""
+    from ckpt_bridge.hf_models import architecture_class, dtype_kwarg, load_config
+
+    out = {}
+    torch.set_num_threads(1)
+    for d in sorted(p for p in exports.iterdir() if p.is_dir()):
+        config = load_config(d)
+        model, info = architecture_class(config).from_pretrained(
+            d, config=config, output_loading_info=True, **{dtype_kwarg(): torch.float32})
+        with torch.no_grad():
+            logits = model.eval()(input_ids=TOKENS).logits
+        want = ref[f"logits/family/{d.name}"]
+        out[d.name] = {"missing": sorted(info.get("missing_keys") or []),
+                       "unexpected": sorted(info.get("unexpected_keys") or []),
+                       "logits_equal": logits.shape == want.shape and torch.equal(logits, want),
+                       "moe": any(getattr(config.get_text_config(), k, None) for k in ("num_experts", "num_local_experts")),
+                       "max_diff": float((logits - want).abs().max()) if logits.shape == want.shape else None}
+    return out
+
+
 def _rope_theta(cfg) -> float:
     """The rope theta this transformers uses (4.x: rope_theta; 5.x: rope_parameters)."""
     from ckpt_bridge.hf_models import _major
@@ -104,7 +138,7 @@ def _rope_theta(cfg) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    for a in ("--ref", "--export", "--source", "--dcp", "--text", "--out"):
+    for a in ("--ref", "--export", "--exports", "--source", "--dcp", "--text", "--out"):
         ap.add_argument(a, required=True)
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -123,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
            "export_rope_theta": _rope_theta(export.config),
            "export_logits_max_diff": float((logits - ref["logits/export"]).abs().max()),
            "verify_logits": compare_logits(args.export, args.source)}
+    res["family_exports"] = _family_exports(ref, Path(args.exports))
     loss = verify_dcp(args.dcp, args.source, loss_text=args.text)
     res["verify_loss"] = {"hf": loss.loss_hf, "dcp": loss.loss_dcp, "ok": loss.loss_ok}
     with tempfile.TemporaryDirectory() as tmp:
