@@ -379,34 +379,22 @@ def test_one_tensor_in_memory_at_a_time(tiny_hf_factory, tmp_path, monkeypatch, 
     """Each time the next source tensor is read, counts how many earlier ones still have their storage alive
     (held by a view, a detached alias, a writer's cache): a writer that kept what it wrote (DCP's
     FileSystemWriter does, per file) or a reader that cached would show many.  torch keeps one Python object
-    per storage for as long as the storage lives, so a weak reference to it tracks the memory exactly."""
-    import gc
-    import weakref
-
+    per storage for as long as the storage lives (ckpt_bridge.testing.streaming)."""
     from ckpt_bridge.export import to_hf
     from ckpt_bridge.formats.dcp import DCPReader
     from ckpt_bridge.formats.hf import HFReader
+    from ckpt_bridge.testing.streaming import count_live_reads
 
     hf = tiny_hf_factory("olmo2")
     if direction == "dcp_to_hf":
         to_dcp(hf, tmp_path / "dcp", progress=False)
-    cls = HFReader if direction == "to_dcp" else DCPReader
-    original, issued, peak = cls.read, [], [0]
-
-    def counting_read(self, key, dtype=None):
-        gc.collect()
-        peak[0] = max(peak[0], sum(r() is not None for r in issued))
-        t = original(self, key, dtype)
-        issued.append(weakref.ref(t.untyped_storage()))
-        return t
-
-    monkeypatch.setattr(cls, "read", counting_read)
+    live = count_live_reads(monkeypatch, HFReader if direction == "to_dcp" else DCPReader, collect=True)
     if direction == "to_dcp":
         to_dcp(hf, tmp_path / "out", progress=False)
     else:
         to_hf(tmp_path / "dcp", tmp_path / "out", config=hf, progress=False)
-    assert len(issued) >= 25
-    assert peak[0] <= 2  # the tensor being written and, for to-hf, the one read ahead
+    assert live.reads >= 25
+    assert live.peak <= 2  # the tensor being written and, for to-hf, the one read ahead
 
 
 def test_tied_weights_are_not_written_back_to_back(tiny_hf_factory, tmp_path):
