@@ -84,6 +84,18 @@ def tiny_hf_factory(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def llama_dcp_with_aux(tiny_hf_factory, tmp_path_factory):
+    """(HF dir, its to-dcp output with a future_predictor head): the clean DCP the hostile-input tests copy
+    and damage.  Session-shared: do not modify it."""
+    from ckpt_bridge.dcp_export import to_dcp
+
+    hf = tiny_hf_factory("llama")
+    d = tmp_path_factory.mktemp("llama-dcp-aux") / "dcp"
+    to_dcp(hf, d, aux=["future_predictor:linear"], progress=False)
+    return hf, d
+
+
+@pytest.fixture(scope="session")
 def tiny_hf_dir(tiny_hf_factory):
     """A tiny llama saved with ``save_pretrained`` (safetensors, sharded at 100KB: 6 shards + index),
     generation_config.json and tokenizer files.  Session-shared: do not modify it."""

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ckpt_bridge.cli import main as cli
-from ckpt_bridge.dcp_export import MANIFEST, to_dcp
+from ckpt_bridge.dcp_export import MANIFEST
 
 PY = sys.executable
 
@@ -49,11 +49,8 @@ def assert_fails(capsys, args: list[str], *, code: int = 2, says: str = "", sour
 
 
 @pytest.fixture(scope="module")
-def dcp_dir(tiny_hf_factory, tmp_path_factory):
-    hf = tiny_hf_factory("llama")
-    d = tmp_path_factory.mktemp("failure-table") / "dcp"
-    to_dcp(hf, d, aux=["future_predictor:linear"], progress=False)
-    return hf, d
+def dcp_dir(llama_dcp_with_aux):
+    return llama_dcp_with_aux
 
 
 def copy_dcp(src: Path, dst: Path) -> Path:

@@ -17,7 +17,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from ckpt_bridge.cli import main as cli
-from ckpt_bridge.dcp_export import to_dcp
+
 
 
 class Boom:
@@ -42,11 +42,8 @@ def run(capsys, args: list[str]) -> tuple[int, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def clean_dcp(tiny_hf_factory, tmp_path_factory):
-    hf = tiny_hf_factory("llama")
-    d = tmp_path_factory.mktemp("hostile") / "dcp"
-    to_dcp(hf, d, aux=["future_predictor:linear"], progress=False)
-    return hf, d
+def clean_dcp(llama_dcp_with_aux):
+    return llama_dcp_with_aux
 
 
 def plant_in_metadata(src: Path, dst: Path, marker: Path, where: str) -> Path:
