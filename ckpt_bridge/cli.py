@@ -226,7 +226,23 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _fast_allocations() -> None:
+    """Transparent huge pages for torch's large CPU buffers, unless the user chose otherwise.
+
+    Every tensor an export reads, casts or fuses is a fresh allocation, and its
+    first touch faults in 4 KiB pages: casting a 1 GB fp32 tensor to bf16 into
+    a new buffer took 0.63 s, 0.17 s with 2 MiB pages (0.06 s into a reused
+    buffer).  torch reads ``THP_MEM_ALLOC_ENABLE`` once, at its first
+    allocation, so this must run before torch is imported; the CLI imports
+    torch lazily, after this.  (Python API callers set it themselves.)
+    """
+    import os
+
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _fast_allocations()
     args = _parser().parse_args(argv)
     if not args.verb:
         _parser().print_help()

@@ -539,8 +539,10 @@ def to_dcp(
                     # One .distcp file per tensor: DCP's writer keeps a reference to every tensor it has written
                     # to a file until that file is closed (torch 2.13 filesystem.py, tensor_dict), so a single
                     # file would hold the whole model in memory by the end.
+                    # sync_files=False: no fsync per file; AtomicDir flushes the whole output once before
+                    # the rename (per-file fsync stalled the stream on the disk 147 times: 20 s -> 11 s, 1.24B).
                     dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), single_file_per_rank=False,
-                                                                        thread_count=1),
+                                                                        thread_count=1, sync_files=False),
                              planner=streaming_planner(fetch), no_dist=True)
             finally:
                 bar.close()

@@ -138,8 +138,41 @@ def legacy_rope_fields(cfg: dict) -> dict:
 
 def with_legacy_fields(cfg: dict) -> dict:
     """``cfg`` (and its sub-configs: text_config, vision_config, ...) read the same by transformers 4.x and 5.x:
-    legacy rope fields beside ``rope_parameters`` and the old names of renamed fields beside the new ones."""
-    out = {k: with_legacy_fields(v) if isinstance(v, dict) and k.endswith("_config") else v for k, v in cfg.items()}
+    legacy rope fields beside ``rope_parameters`` and the old names of renamed fields beside the new ones.
+
+    The answer depends only on ``cfg`` and the transformers version, and finding it imports transformers
+    (about a second, paid after the weights are written): it is cached per (cfg, version)."""
+    import hashlib
+    import json
+    from importlib import metadata
+
+    from .jsonfiles import cache_root
+
+    try:
+        version = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    raw = json.dumps(cfg, sort_keys=True).encode()
+    cache = cache_root() / "legacy-config" / f"{hashlib.sha256(raw + version.encode()).hexdigest()[:32]}.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if isinstance(cached, dict):
+            return cached
+    except (OSError, ValueError):
+        pass
+    out = _with_legacy_fields(cfg)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{id(out)}")
+        tmp.write_text(json.dumps(out))
+        tmp.replace(cache)
+    except (OSError, TypeError, ValueError):
+        pass  # read-only home, or a value JSON cannot hold: computed each time
+    return out
+
+
+def _with_legacy_fields(cfg: dict) -> dict:
+    out = {k: _with_legacy_fields(v) if isinstance(v, dict) and k.endswith("_config") else v for k, v in cfg.items()}
     out.update(_alias_fields(out))
     out.update(legacy_rope_fields(out))
     return out

@@ -111,12 +111,47 @@ def check_config(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
             f"{path}: uses auto_map (model code shipped with the checkpoint); ckpt-bridge never runs a "
             f"checkpoint's code: convert with a transformers release that has {cfg['model_type']!r} built in, "
             f"or remove auto_map if model_type is a built-in transformers model")
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
-
-    if cfg["model_type"] not in CONFIG_MAPPING_NAMES:
-        import transformers
-
+    known, version = transformers_model_types()
+    if cfg["model_type"] not in known:
         raise CheckpointFormatError(
-            f"{path}: model_type {cfg['model_type']!r} is not a model transformers {transformers.__version__} knows; "
+            f"{path}: model_type {cfg['model_type']!r} is not a model transformers {version} knows; "
             f"install a transformers release that has it, or fix model_type")
     return cfg
+
+
+def cache_root() -> Path:
+    """ckpt-bridge's cache (model expectations, transformers' model types): $CKPT_BRIDGE_CACHE or ~/.cache."""
+    import os
+
+    return Path(os.environ.get("CKPT_BRIDGE_CACHE") or Path.home() / ".cache" / "ckpt-bridge")
+
+
+def transformers_model_types() -> tuple[set[str], str]:
+    """(the model_type names the installed transformers has built in, its version), cached per version.
+
+    Importing transformers costs about a second; ``inspect`` and a warm
+    export only need this list, so it is kept beside the model expectations.
+    """
+    import json
+    from importlib import metadata
+
+    try:
+        version = metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    cache = cache_root() / "model-types" / f"transformers-{version}.json"
+    try:
+        return set(json.loads(cache.read_text())), version
+    except (OSError, ValueError, TypeError):
+        pass  # first use of this version (or a damaged entry): ask transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    names = sorted(CONFIG_MAPPING_NAMES)
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{id(names)}")
+        tmp.write_text(json.dumps(names))
+        tmp.replace(cache)
+    except OSError:
+        pass  # a read-only home: no cache, the import each time
+    return set(names), version

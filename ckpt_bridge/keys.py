@@ -103,7 +103,9 @@ def _cache_file(config_dir: Path, overrides: dict | None = None) -> Path | None:
         raw = (Path(config_dir) / "config.json").read_bytes()
     except (metadata.PackageNotFoundError, OSError):
         return None
-    root = Path(os.environ.get("CKPT_BRIDGE_CACHE") or Path.home() / ".cache" / "ckpt-bridge")
+    from .jsonfiles import cache_root
+
+    root = cache_root()
     extra = json.dumps(overrides or {}, sort_keys=True).encode()
     digest = hashlib.sha256(raw + b"\0transformers " + version.encode() + b"\0" + extra
                             + b"\0v2").hexdigest()[:32]

@@ -97,7 +97,6 @@ class VerlFSDPReader(Reader):
         self._sds: dict[int, dict[str, Any]] = {}
         self._offsets: dict[int, dict[str, int | None]] = {}
         self._fds: dict[int, int] = {}
-        self._scratch: torch.Tensor | None = None
         self._layouts: dict[str, _Layout] = {}
         self._mesh_cache: dict[int, tuple[torch.Tensor, tuple[str, ...] | None, int | None]] = {}
 
@@ -313,24 +312,12 @@ class VerlFSDPReader(Reader):
         if dst.is_contiguous() and dst.dtype == local.dtype:
             _pread_into(self._fd(rank), offset, dst, self.model_file(rank), key)
         else:
-            buf = self._scratch_for(local.shape, local.dtype)
-            _pread_into(self._fd(rank), offset, buf, self.model_file(rank), key)
-            dst.copy_(buf)
-
-    def _scratch_for(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
-        """A view of one reused, grow-only buffer for shards that need a cast or a strided copy.
-
-        A fresh allocation per shard costs a page fault per 4 KiB (a 1B-parameter
-        fp32 -> bf16 export faulted in ~5 GB of new pages); reusing one buffer
-        the size of the largest shard pays that once.  Only used inside
-        ``read``, which runs one call at a time.
-        """
-        n = dtype.itemsize
-        for d in shape:
-            n *= d
-        if self._scratch is None or self._scratch.numel() < n:
-            self._scratch = torch.empty(n, dtype=torch.uint8)
-        return self._scratch[:n].view(dtype).view(shape)
+            # A cast (or strided copy) reads the mapped file directly: one pass over the bytes instead of a
+            # pread into scratch and a second pass (1.24B fp32 -> bf16: 3.1 s -> 2.2 s), and the pages are
+            # given back right after, so RSS stays one shard.
+            _check_file_holds(self.model_file(rank), offset, local, key)
+            dst.copy_(local)
+            pages.release(local)
 
     def _offset(self, rank: int, key: str) -> int | None:
         """Byte offset of ``key``'s (contiguous) local data in rank ``rank``'s file, or None."""
@@ -348,7 +335,6 @@ class VerlFSDPReader(Reader):
             os.close(fd)
         self._fds.clear()
         self._sds.clear()
-        self._scratch = None
 
     def _read_plain(self, key: str, dtype: torch.dtype) -> torch.Tensor:
         # A plain tensor is a full copy on every rank (buffers, unwrapped params).
@@ -459,6 +445,12 @@ def _data_offsets(path: Path, trust_pickle: bool) -> dict[str, int | None]:
         ok = base is not None and t.is_contiguous()
         out[key] = base + t.storage_offset() * t.element_size() if ok else None
     return out
+
+
+def _check_file_holds(path: Path, offset: int, t: torch.Tensor, key: str) -> None:
+    """A mapped read past the end of a file is SIGBUS, not an error: check the bytes are there first."""
+    if offset + t.numel() * t.element_size() > path.stat().st_size:
+        raise CheckpointFormatError(f"{path}: key {key!r}: file ends before the tensor data; it is truncated")
 
 
 def _pread_into(fd: int, offset: int, dst: torch.Tensor, path: Path, key: str) -> None:

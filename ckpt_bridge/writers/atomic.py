@@ -24,6 +24,13 @@ The final rename, chosen so that nothing is lost in any race:
   moved to ``.NAME.old-PID``; if we die before the new one is in place, the
   next run writing to NAME puts the old one back (and says so).
 
+Durability: the writers do not fsync file by file (DCP's writer would
+otherwise fsync each of its one-file-per-tensor outputs as it closes it and
+stall the stream on the disk every time).  Instead every file and directory
+of the finished output is flushed once, just before the final rename, while
+the kernel has mostly written it back already: after the rename the export
+is on disk, never a name pointing at data still in memory.
+
 Leftovers of dead processes (``.NAME.partial-PID``, ``.NAME.old-PID``) are
 cleaned by the next run of any command writing to NAME.
 """
@@ -177,6 +184,28 @@ def check_target(target: str | Path, *, overwrite: bool = False, protect: tuple[
     return target
 
 
+def _fsync_path(p: Path) -> None:
+    fd = os.open(p, (os.O_RDONLY | getattr(os, "O_DIRECTORY", 0)) if p.is_dir() else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):  # a filesystem without fsync on dirs
+            raise
+    finally:
+        os.close(fd)
+
+
+def flush_tree(root: Path) -> None:
+    """fsync every file, then every directory, under ``root`` (the one flush before the final rename)."""
+    dirs = [root]
+    for d, subdirs, files in os.walk(root):
+        for name in files:
+            _fsync_path(Path(d) / name)
+        dirs += [Path(d) / s for s in subdirs]
+    for d in reversed(dirs):
+        _fsync_path(d)
+
+
 class AtomicDir:
     def __init__(self, target: str | Path, *, overwrite: bool = False, protect: tuple[Path, ...] = ()):
         self.target = check_target(target, overwrite=True, protect=protect)
@@ -207,12 +236,18 @@ class AtomicDir:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
         try:
+            flush_tree(self.tmp)
+        except OSError as e:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            raise OutputError(f"{self.target}: the finished output could not be flushed to disk ({e.strerror}); "
+                              f"nothing was put in place") from None
+        try:
             rename_noreplace(self.tmp, self.target)
-            return
         except FileExistsError:
             if not self.overwrite:
                 self._refuse_conflict()
-        self._replace()
+            self._replace()
+        _fsync_path(self.target.parent)  # the rename itself
 
     def _refuse_conflict(self) -> None:
         """Something appeared at the name while we wrote: keep our output beside it, say where."""
