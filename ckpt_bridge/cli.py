@@ -117,6 +117,7 @@ def _parser() -> argparse.ArgumentParser:
     ph.add_argument("--allow-missing-rng", action="store_true", help="a DCP step whose saved rng lacks a rank: "
                     "export anyway, recording a warning in trainer_state.json (default: refuse)")
     ph.add_argument("--quiet", action="store_true", help="no progress bar")
+    _team_args(ph)
     _common(ph, "the summary")
 
     pt = sub.add_parser(
@@ -159,6 +160,7 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     pt.add_argument("--dry-run", action="store_true", help="check all, print the plan of transforms; write nothing")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
+    _team_args(pt)
     _common(pt, "the summary")
 
     pv = sub.add_parser(
@@ -226,6 +228,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _team_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="split the writing over N local processes (default 1); the output is byte-identical. "
+                        "Pays off with cores and disk bandwidth to spare: each process re-plans (about 1-2 s of "
+                        "start-up) and the page cache is shared")
+    p.add_argument("--distributed", action="store_true",
+                   help="run under torchrun: every rank writes its share of the output files (on storage all "
+                        "ranks see), rank 0 writes the index and renames the result into place; "
+                        "e.g. torchrun --nnodes 2 --nproc-per-node 4 ... -m ckpt_bridge.cli to-hf SRC --out DIR "
+                        "--distributed")
+
+
 def _fast_allocations() -> None:
     """Transparent huge pages for torch's large CPU buffers, unless the user chose otherwise.
 
@@ -244,6 +258,7 @@ def _fast_allocations() -> None:
 def main(argv: list[str] | None = None) -> int:
     _fast_allocations()
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --workers' processes repeat
     if not args.verb:
         _parser().print_help()
         return 2
@@ -315,13 +330,17 @@ def _symlink_loop(e: BaseException) -> str | None:
 
 def _to_hf(args: argparse.Namespace) -> int:
     from .export import to_hf
+    from .team import from_cli
 
+    team = from_cli(args.workers, args.distributed, args.argv)
     s = to_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, config=args.config,
               tokenizer=args.tokenizer, aux=args.aux, aux_prefixes=args.aux_prefix,
               models=[m for m in args.models.split(",") if m], base=args.base, titan_model=args.titan_model,
               lora=args.lora, lora_config=args.lora_config,
               overwrite=args.overwrite, trust_pickle=args.trust_pickle, progress=False if args.quiet else None,
-              allow_missing_rng=args.allow_missing_rng, dry_run=args.dry_run)
+              allow_missing_rng=args.allow_missing_rng, dry_run=args.dry_run, team=team)
+    if not team.leader:  # rank 0 reports the export
+        return 0
     if args.dry_run:  # the same checks as the real run (extra state and --out included), no tensor data read
         print(f"# {s.source_format} {s.source} -> {s.model_class} (config {s.config})")
         print("\n".join(s.plan_lines))

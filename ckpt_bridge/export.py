@@ -33,7 +33,8 @@ from .plan import Plan, Transform, execute, rename
 from .lora import is_lora
 from .lora_export import export_lora
 from .progress import Progress
-from .writers.atomic import AtomicDir, check_target
+from .team import Team, split, team_output
+from .writers.atomic import check_target
 from .writers.safetensors_shards import ShardedSafetensorsWriter, parse_size
 
 log = logging.getLogger("ckpt_bridge")
@@ -189,6 +190,7 @@ def to_hf(
     progress: bool | None = None,
     allow_missing_rng: bool = False,
     dry_run: bool = False,
+    team: Team | None = None,
 ) -> ExportSummary:
     """Export the checkpoint at ``src`` to a Hugging Face directory ``out``.
 
@@ -221,8 +223,11 @@ def to_hf(
     no tensor data read, nothing written; ``summary.plan_lines`` holds the plan.
     ``allow_missing_rng``: a DCP step whose hook-saved rng lacks a rank
     exports with a warning recorded in the output instead of failing.
+    ``team``: this process's place among several writing the same export
+    (:mod:`ckpt_bridge.team`; default: alone).
     """
     t0 = time.perf_counter()
+    team = team or Team()
     cast = target_dtype(dtype)
     if aux not in AUX_MODES:
         raise BridgeError(f"--aux {aux!r}: choose one of {', '.join(AUX_MODES)}")
@@ -248,6 +253,9 @@ def to_hf(
 
         reader = hf_view(reader, config, titan_model)  # a TorchTitan-native DCP through its adapter's to_hf
         all_infos, cfg_dir = _checked_source(reader, config, others)
+        if team.size > 1 and (dry_run or is_lora(all_infos)):
+            raise BridgeError("--workers/--distributed: a LoRA export and --dry-run run in one process; "
+                              "drop the option")
         if is_lora(all_infos):  # LoRA (issue 11): its own plan of folds + renames and a PEFT adapter
             return export_lora(reader, all_infos, cfg_dir, src, out, mode=lora, lora_config=lora_config, cast=cast,
                                shard_bytes=shard_bytes, tokenizer=tok_dir, base=base_dir, overwrite=overwrite,
@@ -281,25 +289,30 @@ def to_hf(
                                   + [f"# {n}" for n in plan.notes])
             summary.config = str(cfg_dir / "config.json")
             return summary
-        with AtomicDir(out, overwrite=overwrite, protect=protect) as tmp:
-            writer = ShardedSafetensorsWriter(tmp, _planned(main_tf, out_dt), shard_bytes)
-            aux_writer = ShardedSafetensorsWriter(tmp, _planned(sep_tf, out_dt), shard_bytes, prefix=AUX_FILE) \
-                if sep_tf else None
-            total = writer.total_size + (aux_writer.total_size if aux_writer else 0)
-            bar = Progress(total, "to-hf", enabled=progress)
-            sep_keys = {o.key for t in sep_tf for o in t.outputs}
+        writer = ShardedSafetensorsWriter(Path(), _planned(main_tf, out_dt), shard_bytes, create=False)
+        mine = my_share(main_tf, writer, out_dt, team)  # all of it, unless several processes split the work
+        writer = ShardedSafetensorsWriter(Path(), _planned(main_tf, out_dt), shard_bytes, create=False,
+                                          only={o.key for t in mine for o in t.outputs})
+        aux_writer = ShardedSafetensorsWriter(Path(), _planned(sep_tf, out_dt), shard_bytes, prefix=AUX_FILE,
+                                              create=False) if sep_tf and team.leader else None
+        with team_output(out, team, overwrite=overwrite, protect=protect,
+                         create=[w for w in (writer, aux_writer) if w is not None]) as tmp:
+            writer.out_dir = tmp
+            error = None
             try:
-                for t, outs in execute(main_tf + sep_tf, reader.read, out_dt):
-                    for o in t.outputs:  # in planned order: the writer checks it
-                        v = outs.pop(o.key)
-                        (aux_writer if o.key in sep_keys else writer).write(o.key, v)
-                        summary.tensors += 1
-                        summary.parameters += v.numel()
-                        bar.update(v.numel() * v.element_size(), o.key)
-                        del v
-                    del outs
-            finally:
-                bar.close()
+                _stream(reader, mine + (sep_tf if team.leader else []), writer, aux_writer, out_dt, summary,
+                        progress)
+                if not team.leader:  # its own files flushed: rank 0 may be on another node
+                    writer.close(index=False, sync=True)
+            except BaseException as e:  # noqa: BLE001 - every process learns whether all the others succeeded
+                error = e
+            team.finish(error)
+            if not team.leader:  # the coordinator writes the index, configs and the rest
+                summary.seconds = time.perf_counter() - t0
+                return summary
+            if team.size > 1:  # count every process's share, not only ours
+                done = [o for t in main_tf + sep_tf for o in t.outputs]
+                summary.tensors, summary.parameters = len(done), sum(o.numel for o in done)
             summary.model_class = plan.model_class
             summary.dropped = list(plan.dropped) + summary.dropped
             summary.files = writer.close()
@@ -333,6 +346,36 @@ def to_hf(
                 rng_ranks=sorted(extra.get("rng", {})) if extra else [], warnings=summary.warnings))
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _stream(reader: Reader, transforms: list[Transform], writer: ShardedSafetensorsWriter,
+            aux_writer: ShardedSafetensorsWriter | None, out_dt, summary: ExportSummary, progress: bool | None) -> None:
+    """Run ``transforms`` and write their outputs (aux modules kept apart go to ``aux_writer``)."""
+    aux_keys = set(aux_writer.weight_map) if aux_writer is not None else set()
+    total = sum(o.nbytes if out_dt(o) == o.dtype else o.numel * out_dt(o).itemsize
+                for t in transforms for o in t.outputs)
+    bar = Progress(total, "to-hf", enabled=progress)
+    try:
+        for t, outs in execute(transforms, reader.read, out_dt):
+            for o in t.outputs:  # in planned order: the writer checks it
+                v = outs.pop(o.key)
+                (aux_writer if o.key in aux_keys else writer).write(o.key, v)
+                summary.tensors += 1
+                summary.parameters += v.numel()
+                bar.update(v.numel() * v.element_size(), o.key)
+                del v
+            del outs
+    finally:
+        bar.close()
+
+
+def my_share(transforms: list[Transform], writer: ShardedSafetensorsWriter, out_dt, team: Team) -> list[Transform]:
+    """The transforms this process runs: a contiguous run balanced by output bytes (see :func:`team.split`)."""
+    if team.size == 1:
+        return list(transforms)
+    sizes = [sum(o.numel * out_dt(o).itemsize for o in t.outputs) for t in transforms]
+    files = [writer.file_of(t.outputs[0].key) if t.outputs else 0 for t in transforms]
+    return [transforms[i] for i in split(sizes, files, team.size)[team.rank]]
 
 
 def _out_dtype(cast: torch.dtype | None):

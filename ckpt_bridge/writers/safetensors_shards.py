@@ -2,9 +2,10 @@
 
 The safetensors header lists every tensor's dtype, shape and byte range, so it
 must be written before the data.  We know all of them from the key plan, so we
-lay out the shards up front, write each file's header when the file is opened,
-and then stream tensor bytes straight from the tensor's memory into the file:
-no shard is ever assembled in memory.  Tensors must arrive in plan order.
+lay out the shards up front, create each file with its header at its final
+size, and then stream tensor bytes straight from the tensor's memory to their
+offset in the file: no shard is ever assembled in memory, and several
+processes can each write their share of the tensors (see :mod:`ckpt_bridge.team`).
 
 Layout follows ``save_pretrained``: one file ``model.safetensors`` when it all
 fits in ``max_shard_size``, else ``model-0000i-of-0000n.safetensors`` plus
@@ -14,11 +15,10 @@ fits in ``max_shard_size``, else ``model-0000i-of-0000n.safetensors`` plus
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from pathlib import Path
-from typing import BinaryIO
-
 import torch
 
 from ..errors import BridgeError, writing
@@ -45,8 +45,17 @@ def parse_size(text: str | int) -> int:
 
 
 class ShardedSafetensorsWriter:
+    """Lays the shards out from the specs, then puts each tensor at its planned offset.
+
+    ``create_files()`` writes every file's header and sizes the file (the
+    coordinator of a multi-process export does this once); ``write()`` puts
+    tensor bytes at their offset with ``pwrite``, so any process may write
+    any subset (``only``) of the tensors and the files come out the same.
+    Within one writer, tensors arrive in plan order (checked).
+    """
+
     def __init__(self, out_dir: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int,
-                 prefix: str = "model"):
+                 prefix: str = "model", only: set[str] | None = None, create: bool = True):
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
@@ -64,34 +73,43 @@ class ShardedSafetensorsWriter:
             size += n
         self.shards = shards
         self.total_size = sum(n for s in shards for *_, n in s)
-        self._order = [name for s in shards for name, *_ in s]
-        self._next = 0
-        self._file_index = -1
-        self._fh: BinaryIO | None = None
-        self._left_in_file = 0
         self.weight_map: dict[str, str] = {}
+        self._headers: list[bytes] = []
+        self._where: dict[str, tuple[int, int, tuple[int, ...], torch.dtype, int]] = {}  # file, offset, shape, dtype, n
+        for i, entries in enumerate(shards):
+            header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+            offset = 0
+            for name, shape, dtype, n in entries:
+                header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape),
+                                "data_offsets": [offset, offset + n]}
+                self.weight_map[name] = self.filename(i)
+                self._where[name] = (i, offset, shape, dtype, n)
+                offset += n
+            raw = json.dumps(header, separators=(",", ":")).encode()
+            raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
+            self._headers.append(struct.pack("<Q", len(raw)) + raw)
+        self._order = [name for s in shards for name, *_ in s if only is None or name in only]
+        self._next = 0
+        self._fds: dict[int, int] = {}
+        self._create = create  # False: another process creates the files (create_files) before we write
 
     def filename(self, i: int) -> str:
         if len(self.shards) == 1:
             return f"{self.prefix}.safetensors"
         return f"{self.prefix}-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
 
-    def _open_next(self) -> None:
-        self._close_file()
-        self._file_index += 1
-        entries = self.shards[self._file_index]
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, shape, dtype, n in entries:
-            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
-            offset += n
-            self.weight_map[name] = self.filename(self._file_index)
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
-        self._fh = open(self.out_dir / self.filename(self._file_index), "wb")
-        self._fh.write(struct.pack("<Q", len(raw)))
-        self._fh.write(raw)
-        self._left_in_file = len(entries)
+    def file_of(self, name: str) -> int:
+        return self._where[name][0]
+
+    def create_files(self) -> None:
+        """Every file with its header, at its final size (data still to come)."""
+        self._create = False
+        with writing(self.out_dir, self.total_size):
+            for i, head in enumerate(self._headers):
+                data = sum(n for *_, n in self.shards[i])
+                with open(self.out_dir / self.filename(i), "xb") as f:
+                    f.write(head)
+                    f.truncate(len(head) + data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         try:
@@ -102,55 +120,59 @@ class ShardedSafetensorsWriter:
             raise
 
     def abort(self) -> None:
-        """Close the open file without flushing more (after a failure; the caller removes the directory).
+        """Close the open files (after a failure; the caller removes the directory).
         An open handle would keep a full file system busy and its space allocated after the rmtree."""
-        if self._fh is not None:
+        for fd in self._fds.values():
             try:
-                self._fh.close()
-            except OSError:  # the buffered tail cannot be written either: the fd is closed regardless
+                os.close(fd)
+            except OSError:
                 pass
-            self._fh = None
+        self._fds.clear()
 
     def _write(self, name: str, tensor: torch.Tensor) -> None:
-        expected = self._order[self._next]
-        if name != expected:
+        if self._create:
+            self.create_files()
+        if self._next >= len(self._order) or name != self._order[self._next]:
+            expected = self._order[self._next] if self._next < len(self._order) else "nothing more"
             raise RuntimeError(f"tensor {name!r} written out of plan order (expected {expected!r})")
-        if self._left_in_file == 0:
-            self._open_next()
-        _, shape, dtype, n = self.shards[self._file_index][len(self.shards[self._file_index]) - self._left_in_file]
+        i, offset, shape, dtype, n = self._where[name]
         if tuple(tensor.shape) != shape or tensor.dtype != dtype:
             raise RuntimeError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
-        t = tensor.contiguous()
         if n:
+            if i not in self._fds:
+                self._fds[i] = os.open(self.out_dir / self.filename(i), os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
             # a uint8 view of the tensor's own memory: no copy between tensor and file
-            self._fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-        self._left_in_file -= 1
+            view = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+            at = len(self._headers[i]) + offset
+            done = 0
+            while done < n:
+                done += os.pwrite(self._fds[i], view[done:], at + done)
         self._next += 1
 
-    def _close_file(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-    def close(self) -> list[str]:
-        """Finish; writes the index when sharded.  Returns the files written."""
+    def close(self, *, index: bool = True, sync: bool = False) -> list[str]:
+        """Finish; writes the index when sharded (``index``: this process is the one that writes it);
+        ``sync``: fsync the files this writer wrote to.  Returns the files of the whole output."""
         try:
             with writing(self.out_dir, self.total_size):
-                return self._close()
+                if sync:
+                    for fd in self._fds.values():
+                        os.fsync(fd)
+                return self._close(index)
         except BaseException:
             self.abort()
             raise
 
-    def _close(self) -> list[str]:
+    def _close(self, index: bool) -> list[str]:
         if self._next != len(self._order):
             raise RuntimeError(f"only {self._next} of {len(self._order)} planned tensors were written")
-        if self._file_index < 0:  # an empty model: still write a valid file
-            self._open_next()
-        self._close_file()
+        if self._create:  # nothing was written (an empty model): still valid files
+            self.create_files()
+        self.abort()  # nothing buffered: pwrite went straight to the files
         files = [self.filename(i) for i in range(len(self.shards))]
         if len(self.shards) > 1:
-            index = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
-            (self.out_dir / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            if index:
+                doc = {"metadata": {"total_size": self.total_size}, "weight_map": self.weight_map}
+                (self.out_dir / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(doc, indent=2) + "\n")
             files.append(f"{self.prefix}.safetensors.index.json")
         return files
 
