@@ -207,6 +207,7 @@ def compose(first: Plan, second: Plan, *, where: str) -> Plan:
 
 def execute(plan: Plan | list[Transform], read: Callable[..., torch.Tensor],
             dtype_of: Callable[[TensorInfo], torch.dtype | None] = lambda info: None, *, ahead: bool = True,
+            buffer: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
             ) -> Iterator[tuple[Transform, dict[str, torch.Tensor]]]:
     """Stream ``plan``: yield ``(transform, {target: tensor})`` one transform at a time.
 
@@ -219,12 +220,21 @@ def execute(plan: Plan | list[Transform], read: Callable[..., torch.Tensor],
     outputs (see :mod:`ckpt_bridge.stream`); drop the tensors before asking
     for the next item.  ``ahead=False`` reads in the caller's thread (a sink
     whose own writes bound the run gains nothing from the overlap).
+    ``buffer(shape, dtype)``: a reused buffer a rename is read into, when
+    ``read`` takes ``out=`` (a fresh buffer faults in every page on first
+    touch); the caller guarantees it is free again by the time it is reused.
     """
     transforms = plan.transforms if isinstance(plan, Plan) else plan
+    if buffer is not None and not _takes_out(read):
+        buffer = None
 
     def run(t: Transform) -> dict[str, torch.Tensor]:
         if t.fn is None:
-            return t.apply({t.inputs[0]: read(t.inputs[0], dtype_of(t.outputs[0]))})
+            o = t.outputs[0]
+            if buffer is not None:
+                dt = dtype_of(o) or o.dtype
+                return t.apply({t.inputs[0]: read(t.inputs[0], dt, out=buffer(o.shape, dt))})
+            return t.apply({t.inputs[0]: read(t.inputs[0], dtype_of(o))})
         out = t.apply({k: read(k, None) for k in t.inputs})
         for o in t.outputs:
             dt = dtype_of(o)
@@ -237,6 +247,15 @@ def execute(plan: Plan | list[Transform], read: Callable[..., torch.Tensor],
     else:
         for t in transforms:
             yield t, run(t)
+
+
+def _takes_out(read: Callable) -> bool:
+    import inspect
+
+    try:
+        return "out" in inspect.signature(read).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _few(keys: list[str], n: int = 4) -> str:

@@ -71,6 +71,7 @@ class DCPReader(Reader):
         self.evidence.files = sorted(p.name for p in self.path.iterdir() if p.suffix == ".distcp" or p.name == ".metadata")[:6]
         self._problems: list[str] = []
         self.metadata = None
+        self._direct = None
         self._tensors: dict[str, TensorInfo] | None = None
         self._fqns: dict[tuple[str, ...], dict[str, str]] = {}
         meta = self.path / ".metadata"
@@ -89,6 +90,9 @@ class DCPReader(Reader):
         self._problems += metadata_problems(self.path, self.metadata)
         if not self._problems:
             self._storage = safe_storage_reader(self.path, metadata=self.metadata)
+            from .dcp_direct import DirectChunks
+
+            self._direct = DirectChunks(self.path, self.metadata, trust_pickle=trust_pickle)
 
     def storage_reader(self):
         """The DCP StorageReader to pass to ``dcp.load`` for this folder (safe, already-checked metadata)."""
@@ -179,19 +183,38 @@ class DCPReader(Reader):
         infos = self.tensors()
         return {f: TensorInfo(f, infos[k].shape, infos[k].dtype) for f, k in self.section_fqns(name).items()}
 
-    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor through DCP's own loader (it assembles every chunk, from any number of .distcp files).
+    def read(self, key: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor (in ``dtype``; into ``out`` when given), assembled from every chunk of every rank.
 
         ``key`` is a DCP key or a model fqn from :meth:`model_tensors`.  The
-        metadata is parsed once per reader, not once per tensor.
+        metadata is parsed once per reader, not once per tensor.  Chunks
+        stored the way DCP's FileSystemWriter stores them (a plain
+        ``torch.save`` of a contiguous tensor, no stream transforms) are copied
+        straight from the mapped file into their place in the result, with the
+        cast on the way; anything else goes through DCP's own loader, which
+        reads each chunk into a buffer, unpickles it into a second one and
+        copies it into a third.
         """
-        import torch.distributed.checkpoint as dcp
-
         self._check()
         infos = self.tensors()
         if key not in infos:
             key = self.model_fqns().get(key, key)
         info = infos[key]
+        spans = self._direct.spans(key, info) if self._direct is not None else None
+        if spans is not None:
+            if out is None:
+                out = torch.empty(info.shape, dtype=dtype or info.dtype)
+            self._direct.copy_into(out, spans, info)
+            return out
+        got = self._dcp_load(key, info)
+        if out is None:
+            return got if dtype is None or dtype == got.dtype else got.to(dtype)
+        out.copy_(got)
+        return out
+
+    def _dcp_load(self, key: str, info: TensorInfo) -> torch.Tensor:
+        import torch.distributed.checkpoint as dcp
+
         out = torch.empty(info.shape, dtype=info.dtype)
         try:
             with warnings.catch_warnings():
@@ -204,7 +227,7 @@ class DCPReader(Reader):
             files = sorted({v.relative_path for k, v in self.metadata.storage_data.items() if k.fqn == key})
             raise CheckpointFormatError(f"{self.path}: tensor {key!r} cannot be read from {', '.join(files)} "
                                         f"({one_line(cause)}); the file is corrupt: copy it again") from None
-        return out if dtype is None or dtype == out.dtype else out.to(dtype)
+        return out
 
     def _bytes_entry(self, key: str) -> Any:
         """A non-tensor entry (lr_scheduler, train_state, dataloader state), unpickled weights-only."""

@@ -7,6 +7,7 @@ time; ``.bin`` files go through the weights-only loader with ``mmap=True``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,35 @@ def legacy_notes(files: list[Path]) -> list[str]:
             for f in files if f.is_file() and safeload.is_legacy_format(f)]
 
 
+def _safetensors_map(f: Path) -> tuple[Any, dict[str, tuple[int, int]]]:
+    """(a private mapping of ``f``, {key: (start, stop) absolute byte range}) - (None, {}) if unreadable.
+
+    ``safe_open`` has already checked the header against the file; the ranges
+    are checked again against the size, since a read through a mapping past
+    the end of the file is SIGBUS, not an error.
+    """
+    import json
+    import mmap
+    import struct
+
+    try:
+        with open(f, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > size - 8:
+                return None, {}
+            header = json.loads(fh.read(n))
+            base = 8 + n
+            spans = {k: (base + v["data_offsets"][0], base + v["data_offsets"][1]) for k, v in header.items()
+                     if k != "__metadata__"}
+            if any(not (base <= a <= b <= size) for a, b in spans.values()) or size == 0:
+                return None, {}
+            # ACCESS_COPY: a private mapping torch can view without a read-only warning; nothing writes to it
+            return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY), spans
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return None, {}
+
+
 def is_hf_dir(path: Path) -> bool:
     return Path(path).is_dir() and bool(weight_files(Path(path))[0])
 
@@ -70,6 +100,7 @@ class HFReader(Reader):
         self._where: dict[str, Path] = {}
         self._info: dict[str, TensorInfo] | None = None
         self._bins: dict[Path, dict[str, Any]] = {}
+        self._maps: dict[Path, tuple[Any, dict[str, tuple[int, int]]]] = {}
 
     def problems(self) -> list[str]:
         return list(self._problems)
@@ -107,17 +138,46 @@ class HFReader(Reader):
             self._bins[f] = safeload.load(f, mmap=True, trust_pickle=self.trust_pickle)
         return self._bins[f]
 
-    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+    def read(self, key: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``key`` as a new tensor (in ``dtype``), or copied into ``out`` (a caller's reused buffer)."""
         self.tensors()
         f = self._where[key]
         if self.kind == "safetensors":
-            with safe_open(f, framework="pt") as st:
-                t = st.get_tensor(key)  # a fresh copy; the mapping closes with the handle
-            return t if dtype is None or t.dtype == dtype else t.to(dtype)
-        v = self._bin(f)[key]
-        out = v.to(dtype=dtype or v.dtype, copy=True)
-        pages.release(v)
+            src = self._mapped(f, key)
+            if src is None:  # an unusual layout: the safetensors library's own copy
+                with safe_open(f, framework="pt") as st:
+                    src = st.get_tensor(key)
+        else:
+            src = self._bin(f)[key]
+        if out is None:
+            out = torch.empty(src.shape, dtype=dtype or src.dtype)
+        out.copy_(src)  # one pass over the file's pages, casting on the way
+        pages.release(src)
         return out
+
+    def _mapped(self, f: Path, key: str) -> torch.Tensor | None:
+        """``key`` as a view of the file's mapping (no copy), or None if its bytes cannot be viewed directly.
+
+        Reading through the mapping casts straight from the page cache: the
+        safetensors library's ``get_tensor`` would first copy the bytes into a
+        new tensor, and the cast then makes a second one.
+        """
+        if f not in self._maps:
+            self._maps[f] = _safetensors_map(f)
+        mm, spans = self._maps[f]
+        span = spans.get(key)
+        info = self._info[key]
+        if mm is None or span is None or span[0] % info.dtype.itemsize:
+            return None
+        start, stop = span
+        if stop - start != info.nbytes or info.nbytes == 0:
+            return None
+        return torch.frombuffer(mm, dtype=torch.uint8, count=stop - start, offset=start).view(info.dtype
+                                                                                             ).view(info.shape)
+
+    def close(self) -> None:
+        self._maps.clear()  # a mapping goes when its last view does
+        super().close()
 
     def hf_config_dir(self) -> Path | None:
         return self.path if (self.path / "config.json").is_file() else None
@@ -140,6 +200,7 @@ class SafetensorsFileReader(HFReader):
         self._where = {}
         self._info = None
         self._bins = {}
+        self._maps = {}
 
     def hf_config_dir(self) -> Path | None:
         return None
