@@ -413,10 +413,15 @@ def _watch(args: argparse.Namespace) -> int:
 
 def _to_dcp(args: argparse.Namespace) -> int:
     from .dcp_export import to_dcp
+    from .team import from_cli
 
+    team = from_cli(args.workers, args.distributed, args.argv)
     res = to_dcp(args.src, args.out, layout=args.layout, dtype=args.dtype, aux=args.aux, seed=args.seed,
                  aux_from=args.aux_from, config=args.config, titan_model=args.titan_model, overwrite=args.overwrite,
-                 trust_pickle=args.trust_pickle, progress=False if args.quiet else None, dry_run=args.dry_run)
+                 trust_pickle=args.trust_pickle, progress=False if args.quiet else None, dry_run=args.dry_run,
+                 team=team)
+    if not team.leader:  # rank 0 reports the export
+        return 0
     if args.dry_run:
         print(f"# {res.requested.layout} layout ({res.requested.reason}); {len(res.targets()) + len(res.aux)} keys, "
               f"model {res.model_class}")

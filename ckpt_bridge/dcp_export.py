@@ -42,7 +42,8 @@ from .plan import Plan, Transform, derive, execute, rename
 from .progress import Progress
 from .titan_eras import seed_flags
 from .trainer_keys import RequestedKeys, requested_keys
-from .writers.atomic import AtomicDir
+from .team import Team, split, team_output
+from .writers.atomic import flush_tree
 
 log = logging.getLogger("ckpt_bridge")
 
@@ -389,9 +390,9 @@ class _Fetcher:
     and keeps the transform's other outputs until they are asked for.
     """
 
-    def __init__(self, plan: DCPPlan, source: Reader, out_dt, aux_values, bar: Progress, summary):
+    def __init__(self, plan: DCPPlan, transforms: list, source: Reader, out_dt, aux_values, bar: Progress, summary):
         self.arenas = _Arenas(2)
-        self.stream = execute(plan, source.read, out_dt, ahead=False, buffer=self.arenas.take)
+        self.stream = execute(transforms, source.read, out_dt, ahead=False, buffer=self.arenas.take)
         self.pending: dict[str, torch.Tensor] = {}
         self.plan, self.out_dt, self.aux_values, self.bar, self.summary = plan, out_dt, aux_values, bar, summary
         self.fqn_of = plan.requested.fqn_of
@@ -412,6 +413,14 @@ class _Fetcher:
             self.summary.from_source += 1
         self.bar.update(t.numel() * t.element_size(), key)
         return t.contiguous()
+
+
+def _my_groups(groups: list[list[str]], targets: dict[str, TensorInfo], out_dt, team: Team) -> set[str]:
+    """The target keys this process writes: whole transforms (a group is never split between processes)."""
+    if team.size == 1:
+        return set(targets)
+    sizes = [sum(TensorInfo(k, targets[k].shape, out_dt(targets[k])).nbytes for k in g) for g in groups]
+    return {k for i in split(sizes, list(range(len(groups))), team.size)[team.rank] for k in groups[i]}
 
 
 def _hash_files(paths: list[Path]) -> list[dict[str, Any]]:
@@ -450,6 +459,7 @@ def to_dcp(
     trust_pickle: bool = False,
     progress: bool | None = None,
     dry_run: bool = False,
+    team: Team | None = None,
 ) -> DCPExportSummary | DCPPlan:
     """Write the DCP folder a model-only load of the trainer's model accepts.
 
@@ -466,8 +476,11 @@ def to_dcp(
     both (:mod:`ckpt_bridge.titan_models`).  ``dtype``: of
     floating tensors written (fp32, the usual master-weight dtype; ``keep``).
     With ``dry_run`` the checked plan is returned and nothing is written.
+    ``team``: this process's place among several writing the same export
+    (:mod:`ckpt_bridge.team`, :mod:`ckpt_bridge.dcp_parts`; default: alone).
     """
     t0 = time.perf_counter()
+    team = team or Team()
     cast = _write_dtype(dtype)
     specs = as_specs(aux)
     if aux_from is not None and not specs:
@@ -482,7 +495,7 @@ def to_dcp(
         read_config(cfg_dir)  # its structure and model_type, before transformers parses it
         source, model, titan = _titan_source(reader, cfg_dir, model, sd_adapter, titan_model)
         infos = source.tensors()
-        hashes = pool.submit(_hash_files, _source_files(reader, cfg_dir)) if not dry_run else None
+        hashes = pool.submit(_hash_files, _source_files(reader, cfg_dir)) if not dry_run and team.leader else None
 
         from transformers import AutoConfig
 
@@ -553,20 +566,29 @@ def to_dcp(
         summary = DCPExportSummary(str(src), str(Path(out).absolute()), req.layout, req.trainer, req.reason)
         summary.seed_flags = seed_flags(summary.out, req.era, req.layout)
         summary.titan_model = titan
-        fetch = _Fetcher(plan, source, out_dt, aux_values, bar, summary)
         # In plan order, so DCP's writer (one file per item, in state-dict order) asks for a multi-output
         # transform's outputs one after the other and only one group is ever held.
+        dcp_key = (lambda k: f"model.{req.fqn_of[k]}") if req.layout == "nested" else (lambda k: k)
+        order = [dcp_key(k) for k in targets]  # the flattened keys DCP stores, in state-dict order
+        groups = [list(t.targets) for t in plan.transforms] + [[k] for k in plan.aux]
+        mine = _my_groups(groups, targets, out_dt, team)
+        fetch = _Fetcher(plan, [t for t in plan.transforms if t.targets[0] in mine], source, out_dt, aux_values,
+                         bar, summary)
         meta_sd = {(req.fqn_of[k] if req.layout == "nested" else k): torch.empty(i.shape, dtype=out_dt(i),
                                                                                    device="meta")
-                   for k, i in targets.items()}
+                   for k, i in targets.items() if k in mine}
         state = {"model": meta_sd} if req.layout == "nested" else meta_sd
         protect = tuple(p for p in (Path(src), reader.path, cfg_dir, Path(aux_from) if aux_from else None) if p)
         import torch.distributed.checkpoint as dcp
 
-        with AtomicDir(out, overwrite=overwrite, protect=protect) as tmp, writing(tmp, total):
+        from .dcp_parts import merge_parts, part_dir
+
+        with team_output(out, team, overwrite=overwrite, protect=protect, create=[]) as tmp, writing(tmp, total):
             # writing(): DCP wraps a full disk, a Ctrl-C or our own read errors in a CheckpointException
             # (a BaseException carrying a traceback as its message); this re-raises the real cause.
+            error = None
             try:
+                part_dir(tmp, team.rank).mkdir()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
                     # One .distcp file per tensor: DCP's writer keeps a reference to every tensor it has written
@@ -574,11 +596,22 @@ def to_dcp(
                     # file would hold the whole model in memory by the end.
                     # sync_files=False: no fsync per file; AtomicDir flushes the whole output once before
                     # the rename (per-file fsync stalled the stream on the disk 147 times: 20 s -> 11 s, 1.24B).
-                    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp), single_file_per_rank=False,
-                                                                        thread_count=1, sync_files=False),
+                    # Each process saves its share alone; merge_parts makes one folder of them (dcp_parts).
+                    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(part_dir(tmp, team.rank)),
+                                                                        single_file_per_rank=False, thread_count=1,
+                                                                        sync_files=False),
                              planner=streaming_planner(fetch), no_dist=True)
+                if not team.leader:  # its own files flushed: rank 0 may be on another node
+                    flush_tree(part_dir(tmp, team.rank))
+            except BaseException as e:  # noqa: BLE001 - every process learns whether all the others succeeded
+                error = e
             finally:
                 bar.close()
+            team.finish(error)
+            if not team.leader:
+                summary.seconds = time.perf_counter() - t0
+                return summary
+            merge_parts(tmp, team.size, order)
             summary.tensors = len(targets)
             summary.bytes_written = total
             dts = {out_dt(i) for i in targets.values() if i.dtype.is_floating_point}

@@ -234,9 +234,9 @@ def test_ctrl_c_during_to_dcp(tiny_hf_factory, tmp_path):
     p = subprocess.Popen([PY, "-c", SLOW_TO_DCP, "to-dcp", str(hf), "--out", str(out), "--quiet"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while not list(tmp_path.glob(".o.partial-*/*.distcp")) and time.time() < deadline:
+    while not list(tmp_path.glob(".o.partial-*/**/*.distcp")) and time.time() < deadline:
         time.sleep(0.05)
-    assert list(tmp_path.glob(".o.partial-*/*.distcp")), "to-dcp never started writing"
+    assert list(tmp_path.glob(".o.partial-*/**/*.distcp")), "to-dcp never started writing"
     p.send_signal(signal.SIGINT)
     _, stderr = p.communicate(timeout=60)
     err = stderr.strip().splitlines()
