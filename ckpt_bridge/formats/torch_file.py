@@ -11,11 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from .. import pages, safeload
 from ..errors import CheckpointFormatError
 from .base import Reader, TensorInfo
+
+
+def _dtensor() -> type:
+    """DTensor, imported when first needed: importing torch.distributed.tensor costs ~0.4 s, which
+    ``inspect`` of an HF or DCP folder would otherwise pay for nothing."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
 
 
 def _flatten(obj: Any, prefix: str, out: dict[str, Any], other: list[str]) -> None:
@@ -42,7 +49,7 @@ class TorchFileReader(Reader):
         self.non_tensor: list[str] = []
         _flatten(obj, "", self._tensors, self.non_tensor)
         for k, v in self._tensors.items():
-            if isinstance(v, DTensor):
+            if isinstance(v, _dtensor()):
                 raise CheckpointFormatError(
                     f"{self.path}: key {k!r} is a DTensor shard; one rank file cannot be merged alone: "
                     f"point ckpt-bridge at the directory holding every rank's file"

@@ -27,6 +27,11 @@ our RSS afterwards.  verl itself is never imported.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
+
 import os
 import re
 import sys
@@ -35,7 +40,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from .. import pages, safeload
 from ..errors import CheckpointFormatError
@@ -43,6 +47,14 @@ from ..layout import Placement, local_region, placements_of, source_coords
 from ..compare import bits_equal, deep_equal
 from ..jsonfiles import FSDP_CONFIG, read_json
 from .base import Reader, TensorInfo
+
+def _dtensor() -> type:
+    """DTensor, imported when first needed: importing torch.distributed.tensor costs ~0.4 s, which
+    ``inspect`` of an HF or DCP folder would otherwise pay for nothing."""
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
 
 _RANK_FILE = re.compile(r"^(model|optim|extra_state)_world_size_(\d+)_rank_(\d+)\.pt$")
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
@@ -229,9 +241,9 @@ class VerlFSDPReader(Reader):
                 )
             values.append(sd[key])
         first = values[0]
-        if not isinstance(first, DTensor):
+        if not isinstance(first, _dtensor()):
             for r, v in enumerate(values):
-                if isinstance(v, DTensor) or tuple(v.shape) != tuple(first.shape) or v.dtype != first.dtype:
+                if isinstance(v, _dtensor()) or tuple(v.shape) != tuple(first.shape) or v.dtype != first.dtype:
                     raise CheckpointFormatError(
                         f"{self.model_file(r)}: key {key!r} is a plain tensor on rank 0 but differs in "
                         f"type/shape/dtype on rank {r}; cannot tell how it was sharded"
@@ -254,7 +266,7 @@ class VerlFSDPReader(Reader):
         coord_rank: dict[tuple[int, ...], int] = {}
         for r, v in enumerate(values):
             where = f"{self.model_file(r)}: key {key!r}"
-            if not isinstance(v, DTensor):
+            if not isinstance(v, _dtensor()):
                 raise CheckpointFormatError(f"{where}: plain tensor on rank {r} but a DTensor on rank 0")
             if placements_of(v.placements, where) != placements or tuple(v.shape) != shape or v.dtype != first.dtype:
                 raise CheckpointFormatError(
@@ -417,7 +429,7 @@ class VerlFSDPReader(Reader):
         """Counts of (placements, mesh dim names) patterns on rank 0 (metadata only)."""
         counts: dict[str, int] = {}
         for key, v in self._sd(0).items():
-            if isinstance(v, DTensor):
+            if isinstance(v, _dtensor()):
                 _, names, _ = self._mesh(0, key, v)
                 label = f"{tuple(str(p) for p in placements_of(v.placements, key))} on {names}"
             else:
@@ -436,11 +448,12 @@ def _data_offsets(path: Path, trust_pickle: bool) -> dict[str, int | None]:
     """
     if sys.byteorder != "little":  # pragma: no cover - torch.save archives are little-endian here
         return {}
+    _dtensor()  # registers the DTensor classes with the weights-only unpickler
     with safeload.quiet_loading():
         sd = torch.load(path, map_location="meta", weights_only=not trust_pickle)
     out: dict[str, int | None] = {}
     for key, v in sd.items():
-        t = v._local_tensor if isinstance(v, DTensor) else v
+        t = v._local_tensor if isinstance(v, _dtensor()) else v
         base = getattr(t.untyped_storage(), "_checkpoint_offset", None) if isinstance(t, torch.Tensor) else None
         ok = base is not None and t.is_contiguous()
         out[key] = base + t.storage_offset() * t.element_size() if ok else None
