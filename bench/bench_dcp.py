@@ -307,8 +307,8 @@ def bench_size(size: C.Size, args) -> dict | None:
     if hf is None:
         return None
     fp32 = 2 * C.weight_bytes(hf)
-    # peak: the DCP (fp32) + the fp32 HF exports of --workers 1 and 2, side by side for the identity check
-    if not C.disk_ok(size.dir, 3 * fp32, f"outputs of {size.tag}"):
+    # peak: the DCP (fp32, lm_head apart) + the fp32 HF exports of --workers 1 and 2 side by side (identity check)
+    if not C.disk_ok(size.dir, 3 * fp32 + size.embedding_fp32_bytes(), f"outputs of {size.tag}"):
         return None
     reps = {"h2d": {}, "d2h": {}, "hook": {}}
     notes = {"h2d": {"identity": None}, "d2h": {"identity": None, "sanity": "not run"}}

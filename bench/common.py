@@ -75,7 +75,12 @@ class Size:
     def est_fp32_bytes(self) -> int:
         """fp32 model bytes of the Llama-3.2-1B widths at this depth (disk guard only; tied embeddings)."""
         per_layer = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192 + 2 * 2048
-        return 4 * (128256 * 2048 + self.layers * per_layer + 2048)
+        return self.embedding_fp32_bytes() + 4 * (self.layers * per_layer + 2048)
+
+    @staticmethod
+    def embedding_fp32_bytes() -> int:
+        """The tied embedding; to-dcp writes it twice (embed_tokens and lm_head, as the trainer loads them)."""
+        return 4 * 128256 * 2048
 
 
 def disk_ok(path: Path, need: int, what: str) -> bool:
