@@ -1,43 +1,88 @@
 #!/usr/bin/env python
-"""Benchmark: HF <-> DCP on a Llama-3.2-1B-shaped model (1.24B params), both directions, one run.
+"""Benchmark (issue 12, speed): HF <-> TorchTitan DCP on the Llama-3.2-1B-shaped models, both directions, one
+run.  Not a test.  Run from the repo root:
 
-    .venv/bin/python bench/bench_dcp.py [--workdir DIR] [--repeat N]
+    .venv/bin/python bench/bench_dcp.py [--size 1b|1b_x2|both] [--repeat N] [--layers K] [--workdir DIR]
+                                        [--hook-rows]
 
-Source: the bf16 HF export of bench_verl_to_hf.py's checkpoint (built first if missing, 2.5 GB).
-Measured, each as a child process (wall time; peak RSS from os.wait4), warm page cache:
+Source per size: the bf16 HF export of bench_verl_to_hf.py's checkpoint (WORKDIR/<size>/hf-bf16, built
+first if missing: 2.5 GB for 1b, 4.4 GB for 1b_x2).  Measured, each as a child process (wall time; peak
+RSS = ``ru_maxrss`` from ``os.wait4``; CPU time), warm page cache (inputs read with ``cat`` and ``sync``
+before each command, outside the timing), ``--repeat N`` interleaved rounds, each tool's fastest shown:
 
-  HF -> DCP (fp32, 4.9 GB written)
-    a. ckpt-bridge to-dcp HF --out DCP                          (streams through DCP's own writer)
-    b. flame-style convert_hf_to_dcp: from_pretrained, then dcp.save({"model": state_dict})
-    c. I/O floor: read the HF files, write 4.9 GB (no torch)
-  DCP -> HF (fp32)
-    d. ckpt-bridge to-hf DCP --out HF2                          (one tensor at a time through DCP's reader)
-    e. flame-style convert_dcp_to_hf: dcp_to_torch_save, torch.load, load_state_dict, save_pretrained
-  Rank 0 alone vs all ranks (the torchtitan save hook's choice):
-    f1. one process exports every tensor of the DCP to safetensors
-    f2. two processes at once, each exporting half the tensors to its own files
+  HF bf16 -> DCP fp32 (4.9 GB written for 1b)
+    h2d_cb           ckpt-bridge to-dcp HF --out DCP            (streams through DCP's own writer)
+    h2d_cb_w2        the same with --workers 2; output must be byte-identical to h2d_cb's
+    h2d_flame        flame-style convert_hf_to_dcp: from_pretrained, then dcp.save({"model": state_dict})
+    h2d_floor        read the HF safetensors, write as many bytes as h2d_cb's .distcp files (64 MiB chunks)
+    h2d_floor_flush  the same, then one fsync of the written file (context)
+  DCP fp32 -> HF fp32 (from h2d_cb's DCP)
+    d2h_cb           ckpt-bridge to-hf DCP --out HF2            (one tensor at a time through DCP's reader)
+    d2h_cb_w2        the same with --workers 2; output must be byte-identical to d2h_cb's
+    d2h_flame        flame-style convert_dcp_to_hf: dcp_to_torch_save, torch.load, load_state_dict,
+                     save_pretrained
+    d2h_floor        read the DCP's .distcp files, write as many bytes as d2h_cb's safetensors
+    d2h_floor_flush  the same, then one fsync (context)
+  startup            `python -c "import torch, safetensors.torch"` (context: the start-up every torch tool pays)
 
-The parent imports only the standard library (a child's ru_maxrss counts the parent's image at fork).
+The ``--workers 2`` rows fail until the engine has the flag: they are reported as failed with their first
+error line and everything else is still measured.  Their identity check uses filecmp on every file except the
+timestamped ckpt_bridge_manifest.json / ckpt_bridge_export.json; a DCP ``.metadata`` that differs is compared
+again without its storage_meta (temporary path and a fresh uuid, different between any two saves).
+
+Printed at the end and written to WORKDIR/results_dcp.md: the rows per size, a summary per direction (vs
+flame-style: faster; wall / floor <= 1.5x; peak RSS; the flush row, the start-up-subtracted wall and
+--workers 2 as context) and a per-size table of seconds per GB written and peak RSS with its growth from
+1b to 1b_x2.
+
+``--hook-rows`` adds the earlier issue's rows (the torchtitan save hook: rank 0 alone vs all ranks):
+    f1  one process exports every tensor of the DCP to safetensors
+    f2  two processes at once, each exporting half the tensors to its own files
+    g0/g1/g2  two stand-in training ranks alone / next to one exporter / next to two exporters
+
+``--layers K`` is for development (1b gets K layers, 1b_x2 2K).  The parent imports only the standard
+library and bench/common.py, bench_verl_to_hf.py (a child's ru_maxrss counts the parent's image at fork).
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-PY = sys.executable
-BIN = Path(sys.executable).parent
-sys.path.insert(0, str(HERE))
-import bench_verl_to_hf as V  # noqa: E402 - stdlib-only at import time
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_verl_to_hf as V  # noqa: E402 - stdlib only at import time
+import common as C  # noqa: E402
+
+ME = str(Path(__file__).resolve())
+
+H2D = {
+    "cb": "ckpt-bridge to-dcp (fp32)",
+    "cb_w2": "ckpt-bridge to-dcp --workers 2",
+    "flame": "flame-style convert_hf_to_dcp (from_pretrained, dcp.save)",
+    "floor": "floor (read HF safetensors, write cb's .distcp bytes)",
+    "floor_flush": "floor + one flush (fsync at the end)",
+    "startup": "(reference) `python -c 'import torch, safetensors.torch'`",
+}
+D2H = {
+    "cb": "ckpt-bridge to-hf (fp32)",
+    "cb_w2": "ckpt-bridge to-hf --workers 2",
+    "flame": "flame-style convert_dcp_to_hf (dcp_to_torch_save, load, save_pretrained)",
+    "floor": "floor (read .distcp files, write cb's safetensors bytes)",
+    "floor_flush": "floor + one flush (fsync at the end)",
+    "startup": H2D["startup"],
+}
+HOOK_ROWS = ["f1_export_one_process", "f2_export_two_processes", "g0_trainers_alone",
+             "g1_trainers_with_one_exporter", "g2_trainers_with_two_exporters"]
+
+
+# ------------------------------------------------------------------------------------------------
+# children (torch)
+# ------------------------------------------------------------------------------------------------
 
 
 def child_naive_hf_to_dcp(hf: str, out: str) -> None:
@@ -66,6 +111,7 @@ def child_naive_dcp_to_hf(dcp_dir: str, hf: str, out: str) -> None:
 def child_export_part(dcp_dir: str, out: str, part: int, parts: int) -> None:
     """The hook's work, split by key: this process writes keys[part::parts] to its own safetensors files."""
     from ckpt_bridge.formats.dcp import DCPReader
+    from ckpt_bridge.stream import read_ahead
     from ckpt_bridge.writers.safetensors_shards import ShardedSafetensorsWriter
 
     r = DCPReader(Path(dcp_dir))
@@ -74,8 +120,6 @@ def child_export_part(dcp_dir: str, out: str, part: int, parts: int) -> None:
     Path(out).mkdir(parents=True, exist_ok=True)
     w = ShardedSafetensorsWriter(Path(out), [(k, infos[k].shape, infos[k].dtype) for k in keys], 5 << 30,
                                  prefix=f"part{part}")
-    from ckpt_bridge.stream import read_ahead
-
     for k, t in read_ahead(keys, r.read):  # the same one-tensor read-ahead as ckpt-bridge to-hf
         w.write(k, t)
     w.close()
@@ -108,54 +152,238 @@ def child_sanity(a: str, b: str) -> None:
         common = sorted(set(ta) & set(tb))
         sample = common[:: max(1, len(common) // 6)]
         eq = all(torch.equal(ra.read(ta[k]), rb.read(tb[k])) for k in sample)
-    print(json.dumps({"keys_a": len(ta), "keys_b": len(tb), "common": len(common), "sampled_equal": eq}))
+    print(json.dumps({"keys_a": len(ta), "keys_b": len(tb), "common": len(common), "sampled": len(sample),
+                      "sampled_equal": eq}))
 
 
-def measure(name: str, cmd: list[str], warm: list[Path], logdir: Path) -> dict:
-    for f in warm:
-        subprocess.run(["cat", str(f)], stdout=subprocess.DEVNULL, check=False)
-    subprocess.run(["sync"], check=False)
-    print(f"\n[{name}] {' '.join(cmd)}", flush=True)
-    with open(logdir / f"{name}.log", "wb") as log:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        _, status, ru = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-    rc = os.waitstatus_to_exitcode(status)
-    print(f"[{name}] rc={rc} wall={wall:.2f}s peak_rss={ru.ru_maxrss * 1024 / 1e9:.2f} GB", flush=True)
-    if rc:
-        print((logdir / f"{name}.log").read_text(errors="replace")[-3000:])
-    return {"name": name, "rc": rc, "wall_s": wall, "rss_gb": ru.ru_maxrss * 1024 / 1e9}
+# ------------------------------------------------------------------------------------------------
+# measurement (parent)
+# ------------------------------------------------------------------------------------------------
+
+
+def all_files(d: Path) -> list[Path]:
+    return sorted(p for p in d.rglob("*") if p.is_file())
+
+
+def ensure_hf_source(size: C.Size) -> Path | None:
+    """WORKDIR/<size>/hf-bf16: ckpt-bridge's bf16 export of the size's verl checkpoint (built if missing)."""
+    hf = size.dir / "hf-bf16"
+    if (hf / ".bench_complete").is_file():
+        return hf
+    C.rm(hf)
+    if V.ensure_checkpoint(size) is None or not C.disk_ok(size.dir, size.est_fp32_bytes() // 2, "HF source"):
+        return None
+    subprocess.run([C.CKPT_BRIDGE, "to-hf", str(V.actor_dir(size)), "--out", str(hf), "--dtype", "bf16", "--quiet"],
+                   check=True, cwd=C.REPO)
+    (hf / ".bench_complete").write_text("ok")
+    return hf
+
+
+class Round:
+    """One round at one size: runs the steps, records every measurement under ``reps[direction][key]``."""
+
+    def __init__(self, size: C.Size, hf: Path, first: bool, reps: dict, notes: dict):
+        self.size, self.hf, self.first, self.reps, self.notes = size, hf, first, reps, notes
+        names = ("dcp-cb", "dcp-cb-w2", "dcp-flame", "floor.bin", "hf-back", "hf-back-w2", "hf-flame", "split1",
+                 "split2")
+        self.out = {n: size.dir / n for n in names}
+        for p in self.out.values():
+            C.rm(p)
+        self.me = [C.PY, ME, "--child"]
+
+    def step(self, direction: str, key: str, cmd: list[str], warm: list[Path], out: Path | None) -> dict:
+        r = C.measure(f"{direction}_{key}", cmd, warm, self.size.logdir)
+        r["out_bytes"] = C.weight_bytes(out) if out else 0
+        r["out_files"] = len(C.weight_files(out)) if out else 0
+        self.reps[direction].setdefault(key, []).append(r)
+        return r
+
+    def floors(self, direction: str, out_bytes: int, inputs: list[Path]) -> None:
+        for key, flush in (("floor", False), ("floor_flush", True)):
+            r = self.step(direction, key, C.floor_cmd(out_bytes, self.out["floor.bin"], inputs, flush), inputs, None)
+            r["out_bytes"] = out_bytes
+            C.rm(self.out["floor.bin"])
+
+    def ckpt_bridge_pair(self, direction: str, cmd: list[str], out: Path, out_w2: Path, warm: list[Path]) -> dict:
+        """cmd --out OUT (1 process), then --workers 2 into OUT_W2, compared with OUT, deleted."""
+        cb = self.step(direction, "cb", cmd + ["--out", str(out)], warm, out)
+        w2 = self.step(direction, "cb_w2", cmd + ["--out", str(out_w2), "--workers", "2"], warm, out_w2)
+        if self.first:
+            self.notes[direction]["identity"] = C.compare_outputs(out, out_w2) if C.ok(cb) and C.ok(w2) else None
+        C.rm(out_w2)
+        return cb
+
+    def hf_to_dcp(self) -> dict:
+        hf_files, o = all_files(self.hf), self.out
+        cb = self.ckpt_bridge_pair("h2d", [C.CKPT_BRIDGE, "to-dcp", str(self.hf), "--quiet"], o["dcp-cb"],
+                                   o["dcp-cb-w2"], hf_files)
+        flame = self.step("h2d", "flame", self.me + ["naive_hf_to_dcp", str(self.hf), str(o["dcp-flame"])],
+                          hf_files, o["dcp-flame"])
+        C.rm(o["dcp-flame"])
+        out_bytes = cb["out_bytes"] or flame["out_bytes"] or 2 * C.weight_bytes(self.hf)
+        self.floors("h2d", out_bytes, C.weight_files(self.hf))
+        return cb
+
+    def dcp_to_hf(self) -> None:
+        o = self.out
+        dcp_files = all_files(o["dcp-cb"])
+        cb = self.ckpt_bridge_pair("d2h", [C.CKPT_BRIDGE, "to-hf", str(o["dcp-cb"]), "--quiet"], o["hf-back"],
+                                   o["hf-back-w2"], dcp_files)
+        if self.first:
+            self.notes["d2h"]["sanity"] = (self.sanity(o["dcp-cb"], o["hf-back"]) if C.ok(cb)
+                                           else "skipped (to-hf failed)")
+        C.rm(o["hf-back"])
+        flame = self.step("d2h", "flame", self.me + ["naive_dcp_to_hf", str(o["dcp-cb"]), str(self.hf),
+                                                     str(o["hf-flame"])], dcp_files, o["hf-flame"])
+        C.rm(o["hf-flame"])
+        distcp = [f for f in dcp_files if f.suffix == ".distcp"]
+        out_bytes = cb["out_bytes"] or flame["out_bytes"] or sum(f.stat().st_size for f in distcp)
+        self.floors("d2h", out_bytes, distcp)
+
+    def sanity(self, a: Path, b: Path) -> str:
+        p = subprocess.run(self.me + ["sanity", str(a), str(b)], capture_output=True, text=True, cwd=C.REPO)
+        line = p.stdout.strip() if p.returncode == 0 else f"check crashed: {p.stderr.strip().splitlines()[-1:]}"
+        print(f"[sanity] to-dcp output vs to-hf of it: {line}", flush=True)
+        return line
+
+    def hook_rows(self, trainer_work: int) -> None:
+        """The earlier issue's experiment: the torchtitan save hook exporting from rank 0 alone vs all ranks."""
+        o, dcp_files = self.out, all_files(self.out["dcp-cb"])
+        export = lambda d, i, n: self.me + ["export_part", str(o["dcp-cb"]), str(d), str(i), str(n)]  # noqa: E731
+        self._hook(measure_parallel("f1_export_one_process", [export(o["split1"], 0, 1)], dcp_files,
+                                    self.size.logdir))
+        C.rm(o["split1"])
+        self._hook(measure_parallel("f2_export_two_processes", [export(o["split2"], i, 2) for i in range(2)],
+                                    dcp_files, self.size.logdir))
+        C.rm(o["split2"])
+        for label, parts in zip(HOOK_ROWS[2:], (0, 1, 2)):
+            marks = [self.size.dir / f"trainer{i}.txt" for i in range(2)]
+            cmds = [self.me + ["trainer", str(trainer_work), str(m)] for m in marks]
+            cmds += [export(o["split2"], i, parts) for i in range(parts)]
+            row = measure_parallel(label, cmds, dcp_files, self.size.logdir)
+            if row["rc"] == 0:
+                row["trainer_s"] = max(float(m.read_text()) for m in marks)
+                print(f"[{label}] slowest trainer {row['trainer_s']:.2f}s", flush=True)
+            self._hook(row)
+            C.rm(o["split2"])
+
+    def _hook(self, row: dict) -> None:
+        self.reps["hook"].setdefault(row["key"], []).append(row)
+
+    def run(self, hook_rows: bool, trainer_work: int) -> None:
+        cb = self.hf_to_dcp()
+        if C.ok(cb):
+            self.dcp_to_hf()
+            if hook_rows:
+                self.hook_rows(trainer_work)
+        else:
+            print("[d2h] skipped: to-dcp failed, no DCP to read", flush=True)
+        C.rm(self.out["dcp-cb"])
+        st = self.step("h2d", "startup", C.STARTUP_CMD, [], None)
+        self.reps["d2h"].setdefault("startup", []).append(st)
 
 
 def measure_parallel(name: str, cmds: list[list[str]], warm: list[Path], logdir: Path) -> dict:
-    for f in warm:
-        subprocess.run(["cat", str(f)], stdout=subprocess.DEVNULL, check=False)
-    subprocess.run(["sync"], check=False)
+    """Several children at once; wall until the last ends, peak RSS = the largest child's."""
+    C.warm(warm)
     print(f"\n[{name}] {len(cmds)} processes at once", flush=True)
+    logs = [open(logdir / f"{name}.{i}.log", "wb") for i in range(len(cmds))]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(c, stdout=open(logdir / f"{name}.{i}.log", "wb"), stderr=subprocess.STDOUT, cwd=REPO)
-             for i, c in enumerate(cmds)]
-    rss, rc = 0.0, 0
+    procs = [subprocess.Popen(c, stdout=log, stderr=subprocess.STDOUT, cwd=C.REPO) for c, log in zip(cmds, logs)]
+    rss, rc = 0, 0
     for p in procs:
         _, status, ru = os.wait4(p.pid, 0)
         rc = rc or os.waitstatus_to_exitcode(status)
-        rss = max(rss, ru.ru_maxrss * 1024 / 1e9)
+        rss = max(rss, ru.ru_maxrss)
     wall = time.perf_counter() - t0
-    print(f"[{name}] rc={rc} wall={wall:.2f}s peak_rss(max of children)={rss:.2f} GB", flush=True)
-    return {"name": name, "rc": rc, "wall_s": wall, "rss_gb": rss}
+    for log in logs:
+        log.close()
+    print(f"[{name}] rc={rc} wall={wall:.2f}s peak_rss(max of children)={C.gb_kib(rss):.2f} GB", flush=True)
+    return {"key": name, "rc": rc, "wall_s": wall, "rss_kib": rss}
 
 
-def files_of(d: Path) -> list[Path]:
-    return sorted(p for p in d.rglob("*") if p.is_file())
+def bench_size(size: C.Size, args) -> dict | None:
+    hf = ensure_hf_source(size)
+    if hf is None:
+        return None
+    fp32 = 2 * C.weight_bytes(hf)
+    # peak: the DCP (fp32, lm_head apart) + the fp32 HF exports of --workers 1 and 2 side by side (identity check)
+    if not C.disk_ok(size.dir, 3 * fp32 + size.embedding_fp32_bytes(), f"outputs of {size.tag}"):
+        return None
+    reps = {"h2d": {}, "d2h": {}, "hook": {}}
+    notes = {"h2d": {"identity": None}, "d2h": {"identity": None, "sanity": "not run"}}
+    for rnd in range(args.repeat):
+        print(f"\n===== {size.tag}: round {rnd + 1}/{args.repeat} =====", flush=True)
+        Round(size, hf, rnd == 0, reps, notes).run(args.hook_rows, args.trainer_work)
+    results = {d: {k: C.combine(v) for k, v in reps[d].items()} for d in ("h2d", "d2h")}
+    hook = {k: min(v, key=lambda x: x["wall_s"]) for k, v in reps["hook"].items()}
+    return {"size": size, "hf": hf, "results": results, "notes": notes, "hook": hook}
+
+
+# ------------------------------------------------------------------------------------------------
+# report
+# ------------------------------------------------------------------------------------------------
+
+
+def checks(run: dict, direction: str) -> list[tuple[str, str, str]]:
+    res = {**run["results"][direction], "identity": run["notes"][direction]["identity"]}
+    return C.direction_checks(res, other="flame", other_label="flame-style script", speedup_target=None,
+                              rss_target_gb=None)
+
+
+def size_section(run: dict, args) -> list[str]:
+    size = run["size"]
+    md = ["", f"## {size.tag}: {size.describe()}", "",
+          f"- source: {run['hf']} ({C.weight_bytes(run['hf']) / 1e9:.2f} GB bf16 safetensors)"]
+    if args.repeat > 1:
+        md.append(f"- {args.repeat} interleaved rounds; wall = fastest round (all rounds in brackets), RSS = max")
+    for direction, title, labels in (("h2d", "HF bf16 -> DCP fp32", H2D), ("d2h", "DCP fp32 -> HF fp32", D2H)):
+        res, notes = run["results"][direction], run["notes"][direction]
+        md += ["", f"### {title}", "", *C.row_table(res, labels, "floor"), ""]
+        md.append(f"- --workers 2 vs --workers 1 output: {C.identity_line(notes['identity'])}")
+        if "cb" in res and C.files_note(res["cb"]):
+            md.append(f"- {C.files_note(res['cb'])}")
+        if direction == "d2h":
+            md.append(f"- sanity (to-dcp output vs to-hf of it, sampled tensors torch.equal): {notes['sanity']}")
+    if run["hook"]:
+        md += ["", "### save hook: rank 0 alone vs all ranks (--hook-rows)", "",
+               "| step | wall s | peak RSS GB | slowest trainer s |", "|---|---:|---:|---:|"]
+        for key in HOOK_ROWS:
+            r = run["hook"].get(key)
+            if r:
+                tr = f"{r['trainer_s']:.1f}" if "trainer_s" in r else ""
+                wall = f"{r['wall_s']:.1f}" if r["rc"] == 0 else f"FAILED (exit {r['rc']})"
+                md.append(f"| {key} | {wall} | {C.gb_kib(r['rss_kib']):.2f} | {tr} |")
+    return md
+
+
+def report(runs: list[dict], args) -> str:
+    md = C.header_lines("ckpt-bridge benchmark: HF <-> TorchTitan DCP")
+    for run in runs:
+        md += size_section(run, args)
+    md += ["", "## Summary (issue 12 targets)", ""]
+    for direction, title in (("h2d", "HF bf16 -> DCP fp32"), ("d2h", "DCP fp32 -> HF")):
+        md += C.summary_table(title, {r["size"].tag: checks(r, direction) for r in runs if r["results"][direction]})
+        md.append("")
+    md += ["Ratios use the plain floor (the issue's definition); \"floor + one flush\" is the same I/O plus one "
+           "fsync of the written file, for context: ckpt-bridge flushes its output once before the final rename.", ""]
+    for direction, title in (("h2d", "HF -> DCP"), ("d2h", "DCP -> HF")):
+        per_size = {r["size"].tag: {**r["results"][direction], "params": C.params_of(r["size"])}
+                    for r in runs if "cb" in r["results"][direction]}
+        if per_size:
+            md += [*C.scaling_lines(title, per_size), ""]
+    return "\n".join(md)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--workdir", default=str(HERE / "out"))
-    ap.add_argument("--repeat", type=int, default=1)
-    ap.add_argument("--trainer-work", type=int, default=12, help="units of work per stand-in training rank")
+    ap.add_argument("--workdir", type=Path, default=C.HERE / "out", help="default: bench/out (gitignored)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="interleaved rounds; the tables show each tool's fastest round (default 1)")
+    C.add_size_args(ap)
+    ap.add_argument("--hook-rows", action="store_true",
+                    help="also the earlier issue's rows f1/f2/g0-g2 (save hook: rank 0 alone vs all ranks)")
+    ap.add_argument("--trainer-work", type=int, default=12, help="units of work per stand-in training rank (g rows)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -163,78 +391,16 @@ def main() -> int:
         fn(*[int(a) if a.isdigit() else a for a in args.child[1:]])
         return 0
 
-    work = Path(args.workdir)
-    logdir = work / "logs"
-    logdir.mkdir(parents=True, exist_ok=True)
-    V.ensure_checkpoint(work)
-    actor = work / "llama1b" / "global_step_1" / "actor"
-    hf = work / "llama1b-hf-bf16"
-    if not (hf / ".bench_complete").is_file():
-        shutil.rmtree(hf, ignore_errors=True)
-        subprocess.run([str(BIN / "ckpt-bridge"), "to-hf", str(actor), "--out", str(hf), "--dtype", "bf16",
-                        "--quiet"], check=True)
-        (hf / ".bench_complete").write_text("ok")
-    me = [PY, str(Path(__file__).resolve()), "--workdir", str(work), "--child"]
-    rows: dict[str, list[dict]] = {}
-    for _ in range(args.repeat):
-        outs = {n: work / n for n in ("dcp-cb", "dcp-naive", "floor.bin", "hf-back", "hf-naive", "split1", "split2")}
-        for p in outs.values():
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        hf_files = files_of(hf)
-        r = [measure("a_to_dcp", [str(BIN / "ckpt-bridge"), "to-dcp", str(hf), "--out", str(outs["dcp-cb"]),
-                                  "--quiet"], hf_files, logdir)]
-        dcp_bytes = sum(p.stat().st_size for p in files_of(outs["dcp-cb"]))
-        r.append(measure("b_flame_hf_to_dcp", me + ["naive_hf_to_dcp", str(hf), str(outs["dcp-naive"])], hf_files,
-                         logdir))
-        r.append(measure("c_floor_hf_to_dcp", [PY, "-c", "import sys; sys.path.insert(0, %r); import bench_verl_to_hf as V;"
-                                               " V.floor_io(%d, %r, %r)" % (str(HERE), dcp_bytes, str(outs["floor.bin"]),
-                                                                           [str(f) for f in hf_files])],
-                         hf_files, logdir))
-        outs["floor.bin"].unlink(missing_ok=True)
-        shutil.rmtree(outs["dcp-naive"], ignore_errors=True)
-        dcp_files = files_of(outs["dcp-cb"])
-        r.append(measure("d_to_hf_from_dcp", [str(BIN / "ckpt-bridge"), "to-hf", str(outs["dcp-cb"]), "--out",
-                                              str(outs["hf-back"]), "--quiet"], dcp_files, logdir))
-        r.append(measure("e_flame_dcp_to_hf", me + ["naive_dcp_to_hf", str(outs["dcp-cb"]), str(hf),
-                                                    str(outs["hf-naive"])], dcp_files, logdir))
-        sanity = subprocess.run(me + ["sanity", str(outs["dcp-cb"]), str(outs["hf-back"])], capture_output=True,
-                                text=True, cwd=REPO).stdout.strip()
-        shutil.rmtree(outs["hf-naive"], ignore_errors=True)
-        shutil.rmtree(outs["hf-back"], ignore_errors=True)
-        r.append(measure("f1_export_one_process", me + ["export_part", str(outs["dcp-cb"]), str(outs["split1"]), "0",
-                                                        "1"], dcp_files, logdir))
-        shutil.rmtree(outs["split1"], ignore_errors=True)
-        r.append(measure_parallel("f2_export_two_processes",
-                                  [me + ["export_part", str(outs["dcp-cb"]), str(outs["split2"]), str(i), "2"]
-                                   for i in range(2)], dcp_files, logdir))
-        shutil.rmtree(outs["split2"], ignore_errors=True)
-        # g. the export next to a busy trainer: 2 "ranks" of fixed work, alone / with 1 export process /
-        # with the export split over 2 processes.  What matters is how much the ranks slow down.
-        for label, parts in (("g0_trainers_alone", 0), ("g1_trainers_with_one_exporter", 1),
-                             ("g2_trainers_with_two_exporters", 2)):
-            cmds = [me + ["trainer", str(args.trainer_work), str(work / f"trainer{i}.txt")] for i in range(2)]
-            cmds += [me + ["export_part", str(outs["dcp-cb"]), str(outs["split2"]), str(i), str(parts)]
-                     for i in range(parts)]
-            row = measure_parallel(label, cmds, dcp_files, logdir)
-            row["trainer_s"] = max(float((work / f"trainer{i}.txt").read_text()) for i in range(2))
-            print(f"[{label}] slowest trainer {row['trainer_s']:.2f}s", flush=True)
-            r.append(row)
-            shutil.rmtree(outs["split2"], ignore_errors=True)
-        shutil.rmtree(outs["dcp-cb"], ignore_errors=True)
-        for row in r:
-            rows.setdefault(row["name"], []).append(row)
-    best = {n: min(v, key=lambda x: x["wall_s"]) for n, v in rows.items()}
-    lines = [f"HF <-> DCP, Llama-3.2-1B shape (1.24B params), fp32 DCP (4.9 GB); fastest of {args.repeat}; "
-             f"{datetime.date.today()}, git {V._git_rev()}", "",
-             "| step | wall s | peak RSS GB | slowest trainer s |", "|---|---:|---:|---:|"]
-    for n, row in best.items():
-        tr = f"{row['trainer_s']:.1f}" if "trainer_s" in row else ""
-        lines.append(f"| {n} | {row['wall_s']:.1f} | {row['rss_gb']:.2f} | {tr} |")
-    lines += ["", f"sanity (to-dcp output vs to-hf of it, sampled torch.equal): {sanity}"]
-    text = "\n".join(lines)
-    print("\n" + text)
-    (work / "results_dcp.md").write_text(text + "\n")
-    return 0 if all(r["rc"] == 0 for r in best.values()) else 1
+    workdir = args.workdir.resolve()
+    runs = [r for r in (bench_size(C.Size(n, args.layers, workdir), args) for n in C.sizes_arg(args.size)) if r]
+    if not runs:
+        print("nothing measured")
+        return 1
+    md = report(runs, args)
+    print("\n" + md)
+    (workdir / "results_dcp.md").write_text(md + "\n")
+    print(f"written to {workdir / 'results_dcp.md'}; logs in {workdir}/<size>/logs")
+    return 0 if all(C.ok(r["results"][d].get("cb")) for r in runs for d in ("h2d", "d2h")) else 1
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ are uneven on every world size we test, and the llama presets carry
 ``attention_bias=True``: transformers initialises those biases to zero, which
 makes their shards look "replicated" at step 0.
 
-``llama_1b`` has the Llama-3.2-1B shape; it is for benchmarks only.
+``llama_1b`` has the Llama-3.2-1B shape; it is for benchmarks only.  ``llama_1b_x2`` (the same widths,
+twice the layers) is the benchmarks' second size; it lives in ``BENCH_PRESETS``, which ``build_config``
+reads too but which is kept out of ``PRESETS``, whose every entry but ``llama_1b`` the version tests build.
 """
 
 from __future__ import annotations
@@ -84,14 +86,14 @@ def _qwen2(**over):
     return cfg
 
 
-def _llama_1b():
+def _llama_1b(num_hidden_layers: int = 16):
     from transformers import LlamaConfig
 
     cfg = LlamaConfig(
         vocab_size=128256,
         hidden_size=2048,
         intermediate_size=8192,
-        num_hidden_layers=16,
+        num_hidden_layers=num_hidden_layers,
         num_attention_heads=32,
         num_key_value_heads=8,
         head_dim=64,
@@ -183,13 +185,18 @@ PRESETS: dict[str, Callable] = {
     **FAMILIES,
 }
 
+# Benchmark-only sizes, found by build_config like PRESETS (not in PRESETS: tests iterate over that).
+BENCH_PRESETS: dict[str, Callable] = {
+    "llama_1b_x2": lambda: _llama_1b(num_hidden_layers=32),  # 2x llama_1b's layers, same widths: 2.21B params
+}
+
 
 def build_config(name: str):
     """A fresh ``PretrainedConfig`` for preset ``name`` (``config.architectures`` set)."""
-    try:
-        return PRESETS[name]()
-    except KeyError:
-        raise ValueError(f"unknown tiny model {name!r}; choose from {sorted(PRESETS)}") from None
+    make = PRESETS.get(name) or BENCH_PRESETS.get(name)
+    if make is None:
+        raise ValueError(f"unknown tiny model {name!r}; choose from {sorted({**PRESETS, **BENCH_PRESETS})}")
+    return make()
 
 
 def build_model(name: str, dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -353,6 +360,7 @@ def save_tiny_hf(directory, name: str = "llama", dtype: torch.dtype = torch.floa
 
 
 __all__ = [
+    "BENCH_PRESETS",
     "FAMILIES",
     "PRESETS",
     "build_config",
