@@ -32,6 +32,7 @@ from .keys import canonicalize, expected_model, plan_hf_export, value_head
 from .plan import Plan, Transform, execute, rename
 from .lora import is_lora
 from .lora_export import export_lora
+from .pieces import stream_pieces
 from .progress import Progress
 from .team import Team, split, team_output
 from .writers.atomic import check_target
@@ -355,16 +356,16 @@ def _stream(reader: Reader, transforms: list[Transform], writer: ShardedSafetens
     total = sum(o.nbytes if out_dt(o) == o.dtype else o.numel * out_dt(o).itemsize
                 for t in transforms for o in t.outputs)
     bar = Progress(total, "to-hf", enabled=progress)
+    sizes = {o.key: (o.numel, o.numel * out_dt(o).itemsize) for t in transforms for o in t.outputs}
     try:
-        for t, outs in execute(transforms, reader.read, out_dt):
-            for o in t.outputs:  # in planned order: the writer checks it
-                v = outs.pop(o.key)
-                (aux_writer if o.key in aux_keys else writer).write(o.key, v)
+        for p in stream_pieces(transforms, reader, out_dt):  # in planned order: the writer checks it
+            (aux_writer if p.key in aux_keys else writer).write_at(p.key, p.tensor, p.offset)
+            nbytes = p.tensor.numel() * p.tensor.element_size()
+            if p.offset + nbytes == sizes[p.key][1]:  # the tensor's last piece
                 summary.tensors += 1
-                summary.parameters += v.numel()
-                bar.update(v.numel() * v.element_size(), o.key)
-                del v
-            del outs
+                summary.parameters += sizes[p.key][0]
+            bar.update(nbytes, p.key)
+            del p
     finally:
         bar.close()
 

@@ -25,6 +25,15 @@ def read_ahead(keys: list[K], read: Callable[[K], T], depth: int = 1) -> Iterato
     An exception in ``read`` is re-raised in the consumer at that key; closing
     the generator early stops the reader thread.
     """
+    return run_ahead(lambda: ((k, read(k)) for k in keys), depth)
+
+
+def run_ahead(produce: Callable[[], Iterator[T]], depth: int = 1) -> Iterator[T]:
+    """Yield the items of ``produce()``, computed in a thread up to ``depth`` items ahead of the consumer.
+
+    With ``depth`` 1, while the consumer holds item i, the queue holds i+1 and
+    the thread computes i+2: a producer that recycles buffers needs three.
+    """
     q: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
     main = threading.main_thread()
@@ -46,10 +55,10 @@ def read_ahead(keys: list[K], read: Callable[[K], T], depth: int = 1) -> Iterato
 
     def worker() -> None:
         try:
-            for k in keys:
+            for item in produce():
                 if stopped():
                     return
-                offer((k, read(k)))
+                offer(item)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer
             offer(e)
             return

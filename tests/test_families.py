@@ -182,5 +182,7 @@ def test_moe_conversions_stream_one_group_at_a_time(direction, family_ckpts, tmp
         assert live.peak <= 8
     else:
         to_hf(dcp_dir, tmp_path / "out", progress=False)
-        assert live.reads == 25
+        # the 4 fused expert tensors are read whole and split; the 21 renamed ones move in row pieces
+        # through reused buffers (read_rows, ckpt_bridge.pieces), never as whole tensors
+        assert live.reads == 4
         assert live.peak <= 2  # the fused tensor being split and written, and the one read ahead

@@ -212,6 +212,18 @@ class DCPReader(Reader):
         out.copy_(got)
         return out
 
+    def read_rows(self, key: str, out: torch.Tensor, start: int, stop: int) -> bool:
+        """Rows [start, stop) of ``key`` into ``out``, from chunks read directly; False otherwise."""
+        self._check()
+        infos = self.tensors()
+        if key not in infos:
+            key = self.model_fqns().get(key, key)
+        spans = self._direct.spans(key, infos[key]) if self._direct is not None else None
+        if spans is None:
+            return False
+        self._direct.copy_rows(out, spans, infos[key], start, stop)
+        return True
+
     def _dcp_load(self, key: str, info: TensorInfo) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp
 

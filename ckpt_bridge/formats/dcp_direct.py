@@ -114,11 +114,17 @@ class DirectChunks:
         return start + base
 
     def copy_into(self, out: torch.Tensor, spans: list[Span], info: TensorInfo) -> None:
+        self.copy_rows(out, spans, info, 0, info.shape[0] if info.shape else 1)
+
+    def copy_rows(self, out: torch.Tensor, spans: list[Span], info: TensorInfo, start: int, stop: int) -> None:
+        """Rows [start, stop) of the tensor into ``out`` (all of it for a 0-d tensor)."""
         for offsets, sizes, path, at in spans:
             n = info.dtype.itemsize
             for d in sizes:
                 n *= d
-            if n == 0:
+            lo, hi = (offsets[0], offsets[0] + sizes[0]) if sizes else (0, 1)
+            a, b = max(start, lo), min(stop, hi)
+            if n == 0 or a >= b:
                 continue
             # One mapping per chunk, closed right after: a model has thousands of .distcp files, and each
             # open mapping keeps a file descriptor.
@@ -126,7 +132,13 @@ class DirectChunks:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: torch views it without a warning
             try:
                 src = torch.frombuffer(mm, dtype=torch.uint8, count=n, offset=at).view(info.dtype).view(sizes)
-                out[tuple(slice(o, o + s) for o, s in zip(offsets, sizes))].copy_(src)
+                if sizes:
+                    src = src[a - lo:b - lo]
+                    dst = out[(slice(a - start, b - start),) + tuple(slice(o, o + s) for o, s in
+                                                                    zip(offsets[1:], sizes[1:]))]
+                else:
+                    dst = out
+                dst.copy_(src)
                 pages.release(src)
                 del src
             finally:

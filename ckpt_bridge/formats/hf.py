@@ -155,6 +155,17 @@ class HFReader(Reader):
         pages.release(src)
         return out
 
+    def read_rows(self, key: str, out: torch.Tensor, start: int, stop: int) -> bool:
+        """Rows [start, stop) of ``key`` into ``out`` (cast on the way); False if not mapped (read whole)."""
+        self.tensors()
+        src = self._mapped(self._where[key], key) if self.kind == "safetensors" else None
+        if src is None:
+            return False
+        part = src[start:stop]
+        out.copy_(part)
+        pages.release(part)
+        return True
+
     def _mapped(self, f: Path, key: str) -> torch.Tensor | None:
         """``key`` as a view of the file's mapping (no copy), or None if its bytes cannot be viewed directly.
 

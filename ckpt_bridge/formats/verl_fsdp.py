@@ -313,6 +313,48 @@ class VerlFSDPReader(Reader):
             self._read_shard(r, key, out[tuple(slice(a, b) for a, b in region)])
         return out
 
+    def read_rows(self, key: str, out: torch.Tensor, start: int, stop: int) -> bool:
+        """Fill ``out`` with rows [start, stop) of the merged ``key`` (cast to ``out``'s dtype).
+
+        Each shard's part of those rows is copied from its mapped rank file
+        straight into place; the stream uses this to move a large tensor in
+        pieces through small reused buffers (no full-size output tensor, no
+        fresh pages).  Returns False when it cannot (the caller reads whole).
+        """
+        lay = self.layout(key)
+        if lay.kind == "plain":
+            if start == 0:
+                self._check_copies(key)
+            base = self._sd(0)[key]
+            out.copy_(base[start:stop])
+            pages.release(base)
+            return True
+        for r, region in lay.sources:
+            (lo, hi), rest = region[0], region[1:]
+            a, b = max(start, lo), min(stop, hi)
+            if a >= b or any(x == y for x, y in rest):
+                continue
+            local = self._sd(r)[key]._local_tensor
+            offset = self._offset(r, key)
+            if offset is not None:
+                _check_file_holds(self.model_file(r), offset, local, key)
+            src = local[a - lo:b - lo]
+            out[(slice(a - start, b - start),) + tuple(slice(x, y) for x, y in rest)].copy_(src)
+            pages.release(src)
+        return True
+
+    def _check_copies(self, key: str) -> None:
+        base = self._sd(0)[key]
+        for r in range(1, self.world_size):
+            other = self._sd(r)[key]
+            same = bits_equal(base, other)
+            pages.release(other)
+            if not same:
+                raise CheckpointFormatError(
+                    f"{self.model_file(r)}: key {key!r} is a plain tensor whose value on rank {r} differs from "
+                    f"rank 0's; without DTensor placements its layout cannot be known"
+                )
+
     def _read_shard(self, rank: int, key: str, dst: torch.Tensor) -> None:
         """Copy rank ``rank``'s local tensor for ``key`` into ``dst`` (same shape)."""
         local = self._sd(rank)[key]._local_tensor
@@ -352,16 +394,8 @@ class VerlFSDPReader(Reader):
         # A plain tensor is a full copy on every rank (buffers, unwrapped params).
         # Keep one, but make sure they really are copies: a shard saved without
         # its DTensor metadata would otherwise be silently taken as the whole.
+        self._check_copies(key)  # NaN on every rank is a copy; -0.0 vs 0.0 is not
         base = self._sd(0)[key]
-        for r in range(1, self.world_size):
-            other = self._sd(r)[key]
-            same = bits_equal(base, other)  # NaN on every rank is a copy; -0.0 vs 0.0 is not
-            pages.release(other)
-            if not same:
-                raise CheckpointFormatError(
-                    f"{self.model_file(r)}: key {key!r} is a plain tensor whose value on rank {r} differs from "
-                    f"rank 0's; without DTensor placements its layout cannot be known"
-                )
         out = base.to(dtype=dtype, copy=True)
         pages.release(base)
         return out

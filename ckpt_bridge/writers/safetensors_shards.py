@@ -91,6 +91,7 @@ class ShardedSafetensorsWriter:
         self._order = [name for s in shards for name, *_ in s if only is None or name in only]
         self._next = 0
         self._fds: dict[int, int] = {}
+        self._done = 0  # bytes of the current tensor written so far (write_at pieces)
         self._create = create  # False: another process creates the files (create_files) before we write
 
     def filename(self, i: int) -> str:
@@ -129,25 +130,43 @@ class ShardedSafetensorsWriter:
                 pass
         self._fds.clear()
 
-    def _write(self, name: str, tensor: torch.Tensor) -> None:
+    def write_at(self, name: str, part: torch.Tensor, offset: int) -> None:
+        """The bytes of ``part`` at byte ``offset`` of tensor ``name`` (pieces of one tensor, in order)."""
+        try:
+            with writing(self.out_dir, self.total_size):
+                self._write(name, part, offset)
+        except BaseException:
+            self.abort()
+            raise
+
+    def _write(self, name: str, tensor: torch.Tensor, offset: int | None = None) -> None:
         if self._create:
             self.create_files()
         if self._next >= len(self._order) or name != self._order[self._next]:
             expected = self._order[self._next] if self._next < len(self._order) else "nothing more"
             raise RuntimeError(f"tensor {name!r} written out of plan order (expected {expected!r})")
-        i, offset, shape, dtype, n = self._where[name]
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
-            raise RuntimeError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
-        if n:
+        i, start, shape, dtype, n = self._where[name]
+        size = tensor.numel() * tensor.element_size()
+        if offset is None:  # the whole tensor
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                raise RuntimeError(f"{name}: got {tuple(tensor.shape)} {tensor.dtype}, planned {shape} {dtype}")
+            offset = 0
+        elif tensor.dtype != dtype or offset != self._done or offset + size > n:
+            raise RuntimeError(f"{name}: piece of {size} bytes {tensor.dtype} at {offset} does not follow the "
+                               f"{self._done} bytes written of {n} planned ({dtype})")
+        if size:
             if i not in self._fds:
                 self._fds[i] = os.open(self.out_dir / self.filename(i), os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
             # a uint8 view of the tensor's own memory: no copy between tensor and file
             view = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
-            at = len(self._headers[i]) + offset
+            at = len(self._headers[i]) + start + offset
             done = 0
-            while done < n:
+            while done < size:
                 done += os.pwrite(self._fds[i], view[done:], at + done)
-        self._next += 1
+        self._done = offset + size
+        if self._done == n:
+            self._next += 1
+            self._done = 0
 
     def close(self, *, index: bool = True, sync: bool = False) -> list[str]:
         """Finish; writes the index when sharded (``index``: this process is the one that writes it);
