@@ -192,12 +192,13 @@ def weight_bytes(d: Path) -> int:
 
 
 def files_note(cb: dict) -> str:
-    """How many weight files ckpt-bridge wrote: --workers N splits the output files among N processes."""
+    """How many weight files ckpt-bridge wrote: with fewer files than processes, --workers N shares a file
+    (each process pwrites its tensors at their offsets); with more, each process writes whole files."""
     n = cb.get("out_files", 0)
     if not ok(cb) or not n:
         return ""
     return f"ckpt-bridge (1 process) wrote {n} weight file{'s' if n > 1 else ''}" + (
-        " (--workers 2 splits the output files, so it has only one to work on)" if n == 1 else "")
+        " (--workers 2 shares it: each process writes its half of the tensors at their offsets)" if n == 1 else "")
 
 
 # ------------------------------------------------------------------------------------------------
