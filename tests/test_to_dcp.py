@@ -380,6 +380,7 @@ def test_one_tensor_in_memory_at_a_time(tiny_hf_factory, tmp_path, monkeypatch, 
     (held by a view, a detached alias, a writer's cache): a writer that kept what it wrote (DCP's
     FileSystemWriter does, per file) or a reader that cached would show many.  torch keeps one Python object
     per storage for as long as the storage lives (ckpt_bridge.testing.streaming)."""
+    from ckpt_bridge import pieces
     from ckpt_bridge.export import to_hf
     from ckpt_bridge.formats.dcp import DCPReader
     from ckpt_bridge.formats.hf import HFReader
@@ -391,7 +392,8 @@ def test_one_tensor_in_memory_at_a_time(tiny_hf_factory, tmp_path, monkeypatch, 
     live = count_live_reads(monkeypatch, HFReader if direction == "to_dcp" else DCPReader, collect=True)
     if direction == "to_dcp":
         to_dcp(hf, tmp_path / "out", progress=False)
-    else:
+    else:  # every tensor read whole: this checks whole-tensor reads (pieces have tests/test_pieces.py)
+        monkeypatch.setattr(pieces, "PIECE_BYTES", 1)
         to_hf(tmp_path / "dcp", tmp_path / "out", config=hf, progress=False)
     assert live.reads >= 25
     assert live.peak <= 2  # the tensor being written and, for to-hf, the one read ahead
