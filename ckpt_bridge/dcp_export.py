@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .auxiliary import AuxSpec, as_specs, attach_aux, init_aux, parse_aux
+from .buffers import Recycled
 from .detect import open_reader
 from .errors import BridgeError, KeyPlanError, writing
 from .export import DTYPES, TOKENIZER_PREFIXES, _config_dir, _jsonable, read_config
@@ -352,35 +353,6 @@ def _out_dtype(cast: torch.dtype | None):
     return lambda info: cast if cast is not None and info.dtype.is_floating_point else info.dtype
 
 
-class _Arenas:
-    """Reused buffers for the tensors handed to DCP's writer, taken in turn.
-
-    DCP's writer (one thread, one file per tensor) has written tensor k to its
-    file before it asks for k+1, though it still holds k; so the buffer of
-    k-1 is free when k+1 is read.  Without them every tensor is a fresh
-    allocation whose pages fault in on first touch (1.24B bf16 -> fp32: 6 GB
-    of faults).  Each tensor gets a storage of exactly its size (a numpy view
-    of the arena): DCP clones any tensor whose storage is larger.
-    """
-
-    def __init__(self, n: int):
-        self.arenas: list[torch.Tensor | None] = [None] * n
-        self.turn = 0
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        n = dtype.itemsize
-        for d in shape:
-            n *= d
-        i, self.turn = self.turn, (self.turn + 1) % len(self.arenas)
-        if self.arenas[i] is None or self.arenas[i].numel() < n:
-            self.arenas[i] = None  # the old one goes before the larger one comes
-            self.arenas[i] = torch.empty(max(n, 1), dtype=torch.uint8)
-        return torch.from_numpy(self.arenas[i].numpy()[:n]).view(dtype).view(shape)
-
-    def owns(self, t: torch.Tensor) -> bool:
-        return any(a is not None and a.data_ptr() <= t.data_ptr() < a.data_ptr() + a.numel() for a in self.arenas)
-
-
 class _Fetcher:
     """DCP's writer asks for one key at a time; the plan produces a transform's outputs together.
 
@@ -391,7 +363,9 @@ class _Fetcher:
     """
 
     def __init__(self, plan: DCPPlan, transforms: list, source: Reader, out_dt, aux_values, bar: Progress, summary):
-        self.arenas = _Arenas(2)
+        # DCP's writer (one thread, one file per tensor) has written tensor k to its file before it asks for
+        # k+1, though it still holds k: the buffer of k-1 is free again when k+1 is read.
+        self.arenas = Recycled(2)
         self.stream = execute(transforms, source.read, out_dt, ahead=False, buffer=self.arenas.take)
         self.pending: dict[str, torch.Tensor] = {}
         self.plan, self.out_dt, self.aux_values, self.bar, self.summary = plan, out_dt, aux_values, bar, summary

@@ -292,13 +292,11 @@ def to_hf(
             return summary
         writer = ShardedSafetensorsWriter(Path(), _planned(main_tf, out_dt), shard_bytes, create=False)
         mine = my_share(main_tf, writer, out_dt, team)  # all of it, unless several processes split the work
-        writer = ShardedSafetensorsWriter(Path(), _planned(main_tf, out_dt), shard_bytes, create=False,
-                                          only={o.key for t in mine for o in t.outputs})
+        writer.only({o.key for t in mine for o in t.outputs})
         aux_writer = ShardedSafetensorsWriter(Path(), _planned(sep_tf, out_dt), shard_bytes, prefix=AUX_FILE,
                                               create=False) if sep_tf and team.leader else None
         with team_output(out, team, overwrite=overwrite, protect=protect,
                          create=[w for w in (writer, aux_writer) if w is not None]) as tmp:
-            writer.out_dir = tmp
             error = None
             try:
                 _stream(reader, mine + (sep_tf if team.leader else []), writer, aux_writer, out_dt, summary,

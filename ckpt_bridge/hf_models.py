@@ -144,31 +144,12 @@ def with_legacy_fields(cfg: dict) -> dict:
     (about a second, paid after the weights are written): it is cached per (cfg, version)."""
     import hashlib
     import json
-    from importlib import metadata
 
-    from .jsonfiles import cache_root
+    from .jsonfiles import cache_root, cached_json, transformers_version
 
-    try:
-        version = metadata.version("transformers")
-    except metadata.PackageNotFoundError:
-        version = "unknown"
-    raw = json.dumps(cfg, sort_keys=True).encode()
-    cache = cache_root() / "legacy-config" / f"{hashlib.sha256(raw + version.encode()).hexdigest()[:32]}.json"
-    try:
-        cached = json.loads(cache.read_text())
-        if isinstance(cached, dict):
-            return cached
-    except (OSError, ValueError):
-        pass
-    out = _with_legacy_fields(cfg)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{id(out)}")
-        tmp.write_text(json.dumps(out))
-        tmp.replace(cache)
-    except (OSError, TypeError, ValueError):
-        pass  # read-only home, or a value JSON cannot hold: computed each time
-    return out
+    key = json.dumps(cfg, sort_keys=True).encode() + (transformers_version() or "unknown").encode()
+    return cached_json(cache_root() / "legacy-config" / f"{hashlib.sha256(key).hexdigest()[:32]}.json",
+                       lambda: _with_legacy_fields(cfg), lambda v: isinstance(v, dict))
 
 
 def _with_legacy_fields(cfg: dict) -> dict:

@@ -11,6 +11,7 @@ list".
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -126,32 +127,56 @@ def cache_root() -> Path:
     return Path(os.environ.get("CKPT_BRIDGE_CACHE") or Path.home() / ".cache" / "ckpt-bridge")
 
 
+def transformers_version() -> str | None:
+    """The installed transformers' version, without importing it (None if it is not installed)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def cached_json(path: Path | None, compute: Callable[[], Any], valid: Callable[[Any], bool] = lambda v: True) -> Any:
+    """The JSON value stored at ``path``, or ``compute()`` stored there for next time.
+
+    A missing, unreadable or not ``valid`` entry is recomputed; a cache that
+    cannot be written (read-only home, ``path`` None) only costs the recomputation.
+    """
+    import json
+
+    if path is not None:
+        try:
+            value = json.loads(path.read_text())
+            if valid(value):
+                return value
+        except (OSError, ValueError):
+            pass
+    value = compute()
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{os.getpid()}-{id(value)}")
+            tmp.write_text(json.dumps(value))
+            tmp.replace(path)
+        except (OSError, TypeError, ValueError):
+            pass
+    return value
+
+
 def transformers_model_types() -> tuple[set[str], str]:
     """(the model_type names the installed transformers has built in, its version), cached per version.
 
     Importing transformers costs about a second; ``inspect`` and a warm
     export only need this list, so it is kept beside the model expectations.
     """
-    import json
-    from importlib import metadata
+    version = transformers_version() or "unknown"
 
-    try:
-        version = metadata.version("transformers")
-    except metadata.PackageNotFoundError:
-        version = "unknown"
-    cache = cache_root() / "model-types" / f"transformers-{version}.json"
-    try:
-        return set(json.loads(cache.read_text())), version
-    except (OSError, ValueError, TypeError):
-        pass  # first use of this version (or a damaged entry): ask transformers
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    def ask() -> list[str]:
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    names = sorted(CONFIG_MAPPING_NAMES)
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{id(names)}")
-        tmp.write_text(json.dumps(names))
-        tmp.replace(cache)
-    except OSError:
-        pass  # a read-only home: no cache, the import each time
+        return sorted(CONFIG_MAPPING_NAMES)
+
+    names = cached_json(cache_root() / "model-types" / f"transformers-{version}.json", ask,
+                        lambda v: isinstance(v, list))
     return set(names), version

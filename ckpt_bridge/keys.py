@@ -95,16 +95,16 @@ class ModelExpectation:
 def _cache_file(config_dir: Path, overrides: dict | None = None) -> Path | None:
     """Where the expectation for this exact config.json (+ overrides) and transformers version is cached."""
     import hashlib
-    import os
-    from importlib import metadata
 
+    from .jsonfiles import cache_root, transformers_version
+
+    version = transformers_version()
     try:
-        version = metadata.version("transformers")
         raw = (Path(config_dir) / "config.json").read_bytes()
-    except (metadata.PackageNotFoundError, OSError):
+    except OSError:
         return None
-    from .jsonfiles import cache_root
-
+    if version is None:
+        return None  # no transformers: nothing to key the expectation by
     root = cache_root()
     extra = json.dumps(overrides or {}, sort_keys=True).encode()
     digest = hashlib.sha256(raw + b"\0transformers " + version.encode() + b"\0" + extra
@@ -121,26 +121,24 @@ def expected_model(config_dir: Path, overrides: dict | None = None) -> ModelExpe
     and shapes only), keyed by the config's bytes: a warm export of a model
     whose conversions are all renames never imports transformers.
     """
-    cache = _cache_file(config_dir, overrides)
-    if cache is not None and cache.is_file():
-        try:
-            d = json.loads(cache.read_text())
-            return ModelExpectation(d["model_class"], {k: tuple(v) for k, v in d["shapes"]}, d["tie_groups"],
-                                    d["save_groups"], d["config_updates"])
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # a damaged cache entry is rebuilt below
-    exp = _build_expected_model(config_dir, overrides)
-    if cache is not None:
-        try:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".tmp{id(exp)}")
-            tmp.write_text(json.dumps({"model_class": exp.model_class, "shapes": list(exp.shapes.items()),
-                                       "tie_groups": exp.tie_groups, "save_groups": exp.save_groups,
-                                       "config_updates": exp.config_updates}))
-            tmp.replace(cache)
-        except OSError:
-            pass  # a read-only home is fine: we just do not cache
-    return exp
+    from .jsonfiles import cached_json
+
+    built: list[ModelExpectation] = []
+
+    def build() -> dict:
+        exp = _build_expected_model(config_dir, overrides)
+        built.append(exp)
+        return {"model_class": exp.model_class, "shapes": list(exp.shapes.items()), "tie_groups": exp.tie_groups,
+                "save_groups": exp.save_groups, "config_updates": exp.config_updates}
+
+    fields = ("model_class", "shapes", "tie_groups", "save_groups", "config_updates")
+    d = cached_json(_cache_file(config_dir, overrides), build,
+                    lambda v: isinstance(v, dict) and all(k in v for k in fields) and isinstance(v["shapes"], list)
+                    and all(isinstance(x, list) and len(x) == 2 for x in v["shapes"]))
+    if built:
+        return built[0]
+    return ModelExpectation(d["model_class"], {k: tuple(v) for k, v in d["shapes"]}, d["tie_groups"],
+                            d["save_groups"], d["config_updates"])
 
 
 def build_meta_model(config_dir: Path, overrides: dict | None = None):

@@ -25,6 +25,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from .buffers import Recycled
 from .formats.base import TensorInfo
 from .plan import Transform, execute
 from .stream import run_ahead
@@ -39,20 +40,6 @@ class Piece:
     tensor: torch.Tensor  # the whole output, or rows of it
     offset: int  # byte offset of ``tensor`` within the whole output tensor
     transform: Transform
-
-
-class _Slots:
-    def __init__(self, n: int, nbytes: int):
-        self.buffers = [torch.empty(nbytes, dtype=torch.uint8) for _ in range(n)]
-        self.turn = 0
-
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        n = dtype.itemsize
-        for d in shape:
-            n *= d
-        buf = self.buffers[self.turn]
-        self.turn = (self.turn + 1) % len(self.buffers)
-        return buf[:n].view(dtype).view(shape)
 
 
 def stream_pieces(transforms: list[Transform], reader, out_dt: Callable[[TensorInfo], torch.dtype],
@@ -73,7 +60,7 @@ def stream_pieces(transforms: list[Transform], reader, out_dt: Callable[[TensorI
         return 0 < row <= piece_bytes  # small tensors too: one piece, in a buffer that is already there
 
     def produce() -> Iterator[Piece]:
-        slots: _Slots | None = None
+        slots: Recycled | None = None
         whole: list[Transform] = []
         for t in transforms:
             if not piecewise(t):
@@ -82,7 +69,7 @@ def stream_pieces(transforms: list[Transform], reader, out_dt: Callable[[TensorI
             if whole:
                 yield from _whole(whole, reader, out_dt)
                 whole = []
-            slots = slots or _Slots(SLOTS, piece_bytes)
+            slots = slots or Recycled(SLOTS, piece_bytes)
             yield from _in_rows(t, reader, out_dt, slots, piece_bytes)
         if whole:
             yield from _whole(whole, reader, out_dt)
@@ -96,7 +83,7 @@ def _whole(transforms: list[Transform], reader, out_dt) -> Iterator[Piece]:
             yield Piece(o.key, outs.pop(o.key), 0, t)
 
 
-def _in_rows(t: Transform, reader, out_dt, slots: _Slots, piece_bytes: int) -> Iterator[Piece]:
+def _in_rows(t: Transform, reader, out_dt, slots: Recycled, piece_bytes: int) -> Iterator[Piece]:
     o = t.outputs[0]
     dt = out_dt(o)
     row_bytes = o.numel // o.shape[0] * dt.itemsize

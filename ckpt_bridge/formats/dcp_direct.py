@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from .. import pages, safeload
+from ..buffers import nbytes
 from .base import TensorInfo
 
 Span = tuple[tuple[int, ...], tuple[int, ...], Path, int]  # chunk offsets, chunk sizes, file, data start
@@ -119,9 +120,7 @@ class DirectChunks:
     def copy_rows(self, out: torch.Tensor, spans: list[Span], info: TensorInfo, start: int, stop: int) -> None:
         """Rows [start, stop) of the tensor into ``out`` (all of it for a 0-d tensor)."""
         for offsets, sizes, path, at in spans:
-            n = info.dtype.itemsize
-            for d in sizes:
-                n *= d
+            n = nbytes(sizes, info.dtype)
             lo, hi = (offsets[0], offsets[0] + sizes[0]) if sizes else (0, 1)
             a, b = max(start, lo), min(stop, hi)
             if n == 0 or a >= b:

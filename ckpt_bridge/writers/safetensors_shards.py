@@ -50,12 +50,12 @@ class ShardedSafetensorsWriter:
     ``create_files()`` writes every file's header and sizes the file (the
     coordinator of a multi-process export does this once); ``write()`` puts
     tensor bytes at their offset with ``pwrite``, so any process may write
-    any subset (``only``) of the tensors and the files come out the same.
+    any subset (:meth:`only`) of the tensors and the files come out the same.
     Within one writer, tensors arrive in plan order (checked).
     """
 
     def __init__(self, out_dir: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_size: int,
-                 prefix: str = "model", only: set[str] | None = None, create: bool = True):
+                 prefix: str = "model", create: bool = True):
         self.out_dir = Path(out_dir)
         self.prefix = prefix
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype, int]]] = [[]]
@@ -88,7 +88,7 @@ class ShardedSafetensorsWriter:
             raw = json.dumps(header, separators=(",", ":")).encode()
             raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
             self._headers.append(struct.pack("<Q", len(raw)) + raw)
-        self._order = [name for s in shards for name, *_ in s if only is None or name in only]
+        self._order = [name for s in shards for name, *_ in s]
         self._next = 0
         self._fds: dict[int, int] = {}
         self._done = 0  # bytes of the current tensor written so far (write_at pieces)
@@ -101,6 +101,10 @@ class ShardedSafetensorsWriter:
 
     def file_of(self, name: str) -> int:
         return self._where[name][0]
+
+    def only(self, names: set[str]) -> None:
+        """This process writes just ``names`` (its share of a multi-process export); the layout is unchanged."""
+        self._order = [n for n in self._order if n in names]
 
     def create_files(self) -> None:
         """Every file with its header, at its final size (data still to come)."""
