@@ -242,3 +242,90 @@ def test_ctrl_c_during_to_dcp(tiny_hf_factory, tmp_path):
     err = stderr.strip().splitlines()
     assert p.returncode == 130 and len(err) == 1 and "interrupted" in err[0], (p.returncode, stderr)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- issue 19 rows 1-5 (rel-lora): chunk coverage
+
+
+def _rewrite_chunks(d: Path, edit) -> str:
+    """Apply ``edit(key, tensor_md, storage_data)`` to the largest 2-D tensor of ``d/.metadata``; its key."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    with open(d / ".metadata", "rb") as f:
+        md = pickle.load(f)  # our own clean file
+    key, tmd = max(((k, v) for k, v in md.state_dict_metadata.items()
+                    if isinstance(v, TensorStorageMetadata) and len(v.size) == 2), key=lambda kv: kv[1].size.numel())
+    edit(key, tmd, md.storage_data)
+    with open(d / ".metadata", "wb") as f:
+        pickle.dump(md, f)
+    return key
+
+
+def test_dcp_chunks_that_do_not_cover_a_tensor_are_refused(dcp_dir, tmp_path, capsys):
+    """Row 1: a tensor's only chunk rewritten to its first half exported zeros for the rest, exit 0."""
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
+
+    hf, clean = dcp_dir
+    d = copy_dcp(clean, tmp_path / "gap")
+    rows = {}
+
+    def halve(key, tmd, storage):
+        (c,) = tmd.chunks
+        rows["n"] = tmd.size[0]
+        tmd.chunks = [ChunkStorageMetadata(c.offsets, torch.Size([tmd.size[0] // 2, *tmd.size[1:]]))]
+
+    key = _rewrite_chunks(d, halve)
+    n = rows["n"]
+    for args in (["to-hf", str(d), "--out", str(tmp_path / "o")], ["to-hf", str(d), "--out", str(tmp_path / "o"),
+                                                                   "--dry-run"],
+                 ["verify", str(d), "--against", str(hf)]):
+        line = assert_fails(capsys, args, says=f"no chunk holds rows {n // 2}-{n - 1}", sources=(d,))
+        assert repr(key) in line and ".metadata" in line
+    assert cli(["inspect", str(d)]) == 2  # inspect lists the problem
+    assert f"{key!r}: no chunk holds rows {n // 2}-{n - 1}" in capsys.readouterr().out
+
+    d2 = copy_dcp(clean, tmp_path / "overlap")
+
+    def overlap(key, tmd, storage):  # a second chunk over rows the first already holds (same stored bytes)
+        (c,) = tmd.chunks
+        half = tmd.size[0] // 2
+        tmd.chunks = [c, ChunkStorageMetadata(torch.Size([half, 0]), torch.Size([half, *tmd.size[1:]]))]
+        storage[MetadataIndex(key, torch.Size([half, 0]))] = storage[MetadataIndex(key, c.offsets)]
+
+    key = _rewrite_chunks(d2, overlap)
+    line = assert_fails(capsys, ["to-hf", str(d2), "--out", str(tmp_path / "o")], says="both hold rows", sources=(d2,))
+    assert repr(key) in line
+
+
+def test_chunk_coverage_rule():
+    """The one coverage rule (ckpt_bridge.chunks): gaps and overlaps named as regions, in the grid and in the
+    sweep used for layouts whose grid would be huge; cheap for a huge tensor."""
+    import time
+
+    from ckpt_bridge import chunks
+
+    rows = [((0, 0), (32, 64)), ((32, 0), (32, 64))]
+    tiles = [((0, 0), (4, 3)), ((4, 0), (4, 3)), ((0, 3), (4, 3)), ((4, 3), (4, 3))]
+    brick = [((0, 0), (2, 3)), ((0, 3), (2, 3)), ((2, 0), (2, 2)), ((2, 2), (2, 4))]
+    for shape, boxes in (((64, 64), rows), ((8, 6), tiles), ((4, 6), brick), ((4, 4), [((0, 0), (4, 4)),
+                                                                                     ((4, 0), (0, 4))])):
+        assert chunks.coverage(shape, boxes).exact
+    big = (1 << 40, 1 << 20)  # 2**60 elements: only the chunk boundaries are looked at
+    t = time.perf_counter()
+    c = chunks.coverage(big, [((0, 0), (1 << 39, 1 << 20))] + [(((1 << 39) + i, 0), (1, 1 << 20)) for i in range(999)])
+    assert time.perf_counter() - t < 1.0
+    assert c.problem([]) == f"no chunk holds rows {(1 << 39) + 999}-{(1 << 40) - 1} of {big}"
+    gap = chunks.coverage((8, 6), tiles[:3])
+    assert gap.problem(tiles[:3]) == "no chunk holds [4:8, 3:6] of (8, 6)" and gap.gap_elements == 12
+    both = [((0, 0), (40, 64)), ((32, 0), (32, 64))]
+    assert chunks.coverage((64, 64), both).problem(both) == ("chunks at offsets (0, 0) and (32, 0) both hold "
+                                                              "rows 32-39 of (64, 64)")
+    assert "outside" in chunks.coverage((4,), [((2,), (3,))]).problem([((2,), (3,))])
+    old = chunks.GRID_CELLS_MAX
+    chunks.GRID_CELLS_MAX = 0
+    try:
+        assert chunks.coverage((4, 6), brick).exact
+        assert chunks.coverage((8, 6), tiles[:3]).problem(tiles[:3]) == "no chunk holds 12 of its 48 elements of (8, 6)"
+        assert "both hold rows 32-39" in chunks.coverage((64, 64), both).problem(both)
+    finally:
+        chunks.GRID_CELLS_MAX = old

@@ -4,9 +4,10 @@ The metadata comes from the checkpoint itself, so every field we later act on
 is checked against what the folder holds: entry types, storage paths (plain
 file names inside the folder), byte ranges (inside their file: a truncated
 ``.distcp`` or an offset past its end is caught here, not as a torch traceback
-mid-export), chunk boxes (inside their tensor), and each tensor's stored bytes
-(at least its size: a shape in ``.metadata`` cannot make us allocate more than
-the files could fill).
+mid-export), chunk boxes (inside their tensor, and together covering it exactly once:
+:func:`ckpt_bridge.chunks.coverage`, so rows no chunk holds are an error, not
+zeros in the export), and each tensor's stored bytes (at least its size: a
+shape in ``.metadata`` cannot make us allocate more than the files could fill).
 """
 
 from __future__ import annotations
@@ -69,6 +70,13 @@ def _tensor_problems(meta: Path, key: str, md: Any, lengths: dict[Any, int]) -> 
             return [f"{meta}: tensor {key!r} has a chunk at {tuple(c.offsets)} with no storage entry; "
                     f"the save is corrupt"]
         stored += n
+    from ..chunks import coverage
+
+    boxes = [(c.offsets, c.sizes) for c in chunks]
+    gap = coverage(size, boxes).problem(boxes)
+    if gap is not None:
+        return [f"{meta}: tensor {key!r}: {gap}; the save is incomplete or its metadata corrupt: use another "
+                f"step or copy the folder again"]
     need = dtype.itemsize
     for n in size:
         need *= n

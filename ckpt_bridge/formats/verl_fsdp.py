@@ -44,6 +44,7 @@ import torch
 from .. import pages, safeload
 from ..errors import CheckpointFormatError
 from ..layout import Placement, local_region, placements_of, source_coords
+from ..chunks import chunks_of_regions, coverage
 from ..compare import bits_equal, deep_equal
 from ..jsonfiles import FSDP_CONFIG, read_json
 from .base import Reader, TensorInfo
@@ -296,6 +297,13 @@ class VerlFSDPReader(Reader):
         for c in source_coords(tuple(mesh.shape), placements):
             r = coord_rank[c]
             sources.append((r, local_region(shape, tuple(mesh.shape), placements, c)))
+        # The regions tile the tensor by construction (torch.chunk arithmetic); the one coverage rule every
+        # chunked reader uses checks it anyway, so a placement this arithmetic gets wrong fails loudly.
+        boxes = chunks_of_regions(region for _, region in sources)
+        gap = coverage(shape, boxes).problem(boxes)
+        if gap is not None:
+            raise CheckpointFormatError(f"{where0}: the shards of {tuple(map(str, placements))} on mesh "
+                                        f"{tuple(mesh.shape)}: {gap}; cannot merge it exactly")
         lay = _Layout("dtensor", shape, first.dtype, placements, tuple(mesh.shape), tuple(sources))
         self._layouts[key] = lay
         return lay
