@@ -7,23 +7,74 @@ name belongs) must be a one-line error naming the file and the field, not a
 ``TypeError`` three calls later.  A shape maps a dotted field path to a check
 and what the field should be; ``[]`` in a path means "every element of this
 list".
+
+Numbers get their own kinds (:func:`integer`, :func:`number`): JSON lets a
+checkpoint say ``NaN``, ``Infinity``, ``true`` or ``4.7`` where a count or a
+scale belongs, and Python would happily fold ``alpha = NaN`` into every weight
+or truncate ``r: 4.7`` to 4.  A numeric field of a checkpoint's JSON is read
+through one of these, never with a bare ``int()`` / ``float()``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Callable
 
 from .errors import CheckpointFormatError
 
-Check = tuple[Callable[[Any], bool], str]
+Check = tuple  # (ok(value) -> bool, what it should be[, normalise(value) -> value])
 
 
 def is_(*types: type) -> Check:
     names = " or ".join({"str": "a string", "int": "an integer", "dict": "an object", "list": "a list",
                          "float": "a number", "bool": "true/false", "NoneType": "null"}.get(t.__name__, t.__name__) for t in types)
     return (lambda v: isinstance(v, types) and not (bool not in types and isinstance(v, bool)), names)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _range_text(lo: float | None, hi: float | None) -> str:
+    return "".join(t for t in ((f" >= {lo}" if lo is not None else ""), (f" <= {hi}" if hi is not None else "")))
+
+
+def integer(lo: int | None = None, hi: int | None = None, *, null: bool = False) -> Check:
+    """A JSON integer in [lo, hi]: not a bool, not a float with a fraction (``4.0`` is read as 4), not NaN/Inf."""
+    def ok(v: Any) -> bool:
+        if v is None:
+            return null
+        return (_is_number(v) and float(v).is_integer() and (lo is None or v >= lo)
+                and (hi is None or v <= hi))
+    return (ok, f"an integer{_range_text(lo, hi)}{' or null' if null else ''}",
+            lambda v: v if v is None else int(v))
+
+
+def number(lo: float | None = None, hi: float | None = None, *, null: bool = False) -> Check:
+    """A finite JSON number in [lo, hi] (not a bool, not NaN or Infinity)."""
+    def ok(v: Any) -> bool:
+        if v is None:
+            return null
+        return _is_number(v) and (lo is None or v >= lo) and (hi is None or v <= hi)
+    return (ok, f"a finite number{_range_text(lo, hi)}{' or null' if null else ''}")
+
+
+def map_to(value: Check) -> Check:
+    """An object whose every value fits ``value`` (keys are strings in JSON)."""
+    ok, what = value[0], value[1]
+    conv = value[2] if len(value) > 2 else None
+    return (lambda v: isinstance(v, dict) and all(ok(x) for x in v.values()), f"an object of names -> {what}",
+            (lambda v: {k: conv(x) for k, x in v.items()}) if conv else None)
+
+
+def any_of(*checks: Check) -> Check:
+    """The first of ``checks`` that accepts the value decides (and normalises it, if that check does)."""
+    def normalise(v: Any) -> Any:
+        c = next(c for c in checks if c[0](v))
+        return c[2](v) if len(c) > 2 and c[2] is not None else v
+    return (lambda v: any(c[0](v) for c in checks), " or ".join(c[1] for c in checks), normalise)
 
 
 def map_of(key: type, value: type) -> Check:
@@ -35,36 +86,44 @@ def list_of(item: type) -> Check:
     return (lambda v: isinstance(v, list) and all(isinstance(x, item) for x in v), f"a list of {item.__name__}")
 
 
-def _values(doc: Any, path: list[str], where: str) -> list[tuple[str, Any]]:
-    """(dotted name, value) of every present value at ``path`` (missing fields are skipped)."""
+def _values(doc: Any, path: list[str], where: str, parent: Any = None, at: Any = None) -> list[tuple]:
+    """(dotted name, value, container, index) of every present value at ``path`` (missing fields skipped)."""
     if not path:
-        return [(where, doc)]
+        return [(where, doc, parent, at)]
     head, rest = path[0], path[1:]
     if head == "[]":
         if not isinstance(doc, list):
-            return [(where, _NOT_A_LIST)]
-        return [v for i, x in enumerate(doc) for v in _values(x, rest, f"{where}[{i}]")]
+            return [(where, _NOT_A_LIST, None, None)]
+        return [v for i, x in enumerate(doc) for v in _values(x, rest, f"{where}[{i}]", doc, i)]
     if not isinstance(doc, dict) or head not in doc:
         return []
-    return _values(doc[head], rest, f"{where}.{head}" if where else head)
+    return _values(doc[head], rest, f"{where}.{head}" if where else head, doc, head)
 
 
 _NOT_A_LIST = object()
 
 
-def check_shape(doc: Any, shape: dict[str, Check], path: Path, required: tuple[str, ...] = ()) -> Any:
-    """Raise :class:`CheckpointFormatError` naming ``path`` and the field if ``doc`` does not fit ``shape``."""
+def check_shape(doc: Any, shape: dict[str, Check], path: Path, required: tuple[str, ...] = (),
+                fix: str = "restore the file from its source") -> Any:
+    """Raise :class:`CheckpointFormatError` naming ``path`` and the field if ``doc`` does not fit ``shape``.
+
+    Values of checks that normalise (the integer kinds) are replaced in ``doc``.
+    """
     if not isinstance(doc, dict):
         raise CheckpointFormatError(f"{path}: holds a JSON {type(doc).__name__}, not an object; restore the file "
                                     f"from its source")
     for name in required:
         if name not in doc:
-            raise CheckpointFormatError(f"{path}: has no field {name!r}; restore the file from its source")
-    for dotted, (ok, what) in shape.items():
-        for name, value in _values(doc, dotted.split("."), ""):
+            raise CheckpointFormatError(f"{path}: has no field {name!r}; {fix}")
+    for dotted, check in shape.items():
+        ok, what = check[0], check[1]
+        normalise = check[2] if len(check) > 2 else None
+        for name, value, parent, at in _values(doc, dotted.split("."), ""):
             if value is _NOT_A_LIST or not ok(value):
                 raise CheckpointFormatError(f"{path}: field {name!r} should be {what}, got {_short(value)}; "
-                                            f"restore the file from its source")
+                                            f"{fix}")
+            if normalise is not None and parent is not None:
+                parent[at] = normalise(value)  # 4.0 -> 4: what the field means, in the type its readers use
     return doc
 
 
@@ -73,7 +132,8 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def read_json(path: str | Path, shape: dict[str, Check] | None = None, required: tuple[str, ...] = ()) -> Any:
+def read_json(path: str | Path, shape: dict[str, Check] | None = None, required: tuple[str, ...] = (),
+              fix: str = "restore the file from its source") -> Any:
     """A JSON object from ``path`` (UTF-8), checked against ``shape``; one-line errors otherwise."""
     path = Path(path)
     try:
@@ -89,14 +149,25 @@ def read_json(path: str | Path, shape: dict[str, Check] | None = None, required:
         doc = json.loads(text)
     except ValueError as e:
         raise CheckpointFormatError(f"{path}: not valid JSON ({e}); restore the file from its source") from None
-    return check_shape(doc, shape or {}, path, required)
+    return check_shape(doc, shape or {}, path, required, fix)
 
 
 # The fields each file's readers use.
 INDEX = {"weight_map": map_of(str, str), "metadata": is_(dict)}
-FSDP_CONFIG = {"world_size": is_(int)}
-CONFIG = {"model_type": is_(str), "architectures": list_of(str), "hidden_size": is_(int, type(None)),
-          "vocab_size": is_(int, type(None))}
+FSDP_CONFIG = {"world_size": integer(1)}
+# the numbers our own code reads from config.json (aux head sizes and init); transformers checks the rest
+CONFIG = {"model_type": is_(str), "architectures": list_of(str), "hidden_size": integer(1, null=True),
+          "vocab_size": integer(1, null=True), "intermediate_size": integer(1, null=True),
+          "initializer_range": number(0, null=True)}
+# PEFT's adapter_config.json (LoraConfig.to_dict) and verl's lora_train_meta.json, as far as a merge reads them
+_STRINGS = any_of(is_(str), list_of(str), is_(type(None)))
+ADAPTER_CONFIG = {"peft_type": is_(str), "task_type": is_(str, type(None)), "r": integer(1),
+                  "lora_alpha": number(), "use_rslora": is_(bool), "use_dora": is_(bool),
+                  "fan_in_fan_out": is_(bool), "rank_pattern": any_of(map_to(integer(1)), is_(type(None))),
+                  "alpha_pattern": any_of(map_to(number()), is_(type(None))), "target_modules": _STRINGS,
+                  "modules_to_save": any_of(list_of(str), is_(type(None))), "lora_bias": is_(bool),
+                  "base_model_name_or_path": is_(str, type(None))}
+LORA_META = {"r": integer(1), "lora_alpha": number(), "task_type": is_(str, type(None))}
 MANIFEST = {"source": is_(dict), "source.path": is_(str), "source.config_dir": is_(str),
             "source.files": is_(list), "hf_config": is_(dict), "layout": is_(dict), "aux": is_(list),
             "aux.[].name": is_(str), "aux.[].spec": is_(str), "aux.[].kind": is_(str),

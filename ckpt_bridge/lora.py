@@ -40,7 +40,6 @@ adapters, other PEFT tuner types.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -49,8 +48,10 @@ from typing import Any, Callable
 
 import torch
 
+from . import jsonfiles
 from .errors import KeyPlanError
 from .formats.base import TensorInfo
+from .jsonfiles import read_json
 from .keys import canonical_key
 from .plan import Plan, derive, rename
 
@@ -175,31 +176,30 @@ def find_settings(ckpt_dir: Path, lora_config: str | Path | None = None) -> Lora
             raise KeyPlanError(f"--lora-config {p}: no {ADAPTER_CONFIG} there")
     meta = ckpt_dir / META_FILE
     if meta.is_file():
-        d = _json(meta)
-        return LoraSettings(r=int(d["r"]), lora_alpha=d.get("lora_alpha", d["r"]), task_type=d.get("task_type"),
-                            source=str(meta))
+        d = read_json(meta, jsonfiles.LORA_META, required=("r", "lora_alpha"), fix=_FIX)
+        return LoraSettings(r=d["r"], lora_alpha=d["lora_alpha"], task_type=d.get("task_type"), source=str(meta))
     return None
 
 
+# PEFT's LoraConfig default for a field an adapter_config.json leaves out (peft 0.21 tuners/lora/config.py):
+# PEFT loads such a file with it, so the fold must use it too (not alpha = r)
+PEFT_DEFAULT_ALPHA = 8
+_FIX = "fix it, or pass --lora-config ADAPTER_DIR (the adapter_config.json the run used)"
+
+
 def _from_adapter_config(f: Path) -> LoraSettings:
-    d = _json(f)
+    d = read_json(f, jsonfiles.ADAPTER_CONFIG, required=("r",), fix=_FIX)
     if d.get("peft_type", "LORA") != "LORA":
         raise KeyPlanError(f"{f}: peft_type {d.get('peft_type')!r}; ckpt-bridge folds LoRA adapters only")
     if d.get("use_dora"):
         raise KeyPlanError(f"{f}: use_dora=true; a DoRA merge renormalises W by its norm and is not folded exactly "
                            f"by ckpt-bridge (use --lora adapter, or PEFT's merge_and_unload)")
-    return LoraSettings(r=int(d["r"]), lora_alpha=d.get("lora_alpha", d["r"]), use_rslora=bool(d.get("use_rslora")),
-                        fan_in_fan_out=bool(d.get("fan_in_fan_out")), task_type=d.get("task_type"),
+    return LoraSettings(r=d["r"], lora_alpha=d.get("lora_alpha", PEFT_DEFAULT_ALPHA),
+                        use_rslora=d.get("use_rslora", False), fan_in_fan_out=d.get("fan_in_fan_out", False),
+                        task_type=d.get("task_type"),
                         rank_pattern=d.get("rank_pattern") or {}, alpha_pattern=d.get("alpha_pattern") or {},
                         target_modules=d.get("target_modules"), modules_to_save=d.get("modules_to_save"),
                         source=str(f), config=d)
-
-
-def _json(f: Path) -> dict:
-    try:
-        return json.loads(f.read_text())
-    except (OSError, ValueError) as e:
-        raise KeyPlanError(f"{f}: cannot be read as JSON ({e})") from None
 
 
 def parse(infos: dict[str, TensorInfo], settings: LoraSettings | None, *, where: str) -> LoraCheckpoint:
@@ -406,7 +406,7 @@ def recorded_base(cfg_dir: Path | None, settings: LoraSettings) -> Path | None:
     """A local model dir the checkpoint names as its base (adapter config, else config.json's _name_or_path)."""
     names = [settings.config.get("base_model_name_or_path")]
     if cfg_dir is not None and (cfg_dir / "config.json").is_file():
-        names.append(_json(cfg_dir / "config.json").get("_name_or_path"))
+        names.append(read_json(cfg_dir / "config.json", jsonfiles.CONFIG).get("_name_or_path"))
     for n in names:
         if n and (Path(n) / "config.json").is_file():
             return Path(n)

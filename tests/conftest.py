@@ -63,6 +63,18 @@ def verl_ckpt(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def lora_root(tmp_path_factory) -> Path:
+    """Every case of ``verl_save.LORA_CASES`` (real verl saves of PEFT-wrapped tiny models, one torchrun job):
+    ``lora_root / case / global_step_2 / actor``, ``base_model``, ``reference``.  Read-only: copy to damage."""
+    from ckpt_bridge.testing.harness import make_verl_lora_checkpoints
+    from ckpt_bridge.testing.verl_save import LORA_CASES
+
+    cache = os.environ.get("CKPT_BRIDGE_TEST_CACHE")
+    base = Path(cache) if cache else tmp_path_factory.mktemp("verl_lora")
+    return make_verl_lora_checkpoints(base / "lora", list(LORA_CASES))
+
+
+@pytest.fixture(scope="session")
 def tiny_hf_factory(tmp_path_factory):
     """Factory: ``tiny_hf_factory("llama_tied", dtype="bf16")`` -> an HF dir (save_pretrained + tokenizer)."""
     import torch

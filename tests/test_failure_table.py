@@ -329,3 +329,42 @@ def test_chunk_coverage_rule():
         assert "both hold rows 32-39" in chunks.coverage((64, 64), both).problem(both)
     finally:
         chunks.GRID_CELLS_MAX = old
+
+
+# ---------------------------------------------------------------- issue 19 rows 2-5 (rel-lora): LoRA exports
+
+
+def lora_actor(lora_root: Path, case: str, tmp_path: Path) -> Path:
+    """A copy of a real verl LoRA save's actor dir (session fixture ``lora_root``), safe to damage."""
+    dst = tmp_path / case / "global_step_2" / "actor"
+    shutil.copytree(lora_root / case / "global_step_2" / "actor", dst)
+    return dst
+
+
+@pytest.mark.parametrize("field,value,says", [
+    ("lora_alpha", float("nan"), "field 'lora_alpha' should be a finite number, got nan"),
+    ("lora_alpha", float("inf"), "field 'lora_alpha' should be a finite number, got inf"),
+    ("lora_alpha", True, "field 'lora_alpha' should be a finite number, got True"),
+    ("r", 4.7, "field 'r' should be an integer >= 1, got 4.7"),
+    ("r", "4", "field 'r' should be an integer >= 1, got '4'"),
+    ("r", None, "has no field 'r'"),
+])
+def test_lora_numbers_are_checked(lora_root, tmp_path, capsys, field, value, says):
+    """Row 3: NaN / Infinity alphas folded NaN into every weight; r 4.7 was taken as 4, alpha true as 1; a missing
+    r was "unexpected KeyError: 'r'".  In verl's lora_train_meta.json and in an adapter_config.json alike."""
+    src = lora_actor(lora_root, "llama", tmp_path)
+    meta = json.loads((src / "lora_train_meta.json").read_text())
+    bad = {k: v for k, v in meta.items() if k != field} | ({} if value is None else {field: value})
+    (src / "lora_train_meta.json").write_text(json.dumps(bad))  # json writes NaN / Infinity as Python reads them
+    line = assert_fails(capsys, ["to-hf", str(src), "--out", str(tmp_path / "o")], says=says, sources=(src,))
+    assert str(src / "lora_train_meta.json") in line
+    cfg = tmp_path / "adapter" / "adapter_config.json"
+    cfg.parent.mkdir()
+    good = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            "modules_to_save": ["lm_head"]}
+    cfg.write_text(json.dumps({k: v for k, v in good.items() if k != field} | ({} if value is None else {field: value})))
+    for args in (["to-hf", str(src), "--out", str(tmp_path / "o"), "--lora-config", str(cfg.parent)],
+                 ["to-hf", str(src), "--out", str(tmp_path / "o"), "--lora-config", str(cfg), "--dry-run"]):
+        line = assert_fails(capsys, args, says=says, sources=(src, cfg.parent))
+        assert str(cfg) in line

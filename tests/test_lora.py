@@ -19,17 +19,9 @@ from safetensors.torch import load_file
 
 from ckpt_bridge import to_hf
 from ckpt_bridge.cli import main as cli
-from ckpt_bridge.testing.harness import make_verl_lora_checkpoints
 
 
-CASES = ["llama", "qwen2_rslora", "qwen2_embed", "qwen2_lora_only"]
-
-
-@pytest.fixture(scope="session")
-def lora_root(tmp_path_factory) -> Path:
-    cache = os.environ.get("CKPT_BRIDGE_TEST_CACHE")
-    base = Path(cache) if cache else tmp_path_factory.mktemp("verl_lora")
-    return make_verl_lora_checkpoints(base / "lora", CASES)
+CASES = ["llama", "qwen2_rslora", "qwen2_embed", "qwen2_lora_only"]  # every LORA_CASES entry (conftest's lora_root)
 
 
 @pytest.fixture(scope="module")

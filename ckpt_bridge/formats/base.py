@@ -8,7 +8,6 @@ the tensor it was asked for.
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,11 +85,3 @@ class Reader(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-
-def read_json(path: Path) -> Any:
-    from ..errors import CheckpointFormatError
-
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointFormatError(f"{path}: not valid JSON ({e}); restore it from the source") from None
