@@ -79,6 +79,9 @@ class ModelExpectation:
     (learned by running the converter on meta tensors).
     ``config_updates``: what the exported config.json must say besides the
     source's (a value head's token-classification class and labels).
+    ``transposed``: modules whose weight is stored ``[in, out]`` (transformers'
+    ``Conv1D``, GPT-2 style): PEFT's LoRA transposes the delta for exactly these
+    (``fan_in_fan_out``), whatever an adapter config says.
     """
 
     model_class: str
@@ -86,6 +89,7 @@ class ModelExpectation:
     tie_groups: list[list[str]]
     save_groups: list[dict] = field(default_factory=list)
     config_updates: dict[str, Any] = field(default_factory=dict)
+    transposed: list[str] = field(default_factory=list)
 
     @property
     def disk_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -108,7 +112,7 @@ def _cache_file(config_dir: Path, overrides: dict | None = None) -> Path | None:
     root = cache_root()
     extra = json.dumps(overrides or {}, sort_keys=True).encode()
     digest = hashlib.sha256(raw + b"\0transformers " + version.encode() + b"\0" + extra
-                            + b"\0v2").hexdigest()[:32]
+                            + b"\0v3").hexdigest()[:32]
     return root / "model-keys" / f"{digest}.json"
 
 
@@ -129,16 +133,16 @@ def expected_model(config_dir: Path, overrides: dict | None = None) -> ModelExpe
         exp = _build_expected_model(config_dir, overrides)
         built.append(exp)
         return {"model_class": exp.model_class, "shapes": list(exp.shapes.items()), "tie_groups": exp.tie_groups,
-                "save_groups": exp.save_groups, "config_updates": exp.config_updates}
+                "save_groups": exp.save_groups, "config_updates": exp.config_updates, "transposed": exp.transposed}
 
-    fields = ("model_class", "shapes", "tie_groups", "save_groups", "config_updates")
+    fields = ("model_class", "shapes", "tie_groups", "save_groups", "config_updates", "transposed")
     d = cached_json(_cache_file(config_dir, overrides), build,
                     lambda v: isinstance(v, dict) and all(k in v for k in fields) and isinstance(v["shapes"], list)
                     and all(isinstance(x, list) and len(x) == 2 for x in v["shapes"]))
     if built:
         return built[0]
     return ModelExpectation(d["model_class"], {k: tuple(v) for k, v in d["shapes"]}, d["tie_groups"],
-                            d["save_groups"], d["config_updates"])
+                            d["save_groups"], d["config_updates"], d["transposed"])
 
 
 def build_meta_model(config_dir: Path, overrides: dict | None = None):
@@ -206,7 +210,10 @@ def _build_expected_model(config_dir: Path, overrides: dict | None = None) -> Mo
         updates = {"architectures": [type(model).__name__], "num_labels": cfg.num_labels,
                    "id2label": {str(k): v for k, v in cfg.id2label.items()},
                    "label2id": dict(cfg.label2id)}
-    return ModelExpectation(type(model).__name__, shapes, ties, groups, updates)
+    from transformers.pytorch_utils import Conv1D
+
+    transposed = [n for n, m in model.named_modules() if isinstance(m, Conv1D)]
+    return ModelExpectation(type(model).__name__, shapes, ties, groups, updates, transposed)
 
 
 _SAVE_CONVERSIONS: dict[tuple[str, str], Any] = {}  # built once per process: converters need live objects

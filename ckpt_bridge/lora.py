@@ -25,7 +25,10 @@ for the adapter directory, a rename of each adapter tensor to the name
 operation for operation, so the result equals ``merge_and_unload()`` bit for bit:
 
 * Linear:    ``W += transpose(B @ A, fan_in_fan_out) * scale`` (in place, so a
-  delta in another dtype is added the way ``weight.data += delta`` adds it)
+  delta in another dtype is added the way ``weight.data += delta`` adds it);
+  ``fan_in_fan_out`` is the module's class, as PEFT's ``dispatch_default``
+  decides it: on for transformers' ``Conv1D``, off for ``nn.Linear``, whatever
+  the adapter config says
 * Embedding: ``W += (transpose(B @ A, True) * scale).to(W.dtype)``
 * fp16/bf16 adapters: ``A`` and ``B`` go to fp32 for the product, the delta
   back to the adapter dtype (PEFT does this on CPU; we always compute on CPU,
@@ -44,7 +47,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 
@@ -291,12 +294,17 @@ def _add(w: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def merge_plan(ck: LoraCheckpoint, base: dict[str, TensorInfo] | None, *, where: str) -> Plan:
+def merge_plan(ck: LoraCheckpoint, base: dict[str, TensorInfo] | None, *, where: str,
+               transposed: Collection[str] = ()) -> Plan:
     """Transforms giving the merged model under HF names: folds, renames, modules_to_save copies.
 
     ``base``: the tensors of a ``--base`` model dir (HF names), for checkpoints
     that do not hold the base weights; plan keys read from it carry
-    :data:`BASE_NS`.
+    :data:`BASE_NS`.  ``transposed``: the modules whose weight is stored
+    ``[in, out]`` (transformers' ``Conv1D``).  PEFT decides ``fan_in_fan_out``
+    per module from its class, not from the config (``dispatch_default``: an
+    ``nn.Linear`` target turns it off with a warning, a ``Conv1D`` turns it
+    on), so the config's flag does not enter the fold.
     """
     plan = Plan()
     src_infos = dict(ck.infos)
@@ -318,7 +326,7 @@ def merge_plan(ck: LoraCheckpoint, base: dict[str, TensorInfo] | None, *, where:
         w = base_key(w_name, mod.base)
         scale = s.scale(mod.name)
         fn = (_fold_embedding(w, mod.a, mod.b, w_name, scale) if mod.kind == "embedding"
-              else _fold_linear(w, mod.a, mod.b, w_name, scale, s.fan_in_fan_out))
+              else _fold_linear(w, mod.a, mod.b, w_name, scale, mod.name in transposed))
         rule = f"PEFT LoRA merge, scale {'alpha/sqrt(r)' if s.use_rslora else 'alpha/r'} = {scale:g}"
         plan.transforms.append(derive("fold", {k: src_infos[k] for k in (w, mod.a, mod.b)}, fn, rule))
         covered.add(w_name)
@@ -346,6 +354,17 @@ def merge_plan(ck: LoraCheckpoint, base: dict[str, TensorInfo] | None, *, where:
     plan.notes.append(f"LoRA: {len(ck.modules)} module(s) folded (r={s.r}, alpha={s.lora_alpha}"
                       f"{', rsLoRA' if s.use_rslora else ''}; settings from {s.source})")
     return plan.check(src_infos, where=where)
+
+
+def merged_names(ck: LoraCheckpoint, base: dict[str, TensorInfo] | None) -> dict[str, TensorInfo]:
+    """The merged model's weight names (HF in-memory names) with their source's info, without planning the folds."""
+    out = {n: ck.infos[k] for n, k in {**ck.plain, **ck.copies}.items()}
+    for mod in ck.modules.values():
+        w = ck.infos.get(mod.base) if mod.base else (base or {}).get(f"{mod.name}.weight")
+        if w is not None:
+            out[f"{mod.name}.weight"] = w
+    out.update({k: v for k, v in (base or {}).items() if k not in out})
+    return out
 
 
 def adapter_plan(ck: LoraCheckpoint, base: dict[str, TensorInfo] | None, *, where: str) -> Plan:

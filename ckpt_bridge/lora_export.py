@@ -31,7 +31,7 @@ from . import lora
 from .detect import open_reader
 from .errors import BridgeError, KeyPlanError
 from .formats.base import Reader, TensorInfo
-from .keys import ModelExpectation, plan_hf_export
+from .keys import ModelExpectation, canonicalize, expected_model, plan_hf_export, value_head
 from .plan import Plan, compose, execute
 from .writers.safetensors_shards import ShardedSafetensorsWriter
 
@@ -98,7 +98,12 @@ def plan_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, *, mo
         base_infos = job.base_reader.tensors()
     if mode in ("merge", "both"):
         if ck.base_inside or base_infos is not None:
-            job.merged, job.key_plan = _checked_merge(ck, base_infos, cfg_dir, where, expectation)
+            job.merged, job.key_plan, transposed = _checked_merge(ck, base_infos, cfg_dir, where, expectation)
+            linear = [m for m, mod in ck.modules.items() if mod.kind == "linear" and m not in transposed]
+            if ck.settings.fan_in_fan_out and linear:
+                job.notes.append(f"fan_in_fan_out=true in {ck.settings.source} does not apply to nn.Linear modules "
+                                 f"({linear[0]}, ...): PEFT turns it off for them (and on for Conv1D), and so does "
+                                 f"the fold")
         elif mode == "merge":
             raise KeyPlanError(f"{where}: a LoRA-only checkpoint (save_lora_only): the base weights are not in it; "
                                f"pass --base HF_DIR (the model the run started from)")
@@ -113,12 +118,22 @@ def plan_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, *, mo
 
 
 def _checked_merge(ck: lora.LoraCheckpoint, base_infos, cfg_dir: Path, where: str,
-                   expectation: ModelExpectation | None) -> tuple[Plan, Plan]:
+                   expectation: ModelExpectation | None) -> tuple[Plan, Plan, set[str]]:
     """The merge plan (folds and renames) followed by the model class's own save rules (ties, inv_freq,
-    transformers' conversions), composed into one plan over the checkpoint's keys."""
-    folds = lora.merge_plan(ck, base_infos, where=where)
+    transformers' conversions), composed into one plan over the checkpoint's keys.
+
+    The model class also decides which deltas are transposed (PEFT's rule: a ``Conv1D`` module's, never an
+    ``nn.Linear``'s), so it is looked up (from the merged model's names: a value head makes it a critic class)
+    before the folds are made."""
+    if cfg_dir is None:
+        raise KeyPlanError(f"{where}: no config.json found; pass --config PATH (a config.json or a model dir)")
+    if expectation is None:
+        expectation = expected_model(cfg_dir, value_head(canonicalize(lora.merged_names(ck, base_infos), where),
+                                                         cfg_dir))
+    transposed = set(expectation.transposed)
+    folds = lora.merge_plan(ck, base_infos, where=where, transposed=transposed)
     save = plan_hf_export(folds.targets(), cfg_dir, where=where, expectation=expectation)
-    return compose(folds, save, where=where), save
+    return compose(folds, save, where=where), save, transposed
 
 
 def write_lora(job: LoraJob, reader: Reader, tmp: Path, *, cast: torch.dtype | None, shard_bytes: int,

@@ -294,3 +294,62 @@ def test_verl_callback_and_watch_export_lora_runs(lora_root, exported, tmp_path)
     assert (got / "adapter_model.safetensors").read_bytes() == (out / "lora_adapter" / "adapter_model.safetensors"
                                                                 ).read_bytes()
     assert not (got / "model.safetensors").exists()
+
+
+def test_fan_in_fan_out_on_linear_targets_merges_as_peft_does(lora_root, exported, tmp_path):
+    """Issue 19 row 2: an adapter_config.json saying fan_in_fan_out=true for nn.Linear targets (the llama case's
+    square q_proj / o_proj).  PEFT warns and turns the flag off for Linear layers (dispatch_default), so its merge
+    is the plain one; we used to transpose the delta.  Reference: PEFT's own model built from that config."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    case = lora_root / "llama"
+    cfg = json.loads((case / "reference" / "peft_config" / "adapter_config.json").read_text())
+    cfg["fan_in_fan_out"] = True
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "adapter_config.json").write_text(json.dumps(cfg))
+    s = to_hf(actor(lora_root, "llama"), tmp_path / "out", lora_config=tmp_path / "cfg", progress=False)
+    assert any("fan_in_fan_out=true" in n and "nn.Linear" in n for n in s.lora["notes"])
+    base = lambda: AutoModelForCausalLM.from_pretrained(case / "base_model", dtype=torch.float32)  # noqa: E731
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to False"):
+        peft = get_peft_model(base(), LoraConfig.from_pretrained(tmp_path / "cfg"))
+    peft.load_state_dict(load_file(case / "reference" / "model.safetensors"), strict=True)
+    want = peft.merge_and_unload().eval()
+    got = merged_weights(tmp_path / "out")
+    differ = [k for k, v in want.state_dict().items() if k in got and not torch.equal(got[k], v)]
+    assert len(got) >= len(want.state_dict()) - 1 and not differ, differ
+    assert all(torch.equal(got[k], v) for k, v in merged_weights(exported("llama")[0]).items())  # = flag off
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to False"):
+        adapter = PeftModel.from_pretrained(base(), tmp_path / "out" / "lora_adapter").eval()
+    ref = torch.load(case / "reference" / "logits.pt")  # the live (unmerged) model's
+    assert torch.equal(logits(adapter, ref["tokens"]), ref["logits"])
+
+
+def test_conv1d_targets_transpose_even_when_the_config_says_not(tmp_path):
+    """The other half of PEFT's rule: GPT-2's Conv1D targets are merged transposed whatever fan_in_fan_out says
+    (PEFT warns and turns it on)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ckpt_bridge.testing.tiny_models import save_tiny_tokenizer
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(_gpt2_config()).save_pretrained(tmp_path / "base")
+    save_tiny_tokenizer(tmp_path / "base")
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 7, "fan_in_fan_out": False,
+           "target_modules": ["c_attn", "c_proj", "c_fc"]}
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning, match="Setting fan_in_fan_out to True"):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                               LoraConfig.from_pretrained(tmp_path / "cfg"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    torch.save(model.state_dict(), tmp_path / "peft_state.pt")
+    to_hf(tmp_path / "peft_state.pt", tmp_path / "out", config=tmp_path / "base", lora="merge",
+          lora_config=tmp_path / "cfg", progress=False)
+    want = model.merge_and_unload().state_dict()
+    got = merged_weights(tmp_path / "out")
+    assert len(got) >= len(want) - 1 and not [k for k in got if not torch.equal(got[k], want[k])]
