@@ -246,14 +246,16 @@ def to_hf(
     base_dir = Path(base) if base is not None else None
     if base_dir is not None and not (base_dir / "config.json").is_file():
         raise BridgeError(f"--base {base_dir}: not a model directory (no config.json)")
-    if config is None and base_dir is not None:
-        config = base_dir
     with open_reader(src, trust_pickle=trust_pickle) as reader:
         reader.allow_missing_rng = allow_missing_rng  # DCP: a rank without rng is a warning, not an error
+        if config is None and base_dir is not None and reader.hf_config_dir() is None:
+            config = base_dir  # the checkpoint has no config of its own: the base's describes it
         from .titan_models import hf_view
 
         reader = hf_view(reader, config, titan_model)  # a TorchTitan-native DCP through its adapter's to_hf
         all_infos, cfg_dir = _checked_source(reader, config, others)
+        if base_dir is not None and cfg_dir != base_dir:
+            same_model(cfg_dir, base_dir)
         if team.size > 1 and (dry_run or is_lora(all_infos)):
             raise BridgeError("--workers/--distributed: a LoRA export and --dry-run run in one process; "
                               "drop the option")
@@ -413,6 +415,28 @@ def _copy_base(tmp: Path, base: Path) -> list[str]:
             shutil.copy2(p, tmp / p.name)
         copied.append(p.name)
     return copied
+
+
+# config.json fields that make two models different architectures (compared when both configs have them)
+_MODEL_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "num_local_experts",
+                 "num_experts", "moe_intermediate_size")
+
+
+def same_model(cfg_dir: Path, base_dir: Path) -> None:
+    """``--base`` must be the model the checkpoint's own config describes: a base of another architecture or
+    size would silently lend its config, tokenizer and (for a LoRA-only save) weights to the export."""
+    ours, theirs = read_config(cfg_dir), read_config(base_dir)
+    for f in ("architectures",) + _MODEL_FIELDS:
+        a, b = ours.get(f), theirs.get(f)
+        if f == "architectures":
+            a, b = (a or [None])[0], (b or [None])[0]
+            if a is None or b is None or a.endswith("ForCausalLM") != b.endswith("ForCausalLM"):
+                continue  # a verl critic keeps its causal-LM architectures; a head class is not a mismatch
+        if a is not None and b is not None and a != b:
+            raise BridgeError(f"--base {base_dir}: its config.json has {f} {b!r} but the checkpoint's "
+                              f"{cfg_dir / 'config.json'} has {a!r}: not the model this checkpoint was trained "
+                              f"from; pass the base model the run started from")
 
 
 def read_config(cfg_dir: Path) -> dict[str, Any]:

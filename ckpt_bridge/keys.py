@@ -81,7 +81,9 @@ class ModelExpectation:
     source's (a value head's token-classification class and labels).
     ``transposed``: modules whose weight is stored ``[in, out]`` (transformers'
     ``Conv1D``, GPT-2 style): PEFT's LoRA transposes the delta for exactly these
-    (``fan_in_fan_out``), whatever an adapter config says.
+    (``fan_in_fan_out``), whatever an adapter config says.  ``linear``: every
+    ``nn.Linear`` / ``Conv1D`` module, and ``output_embedding`` the one
+    ``get_output_embeddings()`` returns (what PEFT's ``"all-linear"`` targets).
     """
 
     model_class: str
@@ -90,6 +92,8 @@ class ModelExpectation:
     save_groups: list[dict] = field(default_factory=list)
     config_updates: dict[str, Any] = field(default_factory=dict)
     transposed: list[str] = field(default_factory=list)
+    linear: list[str] = field(default_factory=list)
+    output_embedding: str | None = None
 
     @property
     def disk_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -133,16 +137,19 @@ def expected_model(config_dir: Path, overrides: dict | None = None) -> ModelExpe
         exp = _build_expected_model(config_dir, overrides)
         built.append(exp)
         return {"model_class": exp.model_class, "shapes": list(exp.shapes.items()), "tie_groups": exp.tie_groups,
-                "save_groups": exp.save_groups, "config_updates": exp.config_updates, "transposed": exp.transposed}
+                "save_groups": exp.save_groups, "config_updates": exp.config_updates, "transposed": exp.transposed,
+                "linear": exp.linear, "output_embedding": exp.output_embedding}
 
-    fields = ("model_class", "shapes", "tie_groups", "save_groups", "config_updates", "transposed")
+    fields = ("model_class", "shapes", "tie_groups", "save_groups", "config_updates", "transposed", "linear",
+              "output_embedding")
     d = cached_json(_cache_file(config_dir, overrides), build,
                     lambda v: isinstance(v, dict) and all(k in v for k in fields) and isinstance(v["shapes"], list)
                     and all(isinstance(x, list) and len(x) == 2 for x in v["shapes"]))
     if built:
         return built[0]
     return ModelExpectation(d["model_class"], {k: tuple(v) for k, v in d["shapes"]}, d["tie_groups"],
-                            d["save_groups"], d["config_updates"], d["transposed"])
+                            d["save_groups"], d["config_updates"], d["transposed"], d["linear"],
+                            d["output_embedding"])
 
 
 def build_meta_model(config_dir: Path, overrides: dict | None = None):
@@ -212,8 +219,14 @@ def _build_expected_model(config_dir: Path, overrides: dict | None = None) -> Mo
                    "label2id": dict(cfg.label2id)}
     from transformers.pytorch_utils import Conv1D
 
-    transposed = [n for n, m in model.named_modules() if isinstance(m, Conv1D)]
-    return ModelExpectation(type(model).__name__, shapes, ties, groups, updates, transposed)
+    import torch
+
+    modules = list(model.named_modules())
+    transposed = [n for n, m in modules if isinstance(m, Conv1D)]
+    linear = [n for n, m in modules if isinstance(m, (torch.nn.Linear, Conv1D))]
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    out_name = next((n for n, m in modules if m is out_emb), None) if out_emb is not None else None
+    return ModelExpectation(type(model).__name__, shapes, ties, groups, updates, transposed, linear, out_name)
 
 
 _SAVE_CONVERSIONS: dict[tuple[str, str], Any] = {}  # built once per process: converters need live objects

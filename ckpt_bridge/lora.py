@@ -51,7 +51,7 @@ from typing import Any, Callable, Collection
 
 import torch
 
-from . import jsonfiles
+from . import jsonfiles, peft_match
 from .errors import KeyPlanError
 from .formats.base import TensorInfo
 from .jsonfiles import read_json
@@ -144,6 +144,11 @@ class LoraCheckpoint:
     copies: dict[str, str]  # HF name -> source key of a modules_to_save copy
     originals: list[str]  # source keys of the originals those copies replace
     infos: dict[str, TensorInfo]  # every source key
+
+    @property
+    def copy_modules(self) -> list[str]:
+        """Modules whose trained modules_to_save copy the checkpoint holds."""
+        return sorted({k.rsplit(".", 1)[0] for k in self.copies})
 
     @property
     def base_inside(self) -> bool:
@@ -392,43 +397,92 @@ def adapter_plan(ck: LoraCheckpoint, base: dict[str, TensorInfo] | None, *, wher
     return plan
 
 
-def adapter_config(ck: LoraCheckpoint, base_model: str | None) -> dict[str, Any]:
-    """adapter_config.json: the run's own config where we have it, with what the keys prove set from them."""
+def adapter_config(ck: LoraCheckpoint, base_model: str | None, model: ModelView | None = None) -> dict[str, Any]:
+    """adapter_config.json: the run's own config where we have it (checked against the tensors by
+    :func:`check_targets`), with what it leaves out (target_modules, modules_to_save) set from the tensors."""
     s = ck.settings
     cfg = dict(s.config) if s.config else {
         "peft_type": "LORA", "task_type": s.task_type, "r": s.r, "lora_alpha": s.lora_alpha,
         "lora_dropout": 0.0, "bias": "none", "use_rslora": s.use_rslora, "use_dora": False,
         "fan_in_fan_out": s.fan_in_fan_out, "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
     }
+    view = model or ModelView.of(ck, None)
     if not s.config or not s.target_modules:
-        cfg["target_modules"] = _targets(ck)
-    mts = sorted({k.rsplit(".", 1)[0] for k in ck.copies})
-    if mts and not cfg.get("modules_to_save"):
-        cfg["modules_to_save"] = [m.rsplit(".", 1)[-1] for m in mts]
+        cfg["target_modules"] = _targets(ck, view)
+    if ck.copy_modules and not cfg.get("modules_to_save"):
+        cfg["modules_to_save"] = sorted({m.rsplit(".", 1)[-1] for m in ck.copy_modules})
+    if peft_match.mismatch(cfg, ck.modules, ck.copy_modules, view.modules, view.all_linear, view.complete):
+        # leaf names that also reach a module we could not see: name every module exactly instead
+        cfg["target_modules"] = sorted(ck.modules)
+        cfg["modules_to_save"] = sorted(ck.copy_modules) or cfg.get("modules_to_save")
     cfg["inference_mode"] = True
     cfg["base_model_name_or_path"] = base_model or cfg.get("base_model_name_or_path")
     return cfg
 
 
-def _targets(ck: LoraCheckpoint) -> list[str]:
+@dataclass
+class ModelView:
+    """The module names PEFT would match against: the model class's (``complete``) or only the checkpoint's."""
+
+    modules: set[str]
+    all_linear: set[str]
+    complete: bool
+
+    @classmethod
+    def of(cls, ck: LoraCheckpoint, exp: Any | None) -> "ModelView":
+        """From a :class:`ckpt_bridge.keys.ModelExpectation` when there is one, else from the checkpoint's keys."""
+        if exp is None:
+            mods = {k.rsplit(".", 1)[0] for k in ck.plain} | set(ck.modules) | set(ck.copy_modules)
+            return cls(mods, set(), ck.base_inside)
+        linear = set(exp.linear) - {exp.output_embedding}
+        if exp.output_embedding is None and ck.settings.task_type == "SEQ_CLS":  # PEFT spares the classifier head
+            linear -= set(next(([n] for n in peft_match.CLASSIFIER_MODULES if n in linear), []))
+        return cls({k.rsplit(".", 1)[0] for k in exp.shapes if "." in k}, linear, True)
+
+
+def check_targets(ck: LoraCheckpoint, view: ModelView) -> None:
+    """The run's adapter_config.json must adapt exactly the modules the tensors hold (PEFT's matching rules,
+    :mod:`ckpt_bridge.peft_match`), or the adapter dir and the merged model would be two different models.
+
+    A config that disagrees is refused rather than rewritten: it is evidently not this run's config, so its
+    alpha, rsLoRA and patterns (which set every fold's scale and cannot be checked against the tensors) are
+    not to be trusted either.  A field it leaves out is filled from the tensors by :func:`adapter_config`.
+    """
+    cfg = ck.settings.config
+    if not cfg:
+        return
+    probe = dict(cfg)
+    if not cfg.get("target_modules"):
+        probe["target_modules"] = sorted(ck.modules)
+    if not cfg.get("modules_to_save"):
+        probe["modules_to_save"] = sorted(ck.copy_modules)
+    problem = peft_match.mismatch(probe, ck.modules, ck.copy_modules, view.modules, view.all_linear, view.complete)
+    if problem:
+        raise KeyPlanError(f"{ck.settings.source}: {problem}; it is not the config this checkpoint was trained with: "
+                           f"pass --lora-config with the adapter_config.json the run used")
+
+
+def _targets(ck: LoraCheckpoint, view: ModelView) -> list[str]:
     """Leaf names (q_proj, ...) when every module of that leaf name is adapted, else the exact names."""
-    modules = {k.rsplit(".", 1)[0] for k in ck.plain} | set(ck.modules)
     out: set[str] = set()
     for name in ck.modules:
         leaf = name.rsplit(".", 1)[-1]
-        others = [m for m in modules if m.rsplit(".", 1)[-1] == leaf and m not in ck.modules]
+        others = [m for m in view.modules if m.rsplit(".", 1)[-1] == leaf and m not in ck.modules]
         out.add(name if others else leaf)
     return sorted(out)
 
 
-def recorded_base(cfg_dir: Path | None, settings: LoraSettings) -> Path | None:
-    """A local model dir the checkpoint names as its base (adapter config, else config.json's _name_or_path)."""
-    names = [settings.config.get("base_model_name_or_path")]
+def recorded_base(cfg_dir: Path | None, settings: LoraSettings) -> tuple[Path, str] | None:
+    """(a local model dir the checkpoint names as its base, the file naming it): the adapter config's
+    ``base_model_name_or_path``, else config.json's ``_name_or_path``.  Only reported: the caller follows it
+    only when it lies inside the checkpoint (README, Safety)."""
+    names = [(settings.config.get("base_model_name_or_path"), settings.source)]
     if cfg_dir is not None and (cfg_dir / "config.json").is_file():
-        names.append(read_json(cfg_dir / "config.json", jsonfiles.CONFIG).get("_name_or_path"))
-    for n in names:
-        if n and (Path(n) / "config.json").is_file():
-            return Path(n)
+        names.append((read_json(cfg_dir / "config.json", jsonfiles.CONFIG).get("_name_or_path"),
+                      str(cfg_dir / "config.json")))
+    for n, named_by in names:
+        if isinstance(n, str) and n and (Path(n) / "config.json").is_file():
+            return Path(n), named_by
     return None
 
 
@@ -442,5 +496,6 @@ def describe(infos: dict[str, TensorInfo], ckpt_dir: Path) -> dict[str, Any] | N
         return {"problem": str(e)}
 
 
-__all__ = ["ADAPTER_SUBDIR", "LORA_MODES", "LoraCheckpoint", "LoraSettings", "adapter_config", "adapter_plan",
-           "describe", "find_settings", "is_lora", "merge_plan", "parse", "recorded_base"]
+__all__ = ["ADAPTER_SUBDIR", "LORA_MODES", "LoraCheckpoint", "LoraSettings", "ModelView", "adapter_config",
+           "adapter_plan", "check_targets", "describe", "find_settings", "is_lora", "merge_plan", "merged_names",
+           "parse", "recorded_base"]

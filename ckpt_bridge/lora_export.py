@@ -14,8 +14,9 @@ Output layout by ``--lora``:
 * ``both``:    the merged model in OUT and the adapter in ``OUT/lora_adapter``
 
 A LoRA-only checkpoint (``save_lora_only``) needs the base weights for a
-merge: ``--base HF_DIR``, else the local model dir the checkpoint records;
-without one, ``both`` writes the adapter alone and says so.
+merge: ``--base HF_DIR``.  A base model dir the checkpoint records outside
+itself is never read on its own say (a one-line error asks for ``--base``);
+without any, ``both`` writes the adapter alone and says so.
 """
 
 from __future__ import annotations
@@ -87,15 +88,17 @@ def plan_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, *, mo
         job.notes.append(f"scale alpha/r from {lora.META_FILE} (verl records no rsLoRA or rank patterns; pass "
                          f"--lora-config ADAPTER_DIR if the run started from an adapter that used them)")
     base_dir = base
-    if base_dir is None and not ck.base_inside:
-        base_dir = lora.recorded_base(cfg_dir, ck.settings)
-        if base_dir is not None:
-            job.notes.append(f"base weights from {base_dir} (the base model {ck.settings.source} or the "
-                             f"checkpoint's config.json names)")
+    if base_dir is None and not ck.base_inside and mode != "adapter":
+        base_dir = _recorded_base(reader, cfg_dir, ck, job)
     base_infos = None
     if base_dir is not None and not ck.base_inside:
         job.base_reader = open_reader(base_dir)
         base_infos = job.base_reader.tensors()
+    if expectation is None:  # the model class: which modules are Conv1D, which modules PEFT could match
+        expectation = expected_model(cfg_dir, value_head(canonicalize(lora.merged_names(ck, base_infos), where),
+                                                         cfg_dir))
+    view = lora.ModelView.of(ck, expectation)
+    lora.check_targets(ck, view)
     if mode in ("merge", "both"):
         if ck.base_inside or base_infos is not None:
             job.merged, job.key_plan, transposed = _checked_merge(ck, base_infos, cfg_dir, where, expectation)
@@ -113,23 +116,34 @@ def plan_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, *, mo
             job.mode = "adapter"
     if job.mode in ("adapter", "both"):
         job.adapter = lora.adapter_plan(ck, base_infos, where=where)
-        job.adapter_config = lora.adapter_config(ck, str(base_dir) if base_dir is not None else None)
+        job.adapter_config = lora.adapter_config(ck, str(base_dir) if base_dir is not None else None, view)
     return job
 
 
+def _recorded_base(reader: Reader, cfg_dir: Path, ck: lora.LoraCheckpoint, job: LoraJob) -> Path | None:
+    """The base model dir a LoRA-only checkpoint records, if it lies inside the checkpoint.  A recorded path
+    elsewhere is never read unless the user passes it (``--base``): the checkpoint does not choose what we read."""
+    from .confine import is_inside
+
+    found = lora.recorded_base(cfg_dir, ck.settings)
+    if found is None:
+        return None
+    path, named_by = found
+    if not is_inside(reader.path, path):
+        raise KeyPlanError(f"{reader.path}: a LoRA-only checkpoint (save_lora_only) whose {named_by} names its base "
+                           f"model {path}, outside the checkpoint: recorded paths are not followed; pass --base "
+                           f"{path} to merge onto it (or --lora adapter for the adapter alone)")
+    job.notes.append(f"base weights from {path} (inside the checkpoint; named by {named_by})")
+    return path
+
+
 def _checked_merge(ck: lora.LoraCheckpoint, base_infos, cfg_dir: Path, where: str,
-                   expectation: ModelExpectation | None) -> tuple[Plan, Plan, set[str]]:
+                   expectation: ModelExpectation) -> tuple[Plan, Plan, set[str]]:
     """The merge plan (folds and renames) followed by the model class's own save rules (ties, inv_freq,
     transformers' conversions), composed into one plan over the checkpoint's keys.
 
     The model class also decides which deltas are transposed (PEFT's rule: a ``Conv1D`` module's, never an
-    ``nn.Linear``'s), so it is looked up (from the merged model's names: a value head makes it a critic class)
-    before the folds are made."""
-    if cfg_dir is None:
-        raise KeyPlanError(f"{where}: no config.json found; pass --config PATH (a config.json or a model dir)")
-    if expectation is None:
-        expectation = expected_model(cfg_dir, value_head(canonicalize(lora.merged_names(ck, base_infos), where),
-                                                         cfg_dir))
+    ``nn.Linear``'s)."""
     transposed = set(expectation.transposed)
     folds = lora.merge_plan(ck, base_infos, where=where, transposed=transposed)
     save = plan_hf_export(folds.targets(), cfg_dir, where=where, expectation=expectation)

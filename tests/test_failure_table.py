@@ -368,3 +368,97 @@ def test_lora_numbers_are_checked(lora_root, tmp_path, capsys, field, value, say
                  ["to-hf", str(src), "--out", str(tmp_path / "o"), "--lora-config", str(cfg), "--dry-run"]):
         line = assert_fails(capsys, args, says=says, sources=(src, cfg.parent))
         assert str(cfg) in line
+
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _lora_config(d: Path, **fields) -> Path:
+    d.mkdir(parents=True)
+    cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": PROJ,
+           "modules_to_save": ["lm_head"], **fields}
+    (d / "adapter_config.json").write_text(json.dumps(cfg))
+    return d
+
+
+@pytest.mark.parametrize("fields,says", [
+    ({"target_modules": ["q_proj"]}, "does not match 'model.layers.0.mlp.down_proj' (12 of the 14 modules"),
+    ({"target_modules": r".*\.q_proj"}, "does not match 'model.layers.0.mlp.down_proj' (12 of the 14 modules"),
+    ({"target_modules": PROJ, "layers_to_transform": [1]}, "does not match 'model.layers.0.mlp.down_proj' (7 of"),
+    ({"target_modules": PROJ, "exclude_modules": ["model.layers.1.self_attn.q_proj"]},
+     "does not match 'model.layers.1.self_attn.q_proj' (1 of"),
+    ({"target_modules": PROJ + ["embed_tokens"]}, "also matches 'model.embed_tokens'"),
+    ({"modules_to_save": ["embed_tokens"]}, "does not name 'lm_head'"),
+])
+def test_lora_targets_that_disagree_with_the_tensors_are_refused(lora_root, tmp_path, capsys, fields, says):
+    """Row 4: a target_modules naming fewer modules than the tensors hold gave a merged model folding all 14 and an
+    adapter PeftModel.from_pretrained applies to q_proj only.  PEFT's own matching rules decide (regex, suffix,
+    layers_to_transform, exclude_modules, modules_to_save, all-linear); a config that disagrees is refused."""
+    src = lora_root / "llama" / "global_step_2" / "actor"
+    cfg = _lora_config(tmp_path / "cfg", **fields)
+    for mode in ("both", "adapter", "merge"):
+        line = assert_fails(capsys, ["to-hf", str(src), "--out", str(tmp_path / "o"), "--lora", mode, "--lora-config",
+                                     str(cfg)], says=says, sources=(src, cfg))
+        assert str(cfg / "adapter_config.json") in line and "--lora-config" in line
+
+
+def test_lora_targets_by_regex_and_omitted_give_an_adapter_that_equals_the_merge(lora_root, tmp_path):
+    """Row 4, the configs that do match: a regex naming exactly the adapted modules, and a config that leaves
+    target_modules out (then the adapter dir says what the tensors hold).  PeftModel.from_pretrained of the
+    adapter dir gives the live model's logits and the merged model is PEFT's own merge."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    case = lora_root / "llama"
+    ref = torch.load(case / "reference" / "logits.pt")
+    peft_merged = None
+    for i, fields in enumerate(({"target_modules": r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj"},
+                                {"target_modules": "all-linear"},  # every Linear but the output embedding
+                                {"target_modules": None, "modules_to_save": None})):
+        cfg = _lora_config(tmp_path / f"cfg{i}", **fields)
+        out = tmp_path / f"out{i}"
+        assert cli(["to-hf", str(case / "global_step_2" / "actor"), "--out", str(out), "--lora-config", str(cfg),
+                    "--quiet"]) == 0
+        written = json.loads((out / "lora_adapter" / "adapter_config.json").read_text())
+        assert written["target_modules"] == fields["target_modules"] or sorted(written["target_modules"]) == sorted(PROJ)
+        base = AutoModelForCausalLM.from_pretrained(case / "base_model", dtype=torch.float32)
+        adapter = PeftModel.from_pretrained(base, out / "lora_adapter").eval()
+        with torch.no_grad():
+            assert torch.equal(adapter(input_ids=ref["tokens"]).logits, ref["logits"])
+            if peft_merged is None:
+                peft_merged = adapter.merge_and_unload().state_dict()
+        got = load_file(out / "model.safetensors")
+        assert got.keys() <= peft_merged.keys() and all(torch.equal(v, peft_merged[k]) for k, v in got.items())
+
+
+def test_lora_only_base_recorded_outside_the_checkpoint_needs_base(lora_root, tmp_path, capsys):
+    """Row 5: a save_lora_only checkpoint whose huggingface/config.json _name_or_path names a local model dir
+    elsewhere: that dir's weights were read into the export with no --base.  Now only --base reads it."""
+    src = lora_actor(lora_root, "qwen2_lora_only", tmp_path)
+    base = lora_root / "qwen2_lora_only" / "base_model"
+    cfg = json.loads((src / "huggingface" / "config.json").read_text())
+    (src / "huggingface" / "config.json").write_text(json.dumps({**cfg, "_name_or_path": str(base)}))
+    for mode in ("both", "merge"):
+        line = assert_fails(capsys, ["to-hf", str(src), "--out", str(tmp_path / "o"), "--lora", mode],
+                            says=f"pass --base {base}", sources=(src, base))
+        assert "_name_or_path" not in line or "config.json" in line
+    assert cli(["to-hf", str(src), "--out", str(tmp_path / "a"), "--lora", "adapter", "--quiet"]) == 0
+    assert not (tmp_path / "a" / "model.safetensors").exists()
+    assert cli(["to-hf", str(src), "--out", str(tmp_path / "m"), "--base", str(base), "--quiet"]) == 0
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_base_of_another_architecture_is_refused(lora_root, dcp_dir, tmp_path, capsys):
+    """Row 5, second half: --base of a Llama model for a Qwen2 LoRA (and for a Llama DCP, a Qwen2 base) used to
+    replace the checkpoint's config with the base's, exit 0."""
+    src = lora_root / "qwen2_lora_only" / "global_step_2" / "actor"
+    llama_base = lora_root / "llama" / "base_model"
+    line = assert_fails(capsys, ["to-hf", str(src), "--out", str(tmp_path / "o"), "--base", str(llama_base)],
+                        says="architectures 'LlamaForCausalLM'", sources=(src, llama_base))
+    assert "'Qwen2ForCausalLM'" in line and str(src / "huggingface" / "config.json") in line
+    _, dcp = dcp_dir
+    qwen_base = lora_root / "qwen2_lora_only" / "base_model"
+    line = assert_fails(capsys, ["to-hf", str(dcp), "--out", str(tmp_path / "o"), "--base", str(qwen_base)],
+                        says="architectures 'Qwen2ForCausalLM'", sources=(dcp, qwen_base))
+    assert "'LlamaForCausalLM'" in line

@@ -149,14 +149,22 @@ def test_lora_only_without_base_writes_the_adapter_and_says_so(lora_root, tmp_pa
     assert "--base" in err and len(err.strip().splitlines()) == 1 and not (tmp_path / "b").exists()
 
 
-def test_lora_only_merges_onto_the_base_its_adapter_config_names(lora_root, exported, tmp_path):
-    """No --base, but the run's adapter_config.json records base_model_name_or_path (a local dir)."""
+def test_lora_only_does_not_follow_the_base_its_adapter_config_names(lora_root, exported, tmp_path, capsys):
+    """No --base, but the run's adapter_config.json records base_model_name_or_path (a local dir outside the
+    checkpoint): not read on the checkpoint's say (issue 19 row 5); the error gives the --base to pass, and that
+    gives the merge checked against PEFT above."""
     case = lora_root / "qwen2_lora_only"
     cfg = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8,
            "base_model_name_or_path": str(case / "base_model")}
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
-    s = to_hf(actor(lora_root, "qwen2_lora_only"), tmp_path / "out", lora_config=tmp_path, progress=False)
-    assert any(str(case / "base_model") in n for n in s.lora["notes"])
+    src = actor(lora_root, "qwen2_lora_only")
+    for mode in ("both", "merge"):
+        assert cli(["to-hf", str(src), "--out", str(tmp_path / "o"), "--lora", mode, "--lora-config",
+                    str(tmp_path)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"pass --base {case / 'base_model'}" in err[0] and not (tmp_path / "o").exists()
+    s = to_hf(src, tmp_path / "out", lora_config=tmp_path, base=case / "base_model", progress=False)
+    assert s.lora["mode"] == "both"
     want = merged_weights(exported("qwen2_lora_only")[0])  # merged with --base, checked against PEFT above
     got = merged_weights(tmp_path / "out")
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
