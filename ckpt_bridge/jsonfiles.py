@@ -165,7 +165,7 @@ ADAPTER_CONFIG = {"peft_type": is_(str), "task_type": is_(str, type(None)), "r":
                   "lora_alpha": number(), "use_rslora": is_(bool), "use_dora": is_(bool),
                   "fan_in_fan_out": is_(bool), "rank_pattern": any_of(map_to(integer(1)), is_(type(None))),
                   "alpha_pattern": any_of(map_to(number()), is_(type(None))), "target_modules": _STRINGS,
-                  "modules_to_save": any_of(list_of(str), is_(type(None))), "lora_bias": is_(bool),
+                  "modules_to_save": any_of(list_of(str), is_(type(None))), "lora_bias": is_(bool), "bias": is_(str),
                   "base_model_name_or_path": is_(str, type(None))}
 LORA_META = {"r": integer(1), "lora_alpha": number(), "task_type": is_(str, type(None))}
 MANIFEST = {"source": is_(dict), "source.path": is_(str), "source.config_dir": is_(str),

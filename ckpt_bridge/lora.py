@@ -52,7 +52,7 @@ from typing import Any, Callable, Collection
 import torch
 
 from . import jsonfiles, peft_match
-from .errors import KeyPlanError
+from .errors import CheckpointFormatError, KeyPlanError
 from .formats.base import TensorInfo
 from .jsonfiles import read_json
 from .keys import canonical_key
@@ -100,6 +100,7 @@ class LoraSettings:
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     target_modules: Any = None  # as the adapter config gave it (list or regex), else derived from the keys
     modules_to_save: list[str] | None = None
+    bias: str = "none"  # PEFT's LoRA bias mode (none / all / lora_only): which base biases were trained
     source: str = ""
     config: dict[str, Any] = field(default_factory=dict)  # the adapter_config.json we read, if any
 
@@ -207,6 +208,7 @@ def _from_adapter_config(f: Path) -> LoraSettings:
                         task_type=d.get("task_type"),
                         rank_pattern=d.get("rank_pattern") or {}, alpha_pattern=d.get("alpha_pattern") or {},
                         target_modules=d.get("target_modules"), modules_to_save=d.get("modules_to_save"),
+                        bias=d.get("bias", "none"),
                         source=str(f), config=d)
 
 
@@ -394,7 +396,28 @@ def adapter_plan(ck: LoraCheckpoint, base: dict[str, TensorInfo] | None, *, wher
                                               "PEFT saves adapted embedding layers"))
     for name, key in ck.copies.items():
         plan.transforms.append(rename(key, PEFT_PREFIX + name, ck.infos[key], "PEFT modules_to_save key"))
+    for key, peft_name in trained_biases(ck, where).items():
+        plan.transforms.append(rename(key, peft_name, ck.infos[key], f"PEFT bias={ck.settings.bias!r} saves it"))
     return plan
+
+
+def trained_biases(ck: LoraCheckpoint, where: str) -> dict[str, str]:
+    """Source key -> adapter key of the biases the adapter dir must carry (PEFT's ``_get_learnable_bias_state_dict``:
+    ``bias="all"`` trains and saves every ``*.bias``, ``"lora_only"`` those of the adapted modules' base layers).
+    The merged model has them anyway (they are plain weights of the checkpoint)."""
+    bias = ck.settings.bias
+    if bias == "none":
+        return {}
+    if bias not in ("all", "lora_only"):
+        raise KeyPlanError(f"{ck.settings.source}: bias {bias!r}; PEFT's LoRA knows 'none', 'all' and 'lora_only'")
+    if not ck.base_inside:
+        raise KeyPlanError(f"{where}: bias={bias!r} trains base biases, but this LoRA-only checkpoint "
+                           f"(save_lora_only) does not hold them: neither output could have the trained biases; "
+                           f"save the run with the base weights")
+    out = {m.base_bias: f"{PEFT_PREFIX}{m.name}.base_layer.bias" for m in ck.modules.values() if m.base_bias}
+    if bias == "all":
+        out.update({key: PEFT_PREFIX + name for name, key in ck.plain.items() if name.endswith(".bias")})
+    return out
 
 
 def adapter_config(ck: LoraCheckpoint, base_model: str | None, model: ModelView | None = None) -> dict[str, Any]:
@@ -492,7 +515,7 @@ def describe(infos: dict[str, TensorInfo], ckpt_dir: Path) -> dict[str, Any] | N
         return None
     try:
         return parse(infos, find_settings(ckpt_dir), where=str(ckpt_dir)).summary()
-    except KeyPlanError as e:
+    except (KeyPlanError, CheckpointFormatError) as e:  # a bad setting (lora_train_meta.json's NaN alpha) too
         return {"problem": str(e)}
 
 

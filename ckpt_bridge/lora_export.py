@@ -99,6 +99,7 @@ def plan_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, *, mo
                                                          cfg_dir))
     view = lora.ModelView.of(ck, expectation)
     lora.check_targets(ck, view)
+    lora.trained_biases(ck, where)  # a bias mode whose trained biases are not in the checkpoint is refused here
     if mode in ("merge", "both"):
         if ck.base_inside or base_infos is not None:
             job.merged, job.key_plan, transposed = _checked_merge(ck, base_infos, cfg_dir, where, expectation)

@@ -361,3 +361,39 @@ def test_conv1d_targets_transpose_even_when_the_config_says_not(tmp_path):
     want = model.merge_and_unload().state_dict()
     got = merged_weights(tmp_path / "out")
     assert len(got) >= len(want) - 1 and not [k for k in got if not torch.equal(got[k], want[k])]
+
+
+@pytest.mark.parametrize("bias", ["all", "lora_only"])
+def test_trained_biases_travel_in_the_adapter_as_peft_saves_them(tmp_path, bias):
+    """PEFT's bias="all" / "lora_only" trains base biases (the tiny llama's q/k/v/o have them) and saves them in
+    the adapter; an adapter dir without them loaded into PEFT gave other logits than the merged model (found by
+    the issue-19 sweep).  The adapter file must hold exactly PEFT's keys and values."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from ckpt_bridge.testing.tiny_models import save_tiny_hf
+
+    save_tiny_hf(tmp_path / "base", "llama")
+    lcfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], bias=bias,
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), lcfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad:  # what training would move: lora_A/B and the biases PEFT unfroze
+                p.add_(torch.randn_like(p) * 0.1)
+    model.eval().save_pretrained(tmp_path / "peft")
+    torch.save(model.state_dict(), tmp_path / "peft_state.pt")
+    to_hf(tmp_path / "peft_state.pt", tmp_path / "out", config=tmp_path / "base", lora_config=tmp_path / "peft",
+          progress=False)
+    want = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "out" / "lora_adapter" / "adapter_model.safetensors")
+    assert set(got) == set(want) and any(k.endswith(".bias") for k in want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    tokens = torch.randint(0, 200, (2, 9))
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                       tmp_path / "out" / "lora_adapter").eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=tokens).logits, model(input_ids=tokens).logits)
+    merged = model.merge_and_unload().state_dict()
+    assert all(torch.equal(v, merged[k]) for k, v in merged_weights(tmp_path / "out").items())
