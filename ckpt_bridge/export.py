@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from .detect import open_reader
+from .config_fit import read_fitting_config
 from .confine import is_inside
+from .detect import open_reader
 from .errors import BridgeError, CheckpointFormatError, KeyPlanError
 from .export_marker import write_marker
 from .formats.base import Reader
@@ -132,7 +133,7 @@ def _checked_source(reader: Reader, config: str | Path | None, other_models: tup
                 f"pass --config {recorded} to use it" if recorded
                 else "pass --config PATH (a config.json or a model dir)")
         raise KeyPlanError(f"{reader.path}: no config.json found; {hint}")
-    read_config(cfg_dir)  # its structure and model_type, before any work
+    read_fitting_config(cfg_dir, infos)  # structure, model_type, sizes against the tensors: before any build
     return infos, cfg_dir
 
 
