@@ -109,6 +109,11 @@ def check_fit(cfg: dict[str, Any], infos: dict[str, TensorInfo], path: Path) -> 
                 raise CheckpointFormatError(
                     f"{path}: field {where}{name} = {n}, but the checkpoint's {len(infos)} tensors hold {held}; "
                     f"this config describes another model: pass --config the one these weights were trained with")
+    for where, sub in _configs(cfg):  # nn.Embedding's rule: transformers warns, then the build asserts
+        vocab, pad = sub.get("vocab_size"), sub.get("pad_token_id")
+        if isinstance(vocab, int) and isinstance(pad, int) and not isinstance(pad, bool) and not -vocab <= pad < vocab:
+            raise CheckpointFormatError(f"{path}: field {where}pad_token_id = {pad} is outside the vocabulary "
+                                        f"(vocab_size {vocab}); fix config.json")
     text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
     hidden = text.get("hidden_size")
     if isinstance(hidden, int) and not any(hidden in i.shape for i in infos.values()):

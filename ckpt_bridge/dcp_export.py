@@ -548,6 +548,7 @@ def to_dcp(
         dcp_key = (lambda k: f"model.{req.fqn_of[k]}") if req.layout == "nested" else (lambda k: k)
         order = [dcp_key(k) for k in targets]  # the flattened keys DCP stores, in state-dict order
         groups = [list(t.targets) for t in plan.transforms] + [[k] for k in plan.aux]
+        team.fit(len(groups))  # no more processes than groups to write
         mine = _my_groups(groups, targets, out_dt, team)
         fetch = _Fetcher(plan, [t for t in plan.transforms if t.targets[0] in mine], source, out_dt, aux_values,
                          bar, summary)

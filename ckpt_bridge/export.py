@@ -292,6 +292,7 @@ def to_hf(
             summary.config = str(cfg_dir / "config.json")
             return summary
         writer = ShardedSafetensorsWriter(Path(), _planned(main_tf, out_dt), shard_bytes, create=False)
+        team.fit(len(main_tf))  # no more processes than transforms
         mine = my_share(main_tf, writer, out_dt, team)  # all of it, unless several processes split the work
         writer.only({o.key for t in mine for o in t.outputs})
         aux_writer = ShardedSafetensorsWriter(Path(), _planned(sep_tf, out_dt), shard_bytes, prefix=AUX_FILE,

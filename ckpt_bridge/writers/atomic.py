@@ -206,6 +206,12 @@ def flush_tree(root: Path) -> None:
         _fsync_path(d)
 
 
+def partial_path(target: str | Path, pid: int) -> Path:
+    """Where process ``pid`` writes the output ``target`` before renaming it into place."""
+    target = Path(target).absolute()
+    return target.parent / f".{target.name}.partial-{pid}"
+
+
 class AtomicDir:
     def __init__(self, target: str | Path, *, overwrite: bool = False, protect: tuple[Path, ...] = ()):
         self.target = check_target(target, overwrite=True, protect=protect)
@@ -218,7 +224,7 @@ class AtomicDir:
                 raise
             raise OutputError(f"{e} (restored the previous export from {restored}, left by an interrupted "
                               f"--overwrite)") from None
-        self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
+        self.tmp = partial_path(self.target, os.getpid())
         self.overwrite = overwrite
 
     def __enter__(self) -> Path:
