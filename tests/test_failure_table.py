@@ -276,16 +276,15 @@ def test_issue19_config_that_describes_another_model(tiny_hf_factory, dcp_dir, v
                  ["to-hf", str(bad), "--out", str(tmp_path / "o")],
                  ["to-hf", str(verl_ckpt("llama", "2")), "--config", str(bad), "--out", str(tmp_path / "o")],
                  ["to-hf", str(dcp), "--config", str(bad), "--out", str(tmp_path / "o")],
-                 ["verify", str(bad), str(hf)],
+                 ["verify", str(bad), str(hf), "--logits"],
                  ["verify", str(dcp), "--against", str(bad)]):
         assert_fails(capsys, args, says=says, sources=(bad,))
-    line = assert_fails(capsys, ["inspect", str(bad)], says="problems")  # inspect: the same refusal, listed
-    capsys.readouterr()
+    rc, problems = _inspect_problems(capsys, bad)  # inspect: the same refusal, listed
+    assert rc == 2 and says in problems, problems
     assert time.monotonic() - t0 < 60
     # transformers' own log lines (its handler writes to the real stderr): a subprocess sees them all
     r = _run("to-dcp", bad, "--out", tmp_path / "o")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and says in r.stderr, r.stderr
-    del line
 
 
 def _inspect_problems(capsys, d: Path) -> tuple[int, str]:
@@ -350,7 +349,7 @@ def test_issue19_worker_coordination_is_not_in_the_environment(tiny_hf_dir, tmp_
     assert not (tmp_path / "w").exists() and tree_hash(victim) == before
 
 
-def test_issue19_workers_capped_by_cpus_and_items(verl_ckpt, tmp_path, capsys, monkeypatch):
+def test_issue19_workers_capped_by_cpus_and_items(verl_ckpt, tmp_path, capsys, caplog, monkeypatch):
     """Row 7: --workers 500 started ~360 processes (OOM killer); now one per usable CPU (and per work item), with
     a note, and the bytes of a one-process export.  A worker that cannot be started leaves nothing."""
     from ckpt_bridge import team as team_mod
@@ -368,10 +367,9 @@ def test_issue19_workers_capped_by_cpus_and_items(verl_ckpt, tmp_path, capsys, m
     assert main(["to-hf", str(src), "--out", str(tmp_path / "one"), "--quiet"]) == 0
     capsys.readouterr()
     assert main(["to-hf", str(src), "--out", str(tmp_path / "many"), "--quiet", "--workers", "500"]) == 0
-    err = capsys.readouterr().err
     cpus = team_mod.usable_cpus()
     assert len(started) == min(cpus, 29) - 1, started
-    assert f"--workers 500: using {cpus} process(es)" in err if cpus < 500 else True
+    assert f"note: --workers 500: using {cpus} process(es), one per CPU" in caplog.text
     assert tree_hash(tmp_path / "one").keys() == tree_hash(tmp_path / "many").keys()
     one, many = tree_hash(tmp_path / "one"), tree_hash(tmp_path / "many")
     assert all(one[k] == many[k] for k in one if k != "ckpt_bridge_export.json")
@@ -437,7 +435,8 @@ def test_issue19_two_watchers_on_one_root(verl_ckpt, tmp_path):
     assert _run("to-hf", root / "global_step_1" / "actor", "--out", ref, "--quiet").returncode == 0
     for step in (1, 2):
         step_dir = root / f"global_step_{step}"
-        assert sorted(p.name for p in step_dir.iterdir()) == ["actor", "actor_hf"], list(step_dir.iterdir())
+        names = [p.name for p in step_dir.iterdir()]
+        assert "actor_hf" in names and not [n for n in names if ".conflict-" in n or n.startswith(".")], names
         got = tree_hash(step_dir / "actor_hf")
         want = tree_hash(ref)
         assert got.keys() == want.keys()
