@@ -46,8 +46,16 @@ def _common(p: argparse.ArgumentParser, what: str) -> None:
                    help="allow pickles beyond tensors and numpy rng state (only for files you trust)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line and exit 2, like every other error (``--help`` keeps the full text)."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's hook
+        print(f"{self.prog}: error: {' '.join(message.split())}; see {self.prog} --help", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="ckpt-bridge",
         description="Move model checkpoints between Hugging Face transformers, TorchTitan/flame and verl: "
         "exactly (bit-for-bit unless you ask for a cast) and streaming (one tensor in memory at a time).",
@@ -238,6 +246,7 @@ def _team_args(p: argparse.ArgumentParser) -> None:
                         "ranks see), rank 0 writes the index and renames the result into place; "
                         "e.g. torchrun --nnodes 2 --nproc-per-node 4 ... -m ckpt_bridge.cli to-hf SRC --out DIR "
                         "--distributed")
+    p.add_argument("--worker", metavar="RANK/SIZE", help=argparse.SUPPRESS)  # internal: a --workers process
 
 
 def _fast_allocations() -> None:
@@ -336,7 +345,7 @@ def _to_hf(args: argparse.Namespace) -> int:
     from .export import to_hf
     from .team import from_cli
 
-    team = from_cli(args.workers, args.distributed, args.argv)
+    team = from_cli(args.workers, args.distributed, args.argv, out=args.out, worker=args.worker)
     s = to_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, config=args.config,
               tokenizer=args.tokenizer, aux=args.aux, aux_prefixes=args.aux_prefix,
               models=[m for m in args.models.split(",") if m], base=args.base, titan_model=args.titan_model,
@@ -419,7 +428,7 @@ def _to_dcp(args: argparse.Namespace) -> int:
     from .dcp_export import to_dcp
     from .team import from_cli
 
-    team = from_cli(args.workers, args.distributed, args.argv)
+    team = from_cli(args.workers, args.distributed, args.argv, out=args.out, worker=args.worker)
     res = to_dcp(args.src, args.out, layout=args.layout, dtype=args.dtype, aux=args.aux, seed=args.seed,
                  aux_from=args.aux_from, config=args.config, titan_model=args.titan_model, overwrite=args.overwrite,
                  trust_pickle=args.trust_pickle, progress=False if args.quiet else None, dry_run=args.dry_run,

@@ -35,6 +35,7 @@ from .auxiliary import AuxSpec, as_specs, attach_aux, init_aux, parse_aux
 from .buffers import Recycled
 from .detect import open_reader
 from .errors import BridgeError, KeyPlanError, writing
+from .config_fit import read_fitting_config
 from .export import DTYPES, TOKENIZER_PREFIXES, _config_dir, _jsonable, read_config
 from .formats.base import Reader, TensorInfo
 from .conversions import Conversions, Group
@@ -466,15 +467,17 @@ def to_dcp(
         cfg_dir, _ = _config_dir(reader, config)
         if cfg_dir is None:
             raise KeyPlanError(f"{where}: no config.json found; pass --config PATH (a config.json or a model dir)")
-        read_config(cfg_dir)  # its structure and model_type, before transformers parses it
+        # structure, model_type and sizes against the tensors, before transformers parses it
+        read_fitting_config(cfg_dir, reader.tensors())
         source, model, titan = _titan_source(reader, cfg_dir, model, sd_adapter, titan_model)
         infos = source.tensors()
         hashes = pool.submit(_hash_files, _source_files(reader, cfg_dir)) if not dry_run and team.leader else None
 
         from transformers import AutoConfig
 
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        from .hf_models import quiet_transformers
+
+        with quiet_transformers():
             hf_config = AutoConfig.from_pretrained(str(cfg_dir))
         if model is None:
             target = build_meta_model(cfg_dir)
@@ -545,6 +548,7 @@ def to_dcp(
         dcp_key = (lambda k: f"model.{req.fqn_of[k]}") if req.layout == "nested" else (lambda k: k)
         order = [dcp_key(k) for k in targets]  # the flattened keys DCP stores, in state-dict order
         groups = [list(t.targets) for t in plan.transforms] + [[k] for k in plan.aux]
+        team.fit(len(groups))  # no more processes than groups to write
         mine = _my_groups(groups, targets, out_dt, team)
         fetch = _Fetcher(plan, [t for t in plan.transforms if t.targets[0] in mine], source, out_dt, aux_values,
                          bar, summary)

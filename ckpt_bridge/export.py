@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from .detect import open_reader
+from .config_fit import read_fitting_config
 from .confine import is_inside
+from .detect import open_reader
 from .errors import BridgeError, CheckpointFormatError, KeyPlanError
 from .export_marker import write_marker
 from .formats.base import Reader
@@ -132,7 +133,7 @@ def _checked_source(reader: Reader, config: str | Path | None, other_models: tup
                 f"pass --config {recorded} to use it" if recorded
                 else "pass --config PATH (a config.json or a model dir)")
         raise KeyPlanError(f"{reader.path}: no config.json found; {hint}")
-    read_config(cfg_dir)  # its structure and model_type, before any work
+    read_fitting_config(cfg_dir, infos)  # structure, model_type, sizes against the tensors: before any build
     return infos, cfg_dir
 
 
@@ -293,6 +294,7 @@ def to_hf(
             summary.config = str(cfg_dir / "config.json")
             return summary
         writer = ShardedSafetensorsWriter(Path(), _planned(main_tf, out_dt), shard_bytes, create=False)
+        team.fit(len(main_tf))  # no more processes than transforms
         mine = my_share(main_tf, writer, out_dt, team)  # all of it, unless several processes split the work
         writer.only({o.key for t in mine for o in t.outputs})
         aux_writer = ShardedSafetensorsWriter(Path(), _planned(sep_tf, out_dt), shard_bytes, prefix=AUX_FILE,

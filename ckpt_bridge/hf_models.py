@@ -10,6 +10,7 @@ heads says nothing about the checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import warnings
@@ -20,6 +21,25 @@ import torch
 from torch import nn
 
 from .errors import BridgeError
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings and log lines silenced while a config is parsed or a model built from it.
+
+    Our report is one line: a config transformers dislikes (``vocab_size`` 0, a pad id outside the
+    vocabulary) made it log "This may result in unexpected behavior" lines before our error, and a fine
+    one logs notes about defaults.  What matters is refused by us, in one line, before (see
+    :mod:`ckpt_bridge.config_fit`) or after (the key plan) transformers runs."""
+    logger = logging.getLogger("transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def dtype_kwarg() -> str:
@@ -203,8 +223,7 @@ def load_config(hf_dir: str | Path) -> Any:
 
     path = Path(hf_dir) / "config.json"
     raw = json.loads(path.read_text()) if path.is_file() else {}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with quiet_transformers():
         if _major() >= 5 or with_legacy_fields(raw) == raw:
             config = AutoConfig.from_pretrained(str(hf_dir))
         else:
@@ -234,6 +253,11 @@ def _warn_foreign(path: Path, raw: dict) -> None:
 def load_pretrained(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """``from_pretrained`` of the class the config names, in eval mode; refuses a load that left weights random."""
     from transformers.utils import logging as hf_logging
+
+    from .config_fit import read_fitting_config
+    from .formats.hf import HFReader
+
+    read_fitting_config(Path(hf_dir), HFReader(hf_dir).tensors())  # the config fits the weights: before any build
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()  # our output is a report, not a loading bar

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .config_fit import read_fitting_config
 from .detect import detect_format, open_reader
 from .errors import BridgeError
 from .formats.verl_fsdp import VerlFSDPReader
@@ -60,6 +61,11 @@ def inspect(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Any]:
             report["lora"] = lora
         cfg = reader.hf_config_dir()
         report["config"] = str(cfg / "config.json") if cfg else None
+        if cfg is not None and not problems:
+            try:  # what to-hf / to-dcp refuse in a config (auto_map, model_type, sizes vs tensors): the same gate
+                read_fitting_config(cfg, reader.model_tensors() if hasattr(reader, "model_tensors") else infos)
+            except BridgeError as e:
+                problems.append(str(e))
         report["problems"] = list(dict.fromkeys(problems))  # each problem once
     return report
 

@@ -14,9 +14,16 @@ and renames the directory into place, exactly as a single process does.
 Two ways to get the processes:
 
 * ``--workers N``: the CLI process is rank 0; once the output files exist it
-  starts N-1 copies of its own command line with ``CKPT_BRIDGE_WORKER`` set
-  (``rank/size/tmp dir``), waits for them, and fails the export (leaving no
-  output) if any of them fails.  Nothing distributed is involved.
+  starts N-1 copies of its own command line with the hidden flag
+  ``--worker RANK/SIZE``, waits for them, and fails the export (leaving no
+  output) if any of them fails.  Nothing distributed is involved.  A worker
+  writes only into its parent's temporary output dir for the same ``--out``
+  (``.NAME.partial-<parent pid>``, which must exist): nothing in the
+  environment can point it elsewhere (an inherited ``CKPT_BRIDGE_WORKER``
+  once made a plain ``to-hf`` pwrite into another export's files).
+  N is capped by the CPUs this process may run on and by the work items
+  (transforms): more processes than either only cost memory (500 asked for
+  started ~360 processes of 110 MB and met the OOM killer); a note says so.
 * ``--distributed`` under ``torchrun``: the ranks meet in a gloo process
   group (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` from torchrun); rank 0
   broadcasts the temporary directory and all ranks gather each other's
@@ -25,7 +32,7 @@ Two ways to get the processes:
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import subprocess
 import sys
@@ -36,7 +43,7 @@ from typing import Any
 
 from .errors import BridgeError, OutputError
 
-WORKER_ENV = "CKPT_BRIDGE_WORKER"
+log = logging.getLogger("ckpt_bridge")
 
 
 @dataclass
@@ -53,6 +60,15 @@ class Team:
     @property
     def leader(self) -> bool:
         return self.rank == 0
+
+    def fit(self, items: int) -> None:
+        """Local workers: no more processes than work items (the leader decides before starting them)."""
+        if self.kind == "local" and self.leader and self.size > max(1, items):
+            log.warning("ckpt-bridge: note: --workers %s: using %s process(es), one per item to write (%s)",
+                        self.size, max(1, items), items)
+            self.size = max(1, items)
+            if self.size == 1:
+                self.kind = "solo"
 
     def share(self, tmp: Path | None) -> Path:
         """Rank 0 passes the temporary output dir (its files already created) to the others; they get it back."""
@@ -105,8 +121,8 @@ class Team:
     # ----------------------------------------------------------------- local workers
     def _start_workers(self, tmp: Path) -> None:
         for r in range(1, self.size):
-            env = dict(os.environ, **{WORKER_ENV: json.dumps({"rank": r, "size": self.size, "tmp": str(tmp)})})
-            self._procs.append(subprocess.Popen([sys.executable, "-m", "ckpt_bridge.cli", *self.argv], env=env,
+            self._procs.append(subprocess.Popen([sys.executable, "-m", "ckpt_bridge.cli", *self.argv,
+                                                 "--worker", f"{r}/{self.size}"],
                                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                                 stderr=subprocess.PIPE, text=True))
 
@@ -161,11 +177,37 @@ def team_output(out: str | Path, team: Team, *, overwrite: bool, protect: tuple[
             raise
 
 
-def from_cli(workers: int, distributed: bool, argv: list[str]) -> Team:
-    """The team this CLI process belongs to: a local worker (env set by its coordinator), torchrun, or solo."""
-    if os.environ.get(WORKER_ENV):
-        d = json.loads(os.environ[WORKER_ENV])
-        return Team(rank=int(d["rank"]), size=int(d["size"]), kind="local", tmp=Path(d["tmp"]))
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or taskset's limit, not the host's)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # no affinity on this OS
+        return max(1, os.cpu_count() or 1)
+
+
+def _worker(spec: str, out: str | Path) -> Team:
+    """The hidden ``--worker RANK/SIZE`` of a process started by :meth:`Team._start_workers`: it writes into
+    its parent's temporary dir for ``out`` only, and refuses to run if there is none."""
+    from .writers.atomic import partial_path
+
+    try:
+        rank, size = (int(x) for x in spec.split("/"))
+        if not 0 < rank < size:
+            raise ValueError
+    except ValueError:
+        raise BridgeError(f"--worker {spec!r}: internal flag of --workers (RANK/SIZE); do not pass it") from None
+    tmp = partial_path(out, os.getppid())
+    if tmp.is_symlink() or not tmp.is_dir():
+        raise BridgeError(f"--worker {spec}: internal flag of --workers; no export to {out} is being written by "
+                          f"this process's parent ({tmp} does not exist); do not pass it")
+    return Team(rank=rank, size=size, kind="local", tmp=tmp)
+
+
+def from_cli(workers: int, distributed: bool, argv: list[str], *, out: str | Path = "",
+             worker: str | None = None) -> Team:
+    """The team this CLI process belongs to: a local worker (``--worker``, from its coordinator), torchrun, or solo."""
+    if worker is not None:
+        return _worker(worker, out)
     if distributed:
         if workers != 1:
             raise BridgeError("--workers and --distributed: choose one (under torchrun, every rank is a worker)")
@@ -178,6 +220,11 @@ def from_cli(workers: int, distributed: bool, argv: list[str]) -> Team:
         return Team(rank=dist.get_rank(), size=dist.get_world_size(), kind="torchrun")
     if workers < 1:
         raise BridgeError(f"--workers {workers}: give a number of processes, 1 or more")
+    cpus = usable_cpus()
+    if workers > cpus:
+        log.warning("ckpt-bridge: note: --workers %s: using %s process(es), one per CPU this process may use",
+                    workers, cpus)
+        workers = cpus
     if workers == 1:
         return Team()
     return Team(rank=0, size=workers, kind="local", argv=list(argv))

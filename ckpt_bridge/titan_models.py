@@ -269,6 +269,9 @@ def hf_view(reader: Any, config: str | Path | None, titan_model_name: str | None
     if cfg_dir is None:
         raise TitanModelError(f"{reader.path}: holds TorchTitan {name} weights; pass --config HF_DIR (the Hugging "
                               f"Face config they follow) so its adapter can name them")
+    from .config_fit import read_fitting_config
+
+    read_fitting_config(cfg_dir, reader.tensors())  # before the config is parsed and the model built
     return to_hf_reader(reader, titan_model(name, cfg_dir).adapter)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .compare import bits_equal, diff
+from .config_fit import read_fitting_config
 from .detect import open_reader
 from .errors import BridgeError, KeyPlanError
 from .export import DTYPES, to_hf
@@ -59,6 +60,7 @@ def _tied_aliases(reader) -> set[str]:
     cfg = reader.hf_config_dir()
     if cfg is None:
         return set()
+    read_fitting_config(cfg, reader.tensors())  # before the model is built from it
     try:
         exp = expected_model(cfg)
     except KeyPlanError:
@@ -239,9 +241,13 @@ def compare_logits(a: str | Path, b: str | Path, *, trust_pickle: bool = False, 
         da = _as_hf_dir(Path(a), Path(ta), trust_pickle)
         db = _as_hf_dir(Path(b), Path(tb), trust_pickle)
         outs = []
+        tokens = None
         for d in (da, db):
             model = load_pretrained(d)
-            tokens = text_token_ids(model.config, (2, 16), torch.Generator().manual_seed(seed))
+            if tokens is None:  # one batch for both sides: configs reserving other ids must not change the input
+                tokens = text_token_ids(model.config, (2, 16), torch.Generator().manual_seed(seed))
+            if int(tokens.max()) >= model.config.get_text_config().vocab_size:
+                return float("inf")  # a smaller vocabulary than the other side: not the same model
             with torch.no_grad():
                 outs.append(model(input_ids=tokens).logits)
             del model

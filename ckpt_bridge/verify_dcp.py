@@ -32,6 +32,7 @@ import torch
 
 from .auxiliary import as_specs, attach_aux, parse_aux
 from .compare import bits_equal, diff
+from .config_fit import read_fitting_config
 from .conversions import Conversions
 from .dcp_export import _tensor_sha256, plan_dcp, read_manifest
 from .errors import BridgeError, CheckpointFormatError
@@ -167,6 +168,8 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
     manifest = read_manifest(dcp_dir)
     res.checkpoint_layout = r.layout()
     dcp_info = r.tensors()
+
+    read_fitting_config(hf_dir, hf.tensors())  # before any model is built from it
 
     # 1. keys the loader requests
     titan = _titan_target(hf_dir, manifest, titan_model)

@@ -38,6 +38,7 @@ from pathlib import Path
 from .confine import is_inside
 from .errors import BridgeError, OutputError
 from .export_marker import MARKER, read_marker
+from .writers.atomic import OutputBusy, output_lock
 from .writers.atomic import clear_stale_partials  # noqa: F401 - re-exported (moved to the writer)
 
 log = logging.getLogger("ckpt_bridge")
@@ -156,7 +157,11 @@ def rotate(root: Path, role: str, keep: int, out_root: str | Path | None = None)
         if any(is_inside(src, d) or is_inside(d, src) for src in sources):
             log.error("ckpt-bridge: not removing %s: it is or holds a source checkpoint", d)
             continue
-        shutil.rmtree(d, ignore_errors=True)
+        try:
+            with output_lock(d):  # never under a writer redoing it (another watch, the callback's export)
+                shutil.rmtree(d, ignore_errors=True)
+        except OutputBusy:
+            continue
         removed.append(d)
     return removed
 
@@ -212,7 +217,16 @@ def export_step(root: Path, step: int, *, role: str = "actor", out_root: str | P
         return WatchEvent(step, str(out), {"wait": "waiting", "skip": "skipped", "refuse": "failed"}[action], why)
     src = Path(root) / f"global_step_{step}" / role
     try:
-        s = to_hf(src, out, dtype=dtype, progress=False, overwrite=action == "redo", lora=lora)
+        # The output's lock (the writer's, re-entrant) from the decision to the rename: another watch or the
+        # callback exporting this step makes it a skip; decided again under the lock, as they may have finished.
+        with output_lock(out):
+            action, out, why = step_action(root, step, role, out_root, settled)
+            if action in ("wait", "skip", "refuse"):
+                return WatchEvent(step, str(out), {"wait": "waiting", "skip": "skipped", "refuse": "failed"}[action],
+                                  why)
+            s = to_hf(src, out, dtype=dtype, progress=False, overwrite=action == "redo", lora=lora)
+    except OutputBusy:
+        return WatchEvent(step, str(out), "skipped", "another ckpt-bridge process is exporting it now")
     except BridgeError as e:
         return WatchEvent(step, str(out), "failed", str(e))
     return WatchEvent(step, str(out), "exported", why or f"{s.tensors} tensors in {s.seconds:.1f}s")

@@ -33,6 +33,7 @@ from typing import Any
 
 from ckpt_bridge.errors import BridgeError
 from ckpt_bridge.watch import export_dir, rotate, step_action
+from ckpt_bridge.writers.atomic import busy
 
 log = logging.getLogger("ckpt_bridge")
 
@@ -79,6 +80,9 @@ class HFExportCallback(CheckpointCallback):
         except BridgeError as e:  # an export location on/around a source checkpoint: refused, nothing started
             action, out, why = "refuse", export_dir(step_dir, role, self.out_root), str(e)
         if action == "skip":
+            return
+        if action in ("export", "redo") and busy(out):  # `ckpt-bridge watch` (or a restart of us) is on it
+            log.info("ckpt-bridge: step %s %s is being exported by another process; not starting a second", step, role)
             return
         if action in ("wait", "refuse"):
             log.error("ckpt-bridge: not exporting step %s %s: %s", step, role, why)

@@ -88,8 +88,9 @@ BARRIER_EXPORT = textwrap.dedent("""
 
 
 def test_two_concurrent_exports_to_one_new_out(tiny_hf_dir, tmp_path, monkeypatch, capsys):
-    """One export in a second process, one here; both wait at a barrier after writing their weights, so both
-    have passed every check before either renames.  Exactly one wins; the other fails with the message."""
+    """One export in a second process, one here, at once.  The first to take the output's lock writes; the
+    other is refused at once in one line naming the holder, and nothing of it is left (it used to race to
+    the rename and keep a full copy as out.conflict-PID)."""
     import time
 
     from ckpt_bridge import export
@@ -111,14 +112,14 @@ def test_two_concurrent_exports_to_one_new_out(tiny_hf_dir, tmp_path, monkeypatc
     monkeypatch.setattr(export, "_write_configs", wait_for_both)
     here = (main(["to-hf", str(tiny_hf_dir), "--out", str(out), "--quiet"]), capsys.readouterr().err.strip(),
             os.getpid())
+    (barrier / "here").touch()  # refused before its barrier: let the other one go on
     there = (other.wait(timeout=300), other.stderr.read().strip(), other.pid)
     assert sorted([here[0], there[0]]) == [0, 2], (here, there)
-    _, err, loser_pid = here if here[0] == 2 else there
-    assert len(err.splitlines()) == 1 and str(out) in err and "appeared while this export ran" in err, err
-    kept = tmp_path / f"out.conflict-{loser_pid}"
-    assert str(kept) in err
+    _, err, _ = here if here[0] == 2 else there
+    winner = there[2] if here[0] == 2 else here[2]
+    assert len(err.splitlines()) == 1 and str(out) in err and f"process (pid {winner}) is writing it now" in err, err
     assert_same_weights(out, tiny_hf_dir)  # the winner's output, intact
-    assert_same_weights(kept, tiny_hf_dir)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["barrier", "out"]  # no conflict copy, partial, lock
     assert json.loads((out / "ckpt_bridge_export.json").read_text())["source"] == os.path.realpath(tiny_hf_dir)
 
 

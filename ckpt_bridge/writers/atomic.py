@@ -33,13 +33,26 @@ is on disk, never a name pointing at data still in memory.
 
 Leftovers of dead processes (``.NAME.partial-PID``, ``.NAME.old-PID``) are
 cleaned by the next run of any command writing to NAME.
+
+One writer per output at a time: every process writing NAME (to-hf, to-dcp,
+a ``watch``, the verl callback's background export) first takes an exclusive
+``flock`` on ``.NAME.lock`` beside it (:func:`output_lock`), and holds it from
+the first check of NAME to the final rename.  A second writer is refused at
+once (:class:`OutputBusy`, naming the holder's pid); ``watch`` takes the lock
+before deciding what a step needs and skips a step another process holds.
+Two ``watch --once --all`` on one root used to race into the rename conflict
+below and leave a full model copy as ``NAME.conflict-PID``.  The lock file is
+removed on release (and one left by a killed process is taken over and
+removed by the next writer); the kernel drops a dead holder's lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -206,32 +219,140 @@ def flush_tree(root: Path) -> None:
         _fsync_path(d)
 
 
+class OutputBusy(OutputError):
+    """Another process is writing this output right now."""
+
+
+_HELD: dict[str, int] = {}  # lock file -> how deep this process holds it (re-entrant: watch, then to_hf)
+
+
+def lock_path(target: str | Path) -> Path:
+    target = Path(target).absolute()
+    return target.parent / f".{target.name}.lock"
+
+
+def _holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    except OSError:
+        text = ""
+    return f"pid {text}" if text.isdigit() else "another process"
+
+
+def _take(lp: Path) -> int:
+    """An fd holding the exclusive flock on ``lp`` (created if missing); OutputBusy if someone else holds it."""
+    while True:
+        fd = os.open(lp, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            who = _holder(fd)
+            os.close(fd)
+            raise OutputBusy(f"{lp.parent / lp.name[1:-len('.lock')]}: another ckpt-bridge process ({who}) is "
+                             f"writing it now; wait for it to finish, or choose another --out") from None
+        # The previous holder removes the file as it lets go: a lock on a file no longer at lp locks nothing.
+        try:
+            here = os.stat(lp)
+        except FileNotFoundError:
+            here = None
+        mine = os.fstat(fd)
+        if here is not None and (here.st_ino, here.st_dev) == (mine.st_ino, mine.st_dev):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def output_lock(target: str | Path):
+    """The exclusive right to write ``target`` (see the module doc); re-entrant within one process."""
+    lp = lock_path(target)
+    key = str(lp)
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    try:
+        lp.parent.mkdir(parents=True, exist_ok=True)
+        fd = _take(lp)
+    except OSError as e:
+        raise OutputError(f"{lp.parent}: cannot create the output here ({e.strerror})") from None
+    _HELD[key] = 1
+    try:
+        yield
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lp)  # still holding it: whoever opened it meanwhile sees it gone and retries
+        os.close(fd)
+
+
+def busy(target: str | Path) -> bool:
+    """Is another process writing ``target`` now?  (A probe: the answer may change right after.)"""
+    lp = lock_path(target)
+    if str(lp) in _HELD:
+        return False
+    try:
+        fd = os.open(lp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def partial_path(target: str | Path, pid: int) -> Path:
+    """Where process ``pid`` writes the output ``target`` before renaming it into place."""
+    target = Path(target).absolute()
+    return target.parent / f".{target.name}.partial-{pid}"
+
+
 class AtomicDir:
     def __init__(self, target: str | Path, *, overwrite: bool = False, protect: tuple[Path, ...] = ()):
         self.target = check_target(target, overwrite=True, protect=protect)
+        self.overwrite = overwrite
+        self.tmp = partial_path(self.target, os.getpid())
+        self._lock = contextlib.ExitStack()
+
+    def _prepare(self) -> None:
+        """Under the lock: leftovers of dead writers cleaned, an interrupted --overwrite undone, NAME checked."""
         clear_stale_partials(self.target)
         restored = restore_interrupted(self.target)  # before the existence check, which then sees it
         try:
-            check_target(self.target, overwrite=overwrite)
+            check_target(self.target, overwrite=self.overwrite)
         except OutputError as e:
             if restored is None:
                 raise
             raise OutputError(f"{e} (restored the previous export from {restored}, left by an interrupted "
                               f"--overwrite)") from None
-        self.tmp = self.target.parent / f".{self.target.name}.partial-{os.getpid()}"
-        self.overwrite = overwrite
 
     def __enter__(self) -> Path:
         try:
-            self.target.parent.mkdir(parents=True, exist_ok=True)
-            if self.tmp.exists():
-                shutil.rmtree(self.tmp)
-            self.tmp.mkdir()
-        except OSError as e:
-            raise OutputError(f"{self.target.parent}: cannot create the output here ({e.strerror})") from None
+            self._lock.enter_context(output_lock(self.target))
+            self._prepare()
+            try:
+                if self.tmp.exists():
+                    shutil.rmtree(self.tmp)
+                self.tmp.mkdir()
+            except OSError as e:
+                raise OutputError(f"{self.target.parent}: cannot create the output here ({e.strerror})") from None
+        except BaseException:
+            self._lock.close()
+            raise
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        with self._lock:
+            self._finish(exc_type)
+
+    def _finish(self, exc_type) -> None:
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
             return
