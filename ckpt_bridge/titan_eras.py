@@ -187,7 +187,8 @@ def new_config(base_folder: str) -> Any:
         return CheckpointManager.Config(enable=True, folder="checkpoint", keep_latest_k=0,
                                         initial_load_model_only=False)
     job = _era_job_config(base_folder)
-    job.checkpoint.enable_checkpoint = True
+    section = job.checkpoint  # 0.2.x calls the switch `enable`: setting the older name would invent a field
+    setattr(section, "enable_checkpoint" if hasattr(section, "enable_checkpoint") else "enable", True)
     return job
 
 
