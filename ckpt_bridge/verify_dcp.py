@@ -171,6 +171,10 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
     # 1. keys the loader requests
     titan = _titan_target(hf_dir, manifest, titan_model)
     if titan is None:
+        from .titan_models import adapter_in_manifest, unrebuilt_adapter
+
+        if adapter_in_manifest(manifest):  # TorchTitan names, and no family recorded to rebuild the adapter
+            raise unrebuilt_adapter(r, hf_dir, manifest)
         model, specs = _target_model(hf_dir, manifest)
     else:
         tm, model, specs = titan
