@@ -43,7 +43,9 @@ TITAN_HELP = ("TorchTitan's own model definition the trainer builds (llama3, qwe
 def _common(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--json", action="store_true", help=f"print {what} as JSON")
     p.add_argument("--trust-pickle", action="store_true",
-                   help="allow pickles beyond tensors and numpy rng state (only for files you trust)")
+                   help="allow pickles beyond tensors and numpy rng state (only for files you trust): in torch "
+                        "files, verl rank and extra_state files, .bin weights, DCP .metadata, DCP non-tensor "
+                        "entries and the save hook's rng files")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -308,14 +308,19 @@ def _inputs_of(producer, source_of: dict[str, str]) -> str:
 
 
 def _titan_source(reader: Reader, cfg_dir: Path, model: Any, sd_adapter: Any, titan_model: str | None
-                  ) -> tuple[Reader, Any, str | None]:
-    """(source reader under the trainer model's names, trainer model, titan model name for the manifest).
+                  ) -> tuple[Reader, Any, str | None, dict | None]:
+    """(source reader under the trainer model's names, trainer model, titan model name for the manifest, what
+    the manifest says about a ``model`` + ``sd_adapter`` conversion).
 
     A TorchTitan model (``titan_model`` name, or ``model`` + ``sd_adapter``) sees
     the HF weights through its adapter's ``from_hf``, applied as plan transforms.
+    The manifest names the ``titan_model`` that rebuilds the adapter from the HF
+    config, so to-hf / verify need no flag: given, or found for the adapter
+    passed (its class is the family's registered one and the model's config is
+    the HF config's; :func:`~ckpt_bridge.titan_models.adapter_record`).
     """
     if titan_model is None and sd_adapter is None:
-        return reader, model, None
+        return reader, model, None, None
     from .formats.adapted import from_hf_reader
 
     if titan_model is not None:
@@ -324,10 +329,13 @@ def _titan_source(reader: Reader, cfg_dir: Path, model: Any, sd_adapter: Any, ti
         from .titan_models import titan_model as build
 
         tm = build(titan_model, cfg_dir)
-        return from_hf_reader(reader, tm.adapter), tm.build("meta"), titan_model
+        return from_hf_reader(reader, tm.adapter), tm.build("meta"), titan_model, None
     if model is None:
         raise BridgeError("sd_adapter= needs model= (the TorchTitan model, meta is fine) to ask for its keys")
-    return from_hf_reader(reader, sd_adapter), model, None
+    from .titan_models import adapter_record
+
+    record = adapter_record(sd_adapter, model, cfg_dir)
+    return from_hf_reader(reader, sd_adapter), model, record["family"], record
 
 
 # ---------------------------------------------------------------- writing
@@ -469,7 +477,7 @@ def to_dcp(
             raise KeyPlanError(f"{where}: no config.json found; pass --config PATH (a config.json or a model dir)")
         # structure, model_type and sizes against the tensors, before transformers parses it
         read_fitting_config(cfg_dir, reader.tensors())
-        source, model, titan = _titan_source(reader, cfg_dir, model, sd_adapter, titan_model)
+        source, model, titan, adapter_rec = _titan_source(reader, cfg_dir, model, sd_adapter, titan_model)
         infos = source.tensors()
         hashes = pool.submit(_hash_files, _source_files(reader, cfg_dir)) if not dry_run and team.leader else None
 
@@ -606,6 +614,7 @@ def to_dcp(
                 "hf_config": read_config(cfg_dir),
                 "model_class": model_class,
                 "titan_model": titan,
+                **({"titan_adapter": adapter_rec} if adapter_rec is not None else {}),
                 "layout": req.as_dict(),
                 "dtype": summary.dtype,
                 "tensors": summary.tensors,

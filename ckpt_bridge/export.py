@@ -111,6 +111,20 @@ def _config_dir(reader: Reader, config: str | Path | None) -> tuple[Path | None,
     raise BridgeError(f"--config {p}: neither a config.json file nor a directory containing one")
 
 
+def _with_titan_hint(e: KeyPlanError, reader: Reader, cfg_dir: Path, titan_model: str | None) -> KeyPlanError:
+    """``e``, plus the ``--titan-model`` that maps these keys when the checkpoint holds a TorchTitan model's own
+    names (torchtitan's native saves name no model; that family's adapter is tried on the keys)."""
+    from .formats.adapted import AdaptedReader
+    from .titan_models import working_titan_model
+
+    if titan_model is not None or isinstance(reader, AdaptedReader):
+        return e
+    name = working_titan_model(reader, cfg_dir)
+    if name is None:
+        return e
+    return KeyPlanError(f"{e}; these are TorchTitan {name} names: pass --titan-model {name}")
+
+
 def _checked_source(reader: Reader, config: str | Path | None, other_models: tuple[str, ...] = ()
                     ) -> tuple[dict, Path]:
     """Structure and per-key layouts (metadata only), and the config directory."""
@@ -266,7 +280,10 @@ def to_hf(
                                progress=progress, t0=t0, dry_run=dry_run)
         where = str(reader.path)
         infos, aux_keys = split_aux(all_infos, reader, cfg_dir, aux_prefixes, where)
-        plan = plan_hf_export(infos, cfg_dir, where=where)
+        try:
+            plan = plan_hf_export(infos, cfg_dir, where=where)
+        except KeyPlanError as e:
+            raise _with_titan_hint(e, reader, cfg_dir, titan_model) from None
         other_plans = []
         for name in others:  # planned and checked in full before any output exists
             sec = reader.section_tensors(name)

@@ -130,10 +130,15 @@ def _unsafe_global(message: str) -> str | None:
     return None
 
 
-def load_bytes(stream, *, where: str, allow_numpy: bool = True) -> Any:
-    """``torch.load`` an in-memory blob (a DCP bytes entry) weights-only; numpy rng state allowed."""
+def load_bytes(stream, *, where: str, allow_numpy: bool = True, trust_pickle: bool = False) -> Any:
+    """``torch.load`` an in-memory blob (a DCP bytes entry) weights-only; numpy rng state allowed.
+
+    ``trust_pickle``: any pickle (``--trust-pickle``), for a trainer state holding objects of its own.
+    """
     try:
         with quiet_loading():
+            if trust_pickle:
+                return torch.load(stream, map_location="cpu", weights_only=False)
             if allow_numpy:
                 with torch.serialization.safe_globals(_numpy_rng_globals()):
                     return torch.load(stream, map_location="cpu", weights_only=True)
@@ -141,7 +146,8 @@ def load_bytes(stream, *, where: str, allow_numpy: bool = True) -> Any:
     except pickle.UnpicklingError as e:
         culprit = _unsafe_global(str(e))
         raise UnsafePickleError(f"{where}: refusing to unpickle {culprit or 'a non-tensor object'} with "
-                                f"weights_only=True") from None
+                                f"weights_only=True; if you trust where this save came from, rerun with "
+                                f"--trust-pickle") from None
     except (RuntimeError, EOFError, ValueError) as e:
         raise CheckpointFormatError(f"{where}: cannot be read ({type(e).__name__}: {e}); the save is corrupt") from None
 

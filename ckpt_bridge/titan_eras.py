@@ -50,7 +50,7 @@ WHO_LOADS = {
     "nested": "nested: TorchTitan whose step-0 load requests {'model': state_dict} (up to commit e320a37, the "
               "parent of cddd7dc; flame pins up to 5e2033c) - keys model.<fqn>",
     "flat": "flat: TorchTitan whose model-only load requests the bare state dict (cddd7dc and later: flame's "
-            "0b44d4c, 0.2.x, 0.3.0) - keys <fqn>",
+            "0b44d4c, the releases 0.1.0, 0.2.x, 0.3.0) - keys <fqn>",
 }
 LAYOUT_HELP = "; ".join(WHO_LOADS.values())
 
@@ -187,7 +187,8 @@ def new_config(base_folder: str) -> Any:
         return CheckpointManager.Config(enable=True, folder="checkpoint", keep_latest_k=0,
                                         initial_load_model_only=False)
     job = _era_job_config(base_folder)
-    job.checkpoint.enable_checkpoint = True
+    section = job.checkpoint  # 0.2.x calls the switch `enable`: setting the older name would invent a field
+    setattr(section, "enable_checkpoint" if hasattr(section, "enable_checkpoint") else "enable", True)
     return job
 
 
@@ -349,5 +350,5 @@ def seed_flags(out: str, era: TitanEra | None, layout: str) -> list[str]:
     if layout == "nested":
         return [f"nested-era torchtitan (up to e320a37; flame pins up to 5e2033c): {step0}", after]
     return [f"torchtitan 0.2.x / 0.3.0: --checkpoint.initial_load_path {out} --checkpoint.initial_load_model_only",
-            f"flame's pin 0b44d4c: --checkpoint.enable_checkpoint --checkpoint.initial_load_path {out} "
+            f"torchtitan 0.1.0 and flame's pin 0b44d4c: --checkpoint.enable_checkpoint --checkpoint.initial_load_path {out} "
             f"--checkpoint.initial_load_model_weights_only", after]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,6 +253,94 @@ def recorded_titan_model(reader: Any) -> str | None:
     return (m or {}).get("titan_model")
 
 
+# ---------------------------------------------------------------- what built a DCP, recorded and found again
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _registered_adapter(name: str) -> type | None:
+    mod = _module(name)
+    return mod.model_registry(next(iter(getattr(mod, f"{name}_configs")))).state_dict_adapter
+
+
+def _model_config(model: Any) -> Any:
+    parts = [model] if isinstance(model, nn.Module) else list(model or [])
+    return next((p.config for p in parts if dataclasses.is_dataclass(getattr(p, "config", None))), None)
+
+
+def adapter_record(sd_adapter: Any, model: Any, hf_dir: str | Path) -> dict[str, Any]:
+    """What the manifest says about a ``model=`` + ``sd_adapter=`` conversion: the adapter's class, the model
+    args its ``to_hf`` needs (the model config under HF names), and the ``--titan-model`` family that rebuilds
+    the same adapter from the HF config, when one does (``family`` None: none does)."""
+    cfg = _model_config(model)
+    rec: dict[str, Any] = {"class": _qualname(type(sd_adapter)),
+                           "model_config": titan_parity(cfg) if cfg is not None else None, "family": None}
+    if cfg is None:
+        return rec
+    hf = _hf_config(hf_dir)
+    for name, kind in KINDS.items():
+        if hf.model_type not in kind.hf_model_types:
+            continue
+        try:
+            if type(sd_adapter) is not _registered_adapter(name):
+                continue
+            from .model_fixups import check_config_parity
+
+            check_config_parity(titan_parity(cfg), hf, where="the HF config")  # the same function: same adapter
+        except Exception:  # noqa: BLE001 - not this family (or another config): nothing to rebuild from
+            continue
+        rec["family"] = name
+    return rec
+
+
+def working_titan_model(reader: Any, cfg_dir: str | Path | None) -> str | None:
+    """The ``--titan-model`` whose adapter maps ``reader``'s keys onto the HF class, if one does (for errors)."""
+    if cfg_dir is None:
+        return None
+    from .formats.adapted import to_hf_reader
+    from .keys import plan_hf_export
+
+    try:
+        hf = _hf_config(cfg_dir)
+    except Exception:  # noqa: BLE001 - the caller reports the config itself
+        return None
+    for name, kind in KINDS.items():
+        if hf.model_type not in kind.hf_model_types:
+            continue
+        try:
+            view = to_hf_reader(reader, titan_model(name, cfg_dir).adapter)
+            plan_hf_export(view.tensors(), Path(cfg_dir), where=str(reader.path))
+        except Exception:  # noqa: BLE001 - this family's adapter does not fit these keys
+            continue
+        return name
+    return None
+
+
+def unrebuilt_adapter(reader: Any, cfg_dir: Path, m: dict) -> TitanModelError:
+    """The manifest names an adapter that ckpt-bridge cannot rebuild by itself: what to pass instead."""
+    rec = m.get("titan_adapter") if isinstance(m.get("titan_adapter"), dict) else {}
+    named = [x.group(1) for n in m.get("notes", []) if isinstance(n, str)
+             for x in [re.search(r"(\w+StateDictAdapter)\.from_hf", n)] if x]
+    what = rec.get("class") or (named[0] if named else "a TorchTitan StateDictAdapter")
+    name = working_titan_model(reader, cfg_dir)
+    how = (f"pass --titan-model {name}" if name else
+           f"none of --titan-model {', '.join(KINDS)} maps its keys: convert it from Python with that model's "
+           f"own adapter (its to_hf)")
+    return TitanModelError(f"{reader.path}: written through {what} (model=/sd_adapter=), which the manifest does "
+                           f"not name a --titan-model for; {how}")
+
+
+def adapter_in_manifest(m: dict | None) -> bool:
+    """The to-dcp manifest says the weights went through a StateDictAdapter (also manifests before
+    ``titan_adapter`` existed: their plan notes name ``<Adapter>.from_hf``)."""
+    if not m:
+        return False
+    notes = m.get("notes") if isinstance(m.get("notes"), list) else []
+    return bool(m.get("titan_adapter")) or any(isinstance(n, str) and "StateDictAdapter.from_hf" in n for n in notes)
+
+
 def hf_view(reader: Any, config: str | Path | None, titan_model_name: str | None) -> Any:
     """``reader`` under Hugging Face names when it holds a TorchTitan model's own names, else ``reader`` itself.
 
@@ -259,12 +348,16 @@ def hf_view(reader: Any, config: str | Path | None, titan_model_name: str | None
     its config is built from the HF config (``config``, or the manifest's
     source dir), and its adapter's ``to_hf`` is applied as plan transforms.
     """
-    name = titan_model_name or recorded_titan_model(reader)
-    if name is None:
-        return reader
     from .export import _config_dir
     from .formats.adapted import to_hf_reader
 
+    name = titan_model_name or recorded_titan_model(reader)
+    if name is None:
+        m = reader.manifest() if hasattr(reader, "manifest") else None
+        if adapter_in_manifest(m):
+            cfg_dir, _ = _config_dir(reader, config)
+            raise unrebuilt_adapter(reader, cfg_dir, m)
+        return reader
     cfg_dir, _ = _config_dir(reader, config)
     if cfg_dir is None:
         raise TitanModelError(f"{reader.path}: holds TorchTitan {name} weights; pass --config HF_DIR (the Hugging "

@@ -174,6 +174,10 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
     # 1. keys the loader requests
     titan = _titan_target(hf_dir, manifest, titan_model)
     if titan is None:
+        from .titan_models import adapter_in_manifest, unrebuilt_adapter
+
+        if adapter_in_manifest(manifest):  # TorchTitan names, and no family recorded to rebuild the adapter
+            raise unrebuilt_adapter(r, hf_dir, manifest)
         model, specs = _target_model(hf_dir, manifest)
     else:
         tm, model, specs = titan
@@ -259,13 +263,45 @@ def _measure(model, tok, text: str, max_tokens: int) -> tuple[float, torch.Tenso
     return float(values.mean()), values
 
 
+def _no_tokenizer(hf_dir: Path, names: list[str]) -> BridgeError:
+    return BridgeError(f"--loss needs the model's tokenizer and {hf_dir} has none ({', '.join(names)}): copy the "
+                       f"tokenizer files of the model it came from (tokenizer.json, tokenizer_config.json, ...) into "
+                       f"it")
+
+
+def _loss_tokenizer(hf_dir: Path) -> Any:
+    """The tokenizer of ``hf_dir``; a one-line error when it has none (transformers 5 then builds an empty one)."""
+    from transformers import AutoTokenizer
+
+    from .export import _tokenizer_files
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    except Exception as e:  # noqa: BLE001 - no tokenizer in the dir, or a broken one
+        if (hf_dir / "tokenizer.json").is_file():
+            # tokenizer_config.json of the other major (5.x names "TokenizersBackend", unknown to 4.x): the
+            # token ids come from tokenizer.json alone, which both read the same
+            from transformers import PreTrainedTokenizerFast
+
+            return PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
+        if not _tokenizer_files(hf_dir):
+            raise _no_tokenizer(hf_dir, ["no tokenizer or vocabulary file"]) from None
+        raise BridgeError(f"--loss: cannot load the tokenizer in {hf_dir} ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    # The files the tokenizer class reads its vocabulary from (its own vocab_files_names): with none of them
+    # present, from_pretrained made a tokenizer without a vocabulary, which gives no tokens at all.
+    names = sorted(set(getattr(tok, "vocab_files_names", {}).values()))
+    if names and not any((hf_dir / n).is_file() for n in names):
+        raise _no_tokenizer(hf_dir, [f"no {' / '.join(names)}"])
+    return tok
+
+
 def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int, titan: Any = None
             ) -> tuple[float, float, int, float | None]:
     """(HF side, checkpoint side, tokens, max |value diff| for a value model else None).
 
     ``titan``: the trainer model is TorchTitan's own (built meta -> to_empty as its trainer does)."""
     import torch.distributed.checkpoint as dcp
-    from transformers import AutoTokenizer
 
     from .hf_models import from_config, load_pretrained
     from .model_fixups import after_load, load_hf_config
@@ -274,16 +310,11 @@ def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int,
         text = text_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise BridgeError(f"--loss {text_file}: cannot read it as UTF-8 text ({e})") from None
-    try:
-        tok = AutoTokenizer.from_pretrained(str(hf_dir))
-    except Exception as e:  # noqa: BLE001 - no tokenizer in the dir, or a broken one
-        if not (hf_dir / "tokenizer.json").is_file():
-            raise BridgeError(f"--loss needs a tokenizer in {hf_dir} ({type(e).__name__}: {e})") from None
-        # tokenizer_config.json of the other major (5.x names "TokenizersBackend", unknown to 4.x): the
-        # token ids come from tokenizer.json alone, which both read the same
-        from transformers import PreTrainedTokenizerFast
-
-        tok = PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
+    tok = _loss_tokenizer(hf_dir)
+    n_text = len(tok(text, add_special_tokens=False)["input_ids"])
+    if n_text < 2:
+        raise BridgeError(f"--loss {text_file}: the tokenizer in {hf_dir} makes {n_text} token(s) of it; a "
+                          f"next-token loss needs at least 2: give a longer text")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     # Both sides are the class config.json names (causal LM, VLM on text tokens, token classification).
     hf_model = load_pretrained(hf_dir)

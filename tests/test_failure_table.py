@@ -79,6 +79,28 @@ def test_truncated_distcp_and_offsets_past_the_end(dcp_dir, tmp_path, capsys):
     assert index.fqn in line
 
 
+def test_verify_loss_without_a_tokenizer_or_with_too_short_a_text(dcp_dir, tmp_path, capsys):
+    """verify --loss against a model dir of weights and config only, and on a text of one token: one line each
+    saying which (transformers 5 builds an empty tokenizer from nothing, which gives no tokens at all)."""
+    hf, clean = dcp_dir
+    bare = tmp_path / "weights-only"
+    bare.mkdir()
+    for p in hf.iterdir():
+        if p.name == "config.json" or p.name.startswith("model"):
+            shutil.copy2(p, bare / p.name)
+    text = tmp_path / "text.txt"
+    text.write_text("hello world, a few words of text")
+    line = assert_fails(capsys, ["verify", str(clean), "--against", str(bare), "--loss", str(text)],
+                        says=f"--loss needs the model's tokenizer and {bare} has none", sources=(clean, bare))
+    assert "tokenizer.json" in line and "copy" in line
+    one = tmp_path / "one.txt"
+    one.write_text("a")
+    assert_fails(capsys, ["verify", str(clean), "--against", str(hf), "--loss", str(one)],
+                 says=f"--loss {one}: the tokenizer in {hf} makes 1 token(s) of it; a next-token loss needs at least 2",
+                 sources=(clean, hf))
+    assert cli(["verify", str(clean), "--against", str(hf), "--loss", str(text)]) == 0  # the same dir with a text
+
+
 def _hf_with_config(src: Path, dst: Path, raw: bytes) -> Path:
     shutil.copytree(src, dst)
     (dst / "config.json").write_bytes(raw)

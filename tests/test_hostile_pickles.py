@@ -163,3 +163,37 @@ def test_payloads_in_every_other_pickled_file(verl_ckpt, tiny_hf_factory, tmp_pa
         assert not marker.exists(), name
         assert not out.exists(), name
         assert tree_hash(src) == before, name
+
+
+def test_trust_pickle_reaches_dcp_bytes_entries_and_rng_files(tiny_hf_factory, tmp_path, capsys):
+    """A TorchTitan step folder whose lr_scheduler entry, or whose save hook rng file, holds an object beyond
+    weights_only: refused by default (the line names the file and --trust-pickle), read with --trust-pickle
+    (the payload runs: the flag reached that file)."""
+    from ckpt_bridge.formats.dcp import RNG_DIR
+    from ckpt_bridge.formats.hf import HFReader
+
+    hf = tiny_hf_factory("llama")
+    sd = {k: HFReader(hf).read(k) for k in HFReader(hf).tensors()}
+    cases = {}
+    for name in ("entry", "rng"):
+        marker = tmp_path / f"RAN-{name}"
+        step = tmp_path / name / "step-3"
+        sched = {"evil": Boom(marker)} if name == "entry" else {"last_epoch": 3}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save({"model": sd, "lr_scheduler": sched, "train_state": {"step": 3}}, checkpoint_id=str(step),
+                     no_dist=True)
+        if name == "rng":
+            (step / RNG_DIR).mkdir()
+            torch.save({"torch": torch.get_rng_state(), "python": Boom(marker)}, step / RNG_DIR / "rank_0.pt")
+        cases[name] = (step, marker, "entry 'lr_scheduler.evil'" if name == "entry" else f"{RNG_DIR}/rank_0.pt")
+    for name, (step, marker, culprit) in cases.items():
+        args = ["to-hf", str(step), "--out", str(tmp_path / f"out-{name}"), "--config", str(hf), "--quiet"]
+        code, err = run(capsys, args)
+        assert code == 2 and len(err) == 1, (name, err)
+        assert culprit in err[0] and "--trust-pickle" in err[0], (name, err)
+        assert not marker.exists(), name
+        code, err = run(capsys, [*args, "--trust-pickle"])
+        assert code == 0, (name, err)
+        assert marker.exists(), name  # --trust-pickle reached this file: its pickle ran
+        assert (tmp_path / f"out-{name}" / "extra_state_merged.pt").is_file(), name

@@ -269,3 +269,92 @@ def test_after_load_refuses_a_titan_config_that_is_not_the_hf_one(hf_dirs, tmp_p
     model = tm.build("cpu")
     with pytest.raises(ConfigMismatchError, match=r"rope_theta 10000\.0 \(trainer\) vs 500000\.0"):
         after_load(model, hf)
+
+
+def test_python_api_model_and_adapter_convert_back_without_flags(hf_dirs, tmp_path, capsys):
+    """to_dcp(model=, sd_adapter=) with TorchTitan's own llama3 and its registered StateDictAdapter: the manifest
+    names the family (and the adapter's class and model args), so to-hf and verify rebuild the adapter with no
+    flag; a manifest that names only the adapter (as before) is one line naming --titan-model llama3."""
+    from ckpt_bridge.dcp_export import MANIFEST, to_dcp
+    from ckpt_bridge.titan_models import titan_model
+
+    hf = hf_dirs["llama3-untied"]
+    tm = titan_model("llama3", hf)
+    dcp = tmp_path / "dcp"
+    to_dcp(hf, dcp, model=tm.build("meta"), sd_adapter=tm.adapter, progress=False)
+    manifest = json.loads((dcp / MANIFEST).read_text())
+    assert manifest["titan_model"] == "llama3"
+    rec = manifest["titan_adapter"]
+    assert rec["class"] == "torchtitan.models.llama3.state_dict_adapter.Llama3StateDictAdapter"
+    assert rec["family"] == "llama3" and rec["model_config"]["num_key_value_heads"] == 2
+    assert cli(["to-hf", str(dcp), "--out", str(tmp_path / "back"), "--quiet"]) == 0
+    src, back = _hf_state(hf), _hf_state(tmp_path / "back")
+    assert set(back) == set(src) and all(torch.equal(back[k], v) for k, v in src.items())
+    capsys.readouterr()
+    assert cli(["verify", str(dcp), "--against", str(hf)]) == 0
+    assert "TorchTitan llama3" in capsys.readouterr().out
+
+    # the manifest of a conversion that recorded no family (written before it did): the flag that works
+    del manifest["titan_adapter"]
+    manifest["titan_model"] = None
+    (dcp / MANIFEST).write_text(json.dumps(manifest))
+    for args in (["to-hf", str(dcp), "--out", str(tmp_path / "again")], ["verify", str(dcp), "--against", str(hf)]):
+        capsys.readouterr()
+        assert cli(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "Llama3StateDictAdapter" in err[0] and "pass --titan-model llama3" in err[0], err
+    assert not (tmp_path / "again").exists()
+    assert cli(["to-hf", str(dcp), "--out", str(tmp_path / "again"), "--titan-model", "llama3", "--quiet"]) == 0
+
+
+def test_adapter_of_another_config_records_no_family(hf_dirs, tmp_path):
+    """A model whose config is not the HF config's (another rope theta): its adapter is recorded by class, and
+    no family is claimed that would rebuild a different one."""
+    import dataclasses
+
+    from ckpt_bridge.titan_models import adapter_record, titan_model
+
+    hf = hf_dirs["llama3-untied"]
+    tm = titan_model("llama3", hf)
+    other = dataclasses.replace(tm.config, layers=[dataclasses.replace(
+        layer, attention=dataclasses.replace(layer.attention, rope=dataclasses.replace(layer.attention.rope,
+                                                                                      theta=10000.0)))
+        for layer in tm.config.layers])
+    with torch.device("meta"):
+        model = other.build()
+    rec = adapter_record(tm.adapter, model, hf)
+    assert rec["family"] is None and rec["class"].endswith("Llama3StateDictAdapter")
+    assert rec["model_config"]["rope_parameters"]["rope_theta"] == 10000.0
+    assert adapter_record(tm.adapter, tm.build("meta"), hf)["family"] == "llama3"
+
+
+def test_save_hook_exports_a_titan_model_through_its_adapter(gloo1, hf_dirs, tmp_path):
+    """HFExport(titan_model="llama3"): TorchTitan's own llama3, loaded by torchtitan's own HF load, saved by its
+    CheckpointManager under its own names; the hook's export is the HF files bit for bit.  Without the name the
+    export fails (torchtitan's save names no model) with a line naming the flag."""
+    from torchtitan.components.checkpoint import CheckpointManager
+
+    from ckpt_bridge.integrations.torchtitan import HFExport, attach
+    from ckpt_bridge.titan_models import titan_model
+
+    hf = hf_dirs["llama3-tied"]
+    tm = titan_model("llama3", hf)
+    model = _titan_load(tm, tmp_path / "load", initial_load_path=str(hf.absolute()), initial_load_in_hf=True)
+    results = {}
+    for case, name in (("named", "llama3"), ("unnamed", None)):
+        cfg = CheckpointManager.Config(enable=True, folder="checkpoint", keep_latest_k=0, last_save_model_only=True,
+                                       export_dtype="float32")
+        mgr = CheckpointManager(cfg, dataloader=None, model_parts=[model], optimizers=None, lr_schedulers=None,
+                                states={}, sd_adapter=tm.adapter, base_folder=str(tmp_path / case))
+        hook = attach(mgr, HFExport(hf_config=hf, titan_model=name))
+        try:
+            mgr.save(curr_step=1, last_step=True)
+            (results[case],) = hook.wait(timeout=300)
+        finally:
+            hook.close()
+            mgr.close()
+    named, unnamed = results["named"], results["unnamed"]
+    assert named.ok, named.message
+    src, got = _hf_state(hf), _hf_state(Path(named.out))
+    assert set(got) == set(src) and all(torch.equal(got[k], v) and got[k].dtype == v.dtype for k, v in src.items())
+    assert not unnamed.ok and "pass --titan-model llama3" in unnamed.message, unnamed.message

@@ -255,7 +255,8 @@ class DCPReader(Reader):
         with open(confined(self.path, info.relative_path, source=self.path / ".metadata", what="data file"), "rb") as f:
             f.seek(info.offset)
             blob = f.read(info.length)
-        return safeload.load_bytes(io.BytesIO(blob), where=f"{self.path / info.relative_path} entry {key!r}")
+        return safeload.load_bytes(io.BytesIO(blob), where=f"{self.path / info.relative_path} entry {key!r}",
+                                   trust_pickle=self.trust_pickle)
 
     def extra_state(self) -> dict[str, Any]:
         """lr_scheduler / train_state / dataloader sections, nested back as saved; ``global_step``."""
@@ -343,7 +344,8 @@ class DCPReader(Reader):
             raise CheckpointFormatError(
                 f"{d}: rank_{missing[0]}.pt missing (rng for {len(found)} of {world} ranks; the save was interrupted "
                 f"or the files were not all copied); copy it, or pass --allow-missing-rng to export without it")
-        return {r: safeload.load(found[r], mmap=False, allow_numpy=True) for r in sorted(found)}
+        return {r: safeload.load(found[r], mmap=False, allow_numpy=True, trust_pickle=self.trust_pickle)
+                for r in sorted(found)}
 
     def manifest(self) -> dict[str, Any] | None:
         from ..dcp_export import read_manifest

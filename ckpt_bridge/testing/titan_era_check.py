@@ -59,19 +59,35 @@ def _flag_tokens(line: str) -> list[str]:
     return tokens
 
 
+def _era_parser() -> Any:
+    """The installed era's own command-line config parser: a ``ConfigManager`` or the argparse ``JobConfig``."""
+    import importlib
+
+    for name in ("torchtitan.config.manager", "torchtitan.config_manager"):  # 0.2.x / 0.3.0, older eras
+        try:
+            mod = importlib.import_module(name)
+        except ImportError:
+            continue
+        return mod.ConfigManager() if hasattr(mod, "ConfigManager") else mod.JobConfig()
+    raise ImportError("neither torchtitan.config.manager nor torchtitan.config_manager imports")
+
+
 def _parse_flags(line: str) -> dict[str, Any] | None:
     """The printed torchtitan flags of one line, parsed by the installed era's own parser (None: no flags)."""
-    import importlib
+    import inspect
 
     tokens = _flag_tokens(line)
     if not tokens:
         return None
-    mod = importlib.import_module("torchtitan.config_manager")  # the eras whose CLI parses --checkpoint.* alone
-    if hasattr(mod, "ConfigManager"):
-        job = mod.ConfigManager().parse_args(tokens)
-    else:  # 5e2033c: argparse JobConfig
-        job = mod.JobConfig()
-        job.parse_args(tokens)
+    parser = _era_parser()
+    if not hasattr(parser, "parse_args") or not hasattr(type(parser), "_load_config"):
+        args = tokens  # the eras whose CLI parses --checkpoint.* alone
+    else:  # 0.3.0: a trainer config comes from a --module's config_registry; the flags override it
+        assert "--module" in inspect.getsource(type(parser)._load_config)
+        args = ["--module", "llama3", "--config", "llama3_debugmodel", *tokens]
+    job = parser.parse_args(args)
+    if job is None:  # 5e2033c: argparse JobConfig parses into itself
+        job = parser
     return {"tokens": tokens, "fields": _section_fields(job)}
 
 
