@@ -72,8 +72,9 @@ def load(
     mmap: bool = True,
     allow_numpy: bool = False,
     trust_pickle: bool = False,
+    map_location: str = "cpu",
 ) -> Any:
-    """``torch.load`` a file safely; ``mmap=True`` reads no tensor data up front.
+    """``torch.load`` a file safely; ``mmap=True`` reads no tensor data up front (``map_location="meta"``: none at all).
 
     Raises :class:`CheckpointFormatError` for unreadable/truncated files and
     :class:`UnsafePickleError` for pickles outside the allowlist.
@@ -87,10 +88,10 @@ def load(
     try:
         with quiet_loading():
             if trust_pickle:
-                return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False,
+                return torch.load(path, map_location=map_location, mmap=mmap, weights_only=False,
                                   pickle_module=_stand_in_pickle())
             with _mesh_stand_ins(_numpy_rng_globals() if allow_numpy else []):
-                return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+                return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
         culprit = _unsafe_global(str(e))
         raise UnsafePickleError(

@@ -476,9 +476,7 @@ def _data_offsets(path: Path, trust_pickle: bool) -> dict[str, int | None]:
     """
     if sys.byteorder != "little":  # pragma: no cover - torch.save archives are little-endian here
         return {}
-    _dtensor()  # registers the DTensor classes with the weights-only unpickler
-    with safeload.quiet_loading():
-        sd = torch.load(path, map_location="meta", weights_only=not trust_pickle)
+    sd = safeload.load(path, mmap=False, map_location="meta", trust_pickle=trust_pickle)
     out: dict[str, int | None] = {}
     for key, v in sd.items():
         t = v._local_tensor if isinstance(v, _dtensor()) else v
