@@ -15,8 +15,10 @@ the global, unless the caller passes ``trust_pickle=True`` (``--trust-pickle``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
+import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -70,8 +72,9 @@ def load(
     mmap: bool = True,
     allow_numpy: bool = False,
     trust_pickle: bool = False,
+    map_location: str = "cpu",
 ) -> Any:
-    """``torch.load`` a file safely; ``mmap=True`` reads no tensor data up front.
+    """``torch.load`` a file safely; ``mmap=True`` reads no tensor data up front (``map_location="meta"``: none at all).
 
     Raises :class:`CheckpointFormatError` for unreadable/truncated files and
     :class:`UnsafePickleError` for pickles outside the allowlist.
@@ -85,16 +88,15 @@ def load(
     try:
         with quiet_loading():
             if trust_pickle:
-                return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
-            if allow_numpy:
-                with torch.serialization.safe_globals(_numpy_rng_globals()):
-                    return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
-            return torch.load(path, map_location="cpu", mmap=mmap, weights_only=True)
+                return torch.load(path, map_location=map_location, mmap=mmap, weights_only=False,
+                                  pickle_module=_stand_in_pickle())
+            with _mesh_stand_ins(_numpy_rng_globals() if allow_numpy else []):
+                return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
         culprit = _unsafe_global(str(e))
         raise UnsafePickleError(
-            f"{path}: refusing to unpickle {culprit or 'a non-tensor object'} with weights_only=True; "
-            f"if you trust where this file came from, rerun with --trust-pickle"
+            f"{path}: refusing to unpickle {culprit or 'a non-tensor object'} with weights_only=True"
+            f"{_foreign_hint(culprit)}; if you trust where this file came from, rerun with --trust-pickle"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -102,6 +104,77 @@ def load(
             f"{path}: cannot be read as a torch.save archive ({first}); the file is truncated or "
             f"corrupt: copy it again from the training job's storage"
         ) from None
+
+
+# ------------------------------------------------------------- DTensor device meshes
+
+# A DTensor's DeviceMesh (and the _MeshLayout / _FlatLayout it holds since torch 2.10 / 2.13) pickles as the
+# mesh's fields, whose shape changed between torch releases; running torch's own classes on another release's
+# fields fails, and a release without one of the classes cannot unpickle it at all.  So every load unpickles
+# them as plain-data stand-ins by name (ckpt_bridge.meshes, which also reads the rank grid from the fields):
+# constructing one runs no code beyond storing the fields.
+
+_ALLOWLIST_LOCK = threading.RLock()
+
+
+@contextmanager
+def _mesh_stand_ins(extra: list[Any]) -> Iterator[None]:
+    """torch's weights-only allowlist, for one load, with the mesh classes replaced by our stand-ins (plus ``extra``).
+
+    The allowlist is keyed by name but stored as a set, so the real classes (registered by importing
+    torch.distributed.tensor / device_mesh) are taken out for the duration instead of shadowed.
+    """
+    from .meshes import STAND_INS
+
+    with _ALLOWLIST_LOCK:  # the allowlist is process-wide: one load at a time changes it
+        saved = torch.serialization.get_safe_globals()
+        kept = [g for g in saved if _global_name(g) not in STAND_INS]
+        torch.serialization.clear_safe_globals()
+        torch.serialization.add_safe_globals([*kept, *((cls, name) for name, cls in STAND_INS.items()), *extra])
+        try:
+            yield
+        finally:
+            torch.serialization.clear_safe_globals()
+            torch.serialization.add_safe_globals(saved)
+
+
+def _global_name(g: Any) -> str:
+    if isinstance(g, tuple):
+        return g[1]
+    return f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', '')}"
+
+
+def _stand_in_pickle() -> Any:
+    """A ``pickle`` module for ``torch.load(weights_only=False)`` whose Unpickler maps the mesh classes to stand-ins."""
+    import types
+
+    from .meshes import STAND_INS
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            return STAND_INS.get(f"{module}.{name}") or super().find_class(module, name)
+
+    mod = types.ModuleType("ckpt_bridge_pickle")
+    mod.__dict__.update({k: getattr(pickle, k) for k in dir(pickle) if not k.startswith("__")})
+    mod.Unpickler = Unpickler
+    mod.load = lambda f, **kw: Unpickler(f, **kw).load()
+    return mod
+
+
+def _foreign_hint(culprit: str | None) -> str:
+    """For a torch class this torch does not have: say the file probably comes from another torch release."""
+    if not culprit or not culprit.startswith("torch."):
+        return ""
+    module, _, name = culprit.rpartition(".")
+    try:
+        import importlib
+
+        if hasattr(importlib.import_module(module), name):
+            return ""
+    except ImportError:
+        pass
+    return (f" (torch {torch.__version__} has no such class: the file was written by another torch release; "
+            f"read it with ckpt-bridge installed next to the torch that wrote it)")
 
 
 def is_legacy_format(path: str | Path) -> bool:
@@ -174,8 +247,16 @@ _DCP_METADATA_CLASSES = {
 
 
 class _DCPMetadataUnpickler(pickle.Unpickler):
+    """The allowlist above, and newer torches' extra fields tolerated (``trusted``: every other global too)."""
+
+    def __init__(self, f: Any, *, trusted: bool = False):
+        super().__init__(f)
+        self.trusted = trusted
+
     def find_class(self, module: str, name: str) -> Any:
-        if name in _DCP_METADATA_CLASSES.get(module, ()):
+        if module == "torch.distributed.checkpoint.metadata" and name == "TensorProperties":
+            return _tolerant_tensor_properties()
+        if self.trusted or name in _DCP_METADATA_CLASSES.get(module, ()):
             return super().find_class(module, name)
         if module == "torch":
             if name == "Size":
@@ -190,6 +271,36 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"Unsupported global: GLOBAL {module}.{name}")
 
 
+# TensorProperties pickles as a tuple (its __getstate__), the one DCP metadata class whose state is positional:
+# torch 2.6 - 2.14 write (dtype, layout, requires_grad, memory_format, pin_memory); 2.15 appends `strides`
+# (None or the tensor's strides), and the __setstate__ of torch <= 2.14 refuses the 6-tuple ("too many values
+# to unpack (expected 5)"), so their own FileSystemReader cannot read a 2.15 folder.  The others pickle as
+# dicts, where a newer field is just an extra attribute.  We rebuild TensorProperties from the fields the
+# running torch's class has (the 5 common ones, plus strides when it knows them) and ignore the rest: the
+# tensor data does not depend on them (DCP stores every chunk contiguous).
+_TENSOR_PROPERTIES_FIELDS = ("dtype", "layout", "requires_grad", "memory_format", "pin_memory", "strides")
+_TOLERANT_CLASS: list[type] = []
+
+
+def _tolerant_tensor_properties() -> type:
+    """The TensorProperties subclass that reads every release's state (built once: DCP is imported lazily)."""
+    if _TOLERANT_CLASS:
+        return _TOLERANT_CLASS[0]
+    from torch.distributed.checkpoint.metadata import TensorProperties
+
+    class Tolerant(TensorProperties):
+        def __setstate__(self, state: Any) -> None:
+            if not isinstance(state, tuple) or len(state) < 5:
+                raise pickle.UnpicklingError(f"TensorProperties state {state!r} is not the tuple DCP writes")
+            known = {f.name for f in dataclasses.fields(TensorProperties)}
+            # the state this torch's own __setstate__ expects: the 5 common fields, strides if it has them
+            TensorProperties.__setstate__(self, state[:6] if "strides" in known and len(state) >= 6 else state[:5])
+            self.__class__ = TensorProperties  # a real TensorProperties from here on
+
+    _TOLERANT_CLASS.append(Tolerant)
+    return Tolerant
+
+
 def _layout(name: Any) -> torch.layout:
     value = getattr(torch, str(name).removeprefix("torch."), None)
     if not isinstance(value, torch.layout):
@@ -200,7 +311,7 @@ def _layout(name: Any) -> torch.layout:
 def load_dcp_metadata(path: str | Path, *, trust_pickle: bool = False) -> Any:
     """Unpickle a DCP ``.metadata`` file allowing only the classes DCP metadata is made of.
 
-    Anything else is refused with :class:`UnsafePickleError` (``trust_pickle=True`` uses plain pickle).
+    Anything else is refused with :class:`UnsafePickleError` (``trust_pickle=True`` admits any global).
     The result is checked to be a ``Metadata`` so later code can rely on its fields.
     """
     from torch.distributed.checkpoint.metadata import Metadata
@@ -208,9 +319,15 @@ def load_dcp_metadata(path: str | Path, *, trust_pickle: bool = False) -> Any:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            md = pickle.load(f) if trust_pickle else _DCPMetadataUnpickler(f).load()
+            md = _DCPMetadataUnpickler(f, trusted=trust_pickle).load()
     except pickle.UnpicklingError as e:
         culprit = _unsafe_global(str(e))
+        if culprit is not None and culprit.startswith("torch.distributed.checkpoint."):
+            raise CheckpointFormatError(
+                f"{path}: names {culprit}, which the DCP metadata of torch 2.6 - 2.15 does not hold: the folder "
+                f"was written by a newer torch than ckpt-bridge knows; run ckpt-bridge where that torch is "
+                f"installed (pip install torch==<the trainer's version>)"
+            ) from None
         if culprit is not None:
             raise UnsafePickleError(
                 f"{path}: refusing to unpickle {culprit}: a DCP .metadata holds only DCP's metadata classes; "
@@ -218,9 +335,14 @@ def load_dcp_metadata(path: str | Path, *, trust_pickle: bool = False) -> Any:
             ) from None
         raise CheckpointFormatError(f"{path}: not a DCP metadata pickle ({e}); the save is corrupt or "
                                     f"truncated: copy it again") from None
-    except Exception as e:  # noqa: BLE001 - EOF, bad opcodes, wrong field types: all mean a corrupt file
+    except (EOFError, MemoryError, IndexError, KeyError) as e:  # what a cut or garbled pickle stream raises
         raise CheckpointFormatError(f"{path}: not a DCP metadata pickle ({type(e).__name__}: {e}); the save is "
                                     f"corrupt or truncated: copy it again") from None
+    except Exception as e:  # noqa: BLE001 - a valid pickle whose DCP classes this torch cannot rebuild
+        raise CheckpointFormatError(
+            f"{path}: torch {torch.__version__} cannot rebuild this DCP metadata ({type(e).__name__}: {e}); "
+            f"the folder was probably written by a newer torch: run ckpt-bridge where that torch is installed"
+        ) from None
     if not isinstance(md, Metadata):
         raise CheckpointFormatError(f"{path}: holds a {type(md).__name__}, not DCP Metadata; the save is corrupt")
     return md

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from .. import pages, safeload
+from .. import meshes, pages, safeload
 from ..errors import CheckpointFormatError
 from ..layout import Placement, local_region, placements_of, source_coords
 from ..chunks import chunks_of_regions, coverage
@@ -211,20 +211,14 @@ class VerlFSDPReader(Reader):
         return out
 
     def _mesh(self, rank: int, key: str, dt: DTensor) -> tuple[torch.Tensor, tuple[str, ...] | None, int | None]:
+        """(rank grid, dim names, saving rank) of ``dt``'s saved device mesh, whichever torch wrote it."""
         m = dt.device_mesh
         if id(m) not in self._mesh_cache:
             try:
-                mesh = m.mesh
-            except Exception:  # a DeviceMesh pickled by another torch version
-                mesh = m.__dict__.get("mesh")
-            if not isinstance(mesh, torch.Tensor):
-                raise CheckpointFormatError(
-                    f"{self.model_file(rank)}: key {key!r}: the saved device mesh has no rank layout; "
-                    f"cannot place the shard"
-                )
-            names = getattr(m, "mesh_dim_names", None) or m.__dict__.get("_mesh_dim_names")
-            saved_rank = m.__dict__.get("_rank")
-            self._mesh_cache[id(m)] = (mesh.clone(), tuple(names) if names else None, saved_rank)
+                self._mesh_cache[id(m)] = meshes.rank_grid(m)
+            except meshes.MeshFormError as e:
+                raise CheckpointFormatError(f"{self.model_file(rank)}: key {key!r}: {e}; cannot place the shard: "
+                                            f"export it with ckpt-bridge under the torch that saved it") from None
         return self._mesh_cache[id(m)]
 
     def layout(self, key: str) -> _Layout:
@@ -490,9 +484,7 @@ def _data_offsets(path: Path, trust_pickle: bool) -> dict[str, int | None]:
     """
     if sys.byteorder != "little":  # pragma: no cover - torch.save archives are little-endian here
         return {}
-    _dtensor()  # registers the DTensor classes with the weights-only unpickler
-    with safeload.quiet_loading():
-        sd = torch.load(path, map_location="meta", weights_only=not trust_pickle)
+    sd = safeload.load(path, mmap=False, map_location="meta", trust_pickle=trust_pickle)
     out: dict[str, int | None] = {}
     for key, v in sd.items():
         t = v._local_tensor if isinstance(v, _dtensor()) else v

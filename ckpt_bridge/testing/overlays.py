@@ -69,3 +69,36 @@ def overlay_env(directory: Path, env: dict[str, str] | None = None) -> dict[str,
     rest = [p for p in out.get("PYTHONPATH", "").split(os.pathsep) if p]
     out["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([str(directory), str(REPO_ROOT), *rest]))
     return out
+
+
+# ------------------------------------------------------------------ torch overlays
+
+def torch_overlay(version: str, *, timeout: float = 1800) -> Path:
+    """A directory holding ``torch==version`` and its dependencies (numpy, nvidia-*, triton), built once.
+
+    Unlike :func:`overlay`, this one installs a different torch on purpose: PyPI's Linux wheels are CUDA
+    builds (about 4.7 GB with their nvidia packages) that import and run on a CPU machine.  The install
+    runs with ``PIP_CONSTRAINT=/dev/null`` and without ``-c constraints.txt``, so neither the machine's
+    pip config nor our torch pin caps it; nothing else sees that setting.  Cached like :func:`overlay`
+    (``torch-<version>`` under :func:`overlay_root`); put the result first on a subprocess's PYTHONPATH
+    with :func:`overlay_env`.
+    """
+    target = overlay_root() / f"torch-{version}"
+    if (target / ".complete").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target", str(tmp),
+           f"torch=={version}", "numpy"]
+    env = {**os.environ, "PIP_CONSTRAINT": "/dev/null"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OverlayError(f"pip could not install torch=={version}: {proc.stderr.strip()[-2000:]}")
+    (tmp / ".complete").write_text(f"torch=={version} numpy\n")
+    try:
+        tmp.rename(target)
+    except OSError:  # another process finished the same overlay first: use theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

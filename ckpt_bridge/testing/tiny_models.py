@@ -191,11 +191,20 @@ BENCH_PRESETS: dict[str, Callable] = {
 }
 
 
+# The committed cross-torch fixtures' model (tests/fixtures/torch-*, ckpt_bridge.testing.torch_fixtures): a few KB,
+# odd vocab so Shard(0) is uneven on 2 ranks, even widths so Shard(1) applies; found by build_config, not in PRESETS.
+FIXTURE_PRESETS: dict[str, Callable] = {
+    "llama_micro": lambda: _llama(vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32),
+}
+
+
 def build_config(name: str):
     """A fresh ``PretrainedConfig`` for preset ``name`` (``config.architectures`` set)."""
-    make = PRESETS.get(name) or BENCH_PRESETS.get(name)
+    make = PRESETS.get(name) or BENCH_PRESETS.get(name) or FIXTURE_PRESETS.get(name)
     if make is None:
-        raise ValueError(f"unknown tiny model {name!r}; choose from {sorted({**PRESETS, **BENCH_PRESETS})}")
+        raise ValueError(f"unknown tiny model {name!r}; "
+                         f"choose from {sorted({**PRESETS, **BENCH_PRESETS, **FIXTURE_PRESETS})}")
     return make()
 
 
@@ -362,6 +371,7 @@ def save_tiny_hf(directory, name: str = "llama", dtype: torch.dtype = torch.floa
 __all__ = [
     "BENCH_PRESETS",
     "FAMILIES",
+    "FIXTURE_PRESETS",
     "PRESETS",
     "build_config",
     "build_model",

@@ -1,0 +1,165 @@
+"""Device meshes saved inside DTensor pickles, read as plain data whatever torch wrote or reads them.
+
+A DTensor pickles its ``DeviceMesh`` as the mesh's ``__dict__`` (``DeviceMesh.__getstate__`` drops only the
+process groups), and that dict changed shape between torch releases.  What each release writes (read from
+pytorch's own ``torch/distributed/device_mesh.py`` and ``_mesh_layout.py`` and checked on saves made by the
+wheels, ``tests/fixtures/torch-*``):
+
+* torch <= 2.9: the rank grid itself, ``mesh`` (an int tensor of the mesh's shape), ``mesh_dim_names``,
+  ``device_type``; no layout classes.
+* torch 2.10 - 2.12 (2.11 checked): ``_layout`` = ``torch.distributed._mesh_layout._MeshLayout``, a frozen
+  dataclass subclassing pycute's ``Layout`` whose fields ``shape`` / ``stride`` are nested int tuples (one
+  entry per mesh dim; a flattened dim is itself a tuple), ``_rank_map`` (1-D int tensor), ``_mesh_dim_names``,
+  ``_rank``; ``mesh`` is a property computed from the layout.
+* torch 2.13 - 2.15 (2.13, 2.15 checked): ``_layout`` = ``_MeshLayout`` holding ``axes``, a tuple of one
+  ``_FlatLayout`` per mesh dim, each with flat ``shape`` / ``stride`` tuples (empty for a size-1 dim); the rest
+  as in 2.11, plus ``_flatten_rank_map``.
+
+The layout maps a mesh coordinate to a position in ``_rank_map``: position = sum(coord_i * stride_i) over
+the dims' sizes in order (PyTorch's lexicographic CuTe), and the rank is ``_rank_map[position]``.  A mesh
+sliced out of a bigger one covers only part of ``_rank_map``; of the copies of it that tile the rest (the
+layout's complement), torch keeps the one holding the current rank, which for a saved mesh is ``_rank``.
+
+Running torch's own ``DeviceMesh`` on another release's dict fails (2.13's ``mesh`` property on a 2.11
+``_MeshLayout``; 2.11 has no ``_FlatLayout`` to unpickle at all), so :mod:`ckpt_bridge.safeload` unpickles
+these classes as the stand-ins below, by name, and :func:`rank_grid` computes the grid from the fields.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import product
+from typing import Any
+
+import torch
+
+
+class _SavedObject:
+    """An object another torch pickled, kept as its saved fields: no code of the real class runs."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # only if a release pickles by constructor call
+        self.__dict__.update(kwargs, _args=args)
+
+    def __setstate__(self, state: Any) -> None:
+        if isinstance(state, tuple) and len(state) == 2:  # (dict, slots) from a slotted class
+            for part in state:
+                self.__dict__.update(part or {})
+        elif isinstance(state, dict):
+            self.__dict__.update(state)
+        else:
+            self.__dict__["_state"] = state
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(sorted(k for k in self.__dict__ if not k.startswith('__')))})"
+
+
+class SavedDeviceMesh(_SavedObject):
+    """A ``torch.distributed.device_mesh.DeviceMesh`` as saved."""
+
+
+class SavedMeshLayout(_SavedObject):
+    """A ``torch.distributed._mesh_layout._MeshLayout`` as saved."""
+
+
+class SavedFlatLayout(_SavedObject):
+    """A ``torch.distributed._mesh_layout._FlatLayout`` as saved."""
+
+
+# The pickled global names these stand in for (every release listed in the module docstring).
+STAND_INS: dict[str, type] = {
+    "torch.distributed.device_mesh.DeviceMesh": SavedDeviceMesh,
+    "torch.distributed._mesh_layout._MeshLayout": SavedMeshLayout,
+    "torch.distributed._mesh_layout._FlatLayout": SavedFlatLayout,
+}
+
+
+class MeshFormError(ValueError):
+    """A saved device mesh in a form no torch release we know has written; the message says what it holds."""
+
+
+def rank_grid(mesh: Any) -> tuple[torch.Tensor, tuple[str, ...] | None, int | None]:
+    """(rank grid of the mesh's shape, its dim names, the rank that saved it) from a saved mesh.
+
+    Accepts a :class:`SavedDeviceMesh` (what :mod:`safeload` returns) or, for a mesh made in this process,
+    a live ``DeviceMesh``.  Raises :class:`MeshFormError` for a form we cannot read.
+    """
+    if not isinstance(mesh, _SavedObject):  # a live DeviceMesh of the running torch
+        names = mesh.mesh_dim_names
+        return mesh.mesh.clone(), tuple(names) if names else None, mesh.get_rank()
+    state = mesh.__dict__
+    names = state.get("_mesh_dim_names", state.get("mesh_dim_names"))
+    names = tuple(names) if names else None
+    saved_rank = state.get("_rank")
+    saved_rank = int(saved_rank) if isinstance(saved_rank, int) else None
+    if isinstance(state.get("mesh"), torch.Tensor):  # torch <= 2.9: the grid itself
+        return state["mesh"].clone(), names, saved_rank
+    layout, rank_map = state.get("_layout"), state.get("_rank_map")
+    if isinstance(rank_map, torch.Tensor) and isinstance(layout, (SavedMeshLayout, SavedFlatLayout)):
+        dims = _layout_dims(layout)
+        return _grid(dims, rank_map.flatten().tolist(), saved_rank), names, saved_rank
+    fields = ", ".join(sorted(state)) or "no fields"
+    raise MeshFormError(
+        f"its device mesh holds {fields} and no rank layout of a form torch 2.6 - 2.15 writes (a 'mesh' "
+        f"tensor, or '_layout' + '_rank_map'); it was written by a newer torch than ckpt-bridge knows"
+    )
+
+
+def _layout_dims(layout: _SavedObject) -> list[list[tuple[int, int]]]:
+    """Per mesh dim, its (size, stride) modes in order, from a 2.10-2.12 or a 2.13+ ``_MeshLayout``."""
+    state = layout.__dict__
+    if "axes" in state:  # torch 2.13+: one _FlatLayout per dim
+        dims = []
+        for axis in state["axes"]:
+            if not isinstance(axis, _SavedObject):
+                raise MeshFormError(f"its device mesh layout has an axis of type {type(axis).__name__}")
+            dims.append(_modes(axis.__dict__.get("shape"), axis.__dict__.get("stride")))
+        return dims
+    if "shape" in state and "stride" in state:  # torch 2.10 - 2.12: nested int tuples, one entry per dim
+        shape, stride = state["shape"], state["stride"]
+        if isinstance(shape, int):
+            return [_modes(shape, stride)]
+        if not isinstance(shape, tuple) or not isinstance(stride, tuple) or len(shape) != len(stride):
+            raise MeshFormError(f"its device mesh layout has shape {shape!r} and stride {stride!r}")
+        return [_modes(s, d) for s, d in zip(shape, stride)]
+    raise MeshFormError(f"its device mesh layout holds {', '.join(sorted(state)) or 'no fields'}, not the "
+                        f"'axes' (torch 2.13+) or 'shape'/'stride' (torch 2.10 - 2.12) of a _MeshLayout")
+
+
+def _modes(shape: Any, stride: Any) -> list[tuple[int, int]]:
+    """Flatten one dim's (possibly nested) shape/stride into (size, stride) pairs, outermost first."""
+    if isinstance(shape, int) and isinstance(stride, int):
+        return [(shape, stride)]
+    if isinstance(shape, tuple) and isinstance(stride, tuple) and len(shape) == len(stride):
+        return [m for s, d in zip(shape, stride) for m in _modes(s, d)]
+    raise MeshFormError(f"its device mesh layout has a dim of shape {shape!r} and stride {stride!r}")
+
+
+def _grid(dims: list[list[tuple[int, int]]], ranks: list[int], saved_rank: int | None) -> torch.Tensor:
+    sizes = [s for d in dims for s, _ in d]
+    strides = [st for d in dims for _, st in d]
+    positions = [sum(c * st for c, st in zip(coord, strides)) for coord in product(*(range(s) for s in sizes))]
+    if not positions or len(set(positions)) != len(positions) or min(positions) < 0:
+        raise MeshFormError(f"its device mesh layout {sizes}:{strides} does not name distinct ranks")
+    offsets = _complement(positions, len(ranks))
+    if len(offsets) > 1:  # a sliced mesh: keep the copy holding the rank that saved it, as torch does
+        offsets = [o for o in offsets if saved_rank in (ranks[o + p] for p in positions)]
+        if len(offsets) != 1:
+            raise MeshFormError(f"its device mesh is a slice of a {len(ranks)}-rank mesh, and the rank that "
+                                f"saved it ({saved_rank}) is not in exactly one copy of that slice")
+    top = [math.prod(s for s, _ in d) for d in dims]
+    return torch.tensor([ranks[offsets[0] + p] for p in positions], dtype=torch.int64).reshape(top)
+
+
+def _complement(positions: list[int], n: int) -> list[int]:
+    """The offsets at which copies of ``positions`` tile range(n) (CuTe's complement, as start offsets)."""
+    covered: set[int] = set()
+    offsets = []
+    for o in range(n):
+        if o in covered:
+            continue
+        copy = {o + p for p in positions}
+        if max(copy) >= n or copy & covered:
+            raise MeshFormError(f"its device mesh layout does not tile its {n}-entry rank map")
+        covered |= copy
+        offsets.append(o)
+    return offsets

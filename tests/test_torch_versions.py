@@ -1,0 +1,77 @@
+"""ckpt-bridge under the other torch releases of pyproject's range: 2.11 (verl's vLLM pin) and the newest.
+
+One subprocess per version (``ckpt_bridge.testing.torch_checks``) with a torch overlay first on PYTHONPATH
+(``overlays.torch_overlay``: PyPI's CUDA wheel and its nvidia packages, ~4.7 GB, downloaded once into the
+overlays cache; it runs on CPU).  It runs the CLI's main paths on saves written here under the pinned torch
+(verl FSDP and HSDP, a LoRA run) and on the committed fixtures of every torch (tests/fixtures/torch-*), and
+compares each output bit for bit with its reference.  The other direction, other torches' saves read under
+the pinned one, is tests/test_torch_fixtures.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ckpt_bridge import to_hf
+from ckpt_bridge.testing.harness import make_verl_lora_checkpoints
+from ckpt_bridge.testing.overlays import overlay_env, torch_overlay
+from ckpt_bridge.testing.tiny_olmo2 import corpus_text
+
+VERSIONS = ["2.11.0", "2.15.0"]  # move with pyproject's torch range
+
+
+@pytest.fixture(scope="module")
+def pinned_saves(verl_ckpt, tmp_path_factory):
+    """Saves written under the pinned torch: verl FSDP (2 ranks), HSDP (2x2), a LoRA run and its export."""
+    d = tmp_path_factory.mktemp("torch-versions")
+    cache = os.environ.get("CKPT_BRIDGE_TEST_CACHE")
+    lora_root = make_verl_lora_checkpoints((Path(cache) if cache else d) / "lora-torch-versions", ["llama"])
+    lora = lora_root / "llama" / "global_step_2" / "actor"
+    to_hf(lora, d / "lora-export", progress=False)
+    (d / "text.txt").write_text(corpus_text()[:300])
+    return {"fsdp": verl_ckpt("llama", "2"), "hsdp": verl_ckpt("llama", "2x2"), "lora": lora,
+            "lora-export": d / "lora-export", "text": d / "text.txt", "dir": d}
+
+
+@pytest.fixture(scope="module")
+def results(pinned_saves):
+    """One subprocess per torch version, one after the other (each imports a 4.7 GB torch: memory)."""
+    out = {}
+    for version in VERSIONS:
+        env = overlay_env(torch_overlay(version))
+        env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+        work = pinned_saves["dir"] / f"work-{version}"
+        args = [x for k in ("fsdp", "hsdp", "lora", "lora-export", "text") for x in (f"--{k}", str(pinned_saves[k]))]
+        result = work.parent / f"{work.name}.json"
+        cmd = [sys.executable, "-m", "ckpt_bridge.testing.torch_checks", "--out", str(result), "--work", str(work),
+               *args]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+        out[version] = (proc.returncode, proc.stderr, result)
+    return out
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_cli_under_other_torch(results, version):
+    code, err, path = results[version]
+    assert code == 0, err[-3000:]
+    res = json.loads(path.read_text())
+    assert res["torch"].split("+")[0] == version
+    checks = res["checks"]
+    titan = checks.pop("torchtitan-import")
+    failed = {k: v["error"] for k, v in checks.items() if not v["ok"]}
+    assert not failed, failed
+    # what ran: the pinned torch's saves, every committed fixture (each torch x FSDP/HSDP/Shard(1)/DCP)
+    assert {"to-hf/fsdp", "to-hf/hsdp", "dcp-round-trip", "lora", "verl-hook"} <= set(checks)
+    fixtures = sorted(p.name for p in (Path(__file__).parent / "fixtures").glob("torch-*"))
+    assert {f"fixture/{f}/{c}" for f in fixtures for c in ("fsdp", "hsdp", "shard1", "dcp")} <= set(checks)
+    # torchtitan 0.3.0 (the pinned one) needs torch >= 2.12: it imports DataParallelMeshDims, which torch
+    # 2.11 does not have; under the newest torch it imports, and so does our save hook
+    if version.startswith("2.11"):
+        assert not titan["ok"] and "DataParallelMeshDims" in titan["error"], titan
+    else:
+        assert titan["ok"], titan
