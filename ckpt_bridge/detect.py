@@ -8,6 +8,7 @@ from .errors import CheckpointFormatError
 from .formats.base import Reader
 from .formats.dcp import DCPReader, is_dcp_dir
 from .formats.hf import HFReader, SafetensorsFileReader, is_hf_dir
+from .formats.megatron import MegatronReader, find_layout as find_megatron_layout
 from .formats.torch_file import TorchFileReader
 from .formats.verl_fsdp import VerlFSDPReader, find_actor_dir
 
@@ -25,6 +26,8 @@ def detect_format(path: str | Path) -> str:
         raise CheckpointFormatError(f"{path}: a file, but neither torch-save (.pt/.pth/.bin/.ckpt) nor .safetensors")
     if find_actor_dir(path) is not None:
         return "verl-fsdp"
+    if find_megatron_layout(path) is not None:  # before DCP: a bare megatron dist_ckpt is a DCP folder too
+        return "verl-megatron"
     if is_hf_dir(path):
         return "hf"
     if is_dcp_dir(path):
@@ -41,6 +44,8 @@ def open_reader(path: str | Path, *, trust_pickle: bool = False) -> Reader:
     path = Path(path)
     if fmt == "verl-fsdp":
         return VerlFSDPReader(path, trust_pickle=trust_pickle)
+    if fmt == "verl-megatron":
+        return MegatronReader(path, trust_pickle=trust_pickle)
     if fmt == "hf":
         return HFReader(path, trust_pickle=trust_pickle)
     if fmt == "dcp":

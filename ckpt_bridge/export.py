@@ -279,11 +279,16 @@ def to_hf(
                                shard_bytes=shard_bytes, tokenizer=tok_dir, base=base_dir, overwrite=overwrite,
                                progress=progress, t0=t0, dry_run=dry_run)
         where = str(reader.path)
-        infos, aux_keys = split_aux(all_infos, reader, cfg_dir, aux_prefixes, where)
-        try:
-            plan = plan_hf_export(infos, cfg_dir, where=where)
-        except KeyPlanError as e:
-            raise _with_titan_hint(e, reader, cfg_dir, titan_model) from None
+        if reader.format == "verl-megatron":  # its own name rules first, then transformers' save rules
+            from .megatron_plan import plan_megatron_export
+
+            aux_keys, plan = {}, plan_megatron_export(reader, cfg_dir, where=where)
+        else:
+            infos, aux_keys = split_aux(all_infos, reader, cfg_dir, aux_prefixes, where)
+            try:
+                plan = plan_hf_export(infos, cfg_dir, where=where)
+            except KeyPlanError as e:
+                raise _with_titan_hint(e, reader, cfg_dir, titan_model) from None
         other_plans = []
         for name in others:  # planned and checked in full before any output exists
             sec = reader.section_tensors(name)

@@ -240,10 +240,24 @@ _DCP_METADATA_CLASSES = {
         "TensorProperties", "_MEM_FORMAT_ENCODING", "StorageMeta", "MetadataIndex",
     ),
     "torch.distributed.checkpoint.filesystem": ("_StorageInfo", "_StoragePrefix"),
+    # megatron-core's save planner caches every rank's SavePlan in Metadata.all_local_plans: frozen
+    # dataclasses and an enum of the same kind (fields only)
+    "torch.distributed.checkpoint.planner": ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData",
+                                             "BytesIOWriteData"),
     # StorageMeta.checkpoint_id is the path dcp.save was given (a PurePath's constructor does no I/O)
     "pathlib": ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"),
     "pathlib._local": ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath"),  # Python >= 3.13
 }  # fmt: skip
+
+
+class _MegatronPlainData:
+    """Stands in for megatron-core's empty marker classes (``MCoreMetadata``, ``MCoreSavePlan``) that older
+    ``.metadata`` files pickle: unpickling only fills ``__dict__``; megatron is never imported."""
+
+
+# megatron.core.dist_checkpointing.strategies.torch: classes with no behaviour, kept there only so old files load
+_MEGATRON_PLAIN = {("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"),
+                   ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan")}
 
 
 class _DCPMetadataUnpickler(pickle.Unpickler):
@@ -258,6 +272,8 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
             return _tolerant_tensor_properties()
         if self.trusted or name in _DCP_METADATA_CLASSES.get(module, ()):
             return super().find_class(module, name)
+        if (module, name) in _MEGATRON_PLAIN:
+            return _MegatronPlainData
         if module == "torch":
             if name == "Size":
                 return torch.Size

@@ -224,6 +224,26 @@ class DCPReader(Reader):
         self._direct.copy_rows(out, spans, infos[key], start, stop)
         return True
 
+    def read_layer(self, key: str, i: int, dtype: torch.dtype | None = None,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """``key[i]``: one index of the leading axis (a Megatron layer of a stacked tensor), in ``dtype``.
+
+        Chunks stored the plain way are copied for that index only (the other layers' bytes are never
+        touched); otherwise DCP's loader reads the whole tensor and the index is taken from it.
+        """
+        self._check()
+        info = self.tensors()[key]
+        if not info.shape or not 0 <= i < info.shape[0]:
+            raise CheckpointFormatError(f"{self.path}: {key!r} has no index {i} on its leading axis {info.shape}")
+        spans = self._direct.spans(key, info) if self._direct is not None else None
+        if out is None:
+            out = torch.empty(info.shape[1:], dtype=dtype or info.dtype)
+        if spans is not None:
+            self._direct.copy_rows(out.unsqueeze(0), spans, info, i, i + 1)
+            return out
+        out.copy_(self._dcp_load(key, info)[i])
+        return out
+
     def _dcp_load(self, key: str, info: TensorInfo) -> torch.Tensor:
         import torch.distributed.checkpoint as dcp
 

@@ -1,0 +1,266 @@
+"""verl's Megatron checkpoints (``MegatronCheckpointManager``) and bare megatron-core ``dist_ckpt`` folders.
+
+Layouts read (see verl 0.9.1 ``megatron_checkpoint_manager.py`` and ``megatron_utils.py``):
+
+* **schema v2** (verl >= 0.9.0): ``ckpt_contents.json`` (written last by rank 0: its presence means the save
+  completed) names each content's path: ``model/dist_ckpt`` (Megatron shards, with
+  ``use_dist_checkpointing``), ``model/huggingface`` (config + tokenizer; with a bridge, the HF weights),
+  ``optimizer/dist_ckpt`` (optimizer; the lr_scheduler in its ``common.pt``), ``extra/dist_ckpt``
+  (``rng_state``: one ShardedObject per (pp, tp) rank), ``transformer_config.json``.
+* **schema v1** (verl <= 0.8): one ``dist_ckpt/`` and ``huggingface/`` at the actor root.
+* a bare ``dist_ckpt`` folder (``metadata.json`` says ``sharded_backend: torch_dist``).
+
+A megatron-core ``dist_ckpt`` is a torch DCP folder, read through :class:`~ckpt_bridge.formats.dcp.DCPReader`
+(safe ``.metadata``, chunks copied from the mapped files): megatron-core is never imported.  Its keys are
+global and independent of TP/PP/EP; decoder layers are stacked on a leading axis (``decoder.layers.X`` is
+``[L, ...]``, PP stages already at their global offsets).  :meth:`MegatronReader.model_tensors` lists one
+entry per layer, ``decoder.layers.X[i]`` (shape without the layer axis), and :meth:`MegatronReader.read`
+reads only that layer's bytes: a stacked tensor is never read whole.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointFormatError
+from .base import Reader, TensorInfo
+
+MANIFEST = "ckpt_contents.json"
+TRANSFORMER_CONFIG = "transformer_config.json"
+_SLICE = re.compile(r"^(?P<key>.+)\[(?P<i>\d+)\]$")
+STACKED_PREFIXES = ("decoder.layers.", "mtp.layers.")
+
+
+def slice_key(key: str, i: int) -> str:
+    return f"{key}[{i}]"
+
+
+def parse_slice(key: str) -> tuple[str, int | None]:
+    m = _SLICE.match(key)
+    return (m.group("key"), int(m.group("i"))) if m else (key, None)
+
+
+def is_stacked(key: str) -> bool:
+    """``decoder.layers.<name>`` (layers on the leading axis), not a per-index ``decoder.layers.<i>.<name>``."""
+    for p in STACKED_PREFIXES:
+        if key.startswith(p):
+            return not key[len(p):].split(".", 1)[0].isdigit()
+    return False
+
+
+def is_dist_ckpt(path: Path) -> bool:
+    """A megatron-core dist_ckpt: ``metadata.json`` with ``sharded_backend: torch_dist``."""
+    import json
+
+    f = Path(path) / "metadata.json"
+    try:
+        return f.is_file() and json.loads(f.read_text()).get("sharded_backend") == "torch_dist"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+@dataclass
+class Layout:
+    """Where each content of one Megatron save sits (absolute paths; None when not saved)."""
+
+    root: Path
+    schema: str  # "v2", "v1", "dist_ckpt"
+    model_dir: Path | None = None  # the model's dist_ckpt
+    model_format: str = "megatron_dist_checkpoint"  # or "huggingface" (bridge-written weights)
+    hf_dir: Path | None = None
+    extra_dir: Path | None = None  # rng_state
+    optimizer_dir: Path | None = None  # optimizer + lr_scheduler
+    manifest: dict | None = None
+    problems: tuple[str, ...] = ()
+
+
+def _inside(root: Path, rel: Any, field: str) -> Path:
+    from ..confine import confined
+
+    if not isinstance(rel, str) or not rel:
+        raise CheckpointFormatError(f"{root / MANIFEST}: {field} is {rel!r}, not a path; the manifest is corrupt")
+    return confined(root, rel, source=root / MANIFEST, what=field)
+
+
+def _v2_layout(root: Path) -> Layout:
+    from ..jsonfiles import read_json
+
+    m = read_json(root / MANIFEST)
+    if not isinstance(m, dict) or not isinstance(m.get("contents"), dict):
+        raise CheckpointFormatError(f"{root / MANIFEST}: no 'contents' object; not a verl Megatron manifest")
+    if m.get("schema_version") != 2:
+        raise CheckpointFormatError(f"{root / MANIFEST}: schema_version {m.get('schema_version')!r}; this "
+                                    f"ckpt-bridge reads verl's schema 2 (and the v1 layout without a manifest)")
+    c = m["contents"]
+
+    def path_of(name: str) -> Path | None:
+        entry = c.get(name)
+        return _inside(root, entry.get("path"), f"contents.{name}.path") if isinstance(entry, dict) else None
+
+    model = c.get("model") if isinstance(c.get("model"), dict) else {}
+    hf = path_of("hf_config") or path_of("hf_model") or (root / "model" / "huggingface")
+    fmt = model.get("format", "megatron_dist_checkpoint")
+    return Layout(root, "v2", model_dir=path_of("model"), model_format=fmt, hf_dir=hf,
+                  extra_dir=path_of("rng_state"), optimizer_dir=path_of("lr_scheduler") or path_of("optimizer"),
+                  manifest=m)
+
+
+def find_layout(path: Path) -> Layout | None:
+    """The Megatron save at ``path`` (an actor/critic dir, its ``global_step_N``, or a bare dist_ckpt), or None."""
+    path = Path(path)
+    if not path.is_dir():
+        return None
+    if (path / MANIFEST).is_file():
+        return _v2_layout(path)
+    if (path / "actor").is_dir() and find_layout(path / "actor") is not None:
+        return find_layout(path / "actor")
+    if is_dist_ckpt(path / "model" / "dist_ckpt") or (path / "model" / "huggingface").is_dir() and \
+            (path / TRANSFORMER_CONFIG).is_file():
+        return Layout(path, "v2", model_dir=path / "model" / "dist_ckpt", hf_dir=path / "model" / "huggingface",
+                      problems=(f"{path}: no {MANIFEST}: the save did not finish (verl's rank 0 writes it last); "
+                                f"use an earlier step, or wait for the save to complete",))
+    if is_dist_ckpt(path / "dist_ckpt"):
+        return Layout(path, "v1", model_dir=path / "dist_ckpt", hf_dir=path / "huggingface",
+                      extra_dir=path / "dist_ckpt", optimizer_dir=path / "dist_ckpt")
+    if is_dist_ckpt(path):
+        return Layout(path, "dist_ckpt", model_dir=path)
+    return None
+
+
+class MegatronReader(Reader):
+    format = "verl-megatron"
+
+    def __init__(self, path: Path, *, trust_pickle: bool = False):
+        from .dcp import DCPReader
+
+        super().__init__(path)
+        layout = find_layout(self.path)
+        if layout is None:
+            raise CheckpointFormatError(f"{path}: not a verl Megatron checkpoint (no {MANIFEST}, model/dist_ckpt "
+                                        f"or dist_ckpt/)")
+        self.layout, self.trust_pickle = layout, trust_pickle
+        self.path = layout.root
+        self.evidence.files = [p.name for p in (layout.root / MANIFEST, layout.root / TRANSFORMER_CONFIG)
+                               if p.is_file()] + [str(layout.model_dir.relative_to(layout.root)) if layout.model_dir
+                                                  and layout.model_dir != layout.root else "."]
+        self.evidence.notes.append(f"layout {layout.schema}")
+        self._problems = list(layout.problems)
+        self.dcp = None
+        if layout.model_format != "megatron_dist_checkpoint":
+            self._problems.append(f"{layout.root / MANIFEST}: the model is saved as {layout.model_format!r} in "
+                                  f"{layout.model_dir} (bridge-written weights): export that directory directly "
+                                  f"with --config {layout.hf_dir}")
+        elif layout.model_dir is None or not layout.model_dir.is_dir():
+            self._problems.append(f"{layout.root}: the manifest names no model dist_ckpt (saved contents: "
+                                  f"{(layout.manifest or {}).get('save_contents')}); nothing to export")
+        elif not self._problems:
+            self.dcp = DCPReader(layout.model_dir, trust_pickle=trust_pickle)
+            self._problems += self.dcp.problems()
+        self._unstacked: dict[str, TensorInfo] | None = None
+
+    # ---------------------------------------------------------------- checks
+    def problems(self) -> list[str]:
+        return list(self._problems)
+
+    def check(self) -> None:
+        if self._problems:
+            raise CheckpointFormatError(self._problems[0])
+
+    # ---------------------------------------------------------------- tensors
+    def tensors(self) -> dict[str, TensorInfo]:
+        """The global tensors as stored (stacked layers included), without ``_extra_state`` bytes entries."""
+        self.check()
+        return self.dcp.tensors()
+
+    def skipped_entries(self) -> list[str]:
+        """Non-tensor entries of the model dist_ckpt (``_extra_state`` bytes of each linear): not weights."""
+        from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+        self.check()
+        return [k for k, md in self.dcp.metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata)]
+
+    def model_tensors(self) -> dict[str, TensorInfo]:
+        """One entry per layer of every stacked tensor (``key[i]``, the layer axis dropped); others as stored."""
+        if self._unstacked is None:
+            out: dict[str, TensorInfo] = {}
+            for k, info in self.tensors().items():
+                if is_stacked(k) and info.shape:
+                    for i in range(info.shape[0]):
+                        s = slice_key(k, i)
+                        out[s] = TensorInfo(s, tuple(info.shape[1:]), info.dtype)
+                else:
+                    out[k] = info
+            self._unstacked = out
+        return self._unstacked
+
+    def read(self, key: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """A stored tensor, or (``key[i]``) layer ``i`` of a stacked one: only that layer's bytes are read."""
+        self.check()
+        base, i = parse_slice(key)
+        if i is None:
+            return self.dcp.read(key, dtype, out=out)
+        return self.dcp.read_layer(base, i, dtype, out=out)
+
+    # ---------------------------------------------------------------- configs and extra state
+    def transformer_config(self) -> dict | None:
+        """``transformer_config.json`` of the save (Megatron's TransformerConfig as verl dumped it), if any."""
+        from ..jsonfiles import read_json
+
+        f = self.layout.root / TRANSFORMER_CONFIG
+        if self.layout.schema == "dist_ckpt" or not f.is_file():
+            return None
+        d = read_json(f)
+        if not isinstance(d, dict):
+            raise CheckpointFormatError(f"{f}: not a JSON object; the save is corrupt")
+        return d
+
+    def hf_config_dir(self) -> Path | None:
+        from ..confine import is_inside
+
+        d = self.layout.hf_dir
+        if d is not None and (d / "config.json").is_file() and is_inside(self.layout.root, d / "config.json"):
+            return d
+        return None
+
+    def extra_state(self) -> dict[str, Any]:
+        """Every (pp, tp) rank's rng (``extra/dist_ckpt`` ``rng_state``), the lr_scheduler, the step."""
+        from .megatron_extra import read_extra_state
+
+        return read_extra_state(self.layout, trust_pickle=self.trust_pickle)
+
+    def describe(self) -> dict[str, Any]:
+        tc = self.transformer_config() if not self._problems else None
+        tc = tc or {}
+        m = self.layout.manifest or {}
+        d: dict[str, Any] = {
+            "layout": self.layout.schema,
+            "schema_version": m.get("schema_version"),
+            "role": m.get("role"),
+            "arch": m.get("arch"),
+            "global_step": m.get("global_step"),
+            "world_size": m.get("world_size"),
+            "backend": m.get("backend"),
+            "save_contents": m.get("save_contents"),
+            "model_dir": str(self.layout.model_dir) if self.layout.model_dir else None,
+            "hf_config_dir": str(self.hf_config_dir()) if self.hf_config_dir() else None,
+            "parallel_as_saved": {k: tc.get(f) for k, f in (("tp", "tensor_model_parallel_size"),
+                                                            ("pp", "pipeline_model_parallel_size"),
+                                                            ("vpp", "virtual_pipeline_model_parallel_size"),
+                                                            ("ep", "expert_model_parallel_size"),
+                                                            ("etp", "expert_tensor_parallel_size"),
+                                                            ("cp", "context_parallel_size"))},
+            "num_layers": tc.get("num_layers"),
+            "num_moe_experts": tc.get("num_moe_experts"),
+            "extra_dir": str(self.layout.extra_dir) if self.layout.extra_dir else None,
+            "optimizer_dir": str(self.layout.optimizer_dir) if self.layout.optimizer_dir else None,
+        }
+        if self.dcp is not None and not self._problems:
+            d["stored_tensors"] = len(self.tensors())
+            d["per_layer_tensors"] = len(self.model_tensors())
+            d["skipped_extra_state_entries"] = len(self.skipped_entries())
+        return d

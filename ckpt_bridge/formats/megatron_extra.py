@@ -1,0 +1,86 @@
+"""The training extra state of a verl Megatron save: every (pp, tp) rank's rng, the lr_scheduler, the step.
+
+verl's ``get_rng_state`` saves each rank's ``{random_rng_state, np_rng_state, torch_rng_state,
+rng_tracker_states}`` (in a one-element list) as a megatron ShardedObject ``rng_state`` of global shape
+``(PP, TP)``: in the DCP each (pp, tp) rank is a bytes entry ``rng_state/shard_{pp}.{tp}_{PP}.{TP}`` (data
+parallel replicas are not saved).  The lr_scheduler is a plain dict, which megatron puts in the dist_ckpt's
+``common.pt`` (``optimizer/dist_ckpt`` in schema v2, the one ``dist_ckpt`` in v1).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import CheckpointFormatError
+
+_RNG = re.compile(r"^rng_state/shard_(\d+)\.(\d+)_(\d+)\.(\d+)$")
+
+
+def rng_states(extra_dir: Path, *, trust_pickle: bool = False) -> dict[str, Any]:
+    """``{"pp{p}_tp{t}": rng state}`` for every (pp, tp) rank; a missing rank is an error naming it."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    from .dcp import DCPReader
+
+    reader = DCPReader(extra_dir, trust_pickle=trust_pickle)
+    if reader.problems():
+        raise CheckpointFormatError(reader.problems()[0])
+    found: dict[tuple[int, int], str] = {}
+    grid = set()
+    for k, md in reader.metadata.state_dict_metadata.items():
+        m = _RNG.match(k)
+        if m and isinstance(md, BytesStorageMetadata):
+            p, t, pp, tp = map(int, m.groups())
+            found[(p, t)] = k
+            grid.add((pp, tp))
+    if not found:
+        return {}
+    if len(grid) != 1:
+        raise CheckpointFormatError(f"{extra_dir}: rng_state entries of several (PP, TP) grids {sorted(grid)}; "
+                                    f"the folder mixes two saves")
+    pp, tp = grid.pop()
+    missing = [(p, t) for p in range(pp) for t in range(tp) if (p, t) not in found]
+    if missing:
+        p, t = missing[0]
+        raise CheckpointFormatError(f"{extra_dir}: no rng_state for pp rank {p}, tp rank {t} (of PP={pp}, TP={tp}); "
+                                    f"the save is incomplete: copy the whole folder again")
+    out = {}
+    for (p, t), k in sorted(found.items()):
+        v = reader._bytes_entry(k)
+        while isinstance(v, list) and len(v) == 1:  # ShardedObject data: [ [state of data-parallel rank 0] ]
+            v = v[0]
+        out[f"pp{p}_tp{t}"] = v
+    return out
+
+
+def lr_scheduler(dist_dir: Path, *, trust_pickle: bool = False) -> Any:
+    """The lr_scheduler state megatron kept in ``common.pt`` of ``dist_dir``, or None."""
+    from .. import safeload
+
+    f = Path(dist_dir) / "common.pt"
+    if not f.is_file():
+        return None
+    common = safeload.load(f, mmap=False, allow_numpy=True, trust_pickle=trust_pickle)
+    return common.get("lr_scheduler") if isinstance(common, dict) else None
+
+
+def read_extra_state(layout, *, trust_pickle: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if layout.extra_dir is not None and (layout.extra_dir / ".metadata").is_file():
+        rng = rng_states(layout.extra_dir, trust_pickle=trust_pickle)
+        if rng:
+            out["rng"] = rng
+            out["world_size"] = (layout.manifest or {}).get("world_size")
+    if layout.optimizer_dir is not None and layout.optimizer_dir.is_dir():
+        lr = lr_scheduler(layout.optimizer_dir, trust_pickle=trust_pickle)
+        if lr is not None:
+            out["lr_scheduler"] = lr
+    if out:
+        step = (layout.manifest or {}).get("global_step")
+        if step is None:
+            m = re.search(r"global_step_(\d+)", str(layout.root))
+            step = int(m.group(1)) if m else None
+        out["global_step"] = step
+    return out

@@ -1,0 +1,190 @@
+"""The plan that turns a Megatron (megatron-core GPTModel) state dict into what ``save_pretrained`` writes.
+
+Two plans composed (:func:`ckpt_bridge.plan.compose`):
+
+1. Megatron -> the HF model's in-memory names, one transform per layer slice
+   (:class:`~ckpt_bridge.formats.megatron.MegatronReader` lists ``decoder.layers.X[i]``; PP stages are
+   already at their global layer offsets in a dist_ckpt):
+
+   =======================================================  =============================================
+   ``embedding.word_embeddings.weight``                     ``model.embed_tokens.weight``
+   ``output_layer.weight`` (absent when tied)               ``lm_head.weight``
+   ``decoder.final_layernorm.weight``                       ``model.norm.weight``
+   ``self_attention.linear_qkv.layer_norm_weight``          ``input_layernorm.weight`` (fused into the linear)
+   ``self_attention.linear_qkv.weight`` / ``.bias``         split per KV group ``[q heads | k | v]`` -> q/k/v
+   ``self_attention.linear_proj.weight``                    ``self_attn.o_proj.weight``
+   ``self_attention.{q,k}_layernorm.weight``                ``self_attn.{q,k}_norm.weight`` (Qwen3)
+   ``mlp.linear_fc1.layer_norm_weight``                     ``post_attention_layernorm.weight``
+   ``mlp.linear_fc1.weight``                                split ``[gate ; up]`` -> gate_proj / up_proj
+   ``mlp.linear_fc2.weight``                                ``mlp.down_proj.weight``
+   ``mlp.router.weight``                                    ``mlp.gate.weight``
+   ``mlp.experts.experts.linear_fc1.weight`` ``[E, 2F, H]`` ``mlp.experts.gate_up_proj`` (axis 0 = global id)
+   ``mlp.experts.experts.linear_fc2.weight`` ``[E, H, F]``  ``mlp.experts.down_proj``
+   ``mlp.shared_experts.linear_fc1/2.weight``, ``gate_weight``  ``mlp.shared_expert.*``, ``shared_expert_gate``
+   =======================================================  =============================================
+
+   The unfused spellings (``input_layernorm.weight``, ``pre_mlp_layernorm.weight``) map the same way.
+   A key not in this table is an error naming it: never a guess.
+
+2. transformers' own save rules for the config's class (:func:`ckpt_bridge.keys.plan_hf_export`): fused
+   experts split per expert, renamed families (Mixtral's ``block_sparse_moe.experts.E.w1``), tied weights
+   written once; it also checks completeness against the class (every expected layer and expert).
+
+The shapes the split rules need (heads, KV groups, head dim) come from the HF config, which is checked
+first against the save's ``transformer_config.json``: a mismatch is a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import KeyPlanError
+from .formats.base import TensorInfo
+from .formats.megatron import MegatronReader, parse_slice
+from .plan import Plan, Transform, compose, derive, rename
+
+_TOP = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
+        "output_layer.weight": "lm_head.weight",
+        "decoder.final_layernorm.weight": "model.norm.weight"}
+
+_LAYER_RENAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    "mlp.router.weight": "mlp.gate.weight",
+    "mlp.experts.experts.linear_fc1.weight": "mlp.experts.gate_up_proj",
+    "mlp.experts.experts.linear_fc2.weight": "mlp.experts.down_proj",
+    "mlp.shared_experts.linear_fc2.weight": "mlp.shared_expert.down_proj.weight",
+    "mlp.shared_experts.gate_weight": "mlp.shared_expert_gate.weight",
+}
+_GATE_UP = {"mlp.linear_fc1.weight": "mlp.", "mlp.shared_experts.linear_fc1.weight": "mlp.shared_expert."}
+
+# transformer_config.json field -> the HF config fields it must equal (first one present)
+_CHECKED = (("num_layers", ("num_hidden_layers",)), ("hidden_size", ("hidden_size",)),
+            ("num_attention_heads", ("num_attention_heads",)), ("num_query_groups", ("num_key_value_heads",)),
+            ("kv_channels", ("head_dim",)), ("ffn_hidden_size", ("intermediate_size",)),
+            ("num_moe_experts", ("num_experts", "num_local_experts")),
+            ("moe_ffn_hidden_size", ("moe_intermediate_size", "intermediate_size")))
+
+
+def attention_shape(hf: dict) -> tuple[int, int, int]:
+    """(heads, KV groups, head dim) of the HF config."""
+    heads = int(hf["num_attention_heads"])
+    groups = int(hf.get("num_key_value_heads") or heads)
+    d = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
+    return heads, groups, d
+
+
+def check_config(hf: dict, tc: dict | None, cfg_file: Path, tc_file: Path) -> None:
+    """The HF config and Megatron's transformer_config.json describe the same model, or one-line error."""
+    if not tc:
+        return
+    for tf_field, hf_fields in _CHECKED:
+        want = tc.get(tf_field)
+        have = next((hf[f] for f in hf_fields if hf.get(f) is not None), None)
+        if tf_field == "kv_channels" and have is None and hf.get("hidden_size") and hf.get("num_attention_heads"):
+            have = int(hf["hidden_size"]) // int(hf["num_attention_heads"])
+        if tf_field == "num_query_groups" and want is None:
+            want = tc.get("num_attention_heads")
+        if want is None or have is None:
+            continue
+        if int(want) != int(have):
+            raise KeyPlanError(f"{cfg_file}: {hf_fields[0]} is {have} but the checkpoint's {tc_file.name} says "
+                               f"{tf_field}={want}; pass --config the model this run trained")
+
+
+def _split_qkv(groups: int, per_group: int, d: int, names: tuple[str, str, str]):
+    def fn(t: dict) -> dict:
+        (x,) = t.values()
+        v = x.reshape(groups, per_group + 2, d, *x.shape[1:])
+        q = v[:, :per_group].reshape(groups * per_group * d, *x.shape[1:])
+        return {names[0]: q.contiguous(), names[1]: v[:, per_group].reshape(groups * d, *x.shape[1:]).contiguous(),
+                names[2]: v[:, per_group + 1].reshape(groups * d, *x.shape[1:]).contiguous()}
+
+    return fn
+
+
+def _split_gate_up(names: tuple[str, str]):
+    def fn(t: dict) -> dict:
+        (x,) = t.values()
+        if x.shape[0] % 2:
+            raise ValueError(f"linear_fc1 has {x.shape[0]} rows, not [gate ; up]")
+        gate, up = x.chunk(2, dim=0)
+        return {names[0]: gate.contiguous(), names[1]: up.contiguous()}
+
+    return fn
+
+
+def _layer_of(key: str) -> tuple[str, int] | None:
+    """(name inside the layer, global layer index) of a stacked slice or a per-index key; else None."""
+    base, i = parse_slice(key)
+    if not base.startswith("decoder.layers."):
+        return None
+    rest = base[len("decoder.layers."):]
+    if i is not None:
+        return rest, i
+    head, _, tail = rest.partition(".")
+    return (tail, int(head)) if head.isdigit() else None
+
+
+def megatron_to_hf_names(infos: dict[str, TensorInfo], hf: dict, where: str) -> Plan:
+    """Plan 1: Megatron keys (layer slices) -> the HF model's in-memory names (see the module doc)."""
+    heads, groups, d = attention_shape(hf)
+    plan = Plan()
+    for key, info in infos.items():
+        if key in _TOP:
+            plan.transforms.append(rename(key, _TOP[key], info, "megatron name"))
+            continue
+        layer = _layer_of(key)
+        if layer is None:
+            raise KeyPlanError(f"{where}: Megatron key {key!r} is not one ckpt-bridge maps to Hugging Face "
+                               f"(known: embedding, decoder.layers.*, decoder.final_layernorm, output_layer); "
+                               f"refusing to guess")
+        rest, i = layer
+        p = f"model.layers.{i}."
+        why = f"layer {i} of the stacked tensor" if parse_slice(key)[1] is not None else f"layer {i}"
+        if rest in _LAYER_RENAMES:
+            plan.transforms.append(rename(key, p + _LAYER_RENAMES[rest], info, f"{why}: megatron name"))
+        elif rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+            kind = rest.rsplit(".", 1)[1]
+            names = tuple(p + f"self_attn.{x}_proj.{kind}" for x in "qkv")
+            rule = f"{why}: split linear_qkv per KV group ({groups} x [{heads // groups} q heads | k | v], d={d})"
+            plan.transforms.append(derive("split", {key: info}, _split_qkv(groups, heads // groups, d, names), rule))
+        elif rest in _GATE_UP:
+            names = tuple(p + _GATE_UP[rest] + f"{x}_proj.weight" for x in ("gate", "up"))
+            plan.transforms.append(derive("split", {key: info}, _split_gate_up(names),
+                                          f"{why}: split linear_fc1 [gate ; up]"))
+        else:
+            raise KeyPlanError(f"{where}: Megatron key {key!r} (layer {i}: {rest!r}) is not one ckpt-bridge maps to "
+                               f"Hugging Face; refusing to guess (MTP / MLA / LoRA layers are not read yet)")
+    return plan
+
+
+def plan_megatron_export(reader: MegatronReader, cfg_dir: Path, *, where: str) -> Plan:
+    """The checked plan: Megatron dist_ckpt -> the files ``save_pretrained`` of the config's class writes."""
+    from .keys import plan_hf_export
+
+    cfg_file = Path(cfg_dir) / "config.json"
+    hf: dict[str, Any] = json.loads(cfg_file.read_text())
+    hf = {**hf.get("text_config", {}), **hf} if "num_attention_heads" not in hf else hf
+    check_config(hf, reader.transformer_config(), cfg_file, reader.layout.root / "transformer_config.json")
+    infos = reader.model_tensors()
+    emb = infos.get("embedding.word_embeddings.weight")
+    if emb is not None and hf.get("vocab_size") is not None and emb.shape[0] != int(hf["vocab_size"]):
+        raise KeyPlanError(f"{cfg_file}: vocab_size is {hf['vocab_size']} but the checkpoint's embedding has "
+                           f"{emb.shape[0]} rows (a padded vocabulary?); pass --config the model this run trained")
+    first = megatron_to_hf_names(infos, hf, where)
+    first.check(infos, where=where)
+    second = plan_hf_export(first.targets(), cfg_dir, where=where)
+    out = compose(first, second, where=where)
+    out.dropped += [(k, "megatron _extra_state (bytes, not a weight)") for k in reader.skipped_entries()]
+    return out
+
+

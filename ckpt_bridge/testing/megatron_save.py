@@ -1,0 +1,341 @@
+"""Produce REAL verl Megatron checkpoints of tiny models, on CPU, under torchrun (test-only: needs megatron-core).
+
+    torchrun --nproc_per_node=4 --master_addr=127.0.0.1 --master_port=PORT \\
+        -m ckpt_bridge.testing.megatron_save --cases llama_tp2pp2,qwen2_tp2,... --out ROOT
+
+For each case in turn (one process group and one set of imports for all of them):
+
+1. rank 0 writes ``ROOT/<case>/base_model``: the HF model built from the case's config, every floating
+   tensor (norm scales included: a swapped layernorm must show) re-drawn from a generator seeded by its
+   name, saved with ``save_pretrained`` + a tokenizer.  That directory is also the reference an export
+   must equal bit for bit.
+2. every rank builds megatron-core's own ``GPTModel`` (local spec, no transformer_engine,
+   ``use_cpu_initialization=True``) at the case's TP / PP / EP, and copies the HF weights into its
+   parameters with the mapping below (:func:`hf_to_local`), written here from Megatron's module semantics
+   and independent of ckpt-bridge's reader and plan.
+3. verl 0.9.1's own ``MegatronCheckpointManager.save_checkpoint`` (``use_dist_checkpointing=True``, save
+   contents model + extra) writes ``ROOT/<case>/global_step_1/actor``; ``torch.cuda.synchronize`` and
+   ``torch.cuda.current_device`` get CPU stand-ins first (megatron calls them around its gloo barriers).
+4. each rank writes ``ROOT/<case>/reference/rank{R}_rng.pt``: the python / numpy / torch rng states it
+   held right before the save, with its (pp, tp) rank.
+
+Rank 0 writes ``ROOT/COMPLETE`` (json: cases, timings) at the end.  The entry point is behind a
+``__main__`` guard: megatron's async writer machinery spawns processes that re-import this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+SEED = 0
+
+# case -> (family, tp, pp, ep).  Families are tiny configs below; layer counts divide every PP we use.
+CASES: dict[str, tuple[str, int, int, int]] = {
+    "llama_tp2pp2": ("llama", 2, 2, 1),
+    "llama_tp2": ("llama", 2, 1, 1),
+    "qwen2_tp2": ("qwen2", 2, 1, 1),
+    "qwen3_pp2": ("qwen3", 1, 2, 1),
+    "qwen3_moe_ep2": ("qwen3_moe", 1, 1, 2),
+    "qwen2_moe_ep2": ("qwen2_moe", 1, 1, 2),
+    "mixtral_ep2": ("mixtral", 1, 1, 2),
+}
+
+
+def family_config(family: str):
+    """A tiny HF config of ``family``: vocab 256 and widths that divide TP 2 (Megatron needs even splits)."""
+    import transformers
+
+    kw = dict(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=False, rms_norm_eps=1e-6,
+              bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    arch = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+            "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16, "tie_word_embeddings": True}),
+            "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                          {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                           "decoder_sparse_step": 1, "norm_topk_prob": True, "num_hidden_layers": 2}),
+            "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                          {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
+                           "shared_expert_intermediate_size": 80, "decoder_sparse_step": 1, "norm_topk_prob": False,
+                           "num_hidden_layers": 2}),
+            "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                        {"num_local_experts": 4, "num_experts_per_tok": 2, "num_hidden_layers": 2})}[family]
+    kw.update(arch[2])
+    cfg = getattr(transformers, arch[0])(**kw)
+    cfg.architectures = [arch[1]]
+    return cfg
+
+
+def build_hf(family: str):
+    """The HF model with every floating tensor drawn from a generator seeded by its name (norms near 1)."""
+    import transformers
+
+    cfg = family_config(family)
+    model = getattr(transformers, cfg.architectures[0])._from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if not t.is_floating_point() or "inv_freq" in name:
+                continue
+            g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            draw = torch.empty(t.shape).normal_(0.0, 0.05, generator=g)
+            t.copy_(1.0 + draw if "norm" in name else draw)
+    return model.eval()
+
+
+# ---------------------------------------------------------------- the test's own HF -> Megatron mapping
+
+
+def _tp_chunk(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    return t.chunk(size, dim=dim)[rank].contiguous()
+
+
+def hf_to_local(name: str, hf: dict, cfg, layer_of: dict[int, int], expert_of, tp: tuple[int, int]):
+    """The value of the local Megatron parameter ``name`` taken from the HF state dict ``hf``.
+
+    Megatron semantics used (megatron.core, local spec): ``linear_qkv`` is column-parallel and its output
+    rows are grouped per KV group, ``[q heads of the group | k | v]``; ``linear_fc1`` of a gated MLP holds
+    ``[gate ; up]`` per TP rank; ``linear_proj`` / ``linear_fc2`` are row-parallel (split on the input
+    dim); the embedding and output layer are split on the vocab.  ``layer_of``: local layer index ->
+    global; ``expert_of(j)``: local expert index -> global.
+    """
+    r, n = tp
+    parts = name.split(".")
+    if name == "embedding.word_embeddings.weight":
+        return _tp_chunk(hf["model.embed_tokens.weight"], 0, r, n)
+    if name == "output_layer.weight":
+        return _tp_chunk(hf["lm_head.weight"], 0, r, n)
+    if name == "decoder.final_layernorm.weight":
+        return hf["model.norm.weight"]
+    assert parts[:2] == ["decoder", "layers"], name
+    i = layer_of[int(parts[2])]
+    rest = ".".join(parts[3:])
+    p = f"model.layers.{i}."
+    heads, groups = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    if rest.startswith("self_attention.linear_qkv."):
+        kind = parts[-1]  # weight / bias
+        q = hf[p + f"self_attn.q_proj.{kind}"].reshape(groups, heads // groups * d, -1)
+        k = hf[p + f"self_attn.k_proj.{kind}"].reshape(groups, d, -1)
+        v = hf[p + f"self_attn.v_proj.{kind}"].reshape(groups, d, -1)
+        fused = torch.cat([q, k, v], dim=1).reshape(groups * (heads // groups + 2) * d, -1)
+        fused = fused if kind == "weight" else fused.reshape(-1)
+        return _tp_chunk(fused, 0, r, n)
+    simple = {"input_layernorm.weight": "input_layernorm.weight",
+              "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+              "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+              "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+              "mlp.router.weight": "mlp.gate.weight",
+              "mlp.shared_experts.gate_weight": "mlp.shared_expert_gate.weight"}
+    moe = "block_sparse_moe." if cfg.model_type == "mixtral" else "mlp."  # Mixtral's checkpoint names
+    if rest == "mlp.router.weight":
+        return hf[p + moe + "gate.weight"]
+    if rest in simple:
+        return hf[p + simple[rest]]
+    if rest == "self_attention.linear_proj.weight":
+        return _tp_chunk(hf[p + "self_attn.o_proj.weight"], 1, r, n)
+    mlp = {"mlp.": "mlp.", "mlp.shared_experts.": "mlp.shared_expert."}
+    if rest.startswith("mlp.experts.local_experts."):
+        j = int(parts[6])
+        e = expert_of(j)
+        stem = p + moe + f"experts.{e}."
+        rest = "mlp." + ".".join(parts[7:])
+        if cfg.model_type == "mixtral":
+            gate, up, down = (hf[stem + w + ".weight"] for w in ("w1", "w3", "w2"))
+            return _gated(rest, gate, up, down, r, n)
+        prefix = stem
+    else:
+        head = "mlp.shared_experts." if rest.startswith("mlp.shared_experts.") else "mlp."
+        prefix = p + mlp[head]
+        rest = "mlp." + rest[len(head):]
+    gate, up, down = (hf[prefix + w + ".weight"] for w in ("gate_proj", "up_proj", "down_proj"))
+    return _gated(rest, gate, up, down, r, n)
+
+
+def _gated(rest: str, gate, up, down, r: int, n: int) -> torch.Tensor:
+    if rest == "mlp.linear_fc1.weight":
+        return torch.cat([_tp_chunk(gate, 0, r, n), _tp_chunk(up, 0, r, n)], dim=0)
+    if rest == "mlp.linear_fc2.weight":
+        return _tp_chunk(down, 1, r, n)
+    raise KeyError(rest)
+
+
+def _hf_state(model) -> dict:
+    """The HF model's weights under their save names (transformers 5 fuses MoE experts in memory)."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        out = {}
+        for f in sorted(Path(tmp).glob("*.safetensors")):
+            out.update(load_file(f))
+    if "lm_head.weight" not in out:
+        out["lm_head.weight"] = out["model.embed_tokens.weight"]
+    return out
+
+
+# ---------------------------------------------------------------- building and saving one case
+
+
+def _cpu_stand_ins() -> None:
+    """megatron-core calls these around its (here gloo) barriers and in the save; there is no GPU."""
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.current_device = lambda: torch.device("cpu")  # used as the device of small flag tensors
+
+
+def transformer_config(cfg, tp: int, pp: int, ep: int):
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+
+    moe = {}
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    if experts:
+        moe = dict(num_moe_experts=experts, moe_router_topk=cfg.num_experts_per_tok,
+                   moe_ffn_hidden_size=getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size,
+                   moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
+                   moe_aux_loss_coeff=0.0, expert_model_parallel_size=ep, expert_tensor_parallel_size=1,
+                   moe_grouped_gemm=False)
+        shared = getattr(cfg, "shared_expert_intermediate_size", None)
+        if shared:
+            moe.update(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=True)
+    return TransformerConfig(
+        num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_key_value_heads, ffn_hidden_size=cfg.intermediate_size,
+        kv_channels=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        normalization="RMSNorm", layernorm_epsilon=cfg.rms_norm_eps, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=cfg.model_type in ("qwen2", "qwen2_moe"),
+        qk_layernorm=cfg.model_type in ("qwen3", "qwen3_moe"), bias_activation_fusion=False,
+        bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False, hidden_dropout=0.0, attention_dropout=0.0,
+        use_cpu_initialization=True, params_dtype=torch.float32, tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32, sequence_parallel=False, **moe)
+
+
+def build_megatron(cfg, tf_config):
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    spec = get_gpt_layer_local_spec(num_experts=tf_config.num_moe_experts, qk_layernorm=tf_config.qk_layernorm,
+                                    normalization="RMSNorm")
+    return GPTModel(tf_config, spec, vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_position_embeddings,
+                    pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                    share_embeddings_and_output_weights=cfg.tie_word_embeddings, position_embedding_type="rope",
+                    rotary_base=int(_rope_theta(cfg)))
+
+
+def _rope_theta(cfg) -> float:
+    rp = getattr(cfg, "rope_parameters", None) or {}
+    return float(rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)))
+
+
+def load_hf_into(model, hf: dict, cfg) -> None:
+    from megatron.core import parallel_state as ps
+
+    tp = (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
+    layer_of = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
+    ep_rank, ep = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
+    experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or 0
+    expert_of = lambda j: ep_rank * (experts // max(ep, 1)) + j  # noqa: E731
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name == "output_layer.weight" and cfg.tie_word_embeddings:
+                # the last stage's copy of the tied embedding (Megatron keeps it in sync by all-reduce)
+                value = _tp_chunk(hf["model.embed_tokens.weight"], 0, *tp)
+            else:
+                value = hf_to_local(name, hf, cfg, layer_of, expert_of, tp)
+            assert tuple(value.shape) == tuple(p.shape), (name, tuple(value.shape), tuple(p.shape))
+            p.copy_(value)
+
+
+def save_case(case: str, root: Path, world: int) -> dict:
+    import numpy as np
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from omegaconf import OmegaConf
+
+    from verl.utils.checkpoint.megatron_checkpoint_manager import MegatronCheckpointManager
+
+    from .tiny_models import generation_config_for, save_tiny_tokenizer
+
+    family, tp, pp, ep = CASES[case]
+    t0 = time.perf_counter()
+    out = root / case
+    base = out / "base_model"
+    torch.manual_seed(SEED)
+    hf_model = build_hf(family)
+    cfg = hf_model.config
+    if dist.get_rank() == 0:
+        hf_model.generation_config = generation_config_for(cfg)
+        hf_model.save_pretrained(base)
+        save_tiny_tokenizer(base, cfg.vocab_size)
+    dist.barrier()
+    hf = _hf_state(hf_model)
+    ps.destroy_model_parallel()
+    ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                 expert_model_parallel_size=ep, expert_tensor_parallel_size=1 if ep > 1 else None)
+    tf_config = transformer_config(cfg, tp, pp, ep)
+    model = build_megatron(cfg, tf_config)
+    load_hf_into(model, hf, cfg)
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    manager = MegatronCheckpointManager(
+        config=OmegaConf.create({"model": {"path": str(base)}, "megatron": {}}),
+        checkpoint_config=OmegaConf.create({"save_contents": ["model", "extra"], "load_contents": ["model", "extra"],
+                                            "async_save": False}),
+        model_config=cfg, transformer_config=tf_config, role="actor", model=[model],
+        arch=cfg.architectures[0], hf_config=cfg, param_dtype=torch.float32,
+        share_embeddings_and_output_weights=cfg.tie_word_embeddings, processing_class=tokenizer,
+        optimizer=None, optimizer_scheduler=None, use_distributed_optimizer=False, use_dist_checkpointing=True)
+    # every rank's rng differs (the test checks each (pp, tp) rank's state lands in the export)
+    rank = dist.get_rank()
+    random.seed(100 + rank)
+    np.random.seed(100 + rank)
+    torch.manual_seed(100 + rank)
+    ref = out / "reference"
+    ref.mkdir(parents=True, exist_ok=True)
+    torch.save({"pp": ps.get_pipeline_model_parallel_rank(), "tp": ps.get_tensor_model_parallel_rank(),
+                "dp": ps.get_data_parallel_rank(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                "random": random.getstate()}, ref / f"rank{rank}_rng.pt")
+    manager.save_checkpoint(str(out / "global_step_1" / "actor"), global_step=1)
+    dist.barrier()
+    return {"case": case, "family": family, "tp": tp, "pp": pp, "ep": ep, "world": world,
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch.distributed as dist
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cases", required=True, help=f"comma list of {', '.join(CASES)}")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    cases = args.cases.split(",")
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        raise SystemExit(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
+    torch.set_num_threads(1)
+    _cpu_stand_ins()
+    dist.init_process_group("gloo")
+    root = Path(args.out)
+    done = [save_case(c, root, dist.get_world_size()) for c in cases]
+    dist.barrier()
+    if dist.get_rank() == 0:
+        (root / "COMPLETE").write_text(json.dumps({"cases": done}, indent=2) + "\n")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
