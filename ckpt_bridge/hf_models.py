@@ -263,10 +263,13 @@ def load_pretrained(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> n
     hf_logging.disable_progress_bar()  # our output is a report, not a loading bar
     config = load_config(hf_dir)
     cls = architecture_class(config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model, info = cls.from_pretrained(str(hf_dir), config=config, output_loading_info=True,
-                                          **{dtype_kwarg(): dtype})
+    try:
+        with quiet_transformers():
+            model, info = cls.from_pretrained(str(hf_dir), config=config, output_loading_info=True,
+                                              **{dtype_kwarg(): dtype})
+    except (RuntimeError, ValueError) as e:  # e.g. a weight whose shape is not the config's
+        raise BridgeError(f"{hf_dir}: transformers cannot load it as {cls.__name__} ({' '.join(str(e).split())[:300]}); "
+                          f"its config.json does not describe these weights") from None
     missing = sorted(info.get("missing_keys") or [])
     if missing:
         raise BridgeError(f"{hf_dir}: {cls.__name__} (config.json architectures) needs {len(missing)} weight(s) the "

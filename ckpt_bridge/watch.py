@@ -256,6 +256,8 @@ def watch(root: str | Path, *, role: str = "actor", out_root: str | Path | None 
     a LoRA run's exports hold (``to_hf``'s ``lora``: merge, adapter or both).
     """
     root = Path(root)
+    if not (interval > 0 and interval != float("inf")):  # time.sleep(-5) raises mid-loop; NaN never waits
+        raise BridgeError(f"--interval {interval}: give a number of seconds > 0")
     if not root.is_dir():
         raise BridgeError(f"{root}: not a directory; pass verl's trainer.default_local_dir")
     check_root_exports(root, role, out_root)  # refused before anything runs
