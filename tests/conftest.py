@@ -75,6 +75,19 @@ def lora_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def megatron_ckpts(tmp_path_factory):
+    """``{case: ROOT/<case>}``: real verl MegatronCheckpointManager saves (ckpt_bridge.testing.megatron_save).
+    Read-only: copy before damaging."""
+    pytest.importorskip("megatron.core", reason="megatron-core (test-only, requirements.lock) is not installed")
+    from ckpt_bridge.testing.harness import make_megatron_checkpoints
+    from ckpt_bridge.testing.megatron_save import SESSION_CASES
+
+    cache_env = os.environ.get("CKPT_BRIDGE_TEST_CACHE")
+    base = Path(cache_env) if cache_env else tmp_path_factory.mktemp("megatron_ckpts")
+    return make_megatron_checkpoints(base / "megatron", SESSION_CASES)
+
+
+@pytest.fixture(scope="session")
 def tiny_hf_factory(tmp_path_factory):
     """Factory: ``tiny_hf_factory("llama_tied", dtype="bf16")`` -> an HF dir (save_pretrained + tokenizer)."""
     import torch

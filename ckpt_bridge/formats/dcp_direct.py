@@ -110,9 +110,9 @@ class DirectChunks:
         n = t.numel() * t.element_size()
         if base is None or t.storage_offset() != 0 or t.untyped_storage().nbytes() != n:
             return None
-        if base + n > length or (start + base) % dtype.itemsize:
+        if base + n > length:
             return None
-        return start + base
+        return start + base  # may be misaligned for dtype (megatron's writer packs archives): see copy_rows
 
     def copy_into(self, out: torch.Tensor, spans: list[Span], info: TensorInfo) -> None:
         self.copy_rows(out, spans, info, 0, info.shape[0] if info.shape else 1)
@@ -130,9 +130,17 @@ class DirectChunks:
             with open(path, "rb") as f:
                 mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: torch views it without a warning
             try:
-                src = torch.frombuffer(mm, dtype=torch.uint8, count=n, offset=at).view(info.dtype).view(sizes)
+                if at % info.dtype.itemsize:  # a misaligned record: only the wanted rows' bytes, copied aligned
+                    row = n // sizes[0] if sizes else n
+                    raw = torch.frombuffer(mm, dtype=torch.uint8, count=(b - a) * row, offset=at + (a - lo) * row)
+                    src = raw.clone().view(info.dtype).view(((b - a),) + tuple(sizes[1:]) if sizes else ())
+                    pages.release(raw)
+                    del raw
+                else:
+                    src = torch.frombuffer(mm, dtype=torch.uint8, count=n, offset=at).view(info.dtype).view(sizes)
+                    if sizes:
+                        src = src[a - lo:b - lo]
                 if sizes:
-                    src = src[a - lo:b - lo]
                     dst = out[(slice(a - start, b - start),) + tuple(slice(o, o + s) for o, s in
                                                                     zip(offsets[1:], sizes[1:]))]
                 else:

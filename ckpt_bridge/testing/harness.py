@@ -262,6 +262,39 @@ def make_verl_lora_checkpoints(root: Path, cases: list[str], nproc: int = 2, tim
     return root
 
 
+MEGATRON_SAVE_MODULE = "ckpt_bridge.testing.megatron_save"
+
+
+def make_megatron_checkpoints(root: Path, cases: list[str], nproc: int = 4, timeout: float = 420) -> dict[str, Path]:
+    """Real verl ``MegatronCheckpointManager`` saves of every case of ``megatron_save.CASES`` named in
+    ``cases``, from ONE torchrun job: ``{case: ROOT/<case>}`` (each with ``base_model/`` = the reference,
+    ``global_step_1/actor`` and ``reference/rank{R}_rng.pt``).  Reused when complete for the same cases."""
+    root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    import hashlib
+
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256(b"".join((here / n).read_bytes() for n in ("megatron_save.py", "tiny_models.py")))
+    want = {"cases": ",".join(cases), "fingerprint": digest.hexdigest()[:16]}
+    row = {"model": "megatron:" + want["cases"], "mesh": str(nproc), "shard_dim": 0, "dtype": "fp32", "steps": 1}
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        info = root / "want.json"
+        if (root / "COMPLETE").is_file() and info.is_file() and json.loads(info.read_text()) == want:
+            BUILD_LOG.append({"root": str(root), "nproc": nproc, "seconds": 0.0, "reused": True, **row})
+            return {c: root / c for c in cases}
+        if root.exists():
+            shutil.rmtree(root)  # only ever a root this function built (the cache dir names it)
+        root.mkdir(parents=True)
+        t = time.perf_counter()
+        run_torchrun([MEGATRON_SAVE_MODULE, "--cases", want["cases"], "--out", str(root)], nproc=nproc,
+                     timeout=timeout)
+        info.write_text(json.dumps(want))
+        BUILD_LOG.append({"root": str(root), "nproc": nproc, "seconds": round(time.perf_counter() - t, 2),
+                          "reused": False, **row})
+    return {c: root / c for c in cases}
+
+
 def reference_dir(actor: Path, step: int | None = None) -> Path:
     """``ROOT/reference/global_step_S`` for ``actor = ROOT/global_step_S/actor`` (or its parent)."""
     actor = Path(actor)
@@ -295,5 +328,6 @@ __all__ = [
     "make_verl_lora_checkpoints",
     "mesh_nproc",
     "reference_dir",
+    "make_megatron_checkpoints",
     "run_torchrun",
 ]

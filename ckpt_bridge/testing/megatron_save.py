@@ -48,6 +48,9 @@ CASES: dict[str, tuple[str, int, int, int]] = {
     "mixtral_ep2": ("mixtral", 1, 1, 2),
 }
 
+# what the test session builds, in ONE torchrun job of 4 gloo ranks (tests/conftest.py megatron_ckpts)
+SESSION_CASES = ["llama_tp2pp2", "qwen2_tp2", "qwen3_pp2", "qwen3_moe_ep2", "qwen2_moe_ep2", "mixtral_ep2"]
+
 
 def family_config(family: str):
     """A tiny HF config of ``family``: vocab 256 and widths that divide TP 2 (Megatron needs even splits)."""
@@ -190,6 +193,8 @@ def _cpu_stand_ins() -> None:
     """megatron-core calls these around its (here gloo) barriers and in the save; there is no GPU."""
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_device = lambda: torch.device("cpu")  # used as the device of small flag tensors
+    # a tied embedding under PP is all-reduced between the first and last stage after `.cuda()`
+    torch.Tensor.cuda = lambda self, *a, **k: self
 
 
 def transformer_config(cfg, tp: int, pp: int, ep: int):

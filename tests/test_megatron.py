@@ -1,0 +1,192 @@
+"""verl Megatron checkpoints -> Hugging Face (issue 17), on REAL saves.
+
+Every checkpoint here is written by verl 0.9.1's own ``MegatronCheckpointManager.save_checkpoint``
+(``use_dist_checkpointing=True``) from a megatron-core 0.16.1 ``GPTModel`` at the case's TP / PP / EP
+(``ckpt_bridge.testing.megatron_save``, one torchrun job for the session, see tests/conftest.py).  The
+Megatron model was loaded from an HF model with a mapping written in that module, not ckpt-bridge's; the
+reference is that HF model's ``save_pretrained`` (``base_model/``), which exports must equal bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ckpt_bridge.compare import bits_equal
+from ckpt_bridge.export import to_hf
+
+from ckpt_bridge.testing.megatron_save import SESSION_CASES as MEGATRON_CASES
+from test_failure_table import assert_fails  # tests/ is on sys.path (rootdir conftest)
+
+
+def _weights(d: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def _assert_equals_reference(out: Path, case: Path) -> None:
+    got, want = _weights(out), _weights(case / "base_model")
+    assert sorted(got) == sorted(want)
+    bad = [k for k in want if not bits_equal(got[k], want[k])]
+    assert not bad, bad[:5]
+
+
+@pytest.mark.parametrize("case", MEGATRON_CASES)
+def test_export_is_bit_exact_and_loads(megatron_ckpts, tmp_path, case):
+    """to-hf --dtype keep == the HF model's save_pretrained, file bytes included; from_pretrained loads it
+    with no missing / unexpected keys; every (pp, tp) rank's rng lands in extra_state_merged.pt."""
+    import transformers
+
+    root = megatron_ckpts[case]
+    out = tmp_path / "hf"
+    s = to_hf(root / "global_step_1", out, dtype="keep", config=root / "base_model", progress=False)
+    assert s.source_format == "verl-megatron"
+    _assert_equals_reference(out, root)
+    if "moe" not in case and "mixtral" not in case:  # the writer orders per-expert splits by group, not by name
+        for f in (root / "base_model").glob("*.safetensors"):
+            assert (out / f.name).read_bytes() == f.read_bytes(), f.name
+    cfg = json.loads((out / "config.json").read_text())
+    model, info = getattr(transformers, cfg["architectures"][0]).from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+    extra = torch.load(out / "extra_state_merged.pt", weights_only=False)
+    refs = [torch.load(f, weights_only=False) for f in sorted((root / "reference").glob("rank*_rng.pt"))]
+    firsts = {(r["pp"], r["tp"]): r for r in refs if r["dp"] == 0}  # verl saves data-parallel rank 0's rng
+    assert sorted(extra["rng"]) == sorted(f"pp{p}_tp{t}" for p, t in firsts)
+    for (p, t), r in firsts.items():
+        got = extra["rng"][f"pp{p}_tp{t}"]
+        assert torch.equal(got["torch_rng_state"], r["torch"])
+        assert got["random_rng_state"] == r["random"]
+        assert extra["global_step"] == 1
+
+
+def test_dry_run_prints_the_megatron_rules(megatron_ckpts, tmp_path):
+    root = megatron_ckpts["qwen2_moe_ep2"]
+    out = tmp_path / "never"
+    s = to_hf(root / "global_step_1", out, config=root / "base_model", dry_run=True, progress=False)
+    text = "\n".join(s.plan_lines)
+    assert not out.exists()
+    assert "split: decoder.layers.self_attention.linear_qkv.weight[1]" in text
+    assert "split linear_qkv per KV group (2 x [2 q heads | k | v], d=16)" in text
+    assert "decoder.layers.self_attention.linear_qkv.bias[0]" in text
+    assert "split linear_fc1 [gate ; up]" in text and "mlp.shared_experts.linear_fc1.weight[0]" in text
+    assert "decoder.layers.mlp.experts.experts.linear_fc1.weight[1]" in text  # then transformers' per-expert split
+    assert "(dropped: megatron _extra_state" in text
+
+
+def test_stacked_tensors_are_read_one_layer_at_a_time(megatron_ckpts, tmp_path, monkeypatch):
+    """Streaming: the chunk copier is asked for one index of the layer axis at a time, never a whole
+    stacked tensor (the expert stack of a layer is one layer slice)."""
+    from ckpt_bridge.formats import dcp_direct
+    from ckpt_bridge.formats.megatron import is_stacked
+
+    calls = []
+    orig = dcp_direct.DirectChunks.copy_rows
+
+    def spy(self, out, spans, info, start, stop):
+        calls.append((self.root.name, tuple(info.shape), start, stop, tuple(out.shape)))
+        return orig(self, out, spans, info, start, stop)
+
+    monkeypatch.setattr(dcp_direct.DirectChunks, "copy_rows", spy)
+    whole = []
+    from ckpt_bridge.formats.dcp import DCPReader
+
+    orig_read = DCPReader.read
+
+    def no_fallback(self, key, info):  # DCP's own loader reads a tensor whole
+        raise AssertionError(f"{key} read through dcp.load, not by chunk")
+
+    monkeypatch.setattr(DCPReader, "_dcp_load", no_fallback)
+    monkeypatch.setattr(DCPReader, "read", lambda self, k, *a, **kw: whole.append(k) or orig_read(self, k, *a, **kw))
+    root = megatron_ckpts["qwen3_moe_ep2"]
+    to_hf(root / "global_step_1", tmp_path / "hf", config=root / "base_model", progress=False)
+    assert whole and not [k for k in whole if is_stacked(k)], whole
+    stacked = [c for c in calls if c[0] == "dist_ckpt" and c[4][0] == 1 and len(c[1]) == len(c[4])]
+    assert stacked and all(stop - start == 1 for _, _, start, stop, _ in stacked)
+    assert any(len(shape) == 4 for _, shape, *_ in stacked)  # the [L, E, 2F, H] expert stack, per layer
+    assert all(stop - start == 1 or shape[0] == stop - start and not len(shape) > 2
+               for _, shape, start, stop, _ in calls), calls
+
+
+def test_layouts_v1_and_bare_dist_ckpt(megatron_ckpts, tmp_path):
+    """verl <= 0.8's layout (dist_ckpt/ + huggingface/ at the actor root, as verl's migration script maps it)
+    and a bare dist_ckpt folder export the same bits."""
+    root = megatron_ckpts["llama_tp2pp2"]
+    actor = root / "global_step_1" / "actor"
+    v1 = tmp_path / "global_step_1" / "actor"
+    v1.mkdir(parents=True)
+    shutil.copytree(actor / "model" / "dist_ckpt", v1 / "dist_ckpt")
+    shutil.copytree(root / "base_model", v1 / "huggingface", ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copy2(actor / "transformer_config.json", v1 / "transformer_config.json")
+    to_hf(v1.parent, tmp_path / "from_v1", progress=False)  # config found in huggingface/
+    _assert_equals_reference(tmp_path / "from_v1", root)
+    to_hf(actor / "model" / "dist_ckpt", tmp_path / "from_bare", config=root / "base_model", progress=False)
+    _assert_equals_reference(tmp_path / "from_bare", root)
+
+
+def test_inspect_reports_the_save(megatron_ckpts):
+    from ckpt_bridge.inspection import inspect
+
+    r = inspect(megatron_ckpts["llama_tp2pp2"] / "global_step_1")
+    d = r["details"] if "details" in r else r
+    text = json.dumps(r)
+    assert r["format"] == "verl-megatron" and not r["problems"], r["problems"]
+    assert '"tp": 2' in text and '"pp": 2' in text and '"schema_version": 2' in text
+    assert "LlamaForCausalLM" in text and d is not None
+
+
+def _copy_actor(megatron_ckpts, tmp_path, case="llama_tp2pp2") -> tuple[Path, Path]:
+    root = megatron_ckpts[case]
+    dst = tmp_path / "ckpt"
+    shutil.copytree(root / "global_step_1", dst / "global_step_1")
+    return dst / "global_step_1" / "actor", root / "base_model"
+
+
+def test_missing_distcp_truncated_file_and_incomplete_save_exit_2(megatron_ckpts, tmp_path, capsys):
+    actor, base = _copy_actor(megatron_ckpts, tmp_path)
+    dist = actor / "model" / "dist_ckpt"
+    victim = dist / "__2_1.distcp"
+    data = victim.read_bytes()
+    victim.unlink()
+    assert_fails(capsys, ["to-hf", str(actor), "--out", str(tmp_path / "o1"), "--config", str(base)],
+                 says="__2_1.distcp", sources=(actor,))
+    victim.write_bytes(data[: len(data) // 2])
+    assert_fails(capsys, ["to-hf", str(actor), "--out", str(tmp_path / "o2"), "--config", str(base)],
+                 says="__2_1.distcp", sources=(actor,))
+    victim.write_bytes(data)
+    (actor / "ckpt_contents.json").unlink()
+    assert_fails(capsys, ["to-hf", str(actor), "--out", str(tmp_path / "o3"), "--config", str(base)],
+                 says="no ckpt_contents.json: the save did not finish", sources=(actor,))
+
+
+def test_config_that_disagrees_with_transformer_config_exit_2(megatron_ckpts, tmp_path, capsys):
+    actor, base = _copy_actor(megatron_ckpts, tmp_path)
+    wrong = tmp_path / "wrong_config"
+    shutil.copytree(base, wrong)
+    cfg = json.loads((wrong / "config.json").read_text())
+    cfg["num_key_value_heads"] = 4
+    (wrong / "config.json").write_text(json.dumps(cfg))
+    assert_fails(capsys, ["to-hf", str(actor), "--out", str(tmp_path / "o"), "--config", str(wrong)],
+                 says="num_key_value_heads is 4 but the checkpoint's transformer_config.json says "
+                      "num_query_groups=2", sources=(actor,))
+    assert_fails(capsys, ["to-hf", str(actor), "--out", str(tmp_path / "o")],
+                 says="no config.json found", sources=(actor,))
+
+
+def test_unknown_megatron_key_is_named_not_guessed():
+    from ckpt_bridge.errors import KeyPlanError
+    from ckpt_bridge.formats.base import TensorInfo
+    from ckpt_bridge.megatron_plan import megatron_to_hf_names
+
+    hf = {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64}
+    for key in ("mtp.layers.0.enorm.weight", "decoder.layers.self_attention.linear_q_down_proj.weight[0]"):
+        with pytest.raises(KeyPlanError, match=f"Megatron key '{key[:20]}"):
+            megatron_to_hf_names({key: TensorInfo(key, (4, 64), torch.float32)}, hf, "ckpt")
