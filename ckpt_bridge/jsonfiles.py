@@ -69,6 +69,14 @@ def map_to(value: Check) -> Check:
             (lambda v: {k: conv(x) for k, x in v.items()}) if conv else None)
 
 
+def list_to(item: Check) -> Check:
+    """A list whose every element fits ``item``."""
+    ok, what = item[0], item[1]
+    conv = item[2] if len(item) > 2 else None
+    return (lambda v: isinstance(v, list) and all(ok(x) for x in v), f"a list of {what}",
+            (lambda v: [conv(x) for x in v]) if conv else None)
+
+
 def any_of(*checks: Check) -> Check:
     """The first of ``checks`` that accepts the value decides (and normalises it, if that check does)."""
     def normalise(v: Any) -> Any:
@@ -157,7 +165,8 @@ INDEX = {"weight_map": map_of(str, str), "metadata": is_(dict)}
 FSDP_CONFIG = {"world_size": integer(1)}
 # the numbers our own code reads from config.json (aux head sizes and init); transformers checks the rest
 CONFIG = {"model_type": is_(str), "architectures": list_of(str), "hidden_size": integer(1, null=True),
-          "vocab_size": integer(1, null=True), "intermediate_size": integer(1, null=True),
+          "vocab_size": integer(1, null=True),
+          "intermediate_size": any_of(integer(1, null=True), list_of(int)),  # per layer in a few families
           "initializer_range": number(0, null=True)}
 # PEFT's adapter_config.json (LoraConfig.to_dict) and verl's lora_train_meta.json, as far as a merge reads them
 _STRINGS = any_of(is_(str), list_of(str), is_(type(None)))
@@ -166,7 +175,9 @@ ADAPTER_CONFIG = {"peft_type": is_(str), "task_type": is_(str, type(None)), "r":
                   "fan_in_fan_out": is_(bool), "rank_pattern": any_of(map_to(integer(1)), is_(type(None))),
                   "alpha_pattern": any_of(map_to(number()), is_(type(None))), "target_modules": _STRINGS,
                   "modules_to_save": any_of(list_of(str), is_(type(None))), "lora_bias": is_(bool), "bias": is_(str),
-                  "base_model_name_or_path": is_(str, type(None))}
+                  "base_model_name_or_path": is_(str, type(None)), "exclude_modules": _STRINGS,
+                  "layers_to_transform": any_of(integer(0), list_to(integer(0)), is_(type(None))),
+                  "layers_pattern": _STRINGS}
 LORA_META = {"r": integer(1), "lora_alpha": number(), "task_type": is_(str, type(None))}
 MANIFEST = {"source": is_(dict), "source.path": is_(str), "source.config_dir": is_(str),
             "source.files": is_(list), "hf_config": is_(dict), "layout": is_(dict), "aux": is_(list),

@@ -397,3 +397,41 @@ def test_trained_biases_travel_in_the_adapter_as_peft_saves_them(tmp_path, bias)
         assert torch.equal(loaded(input_ids=tokens).logits, model(input_ids=tokens).logits)
     merged = model.merge_and_unload().state_dict()
     assert all(torch.equal(v, merged[k]) for k, v in merged_weights(tmp_path / "out").items())
+
+
+@pytest.mark.parametrize("fields", [
+    {"target_modules": ["q_proj", "down_proj"]},
+    {"target_modules": r".*\.layers\.1\.self_attn\.(q|v)_proj"},
+    {"target_modules": "all-linear"},
+    {"target_modules": ["q_proj", "k_proj", "v_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
+    {"target_modules": ["q_proj", "up_proj"], "layers_to_transform": 0},
+    {"target_modules": ["q_proj", "v_proj"], "exclude_modules": ["model.layers.0.self_attn.v_proj"]},
+    {"target_modules": ["q_proj", "embed_tokens", "lm_head"], "modules_to_save": ["lm_head"]},
+    {"target_modules": ["model.layers.0.self_attn.o_proj"], "modules_to_save": ["embed_tokens"]},
+])
+def test_peft_match_is_peft_s_own_choice_of_modules(tmp_path, fields):
+    """ckpt_bridge.peft_match (the rules the export checks adapter configs with, PEFT not imported) picks the
+    modules PEFT's get_peft_model adapts and the copies it keeps, config for config."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+    from peft.utils import ModulesToSaveWrapper
+    from transformers import AutoModelForCausalLM
+
+    from ckpt_bridge import lora, peft_match
+    from ckpt_bridge.keys import expected_model
+    from ckpt_bridge.testing.tiny_models import save_tiny_hf
+
+    save_tiny_hf(tmp_path / "base", "llama")
+    cfg = {"r": 4, "lora_alpha": 8, "task_type": "CAUSAL_LM", **fields}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), LoraConfig(**cfg))
+    inner = model.base_model.model
+    adapted = {n for n, m in inner.named_modules() if isinstance(m, LoraLayer)}
+    saved = {n for n, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    exp = expected_model(tmp_path / "base")
+    ck = lora.LoraCheckpoint(lora.LoraSettings(r=4, lora_alpha=8, task_type="CAUSAL_LM", config=cfg), "default",
+                             {}, {}, {}, [], {})
+    view = lora.ModelView.of(ck, exp)
+    assert {m for m in view.modules if peft_match.is_target(cfg, m, view.all_linear)} == adapted
+    assert {m for m in view.modules if peft_match.is_saved(cfg, m)} == saved
