@@ -339,8 +339,9 @@ def seed_flags(out: str, era: TitanEra | None, layout: str) -> list[str]:
              f"pass --checkpoint.enable_checkpoint --checkpoint.load_step 0 (first run only: a resume loads its "
              f"latest step)")
     if era is not None:
-        # 0.3.0's checkpoint section lives in the user's Python config; the older parsers need the switch here
-        enable = "--checkpoint.enable_checkpoint " if era.enable_field == "enable_checkpoint" else ""
+        # The switch is printed for every era: 0.2.x / 0.3.0's default config has it off, and a user who runs
+        # the printed flags alone would otherwise start from random weights with no error (the loss-4-5 failure).
+        enable = f"--checkpoint.{era.enable_field} "
         if era.initial_load:
             line = (f"{enable}--checkpoint.initial_load_path {out}"
                     + (f" --checkpoint.{era.model_only_field}" if era.model_only_field else ""))
@@ -349,6 +350,7 @@ def seed_flags(out: str, era: TitanEra | None, layout: str) -> list[str]:
         return [f"{era.name}: {line}", after]
     if layout == "nested":
         return [f"nested-era torchtitan (up to e320a37; flame pins up to 5e2033c): {step0}", after]
-    return [f"torchtitan 0.2.x / 0.3.0: --checkpoint.initial_load_path {out} --checkpoint.initial_load_model_only",
+    return [f"torchtitan 0.2.x / 0.3.0: --checkpoint.enable --checkpoint.initial_load_path {out} "
+            f"--checkpoint.initial_load_model_only",
             f"torchtitan 0.1.0 and flame's pin 0b44d4c: --checkpoint.enable_checkpoint --checkpoint.initial_load_path {out} "
             f"--checkpoint.initial_load_model_weights_only", after]
