@@ -68,6 +68,20 @@ def test_export_is_bit_exact_and_loads(megatron_ckpts, tmp_path, case):
         assert extra["global_step"] == 1
 
 
+@pytest.mark.parametrize("case", MEGATRON_CASES)
+def test_megatron_forward_equals_the_hf_forward(megatron_ckpts, case):
+    """The oracle independent of both mappings (the test's HF -> Megatron one and ckpt-bridge's plan): the
+    Megatron model that verl saved, run by megatron-core's own forward (TP / EP collectives over gloo, PP
+    stages chained) on a fixed batch, gives the HF model's logits.  A mistake the two mappings share (q / k
+    / v order inside a KV group, gate / up order, a swapped norm, an expert permutation) changes them."""
+    d = torch.load(megatron_ckpts[case] / "reference" / "logits.pt", weights_only=True)
+    got, want = d["megatron"], d["hf"]
+    assert got.shape == want.shape == (*d["tokens"].shape, 256)
+    assert want.abs().max() > 0.5  # not a degenerate (all-zero) forward
+    err = (got - want).abs().max().item()
+    assert err < 2e-6, f"{case}: Megatron logits differ from the HF model's by {err}"
+
+
 def test_dry_run_prints_the_megatron_rules(megatron_ckpts, tmp_path):
     root = megatron_ckpts["qwen2_moe_ep2"]
     out = tmp_path / "never"

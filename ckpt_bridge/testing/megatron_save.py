@@ -13,10 +13,14 @@ For each case in turn (one process group and one set of imports for all of them)
    ``use_cpu_initialization=True``) at the case's TP / PP / EP, and copies the HF weights into its
    parameters with the mapping below (:func:`hf_to_local`), written here from Megatron's module semantics
    and independent of ckpt-bridge's reader and plan.
-3. verl 0.9.1's own ``MegatronCheckpointManager.save_checkpoint`` (``use_dist_checkpointing=True``, save
+3. megatron-core's own forward pass of that model on a fixed token batch (:func:`megatron_logits`: TP /
+   EP collectives over gloo, PP stages chained by send/recv, ``device="cuda"`` constructors mapped to cpu)
+   and the HF model's forward go to ``ROOT/<case>/reference/logits.pt``: the oracle that does not depend
+   on either mapping.
+4. verl 0.9.1's own ``MegatronCheckpointManager.save_checkpoint`` (``use_dist_checkpointing=True``, save
    contents model + extra) writes ``ROOT/<case>/global_step_1/actor``; ``torch.cuda.synchronize`` and
    ``torch.cuda.current_device`` get CPU stand-ins first (megatron calls them around its gloo barriers).
-4. each rank writes ``ROOT/<case>/reference/rank{R}_rng.pt``: the python / numpy / torch rng states it
+5. each rank writes ``ROOT/<case>/reference/rank{R}_rng.pt``: the python / numpy / torch rng states it
    held right before the save, with its (pp, tp) rank.
 
 Rank 0 writes ``ROOT/COMPLETE`` (json: cases, timings) at the end.  The entry point is behind a
@@ -195,6 +199,12 @@ def _cpu_stand_ins() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")  # used as the device of small flag tensors
     # a tied embedding under PP is all-reduced between the first and last stage after `.cuda()`
     torch.Tensor.cuda = lambda self, *a, **k: self
+    # megatron-core 0.16.1's router tests `te_general_gemm is not None`, a name bound only when
+    # transformer_engine imports (NameError without it)
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def transformer_config(cfg, tp: int, pp: int, ep: int):
@@ -212,6 +222,8 @@ def transformer_config(cfg, tp: int, pp: int, ep: int):
         shared = getattr(cfg, "shared_expert_intermediate_size", None)
         if shared:
             moe.update(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=True)
+        if not getattr(cfg, "norm_topk_prob", True):  # HF: softmax over all experts, top-k, no renormalising
+            moe.update(moe_router_pre_softmax=True)
     return TransformerConfig(
         num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_key_value_heads, ffn_hidden_size=cfg.intermediate_size,
@@ -262,6 +274,82 @@ def load_hf_into(model, hf: dict, cfg) -> None:
             p.copy_(value)
 
 
+# ---------------------------------------------------------------- the forward-logits oracle
+
+
+def fixed_tokens(vocab: int) -> torch.Tensor:
+    """The token batch both models see: [2, 12], no special ids."""
+    return torch.randint(4, vocab, (2, 12), generator=torch.Generator().manual_seed(1234))
+
+
+class _CudaToCpu:
+    """Maps ``device="cuda"`` (which megatron's causal-mask / scratch constructors pass) to cpu, and makes the
+    model-parallel rng tracker's ``fork`` a no-op (it swaps CUDA rng states around dropout; dropout is 0)."""
+
+    NAMES = ("ones", "zeros", "empty", "full", "arange", "tensor", "rand", "randn")
+
+    def __enter__(self):
+        from megatron.core import tensor_parallel
+
+        self.saved = {n: getattr(torch, n) for n in self.NAMES}
+        for n, f in self.saved.items():
+            setattr(torch, n, self._wrap(f))
+        self.tracker = tensor_parallel.get_cuda_rng_tracker()
+        self.tracker.fork = lambda *a, **k: __import__("contextlib").nullcontext()
+        return self
+
+    @staticmethod
+    def _wrap(f):
+        def g(*a, **k):
+            d = k.get("device")
+            if d is not None and str(d).startswith("cuda"):
+                k["device"] = "cpu"
+            return f(*a, **k)
+
+        return g
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch, n, f)
+        del self.tracker.fork  # back to the class's method
+        return False
+
+
+def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor | None:
+    """megatron-core's own forward of ``tokens`` (fp32, causal, TP/EP collectives over gloo, PP stages
+    chained with send/recv): the full-vocabulary logits ``[b, s, V]`` on the last stage, else None."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    model.eval()
+    with torch.no_grad(), _CudaToCpu():
+        if not ps.is_pipeline_first_stage():
+            h = torch.empty(tokens.shape[1], tokens.shape[0], model.config.hidden_size)
+            dist.recv(h, src=ps.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(h)
+        out = model(tokens, pos, None, runtime_gather_output=True)
+        if not ps.is_pipeline_last_stage():
+            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+            return None
+    return out
+
+
+def record_logits(model, hf_model, ref: Path) -> None:
+    """``ref/logits.pt``: {"megatron", "hf", "tokens"} from the last stage's first (tp, dp) rank."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tokens = fixed_tokens(hf_model.config.vocab_size)
+    got = megatron_logits(model, tokens)
+    if got is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0 \
+            and ps.get_expert_model_parallel_rank() == 0:
+        with torch.no_grad():
+            want = hf_model(tokens).logits
+        torch.save({"megatron": got, "hf": want, "tokens": tokens}, ref / "logits.pt")
+    dist.barrier()
+
+
 def save_case(case: str, root: Path, world: int) -> dict:
     import numpy as np
     import torch.distributed as dist
@@ -303,13 +391,14 @@ def save_case(case: str, root: Path, world: int) -> dict:
         arch=cfg.architectures[0], hf_config=cfg, param_dtype=torch.float32,
         share_embeddings_and_output_weights=cfg.tie_word_embeddings, processing_class=tokenizer,
         optimizer=None, optimizer_scheduler=None, use_distributed_optimizer=False, use_dist_checkpointing=True)
+    ref = out / "reference"
+    ref.mkdir(parents=True, exist_ok=True)
+    record_logits(model, hf_model, ref)
     # every rank's rng differs (the test checks each (pp, tp) rank's state lands in the export)
     rank = dist.get_rank()
     random.seed(100 + rank)
     np.random.seed(100 + rank)
     torch.manual_seed(100 + rank)
-    ref = out / "reference"
-    ref.mkdir(parents=True, exist_ok=True)
     torch.save({"pp": ps.get_pipeline_model_parallel_rank(), "tp": ps.get_tensor_model_parallel_rank(),
                 "dp": ps.get_data_parallel_rank(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                 "random": random.getstate()}, ref / f"rank{rank}_rng.pt")
