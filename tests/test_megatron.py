@@ -39,7 +39,10 @@ def _assert_equals_reference(out: Path, case: Path) -> None:
     assert not bad, bad[:5]
 
 
-@pytest.mark.parametrize("case", MEGATRON_CASES)
+LMS = [c for c in MEGATRON_CASES if "critic" not in c]
+
+
+@pytest.mark.parametrize("case", LMS)
 def test_export_is_bit_exact_and_loads(megatron_ckpts, tmp_path, case):
     """to-hf --dtype keep == the HF model's save_pretrained, file bytes included; from_pretrained loads it
     with no missing / unexpected keys; every (pp, tp) rank's rng lands in extra_state_merged.pt."""
@@ -76,10 +79,32 @@ def test_megatron_forward_equals_the_hf_forward(megatron_ckpts, case):
     / v order inside a KV group, gate / up order, a swapped norm, an expert permutation) changes them."""
     d = torch.load(megatron_ckpts[case] / "reference" / "logits.pt", weights_only=True)
     got, want = d["megatron"], d["hf"]
-    assert got.shape == want.shape == (*d["tokens"].shape, 256)
-    assert want.abs().max() > 0.5  # not a degenerate (all-zero) forward
+    assert got.shape == want.shape == (*d["tokens"].shape, 1 if "critic" in case else 256)
+    assert want.abs().max() > 0.1  # not a degenerate (all-zero) forward
     err = (got - want).abs().max().item()
     assert err < 2e-6, f"{case}: Megatron logits differ from the HF model's by {err}"
+
+
+def test_critic_exports_as_token_classification(megatron_ckpts, tmp_path):
+    """verl's Megatron critic (value head as output_layer [1, H], config still the causal LM's): to-hf with
+    the save's own model/huggingface config writes Qwen2ForTokenClassification, num_labels=1, bit-exact vs
+    the HF critic's save_pretrained (whose score.bias is 0, as verl's head has no bias); it loads clean."""
+    import transformers
+
+    root = megatron_ckpts["qwen2_critic_tp2pp2"]
+    critic = root / "global_step_1" / "critic"
+    start = root / "causal_lm_config"  # the critic's starting config, as verl keeps it: the arch names no head
+    assert json.loads((start / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    out = tmp_path / "hf"
+    s = to_hf(root / "global_step_1", out, dtype="keep", config=start, progress=False)  # finds the critic
+    assert s.source_format == "verl-megatron"
+    _assert_equals_reference(out, root)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2ForTokenClassification"] and cfg["num_labels"] == 1
+    model, info = transformers.Qwen2ForTokenClassification.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    plan = to_hf(critic, tmp_path / "never", config=start, dry_run=True, progress=False).plan_lines
+    assert any("critic: output_layer (1, 64) is verl's value head" in line for line in plan)
 
 
 def test_dry_run_prints_the_megatron_rules(megatron_ckpts, tmp_path):

@@ -117,8 +117,9 @@ def find_layout(path: Path) -> Layout | None:
         return None
     if (path / MANIFEST).is_file():
         return _v2_layout(path)
-    if (path / "actor").is_dir() and find_layout(path / "actor") is not None:
-        return find_layout(path / "actor")
+    for role in ("actor", "critic"):  # a global_step_N: its actor, else (a critic-only run) its critic
+        if (path / role).is_dir() and find_layout(path / role) is not None:
+            return find_layout(path / role)
     if is_dist_ckpt(path / "model" / "dist_ckpt") or (path / "model" / "huggingface").is_dir() and \
             (path / TRANSFORMER_CONFIG).is_file():
         return Layout(path, "v2", model_dir=path / "model" / "dist_ckpt", hf_dir=path / "model" / "huggingface",

@@ -50,10 +50,16 @@ CASES: dict[str, tuple[str, int, int, int]] = {
     "qwen3_moe_ep2": ("qwen3_moe", 1, 1, 2),
     "qwen2_moe_ep2": ("qwen2_moe", 1, 1, 2),
     "mixtral_ep2": ("mixtral", 1, 1, 2),
+    "qwen2_critic_tp2pp2": ("qwen2_critic", 2, 2, 1),
 }
 
 # what the test session builds, in ONE torchrun job of 4 gloo ranks (tests/conftest.py megatron_ckpts)
-SESSION_CASES = ["llama_tp2pp2", "qwen2_tp2", "qwen3_pp2", "qwen3_moe_ep2", "qwen2_moe_ep2", "mixtral_ep2"]
+SESSION_CASES = ["llama_tp2pp2", "qwen2_tp2", "qwen3_pp2", "qwen3_moe_ep2", "qwen2_moe_ep2", "mixtral_ep2",
+                 "qwen2_critic_tp2pp2"]
+
+
+def is_critic(family: str) -> bool:
+    return family.endswith("_critic")
 
 
 def family_config(family: str):
@@ -65,6 +71,8 @@ def family_config(family: str):
               bos_token_id=1, eos_token_id=2, pad_token_id=3)
     arch = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}),
             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+            # verl's Megatron critic: the causal LM's config, untied (a value head cannot share the embedding)
+            "qwen2_critic": ("Qwen2Config", "Qwen2ForTokenClassification", {"num_labels": 1}),
             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16, "tie_word_embeddings": True}),
             "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                           {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
@@ -82,7 +90,11 @@ def family_config(family: str):
 
 
 def build_hf(family: str):
-    """The HF model with every floating tensor drawn from a generator seeded by its name (norms near 1)."""
+    """The HF model with every floating tensor drawn from a generator seeded by its name (norms near 1).
+
+    A critic is ``XForTokenClassification`` with ``num_labels=1`` and a zero ``score.bias``: verl's Megatron
+    value head (``LinearForLastLayer``) is an ``nn.Linear(hidden, 1, bias=False)``, so the HF model equal
+    to it has no bias term."""
     import transformers
 
     cfg = family_config(family)
@@ -94,6 +106,8 @@ def build_hf(family: str):
             g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
             draw = torch.empty(t.shape).normal_(0.0, 0.05, generator=g)
             t.copy_(1.0 + draw if "norm" in name else draw)
+        if is_critic(family):
+            model.score.bias.zero_()
     return model.eval()
 
 
@@ -118,6 +132,8 @@ def hf_to_local(name: str, hf: dict, cfg, layer_of: dict[int, int], expert_of, t
     if name == "embedding.word_embeddings.weight":
         return _tp_chunk(hf["model.embed_tokens.weight"], 0, r, n)
     if name == "output_layer.weight":
+        if "score.weight" in hf:  # a critic's value head: replicated, not split on TP
+            return hf["score.weight"]
         return _tp_chunk(hf["lm_head.weight"], 0, r, n)
     if name == "decoder.final_layernorm.weight":
         return hf["model.norm.weight"]
@@ -185,7 +201,7 @@ def _hf_state(model) -> dict:
         out = {}
         for f in sorted(Path(tmp).glob("*.safetensors")):
             out.update(load_file(f))
-    if "lm_head.weight" not in out:
+    if "lm_head.weight" not in out and "score.weight" not in out:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
 
@@ -237,17 +253,33 @@ def transformer_config(cfg, tp: int, pp: int, ep: int):
         pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32, sequence_parallel=False, **moe)
 
 
-def build_megatron(cfg, tf_config):
+class ValueHead(torch.nn.Linear):
+    """verl's ``LinearForLastLayer`` (verl/models/mcore/bridge.py, its fallback when Megatron-Bridge lacks it):
+    the critic's ``output_layer``, ``nn.Linear(hidden, 1, bias=False)`` returning ``(logits.float(), None)``.
+    Re-stated here because that verl module imports Megatron-Bridge at the top, which is not installed."""
+
+    def __init__(self, hidden: int):
+        super().__init__(hidden, 1, bias=False)
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        return super().forward(input_).float(), None
+
+
+def build_megatron(cfg, tf_config, critic: bool = False):
+    """megatron-core's GPTModel as verl's model initializer builds it (a critic: value head on the last stage)."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(num_experts=tf_config.num_moe_experts, qk_layernorm=tf_config.qk_layernorm,
                                     normalization="RMSNorm")
-    return GPTModel(tf_config, spec, vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_position_embeddings,
-                    pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                    share_embeddings_and_output_weights=cfg.tie_word_embeddings, position_embedding_type="rope",
-                    rotary_base=int(_rope_theta(cfg)))
+    model = GPTModel(tf_config, spec, vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_position_embeddings,
+                     pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                     share_embeddings_and_output_weights=cfg.tie_word_embeddings and not critic,
+                     position_embedding_type="rope", rotary_base=int(_rope_theta(cfg)))
+    if critic and ps.is_pipeline_last_stage():
+        model.output_layer = ValueHead(tf_config.hidden_size)
+    return model
 
 
 def _rope_theta(cfg) -> float:
@@ -265,7 +297,7 @@ def load_hf_into(model, hf: dict, cfg) -> None:
     expert_of = lambda j: ep_rank * (experts // max(ep, 1)) + j  # noqa: E731
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name == "output_layer.weight" and cfg.tie_word_embeddings:
+            if name == "output_layer.weight" and cfg.tie_word_embeddings and "score.weight" not in hf:
                 # the last stage's copy of the tied embedding (Megatron keeps it in sync by all-reduce)
                 value = _tp_chunk(hf["model.embed_tokens.weight"], 0, *tp)
             else:
@@ -342,6 +374,7 @@ def record_logits(model, hf_model, ref: Path) -> None:
 
     tokens = fixed_tokens(hf_model.config.vocab_size)
     got = megatron_logits(model, tokens)
+    got = got[0] if isinstance(got, tuple) else got
     if got is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0 \
             and ps.get_expert_model_parallel_rank() == 0:
         with torch.no_grad():
@@ -377,8 +410,17 @@ def save_case(case: str, root: Path, world: int) -> dict:
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                  expert_model_parallel_size=ep, expert_tensor_parallel_size=1 if ep > 1 else None)
     tf_config = transformer_config(cfg, tp, pp, ep)
-    model = build_megatron(cfg, tf_config)
+    model = build_megatron(cfg, tf_config, critic=is_critic(family))
     load_hf_into(model, hf, cfg)
+    saved_cfg, role = cfg, "actor"
+    if is_critic(family):  # verl's critic keeps its causal LM's config (untied) and arch; role critic
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        saved_cfg = family_config(family)
+        saved_cfg.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg.model_type]]
+        saved_cfg.tie_word_embeddings, role = False, "critic"
+        if dist.get_rank() == 0:  # the config a user passes with --config (without a bridge verl writes none)
+            saved_cfg.save_pretrained(out / "causal_lm_config")
 
     from transformers import AutoTokenizer
 
@@ -387,9 +429,9 @@ def save_case(case: str, root: Path, world: int) -> dict:
         config=OmegaConf.create({"model": {"path": str(base)}, "megatron": {}}),
         checkpoint_config=OmegaConf.create({"save_contents": ["model", "extra"], "load_contents": ["model", "extra"],
                                             "async_save": False}),
-        model_config=cfg, transformer_config=tf_config, role="actor", model=[model],
-        arch=cfg.architectures[0], hf_config=cfg, param_dtype=torch.float32,
-        share_embeddings_and_output_weights=cfg.tie_word_embeddings, processing_class=tokenizer,
+        model_config=saved_cfg, transformer_config=tf_config, role=role, model=[model],
+        arch=saved_cfg.architectures[0], hf_config=saved_cfg, param_dtype=torch.float32,
+        share_embeddings_and_output_weights=saved_cfg.tie_word_embeddings, processing_class=tokenizer,
         optimizer=None, optimizer_scheduler=None, use_distributed_optimizer=False, use_dist_checkpointing=True)
     ref = out / "reference"
     ref.mkdir(parents=True, exist_ok=True)
@@ -402,7 +444,7 @@ def save_case(case: str, root: Path, world: int) -> dict:
     torch.save({"pp": ps.get_pipeline_model_parallel_rank(), "tp": ps.get_tensor_model_parallel_rank(),
                 "dp": ps.get_data_parallel_rank(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                 "random": random.getstate()}, ref / f"rank{rank}_rng.pt")
-    manager.save_checkpoint(str(out / "global_step_1" / "actor"), global_step=1)
+    manager.save_checkpoint(str(out / "global_step_1" / role), global_step=1)
     dist.barrier()
     return {"case": case, "family": family, "tp": tp, "pp": pp, "ep": ep, "world": world,
             "seconds": round(time.perf_counter() - t0, 2)}
