@@ -202,8 +202,27 @@ def megatron_to_hf_names(infos: dict[str, TensorInfo], hf: dict, where: str) -> 
     return plan
 
 
+def check_bridge_weights(infos: dict[str, TensorInfo], cfg_dir: Path, where: str) -> None:
+    """Bridge-written weights hold every tensor ``save_pretrained`` of the class writes, at its shape: a lost
+    expert or layer (the bridges' known silent losses) is named, not exported as a smaller model."""
+    from .keys import expected_model, value_head
+
+    exp = expected_model(cfg_dir, value_head(infos, cfg_dir))
+    want = exp.disk_shapes
+    missing = [k for k in want if k not in infos]
+    if missing:
+        raise KeyPlanError(f"{where}: the bridge-written weights lack {len(missing)} tensor(s) {exp.model_class} "
+                           f"has: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; the save lost them "
+                           f"(use an earlier step or re-save)")
+    bad = [k for k in want if tuple(infos[k].shape) != tuple(want[k])]
+    if bad:
+        k = bad[0]
+        raise KeyPlanError(f"{where}: bridge-written {k} is {tuple(infos[k].shape)}, but {exp.model_class} of "
+                           f"{Path(cfg_dir) / 'config.json'} has {tuple(want[k])}")
+
+
 def plan_megatron_export(reader: MegatronReader, cfg_dir: Path, *, where: str) -> Plan:
-    """The checked plan: Megatron dist_ckpt -> the files ``save_pretrained`` of the config's class writes."""
+    """The checked plan: Megatron dist_ckpt (or bridge-written HF weights) -> what ``save_pretrained`` writes."""
     from .keys import plan_hf_export
 
     cfg_file = Path(cfg_dir) / "config.json"
@@ -211,6 +230,9 @@ def plan_megatron_export(reader: MegatronReader, cfg_dir: Path, *, where: str) -
     hf = {**hf.get("text_config", {}), **hf} if "num_attention_heads" not in hf else hf
     check_config(hf, reader.transformer_config(), cfg_file, reader.layout.root / "transformer_config.json")
     infos = reader.model_tensors()
+    if reader.has_bridge_weights:  # already HF names: transformers' own rules, every tensor accounted for
+        check_bridge_weights(infos, cfg_dir, where)
+        return plan_hf_export(infos, cfg_dir, where=where)
     emb = infos.get("embedding.word_embeddings.weight")
     if emb is not None and hf.get("vocab_size") is not None and emb.shape[0] != int(hf["vocab_size"]):
         raise KeyPlanError(f"{cfg_file}: vocab_size is {hf['vocab_size']} but the checkpoint's embedding has "

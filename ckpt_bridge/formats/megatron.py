@@ -152,10 +152,12 @@ class MegatronReader(Reader):
         self.evidence.notes.append(f"layout {layout.schema}")
         self._problems = list(layout.problems)
         self.dcp = None
-        if layout.model_format != "megatron_dist_checkpoint":
-            self._problems.append(f"{layout.root / MANIFEST}: the model is saved as {layout.model_format!r} in "
-                                  f"{layout.model_dir} (bridge-written weights): export that directory directly "
-                                  f"with --config {layout.hf_dir}")
+        self.bridge_hf = None  # the HF reader of bridge-written weights (model/huggingface)
+        if layout.model_format == "huggingface" and not self._problems:
+            self._open_bridge_weights()
+        elif layout.model_format != "megatron_dist_checkpoint":
+            self._problems.append(f"{layout.root / MANIFEST}: contents.model.format is {layout.model_format!r}, "
+                                  f"not one ckpt-bridge reads (megatron_dist_checkpoint, huggingface)")
         elif layout.model_dir is None or not layout.model_dir.is_dir():
             self._problems.append(f"{layout.root}: the manifest names no model dist_ckpt (saved contents: "
                                   f"{(layout.manifest or {}).get('save_contents')}); nothing to export")
@@ -163,6 +165,29 @@ class MegatronReader(Reader):
             self.dcp = DCPReader(layout.model_dir, trust_pickle=trust_pickle)
             self._problems += self.dcp.problems()
         self._unstacked: dict[str, TensorInfo] | None = None
+
+    def _open_bridge_weights(self) -> None:
+        """verl's bridge (mbridge / Megatron-Bridge) wrote the HF weights into model/huggingface: read them there;
+        the plan checks them against the model class (megatron_plan.plan_bridge_export)."""
+        from .hf import HFReader
+
+        d = self.layout.model_dir
+        if d is None or not d.is_dir():
+            self._problems.append(f"{self.layout.root / MANIFEST}: the model is bridge-written HF weights in {d}, "
+                                  f"which does not exist; copy the whole checkpoint folder again")
+            return
+        try:
+            self.bridge_hf = HFReader(d, trust_pickle=self.trust_pickle)
+        except CheckpointFormatError:
+            self._problems.append(f"{d}: the manifest says the bridge wrote the model's weights here, but there is "
+                                  f"no model.safetensors or index: the save is incomplete")
+            return
+        self.evidence.notes.append("bridge-written HF weights")
+        self._problems += self.bridge_hf.problems()
+
+    @property
+    def has_bridge_weights(self) -> bool:
+        return self.bridge_hf is not None
 
     # ---------------------------------------------------------------- checks
     def problems(self) -> list[str]:
@@ -176,13 +201,15 @@ class MegatronReader(Reader):
     def tensors(self) -> dict[str, TensorInfo]:
         """The global tensors as stored (stacked layers included), without ``_extra_state`` bytes entries."""
         self.check()
-        return self.dcp.tensors()
+        return self.bridge_hf.tensors() if self.bridge_hf is not None else self.dcp.tensors()
 
     def skipped_entries(self) -> list[str]:
         """Non-tensor entries of the model dist_ckpt (``_extra_state`` bytes of each linear): not weights."""
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
         self.check()
+        if self.dcp is None:
+            return []
         return [k for k, md in self.dcp.metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata)]
 
     def model_tensors(self) -> dict[str, TensorInfo]:
@@ -202,6 +229,8 @@ class MegatronReader(Reader):
     def read(self, key: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """A stored tensor, or (``key[i]``) layer ``i`` of a stacked one: only that layer's bytes are read."""
         self.check()
+        if self.bridge_hf is not None:
+            return self.bridge_hf.read(key, dtype, out=out)
         base, i = parse_slice(key)
         if i is None:
             return self.dcp.read(key, dtype, out=out)
@@ -260,7 +289,8 @@ class MegatronReader(Reader):
             "extra_dir": str(self.layout.extra_dir) if self.layout.extra_dir else None,
             "optimizer_dir": str(self.layout.optimizer_dir) if self.layout.optimizer_dir else None,
         }
-        if self.dcp is not None and not self._problems:
+        d["bridge_weights"] = self.bridge_hf is not None
+        if (self.dcp is not None or self.bridge_hf is not None) and not self._problems:
             d["stored_tensors"] = len(self.tensors())
             d["per_layer_tensors"] = len(self.model_tensors())
             d["skipped_extra_state_entries"] = len(self.skipped_entries())

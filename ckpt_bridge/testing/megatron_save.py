@@ -51,11 +51,18 @@ CASES: dict[str, tuple[str, int, int, int]] = {
     "qwen2_moe_ep2": ("qwen2_moe", 1, 1, 2),
     "mixtral_ep2": ("mixtral", 1, 1, 2),
     "qwen2_critic_tp2pp2": ("qwen2_critic", 2, 2, 1),
+    "llama_bridge_tp2pp2": ("llama", 2, 2, 1),
 }
+# how a case's save differs from the default (use_dist_checkpointing=True, no bridge, no optimizer):
+# "bridge": verl's default use_mbridge, use_dist_checkpointing=False: mbridge writes the HF weights into
+# model/huggingface (vanilla mbridge, verl/models/mcore/mbridge.py)
+# model/huggingface (vanilla mbridge, verl/models/mcore/mbridge.py); the Megatron model is then loaded as
+# verl loads it, by the bridge from the HF dir (not by this module's mapping)
+OPTIONS: dict[str, dict] = {"llama_bridge_tp2pp2": {"bridge": True}}
 
 # what the test session builds, in ONE torchrun job of 4 gloo ranks (tests/conftest.py megatron_ckpts)
 SESSION_CASES = ["llama_tp2pp2", "qwen2_tp2", "qwen3_pp2", "qwen3_moe_ep2", "qwen2_moe_ep2", "mixtral_ep2",
-                 "qwen2_critic_tp2pp2"]
+                 "qwen2_critic_tp2pp2", "llama_bridge_tp2pp2"]
 
 
 def is_critic(family: str) -> bool:
@@ -383,6 +390,24 @@ def record_logits(model, hf_model, ref: Path) -> None:
     dist.barrier()
 
 
+def make_bridge(cfg):
+    """verl's vanilla mbridge for ``cfg`` (what its Megatron engine builds with ``vanilla_mbridge``).
+
+    mbridge names the parameters of transformer_engine's layer spec, where the layernorms are fused into
+    the next linear (``linear_qkv.layer_norm_weight``); without TE the local spec keeps them as separate
+    ``input_layernorm`` / ``pre_mlp_layernorm`` modules, so those two names are added to this instance's
+    tables.  (Its MoE tables assume TE's grouped experts, ``experts.linear_fc1.weight<E>``, which the
+    local spec's ``experts.local_experts.<E>`` cannot be made to match: no bridge MoE case.)"""
+    from verl.models.mcore.mbridge import AutoBridge
+
+    bridge = AutoBridge.from_config(cfg, dtype=torch.float32)
+    bridge._OTHER_MAPPING = {**bridge._OTHER_MAPPING,
+                             "input_layernorm.weight": ["model.layers.{layer_number}.input_layernorm.weight"]}
+    bridge._MLP_MAPPING = {"pre_mlp_layernorm.weight": ["model.layers.{layer_number}.post_attention_layernorm.weight"],
+                           **bridge._MLP_MAPPING}
+    return bridge
+
+
 def save_case(case: str, root: Path, world: int) -> dict:
     import numpy as np
     import torch.distributed as dist
@@ -394,6 +419,7 @@ def save_case(case: str, root: Path, world: int) -> dict:
     from .tiny_models import generation_config_for, save_tiny_tokenizer
 
     family, tp, pp, ep = CASES[case]
+    opts = OPTIONS.get(case, {})
     t0 = time.perf_counter()
     out = root / case
     base = out / "base_model"
@@ -411,7 +437,11 @@ def save_case(case: str, root: Path, world: int) -> dict:
                                  expert_model_parallel_size=ep, expert_tensor_parallel_size=1 if ep > 1 else None)
     tf_config = transformer_config(cfg, tp, pp, ep)
     model = build_megatron(cfg, tf_config, critic=is_critic(family))
-    load_hf_into(model, hf, cfg)
+    bridge = make_bridge(cfg) if opts.get("bridge") else None
+    if bridge is not None:
+        bridge.load_weights([model], str(base))  # as verl's engine loads the HF weights with the bridge
+    else:
+        load_hf_into(model, hf, cfg)
     saved_cfg, role = cfg, "actor"
     if is_critic(family):  # verl's critic keeps its causal LM's config (untied) and arch; role critic
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -432,7 +462,8 @@ def save_case(case: str, root: Path, world: int) -> dict:
         model_config=saved_cfg, transformer_config=tf_config, role=role, model=[model],
         arch=saved_cfg.architectures[0], hf_config=saved_cfg, param_dtype=torch.float32,
         share_embeddings_and_output_weights=saved_cfg.tie_word_embeddings, processing_class=tokenizer,
-        optimizer=None, optimizer_scheduler=None, use_distributed_optimizer=False, use_dist_checkpointing=True)
+        optimizer=None, optimizer_scheduler=None, use_distributed_optimizer=False,
+        use_dist_checkpointing=bridge is None, bridge=bridge)
     ref = out / "reference"
     ref.mkdir(parents=True, exist_ok=True)
     record_logits(model, hf_model, ref)
