@@ -69,6 +69,19 @@ def test_export_is_bit_exact_and_loads(megatron_ckpts, tmp_path, case):
         assert torch.equal(got["torch_rng_state"], r["torch"])
         assert got["random_rng_state"] == r["random"]
         assert extra["global_step"] == 1
+    live = root / "reference" / "lr_scheduler.pt"  # the cases saved with a real Megatron optimizer + scheduler
+    if live.is_file():
+        assert extra["lr_scheduler"] == torch.load(live, weights_only=False)
+        assert json.loads((out / "lr_scheduler_state.json").read_text())["lr_scheduler"]["num_steps"] == 3
+
+
+def test_a_case_saves_a_real_optimizer_and_lr_scheduler(megatron_ckpts):
+    """qwen3_pp2 is saved with verl's own Megatron optimizer (get_megatron_optimizer over megatron's DDP) and
+    OptimizerParamScheduler (stepped 3 times): the lr_scheduler check above runs on it, not skipped."""
+    root = megatron_ckpts["qwen3_pp2"]
+    manifest = json.loads((root / "global_step_1" / "actor" / "ckpt_contents.json").read_text())
+    assert manifest["contents"]["lr_scheduler"]["path"] == "optimizer/dist_ckpt"
+    assert torch.load(root / "reference" / "lr_scheduler.pt", weights_only=False)["num_steps"] == 3
 
 
 @pytest.mark.parametrize("case", MEGATRON_CASES)

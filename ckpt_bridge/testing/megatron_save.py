@@ -58,7 +58,8 @@ CASES: dict[str, tuple[str, int, int, int]] = {
 # model/huggingface (vanilla mbridge, verl/models/mcore/mbridge.py)
 # model/huggingface (vanilla mbridge, verl/models/mcore/mbridge.py); the Megatron model is then loaded as
 # verl loads it, by the bridge from the HF dir (not by this module's mapping)
-OPTIONS: dict[str, dict] = {"llama_bridge_tp2pp2": {"bridge": True}}
+# "optimizer": a real Megatron optimizer + lr scheduler, built by verl's own helpers, saved too
+OPTIONS: dict[str, dict] = {"llama_bridge_tp2pp2": {"bridge": True}, "qwen3_pp2": {"optimizer": True}}
 
 # what the test session builds, in ONE torchrun job of 4 gloo ranks (tests/conftest.py megatron_ckpts)
 SESSION_CASES = ["llama_tp2pp2", "qwen2_tp2", "qwen3_pp2", "qwen3_moe_ep2", "qwen2_moe_ep2", "mixtral_ep2",
@@ -390,6 +391,32 @@ def record_logits(model, hf_model, ref: Path) -> None:
     dist.barrier()
 
 
+def make_optimizer(model):
+    """(DDP-wrapped model, optimizer, lr scheduler) as verl's Megatron engine builds them
+    (``verl.utils.megatron.optimizer``: megatron-core's ``get_megatron_optimizer`` and
+    ``OptimizerParamScheduler``), the scheduler stepped 3 times so its state is not the initial one."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from omegaconf import OmegaConf
+
+    from verl.utils.megatron.optimizer import (get_megatron_optimizer, get_megatron_optimizer_param_scheduler,
+                                               init_megatron_optim_config)
+
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    optim = OmegaConf.create({"optimizer": "adam", "lr": 1e-4, "min_lr": 1e-6, "clip_grad": 1.0,
+                              "weight_decay": 0.01, "lr_warmup_init": 0.0, "lr_decay_steps": 10,
+                              "lr_warmup_steps": 2, "lr_decay_style": "cosine", "total_training_steps": 10,
+                              "weight_decay_incr_style": "constant", "use_checkpoint_opt_param_scheduler": False,
+                              "lr_wsd_decay_style": "exponential", "lr_warmup_steps_ratio": None,
+                              "lr_wsd_decay_steps": None})
+    with _CudaToCpu():  # FP32Optimizer keeps a loss scale made with device="cuda"
+        optimizer = get_megatron_optimizer([ddp], init_megatron_optim_config(optim, use_distributed_optimizer=False,
+                                                                              bf16=False))
+    scheduler = get_megatron_optimizer_param_scheduler(optimizer, optim)
+    for _ in range(3):
+        scheduler.step(increment=1)
+    return ddp, optimizer, scheduler
+
+
 def make_bridge(cfg):
     """verl's vanilla mbridge for ``cfg`` (what its Megatron engine builds with ``vanilla_mbridge``).
 
@@ -454,15 +481,20 @@ def save_case(case: str, root: Path, world: int) -> dict:
 
     from transformers import AutoTokenizer
 
+    chunk, optimizer, scheduler = model, None, None
+    if opts.get("optimizer"):
+        chunk, optimizer, scheduler = make_optimizer(model)
+
     tokenizer = AutoTokenizer.from_pretrained(base)
+    contents = ["model", "optimizer", "extra"] if optimizer is not None else ["model", "extra"]
     manager = MegatronCheckpointManager(
         config=OmegaConf.create({"model": {"path": str(base)}, "megatron": {}}),
-        checkpoint_config=OmegaConf.create({"save_contents": ["model", "extra"], "load_contents": ["model", "extra"],
+        checkpoint_config=OmegaConf.create({"save_contents": contents, "load_contents": contents,
                                             "async_save": False}),
-        model_config=saved_cfg, transformer_config=tf_config, role=role, model=[model],
+        model_config=saved_cfg, transformer_config=tf_config, role=role, model=[chunk],
         arch=saved_cfg.architectures[0], hf_config=saved_cfg, param_dtype=torch.float32,
         share_embeddings_and_output_weights=saved_cfg.tie_word_embeddings, processing_class=tokenizer,
-        optimizer=None, optimizer_scheduler=None, use_distributed_optimizer=False,
+        optimizer=optimizer, optimizer_scheduler=scheduler, use_distributed_optimizer=False,
         use_dist_checkpointing=bridge is None, bridge=bridge)
     ref = out / "reference"
     ref.mkdir(parents=True, exist_ok=True)
@@ -475,6 +507,8 @@ def save_case(case: str, root: Path, world: int) -> dict:
     torch.save({"pp": ps.get_pipeline_model_parallel_rank(), "tp": ps.get_tensor_model_parallel_rank(),
                 "dp": ps.get_data_parallel_rank(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                 "random": random.getstate()}, ref / f"rank{rank}_rng.pt")
+    if scheduler is not None and rank == 0:
+        torch.save(scheduler.state_dict(), ref / "lr_scheduler.pt")
     manager.save_checkpoint(str(out / "global_step_1" / role), global_step=1)
     dist.barrier()
     return {"case": case, "family": family, "tp": tp, "pp": pp, "ep": ep, "world": world,
