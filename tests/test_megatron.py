@@ -284,3 +284,46 @@ def test_unknown_megatron_key_is_named_not_guessed():
     for key in ("mtp.layers.0.enorm.weight", "decoder.layers.self_attention.linear_q_down_proj.weight[0]"):
         with pytest.raises(KeyPlanError, match=f"Megatron key '{key[:20]}"):
             megatron_to_hf_names({key: TensorInfo(key, (4, 64), torch.float32)}, hf, "ckpt")
+
+
+def _megatron_run(megatron_ckpts, tmp_path) -> tuple[Path, Path, bytes]:
+    """A verl run dir holding one real bridge save, latest = 1, its ckpt_contents.json taken away (a save
+    still in flight); returns (run root, actor, the manifest's bytes)."""
+    src = megatron_ckpts["llama_bridge_tp2pp2"]
+    run = tmp_path / "run"
+    shutil.copytree(src / "global_step_1", run / "global_step_1")
+    (run / "latest_checkpointed_iteration.txt").write_text("1")  # async saves: written before the shards land
+    actor = run / "global_step_1" / "actor"
+    manifest = (actor / "ckpt_contents.json").read_bytes()
+    (actor / "ckpt_contents.json").unlink()
+    return run, actor, manifest
+
+
+def test_watch_waits_for_ckpt_contents_then_exports(megatron_ckpts, tmp_path):
+    from ckpt_bridge.watch import watch
+
+    run, actor, manifest = _megatron_run(megatron_ckpts, tmp_path)
+    (ev,) = watch(run, once=True, settle=0.0)
+    assert ev.status == "waiting" and "waiting for ckpt_contents.json" in ev.message, ev
+    assert not (run / "global_step_1" / "actor_hf").exists()
+    (actor / "ckpt_contents.json").write_bytes(manifest)
+    (ev,) = watch(run, once=True, settle=0.0)
+    assert ev.status == "exported", ev
+    _assert_equals_reference(run / "global_step_1" / "actor_hf", megatron_ckpts["llama_bridge_tp2pp2"])
+    (ev,) = watch(run, once=True, settle=0.0)
+    assert ev.status == "skipped"
+
+
+def test_verl_callback_exports_an_async_megatron_save_once_complete(megatron_ckpts, tmp_path):
+    """verl's callback sees async saves: on_save(async_save=True) before ckpt_contents.json exists starts
+    nothing; the export starts when the manifest appears (here: in wait())."""
+    from ckpt_bridge.integrations.verl import HFExportCallback
+
+    run, actor, manifest = _megatron_run(megatron_ckpts, tmp_path)
+    cb = HFExportCallback(roles=("actor",))
+    cb.on_save(None, 1, str(run / "global_step_1"), async_save=True)
+    assert cb.pending and not cb.running and not cb.finished
+    (actor / "ckpt_contents.json").write_bytes(manifest)
+    (outcome,) = cb.wait(timeout=5, poll=0.1)
+    assert outcome["ok"], outcome
+    _assert_equals_reference(run / "global_step_1" / "actor_hf", megatron_ckpts["llama_bridge_tp2pp2"])
