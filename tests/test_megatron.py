@@ -327,3 +327,30 @@ def test_verl_callback_exports_an_async_megatron_save_once_complete(megatron_ckp
     (outcome,) = cb.wait(timeout=5, poll=0.1)
     assert outcome["ok"], outcome
     _assert_equals_reference(run / "global_step_1" / "actor_hf", megatron_ckpts["llama_bridge_tp2pp2"])
+
+
+@pytest.mark.parametrize("case", ["qwen2_moe_ep2", "llama_tp2pp2"])
+def test_verify_compares_a_megatron_checkpoint_with_an_hf_dir_through_the_plan(megatron_ckpts, tmp_path, case):
+    """verify A B: the Megatron side seen through its to-hf plan (with the HF side's config when the save
+    has none): equal to the reference HF dir (CLI exit 0); one element changed in B is found (exit 1)."""
+    from safetensors.torch import load_file, save_file
+
+    from ckpt_bridge.cli import main
+    from ckpt_bridge.verification import verify
+
+    root = megatron_ckpts[case]
+    actor = root / "global_step_1" / "actor"
+    r = verify(actor, root / "base_model")
+    assert r.ok and r.compared == len(_weights(root / "base_model")), r.as_dict()
+    assert main(["verify", str(actor), str(root / "base_model")]) == 0
+    other = tmp_path / "other"
+    shutil.copytree(root / "base_model", other)
+    f = next(other.glob("*.safetensors"))
+    w = load_file(f)
+    key = "model.layers.1.self_attn.k_proj.weight"
+    w[key] = w[key].clone()
+    w[key][3, 5] += 1e-3
+    save_file(w, f, metadata={"format": "pt"})
+    r = verify(actor, other)
+    assert not r.ok and key in json.dumps(r.as_dict()), r.as_dict()
+    assert main(["verify", str(actor), str(other)]) == 1
