@@ -354,3 +354,15 @@ def test_verify_compares_a_megatron_checkpoint_with_an_hf_dir_through_the_plan(m
     r = verify(actor, other)
     assert not r.ok and key in json.dumps(r.as_dict()), r.as_dict()
     assert main(["verify", str(actor), str(other)]) == 1
+
+
+def test_megatron_lora_run_is_refused_in_one_line(megatron_ckpts, tmp_path, capsys):
+    """ckpt_contents.json backend.peft (verl's Megatron LoRA): exit 2, one line naming where the adapter is
+    and what ckpt-bridge lacks, no output (the base weights alone would be a silently wrong export)."""
+    actor, base = _copy_actor(megatron_ckpts, tmp_path)
+    f = actor / "ckpt_contents.json"
+    m = json.loads(f.read_text())
+    m["backend"]["peft"] = True
+    f.write_text(json.dumps(m))
+    assert_fails(capsys, ["to-hf", str(actor), "--out", str(tmp_path / "o"), "--config", str(base)],
+                 says="backend.peft is true (a LoRA run); its adapter is in", sources=(actor,))

@@ -153,7 +153,10 @@ class MegatronReader(Reader):
         self._problems = list(layout.problems)
         self.dcp = None
         self.bridge_hf = None  # the HF reader of bridge-written weights (model/huggingface)
-        if layout.model_format == "huggingface" and not self._problems:
+        peft = self._peft_refusal()
+        if peft:
+            self._problems.append(peft)
+        elif layout.model_format == "huggingface" and not self._problems:
             self._open_bridge_weights()
         elif layout.model_format != "megatron_dist_checkpoint":
             self._problems.append(f"{layout.root / MANIFEST}: contents.model.format is {layout.model_format!r}, "
@@ -165,6 +168,22 @@ class MegatronReader(Reader):
             self.dcp = DCPReader(layout.model_dir, trust_pickle=trust_pickle)
             self._problems += self.dcp.problems()
         self._unstacked: dict[str, TensorInfo] | None = None
+
+    def _peft_refusal(self) -> str | None:
+        """A LoRA run (manifest ``backend.peft``): its adapter is Megatron-Bridge PEFT shards, which this reader
+        does not fold yet; say so in one line, naming where the adapter is, instead of exporting the base."""
+        m = self.layout.manifest or {}
+        backend = m.get("backend") if isinstance(m.get("backend"), dict) else {}
+        contents = m.get("contents") if isinstance(m.get("contents"), dict) else {}
+        if not backend.get("peft") and "peft_adapters" not in contents:
+            return None
+        hf_adapter = self.layout.root / "model" / "huggingface" / "adapter"
+        where = [str(self.layout.root / "model" / "dist_ckpt") + " (Megatron-Bridge PEFT shards)"]
+        if hf_adapter.is_dir():
+            where.append(f"{hf_adapter} (HF PEFT adapter: load it with peft on the base model)")
+        return (f"{self.layout.root / MANIFEST}: backend.peft is true (a LoRA run); its adapter is in "
+                f"{' and '.join(where)}, and ckpt-bridge cannot fold Megatron LoRA adapters yet (their per-linear "
+                f"layout: rank, alpha, which fused qkv / fc1 rows each adapter covers, is not read); nothing written")
 
     def _open_bridge_weights(self) -> None:
         """verl's bridge (mbridge / Megatron-Bridge) wrote the HF weights into model/huggingface: read them there;
