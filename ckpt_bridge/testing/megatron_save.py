@@ -52,6 +52,8 @@ CASES: dict[str, tuple[str, int, int, int]] = {
     "mixtral_ep2": ("mixtral", 1, 1, 2),
     "qwen2_critic_tp2pp2": ("qwen2_critic", 2, 2, 1),
     "llama_bridge_tp2pp2": ("llama", 2, 2, 1),
+    "qwen3_moe_tp2ep2": ("qwen3_moe", 2, 1, 2),  # experts whole on each EP rank (expert-TP 1), attention TP2
+    "qwen2_moe_tp2ep2_etp2": ("qwen2_moe", 2, 1, 2),  # experts split too: expert-TP 2 x EP 2 = 4 ranks
 }
 # how a case's save differs from the default (use_dist_checkpointing=True, no bridge, no optimizer):
 # "bridge": verl's default use_mbridge, use_dist_checkpointing=False: mbridge writes the HF weights into
@@ -59,11 +61,13 @@ CASES: dict[str, tuple[str, int, int, int]] = {
 # model/huggingface (vanilla mbridge, verl/models/mcore/mbridge.py); the Megatron model is then loaded as
 # verl loads it, by the bridge from the HF dir (not by this module's mapping)
 # "optimizer": a real Megatron optimizer + lr scheduler, built by verl's own helpers, saved too
-OPTIONS: dict[str, dict] = {"llama_bridge_tp2pp2": {"bridge": True}, "qwen3_pp2": {"optimizer": True}}
+# "etp": expert_tensor_parallel_size (default 1 when EP > 1)
+OPTIONS: dict[str, dict] = {"llama_bridge_tp2pp2": {"bridge": True}, "qwen3_pp2": {"optimizer": True},
+                            "qwen2_moe_tp2ep2_etp2": {"etp": 2}}
 
 # what the test session builds, in ONE torchrun job of 4 gloo ranks (tests/conftest.py megatron_ckpts)
 SESSION_CASES = ["llama_tp2pp2", "qwen2_tp2", "qwen3_pp2", "qwen3_moe_ep2", "qwen2_moe_ep2", "mixtral_ep2",
-                 "qwen2_critic_tp2pp2", "llama_bridge_tp2pp2"]
+                 "qwen2_critic_tp2pp2", "llama_bridge_tp2pp2", "qwen3_moe_tp2ep2", "qwen2_moe_tp2ep2_etp2"]
 
 
 def is_critic(family: str) -> bool:
@@ -126,14 +130,16 @@ def _tp_chunk(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
     return t.chunk(size, dim=dim)[rank].contiguous()
 
 
-def hf_to_local(name: str, hf: dict, cfg, layer_of: dict[int, int], expert_of, tp: tuple[int, int]):
+def hf_to_local(name: str, hf: dict, cfg, layer_of: dict[int, int], expert_of, tp: tuple[int, int],
+                etp: tuple[int, int] = (0, 1)):
     """The value of the local Megatron parameter ``name`` taken from the HF state dict ``hf``.
 
     Megatron semantics used (megatron.core, local spec): ``linear_qkv`` is column-parallel and its output
     rows are grouped per KV group, ``[q heads of the group | k | v]``; ``linear_fc1`` of a gated MLP holds
     ``[gate ; up]`` per TP rank; ``linear_proj`` / ``linear_fc2`` are row-parallel (split on the input
     dim); the embedding and output layer are split on the vocab.  ``layer_of``: local layer index ->
-    global; ``expert_of(j)``: local expert index -> global.
+    global; ``expert_of(j)``: local expert index -> global; ``etp``: (rank, size) of the expert-tensor-parallel
+    group, which splits the routed experts' linears as ``tp`` splits the dense ones.
     """
     r, n = tp
     parts = name.split(".")
@@ -178,10 +184,9 @@ def hf_to_local(name: str, hf: dict, cfg, layer_of: dict[int, int], expert_of, t
         e = expert_of(j)
         stem = p + moe + f"experts.{e}."
         rest = "mlp." + ".".join(parts[7:])
-        if cfg.model_type == "mixtral":
-            gate, up, down = (hf[stem + w + ".weight"] for w in ("w1", "w3", "w2"))
-            return _gated(rest, gate, up, down, r, n)
-        prefix = stem
+        names = ("w1", "w3", "w2") if cfg.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        gate, up, down = (hf[stem + w + ".weight"] for w in names)
+        return _gated(rest, gate, up, down, *etp)
     else:
         head = "mlp.shared_experts." if rest.startswith("mlp.shared_experts.") else "mlp."
         prefix = p + mlp[head]
@@ -231,7 +236,7 @@ def _cpu_stand_ins() -> None:
         moe_utils.te_general_gemm = None
 
 
-def transformer_config(cfg, tp: int, pp: int, ep: int):
+def transformer_config(cfg, tp: int, pp: int, ep: int, etp: int = 1):
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
@@ -241,7 +246,7 @@ def transformer_config(cfg, tp: int, pp: int, ep: int):
         moe = dict(num_moe_experts=experts, moe_router_topk=cfg.num_experts_per_tok,
                    moe_ffn_hidden_size=getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size,
                    moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
-                   moe_aux_loss_coeff=0.0, expert_model_parallel_size=ep, expert_tensor_parallel_size=1,
+                   moe_aux_loss_coeff=0.0, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
                    moe_grouped_gemm=False)
         shared = getattr(cfg, "shared_expert_intermediate_size", None)
         if shared:
@@ -299,6 +304,7 @@ def load_hf_into(model, hf: dict, cfg) -> None:
     from megatron.core import parallel_state as ps
 
     tp = (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
+    etp = (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size())
     layer_of = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
     ep_rank, ep = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
     experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or 0
@@ -309,7 +315,7 @@ def load_hf_into(model, hf: dict, cfg) -> None:
                 # the last stage's copy of the tied embedding (Megatron keeps it in sync by all-reduce)
                 value = _tp_chunk(hf["model.embed_tokens.weight"], 0, *tp)
             else:
-                value = hf_to_local(name, hf, cfg, layer_of, expert_of, tp)
+                value = hf_to_local(name, hf, cfg, layer_of, expert_of, tp, etp)
             assert tuple(value.shape) == tuple(p.shape), (name, tuple(value.shape), tuple(p.shape))
             p.copy_(value)
 
@@ -461,8 +467,9 @@ def save_case(case: str, root: Path, world: int) -> dict:
     hf = _hf_state(hf_model)
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 expert_model_parallel_size=ep, expert_tensor_parallel_size=1 if ep > 1 else None)
-    tf_config = transformer_config(cfg, tp, pp, ep)
+                                 expert_model_parallel_size=ep,
+                                 expert_tensor_parallel_size=opts.get("etp", 1) if ep > 1 else None)
+    tf_config = transformer_config(cfg, tp, pp, ep, opts.get("etp", 1))
     model = build_megatron(cfg, tf_config, critic=is_critic(family))
     bridge = make_bridge(cfg) if opts.get("bridge") else None
     if bridge is not None:
@@ -511,7 +518,7 @@ def save_case(case: str, root: Path, world: int) -> dict:
         torch.save(scheduler.state_dict(), ref / "lr_scheduler.pt")
     manager.save_checkpoint(str(out / "global_step_1" / role), global_step=1)
     dist.barrier()
-    return {"case": case, "family": family, "tp": tp, "pp": pp, "ep": ep, "world": world,
+    return {"case": case, "family": family, "tp": tp, "pp": pp, "ep": ep, "etp": opts.get("etp", 1), "world": world,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
