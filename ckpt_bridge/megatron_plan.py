@@ -242,6 +242,9 @@ def plan_megatron_export(reader: MegatronReader, cfg_dir: Path, *, where: str) -
     second = plan_hf_export(first.targets(), cfg_dir, where=where)
     out = compose(first, second, where=where)
     out.dropped += [(k, "megatron _extra_state (bytes, not a weight)") for k in reader.skipped_entries()]
+    from collections import Counter
+
+    reader.expect_reads(Counter(k for t in out.transforms if t.fn is not None for k in t.inputs))
     return out
 
 

@@ -366,3 +366,22 @@ def test_megatron_lora_run_is_refused_in_one_line(megatron_ckpts, tmp_path, caps
     f.write_text(json.dumps(m))
     assert_fails(capsys, ["to-hf", str(actor), "--out", str(tmp_path / "o"), "--config", str(base)],
                  says="backend.peft is true (a LoRA run); its adapter is in", sources=(actor,))
+
+
+@pytest.mark.parametrize("case", ["qwen2_tp2", "qwen2_moe_tp2ep2_etp2"])
+def test_each_layer_slice_is_read_once(megatron_ckpts, tmp_path, monkeypatch, case):
+    """q / k / v come from one linear_qkv slice and gate / up from one linear_fc1 slice, yet each slice's
+    bytes are read once (the reader keeps a slice the plan reads again until its last read)."""
+    from collections import Counter
+
+    from ckpt_bridge.formats.dcp import DCPReader
+
+    n: Counter = Counter()
+    orig = DCPReader.read_layer
+    monkeypatch.setattr(DCPReader, "read_layer", lambda self, k, i, *a, **kw: n.update([(k, i)]) or
+                        orig(self, k, i, *a, **kw))
+    root = megatron_ckpts[case]
+    to_hf(root / "global_step_1", tmp_path / "hf", dtype="keep", config=root / "base_model", progress=False)
+    assert ("decoder.layers.self_attention.linear_qkv.weight", 1) in n
+    assert max(n.values()) == 1, [k for k, v in n.items() if v > 1]
+    _assert_equals_reference(tmp_path / "hf", root)

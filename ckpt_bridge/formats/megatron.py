@@ -133,6 +133,48 @@ def find_layout(path: Path) -> Layout | None:
     return None
 
 
+class _RepeatedSlices:
+    """Layer slices the plan reads more than once, kept from their first read to their last.
+
+    The plan writes tensors in ``save_pretrained``'s (alphabetical) order, one transform per output, so q, k
+    and v of one layer each read the same ``linear_qkv`` slice (gate and up the same ``linear_fc1`` slice),
+    interleaved with other reads.  :func:`ckpt_bridge.megatron_plan.plan_megatron_export` tells the reader
+    how often each slice is read (:meth:`MegatronReader.expect_reads`); a slice read more than once is kept
+    until its last read (at most ``SIZE`` at a time, oldest dropped first: a process of a multi-worker
+    export may never run every reader of a slice), instead of being read 3x / 2x.  The split functions never
+    modify their input in place."""
+
+    SIZE = 4
+
+    def __init__(self):
+        import threading
+        from collections import OrderedDict
+
+        self._lock = threading.Lock()  # the export's read-ahead thread and the caller may share a reader
+        self._items: OrderedDict = OrderedDict()
+        self.left: dict[str, int] = {}  # key -> reads still to come (only keys read more than once)
+
+    def get(self, key: str, load):
+        with self._lock:
+            left = self.left.get(key, 0)
+            if left <= 1:  # read once (or its last read): nothing to keep
+                self.left.pop(key, None)
+                hit = self._items.pop(key, None)
+                if hit is not None:
+                    return hit
+            else:
+                self.left[key] = left - 1
+                if key in self._items:
+                    return self._items[key]
+        t = load()
+        if left > 1:
+            with self._lock:
+                self._items[key] = t
+                while len(self._items) > self.SIZE:
+                    self._items.popitem(last=False)
+        return t
+
+
 class MegatronReader(Reader):
     format = "verl-megatron"
 
@@ -168,6 +210,7 @@ class MegatronReader(Reader):
             self.dcp = DCPReader(layout.model_dir, trust_pickle=trust_pickle)
             self._problems += self.dcp.problems()
         self._unstacked: dict[str, TensorInfo] | None = None
+        self._repeats = _RepeatedSlices()
 
     def _peft_refusal(self) -> str | None:
         """A LoRA run (manifest ``backend.peft``): its adapter is Megatron-Bridge PEFT shards, which this reader
@@ -253,7 +296,15 @@ class MegatronReader(Reader):
         base, i = parse_slice(key)
         if i is None:
             return self.dcp.read(key, dtype, out=out)
-        return self.dcp.read_layer(base, i, dtype, out=out)
+        if out is not None:  # a rename into the caller's buffer: read once by construction
+            return self.dcp.read_layer(base, i, dtype, out=out)
+        if dtype is not None:
+            return self.dcp.read_layer(base, i, dtype)
+        return self._repeats.get(key, lambda: self.dcp.read_layer(base, i, dtype))
+
+    def expect_reads(self, counts: dict[str, int]) -> None:
+        """How many times the plan reads each key (as stored, ``dtype=None``): repeats are kept in between."""
+        self._repeats.left = {k: n for k, n in counts.items() if n > 1}
 
     # ---------------------------------------------------------------- configs and extra state
     def transformer_config(self) -> dict | None:
