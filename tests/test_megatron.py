@@ -226,6 +226,13 @@ def test_layouts_v1_and_bare_dist_ckpt(megatron_ckpts, tmp_path):
     _assert_equals_reference(tmp_path / "from_bare", root)
 
 
+def test_inspect_reports_virtual_pipeline_stages(megatron_ckpts):
+    from ckpt_bridge.inspection import inspect
+
+    text = json.dumps(inspect(megatron_ckpts["llama_pp2vpp2"] / "global_step_1"))
+    assert '"vpp": 2' in text and '"pp": 2' in text, text
+
+
 def test_inspect_reports_the_save(megatron_ckpts):
     from ckpt_bridge.inspection import inspect
 

@@ -54,6 +54,7 @@ CASES: dict[str, tuple[str, int, int, int]] = {
     "llama_bridge_tp2pp2": ("llama", 2, 2, 1),
     "qwen3_moe_tp2ep2": ("qwen3_moe", 2, 1, 2),  # experts whole on each EP rank (expert-TP 1), attention TP2
     "qwen2_moe_tp2ep2_etp2": ("qwen2_moe", 2, 1, 2),  # experts split too: expert-TP 2 x EP 2 = 4 ranks
+    "llama_pp2vpp2": ("llama", 1, 2, 1),  # 2 virtual stages per PP rank: one layer per model chunk
 }
 # how a case's save differs from the default (use_dist_checkpointing=True, no bridge, no optimizer):
 # "bridge": verl's default use_mbridge, use_dist_checkpointing=False: mbridge writes the HF weights into
@@ -61,13 +62,14 @@ CASES: dict[str, tuple[str, int, int, int]] = {
 # model/huggingface (vanilla mbridge, verl/models/mcore/mbridge.py); the Megatron model is then loaded as
 # verl loads it, by the bridge from the HF dir (not by this module's mapping)
 # "optimizer": a real Megatron optimizer + lr scheduler, built by verl's own helpers, saved too
-# "etp": expert_tensor_parallel_size (default 1 when EP > 1)
+# "etp": expert_tensor_parallel_size (default 1 when EP > 1); "vpp": virtual pipeline stages (model chunks)
 OPTIONS: dict[str, dict] = {"llama_bridge_tp2pp2": {"bridge": True}, "qwen3_pp2": {"optimizer": True},
-                            "qwen2_moe_tp2ep2_etp2": {"etp": 2}}
+                            "qwen2_moe_tp2ep2_etp2": {"etp": 2}, "llama_pp2vpp2": {"vpp": 2}}
 
 # what the test session builds, in ONE torchrun job of 4 gloo ranks (tests/conftest.py megatron_ckpts)
 SESSION_CASES = ["llama_tp2pp2", "qwen2_tp2", "qwen3_pp2", "qwen3_moe_ep2", "qwen2_moe_ep2", "mixtral_ep2",
-                 "qwen2_critic_tp2pp2", "llama_bridge_tp2pp2", "qwen3_moe_tp2ep2", "qwen2_moe_tp2ep2_etp2"]
+                 "qwen2_critic_tp2pp2", "llama_bridge_tp2pp2", "qwen3_moe_tp2ep2", "qwen2_moe_tp2ep2_etp2",
+                 "llama_pp2vpp2"]
 
 
 def is_critic(family: str) -> bool:
@@ -278,19 +280,23 @@ class ValueHead(torch.nn.Linear):
         return super().forward(input_).float(), None
 
 
-def build_megatron(cfg, tf_config, critic: bool = False):
-    """megatron-core's GPTModel as verl's model initializer builds it (a critic: value head on the last stage)."""
+def build_megatron(cfg, tf_config, critic: bool = False, vp_stage: int | None = None):
+    """megatron-core's GPTModel as verl's model initializer builds it (a critic: value head on the last stage);
+    ``vp_stage``: the model chunk of a virtual-pipeline run."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(num_experts=tf_config.num_moe_experts, qk_layernorm=tf_config.qk_layernorm,
                                     normalization="RMSNorm")
+    virtual = {} if vp_stage is None else {"ignore_virtual": False, "vp_stage": vp_stage}
+    last = ps.is_pipeline_last_stage(**virtual)
     model = GPTModel(tf_config, spec, vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_position_embeddings,
-                     pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
+                     pre_process=ps.is_pipeline_first_stage(**virtual), post_process=last,
                      share_embeddings_and_output_weights=cfg.tie_word_embeddings and not critic,
-                     position_embedding_type="rope", rotary_base=int(_rope_theta(cfg)))
-    if critic and ps.is_pipeline_last_stage():
+                     position_embedding_type="rope", rotary_base=int(_rope_theta(cfg)),
+                     **({} if vp_stage is None else {"vp_stage": vp_stage}))
+    if critic and last:
         model.output_layer = ValueHead(tf_config.hidden_size)
     return model
 
@@ -361,33 +367,36 @@ class _CudaToCpu:
         return False
 
 
-def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor | None:
-    """megatron-core's own forward of ``tokens`` (fp32, causal, TP/EP collectives over gloo, PP stages
-    chained with send/recv): the full-vocabulary logits ``[b, s, V]`` on the last stage, else None."""
+def megatron_logits(models: list, tokens: torch.Tensor) -> torch.Tensor | None:
+    """megatron-core's own forward of ``tokens`` (fp32, causal, TP/EP collectives over gloo, PP stages and
+    virtual-pipeline chunks chained with send/recv around the PP ring): the full-vocabulary logits
+    ``[b, s, V]`` on the last stage, else None."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
-    model.eval()
+    out = None
     with torch.no_grad(), _CudaToCpu():
-        if not ps.is_pipeline_first_stage():
-            h = torch.empty(tokens.shape[1], tokens.shape[0], model.config.hidden_size)
-            dist.recv(h, src=ps.get_pipeline_model_parallel_prev_rank())
-            model.set_input_tensor(h)
-        out = model(tokens, pos, None, runtime_gather_output=True)
-        if not ps.is_pipeline_last_stage():
-            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
-            return None
+        for v, model in enumerate(models):
+            model.eval()
+            if not (v == 0 and ps.is_pipeline_first_stage()):
+                h = torch.empty(tokens.shape[1], tokens.shape[0], model.config.hidden_size)
+                dist.recv(h, src=ps.get_pipeline_model_parallel_prev_rank())
+                model.set_input_tensor(h)
+            out = model(tokens, pos, None, runtime_gather_output=True)
+            if not (v == len(models) - 1 and ps.is_pipeline_last_stage()):
+                dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+                out = None
     return out
 
 
-def record_logits(model, hf_model, ref: Path) -> None:
+def record_logits(models: list, hf_model, ref: Path) -> None:
     """``ref/logits.pt``: {"megatron", "hf", "tokens"} from the last stage's first (tp, dp) rank."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     tokens = fixed_tokens(hf_model.config.vocab_size)
-    got = megatron_logits(model, tokens)
+    got = megatron_logits(models, tokens)
     got = got[0] if isinstance(got, tuple) else got
     if got is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0 \
             and ps.get_expert_model_parallel_rank() == 0:
@@ -466,16 +475,20 @@ def save_case(case: str, root: Path, world: int) -> dict:
     dist.barrier()
     hf = _hf_state(hf_model)
     ps.destroy_model_parallel()
+    vpp = opts.get("vpp")
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 expert_model_parallel_size=ep,
+                                 virtual_pipeline_model_parallel_size=vpp, expert_model_parallel_size=ep,
                                  expert_tensor_parallel_size=opts.get("etp", 1) if ep > 1 else None)
     tf_config = transformer_config(cfg, tp, pp, ep, opts.get("etp", 1))
-    model = build_megatron(cfg, tf_config, critic=is_critic(family))
+    tf_config.virtual_pipeline_model_parallel_size = vpp
+    models = [build_megatron(cfg, tf_config, critic=is_critic(family), vp_stage=v) for v in range(vpp)] if vpp \
+        else [build_megatron(cfg, tf_config, critic=is_critic(family))]
     bridge = make_bridge(cfg) if opts.get("bridge") else None
     if bridge is not None:
-        bridge.load_weights([model], str(base))  # as verl's engine loads the HF weights with the bridge
+        bridge.load_weights(models, str(base))  # as verl's engine loads the HF weights with the bridge
     else:
-        load_hf_into(model, hf, cfg)
+        for model in models:
+            load_hf_into(model, hf, cfg)
     saved_cfg, role = cfg, "actor"
     if is_critic(family):  # verl's critic keeps its causal LM's config (untied) and arch; role critic
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -488,9 +501,10 @@ def save_case(case: str, root: Path, world: int) -> dict:
 
     from transformers import AutoTokenizer
 
-    chunk, optimizer, scheduler = model, None, None
+    chunks, optimizer, scheduler = models, None, None
     if opts.get("optimizer"):
-        chunk, optimizer, scheduler = make_optimizer(model)
+        ddp, optimizer, scheduler = make_optimizer(models[0])
+        chunks = [ddp]
 
     tokenizer = AutoTokenizer.from_pretrained(base)
     contents = ["model", "optimizer", "extra"] if optimizer is not None else ["model", "extra"]
@@ -498,14 +512,14 @@ def save_case(case: str, root: Path, world: int) -> dict:
         config=OmegaConf.create({"model": {"path": str(base)}, "megatron": {}}),
         checkpoint_config=OmegaConf.create({"save_contents": contents, "load_contents": contents,
                                             "async_save": False}),
-        model_config=saved_cfg, transformer_config=tf_config, role=role, model=[chunk],
+        model_config=saved_cfg, transformer_config=tf_config, role=role, model=chunks,
         arch=saved_cfg.architectures[0], hf_config=saved_cfg, param_dtype=torch.float32,
         share_embeddings_and_output_weights=saved_cfg.tie_word_embeddings, processing_class=tokenizer,
         optimizer=optimizer, optimizer_scheduler=scheduler, use_distributed_optimizer=False,
         use_dist_checkpointing=bridge is None, bridge=bridge)
     ref = out / "reference"
     ref.mkdir(parents=True, exist_ok=True)
-    record_logits(model, hf_model, ref)
+    record_logits(models, hf_model, ref)
     # every rank's rng differs (the test checks each (pp, tp) rank's state lands in the export)
     rank = dist.get_rank()
     random.seed(100 + rank)
