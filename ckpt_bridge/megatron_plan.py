@@ -9,6 +9,7 @@ Two plans composed (:func:`ckpt_bridge.plan.compose`):
    =======================================================  =============================================
    ``embedding.word_embeddings.weight``                     ``model.embed_tokens.weight``
    ``output_layer.weight`` (absent when tied)               ``lm_head.weight``
+   ``output_layer.weight`` ``[n, H]``, n != vocab (critic)  ``score.weight`` + a zero ``score.bias`` (below)
    ``decoder.final_layernorm.weight``                       ``model.norm.weight``
    ``self_attention.linear_qkv.layer_norm_weight``          ``input_layernorm.weight`` (fused into the linear)
    ``self_attention.linear_qkv.weight`` / ``.bias``         split per KV group ``[q heads | k | v]`` -> q/k/v
@@ -30,6 +31,12 @@ Two plans composed (:func:`ckpt_bridge.plan.compose`):
    experts split per expert, renamed families (Mixtral's ``block_sparse_moe.experts.E.w1``), tied weights
    written once; it also checks completeness against the class (every expected layer and expert).
 
+A critic (verl's ``value=True`` model) has a value head ``output_layer`` of ``[1, H]`` (verl's
+``LinearForLastLayer``, ``bias=False``) instead of the vocabulary projection.  The HF model equal to it is the
+family's ``*ForTokenClassification`` with that weight as ``score.weight`` and ``score.bias`` = 0
+(transformers' ``score`` is an ``nn.Linear`` with a bias); :func:`ckpt_bridge.keys.value_head` then names the
+class and ``num_labels`` for the exported config.
+
 The shapes the split rules need (heads, KV groups, head dim) come from the HF config, which is checked
 first against the save's ``transformer_config.json``: a mismatch is a one-line error.
 """
@@ -39,6 +46,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from .errors import KeyPlanError
 from .formats.base import TensorInfo
@@ -122,6 +131,29 @@ def _split_gate_up(names: tuple[str, str]):
     return fn
 
 
+def _value_head(n: int):
+    def fn(t: dict) -> dict:
+        (x,) = t.values()
+        return {"score.weight": x, "score.bias": torch.zeros(n, dtype=x.dtype, device=x.device)}
+
+    return fn
+
+
+def _output_layer(key: str, info: TensorInfo, hf: dict, where: str) -> Transform:
+    """``lm_head.weight``, or a critic's value head (rows != vocab_size) as ``score.weight`` + zero bias."""
+    vocab = hf.get("vocab_size")
+    rows = info.shape[0] if info.shape else None
+    if vocab is None or rows == int(vocab):
+        return rename(key, "lm_head.weight", info, "megatron name")
+    if len(info.shape) != 2 or rows > 16:
+        raise KeyPlanError(f"{where}: {key} is {tuple(info.shape)}: neither the vocabulary projection "
+                           f"(vocab_size {vocab}) nor a value head [num_labels, hidden]; pass --config the model "
+                           f"this run trained")
+    return derive("split", {key: info}, _value_head(rows),
+                  f"critic: output_layer {tuple(info.shape)} is verl's value head (no bias): score.weight, "
+                  f"score.bias = 0")
+
+
 def _layer_of(key: str) -> tuple[str, int] | None:
     """(name inside the layer, global layer index) of a stacked slice or a per-index key; else None."""
     base, i = parse_slice(key)
@@ -139,6 +171,9 @@ def megatron_to_hf_names(infos: dict[str, TensorInfo], hf: dict, where: str) -> 
     heads, groups, d = attention_shape(hf)
     plan = Plan()
     for key, info in infos.items():
+        if key == "output_layer.weight":
+            plan.transforms.append(_output_layer(key, info, hf, where))
+            continue
         if key in _TOP:
             plan.transforms.append(rename(key, _TOP[key], info, "megatron name"))
             continue
@@ -167,8 +202,27 @@ def megatron_to_hf_names(infos: dict[str, TensorInfo], hf: dict, where: str) -> 
     return plan
 
 
+def check_bridge_weights(infos: dict[str, TensorInfo], cfg_dir: Path, where: str) -> None:
+    """Bridge-written weights hold every tensor ``save_pretrained`` of the class writes, at its shape: a lost
+    expert or layer (the bridges' known silent losses) is named, not exported as a smaller model."""
+    from .keys import expected_model, value_head
+
+    exp = expected_model(cfg_dir, value_head(infos, cfg_dir))
+    want = exp.disk_shapes
+    missing = [k for k in want if k not in infos]
+    if missing:
+        raise KeyPlanError(f"{where}: the bridge-written weights lack {len(missing)} tensor(s) {exp.model_class} "
+                           f"has: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; the save lost them "
+                           f"(use an earlier step or re-save)")
+    bad = [k for k in want if tuple(infos[k].shape) != tuple(want[k])]
+    if bad:
+        k = bad[0]
+        raise KeyPlanError(f"{where}: bridge-written {k} is {tuple(infos[k].shape)}, but {exp.model_class} of "
+                           f"{Path(cfg_dir) / 'config.json'} has {tuple(want[k])}")
+
+
 def plan_megatron_export(reader: MegatronReader, cfg_dir: Path, *, where: str) -> Plan:
-    """The checked plan: Megatron dist_ckpt -> the files ``save_pretrained`` of the config's class writes."""
+    """The checked plan: Megatron dist_ckpt (or bridge-written HF weights) -> what ``save_pretrained`` writes."""
     from .keys import plan_hf_export
 
     cfg_file = Path(cfg_dir) / "config.json"
@@ -176,6 +230,9 @@ def plan_megatron_export(reader: MegatronReader, cfg_dir: Path, *, where: str) -
     hf = {**hf.get("text_config", {}), **hf} if "num_attention_heads" not in hf else hf
     check_config(hf, reader.transformer_config(), cfg_file, reader.layout.root / "transformer_config.json")
     infos = reader.model_tensors()
+    if reader.has_bridge_weights:  # already HF names: transformers' own rules, every tensor accounted for
+        check_bridge_weights(infos, cfg_dir, where)
+        return plan_hf_export(infos, cfg_dir, where=where)
     emb = infos.get("embedding.word_embeddings.weight")
     if emb is not None and hf.get("vocab_size") is not None and emb.shape[0] != int(hf["vocab_size"]):
         raise KeyPlanError(f"{cfg_file}: vocab_size is {hf['vocab_size']} but the checkpoint's embedding has "
@@ -185,6 +242,9 @@ def plan_megatron_export(reader: MegatronReader, cfg_dir: Path, *, where: str) -
     second = plan_hf_export(first.targets(), cfg_dir, where=where)
     out = compose(first, second, where=where)
     out.dropped += [(k, "megatron _extra_state (bytes, not a weight)") for k in reader.skipped_entries()]
+    from collections import Counter
+
+    reader.expect_reads(Counter(k for t in out.transforms if t.fn is not None for k in t.inputs))
     return out
 
 

@@ -82,7 +82,8 @@ def verify(a: str | Path, b: str | Path, *, atol: float = 0.0, cast_to: str | No
         ia, ib = ra.tensors(), rb.tensors()
         ca, cb = canonicalize(ia, str(ra.path)), canonicalize(ib, str(rb.path))
         if set(ca) != set(cb):  # one side in-memory names (a trainer's), the other save_pretrained's?
-            ra, rb = _as_saved(ra), _as_saved(rb)
+            cfg_a, cfg_b = ra.hf_config_dir(), rb.hf_config_dir()  # a Megatron side may use the other's config
+            ra, rb = _as_saved(ra, cfg_b), _as_saved(rb, cfg_a)
             ia, ib = ra.tensors(), rb.tensors()
             ca, cb = canonicalize(ia, str(ra.path)), canonicalize(ib, str(rb.path))
         src_a = {canonical_key(k): k for k in ia}
@@ -200,11 +201,16 @@ class _SavedView:
         return self.view.hf_config_dir()
 
 
-def _as_saved(view: _ModelView):
-    """``view`` under the names its to-hf export would have, or ``view`` itself if no plan applies."""
+def _as_saved(view: _ModelView, other_cfg: Path | None = None):
+    """``view`` under the names its to-hf export would have, or ``view`` itself if no plan applies.
+
+    A verl Megatron checkpoint goes through its to-hf plan (unstacked layers, split qkv / fc1, ...), with
+    its own HF config or else the other side's (``other_cfg``: the HF dir it is compared with)."""
     from .export import split_aux
     from .keys import plan_hf_export
 
+    if view.inner.format == "verl-megatron":
+        return _megatron_as_saved(view, view.hf_config_dir() or other_cfg)
     cfg = view.hf_config_dir()
     if cfg is None:
         return view
@@ -217,6 +223,15 @@ def _as_saved(view: _ModelView):
     if {canonical_key(k) for k in main} == set(plan.targets()):
         return view
     return _SavedView(view, plan, {k for keys in aux.values() for k in keys} | view.aux_keys)
+
+
+def _megatron_as_saved(view: _ModelView, cfg: Path | None):
+    from .megatron_plan import plan_megatron_export
+
+    if cfg is None:
+        raise BridgeError(f"{view.path}: a Megatron checkpoint is compared through its to-hf plan, which needs a "
+                          f"config.json: the save has none and the other side is not an HF dir with one")
+    return _SavedView(view, plan_megatron_export(view.inner, cfg, where=str(view.path)), set())
 
 
 def _as_hf_dir(path: Path, tmp: Path, trust_pickle: bool) -> Path:

@@ -20,6 +20,8 @@ Safety rules (each checked before anything is written or deleted):
   ``fsdp_config.json`` and file sizes unchanged across two polls;
 * an export records which parts it holds; one lacking a part the source has
   gained since (``extra_state_*`` written after the model) is redone.
+* a verl Megatron save is complete only once its ``ckpt_contents.json`` exists, whatever the latest file
+  says (:mod:`ckpt_bridge.megatron_ready`).
 
 An export is complete exactly when its directory exists: ``to_hf`` writes into
 ``.NAME.partial-PID`` and renames at the end; leftovers of killed processes
@@ -39,6 +41,7 @@ from .confine import is_inside
 from .errors import BridgeError, OutputError
 from .export_marker import MARKER, read_marker
 from .writers.atomic import OutputBusy, output_lock
+from .megatron_ready import is_complete as megatron_complete, is_megatron_save, save_problem as megatron_problem
 from .writers.atomic import clear_stale_partials  # noqa: F401 - re-exported (moved to the writer)
 
 log = logging.getLogger("ckpt_bridge")
@@ -79,7 +82,7 @@ def source_dirs(root: Path) -> list[Path]:
         step = Path(root) / f"global_step_{s}"
         for d in sorted(p for p in step.iterdir() if p.is_dir()):
             try:
-                if any(_RANK_FILE.match(f.name) for f in d.iterdir()):
+                if any(_RANK_FILE.match(f.name) for f in d.iterdir()) or is_megatron_save(d):
                     out.append(d)
             except OSError:
                 continue
@@ -108,6 +111,8 @@ def rank_files_problem(role_dir: Path) -> str | None:
 
     if not role_dir.is_dir():
         return f"{role_dir} does not exist (nothing was saved for this role, or it was rotated away)"
+    if is_megatron_save(role_dir):
+        return megatron_problem(role_dir)
     try:
         reader = VerlFSDPReader(role_dir)
     except BridgeError as e:
@@ -233,7 +238,10 @@ def export_step(root: Path, step: int, *, role: str = "actor", out_root: str | P
 
 
 def _settled(root: Path, step: int, role: str, latest: int | None, seen: dict[int, dict[str, int]]) -> bool:
-    """verl's own signal when it covers ``step``; else fsdp_config.json and sizes unchanged since the last poll."""
+    """verl's own signal when it covers ``step``; else fsdp_config.json and sizes unchanged since the last poll.
+    A Megatron save: its ckpt_contents.json, even when the latest file covers it (async saves)."""
+    if is_megatron_save(Path(root) / f"global_step_{step}" / role):
+        return megatron_complete(Path(root) / f"global_step_{step}" / role)
     if latest is not None and step <= latest:
         return True
     src = Path(root) / f"global_step_{step}" / role

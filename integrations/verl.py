@@ -10,6 +10,10 @@ storage) and that the export location is not on or around a source checkpoint,
 then starts ``ckpt-bridge to-hf`` in a separate background process
 (the next step is not delayed) and logs how earlier exports ended.
 
+A verl Megatron save (sync or ``async_save``) is exported once its ``ckpt_contents.json`` exists (rank 0
+writes it after every shard): a step saved before that is kept pending and started at a later ``on_save``
+or in ``wait()`` (:mod:`ckpt_bridge.megatron_ready`).
+
 Settings: keyword arguments of a subclass's ``super().__init__``, or
 environment variables (a Hydra override cannot add keys to verl's struct
 config): ``CKPT_BRIDGE_EXPORT_ROLES`` (``actor``; ``actor,critic``),
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_bridge.errors import BridgeError
+from ckpt_bridge.megatron_ready import is_complete as megatron_complete, is_megatron_save
 from ckpt_bridge.watch import export_dir, rotate, step_action
 from ckpt_bridge.writers.atomic import busy
 
@@ -58,18 +63,28 @@ class HFExportCallback(CheckpointCallback):
         self.lora = lora or env.get("CKPT_BRIDGE_EXPORT_LORA", "both")  # LoRA runs: merge | adapter | both
         self.running: list[tuple[int, str, Path, subprocess.Popen, Path, Path]] = []
         self.finished: list[dict[str, Any]] = []
+        self.pending: list[tuple[int, Path, str]] = []  # Megatron saves waiting for their ckpt_contents.json
 
     def on_save(self, trainer: Any, global_step: int, checkpoint_dir: str, async_save: bool = False,
                 **kwargs: Any) -> None:
         try:
             self._reap()
+            self._start_pending()
+            step_dir = Path(checkpoint_dir)
+            megatron = [r for r in self.roles if is_megatron_save(step_dir / r)]
+            for role in megatron:  # complete when its manifest appears, async or not
+                self.pending.append((global_step, step_dir, role))
+            self._start_pending()
+            if len(megatron) == len(self.roles):
+                return
             if async_save:
                 log.warning("ckpt-bridge: step %s was saved asynchronously and may not be durable yet; not exporting "
                             "it here (run `ckpt-bridge watch %s` to export it once it is)", global_step,
                             Path(checkpoint_dir).parent)
                 return
             for role in self.roles:
-                self._start(global_step, Path(checkpoint_dir), role)
+                if role not in megatron:
+                    self._start(global_step, step_dir, role)
         except Exception:  # noqa: BLE001 - an exception here would abort verl's training
             log.exception("ckpt-bridge: HF export callback failed for step %s (training continues)", global_step)
 
@@ -101,6 +116,16 @@ class HFExportCallback(CheckpointCallback):
         self.running.append((step, role, out, proc, log_file, step_dir.parent))
         log.info("ckpt-bridge: exporting step %s %s -> %s in the background (pid %s)", step, role, out, proc.pid)
 
+    def _start_pending(self) -> None:
+        """Start the exports of pending Megatron saves whose ckpt_contents.json has appeared."""
+        still = []
+        for step, step_dir, role in self.pending:
+            if megatron_complete(step_dir / role):
+                self._start(step, step_dir, role)
+            elif (step_dir / role).is_dir():
+                still.append((step, step_dir, role))
+        self.pending = still
+
     def _reap(self, block: bool = False) -> None:
         still = []
         for step, role, out, proc, log_file, root in self.running:
@@ -122,7 +147,21 @@ class HFExportCallback(CheckpointCallback):
                           log_file, self.finished[-1]["message"])
         self.running = still
 
-    def wait(self) -> list[dict[str, Any]]:
-        """Block until every started export has finished (end of training, tests); returns all outcomes."""
+    def wait(self, timeout: float = 600.0, poll: float = 1.0) -> list[dict[str, Any]]:
+        """Block until every started export has finished (end of training, tests); returns all outcomes.
+        Pending Megatron saves are polled for their ckpt_contents.json up to ``timeout`` seconds."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        self._start_pending()
+        while self.pending and time.monotonic() < deadline:
+            time.sleep(poll)
+            self._start_pending()
+        for step, step_dir, role in self.pending:
+            why = f"{step_dir / role}: no ckpt_contents.json after {timeout:.0f}s: the save did not complete"
+            log.error("ckpt-bridge: not exporting step %s %s: %s", step, role, why)
+            self.finished.append({"step": step, "role": role, "out": str(export_dir(step_dir, role, self.out_root)),
+                                  "ok": False, "message": why})
+        self.pending = []
         self._reap(block=True)
         return list(self.finished)

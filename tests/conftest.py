@@ -79,6 +79,7 @@ def megatron_ckpts(tmp_path_factory):
     """``{case: ROOT/<case>}``: real verl MegatronCheckpointManager saves (ckpt_bridge.testing.megatron_save).
     Read-only: copy before damaging."""
     pytest.importorskip("megatron.core", reason="megatron-core (test-only, requirements.lock) is not installed")
+    pytest.importorskip("mbridge", reason="mbridge (test-only, requirements.lock) is not installed")
     from ckpt_bridge.testing.harness import make_megatron_checkpoints
     from ckpt_bridge.testing.megatron_save import SESSION_CASES
 

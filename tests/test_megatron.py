@@ -39,7 +39,10 @@ def _assert_equals_reference(out: Path, case: Path) -> None:
     assert not bad, bad[:5]
 
 
-@pytest.mark.parametrize("case", MEGATRON_CASES)
+LMS = [c for c in MEGATRON_CASES if "critic" not in c]
+
+
+@pytest.mark.parametrize("case", LMS)
 def test_export_is_bit_exact_and_loads(megatron_ckpts, tmp_path, case):
     """to-hf --dtype keep == the HF model's save_pretrained, file bytes included; from_pretrained loads it
     with no missing / unexpected keys; every (pp, tp) rank's rng lands in extra_state_merged.pt."""
@@ -66,6 +69,97 @@ def test_export_is_bit_exact_and_loads(megatron_ckpts, tmp_path, case):
         assert torch.equal(got["torch_rng_state"], r["torch"])
         assert got["random_rng_state"] == r["random"]
         assert extra["global_step"] == 1
+    live = root / "reference" / "lr_scheduler.pt"  # the cases saved with a real Megatron optimizer + scheduler
+    if live.is_file():
+        assert extra["lr_scheduler"] == torch.load(live, weights_only=False)
+        assert json.loads((out / "lr_scheduler_state.json").read_text())["lr_scheduler"]["num_steps"] == 3
+
+
+def test_a_case_saves_a_real_optimizer_and_lr_scheduler(megatron_ckpts):
+    """qwen3_pp2 is saved with verl's own Megatron optimizer (get_megatron_optimizer over megatron's DDP) and
+    OptimizerParamScheduler (stepped 3 times): the lr_scheduler check above runs on it, not skipped."""
+    root = megatron_ckpts["qwen3_pp2"]
+    manifest = json.loads((root / "global_step_1" / "actor" / "ckpt_contents.json").read_text())
+    assert manifest["contents"]["lr_scheduler"]["path"] == "optimizer/dist_ckpt"
+    assert torch.load(root / "reference" / "lr_scheduler.pt", weights_only=False)["num_steps"] == 3
+
+
+@pytest.mark.parametrize("case", MEGATRON_CASES)
+def test_megatron_forward_equals_the_hf_forward(megatron_ckpts, case):
+    """The oracle independent of both mappings (the test's HF -> Megatron one and ckpt-bridge's plan): the
+    Megatron model that verl saved, run by megatron-core's own forward (TP / EP collectives over gloo, PP
+    stages chained) on a fixed batch, gives the HF model's logits.  A mistake the two mappings share (q / k
+    / v order inside a KV group, gate / up order, a swapped norm, an expert permutation) changes them."""
+    d = torch.load(megatron_ckpts[case] / "reference" / "logits.pt", weights_only=True)
+    got, want = d["megatron"], d["hf"]
+    assert got.shape == want.shape == (*d["tokens"].shape, 1 if "critic" in case else 256)
+    assert want.abs().max() > 0.1  # not a degenerate (all-zero) forward
+    err = (got - want).abs().max().item()
+    assert err < 2e-6, f"{case}: Megatron logits differ from the HF model's by {err}"
+
+
+def test_critic_exports_as_token_classification(megatron_ckpts, tmp_path):
+    """verl's Megatron critic (value head as output_layer [1, H], config still the causal LM's): to-hf with
+    the save's own model/huggingface config writes Qwen2ForTokenClassification, num_labels=1, bit-exact vs
+    the HF critic's save_pretrained (whose score.bias is 0, as verl's head has no bias); it loads clean."""
+    import transformers
+
+    root = megatron_ckpts["qwen2_critic_tp2pp2"]
+    critic = root / "global_step_1" / "critic"
+    start = root / "causal_lm_config"  # the critic's starting config, as verl keeps it: the arch names no head
+    assert json.loads((start / "config.json").read_text())["architectures"] == ["Qwen2ForCausalLM"]
+    out = tmp_path / "hf"
+    s = to_hf(root / "global_step_1", out, dtype="keep", config=start, progress=False)  # finds the critic
+    assert s.source_format == "verl-megatron"
+    _assert_equals_reference(out, root)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == ["Qwen2ForTokenClassification"] and cfg["num_labels"] == 1
+    model, info = transformers.Qwen2ForTokenClassification.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    plan = to_hf(critic, tmp_path / "never", config=start, dry_run=True, progress=False).plan_lines
+    assert any("critic: output_layer (1, 64) is verl's value head" in line for line in plan)
+
+
+def test_bridge_written_weights_export_with_completeness_checked(megatron_ckpts, tmp_path, capsys):
+    """verl's default (use_mbridge, use_dist_checkpointing=False): mbridge wrote the HF weights into
+    model/huggingface (a real save: the Megatron model was loaded by mbridge too).  to-hf finds the config
+    there, copies the weights through the plan bit-exactly, merges every (pp, tp) rank's rng; a tensor the
+    save lost is an exit-2 error naming it, with no output."""
+    from safetensors.torch import load_file, save_file
+
+    root = megatron_ckpts["llama_bridge_tp2pp2"]
+    actor = root / "global_step_1" / "actor"
+    manifest = json.loads((actor / "ckpt_contents.json").read_text())
+    assert manifest["backend"]["has_bridge"] and manifest["contents"]["model"]["format"] == "huggingface"
+    out = tmp_path / "hf"
+    to_hf(root / "global_step_1", out, dtype="keep", progress=False)  # no --config: the bridge wrote one
+    _assert_equals_reference(out, root)
+    extra = torch.load(out / "extra_state_merged.pt", weights_only=False)
+    assert sorted(extra["rng"]) == ["pp0_tp0", "pp0_tp1", "pp1_tp0", "pp1_tp1"]
+
+    bad, _ = _copy_actor(megatron_ckpts, tmp_path, case="llama_bridge_tp2pp2")
+    f = bad / "model" / "huggingface" / "model.safetensors"
+    w = load_file(f)
+    del w["model.layers.3.mlp.down_proj.weight"]
+    save_file(w, f, metadata={"format": "pt"})
+    assert_fails(capsys, ["to-hf", str(bad), "--out", str(tmp_path / "o")],
+                 says="lack 1 tensor(s) LlamaForCausalLM has: model.layers.3.mlp.down_proj.weight", sources=(bad,))
+
+
+def test_bridge_weights_missing_an_expert_is_named(megatron_ckpts):
+    """The completeness rule on an MoE class (mbridge's MoE tables need transformer_engine's grouped
+    experts, so no real bridge MoE save here): the HF weights of qwen3-moe with one expert removed."""
+    from ckpt_bridge.errors import KeyPlanError
+    from ckpt_bridge.formats.hf import HFReader
+    from ckpt_bridge.megatron_plan import check_bridge_weights
+
+    base = megatron_ckpts["qwen3_moe_ep2"] / "base_model"
+    infos = dict(HFReader(base).tensors())
+    check_bridge_weights(infos, base, "ckpt")  # complete: passes
+    del infos["model.layers.1.mlp.experts.3.up_proj.weight"]
+    with pytest.raises(KeyPlanError, match=r"lack 1 tensor\(s\) Qwen3MoeForCausalLM has: "
+                                           r"model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight"):
+        check_bridge_weights(infos, base, "ckpt")
 
 
 def test_dry_run_prints_the_megatron_rules(megatron_ckpts, tmp_path):
@@ -132,6 +226,13 @@ def test_layouts_v1_and_bare_dist_ckpt(megatron_ckpts, tmp_path):
     _assert_equals_reference(tmp_path / "from_bare", root)
 
 
+def test_inspect_reports_virtual_pipeline_stages(megatron_ckpts):
+    from ckpt_bridge.inspection import inspect
+
+    text = json.dumps(inspect(megatron_ckpts["llama_pp2vpp2"] / "global_step_1"))
+    assert '"vpp": 2' in text and '"pp": 2' in text, text
+
+
 def test_inspect_reports_the_save(megatron_ckpts):
     from ckpt_bridge.inspection import inspect
 
@@ -190,3 +291,104 @@ def test_unknown_megatron_key_is_named_not_guessed():
     for key in ("mtp.layers.0.enorm.weight", "decoder.layers.self_attention.linear_q_down_proj.weight[0]"):
         with pytest.raises(KeyPlanError, match=f"Megatron key '{key[:20]}"):
             megatron_to_hf_names({key: TensorInfo(key, (4, 64), torch.float32)}, hf, "ckpt")
+
+
+def _megatron_run(megatron_ckpts, tmp_path) -> tuple[Path, Path, bytes]:
+    """A verl run dir holding one real bridge save, latest = 1, its ckpt_contents.json taken away (a save
+    still in flight); returns (run root, actor, the manifest's bytes)."""
+    src = megatron_ckpts["llama_bridge_tp2pp2"]
+    run = tmp_path / "run"
+    shutil.copytree(src / "global_step_1", run / "global_step_1")
+    (run / "latest_checkpointed_iteration.txt").write_text("1")  # async saves: written before the shards land
+    actor = run / "global_step_1" / "actor"
+    manifest = (actor / "ckpt_contents.json").read_bytes()
+    (actor / "ckpt_contents.json").unlink()
+    return run, actor, manifest
+
+
+def test_watch_waits_for_ckpt_contents_then_exports(megatron_ckpts, tmp_path):
+    from ckpt_bridge.watch import watch
+
+    run, actor, manifest = _megatron_run(megatron_ckpts, tmp_path)
+    (ev,) = watch(run, once=True, settle=0.0)
+    assert ev.status == "waiting" and "waiting for ckpt_contents.json" in ev.message, ev
+    assert not (run / "global_step_1" / "actor_hf").exists()
+    (actor / "ckpt_contents.json").write_bytes(manifest)
+    (ev,) = watch(run, once=True, settle=0.0)
+    assert ev.status == "exported", ev
+    _assert_equals_reference(run / "global_step_1" / "actor_hf", megatron_ckpts["llama_bridge_tp2pp2"])
+    (ev,) = watch(run, once=True, settle=0.0)
+    assert ev.status == "skipped"
+
+
+def test_verl_callback_exports_an_async_megatron_save_once_complete(megatron_ckpts, tmp_path):
+    """verl's callback sees async saves: on_save(async_save=True) before ckpt_contents.json exists starts
+    nothing; the export starts when the manifest appears (here: in wait())."""
+    from ckpt_bridge.integrations.verl import HFExportCallback
+
+    run, actor, manifest = _megatron_run(megatron_ckpts, tmp_path)
+    cb = HFExportCallback(roles=("actor",))
+    cb.on_save(None, 1, str(run / "global_step_1"), async_save=True)
+    assert cb.pending and not cb.running and not cb.finished
+    (actor / "ckpt_contents.json").write_bytes(manifest)
+    (outcome,) = cb.wait(timeout=5, poll=0.1)
+    assert outcome["ok"], outcome
+    _assert_equals_reference(run / "global_step_1" / "actor_hf", megatron_ckpts["llama_bridge_tp2pp2"])
+
+
+@pytest.mark.parametrize("case", ["qwen2_moe_ep2", "llama_tp2pp2"])
+def test_verify_compares_a_megatron_checkpoint_with_an_hf_dir_through_the_plan(megatron_ckpts, tmp_path, case):
+    """verify A B: the Megatron side seen through its to-hf plan (with the HF side's config when the save
+    has none): equal to the reference HF dir (CLI exit 0); one element changed in B is found (exit 1)."""
+    from safetensors.torch import load_file, save_file
+
+    from ckpt_bridge.cli import main
+    from ckpt_bridge.verification import verify
+
+    root = megatron_ckpts[case]
+    actor = root / "global_step_1" / "actor"
+    r = verify(actor, root / "base_model")
+    assert r.ok and r.compared == len(_weights(root / "base_model")), r.as_dict()
+    assert main(["verify", str(actor), str(root / "base_model")]) == 0
+    other = tmp_path / "other"
+    shutil.copytree(root / "base_model", other)
+    f = next(other.glob("*.safetensors"))
+    w = load_file(f)
+    key = "model.layers.1.self_attn.k_proj.weight"
+    w[key] = w[key].clone()
+    w[key][3, 5] += 1e-3
+    save_file(w, f, metadata={"format": "pt"})
+    r = verify(actor, other)
+    assert not r.ok and key in json.dumps(r.as_dict()), r.as_dict()
+    assert main(["verify", str(actor), str(other)]) == 1
+
+
+def test_megatron_lora_run_is_refused_in_one_line(megatron_ckpts, tmp_path, capsys):
+    """ckpt_contents.json backend.peft (verl's Megatron LoRA): exit 2, one line naming where the adapter is
+    and what ckpt-bridge lacks, no output (the base weights alone would be a silently wrong export)."""
+    actor, base = _copy_actor(megatron_ckpts, tmp_path)
+    f = actor / "ckpt_contents.json"
+    m = json.loads(f.read_text())
+    m["backend"]["peft"] = True
+    f.write_text(json.dumps(m))
+    assert_fails(capsys, ["to-hf", str(actor), "--out", str(tmp_path / "o"), "--config", str(base)],
+                 says="backend.peft is true (a LoRA run); its adapter is in", sources=(actor,))
+
+
+@pytest.mark.parametrize("case", ["qwen2_tp2", "qwen2_moe_tp2ep2_etp2"])
+def test_each_layer_slice_is_read_once(megatron_ckpts, tmp_path, monkeypatch, case):
+    """q / k / v come from one linear_qkv slice and gate / up from one linear_fc1 slice, yet each slice's
+    bytes are read once (the reader keeps a slice the plan reads again until its last read)."""
+    from collections import Counter
+
+    from ckpt_bridge.formats.dcp import DCPReader
+
+    n: Counter = Counter()
+    orig = DCPReader.read_layer
+    monkeypatch.setattr(DCPReader, "read_layer", lambda self, k, i, *a, **kw: n.update([(k, i)]) or
+                        orig(self, k, i, *a, **kw))
+    root = megatron_ckpts[case]
+    to_hf(root / "global_step_1", tmp_path / "hf", dtype="keep", config=root / "base_model", progress=False)
+    assert ("decoder.layers.self_attention.linear_qkv.weight", 1) in n
+    assert max(n.values()) == 1, [k for k, v in n.items() if v > 1]
+    _assert_equals_reference(tmp_path / "hf", root)

@@ -117,8 +117,9 @@ def find_layout(path: Path) -> Layout | None:
         return None
     if (path / MANIFEST).is_file():
         return _v2_layout(path)
-    if (path / "actor").is_dir() and find_layout(path / "actor") is not None:
-        return find_layout(path / "actor")
+    for role in ("actor", "critic"):  # a global_step_N: its actor, else (a critic-only run) its critic
+        if (path / role).is_dir() and find_layout(path / role) is not None:
+            return find_layout(path / role)
     if is_dist_ckpt(path / "model" / "dist_ckpt") or (path / "model" / "huggingface").is_dir() and \
             (path / TRANSFORMER_CONFIG).is_file():
         return Layout(path, "v2", model_dir=path / "model" / "dist_ckpt", hf_dir=path / "model" / "huggingface",
@@ -130,6 +131,48 @@ def find_layout(path: Path) -> Layout | None:
     if is_dist_ckpt(path):
         return Layout(path, "dist_ckpt", model_dir=path)
     return None
+
+
+class _RepeatedSlices:
+    """Layer slices the plan reads more than once, kept from their first read to their last.
+
+    The plan writes tensors in ``save_pretrained``'s (alphabetical) order, one transform per output, so q, k
+    and v of one layer each read the same ``linear_qkv`` slice (gate and up the same ``linear_fc1`` slice),
+    interleaved with other reads.  :func:`ckpt_bridge.megatron_plan.plan_megatron_export` tells the reader
+    how often each slice is read (:meth:`MegatronReader.expect_reads`); a slice read more than once is kept
+    until its last read (at most ``SIZE`` at a time, oldest dropped first: a process of a multi-worker
+    export may never run every reader of a slice), instead of being read 3x / 2x.  The split functions never
+    modify their input in place."""
+
+    SIZE = 4
+
+    def __init__(self):
+        import threading
+        from collections import OrderedDict
+
+        self._lock = threading.Lock()  # the export's read-ahead thread and the caller may share a reader
+        self._items: OrderedDict = OrderedDict()
+        self.left: dict[str, int] = {}  # key -> reads still to come (only keys read more than once)
+
+    def get(self, key: str, load):
+        with self._lock:
+            left = self.left.get(key, 0)
+            if left <= 1:  # read once (or its last read): nothing to keep
+                self.left.pop(key, None)
+                hit = self._items.pop(key, None)
+                if hit is not None:
+                    return hit
+            else:
+                self.left[key] = left - 1
+                if key in self._items:
+                    return self._items[key]
+        t = load()
+        if left > 1:
+            with self._lock:
+                self._items[key] = t
+                while len(self._items) > self.SIZE:
+                    self._items.popitem(last=False)
+        return t
 
 
 class MegatronReader(Reader):
@@ -151,10 +194,15 @@ class MegatronReader(Reader):
         self.evidence.notes.append(f"layout {layout.schema}")
         self._problems = list(layout.problems)
         self.dcp = None
-        if layout.model_format != "megatron_dist_checkpoint":
-            self._problems.append(f"{layout.root / MANIFEST}: the model is saved as {layout.model_format!r} in "
-                                  f"{layout.model_dir} (bridge-written weights): export that directory directly "
-                                  f"with --config {layout.hf_dir}")
+        self.bridge_hf = None  # the HF reader of bridge-written weights (model/huggingface)
+        peft = self._peft_refusal()
+        if peft:
+            self._problems.append(peft)
+        elif layout.model_format == "huggingface" and not self._problems:
+            self._open_bridge_weights()
+        elif layout.model_format != "megatron_dist_checkpoint":
+            self._problems.append(f"{layout.root / MANIFEST}: contents.model.format is {layout.model_format!r}, "
+                                  f"not one ckpt-bridge reads (megatron_dist_checkpoint, huggingface)")
         elif layout.model_dir is None or not layout.model_dir.is_dir():
             self._problems.append(f"{layout.root}: the manifest names no model dist_ckpt (saved contents: "
                                   f"{(layout.manifest or {}).get('save_contents')}); nothing to export")
@@ -162,6 +210,46 @@ class MegatronReader(Reader):
             self.dcp = DCPReader(layout.model_dir, trust_pickle=trust_pickle)
             self._problems += self.dcp.problems()
         self._unstacked: dict[str, TensorInfo] | None = None
+        self._repeats = _RepeatedSlices()
+
+    def _peft_refusal(self) -> str | None:
+        """A LoRA run (manifest ``backend.peft``): its adapter is Megatron-Bridge PEFT shards, which this reader
+        does not fold yet; say so in one line, naming where the adapter is, instead of exporting the base."""
+        m = self.layout.manifest or {}
+        backend = m.get("backend") if isinstance(m.get("backend"), dict) else {}
+        contents = m.get("contents") if isinstance(m.get("contents"), dict) else {}
+        if not backend.get("peft") and "peft_adapters" not in contents:
+            return None
+        hf_adapter = self.layout.root / "model" / "huggingface" / "adapter"
+        where = [str(self.layout.root / "model" / "dist_ckpt") + " (Megatron-Bridge PEFT shards)"]
+        if hf_adapter.is_dir():
+            where.append(f"{hf_adapter} (HF PEFT adapter: load it with peft on the base model)")
+        return (f"{self.layout.root / MANIFEST}: backend.peft is true (a LoRA run); its adapter is in "
+                f"{' and '.join(where)}, and ckpt-bridge cannot fold Megatron LoRA adapters yet (their per-linear "
+                f"layout: rank, alpha, which fused qkv / fc1 rows each adapter covers, is not read); nothing written")
+
+    def _open_bridge_weights(self) -> None:
+        """verl's bridge (mbridge / Megatron-Bridge) wrote the HF weights into model/huggingface: read them there;
+        the plan checks them against the model class (megatron_plan.plan_bridge_export)."""
+        from .hf import HFReader
+
+        d = self.layout.model_dir
+        if d is None or not d.is_dir():
+            self._problems.append(f"{self.layout.root / MANIFEST}: the model is bridge-written HF weights in {d}, "
+                                  f"which does not exist; copy the whole checkpoint folder again")
+            return
+        try:
+            self.bridge_hf = HFReader(d, trust_pickle=self.trust_pickle)
+        except CheckpointFormatError:
+            self._problems.append(f"{d}: the manifest says the bridge wrote the model's weights here, but there is "
+                                  f"no model.safetensors or index: the save is incomplete")
+            return
+        self.evidence.notes.append("bridge-written HF weights")
+        self._problems += self.bridge_hf.problems()
+
+    @property
+    def has_bridge_weights(self) -> bool:
+        return self.bridge_hf is not None
 
     # ---------------------------------------------------------------- checks
     def problems(self) -> list[str]:
@@ -175,13 +263,15 @@ class MegatronReader(Reader):
     def tensors(self) -> dict[str, TensorInfo]:
         """The global tensors as stored (stacked layers included), without ``_extra_state`` bytes entries."""
         self.check()
-        return self.dcp.tensors()
+        return self.bridge_hf.tensors() if self.bridge_hf is not None else self.dcp.tensors()
 
     def skipped_entries(self) -> list[str]:
         """Non-tensor entries of the model dist_ckpt (``_extra_state`` bytes of each linear): not weights."""
         from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
         self.check()
+        if self.dcp is None:
+            return []
         return [k for k, md in self.dcp.metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata)]
 
     def model_tensors(self) -> dict[str, TensorInfo]:
@@ -201,10 +291,20 @@ class MegatronReader(Reader):
     def read(self, key: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """A stored tensor, or (``key[i]``) layer ``i`` of a stacked one: only that layer's bytes are read."""
         self.check()
+        if self.bridge_hf is not None:
+            return self.bridge_hf.read(key, dtype, out=out)
         base, i = parse_slice(key)
         if i is None:
             return self.dcp.read(key, dtype, out=out)
-        return self.dcp.read_layer(base, i, dtype, out=out)
+        if out is not None:  # a rename into the caller's buffer: read once by construction
+            return self.dcp.read_layer(base, i, dtype, out=out)
+        if dtype is not None:
+            return self.dcp.read_layer(base, i, dtype)
+        return self._repeats.get(key, lambda: self.dcp.read_layer(base, i, dtype))
+
+    def expect_reads(self, counts: dict[str, int]) -> None:
+        """How many times the plan reads each key (as stored, ``dtype=None``): repeats are kept in between."""
+        self._repeats.left = {k: n for k, n in counts.items() if n > 1}
 
     # ---------------------------------------------------------------- configs and extra state
     def transformer_config(self) -> dict | None:
@@ -259,7 +359,8 @@ class MegatronReader(Reader):
             "extra_dir": str(self.layout.extra_dir) if self.layout.extra_dir else None,
             "optimizer_dir": str(self.layout.optimizer_dir) if self.layout.optimizer_dir else None,
         }
-        if self.dcp is not None and not self._problems:
+        d["bridge_weights"] = self.bridge_hf is not None
+        if (self.dcp is not None or self.bridge_hf is not None) and not self._problems:
             d["stored_tensors"] = len(self.tensors())
             d["per_layer_tensors"] = len(self.model_tensors())
             d["skipped_extra_state_entries"] = len(self.skipped_entries())

@@ -13,10 +13,14 @@ For each case in turn (one process group and one set of imports for all of them)
    ``use_cpu_initialization=True``) at the case's TP / PP / EP, and copies the HF weights into its
    parameters with the mapping below (:func:`hf_to_local`), written here from Megatron's module semantics
    and independent of ckpt-bridge's reader and plan.
-3. verl 0.9.1's own ``MegatronCheckpointManager.save_checkpoint`` (``use_dist_checkpointing=True``, save
+3. megatron-core's own forward pass of that model on a fixed token batch (:func:`megatron_logits`: TP /
+   EP collectives over gloo, PP stages chained by send/recv, ``device="cuda"`` constructors mapped to cpu)
+   and the HF model's forward go to ``ROOT/<case>/reference/logits.pt``: the oracle that does not depend
+   on either mapping.
+4. verl 0.9.1's own ``MegatronCheckpointManager.save_checkpoint`` (``use_dist_checkpointing=True``, save
    contents model + extra) writes ``ROOT/<case>/global_step_1/actor``; ``torch.cuda.synchronize`` and
    ``torch.cuda.current_device`` get CPU stand-ins first (megatron calls them around its gloo barriers).
-4. each rank writes ``ROOT/<case>/reference/rank{R}_rng.pt``: the python / numpy / torch rng states it
+5. each rank writes ``ROOT/<case>/reference/rank{R}_rng.pt``: the python / numpy / torch rng states it
    held right before the save, with its (pp, tp) rank.
 
 Rank 0 writes ``ROOT/COMPLETE`` (json: cases, timings) at the end.  The entry point is behind a
@@ -46,10 +50,30 @@ CASES: dict[str, tuple[str, int, int, int]] = {
     "qwen3_moe_ep2": ("qwen3_moe", 1, 1, 2),
     "qwen2_moe_ep2": ("qwen2_moe", 1, 1, 2),
     "mixtral_ep2": ("mixtral", 1, 1, 2),
+    "qwen2_critic_tp2pp2": ("qwen2_critic", 2, 2, 1),
+    "llama_bridge_tp2pp2": ("llama", 2, 2, 1),
+    "qwen3_moe_tp2ep2": ("qwen3_moe", 2, 1, 2),  # experts whole on each EP rank (expert-TP 1), attention TP2
+    "qwen2_moe_tp2ep2_etp2": ("qwen2_moe", 2, 1, 2),  # experts split too: expert-TP 2 x EP 2 = 4 ranks
+    "llama_pp2vpp2": ("llama", 1, 2, 1),  # 2 virtual stages per PP rank: one layer per model chunk
 }
+# how a case's save differs from the default (use_dist_checkpointing=True, no bridge, no optimizer):
+# "bridge": verl's default use_mbridge, use_dist_checkpointing=False: mbridge writes the HF weights into
+# model/huggingface (vanilla mbridge, verl/models/mcore/mbridge.py)
+# model/huggingface (vanilla mbridge, verl/models/mcore/mbridge.py); the Megatron model is then loaded as
+# verl loads it, by the bridge from the HF dir (not by this module's mapping)
+# "optimizer": a real Megatron optimizer + lr scheduler, built by verl's own helpers, saved too
+# "etp": expert_tensor_parallel_size (default 1 when EP > 1); "vpp": virtual pipeline stages (model chunks)
+OPTIONS: dict[str, dict] = {"llama_bridge_tp2pp2": {"bridge": True}, "qwen3_pp2": {"optimizer": True},
+                            "qwen2_moe_tp2ep2_etp2": {"etp": 2}, "llama_pp2vpp2": {"vpp": 2}}
 
 # what the test session builds, in ONE torchrun job of 4 gloo ranks (tests/conftest.py megatron_ckpts)
-SESSION_CASES = ["llama_tp2pp2", "qwen2_tp2", "qwen3_pp2", "qwen3_moe_ep2", "qwen2_moe_ep2", "mixtral_ep2"]
+SESSION_CASES = ["llama_tp2pp2", "qwen2_tp2", "qwen3_pp2", "qwen3_moe_ep2", "qwen2_moe_ep2", "mixtral_ep2",
+                 "qwen2_critic_tp2pp2", "llama_bridge_tp2pp2", "qwen3_moe_tp2ep2", "qwen2_moe_tp2ep2_etp2",
+                 "llama_pp2vpp2"]
+
+
+def is_critic(family: str) -> bool:
+    return family.endswith("_critic")
 
 
 def family_config(family: str):
@@ -61,6 +85,8 @@ def family_config(family: str):
               bos_token_id=1, eos_token_id=2, pad_token_id=3)
     arch = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}),
             "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+            # verl's Megatron critic: the causal LM's config, untied (a value head cannot share the embedding)
+            "qwen2_critic": ("Qwen2Config", "Qwen2ForTokenClassification", {"num_labels": 1}),
             "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16, "tie_word_embeddings": True}),
             "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
                           {"head_dim": 16, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48,
@@ -78,7 +104,11 @@ def family_config(family: str):
 
 
 def build_hf(family: str):
-    """The HF model with every floating tensor drawn from a generator seeded by its name (norms near 1)."""
+    """The HF model with every floating tensor drawn from a generator seeded by its name (norms near 1).
+
+    A critic is ``XForTokenClassification`` with ``num_labels=1`` and a zero ``score.bias``: verl's Megatron
+    value head (``LinearForLastLayer``) is an ``nn.Linear(hidden, 1, bias=False)``, so the HF model equal
+    to it has no bias term."""
     import transformers
 
     cfg = family_config(family)
@@ -90,6 +120,8 @@ def build_hf(family: str):
             g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
             draw = torch.empty(t.shape).normal_(0.0, 0.05, generator=g)
             t.copy_(1.0 + draw if "norm" in name else draw)
+        if is_critic(family):
+            model.score.bias.zero_()
     return model.eval()
 
 
@@ -100,20 +132,24 @@ def _tp_chunk(t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
     return t.chunk(size, dim=dim)[rank].contiguous()
 
 
-def hf_to_local(name: str, hf: dict, cfg, layer_of: dict[int, int], expert_of, tp: tuple[int, int]):
+def hf_to_local(name: str, hf: dict, cfg, layer_of: dict[int, int], expert_of, tp: tuple[int, int],
+                etp: tuple[int, int] = (0, 1)):
     """The value of the local Megatron parameter ``name`` taken from the HF state dict ``hf``.
 
     Megatron semantics used (megatron.core, local spec): ``linear_qkv`` is column-parallel and its output
     rows are grouped per KV group, ``[q heads of the group | k | v]``; ``linear_fc1`` of a gated MLP holds
     ``[gate ; up]`` per TP rank; ``linear_proj`` / ``linear_fc2`` are row-parallel (split on the input
     dim); the embedding and output layer are split on the vocab.  ``layer_of``: local layer index ->
-    global; ``expert_of(j)``: local expert index -> global.
+    global; ``expert_of(j)``: local expert index -> global; ``etp``: (rank, size) of the expert-tensor-parallel
+    group, which splits the routed experts' linears as ``tp`` splits the dense ones.
     """
     r, n = tp
     parts = name.split(".")
     if name == "embedding.word_embeddings.weight":
         return _tp_chunk(hf["model.embed_tokens.weight"], 0, r, n)
     if name == "output_layer.weight":
+        if "score.weight" in hf:  # a critic's value head: replicated, not split on TP
+            return hf["score.weight"]
         return _tp_chunk(hf["lm_head.weight"], 0, r, n)
     if name == "decoder.final_layernorm.weight":
         return hf["model.norm.weight"]
@@ -150,10 +186,9 @@ def hf_to_local(name: str, hf: dict, cfg, layer_of: dict[int, int], expert_of, t
         e = expert_of(j)
         stem = p + moe + f"experts.{e}."
         rest = "mlp." + ".".join(parts[7:])
-        if cfg.model_type == "mixtral":
-            gate, up, down = (hf[stem + w + ".weight"] for w in ("w1", "w3", "w2"))
-            return _gated(rest, gate, up, down, r, n)
-        prefix = stem
+        names = ("w1", "w3", "w2") if cfg.model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        gate, up, down = (hf[stem + w + ".weight"] for w in names)
+        return _gated(rest, gate, up, down, *etp)
     else:
         head = "mlp.shared_experts." if rest.startswith("mlp.shared_experts.") else "mlp."
         prefix = p + mlp[head]
@@ -181,7 +216,7 @@ def _hf_state(model) -> dict:
         out = {}
         for f in sorted(Path(tmp).glob("*.safetensors")):
             out.update(load_file(f))
-    if "lm_head.weight" not in out:
+    if "lm_head.weight" not in out and "score.weight" not in out:
         out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out
 
@@ -195,9 +230,15 @@ def _cpu_stand_ins() -> None:
     torch.cuda.current_device = lambda: torch.device("cpu")  # used as the device of small flag tensors
     # a tied embedding under PP is all-reduced between the first and last stage after `.cuda()`
     torch.Tensor.cuda = lambda self, *a, **k: self
+    # megatron-core 0.16.1's router tests `te_general_gemm is not None`, a name bound only when
+    # transformer_engine imports (NameError without it)
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
-def transformer_config(cfg, tp: int, pp: int, ep: int):
+def transformer_config(cfg, tp: int, pp: int, ep: int, etp: int = 1):
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
@@ -207,11 +248,13 @@ def transformer_config(cfg, tp: int, pp: int, ep: int):
         moe = dict(num_moe_experts=experts, moe_router_topk=cfg.num_experts_per_tok,
                    moe_ffn_hidden_size=getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size,
                    moe_token_dispatcher_type="allgather", moe_router_load_balancing_type="none",
-                   moe_aux_loss_coeff=0.0, expert_model_parallel_size=ep, expert_tensor_parallel_size=1,
+                   moe_aux_loss_coeff=0.0, expert_model_parallel_size=ep, expert_tensor_parallel_size=etp,
                    moe_grouped_gemm=False)
         shared = getattr(cfg, "shared_expert_intermediate_size", None)
         if shared:
             moe.update(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=True)
+        if not getattr(cfg, "norm_topk_prob", True):  # HF: softmax over all experts, top-k, no renormalising
+            moe.update(moe_router_pre_softmax=True)
     return TransformerConfig(
         num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_key_value_heads, ffn_hidden_size=cfg.intermediate_size,
@@ -225,17 +268,37 @@ def transformer_config(cfg, tp: int, pp: int, ep: int):
         pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32, sequence_parallel=False, **moe)
 
 
-def build_megatron(cfg, tf_config):
+class ValueHead(torch.nn.Linear):
+    """verl's ``LinearForLastLayer`` (verl/models/mcore/bridge.py, its fallback when Megatron-Bridge lacks it):
+    the critic's ``output_layer``, ``nn.Linear(hidden, 1, bias=False)`` returning ``(logits.float(), None)``.
+    Re-stated here because that verl module imports Megatron-Bridge at the top, which is not installed."""
+
+    def __init__(self, hidden: int):
+        super().__init__(hidden, 1, bias=False)
+
+    def forward(self, input_, weight=None, runtime_gather_output=None):
+        return super().forward(input_).float(), None
+
+
+def build_megatron(cfg, tf_config, critic: bool = False, vp_stage: int | None = None):
+    """megatron-core's GPTModel as verl's model initializer builds it (a critic: value head on the last stage);
+    ``vp_stage``: the model chunk of a virtual-pipeline run."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(num_experts=tf_config.num_moe_experts, qk_layernorm=tf_config.qk_layernorm,
                                     normalization="RMSNorm")
-    return GPTModel(tf_config, spec, vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_position_embeddings,
-                    pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage(),
-                    share_embeddings_and_output_weights=cfg.tie_word_embeddings, position_embedding_type="rope",
-                    rotary_base=int(_rope_theta(cfg)))
+    virtual = {} if vp_stage is None else {"ignore_virtual": False, "vp_stage": vp_stage}
+    last = ps.is_pipeline_last_stage(**virtual)
+    model = GPTModel(tf_config, spec, vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_position_embeddings,
+                     pre_process=ps.is_pipeline_first_stage(**virtual), post_process=last,
+                     share_embeddings_and_output_weights=cfg.tie_word_embeddings and not critic,
+                     position_embedding_type="rope", rotary_base=int(_rope_theta(cfg)),
+                     **({} if vp_stage is None else {"vp_stage": vp_stage}))
+    if critic and last:
+        model.output_layer = ValueHead(tf_config.hidden_size)
+    return model
 
 
 def _rope_theta(cfg) -> float:
@@ -247,19 +310,144 @@ def load_hf_into(model, hf: dict, cfg) -> None:
     from megatron.core import parallel_state as ps
 
     tp = (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size())
+    etp = (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size())
     layer_of = {i: layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
     ep_rank, ep = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
     experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or 0
     expert_of = lambda j: ep_rank * (experts // max(ep, 1)) + j  # noqa: E731
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name == "output_layer.weight" and cfg.tie_word_embeddings:
+            if name == "output_layer.weight" and cfg.tie_word_embeddings and "score.weight" not in hf:
                 # the last stage's copy of the tied embedding (Megatron keeps it in sync by all-reduce)
                 value = _tp_chunk(hf["model.embed_tokens.weight"], 0, *tp)
             else:
-                value = hf_to_local(name, hf, cfg, layer_of, expert_of, tp)
+                value = hf_to_local(name, hf, cfg, layer_of, expert_of, tp, etp)
             assert tuple(value.shape) == tuple(p.shape), (name, tuple(value.shape), tuple(p.shape))
             p.copy_(value)
+
+
+# ---------------------------------------------------------------- the forward-logits oracle
+
+
+def fixed_tokens(vocab: int) -> torch.Tensor:
+    """The token batch both models see: [2, 12], no special ids."""
+    return torch.randint(4, vocab, (2, 12), generator=torch.Generator().manual_seed(1234))
+
+
+class _CudaToCpu:
+    """Maps ``device="cuda"`` (which megatron's causal-mask / scratch constructors pass) to cpu, and makes the
+    model-parallel rng tracker's ``fork`` a no-op (it swaps CUDA rng states around dropout; dropout is 0)."""
+
+    NAMES = ("ones", "zeros", "empty", "full", "arange", "tensor", "rand", "randn")
+
+    def __enter__(self):
+        from megatron.core import tensor_parallel
+
+        self.saved = {n: getattr(torch, n) for n in self.NAMES}
+        for n, f in self.saved.items():
+            setattr(torch, n, self._wrap(f))
+        self.tracker = tensor_parallel.get_cuda_rng_tracker()
+        self.tracker.fork = lambda *a, **k: __import__("contextlib").nullcontext()
+        return self
+
+    @staticmethod
+    def _wrap(f):
+        def g(*a, **k):
+            d = k.get("device")
+            if d is not None and str(d).startswith("cuda"):
+                k["device"] = "cpu"
+            return f(*a, **k)
+
+        return g
+
+    def __exit__(self, *exc):
+        for n, f in self.saved.items():
+            setattr(torch, n, f)
+        del self.tracker.fork  # back to the class's method
+        return False
+
+
+def megatron_logits(models: list, tokens: torch.Tensor) -> torch.Tensor | None:
+    """megatron-core's own forward of ``tokens`` (fp32, causal, TP/EP collectives over gloo, PP stages and
+    virtual-pipeline chunks chained with send/recv around the PP ring): the full-vocabulary logits
+    ``[b, s, V]`` on the last stage, else None."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    pos = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    out = None
+    with torch.no_grad(), _CudaToCpu():
+        for v, model in enumerate(models):
+            model.eval()
+            if not (v == 0 and ps.is_pipeline_first_stage()):
+                h = torch.empty(tokens.shape[1], tokens.shape[0], model.config.hidden_size)
+                dist.recv(h, src=ps.get_pipeline_model_parallel_prev_rank())
+                model.set_input_tensor(h)
+            out = model(tokens, pos, None, runtime_gather_output=True)
+            if not (v == len(models) - 1 and ps.is_pipeline_last_stage()):
+                dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+                out = None
+    return out
+
+
+def record_logits(models: list, hf_model, ref: Path) -> None:
+    """``ref/logits.pt``: {"megatron", "hf", "tokens"} from the last stage's first (tp, dp) rank."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    tokens = fixed_tokens(hf_model.config.vocab_size)
+    got = megatron_logits(models, tokens)
+    got = got[0] if isinstance(got, tuple) else got
+    if got is not None and ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0 \
+            and ps.get_expert_model_parallel_rank() == 0:
+        with torch.no_grad():
+            want = hf_model(tokens).logits
+        torch.save({"megatron": got, "hf": want, "tokens": tokens}, ref / "logits.pt")
+    dist.barrier()
+
+
+def make_optimizer(model):
+    """(DDP-wrapped model, optimizer, lr scheduler) as verl's Megatron engine builds them
+    (``verl.utils.megatron.optimizer``: megatron-core's ``get_megatron_optimizer`` and
+    ``OptimizerParamScheduler``), the scheduler stepped 3 times so its state is not the initial one."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from omegaconf import OmegaConf
+
+    from verl.utils.megatron.optimizer import (get_megatron_optimizer, get_megatron_optimizer_param_scheduler,
+                                               init_megatron_optim_config)
+
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    optim = OmegaConf.create({"optimizer": "adam", "lr": 1e-4, "min_lr": 1e-6, "clip_grad": 1.0,
+                              "weight_decay": 0.01, "lr_warmup_init": 0.0, "lr_decay_steps": 10,
+                              "lr_warmup_steps": 2, "lr_decay_style": "cosine", "total_training_steps": 10,
+                              "weight_decay_incr_style": "constant", "use_checkpoint_opt_param_scheduler": False,
+                              "lr_wsd_decay_style": "exponential", "lr_warmup_steps_ratio": None,
+                              "lr_wsd_decay_steps": None})
+    with _CudaToCpu():  # FP32Optimizer keeps a loss scale made with device="cuda"
+        optimizer = get_megatron_optimizer([ddp], init_megatron_optim_config(optim, use_distributed_optimizer=False,
+                                                                              bf16=False))
+    scheduler = get_megatron_optimizer_param_scheduler(optimizer, optim)
+    for _ in range(3):
+        scheduler.step(increment=1)
+    return ddp, optimizer, scheduler
+
+
+def make_bridge(cfg):
+    """verl's vanilla mbridge for ``cfg`` (what its Megatron engine builds with ``vanilla_mbridge``).
+
+    mbridge names the parameters of transformer_engine's layer spec, where the layernorms are fused into
+    the next linear (``linear_qkv.layer_norm_weight``); without TE the local spec keeps them as separate
+    ``input_layernorm`` / ``pre_mlp_layernorm`` modules, so those two names are added to this instance's
+    tables.  (Its MoE tables assume TE's grouped experts, ``experts.linear_fc1.weight<E>``, which the
+    local spec's ``experts.local_experts.<E>`` cannot be made to match: no bridge MoE case.)"""
+    from verl.models.mcore.mbridge import AutoBridge
+
+    bridge = AutoBridge.from_config(cfg, dtype=torch.float32)
+    bridge._OTHER_MAPPING = {**bridge._OTHER_MAPPING,
+                             "input_layernorm.weight": ["model.layers.{layer_number}.input_layernorm.weight"]}
+    bridge._MLP_MAPPING = {"pre_mlp_layernorm.weight": ["model.layers.{layer_number}.post_attention_layernorm.weight"],
+                           **bridge._MLP_MAPPING}
+    return bridge
 
 
 def save_case(case: str, root: Path, world: int) -> dict:
@@ -273,6 +461,7 @@ def save_case(case: str, root: Path, world: int) -> dict:
     from .tiny_models import generation_config_for, save_tiny_tokenizer
 
     family, tp, pp, ep = CASES[case]
+    opts = OPTIONS.get(case, {})
     t0 = time.perf_counter()
     out = root / case
     base = out / "base_model"
@@ -286,36 +475,64 @@ def save_case(case: str, root: Path, world: int) -> dict:
     dist.barrier()
     hf = _hf_state(hf_model)
     ps.destroy_model_parallel()
+    vpp = opts.get("vpp")
     ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                 expert_model_parallel_size=ep, expert_tensor_parallel_size=1 if ep > 1 else None)
-    tf_config = transformer_config(cfg, tp, pp, ep)
-    model = build_megatron(cfg, tf_config)
-    load_hf_into(model, hf, cfg)
+                                 virtual_pipeline_model_parallel_size=vpp, expert_model_parallel_size=ep,
+                                 expert_tensor_parallel_size=opts.get("etp", 1) if ep > 1 else None)
+    tf_config = transformer_config(cfg, tp, pp, ep, opts.get("etp", 1))
+    tf_config.virtual_pipeline_model_parallel_size = vpp
+    models = [build_megatron(cfg, tf_config, critic=is_critic(family), vp_stage=v) for v in range(vpp)] if vpp \
+        else [build_megatron(cfg, tf_config, critic=is_critic(family))]
+    bridge = make_bridge(cfg) if opts.get("bridge") else None
+    if bridge is not None:
+        bridge.load_weights(models, str(base))  # as verl's engine loads the HF weights with the bridge
+    else:
+        for model in models:
+            load_hf_into(model, hf, cfg)
+    saved_cfg, role = cfg, "actor"
+    if is_critic(family):  # verl's critic keeps its causal LM's config (untied) and arch; role critic
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        saved_cfg = family_config(family)
+        saved_cfg.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[cfg.model_type]]
+        saved_cfg.tie_word_embeddings, role = False, "critic"
+        if dist.get_rank() == 0:  # the config a user passes with --config (without a bridge verl writes none)
+            saved_cfg.save_pretrained(out / "causal_lm_config")
 
     from transformers import AutoTokenizer
 
+    chunks, optimizer, scheduler = models, None, None
+    if opts.get("optimizer"):
+        ddp, optimizer, scheduler = make_optimizer(models[0])
+        chunks = [ddp]
+
     tokenizer = AutoTokenizer.from_pretrained(base)
+    contents = ["model", "optimizer", "extra"] if optimizer is not None else ["model", "extra"]
     manager = MegatronCheckpointManager(
         config=OmegaConf.create({"model": {"path": str(base)}, "megatron": {}}),
-        checkpoint_config=OmegaConf.create({"save_contents": ["model", "extra"], "load_contents": ["model", "extra"],
+        checkpoint_config=OmegaConf.create({"save_contents": contents, "load_contents": contents,
                                             "async_save": False}),
-        model_config=cfg, transformer_config=tf_config, role="actor", model=[model],
-        arch=cfg.architectures[0], hf_config=cfg, param_dtype=torch.float32,
-        share_embeddings_and_output_weights=cfg.tie_word_embeddings, processing_class=tokenizer,
-        optimizer=None, optimizer_scheduler=None, use_distributed_optimizer=False, use_dist_checkpointing=True)
+        model_config=saved_cfg, transformer_config=tf_config, role=role, model=chunks,
+        arch=saved_cfg.architectures[0], hf_config=saved_cfg, param_dtype=torch.float32,
+        share_embeddings_and_output_weights=saved_cfg.tie_word_embeddings, processing_class=tokenizer,
+        optimizer=optimizer, optimizer_scheduler=scheduler, use_distributed_optimizer=False,
+        use_dist_checkpointing=bridge is None, bridge=bridge)
+    ref = out / "reference"
+    ref.mkdir(parents=True, exist_ok=True)
+    record_logits(models, hf_model, ref)
     # every rank's rng differs (the test checks each (pp, tp) rank's state lands in the export)
     rank = dist.get_rank()
     random.seed(100 + rank)
     np.random.seed(100 + rank)
     torch.manual_seed(100 + rank)
-    ref = out / "reference"
-    ref.mkdir(parents=True, exist_ok=True)
     torch.save({"pp": ps.get_pipeline_model_parallel_rank(), "tp": ps.get_tensor_model_parallel_rank(),
                 "dp": ps.get_data_parallel_rank(), "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
                 "random": random.getstate()}, ref / f"rank{rank}_rng.pt")
-    manager.save_checkpoint(str(out / "global_step_1" / "actor"), global_step=1)
+    if scheduler is not None and rank == 0:
+        torch.save(scheduler.state_dict(), ref / "lr_scheduler.pt")
+    manager.save_checkpoint(str(out / "global_step_1" / role), global_step=1)
     dist.barrier()
-    return {"case": case, "family": family, "tp": tp, "pp": pp, "ep": ep, "world": world,
+    return {"case": case, "family": family, "tp": tp, "pp": pp, "ep": ep, "etp": opts.get("etp", 1), "world": world,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
