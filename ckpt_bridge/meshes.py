@@ -27,6 +27,8 @@ these classes as the stand-ins below, by name, and :func:`rank_grid` computes th
 
 from __future__ import annotations
 
+import copyreg
+import importlib
 import math
 from itertools import product
 from typing import Any
@@ -36,6 +38,8 @@ import torch
 
 class _SavedObject:
     """An object another torch pickled, kept as its saved fields: no code of the real class runs."""
+
+    _saved_as = ""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # only if a release pickles by constructor call
         self.__dict__.update(kwargs, _args=args)
@@ -49,6 +53,16 @@ class _SavedObject:
         else:
             self.__dict__["_state"] = state
 
+    # Pickling writes the class it stands in for when the running torch has it (a test or tool that edits a
+    # loaded rank file and saves it writes what torch wrote): pickle's NEWOBJ names ``obj.__class__``, so that
+    # answers the real class; ``type()`` (what every isinstance check here and torch's unpickler use) stays ours.
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # noqa: D105
+        return _real_class(self._saved_as) or type(self)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return (copyreg.__newobj__, (self.__class__,), dict(self.__dict__))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(sorted(k for k in self.__dict__ if not k.startswith('__')))})"
 
@@ -56,21 +70,31 @@ class _SavedObject:
 class SavedDeviceMesh(_SavedObject):
     """A ``torch.distributed.device_mesh.DeviceMesh`` as saved."""
 
+    _saved_as = "torch.distributed.device_mesh.DeviceMesh"
+
 
 class SavedMeshLayout(_SavedObject):
     """A ``torch.distributed._mesh_layout._MeshLayout`` as saved."""
+
+    _saved_as = "torch.distributed._mesh_layout._MeshLayout"
 
 
 class SavedFlatLayout(_SavedObject):
     """A ``torch.distributed._mesh_layout._FlatLayout`` as saved."""
 
+    _saved_as = "torch.distributed._mesh_layout._FlatLayout"
+
 
 # The pickled global names these stand in for (every release listed in the module docstring).
-STAND_INS: dict[str, type] = {
-    "torch.distributed.device_mesh.DeviceMesh": SavedDeviceMesh,
-    "torch.distributed._mesh_layout._MeshLayout": SavedMeshLayout,
-    "torch.distributed._mesh_layout._FlatLayout": SavedFlatLayout,
-}
+STAND_INS: dict[str, type] = {c._saved_as: c for c in (SavedDeviceMesh, SavedMeshLayout, SavedFlatLayout)}
+
+
+def _real_class(name: str) -> type | None:
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr, None)
+    except ImportError:
+        return None
 
 
 class MeshFormError(ValueError):
