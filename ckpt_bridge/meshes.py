@@ -5,8 +5,9 @@ process groups), and that dict changed shape between torch releases.  What each 
 pytorch's own ``torch/distributed/device_mesh.py`` and ``_mesh_layout.py`` and checked on saves made by the
 wheels, ``tests/fixtures/torch-*``):
 
-* torch <= 2.9: the rank grid itself, ``mesh`` (an int tensor of the mesh's shape), ``mesh_dim_names``,
-  ``device_type``; no layout classes.
+* torch <= 2.9 (2.9.1 checked): the rank grid itself, ``mesh`` (an int tensor of the mesh's shape),
+  ``mesh_dim_names``, ``device_type``, and no ``_rank``: the saving rank is found from ``_coordinate_on_dim``
+  (its coordinate on the mesh); no layout classes.
 * torch 2.10 - 2.12 (2.11 checked): ``_layout`` = ``torch.distributed._mesh_layout._MeshLayout``, a frozen
   dataclass subclassing pycute's ``Layout`` whose fields ``shape`` / ``stride`` are nested int tuples (one
   entry per mesh dim; a flattened dim is itself a tuple), ``_rank_map`` (1-D int tensor), ``_mesh_dim_names``,
@@ -116,7 +117,8 @@ def rank_grid(mesh: Any) -> tuple[torch.Tensor, tuple[str, ...] | None, int | No
     saved_rank = state.get("_rank")
     saved_rank = int(saved_rank) if isinstance(saved_rank, int) else None
     if isinstance(state.get("mesh"), torch.Tensor):  # torch <= 2.9: the grid itself
-        return state["mesh"].clone(), names, saved_rank
+        grid = state["mesh"].clone()
+        return grid, names, saved_rank if saved_rank is not None else _rank_at(grid, state.get("_coordinate_on_dim"))
     layout, rank_map = state.get("_layout"), state.get("_rank_map")
     if isinstance(rank_map, torch.Tensor) and isinstance(layout, (SavedMeshLayout, SavedFlatLayout)):
         dims = _layout_dims(layout)
@@ -126,6 +128,14 @@ def rank_grid(mesh: Any) -> tuple[torch.Tensor, tuple[str, ...] | None, int | No
         f"its device mesh holds {fields} and no rank layout of a form torch 2.6 - 2.15 writes (a 'mesh' "
         f"tensor, or '_layout' + '_rank_map'); it was written by a newer torch than ckpt-bridge knows"
     )
+
+
+def _rank_at(grid: torch.Tensor, coord: Any) -> int | None:
+    """torch <= 2.9 saves no ``_rank``, but the saving rank's coordinate on the mesh (``_coordinate_on_dim``)."""
+    if isinstance(coord, (list, tuple)) and len(coord) == grid.dim() and all(isinstance(c, int) for c in coord):
+        if all(0 <= c < n for c, n in zip(coord, grid.shape)):
+            return int(grid[tuple(coord)])
+    return None
 
 
 def _layout_dims(layout: _SavedObject) -> list[list[tuple[int, int]]]:

@@ -169,3 +169,13 @@ def test_trust_pickle_reads_other_torches_too(version):
     reader.close()
     md = safeload.load_dcp_metadata(fixture(version, "dcp") / ".metadata", trust_pickle=True)
     assert len(md.state_dict_metadata) == 16
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_torch_file_of_each_torch_exports(capsys, tmp_path, version):
+    ref = fixture(version, "fsdp") / "reference/global_step_1/hf"
+    out = tmp_path / "hf"
+    code, text = run(capsys, "to-hf", FIXTURES / f"torch-{version}" / "torch_file.pt", "--config", ref, "--out", out,
+                     "--quiet")
+    assert code == 0, text
+    assert_same_weights(out, ref)
