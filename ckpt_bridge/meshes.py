@@ -1,4 +1,4 @@
-"""Device meshes saved inside DTensor pickles, read as plain data whatever torch wrote or reads them.
+"""Device meshes (and placements) saved inside DTensor pickles, read as plain data whatever torch wrote or reads them.
 
 A DTensor pickles its ``DeviceMesh`` as the mesh's ``__dict__`` (``DeviceMesh.__getstate__`` drops only the
 process groups), and that dict changed shape between torch releases.  What each release writes (read from
@@ -86,8 +86,36 @@ class SavedFlatLayout(_SavedObject):
     _saved_as = "torch.distributed._mesh_layout._FlatLayout"
 
 
+# DTensor placements too: torch 2.15's weights-only unpickler creates an object of a pybind11 class (its
+# placements are C++ classes since 2.10) only at its BUILD opcode and refuses a pickle that has none, but torch
+# <= 2.9 pickled Replicate(), a field-less Python dataclass, without one: torch 2.15's own loader cannot read a
+# 2.9 HSDP save.  Stand-ins named as torch names them (what layout.placements_of reads: the class name and
+# Shard's ``dim``); every release pickles a placement's fields as a dict (``{"dim": d}`` for Shard).
+class _SavedPlacement(_SavedObject):
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in sorted(self.__dict__.items()) if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class Shard(_SavedPlacement):
+    _saved_as = "torch.distributed.tensor.placement_types.Shard"
+
+
+class Replicate(_SavedPlacement):
+    _saved_as = "torch.distributed.tensor.placement_types.Replicate"
+
+
+class Partial(_SavedPlacement):
+    _saved_as = "torch.distributed.tensor.placement_types.Partial"
+
+
+class _StridedShard(_SavedPlacement):
+    _saved_as = "torch.distributed.tensor.placement_types._StridedShard"
+
+
 # The pickled global names these stand in for (every release listed in the module docstring).
-STAND_INS: dict[str, type] = {c._saved_as: c for c in (SavedDeviceMesh, SavedMeshLayout, SavedFlatLayout)}
+STAND_INS: dict[str, type] = {c._saved_as: c for c in (SavedDeviceMesh, SavedMeshLayout, SavedFlatLayout,
+                                                        Shard, Replicate, Partial, _StridedShard)}
 
 
 def _real_class(name: str) -> type | None:
