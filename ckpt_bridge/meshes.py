@@ -5,7 +5,7 @@ process groups), and that dict changed shape between torch releases.  What each 
 pytorch's own ``torch/distributed/device_mesh.py`` and ``_mesh_layout.py`` and checked on saves made by the
 wheels, ``tests/fixtures/torch-*``):
 
-* torch <= 2.9 (2.9.1 checked): the rank grid itself, ``mesh`` (an int tensor of the mesh's shape),
+* torch <= 2.9 (2.9.1 checked on a save; 2.6.0's source writes the same): the rank grid itself, ``mesh`` (an int tensor of the mesh's shape),
   ``mesh_dim_names``, ``device_type``, and no ``_rank``: the saving rank is found from ``_coordinate_on_dim``
   (its coordinate on the mesh); no layout classes.
 * torch 2.10 - 2.12 (2.11 checked): ``_layout`` = ``torch.distributed._mesh_layout._MeshLayout``, a frozen
