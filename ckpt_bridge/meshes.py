@@ -1,12 +1,13 @@
-"""Device meshes saved inside DTensor pickles, read as plain data whatever torch wrote or reads them.
+"""Device meshes (and placements) saved inside DTensor pickles, read as plain data whatever torch wrote or reads them.
 
 A DTensor pickles its ``DeviceMesh`` as the mesh's ``__dict__`` (``DeviceMesh.__getstate__`` drops only the
 process groups), and that dict changed shape between torch releases.  What each release writes (read from
 pytorch's own ``torch/distributed/device_mesh.py`` and ``_mesh_layout.py`` and checked on saves made by the
 wheels, ``tests/fixtures/torch-*``):
 
-* torch <= 2.9: the rank grid itself, ``mesh`` (an int tensor of the mesh's shape), ``mesh_dim_names``,
-  ``device_type``; no layout classes.
+* torch <= 2.9 (2.9.1 checked on a save; 2.6.0's source writes the same): the rank grid itself, ``mesh`` (an int tensor of the mesh's shape),
+  ``mesh_dim_names``, ``device_type``, and no ``_rank``: the saving rank is found from ``_coordinate_on_dim``
+  (its coordinate on the mesh); no layout classes.
 * torch 2.10 - 2.12 (2.11 checked): ``_layout`` = ``torch.distributed._mesh_layout._MeshLayout``, a frozen
   dataclass subclassing pycute's ``Layout`` whose fields ``shape`` / ``stride`` are nested int tuples (one
   entry per mesh dim; a flattened dim is itself a tuple), ``_rank_map`` (1-D int tensor), ``_mesh_dim_names``,
@@ -27,6 +28,8 @@ these classes as the stand-ins below, by name, and :func:`rank_grid` computes th
 
 from __future__ import annotations
 
+import copyreg
+import importlib
 import math
 from itertools import product
 from typing import Any
@@ -36,6 +39,8 @@ import torch
 
 class _SavedObject:
     """An object another torch pickled, kept as its saved fields: no code of the real class runs."""
+
+    _saved_as = ""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # only if a release pickles by constructor call
         self.__dict__.update(kwargs, _args=args)
@@ -49,6 +54,16 @@ class _SavedObject:
         else:
             self.__dict__["_state"] = state
 
+    # Pickling writes the class it stands in for when the running torch has it (a test or tool that edits a
+    # loaded rank file and saves it writes what torch wrote): pickle's NEWOBJ names ``obj.__class__``, so that
+    # answers the real class; ``type()`` (what every isinstance check here and torch's unpickler use) stays ours.
+    @property  # type: ignore[misc]
+    def __class__(self) -> type:  # noqa: D105
+        return _real_class(self._saved_as) or type(self)
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return (copyreg.__newobj__, (self.__class__,), dict(self.__dict__))
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(sorted(k for k in self.__dict__ if not k.startswith('__')))})"
 
@@ -56,21 +71,59 @@ class _SavedObject:
 class SavedDeviceMesh(_SavedObject):
     """A ``torch.distributed.device_mesh.DeviceMesh`` as saved."""
 
+    _saved_as = "torch.distributed.device_mesh.DeviceMesh"
+
 
 class SavedMeshLayout(_SavedObject):
     """A ``torch.distributed._mesh_layout._MeshLayout`` as saved."""
+
+    _saved_as = "torch.distributed._mesh_layout._MeshLayout"
 
 
 class SavedFlatLayout(_SavedObject):
     """A ``torch.distributed._mesh_layout._FlatLayout`` as saved."""
 
+    _saved_as = "torch.distributed._mesh_layout._FlatLayout"
+
+
+# DTensor placements too: torch 2.15's weights-only unpickler creates an object of a pybind11 class (its
+# placements are C++ classes since 2.10) only at its BUILD opcode and refuses a pickle that has none, but torch
+# <= 2.9 pickled Replicate(), a field-less Python dataclass, without one: torch 2.15's own loader cannot read a
+# 2.9 HSDP save.  Stand-ins named as torch names them (what layout.placements_of reads: the class name and
+# Shard's ``dim``); every release pickles a placement's fields as a dict (``{"dim": d}`` for Shard).
+class _SavedPlacement(_SavedObject):
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in sorted(self.__dict__.items()) if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+
+class Shard(_SavedPlacement):
+    _saved_as = "torch.distributed.tensor.placement_types.Shard"
+
+
+class Replicate(_SavedPlacement):
+    _saved_as = "torch.distributed.tensor.placement_types.Replicate"
+
+
+class Partial(_SavedPlacement):
+    _saved_as = "torch.distributed.tensor.placement_types.Partial"
+
+
+class _StridedShard(_SavedPlacement):
+    _saved_as = "torch.distributed.tensor.placement_types._StridedShard"
+
 
 # The pickled global names these stand in for (every release listed in the module docstring).
-STAND_INS: dict[str, type] = {
-    "torch.distributed.device_mesh.DeviceMesh": SavedDeviceMesh,
-    "torch.distributed._mesh_layout._MeshLayout": SavedMeshLayout,
-    "torch.distributed._mesh_layout._FlatLayout": SavedFlatLayout,
-}
+STAND_INS: dict[str, type] = {c._saved_as: c for c in (SavedDeviceMesh, SavedMeshLayout, SavedFlatLayout,
+                                                        Shard, Replicate, Partial, _StridedShard)}
+
+
+def _real_class(name: str) -> type | None:
+    module, _, attr = name.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr, None)
+    except ImportError:
+        return None
 
 
 class MeshFormError(ValueError):
@@ -92,7 +145,8 @@ def rank_grid(mesh: Any) -> tuple[torch.Tensor, tuple[str, ...] | None, int | No
     saved_rank = state.get("_rank")
     saved_rank = int(saved_rank) if isinstance(saved_rank, int) else None
     if isinstance(state.get("mesh"), torch.Tensor):  # torch <= 2.9: the grid itself
-        return state["mesh"].clone(), names, saved_rank
+        grid = state["mesh"].clone()
+        return grid, names, saved_rank if saved_rank is not None else _rank_at(grid, state.get("_coordinate_on_dim"))
     layout, rank_map = state.get("_layout"), state.get("_rank_map")
     if isinstance(rank_map, torch.Tensor) and isinstance(layout, (SavedMeshLayout, SavedFlatLayout)):
         dims = _layout_dims(layout)
@@ -102,6 +156,14 @@ def rank_grid(mesh: Any) -> tuple[torch.Tensor, tuple[str, ...] | None, int | No
         f"its device mesh holds {fields} and no rank layout of a form torch 2.6 - 2.15 writes (a 'mesh' "
         f"tensor, or '_layout' + '_rank_map'); it was written by a newer torch than ckpt-bridge knows"
     )
+
+
+def _rank_at(grid: torch.Tensor, coord: Any) -> int | None:
+    """torch <= 2.9 saves no ``_rank``, but the saving rank's coordinate on the mesh (``_coordinate_on_dim``)."""
+    if isinstance(coord, (list, tuple)) and len(coord) == grid.dim() and all(isinstance(c, int) for c in coord):
+        if all(0 <= c < n for c, n in zip(coord, grid.shape)):
+            return int(grid[tuple(coord)])
+    return None
 
 
 def _layout_dims(layout: _SavedObject) -> list[list[tuple[int, int]]]:

@@ -294,7 +294,6 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
 # dicts, where a newer field is just an extra attribute.  We rebuild TensorProperties from the fields the
 # running torch's class has (the 5 common ones, plus strides when it knows them) and ignore the rest: the
 # tensor data does not depend on them (DCP stores every chunk contiguous).
-_TENSOR_PROPERTIES_FIELDS = ("dtype", "layout", "requires_grad", "memory_format", "pin_memory", "strides")
 _TOLERANT_CLASS: list[type] = []
 
 

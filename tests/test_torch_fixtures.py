@@ -27,10 +27,6 @@ def fixture(version: str, case: str) -> Path:
     return FIXTURES / f"torch-{version}" / case
 
 
-def reference(version: str) -> dict[str, torch.Tensor]:
-    return load_file(fixture(version, "fsdp") / "reference" / "global_step_1" / "hf" / "model.safetensors")
-
-
 def assert_same_weights(out: Path, ref_dir: Path) -> None:
     got, ref = load_file(out / "model.safetensors"), load_file(ref_dir / "model.safetensors")
     assert sorted(got) == sorted(ref)
@@ -161,3 +157,25 @@ def test_unknown_mesh_form_is_one_line():
     with pytest.raises(meshes.MeshFormError) as e:
         meshes.rank_grid(m)
     assert "newer torch" in str(e.value) and "_topology" in str(e.value)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_trust_pickle_reads_other_torches_too(version):
+    """--trust-pickle (plain pickle) goes through the same stand-ins and the same tolerant DCP reader."""
+    reader = VerlFSDPReader(fixture(version, "hsdp") / "global_step_1", trust_pickle=True)
+    ref = load_file(fixture(version, "hsdp") / "reference/global_step_1/hf/model.safetensors")
+    for key in reader.tensors():
+        assert bits_equal(reader.read(key), ref[key]), key
+    reader.close()
+    md = safeload.load_dcp_metadata(fixture(version, "dcp") / ".metadata", trust_pickle=True)
+    assert len(md.state_dict_metadata) == 16
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_torch_file_of_each_torch_exports(capsys, tmp_path, version):
+    ref = fixture(version, "fsdp") / "reference/global_step_1/hf"
+    out = tmp_path / "hf"
+    code, text = run(capsys, "to-hf", FIXTURES / f"torch-{version}" / "torch_file.pt", "--config", ref, "--out", out,
+                     "--quiet")
+    assert code == 0, text
+    assert_same_weights(out, ref)

@@ -68,7 +68,7 @@ def test_cli_under_other_torch(results, version):
     # what ran: the pinned torch's saves, every committed fixture (each torch x FSDP/HSDP/Shard(1)/DCP)
     assert {"to-hf/fsdp", "to-hf/hsdp", "dcp-round-trip", "lora", "verl-hook"} <= set(checks)
     fixtures = sorted(p.name for p in (Path(__file__).parent / "fixtures").glob("torch-*"))
-    assert {f"fixture/{f}/{c}" for f in fixtures for c in ("fsdp", "hsdp", "shard1", "dcp")} <= set(checks)
+    assert {f"fixture/{f}/{c}" for f in fixtures for c in ("fsdp", "hsdp", "shard1", "dcp", "torch_file")} <= set(checks)
     # torchtitan 0.3.0 (the pinned one) needs torch >= 2.12: it imports DataParallelMeshDims, which torch
     # 2.11 does not have; under the newest torch it imports, and so does our save hook
     if version.startswith("2.11"):

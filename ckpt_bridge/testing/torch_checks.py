@@ -77,6 +77,12 @@ def _fixture_checks(work: Path) -> dict[str, Callable[[], None]]:
             _same_safetensors(out, ref)
 
         checks[f"fixture/{root.name}/dcp"] = dcp_check
+
+        def torch_file_check(src=root / "torch_file.pt", ref=ref, out=work / root.name / "torch-file-hf") -> None:
+            _cli("to-hf", src, "--config", ref, "--out", out, "--quiet")
+            _same_safetensors(out, ref)
+
+        checks[f"fixture/{root.name}/torch_file"] = torch_file_check
     return checks
 
 

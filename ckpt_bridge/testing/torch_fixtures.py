@@ -15,6 +15,7 @@ own ``to-dcp`` (DCP's ``FileSystemWriter`` of this torch).  Each case keeps only
   ``reference/global_step_1/`` (``hf/`` = save_pretrained of the live model's full state dict, what an export
   must equal; ``rank{R}_state.pt`` = the lr_scheduler / rng each rank held when verl saved; meta.json).
 * ``dcp/``    ``to-dcp`` of ``fsdp``'s reference HF dir (flat TorchTitan keys + manifest) under this torch.
+* ``torch_file.pt``  ``torch.save`` of that reference's state dict (a plain torch file of this torch).
 
 ``info.json`` records the torch / verl versions that wrote them.
 """
@@ -48,6 +49,15 @@ def _prune_copy(run: Path, dest: Path) -> None:
         for p in sorted(src_dir.iterdir()):
             if p.name.startswith(keep) or (src_dir is ref and p.name.startswith("rank") and p.name.endswith("_state.pt")):
                 (shutil.copytree if p.is_dir() else shutil.copy2)(p, out_dir / p.name)
+
+
+def write_torch_file(out: Path) -> None:
+    """``torch_file.pt``: this torch's ``torch.save`` of the fsdp case's reference state dict."""
+    import torch
+    from safetensors.torch import load_file
+
+    sd = load_file(out / "fsdp" / "reference" / "global_step_1" / "hf" / "model.safetensors")
+    torch.save(sd, out / "torch_file.pt")
 
 
 def relative_manifest(out: Path) -> None:
@@ -84,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     subprocess.run([sys.executable, "-m", "ckpt_bridge", "to-dcp", str(hf), "--out", str(out / "dcp"),
                     "--quiet"], check=True)
     relative_manifest(out)
+    write_torch_file(out)
     (out / "info.json").write_text(json.dumps({
-        "torch": torch.__version__, "verl": verl.__version__, "model": MODEL, "cases": sorted(CASES) + ["dcp"],
+        "torch": torch.__version__, "verl": verl.__version__, "model": MODEL,
         "written_by": "python -m ckpt_bridge.testing.torch_fixtures",
     }, indent=1) + "\n")
     print(f"wrote {out} under torch {torch.__version__}")
