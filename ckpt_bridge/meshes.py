@@ -69,9 +69,25 @@ class _SavedObject:
 
 
 class SavedDeviceMesh(_SavedObject):
-    """A ``torch.distributed.device_mesh.DeviceMesh`` as saved."""
+    """A ``torch.distributed.device_mesh.DeviceMesh`` as saved; the read-only part of its API, from the fields."""
 
     _saved_as = "torch.distributed.device_mesh.DeviceMesh"
+
+    @property
+    def mesh(self) -> torch.Tensor:
+        return rank_grid(self)[0]
+
+    @property
+    def mesh_dim_names(self) -> tuple[str, ...] | None:
+        return rank_grid(self)[1]
+
+    @property
+    def ndim(self) -> int:
+        return self.mesh.dim()
+
+    @property
+    def device_type(self) -> str | None:
+        return self.__dict__.get("_device_type", self.__dict__.get("device_type"))
 
 
 class SavedMeshLayout(_SavedObject):
@@ -92,6 +108,20 @@ class SavedFlatLayout(_SavedObject):
 # 2.9 HSDP save.  Stand-ins named as torch names them (what layout.placements_of reads: the class name and
 # Shard's ``dim``); every release pickles a placement's fields as a dict (``{"dim": d}`` for Shard).
 class _SavedPlacement(_SavedObject):
+    """A placement is a value: equal to another stand-in or to the running torch's placement of that name and
+    fields (``Shard(dim=0) == torch Shard(0)``), as the real classes compare."""
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, _SavedPlacement):
+            return type(self) is type(other) and self.__dict__ == other.__dict__
+        real = _real_class(self._saved_as)
+        if real is None or type(other) is not real:
+            return NotImplemented
+        return all(getattr(other, k, None) == v for k, v in self.__dict__.items())
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, *sorted(self.__dict__.items())))
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in sorted(self.__dict__.items()) if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
