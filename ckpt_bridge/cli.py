@@ -33,6 +33,8 @@ examples:
 
 exit codes: 0 ok, 1 verification found differences, 2 bad input or any other failure (one line naming the
 file/key/rank; --debug adds the traceback), 130 interrupted (nothing partial is left)
+
+documentation: README.md and docs/ in the ckpt-bridge repository (docs/errors.md: errors and exit codes)
 """
 
 
@@ -74,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
         "say which files decided it, and list tensors, parameters, bytes, dtypes, layout and every problem "
         "visible without reading tensor data: missing ranks, mixed world sizes, missing .metadata, "
         "placements that disagree across ranks. Exit 0 when no problem is found, 2 when the report lists any.",
+        epilog="reference: docs/inspect.md in the ckpt-bridge repository",
     )
     pi.add_argument("path", help="checkpoint directory or file")
     _common(pi, "the report")
@@ -87,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
         "safetensors (+ index), config.json (dtype = what was written), generation_config.json, tokenizer "
         "files, and extra_state_merged.pt + lr_scheduler_state.json (lr scheduler, every rank's rng, step). "
         "The output appears only when complete.",
-        epilog="example:\n  ckpt-bridge to-hf ckpts/global_step_200 --out exports/step200-hf --dtype bf16",
+        epilog="example:\n  ckpt-bridge to-hf ckpts/global_step_200 --out exports/step200-hf --dtype bf16\n"
+        "reference: docs/to-hf.md, docs/megatron.md (verl Megatron), docs/lora.md (LoRA runs), docs/workers.md",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     ph.add_argument("src", help="source checkpoint (verl global_step_N[/actor], HF dir, DCP folder, torch file)")
@@ -147,9 +151,10 @@ def _parser() -> argparse.ArgumentParser:
         "      --aux future_predictor:linear --aux action_layer:linear:16 --seed 7\n"
         "  ckpt-bridge to-dcp models/OLMo-2-1B --out DUMP/checkpoint/step-0 --layout nested   # flame pin <= 5e2033c\n"
         "  ckpt-bridge to-dcp models/Llama-3.2-1B --out bootstrap/llama --titan-model llama3   # torchtitan's llama3\n"
-        "then (0.2.x/0.3.0): --checkpoint.initial_load_path $(realpath bootstrap/olmo2) "
+        "then (0.2.x/0.3.0): --checkpoint.enable --checkpoint.initial_load_path $(realpath bootstrap/olmo2) "
         "--checkpoint.initial_load_model_only\n(the command prints the flags of the torchtitan installed here), "
-        "and call ckpt_bridge.integrations.torchtitan.after_load(model, HF_DIR) after the load.",
+        "and call ckpt_bridge.integrations.torchtitan.after_load(model, HF_DIR) after the load.\n"
+        "reference: docs/to-dcp.md (the TorchTitan eras table)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pt.add_argument("src", metavar="HF_DIR", help="Hugging Face model dir (config.json + safetensors)")
@@ -186,7 +191,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  ckpt-bridge verify ckpts/global_step_200/actor exports/step200-hf\n"
         "  ckpt-bridge verify bootstrap/olmo2 --against models/OLMo-2-1B --layout-for nested\n"
-        "  ckpt-bridge verify bootstrap/olmo2 --against models/OLMo-2-1B --loss corpus.txt",
+        "  ckpt-bridge verify bootstrap/olmo2 --against models/OLMo-2-1B --loss corpus.txt\n"
+        "reference: docs/verify.md",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pv.add_argument("a", metavar="A", help="checkpoint (with --against: a DCP folder)")
@@ -218,7 +224,8 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
         "  ckpt-bridge watch checkpoints/my_run                      # until Ctrl-C, polling every 30 s\n"
         "  ckpt-bridge watch checkpoints/my_run --once --all         # export every saved step, then exit\n"
-        "  ckpt-bridge watch checkpoints/my_run --out-root /exports --keep 3 --dtype bf16",
+        "  ckpt-bridge watch checkpoints/my_run --out-root /exports --keep 3 --dtype bf16\n"
+        "reference: docs/save-hooks.md (watch, the verl callback, the torchtitan hook)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     pw.add_argument("root", metavar="ROOT", help="verl checkpoint root (holds latest_checkpointed_iteration.txt)")

@@ -498,7 +498,7 @@ def _targets(ck: LoraCheckpoint, view: ModelView) -> list[str]:
 def recorded_base(cfg_dir: Path | None, settings: LoraSettings) -> tuple[Path, str] | None:
     """(a local model dir the checkpoint names as its base, the file naming it): the adapter config's
     ``base_model_name_or_path``, else config.json's ``_name_or_path``.  Only reported: the caller follows it
-    only when it lies inside the checkpoint (README, Safety)."""
+    only when it lies inside the checkpoint (docs/safety.md)."""
     names = [(settings.config.get("base_model_name_or_path"), settings.source)]
     if cfg_dir is not None and (cfg_dir / "config.json").is_file():
         names.append((read_json(cfg_dir / "config.json", jsonfiles.CONFIG).get("_name_or_path"),
