@@ -10,7 +10,6 @@ heads says nothing about the checkpoints.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import warnings
@@ -21,9 +20,9 @@ import torch
 from torch import nn
 
 from .errors import BridgeError
+from .quiet import quieted
 
 
-@contextlib.contextmanager
 def quiet_transformers():
     """transformers' warnings and log lines silenced while a config is parsed or a model built from it.
 
@@ -31,15 +30,7 @@ def quiet_transformers():
     vocabulary) made it log "This may result in unexpected behavior" lines before our error, and a fine
     one logs notes about defaults.  What matters is refused by us, in one line, before (see
     :mod:`ckpt_bridge.config_fit`) or after (the key plan) transformers runs."""
-    logger = logging.getLogger("transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
+    return quieted("transformers")
 
 
 def dtype_kwarg() -> str:

@@ -16,10 +16,8 @@ the global, unless the caller passes ``trust_pickle=True`` (``--trust-pickle``).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import pickle
 import threading
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +25,7 @@ from typing import Any, Iterator
 import torch
 
 from .errors import CheckpointFormatError, UnsafePickleError
+from .quiet import quieted
 
 
 def _numpy_rng_globals() -> list[Any]:
@@ -47,23 +46,14 @@ def _numpy_rng_globals() -> list[Any]:
     ]
 
 
-@contextmanager
-def quiet_loading() -> Iterator[None]:
+def quiet_loading():
     """Silence what unpickling checkpoints from another job prints.
 
     A DeviceMesh unpickled outside the job that saved it logs a warning per
     tensor about missing process groups (we never use them), and torch warns
     about storage/typed-storage details we do not act on.
     """
-    log = logging.getLogger("torch.distributed.device_mesh")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        log.setLevel(level)
+    return quieted("torch.distributed.device_mesh")
 
 
 def load(

@@ -46,16 +46,21 @@ def overlay(specs: list[str], *, deps: bool = False, name: str | None = None, ti
     target = overlay_root() / f"{name or 'overlay'}-{key}"
     if (target / ".complete").is_file():
         return target
+    return _build(target, ["-c", str(CONSTRAINTS), *([] if deps else ["--no-deps"]), *specs], None, timeout,
+                  " ".join(specs))
+
+
+def _build(target: Path, args: list[str], env: dict[str, str] | None, timeout: float, what: str) -> Path:
+    """``pip install --target`` into a temporary sibling of ``target``, renamed into place when complete."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target", str(tmp),
-           "-c", str(CONSTRAINTS), *([] if deps else ["--no-deps"]), *specs]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target", str(tmp), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if proc.returncode != 0:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise OverlayError(f"pip could not install {' '.join(specs)}: {proc.stderr.strip()[-2000:]}")
-    (tmp / ".complete").write_text(" ".join(specs) + "\n")
+        raise OverlayError(f"pip could not install {what}: {proc.stderr.strip()[-2000:]}")
+    (tmp / ".complete").write_text(what + "\n")
     try:
         tmp.rename(target)
     except OSError:  # another process finished the same overlay first: use theirs
@@ -86,19 +91,5 @@ def torch_overlay(version: str, *, timeout: float = 1800) -> Path:
     target = overlay_root() / f"torch-{version}"
     if (target / ".complete").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--target", str(tmp),
-           f"torch=={version}", "numpy"]
     env = {**os.environ, "PIP_CONSTRAINT": "/dev/null"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OverlayError(f"pip could not install torch=={version}: {proc.stderr.strip()[-2000:]}")
-    (tmp / ".complete").write_text(f"torch=={version} numpy\n")
-    try:
-        tmp.rename(target)
-    except OSError:  # another process finished the same overlay first: use theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return _build(target, [f"torch=={version}", "numpy"], env, timeout, f"torch=={version} numpy")
