@@ -350,6 +350,20 @@ def _symlink_loop(e: BaseException) -> str | None:
     return None
 
 
+def _print_dropped(dropped: list[tuple[str, str]], each: int = 3) -> None:
+    """What was not written, one line per key; a reason shared by more than ``each`` keys (megatron's
+    per-rank ``_extra_state`` entries, a trainer's optimizer-only buffers) is one line with a count."""
+    by_reason: dict[str, list[str]] = {}
+    for src, why in dropped:
+        by_reason.setdefault(why, []).append(src)
+    for why, keys in by_reason.items():
+        if len(keys) <= each:
+            for src in keys:
+                print(f"  not written: {src} ({why})")
+        else:
+            print(f"  not written: {len(keys)} entries ({why}), e.g. {keys[0]}")
+
+
 def _to_hf(args: argparse.Namespace) -> int:
     from .export import to_hf
     from .team import from_cli
@@ -383,9 +397,7 @@ def _to_hf(args: argparse.Namespace) -> int:
             print(f"  note: {note}")
     print(f"  {s.tensors} tensors, {s.parameters:,} parameters, {s.bytes_written / 1e6:.1f} MB in "
           f"{sum(f.endswith('.safetensors') for f in s.files)} safetensors file(s), {s.seconds:.1f} s")
-    for src, why in s.dropped:
-        if not why.startswith("aux module"):
-            print(f"  not written: {src} ({why})")
+    _print_dropped([(src, why) for src, why in s.dropped if not why.startswith("aux module")])
     for name, keys in s.aux.items():
         where = {"separate": "aux_modules.safetensors", "drop": "not written", "inline": "in the main weights"}
         print(f"  aux module {name}: {len(keys)} tensor(s), {where[s.aux_mode]}")
@@ -458,8 +470,7 @@ def _to_dcp(args: argparse.Namespace) -> int:
     print(f"  layout: {res.reason}")
     print(f"  {res.tensors} tensors: {res.from_source} from {res.source}, {res.aux_tensors} in aux modules "
           f"({', '.join(res.aux) or 'none'}); {res.bytes_written / 1e6:.1f} MB in {res.seconds:.1f} s")
-    for src, why in res.dropped:
-        print(f"  not written: {src} ({why})")
+    _print_dropped(res.dropped)
     print(f"  manifest: {res.manifest}")
     print("to start training from it:")
     for line in res.flags():

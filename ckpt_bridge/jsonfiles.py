@@ -186,6 +186,17 @@ MANIFEST = {"source": is_(dict), "source.path": is_(str), "source.config_dir": i
             "hf_config_dir": is_(str)}
 
 
+# verl's Megatron save manifest (ckpt_contents.json, schema v2) and the TransformerConfig it dumps beside it:
+# the fields the Megatron reader and planner read (sizes compared with config.json, the step, the role)
+MEGATRON_MANIFEST = {"schema_version": integer(1), "world_size": integer(1), "global_step": integer(0),
+                     "arch": is_(str), "role": is_(str), "contents": is_(dict), "backend": is_(dict)}
+TRANSFORMER_CONFIG = {f: integer(1, null=True) for f in (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "kv_channels", "ffn_hidden_size",
+    "num_moe_experts", "moe_ffn_hidden_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+    "virtual_pipeline_model_parallel_size", "expert_model_parallel_size", "expert_tensor_parallel_size",
+    "context_parallel_size")}
+
+
 def check_config(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
     """config.json beyond its JSON shape: a model transformers knows, without the repo's own code."""
     check_shape(cfg, CONFIG, path, required=("model_type",))

@@ -229,6 +229,10 @@ def plan_megatron_export(reader: MegatronReader, cfg_dir: Path, *, where: str) -
     hf: dict[str, Any] = json.loads(cfg_file.read_text())
     hf = {**hf.get("text_config", {}), **hf} if "num_attention_heads" not in hf else hf
     check_config(hf, reader.transformer_config(), cfg_file, reader.layout.root / "transformer_config.json")
+    arch, archs = (reader.layout.manifest or {}).get("arch"), hf.get("architectures") or []
+    if arch and archs and arch not in archs:  # verl records the HF class it trained: another config is not it
+        raise KeyPlanError(f"{cfg_file}: architectures {archs} but the checkpoint's ckpt_contents.json says arch "
+                           f"{arch!r}; pass --config the model this run trained")
     infos = reader.model_tensors()
     if reader.has_bridge_weights:  # already HF names: transformers' own rules, every tensor accounted for
         check_bridge_weights(infos, cfg_dir, where)

@@ -282,6 +282,36 @@ def test_config_that_disagrees_with_transformer_config_exit_2(megatron_ckpts, tm
                  says="no config.json found", sources=(actor,))
 
 
+
+def test_manifest_that_disagrees_with_the_save_exit_2(megatron_ckpts, tmp_path, capsys):
+    """Found by this round's sweep: each of these exported with exit 0 (the rng silently left out; a Llama
+    config taken for a run verl recorded as Qwen2; a non-numeric world size)."""
+    actor, base = _copy_actor(megatron_ckpts, tmp_path)
+    manifest = actor / "ckpt_contents.json"
+    clean = manifest.read_text()
+
+    def edited(edit) -> None:
+        m = json.loads(clean)
+        edit(m)
+        manifest.write_text(json.dumps(m))
+
+    cases = [(lambda m: m["contents"]["rng_state"].update(path="extra/elsewhere"),
+              "lists the rng_state here but there is no dist_ckpt"),
+             (lambda m: m.update(arch="Qwen2ForCausalLM"), "ckpt_contents.json says arch 'Qwen2ForCausalLM'"),
+             (lambda m: m.update(world_size="4"), "field 'world_size' should be an integer >= 1, got '4'"),
+             (lambda m: m.update(global_step=1.5), "field 'global_step' should be an integer")]
+    for i, (edit, says) in enumerate(cases):
+        edited(edit)
+        assert_fails(capsys, ["to-hf", str(actor), "--out", str(tmp_path / f"o{i}"), "--config", str(base)],
+                     says=says, sources=(actor,))
+    manifest.write_text(clean)
+    tc = actor / "transformer_config.json"
+    d = json.loads(tc.read_text())
+    tc.write_text(json.dumps({**d, "num_layers": "4"}))
+    assert_fails(capsys, ["to-hf", str(actor), "--out", str(tmp_path / "o9"), "--config", str(base)],
+                 says="field 'num_layers' should be an integer >= 1 or null, got '4'", sources=(actor,))
+
+
 def test_unknown_megatron_key_is_named_not_guessed():
     from ckpt_bridge.errors import KeyPlanError
     from ckpt_bridge.formats.base import TensorInfo

@@ -88,9 +88,9 @@ def _inside(root: Path, rel: Any, field: str) -> Path:
 
 
 def _v2_layout(root: Path) -> Layout:
-    from ..jsonfiles import read_json
+    from ..jsonfiles import MEGATRON_MANIFEST, read_json
 
-    m = read_json(root / MANIFEST)
+    m = read_json(root / MANIFEST, MEGATRON_MANIFEST)
     if not isinstance(m, dict) or not isinstance(m.get("contents"), dict):
         raise CheckpointFormatError(f"{root / MANIFEST}: no 'contents' object; not a verl Megatron manifest")
     if m.get("schema_version") != 2:
@@ -309,12 +309,12 @@ class MegatronReader(Reader):
     # ---------------------------------------------------------------- configs and extra state
     def transformer_config(self) -> dict | None:
         """``transformer_config.json`` of the save (Megatron's TransformerConfig as verl dumped it), if any."""
-        from ..jsonfiles import read_json
+        from ..jsonfiles import TRANSFORMER_CONFIG as SIZES, read_json
 
         f = self.layout.root / TRANSFORMER_CONFIG
         if self.layout.schema == "dist_ckpt" or not f.is_file():
             return None
-        d = read_json(f)
+        d = read_json(f, SIZES)
         if not isinstance(d, dict):
             raise CheckpointFormatError(f"{f}: not a JSON object; the save is corrupt")
         return d

@@ -68,8 +68,17 @@ def lr_scheduler(dist_dir: Path, *, trust_pickle: bool = False) -> Any:
 
 def read_extra_state(layout, *, trust_pickle: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {}
+    listed = layout.manifest is not None and "rng_state" in (layout.manifest.get("contents") or {})
+    if listed and layout.extra_dir is not None and not (layout.extra_dir / ".metadata").is_file():
+        # the manifest (written last, by rank 0) says the rng was saved: its absence is a lost resume state
+        raise CheckpointFormatError(f"{layout.extra_dir}: ckpt_contents.json lists the rng_state here but there is "
+                                    f"no dist_ckpt (.metadata); the save is incomplete: copy the whole folder again")
     if layout.extra_dir is not None and (layout.extra_dir / ".metadata").is_file():
         rng = rng_states(layout.extra_dir, trust_pickle=trust_pickle)
+        if listed and not rng:
+            raise CheckpointFormatError(f"{layout.extra_dir}: ckpt_contents.json lists the rng_state here but the "
+                                        f"dist_ckpt holds no rng_state entry; the save is incomplete or another "
+                                        f"save's: copy the whole folder again")
         if rng:
             out["rng"] = rng
             out["world_size"] = (layout.manifest or {}).get("world_size")
