@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .config_parity import AfterLoadReport, check_config_parity, load_hf_config, rope_settings
 from .errors import BridgeError
 
 
@@ -54,9 +55,7 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
 
 def _rope_kwargs(hf: Any) -> dict[str, Any]:
     """TorchTitan ``RoPE.Config`` fields for the HF rope settings (theta, llama3 scaling)."""
-    from .model_fixups import _rope
-
-    r = _rope(hf)
+    r = rope_settings(hf)
     out: dict[str, Any] = {"theta": float(r.get("rope_theta", 10000.0)), "dim": _head_dim(hf),
                            "max_seq_len": int(_get(hf, "max_position_embeddings", 4096))}
     if r.get("rope_type") == "llama3":
@@ -122,7 +121,6 @@ def _module(name: str) -> Any:
 
 
 def _hf_config(hf_dir: str | Path) -> Any:
-    from .model_fixups import load_hf_config
 
     return load_hf_config(hf_dir)
 
@@ -172,7 +170,6 @@ def titan_config(name: str, hf: Any, *, attn_backend: str = "flex") -> Any:
         layers=layers,
     )  # fmt: skip
     _set_norm_eps(cfg, float(hf.rms_norm_eps), RMSNorm.Config)
-    from .model_fixups import check_config_parity
 
     try:
         check_config_parity(titan_parity(cfg), hf, where="the HF config")
@@ -286,7 +283,6 @@ def adapter_record(sd_adapter: Any, model: Any, hf_dir: str | Path) -> dict[str,
         try:
             if type(sd_adapter) is not _registered_adapter(name):
                 continue
-            from .model_fixups import check_config_parity
 
             check_config_parity(titan_parity(cfg), hf, where="the HF config")  # the same function: same adapter
         except Exception:  # noqa: BLE001 - not this family (or another config): nothing to rebuild from
@@ -348,17 +344,17 @@ def hf_view(reader: Any, config: str | Path | None, titan_model_name: str | None
     its config is built from the HF config (``config``, or the manifest's
     source dir), and its adapter's ``to_hf`` is applied as plan transforms.
     """
-    from .export import _config_dir
+    from .side_files import config_dir
     from .formats.adapted import to_hf_reader
 
     name = titan_model_name or recorded_titan_model(reader)
     if name is None:
         m = reader.manifest() if hasattr(reader, "manifest") else None
         if adapter_in_manifest(m):
-            cfg_dir, _ = _config_dir(reader, config)
+            cfg_dir, _ = config_dir(reader, config)
             raise unrebuilt_adapter(reader, cfg_dir, m)
         return reader
-    cfg_dir, _ = _config_dir(reader, config)
+    cfg_dir, _ = config_dir(reader, config)
     if cfg_dir is None:
         raise TitanModelError(f"{reader.path}: holds TorchTitan {name} weights; pass --config HF_DIR (the Hugging "
                               f"Face config they follow) so its adapter can name them")
@@ -392,7 +388,6 @@ def titan_after_load(model: nn.Module | list[nn.Module], hf_dir: str | Path, *, 
     """
     import torch
 
-    from .model_fixups import AfterLoadReport, check_config_parity, load_hf_config
 
     parts = [model] if isinstance(model, nn.Module) else list(model)
     report = AfterLoadReport()

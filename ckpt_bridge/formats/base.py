@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..dtypes import nbytes
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -31,7 +33,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return nbytes(self.shape, self.dtype)
 
 
 @dataclass

@@ -19,9 +19,9 @@ import torch
 from ..confine import is_inside, names_inside
 from ..errors import BridgeError, CheckpointFormatError, one_line, root_cause
 from .base import Reader, TensorInfo
+from .dcp_files import RNG_DIR, read_manifest, rng_files
 
 TRAINING_SECTIONS = ("optimizer", "lr_scheduler", "dataloader", "train_state")
-RNG_DIR = "ckpt_bridge_rng"  # written by ckpt_bridge.integrations.torchtitan.attach (torchtitan saves no rng)
 
 
 def is_dcp_dir(path: Path) -> bool:
@@ -327,15 +327,7 @@ class DCPReader(Reader):
         return max(ranks) + 1 if ranks else 1
 
     def _rng_files(self) -> dict[int, Path]:
-        import re
-
-        d = self.path / RNG_DIR
-        found = {}
-        for f in d.glob("rank_*.pt") if d.is_dir() else ():
-            m = re.fullmatch(r"rank_(\d+)\.pt", f.name)
-            if m:
-                found[int(m.group(1))] = f
-        return found
+        return rng_files(self.path)
 
     def missing_rng_ranks(self) -> list[int]:
         """Ranks of this save with no rng file, when the hook saved rng for any (else [])."""
@@ -368,8 +360,6 @@ class DCPReader(Reader):
                 for r in sorted(found)}
 
     def manifest(self) -> dict[str, Any] | None:
-        from ..dcp_export import read_manifest
-
         return read_manifest(self.path)
 
     def recorded_config_dir(self) -> str | None:
