@@ -36,7 +36,7 @@ from .errors import BridgeError, KeyPlanError, few, writing
 from .config_fit import read_fitting_config
 from .dtypes import nbytes, out_dtype, parse_dtype
 from .side_files import config_dir, copy_new, jsonable, read_config, side_files
-from .hf_models import tie_groups
+from .hf_models import quiet_transformers, tie_groups
 from .formats.base import Reader, TensorInfo
 from .formats.dcp_files import HF_CONFIG_DIR, MANIFEST, read_manifest, write_manifest  # noqa: F401 - MANIFEST re-exported
 from .conversions import Conversions, Group
@@ -48,6 +48,10 @@ from .trainer_keys import RequestedKeys, requested_keys
 from .team import Team, team_output
 from .version import __version__
 from .writers.atomic import flush_tree
+from .dcp_parts import merge_parts, part_dir
+from .formats.adapted import from_hf_reader
+from .formats.dcp import DCPReader
+from .titan_models import adapter_record, titan_model as build_titan_model
 
 log = logging.getLogger("ckpt_bridge")
 
@@ -115,8 +119,6 @@ def _aux_from_manifest(path: Path) -> list[AuxSpec]:
 def _aux_tensors_from(path: Path, specs: list[AuxSpec], want: dict[str, TensorInfo],
                       trust_pickle: bool) -> dict[str, tuple[torch.Tensor, str]]:
     """Copy every aux fqn in ``want`` from an existing checkpoint (any readable format)."""
-    from .formats.dcp import DCPReader
-
     out: dict[str, tuple[torch.Tensor, str]] = {}
     with open_reader(path, trust_pickle=trust_pickle) as r:
         infos = r.tensors()
@@ -310,18 +312,14 @@ def _titan_source(reader: Reader, cfg_dir: Path, model: Any, sd_adapter: Any, ti
     """
     if titan_model is None and sd_adapter is None:
         return reader, model, None, None
-    from .formats.adapted import from_hf_reader
-
     if titan_model is not None:
         if sd_adapter is not None or model is not None:
             raise BridgeError("titan_model= builds the model and adapter itself; pass it alone, or model= + sd_adapter=")
-        from .titan_models import titan_model as build
 
-        tm = build(titan_model, cfg_dir)
+        tm = build_titan_model(titan_model, cfg_dir)
         return from_hf_reader(reader, tm.adapter), tm.build("meta"), titan_model, None
     if model is None:
         raise BridgeError("sd_adapter= needs model= (the TorchTitan model, meta is fine) to ask for its keys")
-    from .titan_models import adapter_record
 
     record = adapter_record(sd_adapter, model, cfg_dir)
     return from_hf_reader(reader, sd_adapter), model, record["family"], record
@@ -463,8 +461,6 @@ def to_dcp(
 
         from transformers import AutoConfig
 
-        from .hf_models import quiet_transformers
-
         with quiet_transformers():
             hf_config = AutoConfig.from_pretrained(str(cfg_dir))
         if model is None:
@@ -548,8 +544,6 @@ def to_dcp(
         state = {"model": meta_sd} if req.layout == "nested" else meta_sd
         protect = tuple(p for p in (Path(src), reader.path, cfg_dir, Path(aux_from) if aux_from else None) if p)
         import torch.distributed.checkpoint as dcp
-
-        from .dcp_parts import merge_parts, part_dir
 
         with team_output(out, team, overwrite=overwrite, protect=protect, create=[]) as tmp, writing(tmp, total):
             # writing(): DCP wraps a full disk, a Ctrl-C or our own read errors in a CheckpointException

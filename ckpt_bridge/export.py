@@ -37,15 +37,15 @@ from .side_files import write_configs as _write_configs  # a module global: test
 from .team import Team, team_output
 from .writers.atomic import check_target
 from .writers.safetensors_shards import ShardedSafetensorsWriter, parse_size
+from .formats.adapted import AdaptedReader
+from .megatron_plan import plan_megatron_export
+from .titan_models import hf_view, working_titan_model
 
 log = logging.getLogger("ckpt_bridge")
 
 def _with_titan_hint(e: KeyPlanError, reader: Reader, cfg_dir: Path, titan_model: str | None) -> KeyPlanError:
     """``e``, plus the ``--titan-model`` that maps these keys when the checkpoint holds a TorchTitan model's own
     names (torchtitan's native saves name no model; that family's adapter is tried on the keys)."""
-    from .formats.adapted import AdaptedReader
-    from .titan_models import working_titan_model
-
     if titan_model is not None or isinstance(reader, AdaptedReader):
         return e
     name = working_titan_model(reader, cfg_dir)
@@ -193,7 +193,6 @@ def to_hf(
         reader.allow_missing_rng = allow_missing_rng  # DCP: a rank without rng is a warning, not an error
         if config is None and base_dir is not None and reader.hfconfig_dir() is None:
             config = base_dir  # the checkpoint has no config of its own: the base's describes it
-        from .titan_models import hf_view
 
         reader = hf_view(reader, config, titan_model)  # a TorchTitan-native DCP through its adapter's to_hf
         all_infos, cfg_dir = _checked_source(reader, config, others)
@@ -208,8 +207,6 @@ def to_hf(
                                progress=progress, t0=t0, dry_run=dry_run)
         where = str(reader.path)
         if reader.format == "verl-megatron":  # its own name rules first, then transformers' save rules
-            from .megatron_plan import plan_megatron_export
-
             aux_keys, plan = {}, plan_megatron_export(reader, cfg_dir, where=where)
         else:
             infos, aux_keys = split_aux(all_infos, reader, cfg_dir, aux_prefixes, where)

@@ -30,6 +30,10 @@ from torch import nn
 
 from .config_parity import AfterLoadReport, check_config_parity, load_hf_config, rope_settings
 from .errors import BridgeError
+from .config_fit import read_fitting_config
+from .formats.adapted import to_hf_reader
+from .keys import plan_hf_export
+from .side_files import config_dir
 
 
 class TitanModelError(BridgeError):
@@ -295,8 +299,6 @@ def working_titan_model(reader: Any, cfg_dir: str | Path | None) -> str | None:
     """The ``--titan-model`` whose adapter maps ``reader``'s keys onto the HF class, if one does (for errors)."""
     if cfg_dir is None:
         return None
-    from .formats.adapted import to_hf_reader
-    from .keys import plan_hf_export
 
     try:
         hf = _hf_config(cfg_dir)
@@ -344,9 +346,6 @@ def hf_view(reader: Any, config: str | Path | None, titan_model_name: str | None
     its config is built from the HF config (``config``, or the manifest's
     source dir), and its adapter's ``to_hf`` is applied as plan transforms.
     """
-    from .side_files import config_dir
-    from .formats.adapted import to_hf_reader
-
     name = titan_model_name or recorded_titan_model(reader)
     if name is None:
         m = reader.manifest() if hasattr(reader, "manifest") else None
@@ -358,7 +357,6 @@ def hf_view(reader: Any, config: str | Path | None, titan_model_name: str | None
     if cfg_dir is None:
         raise TitanModelError(f"{reader.path}: holds TorchTitan {name} weights; pass --config HF_DIR (the Hugging "
                               f"Face config they follow) so its adapter can name them")
-    from .config_fit import read_fitting_config
 
     read_fitting_config(cfg_dir, reader.tensors())  # before the config is parsed and the model built
     return to_hf_reader(reader, titan_model(name, cfg_dir).adapter)

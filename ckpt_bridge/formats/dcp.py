@@ -16,10 +16,13 @@ from typing import Any
 
 import torch
 
-from ..confine import is_inside, names_inside
+from ..confine import confined, is_inside, names_inside
 from ..errors import BridgeError, CheckpointFormatError, one_line, root_cause
 from .base import Reader, TensorInfo
 from .dcp_files import RNG_DIR, read_manifest, rng_files
+from .. import safeload
+from .dcp_checks import metadata_problems
+from .dcp_direct import DirectChunks
 
 TRAINING_SECTIONS = ("optimizer", "lr_scheduler", "dataloader", "train_state")
 
@@ -55,8 +58,6 @@ def _safe_reader_class():
 def safe_storage_reader(path: str | Path, *, trust_pickle: bool = False, metadata=None):
     """A DCP ``StorageReader`` for ``path`` whose metadata went through :func:`safeload.load_dcp_metadata`;
     pass it as ``dcp.load(..., storage_reader=...)`` instead of ``checkpoint_id=path``."""
-    from .. import safeload
-
     if metadata is None:
         metadata = safeload.load_dcp_metadata(Path(path) / ".metadata", trust_pickle=trust_pickle)
     return _safe_reader_class()(str(path), metadata)
@@ -82,15 +83,12 @@ class DCPReader(Reader):
                 f"(DCP writes .metadata last); use an earlier step"
             )
             return
-        from .. import safeload
-        from .dcp_checks import metadata_problems
 
         # An unsafe or unreadable .metadata raises here (one line): nothing else of the folder can be trusted.
         self.metadata = safeload.load_dcp_metadata(meta, trust_pickle=trust_pickle)
         self._problems += metadata_problems(self.path, self.metadata)
         if not self._problems:
             self._storage = safe_storage_reader(self.path, metadata=self.metadata)
-            from .dcp_direct import DirectChunks
 
             self._direct = DirectChunks(self.path, self.metadata, trust_pickle=trust_pickle)
 
@@ -267,10 +265,7 @@ class DCPReader(Reader):
 
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
-        from .. import safeload
-
         info = self.metadata.storage_data[MetadataIndex(key)]
-        from ..confine import confined
 
         with open(confined(self.path, info.relative_path, source=self.path / ".metadata", what="data file"), "rb") as f:
             f.seek(info.offset)
@@ -341,8 +336,6 @@ class DCPReader(Reader):
         missing one is an error, unless ``allow_missing_rng`` (then
         :meth:`extra_state` records a warning that travels into the export).
         """
-        from .. import safeload
-
         found = self._rng_files()
         if not found:
             return {}
