@@ -394,8 +394,7 @@ def _hash_files(paths: list[Path], cfg_dir: Path) -> list[dict[str, Any]]:
 def _source_files(reader: Reader, cfg_dir: Path) -> list[Path]:
     """The files the manifest hashes: the weights, the configs, and every side file kept beside them in
     ``HF_CONFIG_DIR`` (the one rule of :func:`ckpt_bridge.side_files.side_files`: what is kept is hashed)."""
-    files = [Path(f) for f in getattr(reader, "files", [])] or ([reader.path] if reader.path.is_file() else [])
-    files = sorted(files)
+    files = sorted(reader.source_files())
     configs = [cfg_dir / n for n in ("config.json", "generation_config.json", "model.safetensors.index.json")]
     for p in [*configs, *side_files(cfg_dir)]:
         inside = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else []
@@ -448,8 +447,7 @@ def to_dcp(
         specs = _aux_from_manifest(Path(aux_from))
     with open_reader(src, trust_pickle=trust_pickle) as reader, ThreadPoolExecutor(1) as pool:
         where = str(reader.path)
-        if hasattr(reader, "check"):
-            reader.check()
+        reader.check()
         cfg_dir, _ = config_dir(reader, config)
         if cfg_dir is None:
             raise KeyPlanError(f"{where}: no config.json found; pass --config PATH (a config.json or a model dir)")

@@ -57,13 +57,11 @@ def _with_titan_hint(e: KeyPlanError, reader: Reader, cfg_dir: Path, titan_model
 def _checked_source(reader: Reader, config: str | Path | None, other_models: tuple[str, ...] = ()
                     ) -> tuple[dict, Path]:
     """Structure and per-key layouts (metadata only), and the config directory."""
-    if hasattr(reader, "check"):
-        reader.check()
-    if other_models and not hasattr(reader, "section_tensors"):
+    reader.check()
+    if other_models and not reader.has_sections:
         raise BridgeError(f"--models {','.join(('main',) + other_models)}: several models in one checkpoint are read "
                           f"from DCP folders (sections saved next to the model); {reader.path} is {reader.format}")
-    infos = (reader.model_tensors(other_models) if other_models else reader.model_tensors()) \
-        if hasattr(reader, "model_tensors") else reader.tensors()
+    infos = reader.model_tensors(other_models)
     if reader.format == "verl-fsdp":
         for key in infos:  # placements and shard shapes of every key, on every rank
             reader.layout(key)
@@ -71,7 +69,7 @@ def _checked_source(reader: Reader, config: str | Path | None, other_models: tup
     if cfg_file is not None and cfg_file.name != "config.json":
         raise BridgeError(f"--config {cfg_file}: pass a file named config.json or the directory holding it")
     if cfg_dir is None:
-        recorded = reader.recorded_config_dir() if hasattr(reader, "recorded_config_dir") else None
+        recorded = reader.recorded_config_dir()
         hint = (f"its manifest records the source {recorded}, which is outside the checkpoint and not followed: "
                 f"pass --config {recorded} to use it" if recorded
                 else "pass --config PATH (a config.json or a model dir)")
@@ -93,7 +91,7 @@ def split_aux(infos: dict, reader: Reader, cfg_dir: Path, names: list[str] | Non
     would make ``from_pretrained`` warn about unexpected keys, or fail.
     """
     wanted = set(names or [])
-    manifest = reader.manifest() if hasattr(reader, "manifest") else None
+    manifest = reader.manifest()
     wanted |= {a["name"] for a in (manifest or {}).get("aux", [])}
     tops = {k.split(".", 1)[0] for k in infos}
     if tops - wanted - {"model", "lm_head"}:  # only then is the model class needed to decide
@@ -189,9 +187,9 @@ def to_hf(
     base_dir = Path(base) if base is not None else None
     if base_dir is not None and not (base_dir / "config.json").is_file():
         raise BridgeError(f"--base {base_dir}: not a model directory (no config.json)")
-    with open_reader(src, trust_pickle=trust_pickle) as reader:
-        reader.allow_missing_rng = allow_missing_rng  # DCP: a rank without rng is a warning, not an error
-        if config is None and base_dir is not None and reader.hfconfig_dir() is None:
+    # allow_missing_rng, DCP: a rank without rng is a warning, not an error
+    with open_reader(src, trust_pickle=trust_pickle, allow_missing_rng=allow_missing_rng) as reader:
+        if config is None and base_dir is not None and reader.hf_config_dir() is None:
             config = base_dir  # the checkpoint has no config of its own: the base's describes it
 
         reader = hf_view(reader, config, titan_model)  # a TorchTitan-native DCP through its adapter's to_hf

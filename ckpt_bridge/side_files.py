@@ -36,9 +36,9 @@ def config_dir(reader: Reader, config: str | Path | None) -> tuple[Path | None, 
     """
     if config is None:
         d = reader.hf_config_dir()
-        # An HF model dir is the user's own choice (and a hub cache snapshot is all links into ../../blobs);
-        # a config dir a trainer checkpoint carries must not pull files from elsewhere into the export.
-        if d is not None and reader.format != "hf":
+        # A config dir a trainer checkpoint carries must not pull files from elsewhere into the export
+        # (an HF model dir is the user's own choice: Reader.confines_config).
+        if d is not None and reader.confines_config:
             root = reader.path if reader.path.is_dir() else reader.path.parent
             for f in [d / "config.json", d / "generation_config.json", *side_files(d)]:
                 if f.exists() and not is_inside(root, f):

@@ -250,7 +250,7 @@ def titan_model(name: str, hf_dir: str | Path, *, attn_backend: str = "flex") ->
 
 def recorded_titan_model(reader: Any) -> str | None:
     """The TorchTitan model a to-dcp manifest says the checkpoint was written for."""
-    m = reader.manifest() if hasattr(reader, "manifest") else None
+    m = reader.manifest()
     return (m or {}).get("titan_model")
 
 
@@ -348,7 +348,7 @@ def hf_view(reader: Any, config: str | Path | None, titan_model_name: str | None
     """
     name = titan_model_name or recorded_titan_model(reader)
     if name is None:
-        m = reader.manifest() if hasattr(reader, "manifest") else None
+        m = reader.manifest()
         if adapter_in_manifest(m):
             cfg_dir, _ = config_dir(reader, config)
             raise unrebuilt_adapter(reader, cfg_dir, m)

@@ -156,7 +156,7 @@ class _ModelView:
         return set(self._aux.tensors()) if self._aux else set()
 
     def tensors(self):
-        base = self.inner.model_tensors() if hasattr(self.inner, "model_tensors") else self.inner.tensors()
+        base = self.inner.model_tensors()
         return {**base, **(self._aux.tensors() if self._aux else {})}
 
     def read(self, key, dtype=None):

@@ -65,10 +65,13 @@ def safe_storage_reader(path: str | Path, *, trust_pickle: bool = False, metadat
 
 class DCPReader(Reader):
     format = "dcp"
+    reads_rows = True
+    has_sections = True
 
-    def __init__(self, path: Path, *, trust_pickle: bool = False):
+    def __init__(self, path: Path, *, trust_pickle: bool = False, allow_missing_rng: bool = False):
         super().__init__(path)
         self.trust_pickle = trust_pickle
+        self.allow_missing_rng = allow_missing_rng  # a rank without a hook-saved rng: a warning, not an error
         self.evidence.files = sorted(p.name for p in self.path.iterdir() if p.suffix == ".distcp" or p.name == ".metadata")[:6]
         self._problems: list[str] = []
         self.metadata = None
@@ -345,7 +348,7 @@ class DCPReader(Reader):
             raise CheckpointFormatError(f"{d}: rng files for rank(s) {extra}, but the DCP save has world size {world} "
                                         f"(from its .distcp files); the folder mixes two saves")
         missing = self.missing_rng_ranks()
-        if missing and not getattr(self, "allow_missing_rng", False):
+        if missing and not self.allow_missing_rng:
             raise CheckpointFormatError(
                 f"{d}: rank_{missing[0]}.pt missing (rng for {len(found)} of {world} ranks; the save was interrupted "
                 f"or the files were not all copied); copy it, or pass --allow-missing-rng to export without it")

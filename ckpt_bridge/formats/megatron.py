@@ -271,7 +271,7 @@ class MegatronReader(Reader):
             return []
         return [k for k, md in self.dcp.metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata)]
 
-    def model_tensors(self) -> dict[str, TensorInfo]:
+    def model_tensors(self, exclude_sections: tuple[str, ...] = ()) -> dict[str, TensorInfo]:
         """One entry per layer of every stacked tensor (``key[i]``, the layer axis dropped); others as stored."""
         if self._unstacked is None:
             out: dict[str, TensorInfo] = {}
