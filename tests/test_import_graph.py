@@ -212,11 +212,43 @@ def test_readers_import_no_writer_planner_or_command():
     assert not found, "readers importing writers, planners or commands:\n" + "\n".join(found)
 
 
+def _top_level_names(path: Path) -> set[str]:
+    """Names a module binds at its top level (in if/try blocks too, not inside functions or classes)."""
+    names: set[str] = set()
+
+    def visit(body):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in node.names)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+                for t in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    names.update(n.id for n in ast.walk(t) if isinstance(n, ast.Name))
+            elif isinstance(node, (ast.If, ast.Try, ast.With, ast.For, ast.While)):
+                for field in ("body", "orelse", "finalbody"):
+                    visit(getattr(node, field, []))
+                for h in getattr(node, "handlers", []):
+                    visit(h.body)
+
+    visit(ast.parse(path.read_text()).body)
+    return names
+
+
+def test_every_name_imported_from_a_project_module_exists():
+    """A moved helper leaves no caller importing it from its old home (an in-function import fails only when
+    its function runs, e.g. in a torchrun worker)."""
+    bound = {m: _top_level_names(path) for m, (path, _) in MODULES.items()}
+    found = [f"{e.where()}: {e.dst} has no {name}" for e in EDGES for name in e.names
+             if name != "*" and name not in bound[e.dst]]
+    assert not found, "names imported from a project module that does not define them:\n" + "\n".join(found)
+
+
 if __name__ == "__main__":  # a quick report: python tests/test_import_graph.py
     inner = {(e.src, e.line) for e in EDGES if e.in_function}
     print(f"{len(MODULES)} modules, {len(EDGES)} import edges, {len(inner)} in-function import statements")
     for test in (test_no_import_cycle, test_no_private_name_imported_across_modules,
-                 test_readers_import_no_writer_planner_or_command):
+                 test_readers_import_no_writer_planner_or_command, test_every_name_imported_from_a_project_module_exists):
         try:
             test()
             print(f"{test.__name__}: ok")
