@@ -18,7 +18,7 @@ from .errors import (
     VerificationFailed,
 )
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: F401 - ckpt_bridge.__version__
 
 __all__ = [
     "BridgeError", "CheckpointFormatError", "KeyPlanError", "OutputError", "UnsafePickleError",

@@ -12,12 +12,7 @@ from __future__ import annotations
 
 import torch
 
-
-def nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = dtype.itemsize
-    for d in shape:
-        n *= d
-    return n
+from .dtypes import nbytes
 
 
 class Recycled:

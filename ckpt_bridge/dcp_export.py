@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import logging
-import shutil
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -34,26 +32,29 @@ from torch import nn
 from .auxiliary import AuxSpec, as_specs, attach_aux, init_aux, parse_aux
 from .buffers import Recycled
 from .detect import open_reader
-from .errors import BridgeError, KeyPlanError, writing
+from .errors import BridgeError, KeyPlanError, few, writing
 from .config_fit import read_fitting_config
-from .export import DTYPES, TOKENIZER_PREFIXES, _config_dir, _jsonable, read_config
+from .dtypes import nbytes, out_dtype, parse_dtype
+from .side_files import config_dir, copy_new, jsonable, read_config, side_files
+from .hf_models import quiet_transformers, tie_groups
 from .formats.base import Reader, TensorInfo
+from .formats.dcp_files import HF_CONFIG_DIR, MANIFEST, read_manifest, write_manifest  # noqa: F401 - MANIFEST re-exported
 from .conversions import Conversions, Group
-from .keys import _DROP_SUFFIXES, _few, gap_error, build_meta_model, canonical_key, canonicalize, tie_groups
+from .keys import drop_reason, gap_error, build_meta_model, canonical_key, canonicalize
 from .plan import Plan, Transform, derive, execute, rename
 from .progress import Progress
 from .titan_eras import seed_flags
 from .trainer_keys import RequestedKeys, requested_keys
-from .team import Team, split, team_output
+from .team import Team, team_output
+from .version import __version__
 from .writers.atomic import flush_tree
+from .dcp_parts import merge_parts, part_dir
+from .formats.adapted import from_hf_reader
+from .formats.dcp import DCPReader
+from .titan_models import adapter_record, titan_model as build_titan_model
 
 log = logging.getLogger("ckpt_bridge")
 
-MANIFEST = "ckpt_bridge_manifest.json"
-# config.json, generation config and tokenizer / processor files of the source, kept inside the DCP folder:
-# to-hf and verify read them from there (paths recorded in a checkpoint are only followed inside it), so a
-# bootstrap checkpoint converts back without --config even after the source dir moved.
-HF_CONFIG_DIR = "hf_config"
 
 
 @dataclass
@@ -98,14 +99,6 @@ class DCPExportSummary:
         return self.seed_flags or seed_flags(str(Path(self.out).absolute()), None, self.layout)
 
 
-def _write_dtype(dtype: str) -> torch.dtype | None:
-    if dtype == "keep":
-        return None
-    if dtype not in DTYPES:
-        raise BridgeError(f"--dtype {dtype!r}: choose one of fp32 (default), bf16, fp16, keep")
-    return DTYPES[dtype]
-
-
 # ---------------------------------------------------------------- aux sources
 
 
@@ -126,8 +119,6 @@ def _aux_from_manifest(path: Path) -> list[AuxSpec]:
 def _aux_tensors_from(path: Path, specs: list[AuxSpec], want: dict[str, TensorInfo],
                       trust_pickle: bool) -> dict[str, tuple[torch.Tensor, str]]:
     """Copy every aux fqn in ``want`` from an existing checkpoint (any readable format)."""
-    from .formats.dcp import DCPReader
-
     out: dict[str, tuple[torch.Tensor, str]] = {}
     with open_reader(path, trust_pickle=trust_pickle) as r:
         infos = r.tensors()
@@ -139,11 +130,11 @@ def _aux_tensors_from(path: Path, specs: list[AuxSpec], want: dict[str, TensorIn
         names = {s.name for s in specs}
         missing = [f for f in want if f not in by_fqn]
         if missing:
-            raise KeyPlanError(f"--aux-from {path}: has no {_few(missing)} (aux modules {', '.join(sorted(names))}); "
-                               f"it holds {_few(sorted(k for k in by_fqn if k.split('.', 1)[0] in names)) or 'none of them'}")
+            raise KeyPlanError(f"--aux-from {path}: has no {few(missing)} (aux modules {', '.join(sorted(names))}); "
+                               f"it holds {few(sorted(k for k in by_fqn if k.split('.', 1)[0] in names)) or 'none of them'}")
         extra = sorted(k for k in by_fqn if k.split(".", 1)[0] in names and k not in want)
         if extra:
-            raise KeyPlanError(f"--aux-from {path}: has aux keys the target module does not: {_few(extra)}; "
+            raise KeyPlanError(f"--aux-from {path}: has aux keys the target module does not: {few(extra)}; "
                                f"the --aux type/size differs from the one that wrote it")
         for fqn, info in want.items():
             src = by_fqn[fqn]
@@ -154,7 +145,7 @@ def _aux_tensors_from(path: Path, specs: list[AuxSpec], want: dict[str, TensorIn
     return out
 
 
-def _tensor_sha256(tensors: list[torch.Tensor]) -> str:
+def tensor_sha256(tensors: list[torch.Tensor]) -> str:
     h = hashlib.sha256()
     for t in tensors:
         h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
@@ -179,7 +170,7 @@ def plan_dcp(src: dict[str, TensorInfo], req: RequestedKeys, aux_fqns: set[str],
     source_of = {canonical_key(k): k for k in src}
     plan = DCPPlan(model_class=model_class, requested=req)
     for c in canon:
-        why = next((w for suf, w in _DROP_SUFFIXES.items() if c.endswith(suf)), None)
+        why = drop_reason(c)
         if why:
             plan.dropped.append((source_of[c], why))
     kept = [c for c in canon if source_of[c] not in {k for k, _ in plan.dropped}]
@@ -207,7 +198,7 @@ def plan_dcp(src: dict[str, TensorInfo], req: RequestedKeys, aux_fqns: set[str],
         elif [m for m in outs if m not in got] or any(len(v) > 1 for v in got.values()):
             raise KeyPlanError(f"{where}: transformers converts {_inputs_of(producers[i], source_of)} into "
                                f"{', '.join(outs)}, but the trainer requests "
-                               f"{_few(sorted(k for v in got.values() for k in v))}")
+                               f"{few(sorted(k for v in got.values() for k in v))}")
         else:
             plan.transforms.append(_renamed(g, outs, got, fn, source_of, conversions))
     if missing or unexpected:
@@ -301,7 +292,7 @@ def _rule(g: Group, conversions: Conversions | None) -> str:
 
 
 def _inputs_of(producer, source_of: dict[str, str]) -> str:
-    return _few([source_of[c] for c in producer[0].inputs], 2)
+    return few([source_of[c] for c in producer[0].inputs], 2)
 
 
 # ---------------------------------------------------------------- TorchTitan's own models
@@ -321,18 +312,14 @@ def _titan_source(reader: Reader, cfg_dir: Path, model: Any, sd_adapter: Any, ti
     """
     if titan_model is None and sd_adapter is None:
         return reader, model, None, None
-    from .formats.adapted import from_hf_reader
-
     if titan_model is not None:
         if sd_adapter is not None or model is not None:
             raise BridgeError("titan_model= builds the model and adapter itself; pass it alone, or model= + sd_adapter=")
-        from .titan_models import titan_model as build
 
-        tm = build(titan_model, cfg_dir)
+        tm = build_titan_model(titan_model, cfg_dir)
         return from_hf_reader(reader, tm.adapter), tm.build("meta"), titan_model, None
     if model is None:
         raise BridgeError("sd_adapter= needs model= (the TorchTitan model, meta is fine) to ask for its keys")
-    from .titan_models import adapter_record
 
     record = adapter_record(sd_adapter, model, cfg_dir)
     return from_hf_reader(reader, sd_adapter), model, record["family"], record
@@ -356,10 +343,6 @@ def streaming_planner(fetch):
             return super().resolve_data(write_item)
 
     return StreamingSavePlanner(dedup_save_to_lowest_rank=False)
-
-
-def _out_dtype(cast: torch.dtype | None):
-    return lambda info: cast if cast is not None and info.dtype.is_floating_point else info.dtype
 
 
 class _Fetcher:
@@ -398,30 +381,24 @@ class _Fetcher:
         return t.contiguous()
 
 
-def _my_groups(groups: list[list[str]], targets: dict[str, TensorInfo], out_dt, team: Team) -> set[str]:
-    """The target keys this process writes: whole transforms (a group is never split between processes)."""
-    if team.size == 1:
-        return set(targets)
-    sizes = [sum(TensorInfo(k, targets[k].shape, out_dt(targets[k])).nbytes for k in g) for g in groups]
-    return {k for i in split(sizes, list(range(len(groups))), team.size)[team.rank] for k in groups[i]}
-
-
-def _hash_files(paths: list[Path]) -> list[dict[str, Any]]:
+def _hash_files(paths: list[Path], cfg_dir: Path) -> list[dict[str, Any]]:
     out = []
     for p in paths:
         with open(p, "rb") as f:
             digest = hashlib.file_digest(f, "sha256").hexdigest()
-        out.append({"name": p.name, "bytes": p.stat().st_size, "sha256": digest})
+        name = p.relative_to(cfg_dir).as_posix() if p.is_relative_to(cfg_dir) else p.name
+        out.append({"name": name, "bytes": p.stat().st_size, "sha256": digest})
     return out
 
 
 def _source_files(reader: Reader, cfg_dir: Path) -> list[Path]:
-    files = [Path(f) for f in getattr(reader, "files", [])] or ([reader.path] if reader.path.is_file() else [])
-    files = sorted(files)
-    for p in sorted(cfg_dir.iterdir()):
-        if p.is_file() and (p.name in ("config.json", "generation_config.json", "model.safetensors.index.json")
-                            or p.name.startswith(TOKENIZER_PREFIXES)) and p not in files:
-            files.append(p)
+    """The files the manifest hashes: the weights, the configs, and every side file kept beside them in
+    ``HF_CONFIG_DIR`` (the one rule of :func:`ckpt_bridge.side_files.side_files`: what is kept is hashed)."""
+    files = sorted(reader.source_files())
+    configs = [cfg_dir / n for n in ("config.json", "generation_config.json", "model.safetensors.index.json")]
+    for p in [*configs, *side_files(cfg_dir)]:
+        inside = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else []
+        files += [q for q in inside if q not in files]
     return files
 
 
@@ -464,26 +441,23 @@ def to_dcp(
     """
     t0 = time.perf_counter()
     team = team or Team()
-    cast = _write_dtype(dtype)
+    cast = parse_dtype(dtype, "fp32 (default), bf16, fp16, keep")
     specs = as_specs(aux)
     if aux_from is not None and not specs:
         specs = _aux_from_manifest(Path(aux_from))
     with open_reader(src, trust_pickle=trust_pickle) as reader, ThreadPoolExecutor(1) as pool:
         where = str(reader.path)
-        if hasattr(reader, "check"):
-            reader.check()
-        cfg_dir, _ = _config_dir(reader, config)
+        reader.check()
+        cfg_dir, _ = config_dir(reader, config)
         if cfg_dir is None:
             raise KeyPlanError(f"{where}: no config.json found; pass --config PATH (a config.json or a model dir)")
         # structure, model_type and sizes against the tensors, before transformers parses it
         read_fitting_config(cfg_dir, reader.tensors())
         source, model, titan, adapter_rec = _titan_source(reader, cfg_dir, model, sd_adapter, titan_model)
         infos = source.tensors()
-        hashes = pool.submit(_hash_files, _source_files(reader, cfg_dir)) if not dry_run and team.leader else None
+        hashes = pool.submit(_hash_files, _source_files(reader, cfg_dir), cfg_dir) if not dry_run and team.leader else None
 
         from transformers import AutoConfig
-
-        from .hf_models import quiet_transformers
 
         with quiet_transformers():
             hf_config = AutoConfig.from_pretrained(str(cfg_dir))
@@ -538,15 +512,15 @@ def to_dcp(
             keys = sorted(f for f in aux_want if f.split(".", 1)[0] == s.name)
             missing = [k for k in keys if k not in aux_values]
             if missing:
-                raise KeyPlanError(f"aux {s.name!r}: the module built for the trainer has {_few(missing)} but the "
+                raise KeyPlanError(f"aux {s.name!r}: the module built for the trainer has {few(missing)} but the "
                                    f"freshly built one does not; build both from the same spec")
             rec["keys"] = {k: list(aux_values[k][0].shape) for k in keys}
-            rec["sha256"] = _tensor_sha256([aux_values[k][0] for k in keys])
+            rec["sha256"] = tensor_sha256([aux_values[k][0] for k in keys])
             aux_records.append(rec)
 
-        out_dt = _out_dtype(cast)
+        out_dt = out_dtype(cast)
         targets = {**plan.targets(), **plan.aux}
-        total = sum(TensorInfo(k, i.shape, out_dt(i)).nbytes for k, i in targets.items())
+        total = sum(nbytes(i.shape, out_dt(i)) for i in targets.values())
         bar = Progress(total, "to-dcp", enabled=progress)
         summary = DCPExportSummary(str(src), str(Path(out).absolute()), req.layout, req.trainer, req.reason)
         summary.seed_flags = seed_flags(summary.out, req.era, req.layout)
@@ -557,7 +531,9 @@ def to_dcp(
         order = [dcp_key(k) for k in targets]  # the flattened keys DCP stores, in state-dict order
         groups = [list(t.targets) for t in plan.transforms] + [[k] for k in plan.aux]
         team.fit(len(groups))  # no more processes than groups to write
-        mine = _my_groups(groups, targets, out_dt, team)
+        # whole transforms per process (a group is never split between processes)
+        mine = {k for g in team.mine(groups, [sum(nbytes(targets[k].shape, out_dt(targets[k])) for k in g)
+                                             for g in groups]) for k in g}
         fetch = _Fetcher(plan, [t for t in plan.transforms if t.targets[0] in mine], source, out_dt, aux_values,
                          bar, summary)
         meta_sd = {(req.fqn_of[k] if req.layout == "nested" else k): torch.empty(i.shape, dtype=out_dt(i),
@@ -566,8 +542,6 @@ def to_dcp(
         state = {"model": meta_sd} if req.layout == "nested" else meta_sd
         protect = tuple(p for p in (Path(src), reader.path, cfg_dir, Path(aux_from) if aux_from else None) if p)
         import torch.distributed.checkpoint as dcp
-
-        from .dcp_parts import merge_parts, part_dir
 
         with team_output(out, team, overwrite=overwrite, protect=protect, create=[]) as tmp, writing(tmp, total):
             # writing(): DCP wraps a full disk, a Ctrl-C or our own read errors in a CheckpointException
@@ -623,27 +597,19 @@ def to_dcp(
                 "notes": plan.notes,
                 "versions": _versions(),
             }
-            (tmp / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=2) + "\n")
+            write_manifest(tmp, jsonable(manifest))
             summary.manifest = str(Path(out).absolute() / MANIFEST)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
 def _keep_hf_files(cfg_dir: Path, dst: Path) -> str:
-    from .export import _tokenizer_files
-
     dst.mkdir()
-    for p in [cfg_dir / "config.json", cfg_dir / "generation_config.json", *_tokenizer_files(cfg_dir)]:
-        if p.is_dir():
-            shutil.copytree(p, dst / p.name)
-        elif p.is_file():
-            shutil.copy2(p, dst / p.name)
+    copy_new([cfg_dir / "config.json", cfg_dir / "generation_config.json", *side_files(cfg_dir)], dst)
     return HF_CONFIG_DIR
 
 
 def _version() -> str:
-    from . import __version__
-
     return __version__
 
 
@@ -659,11 +625,3 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def read_manifest(path: str | Path) -> dict[str, Any] | None:
-    """The to-dcp manifest of a DCP folder, or None."""
-    from .jsonfiles import MANIFEST as SHAPE, read_json
-
-    m = Path(path) / MANIFEST
-    if not m.is_file():
-        return None
-    return read_json(m, SHAPE)

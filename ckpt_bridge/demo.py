@@ -128,7 +128,7 @@ def titan_half(work: Path, ranks: int, steps: int, table: Table) -> None:
 
 def _layout_row(cache: Path) -> str:
     """What the bootstrap DCP holds, from the manifest to-dcp wrote next to it."""
-    from .dcp_export import MANIFEST
+    from .formats.dcp_files import MANIFEST
 
     m = json.loads(next(cache.rglob(MANIFEST)).read_text())
     layout = m.get("layout", {})

@@ -39,7 +39,8 @@ def detect_format(path: str | Path) -> str:
     )
 
 
-def open_reader(path: str | Path, *, trust_pickle: bool = False) -> Reader:
+def open_reader(path: str | Path, *, trust_pickle: bool = False, allow_missing_rng: bool = False) -> Reader:
+    """The reader of the checkpoint at ``path``; ``allow_missing_rng`` goes to the DCP reader (see there)."""
     fmt = detect_format(path)
     path = Path(path)
     if fmt == "verl-fsdp":
@@ -49,7 +50,7 @@ def open_reader(path: str | Path, *, trust_pickle: bool = False) -> Reader:
     if fmt == "hf":
         return HFReader(path, trust_pickle=trust_pickle)
     if fmt == "dcp":
-        return DCPReader(path, trust_pickle=trust_pickle)
+        return DCPReader(path, trust_pickle=trust_pickle, allow_missing_rng=allow_missing_rng)
     if fmt == "safetensors-file":
         return SafetensorsFileReader(path)
     return TorchFileReader(path, trust_pickle=trust_pickle)

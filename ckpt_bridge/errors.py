@@ -139,3 +139,9 @@ def writing(where: str | os.PathLike, needed: int | None) -> Iterator[None]:
         if cause is not e and isinstance(cause, (KeyboardInterrupt, BridgeError)):
             raise cause from None
         raise
+
+
+def few(keys: list[str], n: int = 4) -> str:
+    """The first ``n`` keys and how many more: the list an error message names."""
+    s = ", ".join(keys[:n])
+    return s + (f" and {len(keys) - n} more" if len(keys) > n else "")

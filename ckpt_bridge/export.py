@@ -14,109 +14,38 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from .config_fit import read_fitting_config
-from .confine import is_inside
 from .detect import open_reader
-from .errors import BridgeError, CheckpointFormatError, KeyPlanError
+from .dtypes import DTYPES, TORCH_DTYPE_NAMES, nbytes, out_dtype, parse_dtype  # noqa: F401 - DTYPES re-exported
+from .errors import BridgeError, KeyPlanError
 from .export_marker import write_marker
+from .export_summary import ExportSummary
 from .formats.base import Reader
-from .hf_models import with_legacy_fields
 from .keys import canonicalize, expected_model, plan_hf_export, value_head
 from .plan import Plan, Transform, execute, rename
 from .lora import is_lora
 from .lora_export import export_lora
 from .pieces import stream_pieces
 from .progress import Progress
-from .team import Team, split, team_output
+from .side_files import AUX_FILE, config_dir, copy_base, copy_side_files, same_model, write_extra_state
+from .side_files import write_configs as _write_configs  # a module global: tests hold the export between steps
+from .team import Team, team_output
 from .writers.atomic import check_target
 from .writers.safetensors_shards import ShardedSafetensorsWriter, parse_size
+from .formats.adapted import AdaptedReader
+from .megatron_plan import plan_megatron_export
+from .titan_models import hf_view, working_titan_model
 
 log = logging.getLogger("ckpt_bridge")
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_TORCH_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32",
-                      torch.float64: "float64"}  # fmt: skip
-
-# Tokenizer / processor files that travel with a model (matched by name prefix).
-TOKENIZER_PREFIXES = ("tokenizer", "special_tokens_map", "vocab", "merges", "added_tokens", "chat_template",
-                      "spiece", "sentencepiece", "preprocessor_config", "processor_config")  # fmt: skip
-
-
-@dataclass
-class ExportSummary:
-    source: str
-    source_format: str
-    out: str
-    tensors: int = 0
-    parameters: int = 0
-    bytes_written: int = 0
-    dtype: str = ""
-    files: list[str] = field(default_factory=list)
-    dropped: list[tuple[str, str]] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    model_class: str | None = None
-    extra_state: bool = False
-    global_step: int | None = None
-    aux: dict[str, list[str]] = field(default_factory=dict)  # aux module -> keys
-    aux_mode: str = "separate"
-    config: str = ""
-    plan_lines: list[str] = field(default_factory=list)  # --dry-run: the checked key plan
-    lora: dict[str, Any] | None = None  # LoRA source: mode, r, alpha, targets, notes (see ckpt_bridge.lora)
-
-    def as_dict(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-def target_dtype(dtype: str) -> torch.dtype | None:
-    if dtype == "keep":
-        return None
-    if dtype not in DTYPES:
-        raise BridgeError(f"--dtype {dtype!r}: choose one of keep, {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
-def _config_dir(reader: Reader, config: str | Path | None) -> tuple[Path | None, Path | None]:
-    """(directory holding config.json, explicit config.json file or None).
-
-    Without ``config`` the checkpoint's own config dir is used, and every file
-    we would read or copy from it (config, generation config, tokenizer) must
-    resolve inside the checkpoint folder (see :mod:`ckpt_bridge.confine`).
-    """
-    if config is None:
-        d = reader.hf_config_dir()
-        # An HF model dir is the user's own choice (and a hub cache snapshot is all links into ../../blobs);
-        # a config dir a trainer checkpoint carries must not pull files from elsewhere into the export.
-        if d is not None and reader.format != "hf":
-            root = reader.path if reader.path.is_dir() else reader.path.parent
-            for f in [d / "config.json", d / "generation_config.json", *_tokenizer_files(d)]:
-                if f.exists() and not is_inside(root, f):
-                    raise CheckpointFormatError(
-                        f"{f}: resolves outside the checkpoint folder {root} (a symlink?); refused; pass "
-                        f"--config/--tokenizer explicitly to use files from elsewhere")
-        return d, None
-    p = Path(config)
-    if p.is_dir() and (p / "config.json").is_file():
-        return p, None
-    if p.is_file():
-        return p.parent, p
-    raise BridgeError(f"--config {p}: neither a config.json file nor a directory containing one")
-
 
 def _with_titan_hint(e: KeyPlanError, reader: Reader, cfg_dir: Path, titan_model: str | None) -> KeyPlanError:
     """``e``, plus the ``--titan-model`` that maps these keys when the checkpoint holds a TorchTitan model's own
     names (torchtitan's native saves name no model; that family's adapter is tried on the keys)."""
-    from .formats.adapted import AdaptedReader
-    from .titan_models import working_titan_model
-
     if titan_model is not None or isinstance(reader, AdaptedReader):
         return e
     name = working_titan_model(reader, cfg_dir)
@@ -128,21 +57,19 @@ def _with_titan_hint(e: KeyPlanError, reader: Reader, cfg_dir: Path, titan_model
 def _checked_source(reader: Reader, config: str | Path | None, other_models: tuple[str, ...] = ()
                     ) -> tuple[dict, Path]:
     """Structure and per-key layouts (metadata only), and the config directory."""
-    if hasattr(reader, "check"):
-        reader.check()
-    if other_models and not hasattr(reader, "section_tensors"):
+    reader.check()
+    if other_models and not reader.has_sections:
         raise BridgeError(f"--models {','.join(('main',) + other_models)}: several models in one checkpoint are read "
                           f"from DCP folders (sections saved next to the model); {reader.path} is {reader.format}")
-    infos = (reader.model_tensors(other_models) if other_models else reader.model_tensors()) \
-        if hasattr(reader, "model_tensors") else reader.tensors()
+    infos = reader.model_tensors(other_models)
     if reader.format == "verl-fsdp":
         for key in infos:  # placements and shard shapes of every key, on every rank
             reader.layout(key)
-    cfg_dir, cfg_file = _config_dir(reader, config)
+    cfg_dir, cfg_file = config_dir(reader, config)
     if cfg_file is not None and cfg_file.name != "config.json":
         raise BridgeError(f"--config {cfg_file}: pass a file named config.json or the directory holding it")
     if cfg_dir is None:
-        recorded = reader.recorded_config_dir() if hasattr(reader, "recorded_config_dir") else None
+        recorded = reader.recorded_config_dir()
         hint = (f"its manifest records the source {recorded}, which is outside the checkpoint and not followed: "
                 f"pass --config {recorded} to use it" if recorded
                 else "pass --config PATH (a config.json or a model dir)")
@@ -152,7 +79,6 @@ def _checked_source(reader: Reader, config: str | Path | None, other_models: tup
 
 
 AUX_MODES = ("separate", "drop", "inline")
-AUX_FILE = "aux_modules"
 
 
 def split_aux(infos: dict, reader: Reader, cfg_dir: Path, names: list[str] | None, where: str
@@ -165,7 +91,7 @@ def split_aux(infos: dict, reader: Reader, cfg_dir: Path, names: list[str] | Non
     would make ``from_pretrained`` warn about unexpected keys, or fail.
     """
     wanted = set(names or [])
-    manifest = reader.manifest() if hasattr(reader, "manifest") else None
+    manifest = reader.manifest()
     wanted |= {a["name"] for a in (manifest or {}).get("aux", [])}
     tops = {k.split(".", 1)[0] for k in infos}
     if tops - wanted - {"model", "lm_head"}:  # only then is the model class needed to decide
@@ -244,7 +170,7 @@ def to_hf(
     """
     t0 = time.perf_counter()
     team = team or Team()
-    cast = target_dtype(dtype)
+    cast = parse_dtype(dtype, ", ".join(["keep", *DTYPES]))
     if aux not in AUX_MODES:
         raise BridgeError(f"--aux {aux!r}: choose one of {', '.join(AUX_MODES)}")
     try:
@@ -261,11 +187,10 @@ def to_hf(
     base_dir = Path(base) if base is not None else None
     if base_dir is not None and not (base_dir / "config.json").is_file():
         raise BridgeError(f"--base {base_dir}: not a model directory (no config.json)")
-    with open_reader(src, trust_pickle=trust_pickle) as reader:
-        reader.allow_missing_rng = allow_missing_rng  # DCP: a rank without rng is a warning, not an error
+    # allow_missing_rng, DCP: a rank without rng is a warning, not an error
+    with open_reader(src, trust_pickle=trust_pickle, allow_missing_rng=allow_missing_rng) as reader:
         if config is None and base_dir is not None and reader.hf_config_dir() is None:
             config = base_dir  # the checkpoint has no config of its own: the base's describes it
-        from .titan_models import hf_view
 
         reader = hf_view(reader, config, titan_model)  # a TorchTitan-native DCP through its adapter's to_hf
         all_infos, cfg_dir = _checked_source(reader, config, others)
@@ -280,8 +205,6 @@ def to_hf(
                                progress=progress, t0=t0, dry_run=dry_run)
         where = str(reader.path)
         if reader.format == "verl-megatron":  # its own name rules first, then transformers' save rules
-            from .megatron_plan import plan_megatron_export
-
             aux_keys, plan = {}, plan_megatron_export(reader, cfg_dir, where=where)
         else:
             infos, aux_keys = split_aux(all_infos, reader, cfg_dir, aux_prefixes, where)
@@ -303,7 +226,7 @@ def to_hf(
                                 for t in aux_tf]
         main_tf = list(plan.transforms) + (aux_tf if aux == "inline" else [])
         sep_tf = aux_tf if aux == "separate" else []
-        out_dt = _out_dtype(cast)
+        out_dt = out_dtype(cast)
         protect = tuple(p for p in (Path(src), reader.path, cfg_dir, tok_dir, base_dir) if p is not None)
         if dry_run:  # everything the real run reads before writing, minus tensor data
             check_target(out, overwrite=overwrite, protect=protect)
@@ -354,11 +277,11 @@ def to_hf(
             for name, p_other in other_plans:
                 summary.files += _write_section(reader, name, p_other, tmp, out_dt, shard_bytes)
             written = _dominant_float_dtype(plan, out_dt)
-            summary.dtype = _TORCH_DTYPE_NAMES.get(written, str(written))
+            summary.dtype = TORCH_DTYPE_NAMES.get(written, str(written))
             summary.files += _write_configs(tmp, cfg_dir, plan, written)
-            summary.files += _copy_tokenizer(tmp, tok_dir or cfg_dir, summary)
+            summary.files += copy_side_files(tmp, tok_dir or cfg_dir, summary.warnings)
             if base_dir is not None:
-                summary.files += _copy_base(tmp, base_dir)
+                summary.files += copy_base(tmp, base_dir)
             extra = reader.extra_state()
             if extra:
                 summary.files += write_extra_state(tmp, extra, source=str(reader.path))
@@ -395,17 +318,12 @@ def _stream(reader: Reader, transforms: list[Transform], writer: ShardedSafetens
 
 
 def my_share(transforms: list[Transform], writer: ShardedSafetensorsWriter, out_dt, team: Team) -> list[Transform]:
-    """The transforms this process runs: a contiguous run balanced by output bytes (see :func:`team.split`)."""
+    """The transforms this process runs, cut at output-file boundaries where there are enough files."""
     if team.size == 1:
         return list(transforms)
-    sizes = [sum(o.numel * out_dt(o).itemsize for o in t.outputs) for t in transforms]
+    sizes = [sum(nbytes(o.shape, out_dt(o)) for o in t.outputs) for t in transforms]
     files = [writer.file_of(t.outputs[0].key) if t.outputs else 0 for t in transforms]
-    return [transforms[i] for i in split(sizes, files, team.size)[team.rank]]
-
-
-def _out_dtype(cast: torch.dtype | None):
-    """The dtype a target is written in: ``cast`` for floating tensors, else as produced."""
-    return lambda info: cast if cast is not None and info.dtype.is_floating_point else info.dtype
+    return team.mine(transforms, sizes, files)
 
 
 def _planned(transforms: list[Transform], out_dt) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
@@ -423,53 +341,6 @@ def _write_section(reader: Reader, name: str, plan: Plan, tmp: Path, out_dt, sha
     return writer.close()
 
 
-_WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                 "pytorch_model.bin.index.json")
-
-
-def _copy_base(tmp: Path, base: Path) -> list[str]:
-    """Every component of ``base`` the export does not write itself (VAE files, processor configs, ...)."""
-    copied = []
-    for p in sorted(base.iterdir()):
-        if p.name in _WEIGHT_NAMES or p.name.startswith(("model-0", "pytorch_model-0", ".")) or (tmp / p.name).exists():
-            continue
-        if p.is_dir():
-            shutil.copytree(p, tmp / p.name)
-        else:
-            shutil.copy2(p, tmp / p.name)
-        copied.append(p.name)
-    return copied
-
-
-# config.json fields that make two models different architectures (compared when both configs have them)
-_MODEL_FIELDS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings", "num_local_experts",
-                 "num_experts", "moe_intermediate_size")
-
-
-def same_model(cfg_dir: Path, base_dir: Path) -> None:
-    """``--base`` must be the model the checkpoint's own config describes: a base of another architecture or
-    size would silently lend its config, tokenizer and (for a LoRA-only save) weights to the export."""
-    ours, theirs = read_config(cfg_dir), read_config(base_dir)
-    for f in ("architectures",) + _MODEL_FIELDS:
-        a, b = ours.get(f), theirs.get(f)
-        if f == "architectures":
-            a, b = (a or [None])[0], (b or [None])[0]
-            if a is None or b is None or a.endswith("ForCausalLM") != b.endswith("ForCausalLM"):
-                continue  # a verl critic keeps its causal-LM architectures; a head class is not a mismatch
-        if a is not None and b is not None and a != b:
-            raise BridgeError(f"--base {base_dir}: its config.json has {f} {b!r} but the checkpoint's "
-                              f"{cfg_dir / 'config.json'} has {a!r}: not the model this checkpoint was trained "
-                              f"from; pass the base model the run started from")
-
-
-def read_config(cfg_dir: Path) -> dict[str, Any]:
-    """config.json, checked (UTF-8, an object, field types, a model_type transformers has built in)."""
-    from .jsonfiles import check_config, read_json
-
-    return check_config(read_json(cfg_dir / "config.json"), cfg_dir / "config.json")
-
-
 def _dominant_float_dtype(plan: Plan, out_dt) -> torch.dtype:
     by_bytes: dict[torch.dtype, int] = {}
     for info in plan.targets().values():
@@ -479,121 +350,3 @@ def _dominant_float_dtype(plan: Plan, out_dt) -> torch.dtype:
     return max(by_bytes, key=by_bytes.__getitem__) if by_bytes else torch.float32
 
 
-def _write_configs(tmp: Path, cfg_dir: Path, plan: Plan, written: torch.dtype) -> list[str]:
-    cfg = read_config(cfg_dir)
-    if not cfg.get("architectures") and plan.model_class:
-        cfg["architectures"] = [plan.model_class]
-    cfg.update(plan.config_updates)  # e.g. a critic's value head: XForTokenClassification, num_labels
-    # The config must describe the tensors actually written (verl's own hf_model
-    # save writes fp32 tensors under a config that says bf16).  transformers 5
-    # reads "dtype", 4.x reads "torch_dtype": keep both in step.
-    name = _TORCH_DTYPE_NAMES.get(written, str(written).replace("torch.", ""))
-    cfg["dtype"] = name
-    cfg["torch_dtype"] = name
-    # Read the same by both majors: 5.x writes only rope_parameters, which 4.x ignores (rope_theta 10000),
-    # and only the new names of renamed fields (num_local_experts), which 4.x does not know.
-    cfg = with_legacy_fields(cfg)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-    gen = cfg_dir / "generation_config.json"
-    if gen.is_file():
-        shutil.copy2(gen, tmp / "generation_config.json")
-    else:
-        keys = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-        g = {"_from_model_config": True, **{k: cfg[k] for k in keys if cfg.get(k) is not None}}
-        (tmp / "generation_config.json").write_text(json.dumps(g, indent=2) + "\n")
-    return ["config.json", "generation_config.json"]
-
-
-# What is not a processor / tokenizer file: weights and their indexes in any format, trainer state, and
-# the files an export writes itself.  Everything else beside the config travels (tokenizer, processor,
-# video / image preprocessor, chat templates and additional_chat_templates/, README / LICENSE, ...), so a
-# new processor file needs no change here.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".distcp",
-                    ".index.json", ".npz", ".pkl")
-_WRITTEN_HERE = ("config.json", "generation_config.json", "lr_scheduler_state.json", "trainer_state.json",
-                 "ckpt_bridge_manifest.json", f"{AUX_FILE}.json")
-
-
-def _is_side_file(p: Path) -> bool:
-    if p.name.startswith(".") or p.name in _WRITTEN_HERE or p.name.endswith(_WEIGHT_SUFFIXES):
-        return False
-    if p.is_dir():  # e.g. additional_chat_templates/; a folder holding weights is a checkpoint, not a processor
-        return not any(q.is_file() and (q.name.endswith(_WEIGHT_SUFFIXES) or q.name == ".metadata")
-                       for q in p.rglob("*"))
-    return p.is_file()
-
-
-def _tokenizer_files(d: Path) -> list[Path]:
-    return [p for p in sorted(d.iterdir()) if _is_side_file(p)]
-
-
-def _copy_tokenizer(tmp: Path, cfg_dir: Path, summary: ExportSummary) -> list[str]:
-    """Copy every tokenizer / processor file and folder beside the config (see ``_is_side_file``)."""
-    copied = []
-    for p in _tokenizer_files(cfg_dir):
-        if (tmp / p.name).exists():
-            continue
-        if p.is_dir():
-            shutil.copytree(p, tmp / p.name)
-        else:
-            shutil.copy2(p, tmp / p.name)
-        copied.append(p.name)
-    if not any(n.startswith("tokenizer") for n in copied):
-        summary.warnings.append(
-            f"no tokenizer files in {cfg_dir}; the export has weights and config only "
-            f"(copy a tokenizer in, or pass --config a model dir that has one)"
-        )
-    return copied
-
-
-def write_extra_state(tmp: Path, extra: dict[str, Any], *, source: str) -> list[str]:
-    """``extra_state_merged.pt`` + readable ``lr_scheduler_state.json`` and ``trainer_state.json``.
-
-    The same three files for every source: verl (lr_scheduler, rng of every
-    rank, step) and TorchTitan/flame (lr_scheduler, train_state, dataloader,
-    and rng of every rank when the ckpt-bridge hook saved it).
-    """
-    payload = {
-        "lr_scheduler": extra.get("lr_scheduler"),
-        "rng": extra.get("rng", {}),  # {rank: rng state}; both trainers restore rng per rank
-        "global_step": extra.get("global_step"),
-        "world_size": extra.get("world_size"),
-        "train_state": extra.get("train_state"),
-        "dataloader": extra.get("dataloader"),
-        "source": source,
-    }
-    torch.save(payload, tmp / "extra_state_merged.pt")
-    readable = {
-        "global_step": extra.get("global_step"),
-        "world_size": extra.get("world_size"),
-        "ranks_with_rng": sorted(extra.get("rng", {})),
-        "lr_scheduler": _jsonable(extra.get("lr_scheduler")),
-        "source": source,
-    }
-    (tmp / "lr_scheduler_state.json").write_text(json.dumps(readable, indent=2) + "\n")
-    trainer = {
-        "global_step": extra.get("global_step"),
-        "world_size": extra.get("world_size"),
-        "train_state": _jsonable(extra.get("train_state")),
-        "dataloader_state_saved": extra.get("dataloader") is not None,
-        "rng_saved_for_ranks": sorted(extra.get("rng", {})),
-        "lr_scheduler": _jsonable(extra.get("lr_scheduler")),
-        "restore": "torch.load('extra_state_merged.pt', weights_only=False) is trusted output of ckpt-bridge; "
-                   "rng[rank] holds python/numpy/torch (and cuda) states",
-        "source": source,
-        "warnings": extra.get("warnings", []),
-    }
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer, indent=2) + "\n")
-    return ["extra_state_merged.pt", "lr_scheduler_state.json", "trainer_state.json"]
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist() if obj.numel() <= 64 else f"<tensor {tuple(obj.shape)} {obj.dtype}>"
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    return repr(obj)

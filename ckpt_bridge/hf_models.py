@@ -53,7 +53,7 @@ def architecture_class(config: Any) -> type:
     return cls or transformers.AutoModelForCausalLM
 
 
-def _major() -> int:
+def transformers_major() -> int:
     import transformers
 
     return int(transformers.__version__.split(".")[0])
@@ -170,9 +170,6 @@ def _with_legacy_fields(cfg: dict) -> dict:
     return out
 
 
-with_legacy_rope = with_legacy_fields  # the earlier name
-
-
 def _init_params(cls: type) -> set[str]:
     """Every key ``cls`` (and its bases) takes by name, aliases included."""
     import inspect
@@ -215,7 +212,7 @@ def load_config(hf_dir: str | Path) -> Any:
     path = Path(hf_dir) / "config.json"
     raw = json.loads(path.read_text()) if path.is_file() else {}
     with quiet_transformers():
-        if _major() >= 5 or with_legacy_fields(raw) == raw:
+        if transformers_major() >= 5 or with_legacy_fields(raw) == raw:
             config = AutoConfig.from_pretrained(str(hf_dir))
         else:
             with tempfile.TemporaryDirectory() as tmp:  # config.json only: AutoConfig reads nothing else
@@ -289,3 +286,11 @@ def text_token_ids(config: Any, shape: tuple[int, ...], generator: torch.Generat
     reserved = {v for k, v in vars(config).items() if isinstance(v, int) and k.endswith(("token_id", "token_index"))}
     allowed = torch.tensor([i for i in range(vocab) if i not in reserved])
     return allowed[torch.randint(0, len(allowed), shape, generator=generator)]
+
+
+def tie_groups(model) -> list[list[str]]:
+    """Parameter names that are one object (tied weights), first name first."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [g for g in groups.values() if len(g) > 1]

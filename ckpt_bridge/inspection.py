@@ -63,7 +63,7 @@ def inspect(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Any]:
         report["config"] = str(cfg / "config.json") if cfg else None
         if cfg is not None and not problems:
             try:  # what to-hf / to-dcp refuse in a config (auto_map, model_type, sizes vs tensors): the same gate
-                read_fitting_config(cfg, reader.model_tensors() if hasattr(reader, "model_tensors") else infos)
+                read_fitting_config(cfg, reader.model_tensors())
             except BridgeError as e:
                 problems.append(str(e))
         report["problems"] = list(dict.fromkeys(problems))  # each problem once

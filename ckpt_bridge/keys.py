@@ -37,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 from .conversions import Group
-from .errors import KeyPlanError
+from .errors import KeyPlanError, few
 from .formats.base import TensorInfo
+from .hf_models import tie_groups
 from .plan import Plan, Transform, rename
 
 # (kind, text): "prefix" strips text at the start of a key, "component" removes a
@@ -53,7 +54,8 @@ WRAPPER_RULES: tuple[tuple[str, str], ...] = (
 _DROP_SUFFIXES = {"inv_freq": "rotary inv_freq is a non-persistent buffer recomputed from the config"}
 
 
-def _drop_reason(key: str) -> str | None:
+def drop_reason(key: str) -> str | None:
+    """Why ``key`` is not carried over (a buffer recomputed from the config), or None."""
     return next((why for suf, why in _DROP_SUFFIXES.items() if key.endswith(suf)), None)
 
 
@@ -185,14 +187,6 @@ def build_meta_model(config_dir: Path, overrides: dict | None = None):
         raise KeyPlanError(
             f"{config_dir / 'config.json'}: transformers cannot build this model ({type(e).__name__}: {e})"
         ) from None
-
-
-def tie_groups(model) -> list[list[str]]:
-    """Parameter names that are one object (tied weights), first name first."""
-    groups: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(name)
-    return [g for g in groups.values() if len(g) > 1]
 
 
 def _build_expected_model(config_dir: Path, overrides: dict | None = None) -> ModelExpectation:
@@ -341,9 +335,9 @@ def gap_error(where: str, missing: list[str], missing_why: str, unexpected: list
     """One line for keys a target needs that the source lacks, and source keys the target does not take."""
     parts = []
     if missing:
-        parts.append(f"{len(missing)} key(s) {missing_why}: {_few(missing)}")
+        parts.append(f"{len(missing)} key(s) {missing_why}: {few(missing)}")
     if unexpected:
-        parts.append(f"{len(unexpected)} {source} key(s) {unexpected_why}: {_few(unexpected)}")
+        parts.append(f"{len(unexpected)} {source} key(s) {unexpected_why}: {few(unexpected)}")
     return KeyPlanError(f"{where}: " + "; ".join(parts) + tail)
 
 
@@ -370,7 +364,7 @@ def _drop_the_rest(plan: Plan, canon: dict[str, TensorInfo], source_of: dict[str
     for c in canon:
         if source_of[c] in used:
             continue
-        reason = _drop_reason(c)
+        reason = drop_reason(c)
         if c in alias_of:
             plan.dropped.append((source_of[c], f"tied to {alias_of[c]}"))
         elif reason:
@@ -411,6 +405,3 @@ def _converter_fn(config_dir: Path, overrides: dict | None, group: Group, mem_of
     return fn
 
 
-def _few(keys: list[str], n: int = 4) -> str:
-    s = ", ".join(keys[:n])
-    return s + (f" and {len(keys) - n} more" if len(keys) > n else "")

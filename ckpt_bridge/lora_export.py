@@ -22,6 +22,7 @@ without any, ``both`` writes the adapter alone and says so.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -30,10 +31,16 @@ import torch
 
 from . import lora
 from .detect import open_reader
+from .dtypes import TORCH_DTYPE_NAMES, nbytes
 from .errors import BridgeError, KeyPlanError
+from .export_marker import write_marker
+from .export_summary import ExportSummary
 from .formats.base import Reader, TensorInfo
 from .keys import ModelExpectation, canonicalize, expected_model, plan_hf_export, value_head
 from .plan import Plan, compose, execute
+from .progress import Progress
+from .side_files import copy_base, copy_side_files, write_configs, write_extra_state
+from .writers.atomic import AtomicDir, check_target
 from .writers.safetensors_shards import ShardedSafetensorsWriter
 
 ADAPTER_FILE = "adapter_model"
@@ -170,7 +177,7 @@ def write_lora(job: LoraJob, reader: Reader, tmp: Path, *, cast: torch.dtype | N
         adir.mkdir(exist_ok=True)
         specs = [(o.key, o.shape, o.dtype) for o in job.adapter.targets().values()]
         # PEFT loads one adapter_model.safetensors: never shard it
-        writer = ShardedSafetensorsWriter(adir, specs, max(1, sum(_nbytes(s) for s in specs)), prefix=ADAPTER_FILE)
+        writer = ShardedSafetensorsWriter(adir, specs, max(1, sum(nbytes(s[1], s[2]) for s in specs)), prefix=ADAPTER_FILE)
         _stream(job.adapter, read, lambda o: None, writer, on_tensor)
         prefix = "" if adir == tmp else f"{lora.ADAPTER_SUBDIR}/"
         res["files"] += [prefix + f for f in writer.close()]
@@ -188,13 +195,6 @@ def _stream(plan: Plan, read, dtype_of, writer: ShardedSafetensorsWriter, on_ten
         del out
 
 
-def _nbytes(spec) -> int:
-    n = spec[2].itemsize
-    for s in spec[1]:
-        n *= s
-    return n
-
-
 def _dominant(by_key: dict[str, tuple[torch.dtype, int]]) -> torch.dtype:
     total: dict[torch.dtype, int] = {}
     for dt, n in by_key.values():
@@ -210,14 +210,6 @@ def export_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, src
     """``to_hf`` of a LoRA checkpoint (called from :func:`ckpt_bridge.export.to_hf`; same summary, same rules:
     ``dry_run`` checks the input, the extra state and ``out`` and returns the plan lines; the export carries
     the same marker as every export, so watch and the callbacks treat LoRA runs alike)."""
-    import time
-
-    from .export import (_TORCH_DTYPE_NAMES, ExportSummary, _copy_base, _copy_tokenizer, _write_configs,
-                         write_extra_state)
-    from .progress import Progress
-    from .export_marker import write_marker
-    from .writers.atomic import AtomicDir, check_target
-
     job = plan_lora(reader, infos, cfg_dir, mode=mode, base=base, lora_config=lora_config)
     try:
         summary = ExportSummary(str(src), reader.format, str(out))
@@ -251,11 +243,11 @@ def export_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, src
                 written = res["dtype"]
                 summary.model_class = job.key_plan.model_class
                 summary.dropped = list(job.merged.dropped)
-                summary.dtype = _TORCH_DTYPE_NAMES.get(written, str(written))
-                summary.files += _write_configs(tmp, cfg_dir, job.key_plan, written)
-                summary.files += _copy_tokenizer(tmp, tokenizer or cfg_dir, summary)
+                summary.dtype = TORCH_DTYPE_NAMES.get(written, str(written))
+                summary.files += write_configs(tmp, cfg_dir, job.key_plan, written)
+                summary.files += copy_side_files(tmp, tokenizer or cfg_dir, summary.warnings)
                 if base is not None:
-                    summary.files += _copy_base(tmp, base)
+                    summary.files += copy_base(tmp, base)
             else:
                 summary.model_class = "PEFT adapter"
             extra = reader.extra_state()  # the run's state travels with an adapter-only export too

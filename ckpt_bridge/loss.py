@@ -34,7 +34,7 @@ def _forward_windows(model: torch.nn.Module, windows: list[torch.Tensor]):
             yield ids[0], model(input_ids=ids, use_cache=False).logits[0].float()
 
 
-def _windows_loss(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
+def windows_loss(model: torch.nn.Module, windows: list[torch.Tensor]) -> float:
     """Token-weighted mean next-token cross-entropy over 1-D windows, one forward per window.
 
     One window at a time (no padding, no attention mask) so the result does not
@@ -83,4 +83,4 @@ def text_loss(model: torch.nn.Module, tokenizer, text: str, max_tokens: int = 20
     The model runs in its own dtype and device.  A pure function of (weights,
     text), so two models can be compared on exactly the same tokens.
     """
-    return _windows_loss(model, _windows(model, tokenizer, text, max_tokens, seq_len))
+    return windows_loss(model, _windows(model, tokenizer, text, max_tokens, seq_len))

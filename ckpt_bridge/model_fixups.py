@@ -33,103 +33,20 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from .config_parity import AfterLoadReport, ConfigMismatchError, check_config_parity, load_hf_config  # noqa: F401 - ConfigMismatchError re-exported
 from .errors import BridgeError
-
-
-class ConfigMismatchError(BridgeError):
-    """The trainer's model config differs from the config the weights came from."""
-
-
-@dataclass
-class AfterLoadReport:
-    recomputed: list[tuple[str, float]] = field(default_factory=list)  # (buffer, max |old - new|)
-    checked: list[str] = field(default_factory=list)  # config fields compared
-    retied: list[list[str]] = field(default_factory=list)  # parameter names made one tensor again
-
-    def lines(self) -> list[str]:
-        out = [f"recomputed {name} (max |change| {d:.3g})" for name, d in self.recomputed]
-        out += [f"re-tied {' = '.join(g)}" for g in self.retied]
-        out.append(f"config matches on {', '.join(self.checked)}")
-        return out
+from .hf_models import tie_groups
+from .titan_models import is_titan_model, titan_after_load
 
 
 def _parts(model: nn.Module | list[nn.Module]) -> list[nn.Module]:
     return [model] if isinstance(model, nn.Module) else list(model)
-
-
-# ---------------------------------------------------------------- config parity
-
-
-def _get(cfg: Any, name: str) -> Any:
-    return cfg.get(name) if isinstance(cfg, dict) else getattr(cfg, name, None)
-
-
-def _rope(cfg: Any) -> dict[str, Any]:
-    """rope settings as one dict: transformers 5 keeps them in rope_parameters, 4.x in rope_theta/rope_scaling."""
-    rp = _get(cfg, "rope_parameters")
-    out = dict(rp) if isinstance(rp, dict) else {}
-    if "rope_theta" not in out and _get(cfg, "rope_theta") is not None:
-        out["rope_theta"] = _get(cfg, "rope_theta")
-    scaling = _get(cfg, "rope_scaling")
-    if isinstance(scaling, dict):
-        out.update({k: v for k, v in scaling.items() if k not in out})
-    out.setdefault("rope_type", out.pop("type", "default"))
-    return out
-
-
-def parity_fields(cfg: Any) -> dict[str, Any]:
-    """The config fields that change what the weights compute (of the text model, for a VLM)."""
-    if hasattr(cfg, "get_text_config"):
-        cfg = cfg.get_text_config()
-    heads = _get(cfg, "num_attention_heads")
-    hidden = _get(cfg, "hidden_size")
-    head_dim = _get(cfg, "head_dim") or (hidden // heads if hidden and heads else None)
-    rope = _rope(cfg)
-    eps = next((_get(cfg, n) for n in ("rms_norm_eps", "layer_norm_eps", "norm_eps") if _get(cfg, n) is not None),
-               None)
-    tie = _get(cfg, "tie_word_embeddings")
-    return {
-        "rope_theta": rope.get("rope_theta"),
-        "rope_type": rope.get("rope_type"),
-        "rope_scaling": {k: v for k, v in rope.items() if k not in ("rope_theta", "rope_type")} or None,
-        "rms_norm_eps": eps,
-        "vocab_size": _get(cfg, "vocab_size"),
-        "head_dim": head_dim,
-        "tie_word_embeddings": bool(tie) if tie is not None else None,
-        "hidden_size": hidden,
-        "num_hidden_layers": _get(cfg, "num_hidden_layers"),
-        "num_attention_heads": heads,
-        "num_key_value_heads": _get(cfg, "num_key_value_heads") or heads,
-        "intermediate_size": _get(cfg, "intermediate_size"),
-    }
-
-
-def check_config_parity(model_config: Any, hf_config: Any, *, where: str = "") -> list[str]:
-    """Raise :class:`ConfigMismatchError` naming every differing field; return the fields compared."""
-    a, b = parity_fields(model_config), parity_fields(hf_config)
-    diffs = [f"{k} {a[k]!r} (trainer) vs {b[k]!r}" for k in a if a[k] != b[k]]
-    if diffs:
-        raise ConfigMismatchError(
-            f"the trainer's model config differs from {where or 'the HF config'}: {'; '.join(diffs)}; build the "
-            f"trainer model from that config (AutoConfig.from_pretrained) or these weights compute another function"
-        )
-    return [k for k in a if a[k] is not None]
-
-
-def load_hf_config(hf_dir: str | Path) -> Any:
-    from .hf_models import load_config
-
-    p = Path(hf_dir)
-    if not (p / "config.json").is_file():
-        raise BridgeError(f"{p}: no config.json here; pass the Hugging Face model directory the weights came from")
-    return load_config(p)
 
 
 # ---------------------------------------------------------------- buffers
@@ -279,14 +196,6 @@ def recompute_buffers(model: nn.Module | list[nn.Module]) -> list[tuple[str, flo
 # ---------------------------------------------------------------- tied weights
 
 
-def _tie_groups(model: nn.Module) -> list[list[str]]:
-    """Parameter names that are one tensor in ``model`` (several names, one ``Parameter``)."""
-    by_id: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        by_id.setdefault(id(p), []).append(name)
-    return [g for g in by_id.values() if len(g) > 1]
-
-
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
     local = [t.to_local() if hasattr(t, "to_local") else t for t in (a, b)]
     return local[0].shape == local[1].shape and bool(torch.equal(local[0].detach(), local[1].detach()))
@@ -305,7 +214,7 @@ def retie_weights(model: nn.Module | list[nn.Module]) -> list[list[str]]:
         if getattr(part, "config", None) is None or not hasattr(part, "tie_weights"):
             continue
         twin, _ = _FreshBuilds().twin([("", part)])
-        want = _tie_groups(twin) if twin is not None else []
+        want = tie_groups(twin) if twin is not None else []
         params = dict(part.named_parameters(remove_duplicate=False))
         broken = [g for g in want if all(n in params for n in g) and len({id(params[n]) for n in g}) > 1]
         if not broken:
@@ -343,11 +252,7 @@ def after_load(model: nn.Module | list[nn.Module], hf_dir: str | Path, *, model_
     non-persistent buffer and derived tensor attribute with the model's own
     constructor, and ties again the weights ``to_empty()`` untied.
     """
-    from .titan_models import is_titan_model
-
     if model_config is None and is_titan_model(model):  # TorchTitan's own model code: its config, its buffers
-        from .titan_models import titan_after_load
-
         return titan_after_load(model, hf_dir, check_config=check_config, recompute=recompute)
     report = AfterLoadReport()
     if check_config:

@@ -49,7 +49,7 @@ def stream_pieces(transforms: list[Transform], reader, out_dt: Callable[[TensorI
     The consumer must be done with a piece before asking for the next one
     (its buffer is reused three pieces later).
     """
-    rows = getattr(reader, "read_rows", None)
+    rows = reader.read_rows if reader.reads_rows else None
     piece_bytes = piece_bytes or PIECE_BYTES
 
     def piecewise(t: Transform) -> bool:

@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
-from .errors import KeyPlanError
+from .errors import KeyPlanError, few
 from .formats.base import TensorInfo
 from .stream import read_ahead
 
@@ -142,23 +142,16 @@ class Plan:
         src = set(source_keys)
         unknown = sorted(self.sources() - src)
         if unknown:
-            raise KeyPlanError(f"{where}: the plan reads {_few(unknown)}, which the checkpoint does not have")
+            raise KeyPlanError(f"{where}: the plan reads {few(unknown)}, which the checkpoint does not have")
         dropped = {k for k, _ in self.dropped}
         loose = sorted(src - self.sources() - dropped)
         if loose:
             raise KeyPlanError(f"{where}: {len(loose)} source key(s) are neither used nor dropped by a rule: "
-                               f"{_few(loose)}")
+                               f"{few(loose)}")
         return self
 
     def lines(self) -> list[str]:
         return [t.line() for t in self.transforms] + [f"{k} -> (dropped: {why})" for k, why in self.dropped]
-
-    def counts(self) -> dict[str, int]:
-        """How many transforms of each op (for summaries)."""
-        out: dict[str, int] = {}
-        for t in self.transforms:
-            out[t.op] = out.get(t.op, 0) + 1
-        return out
 
 
 def compose(first: Plan, second: Plan, *, where: str) -> Plan:
@@ -185,7 +178,7 @@ def compose(first: Plan, second: Plan, *, where: str) -> Plan:
     for t2 in second.transforms:
         missing = [k for k in t2.inputs if k not in producer]
         if missing:
-            raise KeyPlanError(f"{where}: {t2.line()} reads {_few(missing)}, which no earlier step produces")
+            raise KeyPlanError(f"{where}: {t2.line()} reads {few(missing)}, which no earlier step produces")
         t1s = list({id(producer[k]): producer[k] for k in t2.inputs}.values())
         if t2.fn is None and t1s[0].fn is None:  # rename after rename
             rule = " + ".join(r for r in (t1s[0].rule, t2.rule) if r)
@@ -258,6 +251,3 @@ def _takes_out(read: Callable) -> bool:
         return False
 
 
-def _few(keys: list[str], n: int = 4) -> str:
-    s = ", ".join(keys[:n])
-    return s + (f" and {len(keys) - n} more" if len(keys) > n else "")

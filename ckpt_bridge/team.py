@@ -70,6 +70,14 @@ class Team:
             if self.size == 1:
                 self.kind = "solo"
 
+    def mine(self, items: list, sizes: list[int], files: list[int] | None = None) -> list:
+        """The items this process handles: a contiguous run balanced by output bytes (see :func:`split`);
+        ``files[i]`` is the output file item i starts in (None: each item its own), all items when alone."""
+        if self.size == 1:
+            return list(items)
+        files = list(range(len(items))) if files is None else files
+        return [items[i] for i in split(sizes, files, self.size)[self.rank]]
+
     def share(self, tmp: Path | None) -> Path:
         """Rank 0 passes the temporary output dir (its files already created) to the others; they get it back."""
         if self.kind == "local":

@@ -28,7 +28,12 @@ from typing import Any, Callable
 
 from torch import nn
 
+from .config_parity import AfterLoadReport, check_config_parity, load_hf_config, rope_settings
 from .errors import BridgeError
+from .config_fit import read_fitting_config
+from .formats.adapted import to_hf_reader
+from .keys import plan_hf_export
+from .side_files import config_dir
 
 
 class TitanModelError(BridgeError):
@@ -54,9 +59,7 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
 
 def _rope_kwargs(hf: Any) -> dict[str, Any]:
     """TorchTitan ``RoPE.Config`` fields for the HF rope settings (theta, llama3 scaling)."""
-    from .model_fixups import _rope
-
-    r = _rope(hf)
+    r = rope_settings(hf)
     out: dict[str, Any] = {"theta": float(r.get("rope_theta", 10000.0)), "dim": _head_dim(hf),
                            "max_seq_len": int(_get(hf, "max_position_embeddings", 4096))}
     if r.get("rope_type") == "llama3":
@@ -122,7 +125,6 @@ def _module(name: str) -> Any:
 
 
 def _hf_config(hf_dir: str | Path) -> Any:
-    from .model_fixups import load_hf_config
 
     return load_hf_config(hf_dir)
 
@@ -172,7 +174,6 @@ def titan_config(name: str, hf: Any, *, attn_backend: str = "flex") -> Any:
         layers=layers,
     )  # fmt: skip
     _set_norm_eps(cfg, float(hf.rms_norm_eps), RMSNorm.Config)
-    from .model_fixups import check_config_parity
 
     try:
         check_config_parity(titan_parity(cfg), hf, where="the HF config")
@@ -249,7 +250,7 @@ def titan_model(name: str, hf_dir: str | Path, *, attn_backend: str = "flex") ->
 
 def recorded_titan_model(reader: Any) -> str | None:
     """The TorchTitan model a to-dcp manifest says the checkpoint was written for."""
-    m = reader.manifest() if hasattr(reader, "manifest") else None
+    m = reader.manifest()
     return (m or {}).get("titan_model")
 
 
@@ -286,7 +287,6 @@ def adapter_record(sd_adapter: Any, model: Any, hf_dir: str | Path) -> dict[str,
         try:
             if type(sd_adapter) is not _registered_adapter(name):
                 continue
-            from .model_fixups import check_config_parity
 
             check_config_parity(titan_parity(cfg), hf, where="the HF config")  # the same function: same adapter
         except Exception:  # noqa: BLE001 - not this family (or another config): nothing to rebuild from
@@ -299,8 +299,6 @@ def working_titan_model(reader: Any, cfg_dir: str | Path | None) -> str | None:
     """The ``--titan-model`` whose adapter maps ``reader``'s keys onto the HF class, if one does (for errors)."""
     if cfg_dir is None:
         return None
-    from .formats.adapted import to_hf_reader
-    from .keys import plan_hf_export
 
     try:
         hf = _hf_config(cfg_dir)
@@ -348,21 +346,17 @@ def hf_view(reader: Any, config: str | Path | None, titan_model_name: str | None
     its config is built from the HF config (``config``, or the manifest's
     source dir), and its adapter's ``to_hf`` is applied as plan transforms.
     """
-    from .export import _config_dir
-    from .formats.adapted import to_hf_reader
-
     name = titan_model_name or recorded_titan_model(reader)
     if name is None:
-        m = reader.manifest() if hasattr(reader, "manifest") else None
+        m = reader.manifest()
         if adapter_in_manifest(m):
-            cfg_dir, _ = _config_dir(reader, config)
+            cfg_dir, _ = config_dir(reader, config)
             raise unrebuilt_adapter(reader, cfg_dir, m)
         return reader
-    cfg_dir, _ = _config_dir(reader, config)
+    cfg_dir, _ = config_dir(reader, config)
     if cfg_dir is None:
         raise TitanModelError(f"{reader.path}: holds TorchTitan {name} weights; pass --config HF_DIR (the Hugging "
                               f"Face config they follow) so its adapter can name them")
-    from .config_fit import read_fitting_config
 
     read_fitting_config(cfg_dir, reader.tensors())  # before the config is parsed and the model built
     return to_hf_reader(reader, titan_model(name, cfg_dir).adapter)
@@ -392,7 +386,6 @@ def titan_after_load(model: nn.Module | list[nn.Module], hf_dir: str | Path, *, 
     """
     import torch
 
-    from .model_fixups import AfterLoadReport, check_config_parity, load_hf_config
 
     parts = [model] if isinstance(model, nn.Module) else list(model)
     report = AfterLoadReport()

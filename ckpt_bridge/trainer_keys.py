@@ -20,7 +20,7 @@ from torch import nn
 
 from .errors import BridgeError
 from .formats.base import TensorInfo
-from .titan_eras import LAYOUT_HELP, WHO_LOADS, TitanEra, installed_era, torchtitan_version  # noqa: F401
+from .titan_eras import WHO_LOADS, TitanEra, installed_era
 
 LAYOUTS = ("auto", "nested", "flat")
 NEST = "model"  # the top-level state name torchtitan has always used for the model

@@ -20,10 +20,13 @@ import torch
 
 from .compare import bits_equal, diff
 from .config_fit import read_fitting_config
-from .detect import open_reader
+from .detect import detect_format, open_reader
 from .errors import BridgeError, KeyPlanError
-from .export import DTYPES, to_hf
-from .keys import canonical_key, canonicalize, expected_model
+from .export import DTYPES, split_aux, to_hf
+from .keys import canonical_key, canonicalize, expected_model, plan_hf_export
+from .formats.hf import SafetensorsFileReader
+from .hf_models import load_pretrained, text_token_ids
+from .megatron_plan import plan_megatron_export
 
 
 @dataclass
@@ -142,8 +145,6 @@ class _ModelView:
     under its own layout) plus, for an HF export, the aux modules kept apart in aux_modules.safetensors."""
 
     def __init__(self, reader):
-        from .formats.hf import SafetensorsFileReader
-
         self.inner, self.path = reader, reader.path
         self._aux = None
         aux_file = reader.path / "aux_modules.safetensors" if reader.format == "hf" else None
@@ -155,7 +156,7 @@ class _ModelView:
         return set(self._aux.tensors()) if self._aux else set()
 
     def tensors(self):
-        base = self.inner.model_tensors() if hasattr(self.inner, "model_tensors") else self.inner.tensors()
+        base = self.inner.model_tensors()
         return {**base, **(self._aux.tensors() if self._aux else {})}
 
     def read(self, key, dtype=None):
@@ -206,9 +207,6 @@ def _as_saved(view: _ModelView, other_cfg: Path | None = None):
 
     A verl Megatron checkpoint goes through its to-hf plan (unstacked layers, split qkv / fc1, ...), with
     its own HF config or else the other side's (``other_cfg``: the HF dir it is compared with)."""
-    from .export import split_aux
-    from .keys import plan_hf_export
-
     if view.inner.format == "verl-megatron":
         return _megatron_as_saved(view, view.hf_config_dir() or other_cfg)
     cfg = view.hf_config_dir()
@@ -226,8 +224,6 @@ def _as_saved(view: _ModelView, other_cfg: Path | None = None):
 
 
 def _megatron_as_saved(view: _ModelView, cfg: Path | None):
-    from .megatron_plan import plan_megatron_export
-
     if cfg is None:
         raise BridgeError(f"{view.path}: a Megatron checkpoint is compared through its to-hf plan, which needs a "
                           f"config.json: the save has none and the other side is not an HF dir with one")
@@ -235,8 +231,6 @@ def _megatron_as_saved(view: _ModelView, cfg: Path | None):
 
 
 def _as_hf_dir(path: Path, tmp: Path, trust_pickle: bool) -> Path:
-    from .detect import detect_format
-
     if detect_format(path) == "hf":
         return path
     out = tmp / "export"
@@ -248,8 +242,6 @@ def compare_logits(a: str | Path, b: str | Path, *, trust_pickle: bool = False, 
     """Max |logits_a - logits_b| on a fixed batch of text tokens, both sides loaded as the class their
     config.json names (causal LM, VLM, token classification), fp32 compute."""
     from transformers.utils import logging as hf_logging
-
-    from .hf_models import load_pretrained, text_token_ids
 
     hf_logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as ta, tempfile.TemporaryDirectory() as tb:

@@ -34,11 +34,14 @@ from .auxiliary import as_specs, attach_aux, parse_aux
 from .compare import bits_equal, diff
 from .config_fit import read_fitting_config
 from .conversions import Conversions
-from .dcp_export import _tensor_sha256, plan_dcp, read_manifest
-from .errors import BridgeError, CheckpointFormatError
+from .dcp_export import tensor_sha256, plan_dcp
+from .formats.dcp_files import read_manifest
+from .side_files import side_files
+from .errors import BridgeError, CheckpointFormatError, few
 from .formats.dcp import DCPReader, is_dcp_dir
 from .formats.hf import HFReader, is_hf_dir
-from .keys import _few, build_meta_model, canonical_key, tie_groups
+from .hf_models import tie_groups
+from .keys import build_meta_model, canonical_key
 from .plan import execute
 from .trainer_keys import NEST, requested_keys
 
@@ -100,7 +103,7 @@ class DCPVerifyResult:
         if self.checkpoint_layout in ("nested", "flat") and self.checkpoint_layout != self.loader_layout:
             return (s + f": the checkpoint is {self.checkpoint_layout}, this trainer loads {self.loader_layout} "
                     f"(rewrite it with: ckpt-bridge to-dcp HF_DIR --out NEW --layout {self.loader_layout})")
-        return s + f": missing {_few(self.missing + self.wrong_shape)}"
+        return s + f": missing {few(self.missing + self.wrong_shape)}"
 
     def as_dict(self) -> dict[str, Any]:
         d = dict(self.__dict__)
@@ -239,7 +242,7 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
     for rec in (manifest or {}).get("aux", []):
         keys = sorted(rec.get("keys", {}))
         if all(k in in_dcp for k in keys):
-            res.aux[rec["name"]] = _tensor_sha256([r.read(in_dcp[k]) for k in keys]) == rec.get("sha256")
+            res.aux[rec["name"]] = tensor_sha256([r.read(in_dcp[k]) for k in keys]) == rec.get("sha256")
         else:
             res.aux[rec["name"]] = False
     res.unknown_extra = sorted(f for f in in_dcp if f not in hf_info
@@ -273,8 +276,6 @@ def _loss_tokenizer(hf_dir: Path) -> Any:
     """The tokenizer of ``hf_dir``; a one-line error when it has none (transformers 5 then builds an empty one)."""
     from transformers import AutoTokenizer
 
-    from .export import _tokenizer_files
-
     try:
         tok = AutoTokenizer.from_pretrained(str(hf_dir))
     except Exception as e:  # noqa: BLE001 - no tokenizer in the dir, or a broken one
@@ -284,7 +285,7 @@ def _loss_tokenizer(hf_dir: Path) -> Any:
             from transformers import PreTrainedTokenizerFast
 
             return PreTrainedTokenizerFast(tokenizer_file=str(hf_dir / "tokenizer.json"))
-        if not _tokenizer_files(hf_dir):
+        if not side_files(hf_dir):
             raise _no_tokenizer(hf_dir, ["no tokenizer or vocabulary file"]) from None
         raise BridgeError(f"--loss: cannot load the tokenizer in {hf_dir} ({type(e).__name__}: "
                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
@@ -354,7 +355,7 @@ def format_dcp_result(res: DCPVerifyResult) -> str:
     lines = [f"verify {res.dcp}  against  {res.hf}   ({model}loader: {res.trainer}, --layout-for {res.layout_for})"]
     lines.append(f"  keys: {res.headline()}")
     if res.wrong_shape:
-        lines.append(f"  wrong shape: {_few(res.wrong_shape)}")
+        lines.append(f"  wrong shape: {few(res.wrong_shape)}")
     lines.append(f"  values: compared {res.compared} HF tensors with the checkpoint ({res.checkpoint_layout} layout): "
                  f"{res.equal} equal")
     if res.cast_note:
@@ -362,11 +363,11 @@ def format_dcp_result(res: DCPVerifyResult) -> str:
     for k, d in res.value_diffs[:8]:
         lines.append(f"  value differs  {k}: " + res.diff_notes.get(k, f"max abs diff {d:.3g}"))
     if res.not_in_dcp:
-        lines.append(f"  HF tensors not in the checkpoint ({len(res.not_in_dcp)}): {_few(res.not_in_dcp)}")
+        lines.append(f"  HF tensors not in the checkpoint ({len(res.not_in_dcp)}): {few(res.not_in_dcp)}")
     for name, ok in res.aux.items():
         lines.append(f"  aux {name}: {'matches the manifest' if ok else 'DIFFERS from the manifest (or missing)'}")
     if res.unknown_extra:
-        lines.append(f"  checkpoint keys neither in HF nor a manifest aux module: {_few(res.unknown_extra)}")
+        lines.append(f"  checkpoint keys neither in HF nor a manifest aux module: {few(res.unknown_extra)}")
     if res.value_diff is not None:
         lines.append(f"  values (value head) on {res.loss_tokens} tokens: mean HF {res.loss_hf:.6f}  checkpoint "
                      f"{res.loss_dcp:.6f}  max |diff| {res.value_diff:.2e} ({'ok' if res.loss_ok else 'DIFFERENT'}, "

@@ -28,10 +28,11 @@ from typing import Any
 from torch import nn
 
 from ckpt_bridge.auxiliary import as_specs
-from ckpt_bridge.dcp_export import MANIFEST, to_dcp
+from ckpt_bridge.dcp_export import to_dcp
 from ckpt_bridge.confine import is_inside
 from ckpt_bridge.errors import BridgeError, OutputError
 from ckpt_bridge.export_marker import read_marker
+from ckpt_bridge.formats.dcp_files import MANIFEST, rng_files, write_rng
 from ckpt_bridge.formats.hf import weight_files
 from ckpt_bridge.model_fixups import AfterLoadReport, ConfigMismatchError, after_load  # noqa: F401 - re-exported
 from ckpt_bridge.titan_eras import install_origin, torchtitan_version
@@ -374,19 +375,11 @@ class ExportHook:
         return 0, 1
 
     def after_save(self, step: int, last_step: bool) -> None:
-        import torch
-
-        from ckpt_bridge.formats.dcp import RNG_DIR
-
         rank, world = self._rank_world()
         step_dir = Path(self.manager._create_checkpoint_id(step))
         if self.export.save_rng:
             # Every rank writes its own state now (it is what the next step will draw from); torchtitan saves none.
-            d = step_dir / RNG_DIR
-            d.mkdir(parents=True, exist_ok=True)
-            tmp = d / f".rank_{rank}.pt.tmp"
-            torch.save(rng_state(), tmp)
-            os.replace(tmp, d / f"rank_{rank}.pt")
+            write_rng(step_dir, rank, rng_state())
         self.saves += 1
         wanted = last_step if self.export.last_only else (last_step or self.saves % self.export.every == 0)
         if rank != 0 or not wanted:
@@ -400,15 +393,13 @@ class ExportHook:
         import sys
         import time
 
-        from ckpt_bridge.formats.dcp import RNG_DIR
-
         t0 = time.monotonic()
         try:
             if future is not None:
                 future.result(timeout=self.export.timeout)
             deadline = time.monotonic() + self.export.timeout
             while not (step_dir / ".metadata").is_file() or (
-                    self.export.save_rng and len(list((step_dir / RNG_DIR).glob("rank_*.pt"))) < world):
+                    self.export.save_rng and len(rng_files(step_dir)) < world):
                 if not step_dir.exists():
                     raise RuntimeError(f"{step_dir} was purged (keep_latest_k) before it could be exported")
                 if time.monotonic() > deadline:

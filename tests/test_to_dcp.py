@@ -171,6 +171,27 @@ def test_aux_init_is_seeded_per_module_and_manifest_records_everything(tiny_hf_f
     assert aux["future_predictor"]["seed"] == 3 and "normal(0, 0.02)" in aux["future_predictor"]["init"]
 
 
+def test_every_side_file_kept_in_the_dcp_folder_is_hashed_in_the_manifest(tiny_hf_factory, tmp_path):
+    """One side-file rule: what to-dcp keeps of the source (hf_config/) is what its manifest hashes, including
+    files no tokenizer prefix names (a README, a video processor config) and the files of a side folder."""
+    import shutil
+
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_hf_factory("olmo2"), hf)
+    (hf / "README.md").write_text("model card\n")
+    (hf / "video_preprocessor_config.json").write_text('{"do_resize": true}\n')
+    (hf / "additional_chat_templates").mkdir()
+    (hf / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}\n")
+    to_dcp(hf, tmp_path / "out", progress=False)
+    m = json.loads((tmp_path / "out" / MANIFEST).read_text())
+    hashed = {f["name"]: f["sha256"] for f in m["source"]["files"]}
+    kept_dir = tmp_path / "out" / m["hf_config_dir"]
+    kept = sorted(p.relative_to(kept_dir).as_posix() for p in kept_dir.rglob("*") if p.is_file())
+    assert {"README.md", "video_preprocessor_config.json", "additional_chat_templates/tool_use.jinja"} <= set(kept)
+    for name in kept:
+        assert hashed.get(name) == hashlib.sha256((hf / name).read_bytes()).hexdigest(), name
+
+
 def test_aux_from_copies_and_checks(tiny_hf_factory, tmp_path):
     hf = tiny_hf_factory("olmo2")
     to_dcp(hf, tmp_path / "first", aux=AUX, seed=9, progress=False)

@@ -227,11 +227,10 @@ class AdaptedReader(Reader):
         return self.inner.describe()
 
     def manifest(self) -> dict[str, Any] | None:
-        return self.inner.manifest() if hasattr(self.inner, "manifest") else None
+        return self.inner.manifest()
 
     def check(self) -> None:
-        if hasattr(self.inner, "check"):
-            self.inner.check()
+        self.inner.check()
 
     def hf_config_dir(self):
         return self.inner.hf_config_dir()
@@ -241,7 +240,7 @@ class AdaptedReader(Reader):
 
 
 def _source_infos(reader: Reader) -> dict[str, TensorInfo]:
-    return reader.model_tensors() if hasattr(reader, "model_tensors") else reader.tensors()
+    return reader.model_tensors()
 
 
 def from_hf_reader(reader: Reader, adapter: Any) -> AdaptedReader:

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from ..dtypes import nbytes
+
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -31,7 +33,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return nbytes(self.shape, self.dtype)
 
 
 @dataclass
@@ -47,6 +49,12 @@ class Reader(ABC):
     """Base class of all readers.  Subclasses set ``format`` and fill ``evidence``."""
 
     format: str = "?"
+    # What a reader can do beyond tensors()/read(), declared by the class instead of probed by the pipeline:
+    reads_rows: bool = False  # read_rows() can copy a row range of a tensor (large renames stream in pieces)
+    has_sections: bool = False  # other models saved next to the main one (to-hf --models; DCP)
+    # The config / tokenizer files of hf_config_dir() must resolve inside the checkpoint folder (False for an HF
+    # model dir: the user's own choice, and a hub cache snapshot is all links into ../../blobs).
+    confines_config: bool = True
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -75,6 +83,29 @@ class Reader(ABC):
     def hf_config_dir(self) -> Path | None:
         """A directory with the Hugging Face config.json (and tokenizer), if the checkpoint has one."""
         return None
+
+    def check(self) -> None:
+        """Raise (one line) on a structural problem that makes the checkpoint unconvertible; default: none."""
+
+    def model_tensors(self, exclude_sections: tuple[str, ...] = ()) -> dict[str, TensorInfo]:
+        """The main model's tensors (without training state or other sections); default: :meth:`tensors`."""
+        return self.tensors()
+
+    def read_rows(self, key: str, out: torch.Tensor, start: int, stop: int) -> bool:
+        """Rows [start, stop) of ``key`` into ``out``; False: read the whole tensor instead (see ``reads_rows``)."""
+        return False
+
+    def manifest(self) -> dict[str, Any] | None:
+        """The ckpt-bridge manifest the checkpoint carries (a to-dcp output), if any."""
+        return None
+
+    def recorded_config_dir(self) -> str | None:
+        """An HF config dir the checkpoint records but that is not followed (outside it), for error hints."""
+        return None
+
+    def source_files(self) -> list[Path]:
+        """The weight files the tensors come from (hashed in a to-dcp manifest); default: the path if a file."""
+        return [self.path] if self.path.is_file() else []
 
     def close(self) -> None:
         pass

@@ -16,12 +16,15 @@ from typing import Any
 
 import torch
 
-from ..confine import is_inside, names_inside
+from ..confine import confined, is_inside, names_inside
 from ..errors import BridgeError, CheckpointFormatError, one_line, root_cause
 from .base import Reader, TensorInfo
+from .dcp_files import RNG_DIR, read_manifest, rng_files
+from .. import safeload
+from .dcp_checks import metadata_problems
+from .dcp_direct import DirectChunks
 
 TRAINING_SECTIONS = ("optimizer", "lr_scheduler", "dataloader", "train_state")
-RNG_DIR = "ckpt_bridge_rng"  # written by ckpt_bridge.integrations.torchtitan.attach (torchtitan saves no rng)
 
 
 def is_dcp_dir(path: Path) -> bool:
@@ -55,8 +58,6 @@ def _safe_reader_class():
 def safe_storage_reader(path: str | Path, *, trust_pickle: bool = False, metadata=None):
     """A DCP ``StorageReader`` for ``path`` whose metadata went through :func:`safeload.load_dcp_metadata`;
     pass it as ``dcp.load(..., storage_reader=...)`` instead of ``checkpoint_id=path``."""
-    from .. import safeload
-
     if metadata is None:
         metadata = safeload.load_dcp_metadata(Path(path) / ".metadata", trust_pickle=trust_pickle)
     return _safe_reader_class()(str(path), metadata)
@@ -64,10 +65,13 @@ def safe_storage_reader(path: str | Path, *, trust_pickle: bool = False, metadat
 
 class DCPReader(Reader):
     format = "dcp"
+    reads_rows = True
+    has_sections = True
 
-    def __init__(self, path: Path, *, trust_pickle: bool = False):
+    def __init__(self, path: Path, *, trust_pickle: bool = False, allow_missing_rng: bool = False):
         super().__init__(path)
         self.trust_pickle = trust_pickle
+        self.allow_missing_rng = allow_missing_rng  # a rank without a hook-saved rng: a warning, not an error
         self.evidence.files = sorted(p.name for p in self.path.iterdir() if p.suffix == ".distcp" or p.name == ".metadata")[:6]
         self._problems: list[str] = []
         self.metadata = None
@@ -82,15 +86,12 @@ class DCPReader(Reader):
                 f"(DCP writes .metadata last); use an earlier step"
             )
             return
-        from .. import safeload
-        from .dcp_checks import metadata_problems
 
         # An unsafe or unreadable .metadata raises here (one line): nothing else of the folder can be trusted.
         self.metadata = safeload.load_dcp_metadata(meta, trust_pickle=trust_pickle)
         self._problems += metadata_problems(self.path, self.metadata)
         if not self._problems:
             self._storage = safe_storage_reader(self.path, metadata=self.metadata)
-            from .dcp_direct import DirectChunks
 
             self._direct = DirectChunks(self.path, self.metadata, trust_pickle=trust_pickle)
 
@@ -267,10 +268,7 @@ class DCPReader(Reader):
 
         from torch.distributed.checkpoint.metadata import MetadataIndex
 
-        from .. import safeload
-
         info = self.metadata.storage_data[MetadataIndex(key)]
-        from ..confine import confined
 
         with open(confined(self.path, info.relative_path, source=self.path / ".metadata", what="data file"), "rb") as f:
             f.seek(info.offset)
@@ -327,15 +325,7 @@ class DCPReader(Reader):
         return max(ranks) + 1 if ranks else 1
 
     def _rng_files(self) -> dict[int, Path]:
-        import re
-
-        d = self.path / RNG_DIR
-        found = {}
-        for f in d.glob("rank_*.pt") if d.is_dir() else ():
-            m = re.fullmatch(r"rank_(\d+)\.pt", f.name)
-            if m:
-                found[int(m.group(1))] = f
-        return found
+        return rng_files(self.path)
 
     def missing_rng_ranks(self) -> list[int]:
         """Ranks of this save with no rng file, when the hook saved rng for any (else [])."""
@@ -349,8 +339,6 @@ class DCPReader(Reader):
         missing one is an error, unless ``allow_missing_rng`` (then
         :meth:`extra_state` records a warning that travels into the export).
         """
-        from .. import safeload
-
         found = self._rng_files()
         if not found:
             return {}
@@ -360,7 +348,7 @@ class DCPReader(Reader):
             raise CheckpointFormatError(f"{d}: rng files for rank(s) {extra}, but the DCP save has world size {world} "
                                         f"(from its .distcp files); the folder mixes two saves")
         missing = self.missing_rng_ranks()
-        if missing and not getattr(self, "allow_missing_rng", False):
+        if missing and not self.allow_missing_rng:
             raise CheckpointFormatError(
                 f"{d}: rank_{missing[0]}.pt missing (rng for {len(found)} of {world} ranks; the save was interrupted "
                 f"or the files were not all copied); copy it, or pass --allow-missing-rng to export without it")
@@ -368,8 +356,6 @@ class DCPReader(Reader):
                 for r in sorted(found)}
 
     def manifest(self) -> dict[str, Any] | None:
-        from ..dcp_export import read_manifest
-
         return read_manifest(self.path)
 
     def recorded_config_dir(self) -> str | None:

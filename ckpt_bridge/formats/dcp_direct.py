@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from .. import pages, safeload
-from ..buffers import nbytes
+from ..dtypes import nbytes
 from .base import TensorInfo
 
 Span = tuple[tuple[int, ...], tuple[int, ...], Path, int]  # chunk offsets, chunk sizes, file, data start

@@ -84,6 +84,8 @@ def is_hf_dir(path: Path) -> bool:
 
 class HFReader(Reader):
     format = "hf"
+    reads_rows = True
+    confines_config = False
 
     def __init__(self, path: Path, *, trust_pickle: bool = False):
         super().__init__(path)
@@ -190,6 +192,9 @@ class HFReader(Reader):
         self._maps.clear()  # a mapping goes when its last view does
         super().close()
 
+    def source_files(self) -> list[Path]:
+        return [Path(f) for f in self.files] or super().source_files()
+
     def hf_config_dir(self) -> Path | None:
         return self.path if (self.path / "config.json").is_file() else None
 
@@ -201,6 +206,7 @@ class SafetensorsFileReader(HFReader):
     """One ``.safetensors`` file on its own (e.g. a reference state dict)."""
 
     format = "safetensors-file"
+    confines_config = True
 
     def __init__(self, path: Path, *, trust_pickle: bool = False):
         Reader.__init__(self, path)
@@ -212,6 +218,9 @@ class SafetensorsFileReader(HFReader):
         self._info = None
         self._bins = {}
         self._maps = {}
+
+    def source_files(self) -> list[Path]:
+        return [Path(f) for f in self.files] or super().source_files()
 
     def hf_config_dir(self) -> Path | None:
         return None

@@ -29,6 +29,11 @@ import torch
 
 from ..errors import CheckpointFormatError
 from .base import Reader, TensorInfo
+from ..confine import confined, is_inside
+from ..jsonfiles import MEGATRON_MANIFEST, TRANSFORMER_CONFIG as SIZES, read_json
+from .dcp import DCPReader
+from .hf import HFReader
+from .megatron_extra import read_extra_state
 
 MANIFEST = "ckpt_contents.json"
 TRANSFORMER_CONFIG = "transformer_config.json"
@@ -80,16 +85,12 @@ class Layout:
 
 
 def _inside(root: Path, rel: Any, field: str) -> Path:
-    from ..confine import confined
-
     if not isinstance(rel, str) or not rel:
         raise CheckpointFormatError(f"{root / MANIFEST}: {field} is {rel!r}, not a path; the manifest is corrupt")
     return confined(root, rel, source=root / MANIFEST, what=field)
 
 
 def _v2_layout(root: Path) -> Layout:
-    from ..jsonfiles import MEGATRON_MANIFEST, read_json
-
     m = read_json(root / MANIFEST, MEGATRON_MANIFEST)
     if not isinstance(m, dict) or not isinstance(m.get("contents"), dict):
         raise CheckpointFormatError(f"{root / MANIFEST}: no 'contents' object; not a verl Megatron manifest")
@@ -179,8 +180,6 @@ class MegatronReader(Reader):
     format = "verl-megatron"
 
     def __init__(self, path: Path, *, trust_pickle: bool = False):
-        from .dcp import DCPReader
-
         super().__init__(path)
         layout = find_layout(self.path)
         if layout is None:
@@ -231,8 +230,6 @@ class MegatronReader(Reader):
     def _open_bridge_weights(self) -> None:
         """verl's bridge (mbridge / Megatron-Bridge) wrote the HF weights into model/huggingface: read them there;
         the plan checks them against the model class (megatron_plan.plan_bridge_export)."""
-        from .hf import HFReader
-
         d = self.layout.model_dir
         if d is None or not d.is_dir():
             self._problems.append(f"{self.layout.root / MANIFEST}: the model is bridge-written HF weights in {d}, "
@@ -274,7 +271,7 @@ class MegatronReader(Reader):
             return []
         return [k for k, md in self.dcp.metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata)]
 
-    def model_tensors(self) -> dict[str, TensorInfo]:
+    def model_tensors(self, exclude_sections: tuple[str, ...] = ()) -> dict[str, TensorInfo]:
         """One entry per layer of every stacked tensor (``key[i]``, the layer axis dropped); others as stored."""
         if self._unstacked is None:
             out: dict[str, TensorInfo] = {}
@@ -309,8 +306,6 @@ class MegatronReader(Reader):
     # ---------------------------------------------------------------- configs and extra state
     def transformer_config(self) -> dict | None:
         """``transformer_config.json`` of the save (Megatron's TransformerConfig as verl dumped it), if any."""
-        from ..jsonfiles import TRANSFORMER_CONFIG as SIZES, read_json
-
         f = self.layout.root / TRANSFORMER_CONFIG
         if self.layout.schema == "dist_ckpt" or not f.is_file():
             return None
@@ -320,8 +315,6 @@ class MegatronReader(Reader):
         return d
 
     def hf_config_dir(self) -> Path | None:
-        from ..confine import is_inside
-
         d = self.layout.hf_dir
         if d is not None and (d / "config.json").is_file() and is_inside(self.layout.root, d / "config.json"):
             return d
@@ -329,8 +322,6 @@ class MegatronReader(Reader):
 
     def extra_state(self) -> dict[str, Any]:
         """Every (pp, tp) rank's rng (``extra/dist_ckpt`` ``rng_state``), the lr_scheduler, the step."""
-        from .megatron_extra import read_extra_state
-
         return read_extra_state(self.layout, trust_pickle=self.trust_pickle)
 
     def describe(self) -> dict[str, Any]:

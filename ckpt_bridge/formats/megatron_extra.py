@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import CheckpointFormatError
+from .. import safeload
+from .dcp import DCPReader
 
 _RNG = re.compile(r"^rng_state/shard_(\d+)\.(\d+)_(\d+)\.(\d+)$")
 
@@ -21,8 +23,6 @@ _RNG = re.compile(r"^rng_state/shard_(\d+)\.(\d+)_(\d+)\.(\d+)$")
 def rng_states(extra_dir: Path, *, trust_pickle: bool = False) -> dict[str, Any]:
     """``{"pp{p}_tp{t}": rng state}`` for every (pp, tp) rank; a missing rank is an error naming it."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
-
-    from .dcp import DCPReader
 
     reader = DCPReader(extra_dir, trust_pickle=trust_pickle)
     if reader.problems():
@@ -57,8 +57,6 @@ def rng_states(extra_dir: Path, *, trust_pickle: bool = False) -> dict[str, Any]
 
 def lr_scheduler(dist_dir: Path, *, trust_pickle: bool = False) -> Any:
     """The lr_scheduler state megatron kept in ``common.pt`` of ``dist_dir``, or None."""
-    from .. import safeload
-
     f = Path(dist_dir) / "common.pt"
     if not f.is_file():
         return None

@@ -94,6 +94,7 @@ class _Layout:
 
 class VerlFSDPReader(Reader):
     format = "verl-fsdp"
+    reads_rows = True
 
     def __init__(self, path: Path, *, trust_pickle: bool = False):
         path = Path(path)

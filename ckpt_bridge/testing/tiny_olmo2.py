@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from ckpt_bridge.loss import _windows_loss, text_loss  # noqa: F401 - the library's loss, re-exported
+from ckpt_bridge.loss import text_loss, windows_loss  # noqa: F401 - the library's loss, re-exported
 
 if TYPE_CHECKING:
     from transformers import Olmo2Config, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
@@ -109,10 +109,10 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
 
 def olmo2_config() -> Olmo2Config:
     """The tiny_models OLMo-2 preset (release rope theta / norm eps) with the byte vocabulary and 256 positions."""
-    from .tiny_models import _olmo2
+    from .tiny_models import PRESETS
 
-    return _olmo2(vocab_size=VOCAB_SIZE, max_position_embeddings=256, bos_token_id=BOS_ID, eos_token_id=EOS_ID,
-                  pad_token_id=PAD_ID)
+    return PRESETS["olmo2"](vocab_size=VOCAB_SIZE, max_position_embeddings=256, bos_token_id=BOS_ID,
+                            eos_token_id=EOS_ID, pad_token_id=PAD_ID)
 
 
 def corpus_text() -> str:
@@ -200,7 +200,7 @@ def train_model(steps: int = 300, seed: int = 0, seq_len: int = 256, batch_size:
     with torch.random.fork_rng(devices=[]), _torch_threads(num_threads):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(olmo2_config(), dtype=torch.float32)
-        initial = _windows_loss(model, evals)
+        initial = windows_loss(model, evals)
         # Weight decay on matrices only, the usual recipe (norm gains stay at their scale).
         params = list(model.named_parameters())
         opt = torch.optim.AdamW([{"params": [p for _, p in params if p.dim() >= 2], "weight_decay": 0.01},
@@ -217,7 +217,7 @@ def train_model(steps: int = 300, seed: int = 0, seq_len: int = 256, batch_size:
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
         model.eval()
-        final = _windows_loss(model, evals)
+        final = windows_loss(model, evals)
 
     model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
     info = {

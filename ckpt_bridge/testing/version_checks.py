@@ -131,9 +131,9 @@ def _family_exports(ref: dict[str, torch.Tensor], exports: Path) -> dict:
 
 def _rope_theta(cfg) -> float:
     """The rope theta this transformers uses (4.x: rope_theta; 5.x: rope_parameters)."""
-    from ckpt_bridge.hf_models import _major
+    from ckpt_bridge.hf_models import transformers_major
 
-    return cfg.rope_parameters["rope_theta"] if _major() >= 5 else cfg.rope_theta
+    return cfg.rope_parameters["rope_theta"] if transformers_major() >= 5 else cfg.rope_theta
 
 
 def main(argv: list[str] | None = None) -> None:

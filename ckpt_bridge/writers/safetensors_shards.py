@@ -21,6 +21,7 @@ import struct
 from pathlib import Path
 import torch
 
+from ..dtypes import nbytes
 from ..errors import BridgeError, writing
 
 _DTYPE_NAMES = {
@@ -65,7 +66,7 @@ class ShardedSafetensorsWriter:
                 kind = str(dtype).replace("torch.", "")
                 raise BridgeError(f"{name}: dtype {kind} cannot be stored in safetensors (it has no {kind}); "
                                   f"convert that tensor in the source (e.g. torch.view_as_real) or export to DCP")
-            n = _nbytes(shape, dtype)
+            n = nbytes(shape, dtype)
             if shards[-1] and size + n > max_shard_size:
                 shards.append([])
                 size = 0
@@ -198,10 +199,3 @@ class ShardedSafetensorsWriter:
                 (self.out_dir / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(doc, indent=2) + "\n")
             files.append(f"{self.prefix}.safetensors.index.json")
         return files
-
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = dtype.itemsize
-    for s in shape:
-        n *= s
-    return n
