@@ -111,7 +111,7 @@ def child_naive_dcp_to_hf(dcp_dir: str, hf: str, out: str) -> None:
 def child_export_part(dcp_dir: str, out: str, part: int, parts: int) -> None:
     """The hook's work, split by key: this process writes keys[part::parts] to its own safetensors files."""
     from ckpt_bridge.formats.dcp import DCPReader
-    from ckpt_bridge.stream import read_ahead
+    from ckpt_bridge.pipeline.stream import read_ahead
     from ckpt_bridge.writers.safetensors_shards import ShardedSafetensorsWriter
 
     r = DCPReader(Path(dcp_dir))
@@ -143,8 +143,8 @@ def child_trainer(seconds_of_work: str, out: str) -> None:
 def child_sanity(a: str, b: str) -> None:
     import torch
 
-    from ckpt_bridge.detect import open_reader
-    from ckpt_bridge.keys import canonical_key
+    from ckpt_bridge.formats.detect import open_reader
+    from ckpt_bridge.plan.hf_target import canonical_key
 
     with open_reader(a) as ra, open_reader(b) as rb:
         ta = {canonical_key(k): k for k in (ra.model_tensors() if hasattr(ra, "model_tensors") else ra.tensors())}

@@ -27,29 +27,29 @@ __all__ = [
 
 
 def inspect(path, **kw):
-    """Detect and describe the checkpoint at ``path`` (see :func:`ckpt_bridge.inspection.inspect`)."""
-    from .inspection import inspect as _inspect
+    """Detect and describe the checkpoint at ``path`` (see :func:`ckpt_bridge.checks.inspect.inspect`)."""
+    from .checks.inspect import inspect as _inspect
 
     return _inspect(path, **kw)
 
 
 def to_hf(src, out, **kw):
-    """Export ``src`` to a Hugging Face directory (see :func:`ckpt_bridge.export.to_hf`)."""
-    from .export import to_hf as _to_hf
+    """Export ``src`` to a Hugging Face directory (see :func:`ckpt_bridge.commands.to_hf.to_hf`)."""
+    from .commands.to_hf import to_hf as _to_hf
 
     return _to_hf(src, out, **kw)
 
 
 def to_dcp(src, out, **kw):
     """Write a Hugging Face model as the DCP a trainer's model-only load accepts (see
-    :func:`ckpt_bridge.dcp_export.to_dcp`)."""
-    from .dcp_export import to_dcp as _to_dcp
+    :func:`ckpt_bridge.commands.to_dcp.to_dcp`)."""
+    from .commands.to_dcp import to_dcp as _to_dcp
 
     return _to_dcp(src, out, **kw)
 
 
 def verify(a, b, **kw):
-    """Compare two checkpoints (see :func:`ckpt_bridge.verification.verify`)."""
-    from .verification import verify as _verify
+    """Compare two checkpoints (see :func:`ckpt_bridge.checks.verify.verify`)."""
+    from .checks.verify import verify as _verify
 
     return _verify(a, b, **kw)

@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.verb == "inspect":
-        from .inspection import format_report, inspect
+        from .checks.inspect import format_report, inspect
 
         report = inspect(args.path, trust_pickle=args.trust_pickle)
         print(json.dumps(report, indent=2, default=str) if args.json else format_report(report))
@@ -365,8 +365,8 @@ def _print_dropped(dropped: list[tuple[str, str]], each: int = 3) -> None:
 
 
 def _to_hf(args: argparse.Namespace) -> int:
-    from .export import to_hf
-    from .team import from_cli
+    from .commands.to_hf import to_hf
+    from .pipeline.team import from_cli
 
     team = from_cli(args.workers, args.distributed, args.argv, out=args.out, worker=args.worker)
     s = to_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, config=args.config,
@@ -409,7 +409,7 @@ def _to_hf(args: argparse.Namespace) -> int:
 
 def _verify(args: argparse.Namespace) -> int:
     if args.against:
-        from .verify_dcp import format_dcp_result, verify_dcp
+        from .checks.verify_dcp import format_dcp_result, verify_dcp
 
         if args.b:
             raise BridgeError("give either B or --against HF_DIR, not both")
@@ -424,7 +424,7 @@ def _verify(args: argparse.Namespace) -> int:
         raise BridgeError("--titan-model works with --against HF_DIR (a DCP folder checked for that model's load)")
     if args.loss:
         raise BridgeError("--loss works with --against HF_DIR (a DCP folder checked against its HF source)")
-    from .verification import format_result, verify
+    from .checks.verify import format_result, verify
 
     res = verify(args.a, args.b, atol=args.atol, cast_to=args.cast_to, logits=args.logits,
                  trust_pickle=args.trust_pickle)
@@ -433,7 +433,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _watch(args: argparse.Namespace) -> int:
-    from .watch import watch
+    from .commands.watch import watch
 
     def show(ev) -> None:
         print(f"step {ev.step}: {ev.status}  {ev.out}" + (f"  ({ev.message})" if ev.message else ""), flush=True)
@@ -446,8 +446,8 @@ def _watch(args: argparse.Namespace) -> int:
 
 
 def _to_dcp(args: argparse.Namespace) -> int:
-    from .dcp_export import to_dcp
-    from .team import from_cli
+    from .commands.to_dcp import to_dcp
+    from .pipeline.team import from_cli
 
     team = from_cli(args.workers, args.distributed, args.argv, out=args.out, worker=args.worker)
     res = to_dcp(args.src, args.out, layout=args.layout, dtype=args.dtype, aux=args.aux, seed=args.seed,

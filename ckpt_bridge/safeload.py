@@ -101,7 +101,7 @@ def load(
 # A DTensor's DeviceMesh (and the _MeshLayout / _FlatLayout it holds since torch 2.10 / 2.13) pickles as the
 # mesh's fields, whose shape changed between torch releases; running torch's own classes on another release's
 # fields fails, and a release without one of the classes cannot unpickle it at all.  So every load unpickles
-# them as plain-data stand-ins by name (ckpt_bridge.meshes, which also reads the rank grid from the fields):
+# them as plain-data stand-ins by name (ckpt_bridge.formats.meshes, which also reads the rank grid from the fields):
 # constructing one runs no code beyond storing the fields.
 
 _ALLOWLIST_LOCK = threading.RLock()
@@ -114,7 +114,7 @@ def _mesh_stand_ins(extra: list[Any]) -> Iterator[None]:
     The allowlist is keyed by name but stored as a set, so the real classes (registered by importing
     torch.distributed.tensor / device_mesh) are taken out for the duration instead of shadowed.
     """
-    from .meshes import STAND_INS
+    from .formats.meshes import STAND_INS
 
     with _ALLOWLIST_LOCK:  # the allowlist is process-wide: one load at a time changes it
         saved = torch.serialization.get_safe_globals()
@@ -138,7 +138,7 @@ def _stand_in_pickle() -> Any:
     """A ``pickle`` module for ``torch.load(weights_only=False)`` whose Unpickler maps the mesh classes to stand-ins."""
     import types
 
-    from .meshes import STAND_INS
+    from .formats.meshes import STAND_INS
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:

@@ -11,7 +11,7 @@ content of its files plus every option that changes the output) and points
 the trainer's checkpoint config at the result; ``after_load`` recomputes the
 non-persistent buffers no checkpoint holds (rotary ``inv_freq``) and refuses
 a model whose config differs from the HF one.  The conversion itself is
-:func:`ckpt_bridge.dcp_export.to_dcp`; nothing format-specific lives here.
+:func:`ckpt_bridge.commands.to_dcp.to_dcp`; nothing format-specific lives here.
 """
 
 from __future__ import annotations
@@ -27,15 +27,15 @@ from typing import Any
 
 from torch import nn
 
-from ckpt_bridge.auxiliary import as_specs
-from ckpt_bridge.dcp_export import to_dcp
+from ckpt_bridge.plan.aux_modules import as_specs
+from ckpt_bridge.commands.to_dcp import to_dcp
 from ckpt_bridge.confine import is_inside
 from ckpt_bridge.errors import BridgeError, OutputError
-from ckpt_bridge.export_marker import read_marker
+from ckpt_bridge.writers.marker import read_marker
 from ckpt_bridge.formats.dcp_files import MANIFEST, rng_files, write_rng
 from ckpt_bridge.formats.hf import weight_files
-from ckpt_bridge.model_fixups import AfterLoadReport, ConfigMismatchError, after_load  # noqa: F401 - re-exported
-from ckpt_bridge.titan_eras import install_origin, torchtitan_version
+from ckpt_bridge.models.after_load import AfterLoadReport, ConfigMismatchError, after_load  # noqa: F401 - re-exported
+from ckpt_bridge.models.titan_eras import install_origin, torchtitan_version
 
 log = logging.getLogger("ckpt_bridge")
 

@@ -12,7 +12,7 @@ then starts ``ckpt-bridge to-hf`` in a separate background process
 
 A verl Megatron save (sync or ``async_save``) is exported once its ``ckpt_contents.json`` exists (rank 0
 writes it after every shard): a step saved before that is kept pending and started at a later ``on_save``
-or in ``wait()`` (:mod:`ckpt_bridge.megatron_ready`).
+or in ``wait()`` (:mod:`ckpt_bridge.formats.megatron_ready`).
 
 Settings: keyword arguments of a subclass's ``super().__init__``, or
 environment variables (a Hydra override cannot add keys to verl's struct
@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from ckpt_bridge.errors import BridgeError
-from ckpt_bridge.megatron_ready import is_complete as megatron_complete, is_megatron_save
-from ckpt_bridge.watch import export_dir, rotate, step_action
+from ckpt_bridge.formats.megatron_ready import is_complete as megatron_complete, is_megatron_save
+from ckpt_bridge.commands.watch import export_dir, rotate, step_action
 from ckpt_bridge.writers.atomic import busy
 
 log = logging.getLogger("ckpt_bridge")

@@ -19,7 +19,7 @@ import os
 from typing import Any, Callable
 
 from ckpt_bridge.errors import BridgeError
-from ckpt_bridge.titan_eras import torchtitan_version
+from ckpt_bridge.models.titan_eras import torchtitan_version
 
 TESTED_VERSIONS = ("0.3.0",)
 log = logging.getLogger("ckpt_bridge")

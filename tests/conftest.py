@@ -113,7 +113,7 @@ def tiny_hf_factory(tmp_path_factory):
 def llama_dcp_with_aux(tiny_hf_factory, tmp_path_factory):
     """(HF dir, its to-dcp output with a future_predictor head): the clean DCP the hostile-input tests copy
     and damage.  Session-shared: do not modify it."""
-    from ckpt_bridge.dcp_export import to_dcp
+    from ckpt_bridge.commands.to_dcp import to_dcp
 
     hf = tiny_hf_factory("llama")
     d = tmp_path_factory.mktemp("llama-dcp-aux") / "dcp"

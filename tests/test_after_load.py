@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from ckpt_bridge.errors import BridgeError
 from ckpt_bridge.formats.dcp import DCPReader
 from ckpt_bridge.integrations.torchtitan import after_load, set_initial_load
-from ckpt_bridge.model_fixups import ConfigMismatchError, check_config_parity
+from ckpt_bridge.models.after_load import ConfigMismatchError, check_config_parity
 
 
 def meta_built(hf_dir):

@@ -9,7 +9,7 @@ import torch
 
 from ckpt_bridge.errors import BridgeError
 from ckpt_bridge.integrations.torchtitan import after_load, set_initial_load
-from ckpt_bridge.model_fixups import retie_weights
+from ckpt_bridge.models.after_load import retie_weights
 from ckpt_bridge.testing.tiny_models import build_config, model_class
 
 

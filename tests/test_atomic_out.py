@@ -46,7 +46,7 @@ def dead_pid() -> int:
 
 @NATIVE
 def test_directory_appearing_at_out_during_export_is_left_alone(tiny_hf_dir, tmp_path, monkeypatch, capsys, native):
-    from ckpt_bridge import export
+    from ckpt_bridge.commands import to_hf as export
 
     monkeypatch.setattr(atomic, "USE_NATIVE", native)
     out = tmp_path / "out"
@@ -93,7 +93,7 @@ def test_two_concurrent_exports_to_one_new_out(tiny_hf_dir, tmp_path, monkeypatc
     the rename and keep a full copy as out.conflict-PID)."""
     import time
 
-    from ckpt_bridge import export
+    from ckpt_bridge.commands import to_hf as export
 
     barrier = tmp_path / "barrier"
     barrier.mkdir()
@@ -178,8 +178,8 @@ def test_overwrite_replaces_and_leaves_no_old_copy(tiny_hf_dir, tmp_path, monkey
 
 
 def test_stale_partials_of_dead_processes_are_cleaned_by_any_writer(tiny_hf_factory, tmp_path):
-    from ckpt_bridge.dcp_export import to_dcp
-    from ckpt_bridge.export import to_hf
+    from ckpt_bridge.commands.to_dcp import to_dcp
+    from ckpt_bridge.commands.to_hf import to_hf
 
     hf = tiny_hf_factory("olmo2")
     mine_alive = tmp_path / f".hf.partial-{os.getppid()}"  # a live process's partial is never touched

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_bridge.cli import main
-from ckpt_bridge.dcp_export import HF_CONFIG_DIR, MANIFEST, to_dcp
+from ckpt_bridge.commands.to_dcp import HF_CONFIG_DIR, MANIFEST, to_dcp
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

@@ -1,11 +1,11 @@
-"""ckpt_bridge.conversions: transformers' own conversion mapping as streamable plan groups."""
+"""ckpt_bridge.plan.conversions: transformers' own conversion mapping as streamable plan groups."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from ckpt_bridge.conversions import Conversions
+from ckpt_bridge.plan.conversions import Conversions
 from ckpt_bridge.errors import KeyPlanError
 from ckpt_bridge.testing.tiny_models import build_config, model_class
 

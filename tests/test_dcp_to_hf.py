@@ -15,9 +15,9 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 from ckpt_bridge.cli import main as cli
-from ckpt_bridge.dcp_export import to_dcp
+from ckpt_bridge.commands.to_dcp import to_dcp
 from ckpt_bridge.errors import OutputError
-from ckpt_bridge.export import to_hf
+from ckpt_bridge.commands.to_hf import to_hf
 from ckpt_bridge.formats.hf import weight_files
 
 

@@ -47,7 +47,7 @@ def test_config_has_rope_for_both_majors(tiny_hf_factory, tmp_path):
 
 
 def test_legacy_rope_fields_of_scaled_and_nested_rope():
-    from ckpt_bridge.hf_models import with_legacy_fields as with_legacy_rope
+    from ckpt_bridge.models.hf import with_legacy_fields as with_legacy_rope
 
     llama3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "original_max_position_embeddings": 32}
     got = with_legacy_rope({"rope_parameters": llama3, "text_config": {"rope_parameters": dict(llama3)}})
@@ -65,7 +65,7 @@ def test_legacy_rope_fields_of_scaled_and_nested_rope():
 def test_renamed_fields_and_per_layer_rope_written_for_4x():
     """Taken from the installed transformers' own config classes: Qwen3-MoE's attribute_map alias
     (num_experts -> num_local_experts) and the legacy key Gemma 3's rope reading maps to sliding layers."""
-    from ckpt_bridge.hf_models import with_legacy_fields
+    from ckpt_bridge.models.hf import with_legacy_fields
 
     got = with_legacy_fields({"model_type": "qwen3_moe", "num_local_experts": 4})
     assert got["num_experts"] == 4 and got["num_local_experts"] == 4
@@ -82,7 +82,7 @@ def test_config_of_other_major_is_warned_about(tmp_path, caplog):
     """A config.json written by transformers 4 read here (5.x): fields this version does not take are named."""
     import logging
 
-    from ckpt_bridge.hf_models import load_config
+    from ckpt_bridge.models.hf import load_config
 
     cfg = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "transformers_version": "4.57.6",
            "vocab_size": 251, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,

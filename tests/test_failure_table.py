@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ckpt_bridge.cli import main as cli
-from ckpt_bridge.dcp_export import MANIFEST
+from ckpt_bridge.commands.to_dcp import MANIFEST
 
 PY = sys.executable
 
@@ -208,7 +208,7 @@ def test_disk_full_is_one_line_with_the_bytes_needed(dcp_dir, tiny_hf_factory, s
 
 FAILED_CONSUMER = """
 import sys, torch
-from ckpt_bridge.stream import read_ahead
+from ckpt_bridge.pipeline.stream import read_ahead
 def read(k):  # a read that spends its time inside torch's C++ code, as DCP's reader does
     a = torch.randn(300, 300)
     for _ in range(10):
@@ -320,11 +320,11 @@ def test_dcp_chunks_that_do_not_cover_a_tensor_are_refused(dcp_dir, tmp_path, ca
 
 
 def test_chunk_coverage_rule():
-    """The one coverage rule (ckpt_bridge.chunks): gaps and overlaps named as regions, in the grid and in the
+    """The one coverage rule (ckpt_bridge.formats.chunks): gaps and overlaps named as regions, in the grid and in the
     sweep used for layouts whose grid would be huge; cheap for a huge tensor."""
     import time
 
-    from ckpt_bridge import chunks
+    from ckpt_bridge.formats import chunks
 
     rows = [((0, 0), (32, 64)), ((32, 0), (32, 64))]
     tiles = [((0, 0), (4, 3)), ((4, 0), (4, 3)), ((0, 3), (4, 3)), ((4, 3), (4, 3))]
@@ -592,7 +592,7 @@ def test_issue19_worker_coordination_is_not_in_the_environment(tiny_hf_dir, tmp_
 def test_issue19_workers_capped_by_cpus_and_items(verl_ckpt, tmp_path, capsys, caplog, monkeypatch):
     """Row 7: --workers 500 started ~360 processes (OOM killer); now one per usable CPU (and per work item), with
     a note, and the bytes of a one-process export.  A worker that cannot be started leaves nothing."""
-    from ckpt_bridge import team as team_mod
+    from ckpt_bridge.pipeline import team as team_mod
     from ckpt_bridge.cli import main
 
     src = verl_ckpt("llama", "2")

@@ -20,8 +20,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ckpt_bridge.dcp_export import to_dcp
-from ckpt_bridge.export import to_hf
+from ckpt_bridge.commands.to_dcp import to_dcp
+from ckpt_bridge.commands.to_hf import to_hf
 from ckpt_bridge.testing.harness import make_verl_family_checkpoints, reference_dir
 
 CORPUS = Path(__file__).resolve().parents[1] / "ckpt_bridge" / "testing" / "data" / "corpus.txt"
@@ -104,7 +104,7 @@ def _hub_and_dcp(family: str, family_ckpts, tmp_path_factory) -> tuple[Path, Pat
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hub_format_to_dcp_and_back_gives_the_same_files(family, family_ckpts, tmp_path_factory, tmp_path):
     from ckpt_bridge.formats.dcp import DCPReader
-    from ckpt_bridge.verify_dcp import verify_dcp
+    from ckpt_bridge.checks.verify_dcp import verify_dcp
 
     hub, dcp_dir = _hub_and_dcp(family, family_ckpts, tmp_path_factory)
     with DCPReader(dcp_dir) as r:  # what the trainer's model requests: transformers' in-memory names
@@ -125,7 +125,7 @@ def test_hub_format_to_dcp_and_back_gives_the_same_files(family, family_ckpts, t
 # the VLM's vision rotary, a critic compared on its values).
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_verify_loss_of_the_bootstrapped_dcp_equals_the_hub_model(family, family_ckpts, tmp_path_factory):
-    from ckpt_bridge.verify_dcp import verify_dcp
+    from ckpt_bridge.checks.verify_dcp import verify_dcp
 
     hub, dcp_dir = _hub_and_dcp(family, family_ckpts, tmp_path_factory)
     res = verify_dcp(dcp_dir, hub, loss_text=CORPUS, loss_tokens=64)
@@ -136,7 +136,7 @@ def test_verify_loss_of_the_bootstrapped_dcp_equals_the_hub_model(family, family
 def test_verify_compares_a_trainer_checkpoint_with_its_hub_format_export(family, family_ckpts, tmp_path):
     """verl holds transformers' in-memory names (fused experts); the export holds save_pretrained's.
     verify sees the trainer side through its to-hf plan and compares every tensor."""
-    from ckpt_bridge.verification import verify
+    from ckpt_bridge.checks.verify import verify
 
     actor = family_ckpts[family]
     out = tmp_path / "hf"
@@ -149,7 +149,7 @@ def test_verify_compares_a_trainer_checkpoint_with_its_hub_format_export(family,
 def test_verify_reports_aux_modules_kept_apart_as_aux(family_ckpts, tmp_path):
     """An export whose aux heads sit in aux_modules.safetensors against its HF source: every model
     tensor equal, the aux ones listed as aux, not as 'only in B'."""
-    from ckpt_bridge.verification import format_result, verify
+    from ckpt_bridge.checks.verify import format_result, verify
 
     hub = reference_dir(family_ckpts["qwen2"]) / "hf"
     to_dcp(hub, tmp_path / "dcp", aux=["future_predictor:mlp"], dtype="keep", progress=False)
@@ -183,6 +183,6 @@ def test_moe_conversions_stream_one_group_at_a_time(direction, family_ckpts, tmp
     else:
         to_hf(dcp_dir, tmp_path / "out", progress=False)
         # the 4 fused expert tensors are read whole and split; the 21 renamed ones move in row pieces
-        # through reused buffers (read_rows, ckpt_bridge.pieces), never as whole tensors
+        # through reused buffers (read_rows, ckpt_bridge.pipeline.pieces), never as whole tensors
         assert live.reads == 4
         assert live.peak <= 2  # the fused tensor being split and written, and the one read ahead

@@ -21,24 +21,18 @@ PACKAGE_DIRS = {
     "ckpt_bridge.patches": ROOT / "patches",
 }
 
-# Modules a reader must not import: the writers (sinks), the planners and the commands that drive them. A reader
-# lists and reads tensors; the code that plans, writes or orchestrates sits downstream of it. ``ckpt_bridge.plan``
-# (the Transform/Plan data model and its executor) is not a planner: the planners are keys (HF target),
-# dcp_export.plan_dcp (trainer target) and megatron_plan; formats/adapted.py builds adapter transforms with it.
+# Packages a reader must not import: the writers (sinks), the planners, the model builders and the commands that
+# drive them. A reader lists and reads tensors; the code that plans, builds, writes or orchestrates sits
+# downstream of it, so data and imports flow one way (formats -> plan -> pipeline -> writers -> commands).
 READER_PACKAGE = "ckpt_bridge.formats"
 NOT_FOR_READERS = (
     "ckpt_bridge.writers",
-    "ckpt_bridge.export",
-    "ckpt_bridge.dcp_export",
-    "ckpt_bridge.lora_export",
-    "ckpt_bridge.keys",
-    "ckpt_bridge.megatron_plan",
+    "ckpt_bridge.commands",
+    "ckpt_bridge.checks",
+    "ckpt_bridge.plan",
+    "ckpt_bridge.models",
     "ckpt_bridge.cli",
-    "ckpt_bridge.inspection",
-    "ckpt_bridge.verification",
-    "ckpt_bridge.verify_dcp",
     "ckpt_bridge.demo",
-    "ckpt_bridge.export_marker",
 )
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ckpt_bridge.cli import main
-from ckpt_bridge.watch import watch
+from ckpt_bridge.commands.watch import watch
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

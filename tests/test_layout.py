@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ckpt_bridge.errors import CheckpointFormatError
-from ckpt_bridge.layout import Placement, chunk_bounds, local_region, placements_of, source_coords
+from ckpt_bridge.formats.shard_layout import Placement, chunk_bounds, local_region, placements_of, source_coords
 
 
 @pytest.mark.parametrize("size", [0, 1, 2, 5, 7, 10, 173, 251])

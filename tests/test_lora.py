@@ -284,7 +284,7 @@ def test_verl_callback_and_watch_export_lora_runs(lora_root, exported, tmp_path)
     import shutil
 
     from ckpt_bridge.integrations.verl import HFExportCallback
-    from ckpt_bridge.watch import watch
+    from ckpt_bridge.commands.watch import watch
 
     run = tmp_path / "run"
     shutil.copytree(lora_root / "llama" / "global_step_2", run / "global_step_2")
@@ -410,15 +410,16 @@ def test_trained_biases_travel_in_the_adapter_as_peft_saves_them(tmp_path, bias)
     {"target_modules": ["model.layers.0.self_attn.o_proj"], "modules_to_save": ["embed_tokens"]},
 ])
 def test_peft_match_is_peft_s_own_choice_of_modules(tmp_path, fields):
-    """ckpt_bridge.peft_match (the rules the export checks adapter configs with, PEFT not imported) picks the
+    """ckpt_bridge.plan.peft_match (the rules the export checks adapter configs with, PEFT not imported) picks the
     modules PEFT's get_peft_model adapts and the copies it keeps, config for config."""
     from peft import LoraConfig, get_peft_model
     from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
     from transformers import AutoModelForCausalLM
 
-    from ckpt_bridge import lora, peft_match
-    from ckpt_bridge.keys import expected_model
+    from ckpt_bridge.plan import lora
+    from ckpt_bridge.plan import peft_match
+    from ckpt_bridge.plan.hf_target import expected_model
     from ckpt_bridge.testing.tiny_models import save_tiny_hf
 
     save_tiny_hf(tmp_path / "base", "llama")

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ckpt_bridge.compare import bits_equal
-from ckpt_bridge.export import to_hf
+from ckpt_bridge.commands.to_hf import to_hf
 
 from ckpt_bridge.testing.megatron_save import SESSION_CASES as MEGATRON_CASES
 from test_failure_table import assert_fails  # tests/ is on sys.path (rootdir conftest)
@@ -151,7 +151,7 @@ def test_bridge_weights_missing_an_expert_is_named(megatron_ckpts):
     experts, so no real bridge MoE save here): the HF weights of qwen3-moe with one expert removed."""
     from ckpt_bridge.errors import KeyPlanError
     from ckpt_bridge.formats.hf import HFReader
-    from ckpt_bridge.megatron_plan import check_bridge_weights
+    from ckpt_bridge.plan.megatron import check_bridge_weights
 
     base = megatron_ckpts["qwen3_moe_ep2"] / "base_model"
     infos = dict(HFReader(base).tensors())
@@ -227,14 +227,14 @@ def test_layouts_v1_and_bare_dist_ckpt(megatron_ckpts, tmp_path):
 
 
 def test_inspect_reports_virtual_pipeline_stages(megatron_ckpts):
-    from ckpt_bridge.inspection import inspect
+    from ckpt_bridge.checks.inspect import inspect
 
     text = json.dumps(inspect(megatron_ckpts["llama_pp2vpp2"] / "global_step_1"))
     assert '"vpp": 2' in text and '"pp": 2' in text, text
 
 
 def test_inspect_reports_the_save(megatron_ckpts):
-    from ckpt_bridge.inspection import inspect
+    from ckpt_bridge.checks.inspect import inspect
 
     r = inspect(megatron_ckpts["llama_tp2pp2"] / "global_step_1")
     d = r["details"] if "details" in r else r
@@ -315,7 +315,7 @@ def test_manifest_that_disagrees_with_the_save_exit_2(megatron_ckpts, tmp_path, 
 def test_unknown_megatron_key_is_named_not_guessed():
     from ckpt_bridge.errors import KeyPlanError
     from ckpt_bridge.formats.base import TensorInfo
-    from ckpt_bridge.megatron_plan import megatron_to_hf_names
+    from ckpt_bridge.plan.megatron import megatron_to_hf_names
 
     hf = {"num_attention_heads": 4, "num_key_value_heads": 2, "hidden_size": 64}
     for key in ("mtp.layers.0.enorm.weight", "decoder.layers.self_attention.linear_q_down_proj.weight[0]"):
@@ -337,7 +337,7 @@ def _megatron_run(megatron_ckpts, tmp_path) -> tuple[Path, Path, bytes]:
 
 
 def test_watch_waits_for_ckpt_contents_then_exports(megatron_ckpts, tmp_path):
-    from ckpt_bridge.watch import watch
+    from ckpt_bridge.commands.watch import watch
 
     run, actor, manifest = _megatron_run(megatron_ckpts, tmp_path)
     (ev,) = watch(run, once=True, settle=0.0)
@@ -373,7 +373,7 @@ def test_verify_compares_a_megatron_checkpoint_with_an_hf_dir_through_the_plan(m
     from safetensors.torch import load_file, save_file
 
     from ckpt_bridge.cli import main
-    from ckpt_bridge.verification import verify
+    from ckpt_bridge.checks.verify import verify
 
     root = megatron_ckpts[case]
     actor = root / "global_step_1" / "actor"

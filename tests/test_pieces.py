@@ -1,4 +1,4 @@
-"""Issue 12: renamed tensors move in row pieces through reused buffers (ckpt_bridge.pieces).  With pieces far
+"""Issue 12: renamed tensors move in row pieces through reused buffers (ckpt_bridge.pipeline.pieces).  With pieces far
 smaller than the tensors (so every tensor is cut, shard boundaries fall inside pieces and rows of one piece
 come from two ranks), the files are byte for byte those of whole-tensor reads (reader.read)."""
 
@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from ckpt_bridge import pieces
-from ckpt_bridge.export import to_hf
+from ckpt_bridge.pipeline import pieces
+from ckpt_bridge.commands.to_hf import to_hf
 
 
 def _files(d):

@@ -27,7 +27,7 @@ from ckpt_bridge.testing import upstream
 from ckpt_bridge.testing.harness import run_torchrun
 from ckpt_bridge.testing.overlays import OverlayError, overlay_env
 from ckpt_bridge.testing.upstream import UpstreamMissing, tarball
-from ckpt_bridge.titan_eras import read_source
+from ckpt_bridge.models.titan_eras import read_source
 
 
 @dataclass(frozen=True)

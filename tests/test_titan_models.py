@@ -113,7 +113,7 @@ def test_titan_model_from_cli_loads_like_torchtitans_own_hf_load(gloo1, hf_dirs,
     from transformers import AutoModelForCausalLM
 
     from ckpt_bridge.integrations.torchtitan import after_load
-    from ckpt_bridge.titan_models import titan_model
+    from ckpt_bridge.models.titan import titan_model
 
     name, _, tied = CASES[case]
     hf = hf_dirs[case]
@@ -151,7 +151,7 @@ def test_set_initial_load_with_titan_model(gloo1, hf_dirs, tmp_path):
     from torchtitan.components.checkpoint import CheckpointManager
 
     from ckpt_bridge.integrations.torchtitan import set_initial_load
-    from ckpt_bridge.titan_models import titan_model
+    from ckpt_bridge.models.titan import titan_model
 
     hf = hf_dirs["qwen3-tied"]
     ck = CheckpointManager.Config(enable=True, folder="checkpoint", keep_latest_k=0, initial_load_model_only=False)
@@ -201,9 +201,9 @@ def test_verify_judges_against_the_titan_models_keys(hf_dirs, tmp_path, capsys):
 def test_tied_plan_streams_one_key_with_the_embedding_as_context(hf_dirs):
     """Tied llama3: every layer key is its own transform; the embedding is shown to from_hf as a meta
     placeholder (context), never read again for it."""
-    from ckpt_bridge.formats.adapted import from_hf_reader
+    from ckpt_bridge.plan.state_dict_adapter import from_hf_reader
     from ckpt_bridge.formats.hf import HFReader
-    from ckpt_bridge.titan_models import titan_model
+    from ckpt_bridge.models.titan import titan_model
 
     hf = hf_dirs["llama3-tied"]
     reader = from_hf_reader(HFReader(hf), titan_model("llama3", hf).adapter)
@@ -225,7 +225,7 @@ def test_moe_experts_group_by_what_the_adapter_stacks():
     """qwen3's MoE adapter stacks every expert of a layer into one tensor: learned from the adapter, not a table."""
     from torchtitan.models.qwen3 import model_registry
 
-    from ckpt_bridge.formats.adapted import adapter_plan
+    from ckpt_bridge.plan.state_dict_adapter import adapter_plan
     from ckpt_bridge.formats.base import TensorInfo
 
     spec = model_registry("debugmodel_moe")
@@ -259,8 +259,8 @@ def test_bad_titan_model_requests_are_one_line_errors(hf_dirs, tiny_hf_factory, 
 def test_after_load_refuses_a_titan_config_that_is_not_the_hf_one(hf_dirs, tmp_path):
     import dataclasses
 
-    from ckpt_bridge.model_fixups import ConfigMismatchError, after_load
-    from ckpt_bridge.titan_models import titan_model
+    from ckpt_bridge.models.after_load import ConfigMismatchError, after_load
+    from ckpt_bridge.models.titan import titan_model
 
     hf = hf_dirs["llama3-untied"]
     tm = titan_model("llama3", hf)
@@ -275,8 +275,8 @@ def test_python_api_model_and_adapter_convert_back_without_flags(hf_dirs, tmp_pa
     """to_dcp(model=, sd_adapter=) with TorchTitan's own llama3 and its registered StateDictAdapter: the manifest
     names the family (and the adapter's class and model args), so to-hf and verify rebuild the adapter with no
     flag; a manifest that names only the adapter (as before) is one line naming --titan-model llama3."""
-    from ckpt_bridge.dcp_export import MANIFEST, to_dcp
-    from ckpt_bridge.titan_models import titan_model
+    from ckpt_bridge.commands.to_dcp import MANIFEST, to_dcp
+    from ckpt_bridge.models.titan import titan_model
 
     hf = hf_dirs["llama3-untied"]
     tm = titan_model("llama3", hf)
@@ -312,7 +312,7 @@ def test_adapter_of_another_config_records_no_family(hf_dirs, tmp_path):
     no family is claimed that would rebuild a different one."""
     import dataclasses
 
-    from ckpt_bridge.titan_models import adapter_record, titan_model
+    from ckpt_bridge.models.titan import adapter_record, titan_model
 
     hf = hf_dirs["llama3-untied"]
     tm = titan_model("llama3", hf)
@@ -335,7 +335,7 @@ def test_save_hook_exports_a_titan_model_through_its_adapter(gloo1, hf_dirs, tmp
     from torchtitan.components.checkpoint import CheckpointManager
 
     from ckpt_bridge.integrations.torchtitan import HFExport, attach
-    from ckpt_bridge.titan_models import titan_model
+    from ckpt_bridge.models.titan import titan_model
 
     hf = hf_dirs["llama3-tied"]
     tm = titan_model("llama3", hf)

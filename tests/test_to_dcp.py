@@ -12,13 +12,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ckpt_bridge.auxiliary import as_specs, attach_aux, init_aux
+from ckpt_bridge.plan.aux_modules import as_specs, attach_aux, init_aux
 from ckpt_bridge.cli import main as cli
-from ckpt_bridge.dcp_export import MANIFEST, to_dcp
+from ckpt_bridge.commands.to_dcp import MANIFEST, to_dcp
 from ckpt_bridge.errors import BridgeError, KeyPlanError, OutputError
 from ckpt_bridge.formats.dcp import DCPReader
 from ckpt_bridge.formats.hf import weight_files
-from ckpt_bridge.verify_dcp import verify_dcp
+from ckpt_bridge.checks.verify_dcp import verify_dcp
 
 AUX = ["future_encoder:mlp", "future_predictor:linear", "action_layer:linear:16"]
 
@@ -66,7 +66,7 @@ def titan_load(model, dcp_dir: Path, dump: Path) -> bool:
 
 
 def assert_equal_to_source(model, hf_dir: Path, aux=AUX, seed: int = 0) -> int:
-    from ckpt_bridge.keys import canonical_key
+    from ckpt_bridge.plan.hf_target import canonical_key
 
     want = {**hf_state(hf_dir), **aux_state(aux, model.config, seed)}
     got = {canonical_key(k): v for k, v in model.state_dict().items()}
@@ -250,7 +250,7 @@ def test_refusals_leave_nothing_behind(tiny_hf_factory, tmp_path, monkeypatch):
     with pytest.raises(BridgeError, match="already has a child"):
         to_dcp(hf, tmp_path / "x", aux=["lm_head"], progress=False)
 
-    import ckpt_bridge.titan_eras as eras
+    import ckpt_bridge.models.titan_eras as eras
 
     monkeypatch.setattr(eras, "torchtitan_version", lambda: None)
     with pytest.raises(BridgeError, match="none is installed here; pass --layout nested or --layout flat"):
@@ -401,8 +401,8 @@ def test_one_tensor_in_memory_at_a_time(tiny_hf_factory, tmp_path, monkeypatch, 
     (held by a view, a detached alias, a writer's cache): a writer that kept what it wrote (DCP's
     FileSystemWriter does, per file) or a reader that cached would show many.  torch keeps one Python object
     per storage for as long as the storage lives (ckpt_bridge.testing.streaming)."""
-    from ckpt_bridge import pieces
-    from ckpt_bridge.export import to_hf
+    from ckpt_bridge.pipeline import pieces
+    from ckpt_bridge.commands.to_hf import to_hf
     from ckpt_bridge.formats.dcp import DCPReader
     from ckpt_bridge.formats.hf import HFReader
     from ckpt_bridge.testing.streaming import count_live_reads
@@ -424,8 +424,8 @@ def test_tied_weights_are_not_written_back_to_back(tiny_hf_factory, tmp_path):
     """DCP's writer holds the previous tensor while it fetches the next: the plan writes in the trainer's
     request order, so a tied embedding and lm_head (one source, the two largest tensors) are never
     neighbours (on a 1B model that is 1 GB of peak memory)."""
-    from ckpt_bridge.keys import build_meta_model
-    from ckpt_bridge.trainer_keys import requested_keys
+    from ckpt_bridge.plan.hf_target import build_meta_model
+    from ckpt_bridge.plan.trainer_keys import requested_keys
 
     hf = tiny_hf_factory("llama_tied")
     plan = to_dcp(hf, tmp_path / "x", dry_run=True, progress=False)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ckpt_bridge import meshes, safeload
+from ckpt_bridge.formats import meshes
+from ckpt_bridge import safeload
 from ckpt_bridge.cli import main
 from ckpt_bridge.compare import bits_equal
 from ckpt_bridge.formats.verl_fsdp import VerlFSDPReader

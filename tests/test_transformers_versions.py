@@ -26,7 +26,7 @@ def reference(tmp_path_factory, tiny_hf_factory):
     from safetensors.torch import save_file
 
     from ckpt_bridge import to_dcp, to_hf
-    from ckpt_bridge.hf_models import load_pretrained
+    from ckpt_bridge.models.hf import load_pretrained
 
     d = tmp_path_factory.mktemp("versions")
     source = tiny_hf_factory("olmo2")

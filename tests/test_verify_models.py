@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from ckpt_bridge.errors import BridgeError
-from ckpt_bridge.hf_models import load_pretrained
+from ckpt_bridge.models.hf import load_pretrained
 from ckpt_bridge.testing.tiny_models import build_config, model_class
 from ckpt_bridge.testing.tiny_olmo2 import corpus_text
-from ckpt_bridge.verification import compare_logits
-from ckpt_bridge.verify_dcp import format_dcp_result, verify_dcp
+from ckpt_bridge.checks.verify import compare_logits
+from ckpt_bridge.checks.verify_dcp import format_dcp_result, verify_dcp
 
 
 def _trainer_dcp(hf_dir, out):
@@ -48,7 +48,7 @@ def test_vlm_loss_runs_on_text_tokens(tiny_hf_factory, tmp_path, text_file):
     assert type(live).__name__ == "Qwen2_5_VLForConditionalGeneration"
     from transformers import AutoTokenizer
 
-    from ckpt_bridge.loss import text_loss
+    from ckpt_bridge.checks.loss import text_loss
 
     assert res.loss_hf == text_loss(live, AutoTokenizer.from_pretrained(hf), text_file.read_text())
     assert res.loss_ok and abs(res.loss_hf - res.loss_dcp) <= 1e-5 and res.loss_tokens > 50

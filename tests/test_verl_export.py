@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from ckpt_bridge.cli import main as cli
 from ckpt_bridge.testing.harness import make_verl_checkpoint, reference_dir
-from ckpt_bridge.watch import watch
+from ckpt_bridge.commands.watch import watch
 
 
 @pytest.fixture(scope="module")

@@ -181,7 +181,7 @@ def test_zero_initialised_biases_are_not_taken_for_replicas(verl_ckpt, tmp_path)
 def test_key_plan_expectation_is_cached_per_config(verl_ckpt, tmp_path):
     import os
 
-    from ckpt_bridge.keys import _cache_file, expected_model
+    from ckpt_bridge.plan.hf_target import _cache_file, expected_model
 
     actor = verl_ckpt("llama", "2")
     cfg = actor / "huggingface"

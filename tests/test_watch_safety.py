@@ -15,7 +15,7 @@ import torch
 
 from ckpt_bridge.cli import main
 from ckpt_bridge.errors import OutputError
-from ckpt_bridge.watch import rotate, watch
+from ckpt_bridge.commands.watch import rotate, watch
 
 
 def digest(root: Path) -> dict[str, str]:

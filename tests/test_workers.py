@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from ckpt_bridge.testing.harness import run_torchrun
-from ckpt_bridge.team import split
+from ckpt_bridge.pipeline.team import split
 
 # The coordinator caps --workers by the CPUs it may use (2 here); these tests split over 3 processes on
 # purpose, so their coordinator believes it has 8 (the workers it starts are the real CLI).
-CLI = [sys.executable, "-c", "import sys, ckpt_bridge.team as t; t.usable_cpus = lambda: 8; "
+CLI = [sys.executable, "-c", "import sys, ckpt_bridge.pipeline.team as t; t.usable_cpus = lambda: 8; "
        "from ckpt_bridge.cli import main; sys.exit(main())"]
 # Files that record when an export ran: compared with their time fields removed.
 TIMESTAMPED = {"ckpt_bridge_manifest.json": ("created",)}

@@ -5,7 +5,7 @@ is checked against what the folder holds: entry types, storage paths (plain
 file names inside the folder), byte ranges (inside their file: a truncated
 ``.distcp`` or an offset past its end is caught here, not as a torch traceback
 mid-export), chunk boxes (inside their tensor, and together covering it exactly once:
-:func:`ckpt_bridge.chunks.coverage`, so rows no chunk holds are an error, not
+:func:`ckpt_bridge.formats.chunks.coverage`, so rows no chunk holds are an error, not
 zeros in the export), and each tensor's stored bytes (at least its size: a
 shape in ``.metadata`` cannot make us allocate more than the files could fill).
 """
@@ -70,7 +70,7 @@ def _tensor_problems(meta: Path, key: str, md: Any, lengths: dict[Any, int]) -> 
             return [f"{meta}: tensor {key!r} has a chunk at {tuple(c.offsets)} with no storage entry; "
                     f"the save is corrupt"]
         stored += n
-    from ..chunks import coverage
+    from .chunks import coverage
 
     boxes = [(c.offsets, c.sizes) for c in chunks]
     gap = coverage(size, boxes).problem(boxes)

@@ -30,7 +30,8 @@ from typing import Any
 
 import torch
 
-from .. import pages, safeload
+from . import pages
+from .. import safeload
 from ..dtypes import nbytes
 from .base import TensorInfo
 

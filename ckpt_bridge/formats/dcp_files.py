@@ -1,7 +1,7 @@
 """The files ckpt-bridge keeps inside a DCP folder besides DCP's own, read and written here only.
 
 - ``ckpt_bridge_manifest.json``: what ``to-dcp`` wrote (source, files hashed, plan, versions); written by
-  :func:`ckpt_bridge.dcp_export.to_dcp`, read by the DCP reader (to find the kept HF config) and ``verify-dcp``.
+  :func:`ckpt_bridge.commands.to_dcp.to_dcp`, read by the DCP reader (to find the kept HF config) and ``verify-dcp``.
 - ``hf_config/``: the source's config and tokenizer files, kept so a bootstrap checkpoint converts back without
   ``--config`` (paths recorded in a checkpoint are only followed inside it).
 - ``ckpt_bridge_rng/rank_R.pt``: every rank's rng state; torchtitan saves none, so the save hook

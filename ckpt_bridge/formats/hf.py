@@ -14,7 +14,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .. import jsonfiles, pages, safeload
+from .. import jsonfiles
+from . import pages
+from .. import safeload
 from ..confine import confined
 from ..errors import CheckpointFormatError
 from ..jsonfiles import read_json

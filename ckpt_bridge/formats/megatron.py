@@ -139,7 +139,7 @@ class _RepeatedSlices:
 
     The plan writes tensors in ``save_pretrained``'s (alphabetical) order, one transform per output, so q, k
     and v of one layer each read the same ``linear_qkv`` slice (gate and up the same ``linear_fc1`` slice),
-    interleaved with other reads.  :func:`ckpt_bridge.megatron_plan.plan_megatron_export` tells the reader
+    interleaved with other reads.  :func:`ckpt_bridge.plan.megatron.plan_megatron_export` tells the reader
     how often each slice is read (:meth:`MegatronReader.expect_reads`); a slice read more than once is kept
     until its last read (at most ``SIZE`` at a time, oldest dropped first: a process of a multi-worker
     export may never run every reader of a slice), instead of being read 3x / 2x.  The split functions never

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from .. import pages, safeload
+from . import pages
+from .. import safeload
 from ..errors import CheckpointFormatError
 from .base import Reader, TensorInfo
 

@@ -15,7 +15,7 @@ Model values are DTensors carrying their placements and device mesh (FSDP1 and
 FSDP2 alike: ``(Shard(0),)`` on ``('fsdp',)``; HSDP ``(Replicate(), Shard(0))``
 on ``('ddp','fsdp')``; legacy FSDP2 workers also ``Shard(1)``+), or plain
 tensors copied on every rank (buffers, unwrapped params, 1-GPU FSDP1 runs).
-We merge from that metadata alone (see :mod:`ckpt_bridge.layout`), one key at
+We merge from that metadata alone (see :mod:`ckpt_bridge.formats.shard_layout`), one key at
 a time.  Each rank file is unpickled twice, neither time reading tensor data:
 with ``mmap=True`` for the structure (DTensor specs, meshes) and with
 ``map_location="meta"`` for the byte offset of every tensor inside the zip
@@ -41,10 +41,12 @@ from typing import Any
 
 import torch
 
-from .. import meshes, pages, safeload
+from . import meshes
+from . import pages
+from .. import safeload
 from ..errors import CheckpointFormatError
-from ..layout import Placement, local_region, placements_of, source_coords
-from ..chunks import chunks_of_regions, coverage
+from .shard_layout import Placement, local_region, placements_of, source_coords
+from .chunks import chunks_of_regions, coverage
 from ..compare import bits_equal, deep_equal
 from ..jsonfiles import FSDP_CONFIG, read_json
 from .base import Reader, TensorInfo

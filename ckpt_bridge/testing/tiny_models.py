@@ -257,7 +257,7 @@ def _init_std(cfg) -> float:
 
 
 def _dtype_kwarg() -> str:
-    from ckpt_bridge.hf_models import dtype_kwarg
+    from ckpt_bridge.models.hf import dtype_kwarg
 
     return dtype_kwarg()
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Iterator
 
 import torch
 
-from ckpt_bridge.loss import text_loss, windows_loss  # noqa: F401 - the library's loss, re-exported
+from ckpt_bridge.checks.loss import text_loss, windows_loss  # noqa: F401 - the library's loss, re-exported
 
 if TYPE_CHECKING:
     from transformers import Olmo2Config, PreTrainedModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast

@@ -93,7 +93,7 @@ def _parse_flags(line: str) -> dict[str, Any] | None:
 
 def _set_initial_load_checks(hf: str, work: Path) -> dict[str, Any]:
     from ckpt_bridge.integrations.torchtitan import SEED_MARK, set_initial_load
-    from ckpt_bridge.titan_eras import new_config
+    from ckpt_bridge.models.titan_eras import new_config
 
     res: dict[str, Any] = {}
     dump = work / "sil-dump"

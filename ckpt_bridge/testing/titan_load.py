@@ -36,7 +36,7 @@ def _compare(full: dict[str, torch.Tensor], hf: str, aux: list[str], seed: int) 
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from ckpt_bridge.auxiliary import as_specs, init_aux
+    from ckpt_bridge.plan.aux_modules import as_specs, init_aux
     from ckpt_bridge.formats.hf import weight_files
 
     cfg = AutoConfig.from_pretrained(hf)
@@ -69,11 +69,11 @@ def run(hf: str, aux: list[str], seed: int, cache: str, max_tokens: int = 1024) 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ckpt_bridge.auxiliary import attach_aux
+    from ckpt_bridge.plan.aux_modules import attach_aux
     from ckpt_bridge.integrations.torchtitan import after_load, set_initial_load
-    from ckpt_bridge.loss import text_loss
+    from ckpt_bridge.checks.loss import text_loss
     from ckpt_bridge.testing.tiny_olmo2 import corpus_text
-    from ckpt_bridge.titan_eras import build_manager, installed_era, new_config
+    from ckpt_bridge.models.titan_eras import build_manager, installed_era, new_config
 
     distributed = dist.is_initialized()
     rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)

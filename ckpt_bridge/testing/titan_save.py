@@ -47,7 +47,7 @@ def run(hf: str, dump: str, *, steps: int = 4, interval: int = 2, async_mode: st
     from torchtitan.components.optimizer.optimizer import ParamGroupConfig
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ckpt_bridge.auxiliary import attach_aux
+    from ckpt_bridge.plan.aux_modules import attach_aux
     from ckpt_bridge.integrations.torchtitan import HFExport, after_load, attach, set_initial_load
 
     aux = list(aux or AUX)
@@ -124,7 +124,7 @@ def _first_step_losses(model, hf: str, max_tokens: int, rank: int) -> dict:
     """The loaded model's loss on the shipped corpus (every rank takes part) and the HF model's own."""
     from transformers import AutoTokenizer
 
-    from ckpt_bridge.loss import text_loss
+    from ckpt_bridge.checks.loss import text_loss
     from ckpt_bridge.testing.tiny_models import model_class
     from ckpt_bridge.testing.tiny_olmo2 import corpus_text
 

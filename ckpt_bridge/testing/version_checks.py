@@ -73,8 +73,8 @@ def _presets(ref: dict[str, torch.Tensor]) -> dict:
 
 
 def _after_load(tmp: Path) -> dict:
-    from ckpt_bridge.hf_models import dtype_kwarg
-    from ckpt_bridge.model_fixups import after_load
+    from ckpt_bridge.models.hf import dtype_kwarg
+    from ckpt_bridge.models.after_load import after_load
     from ckpt_bridge.testing.tiny_models import build_config, model_class, save_tiny_hf
 
     out = {}
@@ -110,7 +110,7 @@ def _after_load(tmp: Path) -> dict:
 def _family_exports(ref: dict[str, torch.Tensor], exports: Path) -> dict:
     """Each family's export (written under the pinned transformers) loaded by this version: the keys it
     lacks or does not know, and whether its logits equal the pinned version's (at one thread, for MoE)."""
-    from ckpt_bridge.hf_models import architecture_class, dtype_kwarg, load_config
+    from ckpt_bridge.models.hf import architecture_class, dtype_kwarg, load_config
 
     out = {}
     torch.set_num_threads(1)
@@ -131,7 +131,7 @@ def _family_exports(ref: dict[str, torch.Tensor], exports: Path) -> dict:
 
 def _rope_theta(cfg) -> float:
     """The rope theta this transformers uses (4.x: rope_theta; 5.x: rope_parameters)."""
-    from ckpt_bridge.hf_models import transformers_major
+    from ckpt_bridge.models.hf import transformers_major
 
     return cfg.rope_parameters["rope_theta"] if transformers_major() >= 5 else cfg.rope_theta
 
@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
     from safetensors.torch import load_file
 
-    from ckpt_bridge.hf_models import load_pretrained
-    from ckpt_bridge.verification import compare_logits
-    from ckpt_bridge.verify_dcp import verify_dcp
+    from ckpt_bridge.models.hf import load_pretrained
+    from ckpt_bridge.checks.verify import compare_logits
+    from ckpt_bridge.checks.verify_dcp import verify_dcp
 
     ref = load_file(args.ref)
     export = load_pretrained(args.export)

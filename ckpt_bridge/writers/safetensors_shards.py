@@ -5,7 +5,7 @@ must be written before the data.  We know all of them from the key plan, so we
 lay out the shards up front, create each file with its header at its final
 size, and then stream tensor bytes straight from the tensor's memory to their
 offset in the file: no shard is ever assembled in memory, and several
-processes can each write their share of the tensors (see :mod:`ckpt_bridge.team`).
+processes can each write their share of the tensors (see :mod:`ckpt_bridge.pipeline.team`).
 
 Layout follows ``save_pretrained``: one file ``model.safetensors`` when it all
 fits in ``max_shard_size``, else ``model-0000i-of-0000n.safetensors`` plus

@@ -64,7 +64,7 @@ def main() -> None:
     from torchtitan.components.optimizer.optimizer import ParamGroupConfig
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from ckpt_bridge.auxiliary import attach_aux
+    from ckpt_bridge.plan.aux_modules import attach_aux
     from ckpt_bridge.integrations.torchtitan import after_load, set_initial_load
 
     hf_dir = os.path.abspath(args.hf)

@@ -39,7 +39,7 @@ def main() -> None:
     from torchtitan.components.optimizer.optimizer import ParamGroupConfig
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ckpt_bridge.auxiliary import attach_aux
+    from ckpt_bridge.plan.aux_modules import attach_aux
     from ckpt_bridge.integrations.torchtitan import HFExport, after_load, attach, set_initial_load
 
     hf = os.path.abspath(args.hf)

@@ -1,0 +1,352 @@
+"""``to_hf``: any readable checkpoint -> a Hugging Face model directory.
+
+reader -> plan of transforms (:mod:`ckpt_bridge.plan.core`, planned by
+:func:`ckpt_bridge.plan.hf_target.plan_hf_export`: renames, and transformers' own
+save-time conversions such as per-expert splits of fused MoE weights) -> the
+plan executed one transform at a time -> sharded safetensors writer, with config,
+generation config, tokenizer and training extra state alongside.  Everything
+that can be checked from metadata (rank files, placements, keys, shapes) is
+checked before the output directory is created; the directory is written
+under a temporary name and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from ..models.config_fit import read_fitting_config
+from ..formats.detect import open_reader
+from ..dtypes import DTYPES, TORCH_DTYPE_NAMES, nbytes, out_dtype, parse_dtype  # noqa: F401 - DTYPES re-exported
+from ..errors import BridgeError, KeyPlanError
+from ..writers.marker import write_marker
+from ..summary import ExportSummary
+from ..formats.base import Reader
+from ..plan.hf_target import canonicalize, expected_model, plan_hf_export, value_head
+from ..plan.core import Plan, Transform, execute, rename
+from ..plan.lora import is_lora
+from .to_hf_lora import export_lora
+from ..pipeline.pieces import stream_pieces
+from ..progress import Progress
+from ..writers.side_files import AUX_FILE, config_dir, copy_base, copy_side_files, same_model, write_extra_state
+from ..writers.side_files import write_configs as _write_configs  # a module global: tests hold the export between steps
+from ..pipeline.team import Team, team_output
+from ..writers.atomic import check_target
+from ..writers.safetensors_shards import ShardedSafetensorsWriter, parse_size
+from ..plan.state_dict_adapter import AdaptedReader
+from ..plan.megatron import plan_megatron_export
+from ..models.titan import hf_view, working_titan_model
+
+log = logging.getLogger("ckpt_bridge")
+
+def _with_titan_hint(e: KeyPlanError, reader: Reader, cfg_dir: Path, titan_model: str | None) -> KeyPlanError:
+    """``e``, plus the ``--titan-model`` that maps these keys when the checkpoint holds a TorchTitan model's own
+    names (torchtitan's native saves name no model; that family's adapter is tried on the keys)."""
+    if titan_model is not None or isinstance(reader, AdaptedReader):
+        return e
+    name = working_titan_model(reader, cfg_dir)
+    if name is None:
+        return e
+    return KeyPlanError(f"{e}; these are TorchTitan {name} names: pass --titan-model {name}")
+
+
+def _checked_source(reader: Reader, config: str | Path | None, other_models: tuple[str, ...] = ()
+                    ) -> tuple[dict, Path]:
+    """Structure and per-key layouts (metadata only), and the config directory."""
+    reader.check()
+    if other_models and not reader.has_sections:
+        raise BridgeError(f"--models {','.join(('main',) + other_models)}: several models in one checkpoint are read "
+                          f"from DCP folders (sections saved next to the model); {reader.path} is {reader.format}")
+    infos = reader.model_tensors(other_models)
+    if reader.format == "verl-fsdp":
+        for key in infos:  # placements and shard shapes of every key, on every rank
+            reader.layout(key)
+    cfg_dir, cfg_file = config_dir(reader, config)
+    if cfg_file is not None and cfg_file.name != "config.json":
+        raise BridgeError(f"--config {cfg_file}: pass a file named config.json or the directory holding it")
+    if cfg_dir is None:
+        recorded = reader.recorded_config_dir()
+        hint = (f"its manifest records the source {recorded}, which is outside the checkpoint and not followed: "
+                f"pass --config {recorded} to use it" if recorded
+                else "pass --config PATH (a config.json or a model dir)")
+        raise KeyPlanError(f"{reader.path}: no config.json found; {hint}")
+    read_fitting_config(cfg_dir, infos)  # structure, model_type, sizes against the tensors: before any build
+    return infos, cfg_dir
+
+
+AUX_MODES = ("separate", "drop", "inline")
+
+
+def split_aux(infos: dict, reader: Reader, cfg_dir: Path, names: list[str] | None, where: str
+              ) -> tuple[dict, dict[str, list[str]]]:
+    """(main tensors, {aux module: keys}).
+
+    Aux modules are the prefixes a to-dcp manifest names, the ones passed in
+    ``names``, and any top-level prefix the HF model class does not have
+    (``future_predictor.weight`` next to ``model.*`` / ``lm_head.*``): they
+    would make ``from_pretrained`` warn about unexpected keys, or fail.
+    """
+    wanted = set(names or [])
+    manifest = reader.manifest()
+    wanted |= {a["name"] for a in (manifest or {}).get("aux", [])}
+    tops = {k.split(".", 1)[0] for k in infos}
+    if tops - wanted - {"model", "lm_head"}:  # only then is the model class needed to decide
+        exp = expected_model(cfg_dir, value_head(canonicalize(infos, where), cfg_dir))
+        known = {k.split(".", 1)[0] for k in [*exp.shapes, *exp.disk_shapes]}  # in-memory and on-disk names
+        wanted |= tops - known
+    aux: dict[str, list[str]] = {}
+    main = {}
+    for k, info in infos.items():
+        top = k.split(".", 1)[0]
+        if top in wanted:
+            aux.setdefault(top, []).append(k)
+        else:
+            main[k] = info
+    missing = sorted(n for n in (names or []) if n not in aux)
+    if missing:
+        raise KeyPlanError(f"{where}: --aux-prefix {missing[0]!r}: no keys start with {missing[0] + '.'!r}")
+    return main, aux
+
+
+def to_hf(
+    src: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "keep",
+    max_shard_size: str | int = "5GB",
+    config: str | Path | None = None,
+    tokenizer: str | Path | None = None,
+    aux: str = "separate",
+    aux_prefixes: list[str] | None = None,
+    models: list[str] | None = None,
+    base: str | Path | None = None,
+    titan_model: str | None = None,
+    lora: str = "both",
+    lora_config: str | Path | None = None,
+    overwrite: bool = False,
+    trust_pickle: bool = False,
+    progress: bool | None = None,
+    allow_missing_rng: bool = False,
+    dry_run: bool = False,
+    team: Team | None = None,
+) -> ExportSummary:
+    """Export the checkpoint at ``src`` to a Hugging Face directory ``out``.
+
+    ``dtype`` is ``keep`` (the trained dtype) or one of bf16/fp16/fp32 (floating
+    tensors are cast, integer buffers kept).  Auxiliary modules (see
+    :func:`split_aux`) go to ``aux_modules.safetensors`` (``aux="separate"``),
+    nowhere (``"drop"``) or into the main weights (``"inline"``).  ``models``:
+    ``["main", "ema"]`` also writes each named section of a DCP checkpoint (an
+    EMA copy saved as ``{"ema": state_dict}``) as ``ema.safetensors`` beside
+    ``model.safetensors``.  ``base``: a base model directory whose other
+    components (a VAE file, processor configs, ...) are copied unchanged; it is
+    never written to (for a LoRA-only checkpoint it also supplies the base
+    weights).  ``titan_model``: the checkpoint holds a TorchTitan model's
+    own names (``llama3``, ``qwen3``; default: what the to-dcp manifest
+    recorded); its adapter's ``to_hf`` maps them back.  ``lora``: for a LoRA
+    checkpoint, ``merge`` / ``adapter`` / ``both`` (see
+    :mod:`ckpt_bridge.commands.to_hf_lora`); ``lora_config``: the run's
+    adapter_config.json when the checkpoint lacks it.  Returns a
+    summary; raises a :class:`~ckpt_bridge.errors.BridgeError` subclass on bad
+    input, leaving no ``out`` behind.
+
+    The plan is checked against the model class the config names (built on
+    the meta device; its keys, shapes and conversion groups are cached per
+    config.json and transformers version, so a warm run never imports
+    transformers unless a conversion has to run) before ``out`` exists.
+
+    ``dry_run``: every check the real run makes on its input and output
+    location - structure, per-key layouts, the confirmed key plan, config and
+    tokenizer, the full extra state (every rank's rng and lr_scheduler) - and
+    no tensor data read, nothing written; ``summary.plan_lines`` holds the plan.
+    ``allow_missing_rng``: a DCP step whose hook-saved rng lacks a rank
+    exports with a warning recorded in the output instead of failing.
+    ``team``: this process's place among several writing the same export
+    (:mod:`ckpt_bridge.pipeline.team`; default: alone).
+    """
+    t0 = time.perf_counter()
+    team = team or Team()
+    cast = parse_dtype(dtype, ", ".join(["keep", *DTYPES]))
+    if aux not in AUX_MODES:
+        raise BridgeError(f"--aux {aux!r}: choose one of {', '.join(AUX_MODES)}")
+    try:
+        shard_bytes = parse_size(max_shard_size)
+    except ValueError as e:
+        raise BridgeError(f"--max-shard-size: {e}") from None
+    tok_dir = Path(tokenizer) if tokenizer is not None else None
+    if tok_dir is not None and not tok_dir.is_dir():
+        raise BridgeError(f"--tokenizer {tok_dir}: not a directory")
+    models = list(models or ["main"])
+    if models[0] != "main" or len(set(models)) != len(models):
+        raise BridgeError(f"--models {','.join(models)}: list main first, then the other sections (e.g. main,ema)")
+    others = tuple(models[1:])
+    base_dir = Path(base) if base is not None else None
+    if base_dir is not None and not (base_dir / "config.json").is_file():
+        raise BridgeError(f"--base {base_dir}: not a model directory (no config.json)")
+    # allow_missing_rng, DCP: a rank without rng is a warning, not an error
+    with open_reader(src, trust_pickle=trust_pickle, allow_missing_rng=allow_missing_rng) as reader:
+        if config is None and base_dir is not None and reader.hf_config_dir() is None:
+            config = base_dir  # the checkpoint has no config of its own: the base's describes it
+
+        reader = hf_view(reader, config, titan_model)  # a TorchTitan-native DCP through its adapter's to_hf
+        all_infos, cfg_dir = _checked_source(reader, config, others)
+        if base_dir is not None and cfg_dir != base_dir:
+            same_model(cfg_dir, base_dir)
+        if team.size > 1 and (dry_run or is_lora(all_infos)):
+            raise BridgeError("--workers/--distributed: a LoRA export and --dry-run run in one process; "
+                              "drop the option")
+        if is_lora(all_infos):  # LoRA (issue 11): its own plan of folds + renames and a PEFT adapter
+            return export_lora(reader, all_infos, cfg_dir, src, out, mode=lora, lora_config=lora_config, cast=cast,
+                               shard_bytes=shard_bytes, tokenizer=tok_dir, base=base_dir, overwrite=overwrite,
+                               progress=progress, t0=t0, dry_run=dry_run)
+        where = str(reader.path)
+        if reader.format == "verl-megatron":  # its own name rules first, then transformers' save rules
+            aux_keys, plan = {}, plan_megatron_export(reader, cfg_dir, where=where)
+        else:
+            infos, aux_keys = split_aux(all_infos, reader, cfg_dir, aux_prefixes, where)
+            try:
+                plan = plan_hf_export(infos, cfg_dir, where=where)
+            except KeyPlanError as e:
+                raise _with_titan_hint(e, reader, cfg_dir, titan_model) from None
+        other_plans = []
+        for name in others:  # planned and checked in full before any output exists
+            sec = reader.section_tensors(name)
+            if not sec:
+                raise KeyPlanError(f"{where}: --models {name}: no section {name!r} in this checkpoint "
+                                   f"(model sections: {', '.join(reader.model_sections()) or 'none'})")
+            other_plans.append((name, plan_hf_export(sec, cfg_dir, where=f"{where} [{name}]")))
+        summary = ExportSummary(str(src), reader.format, str(out), aux=aux_keys, aux_mode=aux)
+        aux_tf = [rename(k, k, all_infos[k], f"aux module {name}") for name, keys in aux_keys.items() for k in keys]
+        if aux == "drop":
+            summary.dropped += [(t.inputs[0], f"aux module {t.inputs[0].split('.', 1)[0]} (--aux drop)")
+                                for t in aux_tf]
+        main_tf = list(plan.transforms) + (aux_tf if aux == "inline" else [])
+        sep_tf = aux_tf if aux == "separate" else []
+        out_dt = out_dtype(cast)
+        protect = tuple(p for p in (Path(src), reader.path, cfg_dir, tok_dir, base_dir) if p is not None)
+        if dry_run:  # everything the real run reads before writing, minus tensor data
+            check_target(out, overwrite=overwrite, protect=protect)
+            extra = reader.extra_state()
+            summary.model_class, summary.extra_state = plan.model_class, bool(extra)
+            summary.warnings += (extra or {}).get("warnings", [])
+            aux_lines = [] if aux == "drop" else [f"{t.inputs[0]}  [{t.rule}, --aux {aux}]" for t in aux_tf]
+            summary.plan_lines = (plan.lines() + aux_lines + [f"{k} -> (dropped: {why})" for k, why in summary.dropped]
+                                  + [f"# {n}" for n in plan.notes])
+            summary.config = str(cfg_dir / "config.json")
+            return summary
+        writer = ShardedSafetensorsWriter(Path(), _planned(main_tf, out_dt), shard_bytes, create=False)
+        team.fit(len(main_tf))  # no more processes than transforms
+        mine = my_share(main_tf, writer, out_dt, team)  # all of it, unless several processes split the work
+        writer.only({o.key for t in mine for o in t.outputs})
+        aux_writer = ShardedSafetensorsWriter(Path(), _planned(sep_tf, out_dt), shard_bytes, prefix=AUX_FILE,
+                                              create=False) if sep_tf and team.leader else None
+        with team_output(out, team, overwrite=overwrite, protect=protect,
+                         create=[w for w in (writer, aux_writer) if w is not None]) as tmp:
+            error = None
+            try:
+                _stream(reader, mine + (sep_tf if team.leader else []), writer, aux_writer, out_dt, summary,
+                        progress)
+                if not team.leader:  # its own files flushed: rank 0 may be on another node
+                    writer.close(index=False, sync=True)
+            except BaseException as e:  # noqa: BLE001 - every process learns whether all the others succeeded
+                error = e
+            team.finish(error)
+            if not team.leader:  # the coordinator writes the index, configs and the rest
+                summary.seconds = time.perf_counter() - t0
+                return summary
+            if team.size > 1:  # count every process's share, not only ours
+                done = [o for t in main_tf + sep_tf for o in t.outputs]
+                summary.tensors, summary.parameters = len(done), sum(o.numel for o in done)
+            summary.model_class = plan.model_class
+            summary.dropped = list(plan.dropped) + summary.dropped
+            summary.files = writer.close()
+            summary.bytes_written = writer.total_size
+            if aux_writer is not None:
+                summary.files += aux_writer.close()
+                summary.bytes_written += aux_writer.total_size
+                (tmp / f"{AUX_FILE}.json").write_text(json.dumps({
+                    "modules": {name: {k: list(all_infos[k].shape) for k in keys} for name, keys in aux_keys.items()},
+                    "note": "auxiliary modules kept out of the main weights so from_pretrained loads cleanly; "
+                            "load with safetensors.torch.load_file and model.add_module / load_state_dict",
+                }, indent=2) + "\n")
+                summary.files.append(f"{AUX_FILE}.json")
+            for name, p_other in other_plans:
+                summary.files += _write_section(reader, name, p_other, tmp, out_dt, shard_bytes)
+            written = _dominant_float_dtype(plan, out_dt)
+            summary.dtype = TORCH_DTYPE_NAMES.get(written, str(written))
+            summary.files += _write_configs(tmp, cfg_dir, plan, written)
+            summary.files += copy_side_files(tmp, tok_dir or cfg_dir, summary.warnings)
+            if base_dir is not None:
+                summary.files += copy_base(tmp, base_dir)
+            extra = reader.extra_state()
+            if extra:
+                summary.files += write_extra_state(tmp, extra, source=str(reader.path))
+                summary.extra_state = True
+                summary.global_step = extra.get("global_step")
+                summary.warnings += extra.get("warnings", [])
+            summary.files.append(write_marker(
+                tmp, source=reader.path, source_format=reader.format,
+                parts=["model"] + (["extra_state"] if extra else []),
+                rng_ranks=sorted(extra.get("rng", {})) if extra else [], warnings=summary.warnings))
+    summary.seconds = time.perf_counter() - t0
+    return summary
+
+
+def _stream(reader: Reader, transforms: list[Transform], writer: ShardedSafetensorsWriter,
+            aux_writer: ShardedSafetensorsWriter | None, out_dt, summary: ExportSummary, progress: bool | None) -> None:
+    """Run ``transforms`` and write their outputs (aux modules kept apart go to ``aux_writer``)."""
+    aux_keys = set(aux_writer.weight_map) if aux_writer is not None else set()
+    total = sum(o.nbytes if out_dt(o) == o.dtype else o.numel * out_dt(o).itemsize
+                for t in transforms for o in t.outputs)
+    bar = Progress(total, "to-hf", enabled=progress)
+    sizes = {o.key: (o.numel, o.numel * out_dt(o).itemsize) for t in transforms for o in t.outputs}
+    try:
+        for p in stream_pieces(transforms, reader, out_dt):  # in planned order: the writer checks it
+            (aux_writer if p.key in aux_keys else writer).write_at(p.key, p.tensor, p.offset)
+            nbytes = p.tensor.numel() * p.tensor.element_size()
+            if p.offset + nbytes == sizes[p.key][1]:  # the tensor's last piece
+                summary.tensors += 1
+                summary.parameters += sizes[p.key][0]
+            bar.update(nbytes, p.key)
+            del p
+    finally:
+        bar.close()
+
+
+def my_share(transforms: list[Transform], writer: ShardedSafetensorsWriter, out_dt, team: Team) -> list[Transform]:
+    """The transforms this process runs, cut at output-file boundaries where there are enough files."""
+    if team.size == 1:
+        return list(transforms)
+    sizes = [sum(nbytes(o.shape, out_dt(o)) for o in t.outputs) for t in transforms]
+    files = [writer.file_of(t.outputs[0].key) if t.outputs else 0 for t in transforms]
+    return team.mine(transforms, sizes, files)
+
+
+def _planned(transforms: list[Transform], out_dt) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    return [(o.key, o.shape, out_dt(o)) for t in transforms for o in t.outputs]
+
+
+def _write_section(reader: Reader, name: str, plan: Plan, tmp: Path, out_dt, shard_bytes: int) -> list[str]:
+    """Another model of the checkpoint (e.g. the EMA) as ``NAME.safetensors`` (sharded like the main weights)."""
+    fqn_to_key = reader.section_fqns(name)
+    writer = ShardedSafetensorsWriter(tmp, _planned(plan.transforms, out_dt), shard_bytes, prefix=name)
+    for t, outs in execute(plan, lambda k, dt: reader.read(fqn_to_key[k], dt), out_dt):
+        for o in t.outputs:
+            writer.write(o.key, outs.pop(o.key))
+        del outs
+    return writer.close()
+
+
+def _dominant_float_dtype(plan: Plan, out_dt) -> torch.dtype:
+    by_bytes: dict[torch.dtype, int] = {}
+    for info in plan.targets().values():
+        d = out_dt(info)
+        if d.is_floating_point:
+            by_bytes[d] = by_bytes.get(d, 0) + info.numel
+    return max(by_bytes, key=by_bytes.__getitem__) if by_bytes else torch.float32
+
+

@@ -1,0 +1,253 @@
+"""The plan of transforms: source keys -> target keys, computed and checked
+before any tensor moves, then executed one transform at a time.
+
+A :class:`Transform` takes a few source tensors (``inputs``) and produces a
+few target tensors (``outputs``) with one named operation:
+
+=========  ================================================================
+rename     1 -> 1, the tensor unchanged (the common case; ``fn`` is None)
+split      1 -> n, e.g. a fused MoE ``experts.gate_up_proj`` -> per-expert
+fuse       n -> 1, e.g. per-expert weights -> one stacked tensor
+transpose  1 -> 1 with the data moved
+fold       W, A, B -> W' (a LoRA delta merged into its base weight)
+adapter    a trainer's ``from_hf`` / ``to_hf`` applied to one group
+convert    any other op taken from the library that owns the rule
+           (a transformers ``ConversionOps`` chain, ...)
+=========  ================================================================
+
+Outputs are never written by hand: :func:`derive` runs the operation on
+*meta* tensors (shape and dtype only, no data, no memory) and records what it
+returns, so the plan states exactly what the real run will produce and a rule
+that does not fit the weights fails before the output directory exists.
+
+:meth:`Plan.check` enforces the two invariants every sink relies on: each
+target has exactly one producer, and each source key is consumed by some
+transform or dropped by a named rule.  :func:`execute` streams the plan: it
+reads one transform's inputs, applies the operation, yields the outputs and
+lets go, reading the next transform's inputs in a background thread; peak
+memory is the largest transform's tensors, not the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from ..errors import KeyPlanError, few
+from ..formats.base import TensorInfo
+from ..pipeline.stream import read_ahead
+
+OPS = ("rename", "split", "fuse", "transpose", "fold", "adapter", "convert")
+
+TensorFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Transform:
+    """One step of a plan: ``inputs`` (source keys) -> ``outputs`` (target keys with shape and dtype).
+
+    ``fn`` maps ``{source key: tensor}`` to ``{target key: tensor}``; it must
+    work on meta tensors too (see :func:`derive`).  ``fn`` is None only for a
+    rename, whose single output is its single input under a new name.
+    ``rule`` says where the operation comes from (shown by ``--dry-run``).
+    """
+
+    op: str
+    inputs: tuple[str, ...]
+    outputs: tuple[TensorInfo, ...]
+    fn: TensorFn | None = None
+    rule: str = ""
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise ValueError(f"unknown transform op {self.op!r}; one of {', '.join(OPS)}")
+        if self.fn is None and not (self.op == "rename" and len(self.inputs) == len(self.outputs) == 1):
+            raise ValueError(f"{self.op} {self.inputs} -> {self.targets}: only a 1 -> 1 rename may omit fn")
+
+    @property
+    def targets(self) -> tuple[str, ...]:
+        return tuple(o.key for o in self.outputs)
+
+    def apply(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The outputs for these input tensors, checked against the planned shapes."""
+        if self.fn is None:
+            return {self.outputs[0].key: tensors[self.inputs[0]]}
+        out = self.fn(tensors)
+        want = {o.key: o.shape for o in self.outputs}
+        got = {k: tuple(v.shape) for k, v in out.items()}
+        if got != want:
+            raise KeyPlanError(f"{self.op} {', '.join(self.inputs)}: produced {got} but the plan says {want}; "
+                               f"the rule ({self.rule or 'unnamed'}) is not deterministic in shape")
+        return out
+
+    def line(self) -> str:
+        """``--dry-run`` text: ``a -> b`` for a plain same-name copy, else the op and its rule."""
+        if self.op == "rename" and self.inputs == self.targets:
+            return self.inputs[0]
+        src = ", ".join(self.inputs) if len(self.inputs) <= 3 else f"{self.inputs[0]} .. ({len(self.inputs)} keys)"
+        dst = ", ".join(self.targets) if len(self.targets) <= 3 else f"{self.targets[0]} .. ({len(self.targets)} keys)"
+        why = f"  [{self.rule}]" if self.rule else ""
+        return f"{src} -> {dst}" if self.op == "rename" else f"{self.op}: {src} -> {dst}{why}"
+
+
+def rename(source: str, target: str, info: TensorInfo, rule: str = "") -> Transform:
+    return Transform("rename", (source,), (TensorInfo(target, tuple(info.shape), info.dtype),), None, rule)
+
+
+def derive(op: str, inputs: dict[str, TensorInfo], fn: TensorFn, rule: str = "") -> Transform:
+    """A transform whose outputs are learned by running ``fn`` on meta tensors of the inputs' shapes.
+
+    An ``fn`` that fails on meta tensors is a rule that does not fit these
+    weights: :class:`KeyPlanError` naming the inputs and the rule.
+    """
+    metas = {k: torch.empty(i.shape, dtype=i.dtype, device="meta") for k, i in inputs.items()}
+    try:
+        out = fn(metas)
+    except Exception as e:  # noqa: BLE001 - the rule's own failure, named
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise KeyPlanError(f"{op} {', '.join(list(inputs)[:4])}: {rule or 'the rule'} does not apply "
+                           f"({type(e).__name__}: {first})") from None
+    outputs = tuple(TensorInfo(k, tuple(v.shape), v.dtype) for k, v in out.items())
+    return Transform(op, tuple(inputs), outputs, fn, rule)
+
+
+@dataclass
+class Plan:
+    """The transforms of one export, plus what was dropped and why."""
+
+    transforms: list[Transform] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)  # (source key, the named rule)
+    notes: list[str] = field(default_factory=list)
+    model_class: str | None = None
+    config_updates: dict = field(default_factory=dict)  # what the target's config.json must say (a value head's class)
+
+    def targets(self) -> dict[str, TensorInfo]:
+        """Every target key in plan order with its shape and dtype (before any cast)."""
+        return {o.key: o for t in self.transforms for o in t.outputs}
+
+    def sources(self) -> set[str]:
+        return {k for t in self.transforms for k in t.inputs}
+
+    def check(self, source_keys: Iterable[str], *, where: str) -> "Plan":
+        """Each target produced once; each source consumed or dropped by a named rule. Returns self."""
+        producer: dict[str, Transform] = {}
+        for t in self.transforms:
+            for k in t.targets:
+                if k in producer:
+                    raise KeyPlanError(f"{where}: target {k!r} is produced twice ({producer[k].line()} and "
+                                       f"{t.line()}); two source weights map onto one name")
+                producer[k] = t
+        src = set(source_keys)
+        unknown = sorted(self.sources() - src)
+        if unknown:
+            raise KeyPlanError(f"{where}: the plan reads {few(unknown)}, which the checkpoint does not have")
+        dropped = {k for k, _ in self.dropped}
+        loose = sorted(src - self.sources() - dropped)
+        if loose:
+            raise KeyPlanError(f"{where}: {len(loose)} source key(s) are neither used nor dropped by a rule: "
+                               f"{few(loose)}")
+        return self
+
+    def lines(self) -> list[str]:
+        return [t.line() for t in self.transforms] + [f"{k} -> (dropped: {why})" for k, why in self.dropped]
+
+
+def compose(first: Plan, second: Plan, *, where: str) -> Plan:
+    """``second`` applied to what ``first`` produces, as one plan reading ``first``'s sources.
+
+    E.g. a LoRA fold (W, A, B -> W') followed by the save rules of the model
+    class (a rename, or transformers' split of fused experts): a chain of
+    renames stays a rename; anything else becomes one transform that runs
+    ``first``'s producers and then ``second``'s operation, so the stream still
+    holds one group at a time.  A ``second`` rule that drops a tensor
+    ``first`` computed (not merely renamed) is refused: the work would be lost.
+    """
+    producer = {k: t for t in first.transforms for k in t.targets}
+    out = Plan(dropped=list(first.dropped), notes=first.notes + second.notes, model_class=second.model_class,
+               config_updates=dict(second.config_updates))
+    for key, why in second.dropped:
+        t1 = producer.get(key)
+        if t1 is None:
+            raise KeyPlanError(f"{where}: the plan drops {key!r}, which no earlier step produces")
+        if t1.fn is not None:
+            raise KeyPlanError(f"{where}: {key} is computed ({t1.op}: {t1.rule or 'unnamed'}) but then dropped "
+                               f"({why}); refusing to lose it")
+        out.dropped.append((t1.inputs[0], why))
+    for t2 in second.transforms:
+        missing = [k for k in t2.inputs if k not in producer]
+        if missing:
+            raise KeyPlanError(f"{where}: {t2.line()} reads {few(missing)}, which no earlier step produces")
+        t1s = list({id(producer[k]): producer[k] for k in t2.inputs}.values())
+        if t2.fn is None and t1s[0].fn is None:  # rename after rename
+            rule = " + ".join(r for r in (t1s[0].rule, t2.rule) if r)
+            out.transforms.append(rename(t1s[0].inputs[0], t2.targets[0], t1s[0].outputs[0], rule))
+            continue
+        inputs = tuple(dict.fromkeys(k for t1 in t1s for k in t1.inputs))
+
+        def run(tensors: dict[str, torch.Tensor], t1s=t1s, t2=t2) -> dict[str, torch.Tensor]:
+            mid: dict[str, torch.Tensor] = {}
+            for t1 in t1s:
+                mid.update(t1.apply({k: tensors[k] for k in t1.inputs}))
+            return t2.apply({k: mid[k] for k in t2.inputs})
+
+        op = t2.op if t2.op != "rename" else t1s[0].op
+        rule = " then ".join(r for r in (*(t1.rule for t1 in t1s[:1]), t2.rule) if r)
+        out.transforms.append(Transform(op, inputs, t2.outputs, run, rule))
+    return out
+
+
+def execute(plan: Plan | list[Transform], read: Callable[..., torch.Tensor],
+            dtype_of: Callable[[TensorInfo], torch.dtype | None] = lambda info: None, *, ahead: bool = True,
+            buffer: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
+            ) -> Iterator[tuple[Transform, dict[str, torch.Tensor]]]:
+    """Stream ``plan``: yield ``(transform, {target: tensor})`` one transform at a time.
+
+    ``read(key, dtype)`` is a reader's ``read``; ``dtype_of(target info)`` is the
+    dtype a target is written in (None: as produced).  A rename reads straight
+    into that dtype (the readers cast while copying, no second buffer); other
+    ops see the stored dtype and their outputs are cast afterwards, so a fold
+    or a fuse computes on the trained values.  The next transform's inputs
+    are read in a background thread while the caller writes this one's
+    outputs (see :mod:`ckpt_bridge.pipeline.stream`); drop the tensors before asking
+    for the next item.  ``ahead=False`` reads in the caller's thread (a sink
+    whose own writes bound the run gains nothing from the overlap).
+    ``buffer(shape, dtype)``: a reused buffer a rename is read into, when
+    ``read`` takes ``out=`` (a fresh buffer faults in every page on first
+    touch); the caller guarantees it is free again by the time it is reused.
+    """
+    transforms = plan.transforms if isinstance(plan, Plan) else plan
+    if buffer is not None and not _takes_out(read):
+        buffer = None
+
+    def run(t: Transform) -> dict[str, torch.Tensor]:
+        if t.fn is None:
+            o = t.outputs[0]
+            if buffer is not None:
+                dt = dtype_of(o) or o.dtype
+                return t.apply({t.inputs[0]: read(t.inputs[0], dt, out=buffer(o.shape, dt))})
+            return t.apply({t.inputs[0]: read(t.inputs[0], dtype_of(o))})
+        out = t.apply({k: read(k, None) for k in t.inputs})
+        for o in t.outputs:
+            dt = dtype_of(o)
+            if dt is not None and out[o.key].dtype != dt:
+                out[o.key] = out[o.key].to(dt)
+        return out
+
+    if ahead:
+        yield from read_ahead(transforms, run)
+    else:
+        for t in transforms:
+            yield t, run(t)
+
+
+def _takes_out(read: Callable) -> bool:
+    import inspect
+
+    try:
+        return "out" in inspect.signature(read).parameters
+    except (TypeError, ValueError):
+        return False
+
+

@@ -1,0 +1,254 @@
+"""The plan that turns a Megatron (megatron-core GPTModel) state dict into what ``save_pretrained`` writes.
+
+Two plans composed (:func:`ckpt_bridge.plan.core.compose`):
+
+1. Megatron -> the HF model's in-memory names, one transform per layer slice
+   (:class:`~ckpt_bridge.formats.megatron.MegatronReader` lists ``decoder.layers.X[i]``; PP stages are
+   already at their global layer offsets in a dist_ckpt):
+
+   =======================================================  =============================================
+   ``embedding.word_embeddings.weight``                     ``model.embed_tokens.weight``
+   ``output_layer.weight`` (absent when tied)               ``lm_head.weight``
+   ``output_layer.weight`` ``[n, H]``, n != vocab (critic)  ``score.weight`` + a zero ``score.bias`` (below)
+   ``decoder.final_layernorm.weight``                       ``model.norm.weight``
+   ``self_attention.linear_qkv.layer_norm_weight``          ``input_layernorm.weight`` (fused into the linear)
+   ``self_attention.linear_qkv.weight`` / ``.bias``         split per KV group ``[q heads | k | v]`` -> q/k/v
+   ``self_attention.linear_proj.weight``                    ``self_attn.o_proj.weight``
+   ``self_attention.{q,k}_layernorm.weight``                ``self_attn.{q,k}_norm.weight`` (Qwen3)
+   ``mlp.linear_fc1.layer_norm_weight``                     ``post_attention_layernorm.weight``
+   ``mlp.linear_fc1.weight``                                split ``[gate ; up]`` -> gate_proj / up_proj
+   ``mlp.linear_fc2.weight``                                ``mlp.down_proj.weight``
+   ``mlp.router.weight``                                    ``mlp.gate.weight``
+   ``mlp.experts.experts.linear_fc1.weight`` ``[E, 2F, H]`` ``mlp.experts.gate_up_proj`` (axis 0 = global id)
+   ``mlp.experts.experts.linear_fc2.weight`` ``[E, H, F]``  ``mlp.experts.down_proj``
+   ``mlp.shared_experts.linear_fc1/2.weight``, ``gate_weight``  ``mlp.shared_expert.*``, ``shared_expert_gate``
+   =======================================================  =============================================
+
+   The unfused spellings (``input_layernorm.weight``, ``pre_mlp_layernorm.weight``) map the same way.
+   A key not in this table is an error naming it: never a guess.
+
+2. transformers' own save rules for the config's class (:func:`ckpt_bridge.plan.hf_target.plan_hf_export`): fused
+   experts split per expert, renamed families (Mixtral's ``block_sparse_moe.experts.E.w1``), tied weights
+   written once; it also checks completeness against the class (every expected layer and expert).
+
+A critic (verl's ``value=True`` model) has a value head ``output_layer`` of ``[1, H]`` (verl's
+``LinearForLastLayer``, ``bias=False``) instead of the vocabulary projection.  The HF model equal to it is the
+family's ``*ForTokenClassification`` with that weight as ``score.weight`` and ``score.bias`` = 0
+(transformers' ``score`` is an ``nn.Linear`` with a bias); :func:`ckpt_bridge.plan.hf_target.value_head` then names the
+class and ``num_labels`` for the exported config.
+
+The shapes the split rules need (heads, KV groups, head dim) come from the HF config, which is checked
+first against the save's ``transformer_config.json``: a mismatch is a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import KeyPlanError
+from ..formats.base import TensorInfo
+from ..formats.megatron import MegatronReader, parse_slice
+from .core import Plan, Transform, compose, derive, rename
+
+_TOP = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
+        "output_layer.weight": "lm_head.weight",
+        "decoder.final_layernorm.weight": "model.norm.weight"}
+
+_LAYER_RENAMES = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+    "mlp.router.weight": "mlp.gate.weight",
+    "mlp.experts.experts.linear_fc1.weight": "mlp.experts.gate_up_proj",
+    "mlp.experts.experts.linear_fc2.weight": "mlp.experts.down_proj",
+    "mlp.shared_experts.linear_fc2.weight": "mlp.shared_expert.down_proj.weight",
+    "mlp.shared_experts.gate_weight": "mlp.shared_expert_gate.weight",
+}
+_GATE_UP = {"mlp.linear_fc1.weight": "mlp.", "mlp.shared_experts.linear_fc1.weight": "mlp.shared_expert."}
+
+# transformer_config.json field -> the HF config fields it must equal (first one present)
+_CHECKED = (("num_layers", ("num_hidden_layers",)), ("hidden_size", ("hidden_size",)),
+            ("num_attention_heads", ("num_attention_heads",)), ("num_query_groups", ("num_key_value_heads",)),
+            ("kv_channels", ("head_dim",)), ("ffn_hidden_size", ("intermediate_size",)),
+            ("num_moe_experts", ("num_experts", "num_local_experts")),
+            ("moe_ffn_hidden_size", ("moe_intermediate_size", "intermediate_size")))
+
+
+def attention_shape(hf: dict) -> tuple[int, int, int]:
+    """(heads, KV groups, head dim) of the HF config."""
+    heads = int(hf["num_attention_heads"])
+    groups = int(hf.get("num_key_value_heads") or heads)
+    d = int(hf.get("head_dim") or int(hf["hidden_size"]) // heads)
+    return heads, groups, d
+
+
+def check_config(hf: dict, tc: dict | None, cfg_file: Path, tc_file: Path) -> None:
+    """The HF config and Megatron's transformer_config.json describe the same model, or one-line error."""
+    if not tc:
+        return
+    for tf_field, hf_fields in _CHECKED:
+        want = tc.get(tf_field)
+        have = next((hf[f] for f in hf_fields if hf.get(f) is not None), None)
+        if tf_field == "kv_channels" and have is None and hf.get("hidden_size") and hf.get("num_attention_heads"):
+            have = int(hf["hidden_size"]) // int(hf["num_attention_heads"])
+        if tf_field == "num_query_groups" and want is None:
+            want = tc.get("num_attention_heads")
+        if want is None or have is None:
+            continue
+        if int(want) != int(have):
+            raise KeyPlanError(f"{cfg_file}: {hf_fields[0]} is {have} but the checkpoint's {tc_file.name} says "
+                               f"{tf_field}={want}; pass --config the model this run trained")
+
+
+def _split_qkv(groups: int, per_group: int, d: int, names: tuple[str, str, str]):
+    def fn(t: dict) -> dict:
+        (x,) = t.values()
+        v = x.reshape(groups, per_group + 2, d, *x.shape[1:])
+        q = v[:, :per_group].reshape(groups * per_group * d, *x.shape[1:])
+        return {names[0]: q.contiguous(), names[1]: v[:, per_group].reshape(groups * d, *x.shape[1:]).contiguous(),
+                names[2]: v[:, per_group + 1].reshape(groups * d, *x.shape[1:]).contiguous()}
+
+    return fn
+
+
+def _split_gate_up(names: tuple[str, str]):
+    def fn(t: dict) -> dict:
+        (x,) = t.values()
+        if x.shape[0] % 2:
+            raise ValueError(f"linear_fc1 has {x.shape[0]} rows, not [gate ; up]")
+        gate, up = x.chunk(2, dim=0)
+        return {names[0]: gate.contiguous(), names[1]: up.contiguous()}
+
+    return fn
+
+
+def _value_head(n: int):
+    def fn(t: dict) -> dict:
+        (x,) = t.values()
+        return {"score.weight": x, "score.bias": torch.zeros(n, dtype=x.dtype, device=x.device)}
+
+    return fn
+
+
+def _output_layer(key: str, info: TensorInfo, hf: dict, where: str) -> Transform:
+    """``lm_head.weight``, or a critic's value head (rows != vocab_size) as ``score.weight`` + zero bias."""
+    vocab = hf.get("vocab_size")
+    rows = info.shape[0] if info.shape else None
+    if vocab is None or rows == int(vocab):
+        return rename(key, "lm_head.weight", info, "megatron name")
+    if len(info.shape) != 2 or rows > 16:
+        raise KeyPlanError(f"{where}: {key} is {tuple(info.shape)}: neither the vocabulary projection "
+                           f"(vocab_size {vocab}) nor a value head [num_labels, hidden]; pass --config the model "
+                           f"this run trained")
+    return derive("split", {key: info}, _value_head(rows),
+                  f"critic: output_layer {tuple(info.shape)} is verl's value head (no bias): score.weight, "
+                  f"score.bias = 0")
+
+
+def _layer_of(key: str) -> tuple[str, int] | None:
+    """(name inside the layer, global layer index) of a stacked slice or a per-index key; else None."""
+    base, i = parse_slice(key)
+    if not base.startswith("decoder.layers."):
+        return None
+    rest = base[len("decoder.layers."):]
+    if i is not None:
+        return rest, i
+    head, _, tail = rest.partition(".")
+    return (tail, int(head)) if head.isdigit() else None
+
+
+def megatron_to_hf_names(infos: dict[str, TensorInfo], hf: dict, where: str) -> Plan:
+    """Plan 1: Megatron keys (layer slices) -> the HF model's in-memory names (see the module doc)."""
+    heads, groups, d = attention_shape(hf)
+    plan = Plan()
+    for key, info in infos.items():
+        if key == "output_layer.weight":
+            plan.transforms.append(_output_layer(key, info, hf, where))
+            continue
+        if key in _TOP:
+            plan.transforms.append(rename(key, _TOP[key], info, "megatron name"))
+            continue
+        layer = _layer_of(key)
+        if layer is None:
+            raise KeyPlanError(f"{where}: Megatron key {key!r} is not one ckpt-bridge maps to Hugging Face "
+                               f"(known: embedding, decoder.layers.*, decoder.final_layernorm, output_layer); "
+                               f"refusing to guess")
+        rest, i = layer
+        p = f"model.layers.{i}."
+        why = f"layer {i} of the stacked tensor" if parse_slice(key)[1] is not None else f"layer {i}"
+        if rest in _LAYER_RENAMES:
+            plan.transforms.append(rename(key, p + _LAYER_RENAMES[rest], info, f"{why}: megatron name"))
+        elif rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
+            kind = rest.rsplit(".", 1)[1]
+            names = tuple(p + f"self_attn.{x}_proj.{kind}" for x in "qkv")
+            rule = f"{why}: split linear_qkv per KV group ({groups} x [{heads // groups} q heads | k | v], d={d})"
+            plan.transforms.append(derive("split", {key: info}, _split_qkv(groups, heads // groups, d, names), rule))
+        elif rest in _GATE_UP:
+            names = tuple(p + _GATE_UP[rest] + f"{x}_proj.weight" for x in ("gate", "up"))
+            plan.transforms.append(derive("split", {key: info}, _split_gate_up(names),
+                                          f"{why}: split linear_fc1 [gate ; up]"))
+        else:
+            raise KeyPlanError(f"{where}: Megatron key {key!r} (layer {i}: {rest!r}) is not one ckpt-bridge maps to "
+                               f"Hugging Face; refusing to guess (MTP / MLA / LoRA layers are not read yet)")
+    return plan
+
+
+def check_bridge_weights(infos: dict[str, TensorInfo], cfg_dir: Path, where: str) -> None:
+    """Bridge-written weights hold every tensor ``save_pretrained`` of the class writes, at its shape: a lost
+    expert or layer (the bridges' known silent losses) is named, not exported as a smaller model."""
+    from .hf_target import expected_model, value_head
+
+    exp = expected_model(cfg_dir, value_head(infos, cfg_dir))
+    want = exp.disk_shapes
+    missing = [k for k in want if k not in infos]
+    if missing:
+        raise KeyPlanError(f"{where}: the bridge-written weights lack {len(missing)} tensor(s) {exp.model_class} "
+                           f"has: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; the save lost them "
+                           f"(use an earlier step or re-save)")
+    bad = [k for k in want if tuple(infos[k].shape) != tuple(want[k])]
+    if bad:
+        k = bad[0]
+        raise KeyPlanError(f"{where}: bridge-written {k} is {tuple(infos[k].shape)}, but {exp.model_class} of "
+                           f"{Path(cfg_dir) / 'config.json'} has {tuple(want[k])}")
+
+
+def plan_megatron_export(reader: MegatronReader, cfg_dir: Path, *, where: str) -> Plan:
+    """The checked plan: Megatron dist_ckpt (or bridge-written HF weights) -> what ``save_pretrained`` writes."""
+    from .hf_target import plan_hf_export
+
+    cfg_file = Path(cfg_dir) / "config.json"
+    hf: dict[str, Any] = json.loads(cfg_file.read_text())
+    hf = {**hf.get("text_config", {}), **hf} if "num_attention_heads" not in hf else hf
+    check_config(hf, reader.transformer_config(), cfg_file, reader.layout.root / "transformer_config.json")
+    arch, archs = (reader.layout.manifest or {}).get("arch"), hf.get("architectures") or []
+    if arch and archs and arch not in archs:  # verl records the HF class it trained: another config is not it
+        raise KeyPlanError(f"{cfg_file}: architectures {archs} but the checkpoint's ckpt_contents.json says arch "
+                           f"{arch!r}; pass --config the model this run trained")
+    infos = reader.model_tensors()
+    if reader.has_bridge_weights:  # already HF names: transformers' own rules, every tensor accounted for
+        check_bridge_weights(infos, cfg_dir, where)
+        return plan_hf_export(infos, cfg_dir, where=where)
+    emb = infos.get("embedding.word_embeddings.weight")
+    if emb is not None and hf.get("vocab_size") is not None and emb.shape[0] != int(hf["vocab_size"]):
+        raise KeyPlanError(f"{cfg_file}: vocab_size is {hf['vocab_size']} but the checkpoint's embedding has "
+                           f"{emb.shape[0]} rows (a padded vocabulary?); pass --config the model this run trained")
+    first = megatron_to_hf_names(infos, hf, where)
+    first.check(infos, where=where)
+    second = plan_hf_export(first.targets(), cfg_dir, where=where)
+    out = compose(first, second, where=where)
+    out.dropped += [(k, "megatron _extra_state (bytes, not a weight)") for k in reader.skipped_entries()]
+    from collections import Counter
+
+    reader.expect_reads(Counter(k for t in out.transforms if t.fn is not None for k in t.inputs))
+    return out
+
+
