@@ -71,7 +71,7 @@ def test_directory_appearing_at_out_during_export_is_left_alone(tiny_hf_dir, tmp
 BARRIER_EXPORT = textwrap.dedent("""
     import sys, time
     from pathlib import Path
-    from ckpt_bridge import export
+    from ckpt_bridge.commands import to_hf as export
     from ckpt_bridge.cli import main
     from ckpt_bridge.writers import atomic
     barrier, me, native = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"

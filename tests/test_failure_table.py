@@ -633,7 +633,7 @@ def test_issue19_workers_capped_by_cpus_and_items(verl_ckpt, tmp_path, capsys, c
 WATCH_HELD = """
 import sys, time
 from pathlib import Path
-from ckpt_bridge import export
+from ckpt_bridge.commands import to_hf as export
 from ckpt_bridge.cli import main
 go, ready = Path(sys.argv[1]), Path(sys.argv[2])
 original = export._write_configs
