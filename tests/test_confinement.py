@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from ckpt_bridge.cli import main
-from ckpt_bridge.commands.to_dcp import HF_CONFIG_DIR, MANIFEST, to_dcp
+from ckpt_bridge.commands.to_dcp import to_dcp
+from ckpt_bridge.formats.dcp_files import HF_CONFIG_DIR, MANIFEST
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from ckpt_bridge.cli import main as cli
-from ckpt_bridge.commands.to_dcp import MANIFEST
+from ckpt_bridge.formats.dcp_files import MANIFEST
 
 PY = sys.executable
 

@@ -275,7 +275,8 @@ def test_python_api_model_and_adapter_convert_back_without_flags(hf_dirs, tmp_pa
     """to_dcp(model=, sd_adapter=) with TorchTitan's own llama3 and its registered StateDictAdapter: the manifest
     names the family (and the adapter's class and model args), so to-hf and verify rebuild the adapter with no
     flag; a manifest that names only the adapter (as before) is one line naming --titan-model llama3."""
-    from ckpt_bridge.commands.to_dcp import MANIFEST, to_dcp
+    from ckpt_bridge.commands.to_dcp import to_dcp
+    from ckpt_bridge.formats.dcp_files import MANIFEST
     from ckpt_bridge.models.titan import titan_model
 
     hf = hf_dirs["llama3-untied"]

@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from ckpt_bridge.plan.aux_modules import as_specs, attach_aux, init_aux
 from ckpt_bridge.cli import main as cli
-from ckpt_bridge.commands.to_dcp import MANIFEST, to_dcp
+from ckpt_bridge.commands.to_dcp import to_dcp
+from ckpt_bridge.formats.dcp_files import MANIFEST
 from ckpt_bridge.errors import BridgeError, KeyPlanError, OutputError
 from ckpt_bridge.formats.dcp import DCPReader
 from ckpt_bridge.formats.hf import weight_files

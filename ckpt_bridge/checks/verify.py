@@ -22,7 +22,9 @@ from ..compare import bits_equal, diff
 from ..models.config_fit import read_fitting_config
 from ..formats.detect import detect_format, open_reader
 from ..errors import BridgeError, KeyPlanError
-from ..commands.to_hf import DTYPES, split_aux, to_hf
+from ..commands.to_hf import to_hf
+from ..dtypes import DTYPES
+from ..plan.aux_modules import split_aux
 from ..plan.hf_target import canonical_key, canonicalize, expected_model, plan_hf_export
 from ..formats.hf import SafetensorsFileReader
 from ..models.hf import load_pretrained, text_token_ids

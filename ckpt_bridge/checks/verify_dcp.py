@@ -34,7 +34,8 @@ from ..plan.aux_modules import as_specs, attach_aux, parse_aux
 from ..compare import bits_equal, diff
 from ..models.config_fit import read_fitting_config
 from ..plan.conversions import Conversions
-from ..commands.to_dcp import tensor_sha256, plan_dcp
+from ..plan.aux_modules import tensor_sha256
+from ..plan.trainer_target import plan_dcp
 from ..formats.dcp_files import read_manifest
 from ..writers.side_files import side_files
 from ..errors import BridgeError, CheckpointFormatError, few

@@ -1,12 +1,10 @@
 """``to_dcp``: a Hugging Face model directory -> the DCP folder a TorchTitan /
 flame model-only load accepts, with auxiliary modules and a manifest.
 
-reader -> key plan (against the keys the trainer will request) -> tensor
-stream -> DCP's own ``FileSystemWriter``.  We hand DCP a state dict of *meta*
-tensors (shape and dtype only) and a planner whose ``resolve_data`` reads each
-tensor from the source at the moment DCP writes it, so one tensor is in memory
-at a time and the files are exactly what ``dcp.save`` writes (DCP's metadata,
-``planner_data`` nesting and storage layout: nothing re-implemented).
+This module only assembles the pipeline (:func:`ckpt_bridge.pipeline.run.run`): the reader of the HF dir
+(seen through a TorchTitan adapter when the trainer's model is TorchTitan's own), the plan against the keys
+the trainer will request (:mod:`ckpt_bridge.plan.trainer_target`), the DCP sink (:mod:`ckpt_bridge.writers.dcp`:
+DCP's own ``FileSystemWriter``, one tensor in memory at a time) and the manifest as the side file.
 
 Everything checkable (keys both ways, shapes, aux sources) is checked before
 the output directory is created; the output is written under a temporary name
@@ -16,60 +14,45 @@ and renamed at the end.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import logging
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..plan.aux_modules import AuxSpec, as_specs, attach_aux, init_aux, parse_aux
-from ..pipeline.buffers import Recycled
-from ..formats.detect import open_reader
-from ..errors import BridgeError, KeyPlanError, few, writing
-from ..models.config_fit import read_fitting_config
 from ..dtypes import nbytes, out_dtype, parse_dtype
-from ..writers.side_files import config_dir, copy_new, jsonable, read_config, side_files
-from ..models.hf import quiet_transformers, tie_groups
+from ..errors import BridgeError, KeyPlanError, few
 from ..formats.base import Reader, TensorInfo
-from ..formats.dcp_files import HF_CONFIG_DIR, MANIFEST, read_manifest, write_manifest  # noqa: F401 - MANIFEST re-exported
-from ..plan.conversions import Conversions, Group
-from ..plan.hf_target import drop_reason, gap_error, build_meta_model, canonical_key, canonicalize
-from ..plan.core import Plan, Transform, derive, execute, rename
-from ..progress import Progress
-from ..models.titan_eras import seed_flags
-from ..plan.trainer_keys import RequestedKeys, requested_keys
-from ..pipeline.team import Team, team_output
-from ..version import __version__
-from ..writers.atomic import flush_tree
-from ..writers.dcp_parts import merge_parts, part_dir
-from ..plan.state_dict_adapter import from_hf_reader
 from ..formats.dcp import DCPReader
+from ..formats.dcp_files import HF_CONFIG_DIR, MANIFEST, read_manifest, write_manifest
+from ..formats.detect import open_reader
+from ..formats.memory import WithTensors
+from ..models.config_fit import read_fitting_config
+from ..models.hf import quiet_transformers, tie_groups
 from ..models.titan import adapter_record, titan_model as build_titan_model
+from ..models.titan_eras import seed_flags
+from ..pipeline.run import Output, run
+from ..pipeline.team import Team
+from ..plan.aux_modules import AuxSpec, as_specs, attach_aux, init_aux, parse_aux, tensor_sha256
+from ..plan.conversions import Conversions
+from ..plan.core import Plan, rename
+from ..plan.hf_target import build_meta_model, canonical_key
+from ..plan.state_dict_adapter import from_hf_reader
+from ..plan.trainer_keys import requested_keys
+from ..plan.trainer_target import DCPPlan, plan_dcp
+from ..version import __version__
+from ..writers.dcp import DCPSink
+from ..writers.dcp_manifest import hash_files, keep_hf_files, source_files_of, versions
+from ..writers.side_files import config_dir, jsonable, read_config
 
 log = logging.getLogger("ckpt_bridge")
 
-
-
-@dataclass
-class DCPPlan(Plan):
-    """The plan of one to-dcp export: transforms whose targets are the DCP keys the trainer requests.
-
-    ``aux`` maps the DCP keys of auxiliary modules (made fresh or copied, not
-    read from the source) to their shape and dtype.
-    """
-
-    requested: RequestedKeys | None = None
-    aux: dict[str, TensorInfo] = field(default_factory=dict)
-
-    def lines(self) -> list[str]:
-        return super().lines() + [f"(aux {k.split('.', 1)[0]}) -> {k}" for k in self.aux]
+# the source keys under which an aux module's values (made here, not read from the checkpoint) enter the stream
+AUX_SOURCE = "<aux>."
 
 
 @dataclass
@@ -145,156 +128,6 @@ def _aux_tensors_from(path: Path, specs: list[AuxSpec], want: dict[str, TensorIn
     return out
 
 
-def tensor_sha256(tensors: list[torch.Tensor]) -> str:
-    h = hashlib.sha256()
-    for t in tensors:
-        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------- the plan
-
-
-def plan_dcp(src: dict[str, TensorInfo], req: RequestedKeys, aux_fqns: set[str], groups: list[list[str]],
-             *, where: str, model_class: str = "", conversions: Conversions | None = None) -> DCPPlan:
-    """The checked plan that gives every key the trainer requests exactly one producer (or an aux module).
-
-    Source keys are first brought to the in-memory names of the HF model the
-    way ``from_pretrained`` does (``conversions``: transformers' load-time
-    mapping, e.g. per-expert MoE weights fused into ``experts.gate_up_proj``;
-    None: the names are taken as they are), then matched to the requested
-    keys through the wrapper rules and tied weights.  Gaps either way are
-    refused before anything is written.
-    """
-    canon = canonicalize(src, where)
-    source_of = {canonical_key(k): k for k in src}
-    plan = DCPPlan(model_class=model_class, requested=req)
-    for c in canon:
-        why = drop_reason(c)
-        if why:
-            plan.dropped.append((source_of[c], why))
-    kept = [c for c in canon if source_of[c] not in {k for k, _ in plan.dropped}]
-    producers = _load_groups(kept, canon, source_of, conversions)  # [(Group, {in-memory key: info}, fn)]
-    alias: dict[str, list[str]] = {}
-    for g in groups:
-        g = [canonical_key(n) for n in g]
-        for n in g:
-            alias[n] = [m for m in g if m != n]
-    wanted, missing = _assign(plan, req, aux_fqns, producers, alias, source_of, where)
-    unexpected = []
-    made_by = {m: i for i, (_, outs, _) in enumerate(producers) for m in outs}
-    for i, (g, outs, fn) in enumerate(producers):
-        got = wanted.get(i, {})
-        if not got:
-            tied = next((a for m in outs for a in alias.get(m, []) if a in made_by and made_by[a] in wanted), None)
-            for k in g.inputs:
-                if tied:
-                    plan.dropped.append((source_of[k], f"tied to {tied}"))
-                else:
-                    unexpected.append(source_of[k])
-        elif g.is_rename:  # a tied source feeds every name the trainer requests for it
-            plan.transforms += [rename(source_of[g.inputs[0]], k, outs[g.target], _rule(g, conversions))
-                                for k in got[g.target]]
-        elif [m for m in outs if m not in got] or any(len(v) > 1 for v in got.values()):
-            raise KeyPlanError(f"{where}: transformers converts {_inputs_of(producers[i], source_of)} into "
-                               f"{', '.join(outs)}, but the trainer requests "
-                               f"{few(sorted(k for v in got.values() for k in v))}")
-        else:
-            plan.transforms.append(_renamed(g, outs, got, fn, source_of, conversions))
-    if missing or unexpected:
-        hint = ("; the trainer's model differs from the config's (an aux module not passed with --aux?)"
-                if missing and not unexpected else "")
-        raise gap_error(where, missing, "the trainer requests are not in the source", unexpected,
-                        "the trainer does not request", hint + f" (layout: {req.layout}, {req.trainer})")
-    # Written in the trainer's request order, each transform's outputs together: DCP's writer still holds the
-    # previous tensor while it asks for the next, so two large tensors of one source (a tied embedding and
-    # lm_head) must not be written back to back (2 GB instead of 1 for a 1B model's fp32 embedding).
-    pos = {k: i for i, k in enumerate(req.fqn_of)}
-    plan.transforms.sort(key=lambda t: min(pos.get(k, len(pos)) for k in t.targets))
-    return plan.check(src, where=where)
-
-
-def _assign(plan: DCPPlan, req: RequestedKeys, aux_fqns: set[str], producers, alias: dict[str, list[str]],
-            source_of: dict[str, str], where: str) -> tuple[dict[int, dict[str, list[str]]], list[str]]:
-    """Each requested DCP key -> the producer of its in-memory name (or of a tied alias), or an aux module.
-
-    Returns ({producer index: {in-memory key: [DCP keys]}}, [requested keys nothing produces]).
-    """
-    made_by = {m: i for i, (_, outs, _) in enumerate(producers) for m in outs}
-    wanted: dict[int, dict[str, list[str]]] = {}
-    missing, shape_errors = [], []
-    for key, fqn in req.fqn_of.items():
-        want = req.info[key]
-        c = canonical_key(fqn)
-        if c in aux_fqns:
-            plan.aux[key] = want
-            continue
-        found = c if c in made_by else next((a for a in alias.get(c, []) if a in made_by), None)
-        if found is None:
-            missing.append(key)
-            continue
-        i = made_by[found]
-        info = producers[i][1][found]
-        if tuple(info.shape) != tuple(want.shape):
-            shape_errors.append(f"{_inputs_of(producers[i], source_of)} gives {tuple(info.shape)} but the trainer's "
-                                f"{key!r} is {tuple(want.shape)}")
-            continue
-        if found != c:
-            plan.notes.append(f"{key} <- {found} (tied weights)")
-        wanted.setdefault(i, {}).setdefault(found, []).append(key)
-    if shape_errors:
-        raise KeyPlanError(f"{where}: shapes differ from the trainer's model: {'; '.join(shape_errors[:3])}"
-                           f"{' ...' if len(shape_errors) > 3 else ''}; wrong config for these weights")
-    return wanted, missing
-
-
-def _load_groups(keys: list[str], canon: dict[str, TensorInfo], source_of: dict[str, str],
-                 conversions: Conversions | None) -> list[tuple[Group, dict[str, TensorInfo], Any]]:
-    """Each group of source keys with the in-memory keys it produces (learned on meta tensors) and its function."""
-    if conversions is None or conversions.empty:
-        return [(Group(c, (c,), None, c), {c: TensorInfo(c, canon[c].shape, canon[c].dtype)}, None) for c in keys]
-    out = []
-    for g in conversions.groups(keys):
-        if g.is_rename:
-            out.append((g, {g.target: TensorInfo(g.target, canon[g.inputs[0]].shape, canon[g.inputs[0]].dtype)}, None))
-            continue
-        fn = partial(_run_group, conversions, g)
-        t = derive("fuse", {c: canon[c] for c in g.inputs}, fn, conversions.describe(g))
-        out.append((g, {o.key: o for o in t.outputs}, fn))
-    return out
-
-
-def _run_group(conversions: Conversions, group: Group, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return conversions.run(group, tensors)
-
-
-def _renamed(g: Group, outs: dict[str, TensorInfo], got: dict[str, list[str]], fn, source_of: dict[str, str],
-             conversions: Conversions) -> Transform:
-    """A converter group as a transform reading source keys and producing the trainer's DCP keys."""
-    dcp_of = {m: v[0] for m, v in got.items()}
-    canon_of = {source_of[c]: c for c in g.inputs}
-
-    def run(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        res = fn({canon_of[k]: v for k, v in tensors.items()})
-        return {dcp_of[m]: v for m, v in res.items()}
-
-    n_in, n_out = len(g.inputs), len(outs)
-    op = "fuse" if n_in > n_out else "split" if n_in < n_out else "convert"
-    return Transform(op, tuple(source_of[c] for c in g.inputs),
-                     tuple(TensorInfo(dcp_of[m], i.shape, i.dtype) for m, i in outs.items()), run,
-                     conversions.describe(g))
-
-
-def _rule(g: Group, conversions: Conversions | None) -> str:
-    if conversions is None or g.target == g.inputs[0]:
-        return ""
-    return f"transformers {type(conversions.model).__name__} load: rename"
-
-
-def _inputs_of(producer, source_of: dict[str, str]) -> str:
-    return few([source_of[c] for c in producer[0].inputs], 2)
-
-
 # ---------------------------------------------------------------- TorchTitan's own models
 
 
@@ -325,83 +158,6 @@ def _titan_source(reader: Reader, cfg_dir: Path, model: Any, sd_adapter: Any, ti
     return from_hf_reader(reader, sd_adapter), model, record["family"], record
 
 
-# ---------------------------------------------------------------- writing
-
-
-def streaming_planner(fetch):
-    """DCP's DefaultSavePlanner, except that tensor data is ``fetch(key)``-ed when the writer asks for it.
-
-    Built in a function so importing this module does not import torch.distributed.checkpoint.
-    """
-    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-    from torch.distributed.checkpoint.planner import WriteItemType
-
-    class StreamingSavePlanner(DefaultSavePlanner):
-        def resolve_data(self, write_item):
-            if write_item.type == WriteItemType.TENSOR:
-                return fetch(write_item.index.fqn)
-            return super().resolve_data(write_item)
-
-    return StreamingSavePlanner(dedup_save_to_lowest_rank=False)
-
-
-class _Fetcher:
-    """DCP's writer asks for one key at a time; the plan produces a transform's outputs together.
-
-    Runs the plan (:func:`ckpt_bridge.plan.core.execute`, no read-ahead: DCP's
-    fsync'd writes bound the run, and a read-ahead would keep one more group
-    alive) up to the transform that makes the asked key, hands that key out
-    and keeps the transform's other outputs until they are asked for.
-    """
-
-    def __init__(self, plan: DCPPlan, transforms: list, source: Reader, out_dt, aux_values, bar: Progress, summary):
-        # DCP's writer (one thread, one file per tensor) has written tensor k to its file before it asks for
-        # k+1, though it still holds k: the buffer of k-1 is free again when k+1 is read.
-        self.arenas = Recycled(2)
-        self.stream = execute(transforms, source.read, out_dt, ahead=False, buffer=self.arenas.take)
-        self.pending: dict[str, torch.Tensor] = {}
-        self.plan, self.out_dt, self.aux_values, self.bar, self.summary = plan, out_dt, aux_values, bar, summary
-        self.fqn_of = plan.requested.fqn_of
-
-    def __call__(self, key: str) -> torch.Tensor:
-        if key in self.plan.aux:
-            info = self.plan.aux[key]
-            t = self.aux_values[canonical_key(self.fqn_of[key])][0].to(self.out_dt(info))
-            self.summary.aux_tensors += 1
-        else:
-            while key not in self.pending:
-                # Tensors read ahead of their turn must not sit in an arena the next reads reuse (DCP asks in
-                # plan order, so this does not happen; if it did, it would cost a copy, not a wrong byte).
-                self.pending = {k: v.clone() if self.arenas.owns(v) else v for k, v in self.pending.items()}
-                _, outs = next(self.stream)
-                self.pending.update(outs)
-            t = self.pending.pop(key)
-            self.summary.from_source += 1
-        self.bar.update(t.numel() * t.element_size(), key)
-        return t.contiguous()
-
-
-def _hash_files(paths: list[Path], cfg_dir: Path) -> list[dict[str, Any]]:
-    out = []
-    for p in paths:
-        with open(p, "rb") as f:
-            digest = hashlib.file_digest(f, "sha256").hexdigest()
-        name = p.relative_to(cfg_dir).as_posix() if p.is_relative_to(cfg_dir) else p.name
-        out.append({"name": name, "bytes": p.stat().st_size, "sha256": digest})
-    return out
-
-
-def _source_files(reader: Reader, cfg_dir: Path) -> list[Path]:
-    """The files the manifest hashes: the weights, the configs, and every side file kept beside them in
-    ``HF_CONFIG_DIR`` (the one rule of :func:`ckpt_bridge.writers.side_files.side_files`: what is kept is hashed)."""
-    files = sorted(reader.source_files())
-    configs = [cfg_dir / n for n in ("config.json", "generation_config.json", "model.safetensors.index.json")]
-    for p in [*configs, *side_files(cfg_dir)]:
-        inside = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else []
-        files += [q for q in inside if q not in files]
-    return files
-
-
 def to_dcp(
     src: str | Path,
     out: str | Path,
@@ -420,7 +176,7 @@ def to_dcp(
     progress: bool | None = None,
     dry_run: bool = False,
     team: Team | None = None,
-) -> DCPExportSummary | DCPPlan:
+) -> "DCPExportSummary | DCPPlan":
     """Write the DCP folder a model-only load of the trainer's model accepts.
 
     ``layout``: ``auto`` asks the installed torchtitan which keys it requests;
@@ -455,7 +211,7 @@ def to_dcp(
         read_fitting_config(cfg_dir, reader.tensors())
         source, model, titan, adapter_rec = _titan_source(reader, cfg_dir, model, sd_adapter, titan_model)
         infos = source.tensors()
-        hashes = pool.submit(_hash_files, _source_files(reader, cfg_dir), cfg_dir) if not dry_run and team.leader else None
+        hashes = pool.submit(hash_files, source_files_of(reader, cfg_dir), cfg_dir) if not dry_run and team.leader else None
 
         from transformers import AutoConfig
 
@@ -519,72 +275,37 @@ def to_dcp(
             aux_records.append(rec)
 
         out_dt = out_dtype(cast)
-        targets = {**plan.targets(), **plan.aux}
-        total = sum(nbytes(i.shape, out_dt(i)) for i in targets.values())
-        bar = Progress(total, "to-dcp", enabled=progress)
         summary = DCPExportSummary(str(src), str(Path(out).absolute()), req.layout, req.trainer, req.reason)
         summary.seed_flags = seed_flags(summary.out, req.era, req.layout)
         summary.titan_model = titan
-        # In plan order, so DCP's writer (one file per item, in state-dict order) asks for a multi-output
-        # transform's outputs one after the other and only one group is ever held.
-        dcp_key = (lambda k: f"model.{req.fqn_of[k]}") if req.layout == "nested" else (lambda k: k)
-        order = [dcp_key(k) for k in targets]  # the flattened keys DCP stores, in state-dict order
-        groups = [list(t.targets) for t in plan.transforms] + [[k] for k in plan.aux]
-        team.fit(len(groups))  # no more processes than groups to write
-        # whole transforms per process (a group is never split between processes)
-        mine = {k for g in team.mine(groups, [sum(nbytes(targets[k].shape, out_dt(targets[k])) for k in g)
-                                             for g in groups]) for k in g}
-        fetch = _Fetcher(plan, [t for t in plan.transforms if t.targets[0] in mine], source, out_dt, aux_values,
-                         bar, summary)
-        meta_sd = {(req.fqn_of[k] if req.layout == "nested" else k): torch.empty(i.shape, dtype=out_dt(i),
-                                                                                   device="meta")
-                   for k, i in targets.items() if k in mine}
-        state = {"model": meta_sd} if req.layout == "nested" else meta_sd
+        # The aux modules' values enter the stream as in-memory source tensors, renamed like any other; written
+        # after the source's, in the state-dict order DCP stores.
+        aux_tf = [rename(f"{AUX_SOURCE}{canonical_key(req.fqn_of[k])}", k, info, "aux module")
+                  for k, info in plan.aux.items()]
+        stream_plan = Plan(transforms=list(plan.transforms) + aux_tf)
+        if aux_tf:
+            source = WithTensors(source, {t.inputs[0]: aux_values[t.inputs[0][len(AUX_SOURCE):]][0] for t in aux_tf})
+        targets = {o.key: TensorInfo(o.key, o.shape, out_dt(o)) for t in stream_plan.transforms for o in t.outputs}
+        # DCP's writer (one file per item, in state-dict order) asks for a multi-output transform's outputs one
+        # after the other, so only one group is ever held (see Held).
+        sink = DCPSink(targets, nested=req.layout == "nested", fqn_of=req.fqn_of)
         protect = tuple(p for p in (Path(src), reader.path, cfg_dir, Path(aux_from) if aux_from else None) if p)
-        import torch.distributed.checkpoint as dcp
 
-        with team_output(out, team, overwrite=overwrite, protect=protect, create=[]) as tmp, writing(tmp, total):
-            # writing(): DCP wraps a full disk, a Ctrl-C or our own read errors in a CheckpointException
-            # (a BaseException carrying a traceback as its message); this re-raises the real cause.
-            error = None
-            try:
-                part_dir(tmp, team.rank).mkdir()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
-                    # One .distcp file per tensor: DCP's writer keeps a reference to every tensor it has written
-                    # to a file until that file is closed (torch 2.13 filesystem.py, tensor_dict), so a single
-                    # file would hold the whole model in memory by the end.
-                    # sync_files=False: no fsync per file; AtomicDir flushes the whole output once before
-                    # the rename (per-file fsync stalled the stream on the disk 147 times: 20 s -> 11 s, 1.24B).
-                    # Each process saves its share alone; merge_parts makes one folder of them (dcp_parts).
-                    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(part_dir(tmp, team.rank)),
-                                                                        single_file_per_rank=False, thread_count=1,
-                                                                        sync_files=False),
-                             planner=streaming_planner(fetch), no_dist=True)
-                if not team.leader:  # its own files flushed: rank 0 may be on another node
-                    flush_tree(part_dir(tmp, team.rank))
-            except BaseException as e:  # noqa: BLE001 - every process learns whether all the others succeeded
-                error = e
-            finally:
-                bar.close()
-            team.finish(error)
-            if not team.leader:
-                summary.seconds = time.perf_counter() - t0
-                return summary
-            merge_parts(tmp, team.size, order)
+        def manifest_file(tmp: Path) -> list[str]:
             summary.tensors = len(targets)
-            summary.bytes_written = total
-            dts = {out_dt(i) for i in targets.values() if i.dtype.is_floating_point}
+            summary.from_source, summary.aux_tensors = len(targets) - len(aux_tf), len(aux_tf)
+            summary.bytes_written = sum(nbytes(i.shape, i.dtype) for i in targets.values())
+            dts = {i.dtype for k, i in targets.items() if _in(stream_plan, k).dtype.is_floating_point}
             summary.dtype = ", ".join(sorted(str(d).replace("torch.", "") for d in dts))
             summary.aux = [s.describe() for s in specs]
             summary.dropped = list(plan.dropped)
             manifest = {
-                "tool": f"ckpt-bridge {_version()}",
+                "tool": f"ckpt-bridge {__version__}",
                 "command": "to-dcp",
                 "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                 "source": {"path": str(Path(src).absolute()), "format": reader.format,
                            "config_dir": str(cfg_dir.absolute()), "files": hashes.result()},
-                "hf_config_dir": _keep_hf_files(cfg_dir, tmp / HF_CONFIG_DIR),
+                "hf_config_dir": keep_hf_files(cfg_dir, tmp / HF_CONFIG_DIR),
                 "hf_config": read_config(cfg_dir),
                 "model_class": model_class,
                 "titan_model": titan,
@@ -595,33 +316,21 @@ def to_dcp(
                 "aux": aux_records,
                 "dropped": [list(d) for d in plan.dropped],
                 "notes": plan.notes,
-                "versions": _versions(),
+                "versions": versions(),
             }
             write_manifest(tmp, jsonable(manifest))
             summary.manifest = str(Path(out).absolute() / MANIFEST)
+            return [MANIFEST, HF_CONFIG_DIR]
+
+        run(source, stream_plan, [sink], [manifest_file], team,
+            output=Output(Path(out), overwrite=overwrite, protect=protect), out_dt=out_dt, label="to-dcp",
+            progress=progress)
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _keep_hf_files(cfg_dir: Path, dst: Path) -> str:
-    dst.mkdir()
-    copy_new([cfg_dir / "config.json", cfg_dir / "generation_config.json", *side_files(cfg_dir)], dst)
-    return HF_CONFIG_DIR
-
-
-def _version() -> str:
-    return __version__
-
-
-def _versions() -> dict[str, str | None]:
-    from importlib import metadata
-
-    out = {}
-    for pkg in ("torch", "transformers", "torchtitan", "safetensors"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
+def _in(plan: Plan, key: str) -> TensorInfo:
+    """The planned (pre-cast) info of target ``key``."""
+    return next(o for t in plan.transforms for o in t.outputs if o.key == key)
 
 

@@ -15,31 +15,32 @@ from __future__ import annotations
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from ..models.config_fit import read_fitting_config
-from ..formats.detect import open_reader
-from ..dtypes import DTYPES, TORCH_DTYPE_NAMES, nbytes, out_dtype, parse_dtype  # noqa: F401 - DTYPES re-exported
+from ..dtypes import DTYPES, TORCH_DTYPE_NAMES, out_dtype, parse_dtype
 from ..errors import BridgeError, KeyPlanError
-from ..writers.marker import write_marker
-from ..summary import ExportSummary
-from ..formats.base import Reader
-from ..plan.hf_target import canonicalize, expected_model, plan_hf_export, value_head
-from ..plan.core import Plan, Transform, execute, rename
+from ..formats.base import Reader, TensorInfo
+from ..formats.detect import open_reader
+from ..models.config_fit import read_fitting_config
+from ..models.titan import hf_view, working_titan_model
+from ..pipeline.run import Output, run
+from ..pipeline.team import Team
+from ..plan.aux_modules import AUX_MODES, split_aux
+from ..plan.core import Plan, reading_from, rename
+from ..plan.hf_target import plan_hf_export
 from ..plan.lora import is_lora
-from .to_hf_lora import export_lora
-from ..pipeline.pieces import stream_pieces
-from ..progress import Progress
+from ..plan.megatron import plan_megatron_export
+from ..plan.state_dict_adapter import AdaptedReader
+from ..summary import ExportSummary
+from ..writers.atomic import check_target
+from ..writers.marker import write_marker
+from ..writers.safetensors_shards import SafetensorsSink, parse_size
 from ..writers.side_files import AUX_FILE, config_dir, copy_base, copy_side_files, same_model, write_extra_state
 from ..writers.side_files import write_configs as _write_configs  # a module global: tests hold the export between steps
-from ..pipeline.team import Team, team_output
-from ..writers.atomic import check_target
-from ..writers.safetensors_shards import ShardedSafetensorsWriter, parse_size
-from ..plan.state_dict_adapter import AdaptedReader
-from ..plan.megatron import plan_megatron_export
-from ..models.titan import hf_view, working_titan_model
+from .to_hf_lora import export_lora
 
 log = logging.getLogger("ckpt_bridge")
 
@@ -76,40 +77,6 @@ def _checked_source(reader: Reader, config: str | Path | None, other_models: tup
         raise KeyPlanError(f"{reader.path}: no config.json found; {hint}")
     read_fitting_config(cfg_dir, infos)  # structure, model_type, sizes against the tensors: before any build
     return infos, cfg_dir
-
-
-AUX_MODES = ("separate", "drop", "inline")
-
-
-def split_aux(infos: dict, reader: Reader, cfg_dir: Path, names: list[str] | None, where: str
-              ) -> tuple[dict, dict[str, list[str]]]:
-    """(main tensors, {aux module: keys}).
-
-    Aux modules are the prefixes a to-dcp manifest names, the ones passed in
-    ``names``, and any top-level prefix the HF model class does not have
-    (``future_predictor.weight`` next to ``model.*`` / ``lm_head.*``): they
-    would make ``from_pretrained`` warn about unexpected keys, or fail.
-    """
-    wanted = set(names or [])
-    manifest = reader.manifest()
-    wanted |= {a["name"] for a in (manifest or {}).get("aux", [])}
-    tops = {k.split(".", 1)[0] for k in infos}
-    if tops - wanted - {"model", "lm_head"}:  # only then is the model class needed to decide
-        exp = expected_model(cfg_dir, value_head(canonicalize(infos, where), cfg_dir))
-        known = {k.split(".", 1)[0] for k in [*exp.shapes, *exp.disk_shapes]}  # in-memory and on-disk names
-        wanted |= tops - known
-    aux: dict[str, list[str]] = {}
-    main = {}
-    for k, info in infos.items():
-        top = k.split(".", 1)[0]
-        if top in wanted:
-            aux.setdefault(top, []).append(k)
-        else:
-            main[k] = info
-    missing = sorted(n for n in (names or []) if n not in aux)
-    if missing:
-        raise KeyPlanError(f"{where}: --aux-prefix {missing[0]!r}: no keys start with {missing[0] + '.'!r}")
-    return main, aux
 
 
 def to_hf(
@@ -238,107 +205,30 @@ def to_hf(
                                   + [f"# {n}" for n in plan.notes])
             summary.config = str(cfg_dir / "config.json")
             return summary
-        writer = ShardedSafetensorsWriter(Path(), _planned(main_tf, out_dt), shard_bytes, create=False)
-        team.fit(len(main_tf))  # no more processes than transforms
-        mine = my_share(main_tf, writer, out_dt, team)  # all of it, unless several processes split the work
-        writer.only({o.key for t in mine for o in t.outputs})
-        aux_writer = ShardedSafetensorsWriter(Path(), _planned(sep_tf, out_dt), shard_bytes, prefix=AUX_FILE,
-                                              create=False) if sep_tf and team.leader else None
-        with team_output(out, team, overwrite=overwrite, protect=protect,
-                         create=[w for w in (writer, aux_writer) if w is not None]) as tmp:
-            error = None
-            try:
-                _stream(reader, mine + (sep_tf if team.leader else []), writer, aux_writer, out_dt, summary,
-                        progress)
-                if not team.leader:  # its own files flushed: rank 0 may be on another node
-                    writer.close(index=False, sync=True)
-            except BaseException as e:  # noqa: BLE001 - every process learns whether all the others succeeded
-                error = e
-            team.finish(error)
-            if not team.leader:  # the coordinator writes the index, configs and the rest
-                summary.seconds = time.perf_counter() - t0
-                return summary
-            if team.size > 1:  # count every process's share, not only ours
-                done = [o for t in main_tf + sep_tf for o in t.outputs]
-                summary.tensors, summary.parameters = len(done), sum(o.numel for o in done)
-            summary.model_class = plan.model_class
-            summary.dropped = list(plan.dropped) + summary.dropped
-            summary.files = writer.close()
-            summary.bytes_written = writer.total_size
-            if aux_writer is not None:
-                summary.files += aux_writer.close()
-                summary.bytes_written += aux_writer.total_size
-                (tmp / f"{AUX_FILE}.json").write_text(json.dumps({
-                    "modules": {name: {k: list(all_infos[k].shape) for k in keys} for name, keys in aux_keys.items()},
-                    "note": "auxiliary modules kept out of the main weights so from_pretrained loads cleanly; "
-                            "load with safetensors.torch.load_file and model.add_module / load_state_dict",
-                }, indent=2) + "\n")
-                summary.files.append(f"{AUX_FILE}.json")
-            for name, p_other in other_plans:
-                summary.files += _write_section(reader, name, p_other, tmp, out_dt, shard_bytes)
-            written = _dominant_float_dtype(plan, out_dt)
-            summary.dtype = TORCH_DTYPE_NAMES.get(written, str(written))
-            summary.files += _write_configs(tmp, cfg_dir, plan, written)
-            summary.files += copy_side_files(tmp, tok_dir or cfg_dir, summary.warnings)
-            if base_dir is not None:
-                summary.files += copy_base(tmp, base_dir)
-            extra = reader.extra_state()
-            if extra:
-                summary.files += write_extra_state(tmp, extra, source=str(reader.path))
-                summary.extra_state = True
-                summary.global_step = extra.get("global_step")
-                summary.warnings += extra.get("warnings", [])
-            summary.files.append(write_marker(
-                tmp, source=reader.path, source_format=reader.format,
-                parts=["model"] + (["extra_state"] if extra else []),
-                rng_ranks=sorted(extra.get("rng", {})) if extra else [], warnings=summary.warnings))
+        main = SafetensorsSink(main_tf, out_dt, shard_bytes)
+        sinks = [main] + ([SafetensorsSink(sep_tf, out_dt, shard_bytes, prefix=AUX_FILE, shared=False)]
+                          if sep_tf else [])
+        section_tf = []
+        for name, p_other in other_plans:  # another model of the checkpoint (the EMA) as NAME.safetensors
+            fqn_to_key = reader.section_fqns(name)
+            tfs = [reading_from(t, fqn_to_key) for t in p_other.transforms]
+            section_tf += tfs
+            sinks.append(SafetensorsSink(tfs, out_dt, shard_bytes, prefix=name, shared=False))
+        side = [partial(_aux_index, aux_keys, all_infos)] if sep_tf else []
+        side.append(partial(_hf_side_files, reader=reader, plan=plan, out_dt=out_dt, summary=summary, cfg_dir=cfg_dir,
+                            tok_dir=tok_dir, base_dir=base_dir))
+        summary.model_class = plan.model_class
+        summary.dropped = list(plan.dropped) + summary.dropped
+        result = run(reader, Plan(transforms=main_tf + sep_tf + section_tf), sinks, side, team,
+                     output=Output(Path(out), overwrite=overwrite, protect=protect), out_dt=out_dt, label="to-hf",
+                     progress=progress)
+        if result.leader:
+            done = [o for t in main_tf + sep_tf for o in t.outputs]  # the model and its aux modules, all written
+            summary.tensors, summary.parameters = len(done), sum(o.numel for o in done)
+            summary.files = result.files
+            summary.bytes_written = main.total_size + (sinks[1].total_size if sep_tf else 0)
     summary.seconds = time.perf_counter() - t0
     return summary
-
-
-def _stream(reader: Reader, transforms: list[Transform], writer: ShardedSafetensorsWriter,
-            aux_writer: ShardedSafetensorsWriter | None, out_dt, summary: ExportSummary, progress: bool | None) -> None:
-    """Run ``transforms`` and write their outputs (aux modules kept apart go to ``aux_writer``)."""
-    aux_keys = set(aux_writer.weight_map) if aux_writer is not None else set()
-    total = sum(o.nbytes if out_dt(o) == o.dtype else o.numel * out_dt(o).itemsize
-                for t in transforms for o in t.outputs)
-    bar = Progress(total, "to-hf", enabled=progress)
-    sizes = {o.key: (o.numel, o.numel * out_dt(o).itemsize) for t in transforms for o in t.outputs}
-    try:
-        for p in stream_pieces(transforms, reader, out_dt):  # in planned order: the writer checks it
-            (aux_writer if p.key in aux_keys else writer).write_at(p.key, p.tensor, p.offset)
-            nbytes = p.tensor.numel() * p.tensor.element_size()
-            if p.offset + nbytes == sizes[p.key][1]:  # the tensor's last piece
-                summary.tensors += 1
-                summary.parameters += sizes[p.key][0]
-            bar.update(nbytes, p.key)
-            del p
-    finally:
-        bar.close()
-
-
-def my_share(transforms: list[Transform], writer: ShardedSafetensorsWriter, out_dt, team: Team) -> list[Transform]:
-    """The transforms this process runs, cut at output-file boundaries where there are enough files."""
-    if team.size == 1:
-        return list(transforms)
-    sizes = [sum(nbytes(o.shape, out_dt(o)) for o in t.outputs) for t in transforms]
-    files = [writer.file_of(t.outputs[0].key) if t.outputs else 0 for t in transforms]
-    return team.mine(transforms, sizes, files)
-
-
-def _planned(transforms: list[Transform], out_dt) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
-    return [(o.key, o.shape, out_dt(o)) for t in transforms for o in t.outputs]
-
-
-def _write_section(reader: Reader, name: str, plan: Plan, tmp: Path, out_dt, shard_bytes: int) -> list[str]:
-    """Another model of the checkpoint (e.g. the EMA) as ``NAME.safetensors`` (sharded like the main weights)."""
-    fqn_to_key = reader.section_fqns(name)
-    writer = ShardedSafetensorsWriter(tmp, _planned(plan.transforms, out_dt), shard_bytes, prefix=name)
-    for t, outs in execute(plan, lambda k, dt: reader.read(fqn_to_key[k], dt), out_dt):
-        for o in t.outputs:
-            writer.write(o.key, outs.pop(o.key))
-        del outs
-    return writer.close()
 
 
 def _dominant_float_dtype(plan: Plan, out_dt) -> torch.dtype:
@@ -350,3 +240,33 @@ def _dominant_float_dtype(plan: Plan, out_dt) -> torch.dtype:
     return max(by_bytes, key=by_bytes.__getitem__) if by_bytes else torch.float32
 
 
+def _aux_index(aux_keys: dict[str, list[str]], infos: dict[str, TensorInfo], tmp: Path) -> list[str]:
+    """``aux_modules.safetensors.json``: which modules the aux file holds and how to load them."""
+    (tmp / f"{AUX_FILE}.json").write_text(json.dumps({
+        "modules": {name: {k: list(infos[k].shape) for k in keys} for name, keys in aux_keys.items()},
+        "note": "auxiliary modules kept out of the main weights so from_pretrained loads cleanly; "
+                "load with safetensors.torch.load_file and model.add_module / load_state_dict",
+    }, indent=2) + "\n")
+    return [f"{AUX_FILE}.json"]
+
+
+def _hf_side_files(tmp: Path, *, reader: Reader, plan: Plan, out_dt, summary: ExportSummary, cfg_dir: Path,
+                   tok_dir: Path | None, base_dir: Path | None) -> list[str]:
+    """Everything an HF export carries besides the weights: configs, tokenizer, ``--base`` components, the
+    training extra state, and last the marker that says ckpt-bridge wrote it."""
+    written = _dominant_float_dtype(plan, out_dt)
+    summary.dtype = TORCH_DTYPE_NAMES.get(written, str(written))
+    files = _write_configs(tmp, cfg_dir, plan, written)
+    files += copy_side_files(tmp, tok_dir or cfg_dir, summary.warnings)
+    if base_dir is not None:
+        files += copy_base(tmp, base_dir)
+    extra = reader.extra_state()
+    if extra:
+        files += write_extra_state(tmp, extra, source=str(reader.path))
+        summary.extra_state = True
+        summary.global_step = extra.get("global_step")
+        summary.warnings += extra.get("warnings", [])
+    files.append(write_marker(
+        tmp, source=reader.path, source_format=reader.format, parts=["model"] + (["extra_state"] if extra else []),
+        rng_ranks=sorted(extra.get("rng", {})) if extra else [], warnings=summary.warnings))
+    return files

@@ -23,12 +23,15 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
-from ..errors import BridgeError
+from ..errors import BridgeError, KeyPlanError
+from ..formats.base import Reader
+from .hf_target import canonicalize, expected_model, value_head
 
 KINDS = ("linear", "mlp")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -177,3 +180,45 @@ def attach_aux(model: nn.Module, aux: Any, config: Any = None) -> nn.Module:
         with torch.device(device):
             model.add_module(spec.name, build_aux(spec, config))
     return model
+
+
+def tensor_sha256(tensors: list[torch.Tensor]) -> str:
+    """The hash an aux module's tensors are recorded under in the to-dcp manifest (checked by verify-dcp)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+AUX_MODES = ("separate", "drop", "inline")
+
+
+def split_aux(infos: dict, reader: Reader, cfg_dir: Path, names: list[str] | None, where: str
+              ) -> tuple[dict, dict[str, list[str]]]:
+    """(main tensors, {aux module: keys}).
+
+    Aux modules are the prefixes a to-dcp manifest names, the ones passed in
+    ``names``, and any top-level prefix the HF model class does not have
+    (``future_predictor.weight`` next to ``model.*`` / ``lm_head.*``): they
+    would make ``from_pretrained`` warn about unexpected keys, or fail.
+    """
+    wanted = set(names or [])
+    manifest = reader.manifest()
+    wanted |= {a["name"] for a in (manifest or {}).get("aux", [])}
+    tops = {k.split(".", 1)[0] for k in infos}
+    if tops - wanted - {"model", "lm_head"}:  # only then is the model class needed to decide
+        exp = expected_model(cfg_dir, value_head(canonicalize(infos, where), cfg_dir))
+        known = {k.split(".", 1)[0] for k in [*exp.shapes, *exp.disk_shapes]}  # in-memory and on-disk names
+        wanted |= tops - known
+    aux: dict[str, list[str]] = {}
+    main = {}
+    for k, info in infos.items():
+        top = k.split(".", 1)[0]
+        if top in wanted:
+            aux.setdefault(top, []).append(k)
+        else:
+            main[k] = info
+    missing = sorted(n for n in (names or []) if n not in aux)
+    if missing:
+        raise KeyPlanError(f"{where}: --aux-prefix {missing[0]!r}: no keys start with {missing[0] + '.'!r}")
+    return main, aux

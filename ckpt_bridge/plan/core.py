@@ -96,6 +96,16 @@ def rename(source: str, target: str, info: TensorInfo, rule: str = "") -> Transf
     return Transform("rename", (source,), (TensorInfo(target, tuple(info.shape), info.dtype),), None, rule)
 
 
+def reading_from(t: Transform, source_key: dict[str, str]) -> Transform:
+    """``t`` reading its inputs under other source keys (``source_key[k]`` for input ``k``): e.g. a section's
+    plan, made on the section's own names, reading the checkpoint's stored keys."""
+    inputs = tuple(source_key[k] for k in t.inputs)
+    if t.fn is None:
+        return Transform(t.op, inputs, t.outputs, None, t.rule)
+    back = dict(zip(inputs, t.inputs))
+    return Transform(t.op, inputs, t.outputs, lambda tensors: t.fn({back[k]: v for k, v in tensors.items()}), t.rule)
+
+
 def derive(op: str, inputs: dict[str, TensorInfo], fn: TensorFn, rule: str = "") -> Transform:
     """A transform whose outputs are learned by running ``fn`` on meta tensors of the inputs' shapes.
 

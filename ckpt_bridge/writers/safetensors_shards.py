@@ -23,6 +23,7 @@ import torch
 
 from ..dtypes import nbytes
 from ..errors import BridgeError, writing
+from ..formats.base import TensorInfo
 
 _DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -199,3 +200,54 @@ class ShardedSafetensorsWriter:
                 (self.out_dir / f"{self.prefix}.safetensors.index.json").write_text(json.dumps(doc, indent=2) + "\n")
             files.append(f"{self.prefix}.safetensors.index.json")
         return files
+
+
+class SafetensorsSink:
+    """Sharded safetensors files (``PREFIX.safetensors``, or ``PREFIX-0000i-of-N`` + index) as a pipeline sink
+    (:class:`ckpt_bridge.pipeline.run.Sink`): the coordinator creates every file at its final size with its
+    header, then each process ``pwrite``s its share's row pieces at their offsets.  ``shared=False``: the
+    coordinator writes all of it (a small file kept apart, such as the aux modules)."""
+
+    def __init__(self, transforms: list, out_dt, max_shard_size: int, *, prefix: str = "model",
+                 shared: bool = True):
+        self._planned = [TensorInfo(o.key, tuple(o.shape), out_dt(o) or o.dtype) for t in transforms for o in t.outputs]
+        self.writer = ShardedSafetensorsWriter(Path(), [(i.key, i.shape, i.dtype) for i in self._planned],
+                                               max_shard_size, prefix=prefix, create=False)
+        self.shared = shared
+        self._ids = {id(t) for t in transforms}
+
+    @property
+    def out_dir(self) -> Path:
+        return self.writer.out_dir
+
+    @out_dir.setter
+    def out_dir(self, path: Path) -> None:
+        self.writer.out_dir = path
+
+    @property
+    def total_size(self) -> int:
+        return self.writer.total_size
+
+    def claims(self, transform) -> bool:
+        return id(transform) in self._ids
+
+    def planned(self) -> list:
+        return list(self._planned)
+
+    def file_of(self, key: str) -> int:
+        return self.writer.file_of(key)
+
+    def create_files(self) -> None:
+        self.writer.create_files()
+
+    def write(self, tmp: Path, rank: int, transforms: list, source) -> None:
+        self.writer.only({o.key for t in transforms for o in t.outputs})
+        for p in source.pieces(transforms):  # in planned order: the writer checks it
+            self.writer.write_at(p.key, p.tensor, p.offset)
+            del p
+
+    def flush_share(self, tmp: Path, rank: int) -> None:
+        self.writer.close(index=False, sync=True)
+
+    def finish(self, tmp: Path, team_size: int) -> list[str]:
+        return self.writer.close()

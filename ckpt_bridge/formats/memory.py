@@ -1,0 +1,56 @@
+"""A reader plus tensors made in memory (the fresh weights of a to-dcp aux module, or ones copied from another
+checkpoint), so the pipeline reads both through one interface and the plan renames them like any source key."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .base import Reader, TensorInfo
+
+
+class WithTensors(Reader):
+    """``base``'s tensors, plus ``extra`` (key -> tensor) under keys ``base`` does not have."""
+
+    def __init__(self, base: Reader, extra: dict[str, torch.Tensor]):
+        super().__init__(base.path)
+        clash = sorted(set(extra) & set(base.tensors()))
+        if clash:
+            raise ValueError(f"in-memory tensors shadow source keys: {clash[:3]}")
+        self.base, self.extra = base, extra
+        self.format, self.reads_rows = base.format, base.reads_rows
+        self._base_takes_out = "out" in inspect.signature(base.read).parameters
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        return {**self.base.tensors(),
+                **{k: TensorInfo(k, tuple(v.shape), v.dtype) for k, v in self.extra.items()}}
+
+    def read(self, key: str, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        if key not in self.extra:
+            if out is None:
+                return self.base.read(key, dtype)
+            if self._base_takes_out:
+                return self.base.read(key, dtype, out=out)
+            return out.copy_(self.base.read(key, dtype))
+        t = self.extra[key].to(dtype) if dtype is not None else self.extra[key]
+        if out is None:
+            return t.clone()
+        return out.copy_(t)
+
+    def read_rows(self, key: str, out: torch.Tensor, start: int, stop: int) -> bool:
+        if key not in self.extra:
+            return self.base.read_rows(key, out, start, stop)
+        out.copy_(self.extra[key][start:stop])
+        return True
+
+    def extra_state(self) -> dict[str, Any]:
+        return self.base.extra_state()
+
+    def hf_config_dir(self) -> Path | None:
+        return self.base.hf_config_dir()
+
+    def source_files(self) -> list[Path]:
+        return self.base.source_files()

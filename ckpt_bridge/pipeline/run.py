@@ -1,0 +1,221 @@
+"""The one pipeline every conversion goes through: ``run(reader, plan, sinks, side_files, team)``.
+
+A command (``to_hf``, ``to_dcp``, a LoRA export) only assembles the four parts:
+
+- a **reader** (:mod:`ckpt_bridge.formats`) lists and reads the source tensors;
+- a checked **plan** (:mod:`ckpt_bridge.plan.core`) says what each output is made of;
+- **sinks** (:class:`Sink`; :mod:`ckpt_bridge.writers`) each claim some of the plan's outputs and write them:
+  sharded safetensors, a DCP folder through DCP's own writer, an adapter beside a merged model;
+- **side files**: everything that is not a weight (configs, tokenizer, extra state, manifest, marker),
+  written by callables after the weights, into the same temporary folder.
+
+``run`` splits the transforms over the processes of a :class:`~ckpt_bridge.pipeline.team.Team`, streams each
+sink's share through it (one transform's tensors at a time), lets every process learn whether all the others
+succeeded, and on the coordinator closes the sinks and writes the side files.  The folder appears under its
+final name only when all of that succeeded (:func:`~ckpt_bridge.pipeline.team.team_output`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol
+
+import torch
+
+from ..dtypes import nbytes
+from ..formats.base import Reader, TensorInfo
+from ..plan.core import Plan, Transform, execute
+from ..progress import Progress
+from .buffers import Recycled
+from .pieces import Piece, stream_pieces
+from .team import Team, team_output
+
+DtypeOf = Callable[[TensorInfo], "torch.dtype | None"]
+SideFile = Callable[[Path], list[str]]  # writes into the temporary output dir, returns the names it wrote
+
+
+class Source:
+    """The reader seen by a sink: its share of the plan as row pieces (a pushing sink) or as whole tensors asked
+    for one key at a time (a pulling sink such as DCP's writer).  Counts what passes and moves the progress bar."""
+
+    def __init__(self, reader: Reader, out_dt: DtypeOf, bar: Progress, tally: "Tally"):
+        self.reader, self.out_dt, self.bar, self.tally = reader, out_dt, bar, tally
+
+    def pieces(self, transforms: list[Transform]) -> Iterator[Piece]:
+        """Outputs in plan order, a large renamed tensor in row pieces through reused buffers."""
+        sizes = {o.key: nbytes(o.shape, self.out_dt(o) or o.dtype) for t in transforms for o in t.outputs}
+        numel = {o.key: o.numel for t in transforms for o in t.outputs}
+        for p in stream_pieces(transforms, self.reader, self.out_dt):
+            n = p.tensor.numel() * p.tensor.element_size()
+            if p.offset + n == sizes[p.key]:  # the tensor's last piece
+                self.tally.add(p.key, numel[p.key])
+            self.bar.update(n, p.key)
+            yield p
+
+    def tensors(self, transforms: list[Transform]) -> "Held":
+        """Whole outputs handed out by key (see :class:`Held`)."""
+        return Held(self, transforms)
+
+
+class Held:
+    """Outputs asked for one key at a time from a plan that produces a transform's outputs together.
+
+    Runs the plan (no read-ahead: the pulling writer's own writes bound the run, and a read-ahead would keep
+    one more group alive) up to the transform that makes the asked key, hands that key out and keeps the
+    transform's other outputs until they are asked for.  The one home of "run the transform that makes key k
+    and hold its other outputs".
+    """
+
+    def __init__(self, source: Source, transforms: list[Transform]):
+        # The writer has written tensor k before it asks for k+1, though it still holds k: the buffer of k-1
+        # is free again when k+1 is read.
+        self.arenas = Recycled(2)
+        self.source = source
+        self.numel = {o.key: o.numel for t in transforms for o in t.outputs}
+        self.stream = execute(transforms, source.reader.read, source.out_dt, ahead=False, buffer=self.arenas.take)
+        self.pending: dict[str, torch.Tensor] = {}
+
+    def take(self, key: str) -> torch.Tensor:
+        while key not in self.pending:
+            # Tensors read ahead of their turn must not sit in an arena the next reads reuse (writers ask in plan
+            # order, so this does not happen; if it did, it would cost a copy, not a wrong byte).
+            self.pending = {k: v.clone() if self.arenas.owns(v) else v for k, v in self.pending.items()}
+            try:
+                _, outs = next(self.stream)
+            except StopIteration:
+                raise KeyError(f"{key}: no transform of this share produces it") from None
+            self.pending.update(outs)
+        t = self.pending.pop(key)
+        self.source.tally.add(key, self.numel[key])
+        self.source.bar.update(t.numel() * t.element_size(), key)
+        return t
+
+
+class Sink(Protocol):
+    """Writes the outputs it claims.  ``planned`` lists them in the order they are written (shape and the dtype as
+    written); ``create_files`` (coordinator, before any process writes) lays out the files every process then
+    writes into; ``write`` streams one process's share into ``tmp`` (from ``source``); ``flush_share`` makes a
+    worker's own files durable (the coordinator may be on another node); ``finish`` (coordinator only, after
+    every process succeeded) writes what covers all shares (an index, DCP's ``.metadata``) and returns the file
+    names.  ``claims``: whether a transform of the plan is this sink's to write; ``shared``: its transforms are split
+    over the processes (else the coordinator writes them all);
+    ``file_of``: the output file of a key (a share is cut at file boundaries when there are enough files)."""
+
+    shared: bool
+
+    def claims(self, transform: Transform) -> bool: ...
+
+    def planned(self) -> list[TensorInfo]: ...
+
+    def file_of(self, key: str) -> int: ...
+
+    out_dir: Path  # set by team_output to the temporary output dir in every process
+
+    def create_files(self) -> None: ...
+
+    def write(self, tmp: Path, rank: int, transforms: list[Transform], source: Source) -> None: ...
+
+    def flush_share(self, tmp: Path, rank: int) -> None: ...
+
+    def finish(self, tmp: Path, team_size: int) -> list[str]: ...
+
+
+@dataclass
+class Tally:
+    """What passed through the pipeline in this process."""
+
+    tensors: int = 0
+    parameters: int = 0
+    by_sink: dict[str, int] = field(default_factory=dict)
+
+    def add(self, key: str, numel: int) -> None:
+        self.tensors += 1
+        self.parameters += numel
+
+
+@dataclass
+class RunResult:
+    leader: bool
+    files: list[str] = field(default_factory=list)
+    tally: Tally = field(default_factory=Tally)
+    bytes_written: int = 0
+    tmp: Path | None = None
+
+
+@dataclass
+class Output:
+    """Where ``run`` writes: the final folder, whether it may replace an earlier export of ours, and the paths
+    it must never write into (the inputs)."""
+
+    path: Path
+    overwrite: bool = False
+    protect: tuple[Path, ...] = ()
+
+
+def shares(plan: Plan, sinks: list[Sink]) -> list[list[Transform]]:
+    """Each sink's transforms, in plan order (the first sink that claims a transform takes it)."""
+    out: list[list[Transform]] = [[] for _ in sinks]
+    for t in plan.transforms:
+        for i, s in enumerate(sinks):
+            if s.claims(t):
+                out[i].append(t)
+                break
+        else:
+            raise ValueError(f"{t.line()}: no sink claims it")
+    return out
+
+
+def _mine(transforms: list[Transform], sink: Sink, out_dt: DtypeOf, team: Team) -> list[Transform]:
+    """The transforms this process runs for ``sink``, cut at output-file boundaries where there are enough files."""
+    if not sink.shared:
+        return list(transforms) if team.leader else []
+    if team.size == 1:
+        return list(transforms)
+    sizes = [sum(nbytes(o.shape, out_dt(o) or o.dtype) for o in t.outputs) for t in transforms]
+    files = [sink.file_of(t.outputs[0].key) for t in transforms]
+    return team.mine(transforms, sizes, files)
+
+
+def run(reader: Reader, plan: Plan, sinks: list[Sink], side_files: list[SideFile], team: Team, *, output: Output,
+        out_dt: DtypeOf, label: str, progress: bool | None = None,
+        after_weights: Callable[[Path], None] | None = None) -> RunResult:
+    """Stream ``plan`` from ``reader`` into ``sinks``, then write ``side_files``; see the module docstring.
+
+    ``out_dt(target info)``: the dtype a target is written in (None: as produced).  ``after_weights(tmp)``: a
+    step between the weights and the side files on the coordinator (tests hold an export there).
+    """
+    per_sink = shares(plan, sinks)
+    team.fit(max(1, sum(len(ts) for s, ts in zip(sinks, per_sink) if s.shared)))  # no more processes than work
+    mine = [_mine(ts, s, out_dt, team) for s, ts in zip(sinks, per_sink)]
+    total = sum(nbytes(o.shape, out_dt(o) or o.dtype) for ts in mine for t in ts for o in t.outputs)
+    bar = Progress(total, label, enabled=progress)
+    result = RunResult(leader=team.leader)
+    with team_output(output.path, team, overwrite=output.overwrite, protect=output.protect, create=sinks) as tmp:
+        result.tmp = tmp
+        error = None
+        try:
+            source = Source(reader, out_dt, bar, result.tally)
+            for s, ts in zip(sinks, mine):  # every sink, with an empty share too: it learns what it does not write
+                s.write(tmp, team.rank, ts, source)
+            if not team.leader:  # its own files flushed: rank 0 may be on another node
+                for s in sinks:
+                    s.flush_share(tmp, team.rank)
+        except BaseException as e:  # noqa: BLE001 - every process learns whether all the others succeeded
+            error = e
+        finally:
+            bar.close()
+        team.finish(error)
+        if not team.leader:
+            return result
+        if team.size > 1:  # count every process's share, not only ours
+            done = [o for ts in per_sink for t in ts for o in t.outputs]
+            result.tally.tensors, result.tally.parameters = len(done), sum(o.numel for o in done)
+        for s in sinks:
+            result.files += s.finish(tmp, team.size)
+        result.bytes_written = sum(nbytes(i.shape, i.dtype) for s in sinks for i in s.planned())
+        if after_weights is not None:
+            after_weights(tmp)
+        for write in side_files:
+            result.files += write(tmp)
+    return result

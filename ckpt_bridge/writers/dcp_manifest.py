@@ -1,0 +1,54 @@
+"""The to-dcp manifest's contents that come from the source: the hashed source files, the HF files kept in the
+DCP folder, the library versions.  (Reading and writing the manifest file itself is
+:mod:`ckpt_bridge.formats.dcp_files`; what counts as a side file is :func:`ckpt_bridge.writers.side_files.side_files`.)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from ..formats.base import Reader
+from ..formats.dcp_files import HF_CONFIG_DIR
+from .side_files import copy_new, side_files
+
+
+def hash_files(paths: list[Path], cfg_dir: Path) -> list[dict[str, Any]]:
+    out = []
+    for p in paths:
+        with open(p, "rb") as f:
+            digest = hashlib.file_digest(f, "sha256").hexdigest()
+        name = p.relative_to(cfg_dir).as_posix() if p.is_relative_to(cfg_dir) else p.name
+        out.append({"name": name, "bytes": p.stat().st_size, "sha256": digest})
+    return out
+
+
+def source_files_of(reader: Reader, cfg_dir: Path) -> list[Path]:
+    """The files the manifest hashes: the weights, the configs, and every side file kept beside them in
+    ``HF_CONFIG_DIR`` (the one rule of :func:`ckpt_bridge.writers.side_files.side_files`: what is kept is hashed)."""
+    files = sorted(reader.source_files())
+    configs = [cfg_dir / n for n in ("config.json", "generation_config.json", "model.safetensors.index.json")]
+    for p in [*configs, *side_files(cfg_dir)]:
+        inside = [p] if p.is_file() else sorted(q for q in p.rglob("*") if q.is_file()) if p.is_dir() else []
+        files += [q for q in inside if q not in files]
+    return files
+
+
+def keep_hf_files(cfg_dir: Path, dst: Path) -> str:
+    dst.mkdir()
+    copy_new([cfg_dir / "config.json", cfg_dir / "generation_config.json", *side_files(cfg_dir)], dst)
+    return HF_CONFIG_DIR
+
+
+def versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("torch", "transformers", "torchtitan", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
