@@ -288,7 +288,7 @@ def to_dcp(
         targets = {o.key: TensorInfo(o.key, o.shape, out_dt(o)) for t in stream_plan.transforms for o in t.outputs}
         # DCP's writer (one file per item, in state-dict order) asks for a multi-output transform's outputs one
         # after the other, so only one group is ever held (see Held).
-        sink = DCPSink(targets, nested=req.layout == "nested", fqn_of=req.fqn_of)
+        sink = DCPSink(targets, nested=req.layout == "nested", fqn_of=req.fqn_of, out_dt=out_dt)
         protect = tuple(p for p in (Path(src), reader.path, cfg_dir, Path(aux_from) if aux_from else None) if p)
 
         def manifest_file(tmp: Path) -> list[str]:
@@ -323,7 +323,7 @@ def to_dcp(
             return [MANIFEST, HF_CONFIG_DIR]
 
         run(source, stream_plan, [sink], [manifest_file], team,
-            output=Output(Path(out), overwrite=overwrite, protect=protect), out_dt=out_dt, label="to-dcp",
+            output=Output(Path(out), overwrite=overwrite, protect=protect), label="to-dcp",
             progress=progress)
     summary.seconds = time.perf_counter() - t0
     return summary

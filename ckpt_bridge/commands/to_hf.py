@@ -220,7 +220,7 @@ def to_hf(
         summary.model_class = plan.model_class
         summary.dropped = list(plan.dropped) + summary.dropped
         result = run(reader, Plan(transforms=main_tf + sep_tf + section_tf), sinks, side, team,
-                     output=Output(Path(out), overwrite=overwrite, protect=protect), out_dt=out_dt, label="to-hf",
+                     output=Output(Path(out), overwrite=overwrite, protect=protect), label="to-hf",
                      progress=progress)
         if result.leader:
             done = [o for t in main_tf + sep_tf for o in t.outputs]  # the model and its aux modules, all written

@@ -3,7 +3,7 @@
 :func:`plan_lora` is the one call ``to_hf`` makes for a LoRA source: it
 returns the checked :class:`~ckpt_bridge.plan.core.Plan` of the merged model (folds
 + renames, target names checked against the model class) and the adapter
-plan + ``adapter_config.json``.  :func:`write_lora` executes them into the
+plan + ``adapter_config.json``.  :func:`export_lora` runs both through the one pipeline (two sinks) into the
 export's temporary directory; the rest (config, tokenizer, extra state, the
 atomic rename) is ``to_hf``'s.
 
@@ -22,26 +22,29 @@ without any, ``both`` writes the adapter alone and says so.
 from __future__ import annotations
 
 import json
+from functools import partial
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from ..plan import lora
 from ..formats.detect import open_reader
-from ..dtypes import TORCH_DTYPE_NAMES, nbytes
+from ..dtypes import TORCH_DTYPE_NAMES, out_dtype
 from ..errors import BridgeError, KeyPlanError
 from ..writers.marker import write_marker
 from ..summary import ExportSummary
 from ..formats.base import Reader, TensorInfo
 from ..plan.hf_target import ModelExpectation, canonicalize, expected_model, plan_hf_export, value_head
-from ..plan.core import Plan, compose, execute
-from ..progress import Progress
+from ..plan.core import Plan, compose
 from ..writers.side_files import copy_base, copy_side_files, write_configs, write_extra_state
-from ..writers.atomic import AtomicDir, check_target
-from ..writers.safetensors_shards import ShardedSafetensorsWriter
+from ..writers.atomic import check_target
+from ..writers.safetensors_shards import SafetensorsSink
+from ..pipeline.run import Output, run
+from ..pipeline.team import Team
+from ..formats.memory import WithNamespace
 
 ADAPTER_FILE = "adapter_model"
 
@@ -58,14 +61,6 @@ class LoraJob:
     adapter_config: dict[str, Any]
     base_reader: Reader | None = None
     notes: list[str] = field(default_factory=list)
-
-    def reader_for(self, reader: Reader) -> Callable[[str, torch.dtype | None], torch.Tensor]:
-        """``read(key, dtype)`` over the checkpoint and, for :data:`lora.BASE_NS` keys, the base dir."""
-        def read(key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-            if key.startswith(lora.BASE_NS):
-                return self.base_reader.read(key[len(lora.BASE_NS):], dtype)
-            return reader.read(key, dtype)
-        return read
 
     def lines(self) -> list[str]:
         """``--dry-run`` text: the fold transforms and renames of both outputs."""
@@ -158,41 +153,24 @@ def _checked_merge(ck: lora.LoraCheckpoint, base_infos, cfg_dir: Path, where: st
     return compose(folds, save, where=where), save, transposed
 
 
-def write_lora(job: LoraJob, reader: Reader, tmp: Path, *, cast: torch.dtype | None, shard_bytes: int,
-               on_tensor: Callable[[str, torch.Tensor], None] = lambda k, t: None) -> dict[str, Any]:
-    """Execute the job into ``tmp``: returns files written, bytes, the merged model's dtype."""
-    read = job.reader_for(reader)
-    res: dict[str, Any] = {"files": [], "bytes": 0, "dtype": None}
+def lora_sinks(job: LoraJob, cast: torch.dtype | None, shard_bytes: int) -> list[SafetensorsSink]:
+    """The merged model (sharded like any export, cast as asked) and the PEFT adapter (one file, as trained;
+    in ``adapter/`` beside the merged model, or at the top when it is the whole export).  Both read whole
+    tensors, one transform ahead, as the LoRA export always has (row pieces here are a speed change for later)."""
+    sinks = []
     if job.merged is not None:
-        def dtype_of(o: TensorInfo) -> torch.dtype:
-            return cast if cast is not None and o.dtype.is_floating_point else o.dtype
-        targets = list(job.merged.targets().values())
-        writer = ShardedSafetensorsWriter(tmp, [(o.key, o.shape, dtype_of(o)) for o in targets], shard_bytes)
-        _stream(job.merged, read, dtype_of, writer, on_tensor)
-        res["files"] += writer.close()
-        res["bytes"] += writer.total_size
-        res["dtype"] = _dominant({o.key: (dtype_of(o), o.numel) for o in targets})
+        sinks.append(SafetensorsSink(job.merged.transforms, out_dtype(cast), shard_bytes, whole=True))
     if job.adapter is not None:
-        adir = tmp if job.mode == "adapter" else tmp / lora.ADAPTER_SUBDIR
-        adir.mkdir(exist_ok=True)
-        specs = [(o.key, o.shape, o.dtype) for o in job.adapter.targets().values()]
-        # PEFT loads one adapter_model.safetensors: never shard it
-        writer = ShardedSafetensorsWriter(adir, specs, max(1, sum(nbytes(s[1], s[2]) for s in specs)), prefix=ADAPTER_FILE)
-        _stream(job.adapter, read, lambda o: None, writer, on_tensor)
-        prefix = "" if adir == tmp else f"{lora.ADAPTER_SUBDIR}/"
-        res["files"] += [prefix + f for f in writer.close()]
-        res["bytes"] += writer.total_size
-        (adir / lora.ADAPTER_CONFIG).write_text(json.dumps(job.adapter_config, indent=2, sort_keys=True) + "\n")
-        res["files"].append(prefix + lora.ADAPTER_CONFIG)
-    return res
+        sinks.append(SafetensorsSink(job.adapter.transforms, lambda o: o.dtype, None, prefix=ADAPTER_FILE,
+                                     subdir="" if job.mode == "adapter" else lora.ADAPTER_SUBDIR, shared=False,
+                                     whole=True))
+    return sinks
 
 
-def _stream(plan: Plan, read, dtype_of, writer: ShardedSafetensorsWriter, on_tensor) -> None:
-    for _, out in execute(plan, read, dtype_of):
-        for k, t in out.items():
-            writer.write(k, t)
-            on_tensor(k, t)
-        del out
+def _adapter_config(job: LoraJob, tmp: Path) -> list[str]:
+    adir = tmp if job.mode == "adapter" else tmp / lora.ADAPTER_SUBDIR
+    (adir / lora.ADAPTER_CONFIG).write_text(json.dumps(job.adapter_config, indent=2, sort_keys=True) + "\n")
+    return [lora.ADAPTER_CONFIG if job.mode == "adapter" else f"{lora.ADAPTER_SUBDIR}/{lora.ADAPTER_CONFIG}"]
 
 
 def _dominant(by_key: dict[str, tuple[torch.dtype, int]]) -> torch.dtype:
@@ -225,42 +203,47 @@ def export_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, src
             summary.plan_lines = job.lines()
             summary.lora = {"mode": job.mode, **job.checkpoint.summary(), "notes": job.notes}
             return summary
-        total = sum(t.numel * t.dtype.itemsize for p in (job.merged, job.adapter) if p for t in p.targets().values())
-        with AtomicDir(out, overwrite=overwrite, protect=protect) as tmp:
-            bar = Progress(total, "to-hf", enabled=progress)
-
-            def tick(key: str, t: torch.Tensor) -> None:
-                summary.tensors += 1
-                summary.parameters += t.numel()
-                bar.update(t.numel() * t.element_size(), key)
-
-            try:
-                res = write_lora(job, reader, tmp, cast=cast, shard_bytes=shard_bytes, on_tensor=tick)
-            finally:
-                bar.close()
-            summary.files, summary.bytes_written = res["files"], res["bytes"]
-            if job.merged is not None:
-                written = res["dtype"]
-                summary.model_class = job.key_plan.model_class
-                summary.dropped = list(job.merged.dropped)
-                summary.dtype = TORCH_DTYPE_NAMES.get(written, str(written))
-                summary.files += write_configs(tmp, cfg_dir, job.key_plan, written)
-                summary.files += copy_side_files(tmp, tokenizer or cfg_dir, summary.warnings)
-                if base is not None:
-                    summary.files += copy_base(tmp, base)
-            else:
-                summary.model_class = "PEFT adapter"
-            extra = reader.extra_state()  # the run's state travels with an adapter-only export too
-            if extra:
-                summary.files += write_extra_state(tmp, extra, source=str(reader.path))
-                summary.extra_state = True
-                summary.global_step = extra.get("global_step")
-            summary.files.append(write_marker(
-                tmp, source=reader.path, source_format=reader.format,
-                parts=["model"] + (["extra_state"] if extra else []),
-                rng_ranks=sorted(extra.get("rng", {})) if extra else [], warnings=summary.warnings))
+        sinks = lora_sinks(job, cast, shard_bytes)
+        side = [partial(_adapter_config, job)] if job.adapter is not None else []
+        side.append(partial(_lora_side_files, job=job, reader=reader, summary=summary, cfg_dir=cfg_dir, cast=cast,
+                            tokenizer=tokenizer, base=base))
+        plans = [p for p in (job.merged, job.adapter) if p is not None]
+        source = reader if job.base_reader is None else WithNamespace(reader, lora.BASE_NS, job.base_reader)
+        result = run(source, Plan(transforms=[t for p in plans for t in p.transforms]), sinks, side, Team(),
+                     output=Output(Path(out), overwrite=overwrite, protect=protect), label="to-hf", progress=progress)
+        done = [o for p in plans for t in p.transforms for o in t.outputs]
+        summary.tensors, summary.parameters = len(done), sum(o.numel for o in done)
+        summary.files, summary.bytes_written = result.files, sum(s.total_size for s in sinks)
         summary.lora = {"mode": job.mode, **job.checkpoint.summary(), "notes": job.notes}
     finally:
         job.close()
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _lora_side_files(tmp: Path, *, job: LoraJob, reader: Reader, summary: ExportSummary, cfg_dir: Path,
+                     cast: torch.dtype | None, tokenizer: Path | None, base: Path | None) -> list[str]:
+    """The merged model's configs and tokenizer (when there is one), the run's extra state (an adapter-only
+    export carries it too) and the marker every export carries."""
+    files: list[str] = []
+    if job.merged is not None:
+        dtype_of = out_dtype(cast)
+        written = _dominant({o.key: (dtype_of(o), o.numel) for o in job.merged.targets().values()})
+        summary.model_class = job.key_plan.model_class
+        summary.dropped = list(job.merged.dropped)
+        summary.dtype = TORCH_DTYPE_NAMES.get(written, str(written))
+        files += write_configs(tmp, cfg_dir, job.key_plan, written)
+        files += copy_side_files(tmp, tokenizer or cfg_dir, summary.warnings)
+        if base is not None:
+            files += copy_base(tmp, base)
+    else:
+        summary.model_class = "PEFT adapter"
+    extra = reader.extra_state()
+    if extra:
+        files += write_extra_state(tmp, extra, source=str(reader.path))
+        summary.extra_state = True
+        summary.global_step = extra.get("global_step")
+    files.append(write_marker(
+        tmp, source=reader.path, source_format=reader.format, parts=["model"] + (["extra_state"] if extra else []),
+        rng_ranks=sorted(extra.get("rng", {})) if extra else [], warnings=summary.warnings))
+    return files

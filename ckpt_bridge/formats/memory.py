@@ -54,3 +54,38 @@ class WithTensors(Reader):
 
     def source_files(self) -> list[Path]:
         return self.base.source_files()
+
+
+class WithNamespace(Reader):
+    """``main``'s tensors plus ``other``'s under ``prefix`` + key: e.g. a LoRA-only checkpoint and the base model
+    dir its folds read the base weights from, seen by the pipeline as one source."""
+
+    def __init__(self, main: Reader, prefix: str, other: Reader):
+        super().__init__(main.path)
+        self.main, self.prefix, self.other = main, prefix, other
+        self.format = main.format
+        self.reads_rows = main.reads_rows or other.reads_rows
+
+    def _route(self, key: str) -> tuple[Reader, str]:
+        return (self.other, key[len(self.prefix):]) if key.startswith(self.prefix) else (self.main, key)
+
+    def tensors(self) -> dict[str, TensorInfo]:
+        return {**self.main.tensors(),
+                **{self.prefix + k: TensorInfo(self.prefix + k, i.shape, i.dtype) for k, i in self.other.tensors().items()}}
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        r, k = self._route(key)
+        return r.read(k, dtype)
+
+    def read_rows(self, key: str, out: torch.Tensor, start: int, stop: int) -> bool:
+        r, k = self._route(key)
+        return r.reads_rows and r.read_rows(k, out, start, stop)
+
+    def extra_state(self) -> dict[str, Any]:
+        return self.main.extra_state()
+
+    def hf_config_dir(self) -> Path | None:
+        return self.main.hf_config_dir()
+
+    def source_files(self) -> list[Path]:
+        return self.main.source_files()

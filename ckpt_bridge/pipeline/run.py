@@ -42,11 +42,14 @@ class Source:
     def __init__(self, reader: Reader, out_dt: DtypeOf, bar: Progress, tally: "Tally"):
         self.reader, self.out_dt, self.bar, self.tally = reader, out_dt, bar, tally
 
-    def pieces(self, transforms: list[Transform]) -> Iterator[Piece]:
-        """Outputs in plan order, a large renamed tensor in row pieces through reused buffers."""
+    def pieces(self, transforms: list[Transform], *, whole: bool = False) -> Iterator[Piece]:
+        """Outputs in plan order, a large renamed tensor in row pieces through reused buffers (``whole``: every
+        tensor whole, read one transform ahead)."""
         sizes = {o.key: nbytes(o.shape, self.out_dt(o) or o.dtype) for t in transforms for o in t.outputs}
         numel = {o.key: o.numel for t in transforms for o in t.outputs}
-        for p in stream_pieces(transforms, self.reader, self.out_dt):
+        stream = (Piece(k, v, 0, t) for t, outs in execute(transforms, self.reader.read, self.out_dt)
+                  for k, v in outs.items()) if whole else stream_pieces(transforms, self.reader, self.out_dt)
+        for p in stream:
             n = p.tensor.numel() * p.tensor.element_size()
             if p.offset + n == sizes[p.key]:  # the tensor's last piece
                 self.tally.add(p.key, numel[p.key])
@@ -103,6 +106,7 @@ class Sink(Protocol):
     ``file_of``: the output file of a key (a share is cut at file boundaries when there are enough files)."""
 
     shared: bool
+    out_dt: DtypeOf  # the dtype each of its targets is written in
 
     def claims(self, transform: Transform) -> bool: ...
 
@@ -166,38 +170,33 @@ def shares(plan: Plan, sinks: list[Sink]) -> list[list[Transform]]:
     return out
 
 
-def _mine(transforms: list[Transform], sink: Sink, out_dt: DtypeOf, team: Team) -> list[Transform]:
+def _mine(transforms: list[Transform], sink: Sink, team: Team) -> list[Transform]:
     """The transforms this process runs for ``sink``, cut at output-file boundaries where there are enough files."""
     if not sink.shared:
         return list(transforms) if team.leader else []
     if team.size == 1:
         return list(transforms)
-    sizes = [sum(nbytes(o.shape, out_dt(o) or o.dtype) for o in t.outputs) for t in transforms]
+    sizes = [sum(nbytes(o.shape, sink.out_dt(o) or o.dtype) for o in t.outputs) for t in transforms]
     files = [sink.file_of(t.outputs[0].key) for t in transforms]
     return team.mine(transforms, sizes, files)
 
 
 def run(reader: Reader, plan: Plan, sinks: list[Sink], side_files: list[SideFile], team: Team, *, output: Output,
-        out_dt: DtypeOf, label: str, progress: bool | None = None,
-        after_weights: Callable[[Path], None] | None = None) -> RunResult:
+        label: str, progress: bool | None = None) -> RunResult:
     """Stream ``plan`` from ``reader`` into ``sinks``, then write ``side_files``; see the module docstring.
-
-    ``out_dt(target info)``: the dtype a target is written in (None: as produced).  ``after_weights(tmp)``: a
-    step between the weights and the side files on the coordinator (tests hold an export there).
-    """
+    ``label`` names the work on the progress bar."""
     per_sink = shares(plan, sinks)
     team.fit(max(1, sum(len(ts) for s, ts in zip(sinks, per_sink) if s.shared)))  # no more processes than work
-    mine = [_mine(ts, s, out_dt, team) for s, ts in zip(sinks, per_sink)]
-    total = sum(nbytes(o.shape, out_dt(o) or o.dtype) for ts in mine for t in ts for o in t.outputs)
+    mine = [_mine(ts, s, team) for s, ts in zip(sinks, per_sink)]
+    total = sum(nbytes(o.shape, s.out_dt(o) or o.dtype) for s, ts in zip(sinks, mine) for t in ts for o in t.outputs)
     bar = Progress(total, label, enabled=progress)
     result = RunResult(leader=team.leader)
     with team_output(output.path, team, overwrite=output.overwrite, protect=output.protect, create=sinks) as tmp:
         result.tmp = tmp
         error = None
         try:
-            source = Source(reader, out_dt, bar, result.tally)
             for s, ts in zip(sinks, mine):  # every sink, with an empty share too: it learns what it does not write
-                s.write(tmp, team.rank, ts, source)
+                s.write(tmp, team.rank, ts, Source(reader, s.out_dt, bar, result.tally))
             if not team.leader:  # its own files flushed: rank 0 may be on another node
                 for s in sinks:
                     s.flush_share(tmp, team.rank)
@@ -214,8 +213,6 @@ def run(reader: Reader, plan: Plan, sinks: list[Sink], side_files: list[SideFile
         for s in sinks:
             result.files += s.finish(tmp, team.size)
         result.bytes_written = sum(nbytes(i.shape, i.dtype) for s in sinks for i in s.planned())
-        if after_weights is not None:
-            after_weights(tmp)
         for write in side_files:
             result.files += write(tmp)
     return result

@@ -45,8 +45,8 @@ class DCPSink:
 
     shared = True
 
-    def __init__(self, targets: dict[str, TensorInfo], *, nested: bool, fqn_of: dict[str, str]):
-        self.targets, self.nested, self.fqn_of = targets, nested, fqn_of
+    def __init__(self, targets: dict[str, TensorInfo], *, nested: bool, fqn_of: dict[str, str], out_dt):
+        self.targets, self.nested, self.fqn_of, self.out_dt = targets, nested, fqn_of, out_dt
         self.out_dir = Path()
         # the flattened key DCP stores and hands back to resolve_data ("model.<fqn>" when nested)
         self.stored = {k: (f"model.{fqn_of[k]}" if nested else k) for k in targets}

@@ -208,11 +208,17 @@ class SafetensorsSink:
     header, then each process ``pwrite``s its share's row pieces at their offsets.  ``shared=False``: the
     coordinator writes all of it (a small file kept apart, such as the aux modules)."""
 
-    def __init__(self, transforms: list, out_dt, max_shard_size: int, *, prefix: str = "model",
-                 shared: bool = True):
+    def __init__(self, transforms: list, out_dt, max_shard_size: int | None = None, *, prefix: str = "model",
+                 shared: bool = True, subdir: str = "", whole: bool = False):
+        """``max_shard_size`` None: one file, never sharded (PEFT loads one adapter_model.safetensors);
+        ``subdir``: the files go into that folder of the output (created by the coordinator); ``whole``: read
+        every tensor whole instead of in row pieces."""
+        self.out_dt, self.subdir, self.whole = out_dt, subdir, whole
         self._planned = [TensorInfo(o.key, tuple(o.shape), out_dt(o) or o.dtype) for t in transforms for o in t.outputs]
-        self.writer = ShardedSafetensorsWriter(Path(), [(i.key, i.shape, i.dtype) for i in self._planned],
-                                               max_shard_size, prefix=prefix, create=False)
+        specs = [(i.key, i.shape, i.dtype) for i in self._planned]
+        if max_shard_size is None:
+            max_shard_size = max(1, sum(nbytes(i.shape, i.dtype) for i in self._planned))
+        self.writer = ShardedSafetensorsWriter(Path(), specs, max_shard_size, prefix=prefix, create=False)
         self.shared = shared
         self._ids = {id(t) for t in transforms}
 
@@ -222,7 +228,7 @@ class SafetensorsSink:
 
     @out_dir.setter
     def out_dir(self, path: Path) -> None:
-        self.writer.out_dir = path
+        self.writer.out_dir = Path(path) / self.subdir if self.subdir else Path(path)
 
     @property
     def total_size(self) -> int:
@@ -238,11 +244,12 @@ class SafetensorsSink:
         return self.writer.file_of(key)
 
     def create_files(self) -> None:
+        self.writer.out_dir.mkdir(exist_ok=True)
         self.writer.create_files()
 
     def write(self, tmp: Path, rank: int, transforms: list, source) -> None:
         self.writer.only({o.key for t in transforms for o in t.outputs})
-        for p in source.pieces(transforms):  # in planned order: the writer checks it
+        for p in source.pieces(transforms, whole=self.whole):  # in planned order: the writer checks it
             self.writer.write_at(p.key, p.tensor, p.offset)
             del p
 
@@ -250,4 +257,4 @@ class SafetensorsSink:
         self.writer.close(index=False, sync=True)
 
     def finish(self, tmp: Path, team_size: int) -> list[str]:
-        return self.writer.close()
+        return [f"{self.subdir}/{f}" if self.subdir else f for f in self.writer.close()]
