@@ -366,15 +366,11 @@ def _print_dropped(dropped: list[tuple[str, str]], each: int = 3) -> None:
 
 def _to_hf(args: argparse.Namespace) -> int:
     from .commands.to_hf import to_hf
+    from .options import ToHF
     from .pipeline.team import from_cli
 
     team = from_cli(args.workers, args.distributed, args.argv, out=args.out, worker=args.worker)
-    s = to_hf(args.src, args.out, dtype=args.dtype, max_shard_size=args.max_shard_size, config=args.config,
-              tokenizer=args.tokenizer, aux=args.aux, aux_prefixes=args.aux_prefix,
-              models=[m for m in args.models.split(",") if m], base=args.base, titan_model=args.titan_model,
-              lora=args.lora, lora_config=args.lora_config,
-              overwrite=args.overwrite, trust_pickle=args.trust_pickle, progress=False if args.quiet else None,
-              allow_missing_rng=args.allow_missing_rng, dry_run=args.dry_run, team=team)
+    s = to_hf(args.src, args.out, ToHF.from_args(args), team=team)
     if not team.leader:  # rank 0 reports the export
         return 0
     if args.dry_run:  # the same checks as the real run (extra state and --out included), no tensor data read
@@ -447,13 +443,11 @@ def _watch(args: argparse.Namespace) -> int:
 
 def _to_dcp(args: argparse.Namespace) -> int:
     from .commands.to_dcp import to_dcp
+    from .options import ToDCP
     from .pipeline.team import from_cli
 
     team = from_cli(args.workers, args.distributed, args.argv, out=args.out, worker=args.worker)
-    res = to_dcp(args.src, args.out, layout=args.layout, dtype=args.dtype, aux=args.aux, seed=args.seed,
-                 aux_from=args.aux_from, config=args.config, titan_model=args.titan_model, overwrite=args.overwrite,
-                 trust_pickle=args.trust_pickle, progress=False if args.quiet else None, dry_run=args.dry_run,
-                 team=team)
+    res = to_dcp(args.src, args.out, ToDCP.from_args(args), team=team)
     if not team.leader:  # rank 0 reports the export
         return 0
     if args.dry_run:

@@ -36,12 +36,13 @@ from ..models.hf import quiet_transformers, tie_groups
 from ..models.titan import adapter_record, titan_model as build_titan_model
 from ..models.titan_eras import seed_flags
 from ..pipeline.run import Output, run
+from ..options import ToDCP, resolve
 from ..pipeline.team import Team
 from ..plan.aux_modules import AuxSpec, as_specs, attach_aux, init_aux, parse_aux, tensor_sha256
 from ..plan.conversions import Conversions
-from ..plan.core import Plan, rename
+from ..plan.core import Plan, compose, rename
 from ..plan.hf_target import build_meta_model, canonical_key
-from ..plan.state_dict_adapter import from_hf_reader
+from ..plan.state_dict_adapter import from_hf_plan
 from ..plan.trainer_keys import requested_keys
 from ..plan.trainer_target import DCPPlan, plan_dcp
 from ..version import __version__
@@ -131,10 +132,10 @@ def _aux_tensors_from(path: Path, specs: list[AuxSpec], want: dict[str, TensorIn
 # ---------------------------------------------------------------- TorchTitan's own models
 
 
-def _titan_source(reader: Reader, cfg_dir: Path, model: Any, sd_adapter: Any, titan_model: str | None
-                  ) -> tuple[Reader, Any, str | None, dict | None]:
-    """(source reader under the trainer model's names, trainer model, titan model name for the manifest, what
-    the manifest says about a ``model`` + ``sd_adapter`` conversion).
+def _titan_names(reader: Reader, cfg_dir: Path, model: Any, sd_adapter: Any, titan_model: str | None
+                 ) -> tuple[Plan | None, Any, str | None, dict | None]:
+    """(the plan naming the HF tensors as the trainer model's, or None; trainer model; titan model name for the
+    manifest; what the manifest says about a ``model`` + ``sd_adapter`` conversion).
 
     A TorchTitan model (``titan_model`` name, or ``model`` + ``sd_adapter``) sees
     the HF weights through its adapter's ``from_hf``, applied as plan transforms.
@@ -144,39 +145,22 @@ def _titan_source(reader: Reader, cfg_dir: Path, model: Any, sd_adapter: Any, ti
     the HF config's; :func:`~ckpt_bridge.models.titan.adapter_record`).
     """
     if titan_model is None and sd_adapter is None:
-        return reader, model, None, None
+        return None, model, None, None
     if titan_model is not None:
         if sd_adapter is not None or model is not None:
             raise BridgeError("titan_model= builds the model and adapter itself; pass it alone, or model= + sd_adapter=")
 
         tm = build_titan_model(titan_model, cfg_dir)
-        return from_hf_reader(reader, tm.adapter), tm.build("meta"), titan_model, None
+        return from_hf_plan(reader, tm.adapter), tm.build("meta"), titan_model, None
     if model is None:
         raise BridgeError("sd_adapter= needs model= (the TorchTitan model, meta is fine) to ask for its keys")
 
     record = adapter_record(sd_adapter, model, cfg_dir)
-    return from_hf_reader(reader, sd_adapter), model, record["family"], record
+    return from_hf_plan(reader, sd_adapter), model, record["family"], record
 
 
-def to_dcp(
-    src: str | Path,
-    out: str | Path,
-    *,
-    layout: str = "auto",
-    dtype: str = "fp32",
-    aux: Any = None,
-    seed: int = 0,
-    aux_from: str | Path | None = None,
-    model: nn.Module | list[nn.Module] | None = None,
-    sd_adapter: Any = None,
-    titan_model: str | None = None,
-    config: str | Path | None = None,
-    overwrite: bool = False,
-    trust_pickle: bool = False,
-    progress: bool | None = None,
-    dry_run: bool = False,
-    team: Team | None = None,
-) -> "DCPExportSummary | DCPPlan":
+def to_dcp(src: str | Path, out: str | Path, options: "ToDCP | None" = None, *, team: Team | None = None,
+          **kwargs: Any) -> "DCPExportSummary | DCPPlan":
     """Write the DCP folder a model-only load of the trainer's model accepts.
 
     ``layout``: ``auto`` asks the installed torchtitan which keys it requests;
@@ -195,6 +179,11 @@ def to_dcp(
     ``team``: this process's place among several writing the same export
     (:mod:`ckpt_bridge.pipeline.team`, :mod:`ckpt_bridge.writers.dcp_parts`; default: alone).
     """
+    o = resolve(ToDCP, options, kwargs, "to_dcp")  # the same options from Python and from the CLI
+    layout, dtype, aux, seed = o.layout, o.dtype, o.aux, o.seed
+    aux_from, model, sd_adapter, titan_model = o.aux_from, o.model, o.sd_adapter, o.titan_model
+    config, overwrite, trust_pickle, progress = o.config, o.overwrite, o.trust_pickle, o.progress
+    dry_run = o.dry_run
     t0 = time.perf_counter()
     team = team or Team()
     cast = parse_dtype(dtype, "fp32 (default), bf16, fp16, keep")
@@ -209,8 +198,8 @@ def to_dcp(
             raise KeyPlanError(f"{where}: no config.json found; pass --config PATH (a config.json or a model dir)")
         # structure, model_type and sizes against the tensors, before transformers parses it
         read_fitting_config(cfg_dir, reader.tensors())
-        source, model, titan, adapter_rec = _titan_source(reader, cfg_dir, model, sd_adapter, titan_model)
-        infos = source.tensors()
+        names, model, titan, adapter_rec = _titan_names(reader, cfg_dir, model, sd_adapter, titan_model)
+        infos = reader.tensors() if names is None else names.targets()
         hashes = pool.submit(hash_files, source_files_of(reader, cfg_dir), cfg_dir) if not dry_run and team.leader else None
 
         from transformers import AutoConfig
@@ -244,9 +233,9 @@ def to_dcp(
         conversions = Conversions(hf_model, "load") if hf_model is not None else None
         plan = plan_dcp(infos, req, set(aux_want), groups, where=where, model_class=model_class,
                         conversions=conversions)
-        plan.dropped += getattr(source, "dropped", [])
-        if titan is not None or sd_adapter is not None:  # --dry-run shows what the adapter does, group by group
-            plan.notes += [line for line in source.plan.lines() if "(dropped" not in line]
+        if names is not None:  # --dry-run shows what the adapter does, group by group
+            plan.dropped += names.dropped
+            plan.notes += [line for line in names.lines() if "(dropped" not in line]
         if dry_run:
             return plan
 
@@ -282,7 +271,11 @@ def to_dcp(
         # after the source's, in the state-dict order DCP stores.
         aux_tf = [rename(f"{AUX_SOURCE}{canonical_key(req.fqn_of[k])}", k, info, "aux module")
                   for k, info in plan.aux.items()]
-        stream_plan = Plan(transforms=list(plan.transforms) + aux_tf)
+        # read the HF keys: the adapter's transforms compose with the plan's
+        from_reader = (plan.transforms if names is None
+                       else compose(names, Plan(transforms=plan.transforms), where=where).transforms)
+        stream_plan = Plan(transforms=list(from_reader) + aux_tf)
+        source: Reader = reader
         if aux_tf:
             source = WithTensors(source, {t.inputs[0]: aux_values[t.inputs[0][len(AUX_SOURCE):]][0] for t in aux_tf})
         targets = {o.key: TensorInfo(o.key, o.shape, out_dt(o)) for t in stream_plan.transforms for o in t.outputs}
@@ -295,7 +288,8 @@ def to_dcp(
             summary.tensors = len(targets)
             summary.from_source, summary.aux_tensors = len(targets) - len(aux_tf), len(aux_tf)
             summary.bytes_written = sum(nbytes(i.shape, i.dtype) for i in targets.values())
-            dts = {i.dtype for k, i in targets.items() if _in(stream_plan, k).dtype.is_floating_point}
+            planned = stream_plan.targets()  # before the cast: which targets are floating
+            dts = {i.dtype for k, i in targets.items() if planned[k].dtype.is_floating_point}
             summary.dtype = ", ".join(sorted(str(d).replace("torch.", "") for d in dts))
             summary.aux = [s.describe() for s in specs]
             summary.dropped = list(plan.dropped)
@@ -327,10 +321,5 @@ def to_dcp(
             progress=progress)
     summary.seconds = time.perf_counter() - t0
     return summary
-
-
-def _in(plan: Plan, key: str) -> TensorInfo:
-    """The planned (pre-cast) info of target ``key``."""
-    return next(o for t in plan.transforms for o in t.outputs if o.key == key)
 
 

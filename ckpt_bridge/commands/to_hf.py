@@ -17,6 +17,7 @@ import logging
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,15 +26,15 @@ from ..errors import BridgeError, KeyPlanError
 from ..formats.base import Reader, TensorInfo
 from ..formats.detect import open_reader
 from ..models.config_fit import read_fitting_config
-from ..models.titan import hf_view, working_titan_model
+from ..models.titan import hf_names, working_titan_model
 from ..pipeline.run import Output, run
+from ..options import ToHF, resolve
 from ..pipeline.team import Team
 from ..plan.aux_modules import AUX_MODES, split_aux
-from ..plan.core import Plan, reading_from, rename
+from ..plan.core import Plan, compose, reading_from, rename
 from ..plan.hf_target import plan_hf_export
 from ..plan.lora import is_lora
 from ..plan.megatron import plan_megatron_export
-from ..plan.state_dict_adapter import AdaptedReader
 from ..summary import ExportSummary
 from ..writers.atomic import check_target
 from ..writers.marker import write_marker
@@ -44,10 +45,11 @@ from .to_hf_lora import export_lora
 
 log = logging.getLogger("ckpt_bridge")
 
-def _with_titan_hint(e: KeyPlanError, reader: Reader, cfg_dir: Path, titan_model: str | None) -> KeyPlanError:
+def _with_titan_hint(e: KeyPlanError, reader: Reader, cfg_dir: Path, titan_model: str | None,
+                     adapted: bool) -> KeyPlanError:
     """``e``, plus the ``--titan-model`` that maps these keys when the checkpoint holds a TorchTitan model's own
     names (torchtitan's native saves name no model; that family's adapter is tried on the keys)."""
-    if titan_model is not None or isinstance(reader, AdaptedReader):
+    if titan_model is not None or adapted:
         return e
     name = working_titan_model(reader, cfg_dir)
     if name is None:
@@ -55,14 +57,16 @@ def _with_titan_hint(e: KeyPlanError, reader: Reader, cfg_dir: Path, titan_model
     return KeyPlanError(f"{e}; these are TorchTitan {name} names: pass --titan-model {name}")
 
 
-def _checked_source(reader: Reader, config: str | Path | None, other_models: tuple[str, ...] = ()
-                    ) -> tuple[dict, Path]:
-    """Structure and per-key layouts (metadata only), and the config directory."""
+def _checked_source(reader: Reader, config: str | Path | None, other_models: tuple[str, ...] = (),
+                    names: Plan | None = None) -> tuple[dict, Path]:
+    """Structure and per-key layouts (metadata only), and the config directory.  ``names``: the plan that
+    renames a TorchTitan-native checkpoint's tensors to HF names (its adapter's); the tensors returned are
+    its targets."""
     reader.check()
     if other_models and not reader.has_sections:
         raise BridgeError(f"--models {','.join(('main',) + other_models)}: several models in one checkpoint are read "
                           f"from DCP folders (sections saved next to the model); {reader.path} is {reader.format}")
-    infos = reader.model_tensors(other_models)
+    infos = reader.model_tensors(other_models) if names is None else names.targets()
     if reader.format == "verl-fsdp":
         for key in infos:  # placements and shard shapes of every key, on every rank
             reader.layout(key)
@@ -79,28 +83,8 @@ def _checked_source(reader: Reader, config: str | Path | None, other_models: tup
     return infos, cfg_dir
 
 
-def to_hf(
-    src: str | Path,
-    out: str | Path,
-    *,
-    dtype: str = "keep",
-    max_shard_size: str | int = "5GB",
-    config: str | Path | None = None,
-    tokenizer: str | Path | None = None,
-    aux: str = "separate",
-    aux_prefixes: list[str] | None = None,
-    models: list[str] | None = None,
-    base: str | Path | None = None,
-    titan_model: str | None = None,
-    lora: str = "both",
-    lora_config: str | Path | None = None,
-    overwrite: bool = False,
-    trust_pickle: bool = False,
-    progress: bool | None = None,
-    allow_missing_rng: bool = False,
-    dry_run: bool = False,
-    team: Team | None = None,
-) -> ExportSummary:
+def to_hf(src: str | Path, out: str | Path, options: "ToHF | None" = None, *, team: Team | None = None,
+          **kwargs: Any) -> ExportSummary:
     """Export the checkpoint at ``src`` to a Hugging Face directory ``out``.
 
     ``dtype`` is ``keep`` (the trained dtype) or one of bf16/fp16/fp32 (floating
@@ -135,6 +119,11 @@ def to_hf(
     ``team``: this process's place among several writing the same export
     (:mod:`ckpt_bridge.pipeline.team`; default: alone).
     """
+    o = resolve(ToHF, options, kwargs, "to_hf")  # the same options from Python and from the CLI
+    dtype, max_shard_size, config, tokenizer = o.dtype, o.max_shard_size, o.config, o.tokenizer
+    aux, aux_prefixes, models, base = o.aux, o.aux_prefixes, o.models, o.base
+    titan_model, lora, lora_config, overwrite = o.titan_model, o.lora, o.lora_config, o.overwrite
+    trust_pickle, progress, allow_missing_rng, dry_run = o.trust_pickle, o.progress, o.allow_missing_rng, o.dry_run
     t0 = time.perf_counter()
     team = team or Team()
     cast = parse_dtype(dtype, ", ".join(["keep", *DTYPES]))
@@ -159,8 +148,8 @@ def to_hf(
         if config is None and base_dir is not None and reader.hf_config_dir() is None:
             config = base_dir  # the checkpoint has no config of its own: the base's describes it
 
-        reader = hf_view(reader, config, titan_model)  # a TorchTitan-native DCP through its adapter's to_hf
-        all_infos, cfg_dir = _checked_source(reader, config, others)
+        names = hf_names(reader, config, titan_model)  # a TorchTitan-native DCP: its adapter's to_hf, as transforms
+        all_infos, cfg_dir = _checked_source(reader, config, others, names)
         if base_dir is not None and cfg_dir != base_dir:
             same_model(cfg_dir, base_dir)
         if team.size > 1 and (dry_run or is_lora(all_infos)):
@@ -178,7 +167,7 @@ def to_hf(
             try:
                 plan = plan_hf_export(infos, cfg_dir, where=where)
             except KeyPlanError as e:
-                raise _with_titan_hint(e, reader, cfg_dir, titan_model) from None
+                raise _with_titan_hint(e, reader, cfg_dir, titan_model, names is not None) from None
         other_plans = []
         for name in others:  # planned and checked in full before any output exists
             sec = reader.section_tensors(name)
@@ -205,6 +194,9 @@ def to_hf(
                                   + [f"# {n}" for n in plan.notes])
             summary.config = str(cfg_dir / "config.json")
             return summary
+        if names is not None:  # read the native keys: the adapter's renames compose with the export's
+            main_tf = compose(names, Plan(transforms=main_tf), where=where).transforms
+            sep_tf = compose(names, Plan(transforms=sep_tf), where=where).transforms
         main = SafetensorsSink(main_tf, out_dt, shard_bytes)
         sinks = [main] + ([SafetensorsSink(sep_tf, out_dt, shard_bytes, prefix=AUX_FILE, shared=False)]
                           if sep_tf else [])

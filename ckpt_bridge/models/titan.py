@@ -31,7 +31,7 @@ from torch import nn
 from .config_parity import AfterLoadReport, check_config_parity, load_hf_config, rope_settings
 from ..errors import BridgeError
 from .config_fit import read_fitting_config
-from ..plan.state_dict_adapter import to_hf_reader
+from ..plan.state_dict_adapter import to_hf_plan
 from ..plan.hf_target import plan_hf_export
 from ..writers.side_files import config_dir
 
@@ -308,8 +308,8 @@ def working_titan_model(reader: Any, cfg_dir: str | Path | None) -> str | None:
         if hf.model_type not in kind.hf_model_types:
             continue
         try:
-            view = to_hf_reader(reader, titan_model(name, cfg_dir).adapter)
-            plan_hf_export(view.tensors(), Path(cfg_dir), where=str(reader.path))
+            names = to_hf_plan(reader, titan_model(name, cfg_dir).adapter)
+            plan_hf_export(names.targets(), Path(cfg_dir), where=str(reader.path))
         except Exception:  # noqa: BLE001 - this family's adapter does not fit these keys
             continue
         return name
@@ -339,8 +339,9 @@ def adapter_in_manifest(m: dict | None) -> bool:
     return bool(m.get("titan_adapter")) or any(isinstance(n, str) and "StateDictAdapter.from_hf" in n for n in notes)
 
 
-def hf_view(reader: Any, config: str | Path | None, titan_model_name: str | None) -> Any:
-    """``reader`` under Hugging Face names when it holds a TorchTitan model's own names, else ``reader`` itself.
+def hf_names(reader: Any, config: str | Path | None, titan_model_name: str | None) -> Any:
+    """The plan naming ``reader``'s tensors as Hugging Face's when it holds a TorchTitan model's own names
+    (to be composed with the HF export's plan), else None.
 
     The model is ``titan_model_name`` or the one the to-dcp manifest recorded;
     its config is built from the HF config (``config``, or the manifest's
@@ -352,14 +353,14 @@ def hf_view(reader: Any, config: str | Path | None, titan_model_name: str | None
         if adapter_in_manifest(m):
             cfg_dir, _ = config_dir(reader, config)
             raise unrebuilt_adapter(reader, cfg_dir, m)
-        return reader
+        return None
     cfg_dir, _ = config_dir(reader, config)
     if cfg_dir is None:
         raise TitanModelError(f"{reader.path}: holds TorchTitan {name} weights; pass --config HF_DIR (the Hugging "
                               f"Face config they follow) so its adapter can name them")
 
     read_fitting_config(cfg_dir, reader.tensors())  # before the config is parsed and the model built
-    return to_hf_reader(reader, titan_model(name, cfg_dir).adapter)
+    return to_hf_plan(reader, titan_model(name, cfg_dir).adapter)
 
 
 # ---------------------------------------------------------------- after the trainer's load

@@ -20,8 +20,10 @@ result, learned from the adapter itself on meta tensors (no per-model table):
    handed to the real call as meta tensors: the trace proves the kept
    outputs do not depend on them, so they cost no read and no memory.
 
-Each group becomes one ``adapter`` transform (:func:`ckpt_bridge.plan.core.derive`),
-checked like any other; :class:`AdaptedReader` shows a reader through them.
+Each group becomes one ``adapter`` transform (:func:`ckpt_bridge.plan.core.derive`), checked like any other,
+or a plain rename when the adapter hands the input tensor back under another name (most keys), so it streams in
+row pieces like any rename.  The commands compose this plan with the target's (:func:`~.core.compose`);
+:class:`AdaptedReader` shows a reader through it where a reader is what is needed (verify-dcp's view).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..errors import KeyPlanError
-from .core import Plan, Transform, derive
+from .core import Plan, Transform, derive, rename
 from ..formats.base import Reader, TensorInfo
 
 StateFn = Callable[[dict[str, Any]], dict[str, Any]]
@@ -166,16 +168,40 @@ def adapter_plan(infos: dict[str, TensorInfo], fn: StateFn, name: str, *, where:
         raise KeyPlanError(f"{where}: {name} makes {made_of_nothing[0]!r} from no source tensor; not supported")
     groups = _groups(full, keys)
     grouper = _Grouper(fn, infos, full, groups, name)
+    renamed = _handed_back(fn, infos, keys)
     plan = Plan()
     for ins, outs in groups:
         if not outs:
             plan.dropped += [(k, f"{name} maps it to nothing") for k in ins]
+            continue
+        if len(ins) == len(outs) == 1 and renamed.get(outs[0]) == ins[0]:
+            plan.transforms.append(rename(ins[0], outs[0], infos[ins[0]], f"{name}: rename"))
             continue
         ctx = grouper.context(ins, outs)
         rule = name + (f" (with {', '.join(ctx[:2])}{' ..' if len(ctx) > 2 else ''} as context)" if ctx else "")
         plan.transforms.append(derive("adapter", {k: infos[k] for k in ins},
                                       _group_fn(fn, outs, {k: infos[k] for k in ctx}, name), rule))
     return plan.check(keys, where=where)
+
+
+def _handed_back(fn: StateFn, infos: dict[str, TensorInfo], keys: list[str]) -> dict[str, str]:
+    """Output key -> input key, for outputs that are the input tensor object itself (the adapter renamed it)."""
+    inputs = _metas(infos, keys)
+    by_id = {id(v): k for k, v in inputs.items()}
+    out = fn(dict(inputs))
+    return {o: by_id[id(v)] for o, v in out.items() if id(v) in by_id}
+
+
+def from_hf_plan(reader: Reader, adapter: Any) -> Plan:
+    """The plan that names an HF-named reader's tensors as a TorchTitan model's (its adapter's ``from_hf``)."""
+    return adapter_plan(_source_infos(reader), adapter.from_hf, f"{type(adapter).__name__}.from_hf",
+                        where=str(reader.path))
+
+
+def to_hf_plan(reader: Reader, adapter: Any) -> Plan:
+    """The plan that names a TorchTitan-native checkpoint's tensors as Hugging Face's (its adapter's ``to_hf``)."""
+    return adapter_plan(_source_infos(reader), adapter.to_hf, f"{type(adapter).__name__}.to_hf",
+                        where=str(reader.path))
 
 
 class AdaptedReader(Reader):
@@ -245,13 +271,4 @@ def _source_infos(reader: Reader) -> dict[str, TensorInfo]:
 
 def from_hf_reader(reader: Reader, adapter: Any) -> AdaptedReader:
     """An HF-named reader shown under a TorchTitan model's own names (its adapter's ``from_hf``)."""
-    infos = _source_infos(reader)
-    name = f"{type(adapter).__name__}.from_hf"
-    return AdaptedReader(reader, adapter_plan(infos, adapter.from_hf, name, where=str(reader.path)))
-
-
-def to_hf_reader(reader: Reader, adapter: Any) -> AdaptedReader:
-    """A TorchTitan-native checkpoint shown under Hugging Face names (its adapter's ``to_hf``)."""
-    infos = _source_infos(reader)
-    name = f"{type(adapter).__name__}.to_hf"
-    return AdaptedReader(reader, adapter_plan(infos, adapter.to_hf, name, where=str(reader.path)))
+    return AdaptedReader(reader, from_hf_plan(reader, adapter))
