@@ -5,7 +5,7 @@
 megatron-core and lets ``dist_checkpointing.load`` reshard the save; it always builds the model in bf16, so
 it is compared with ``to-hf --dtype bf16``: same tensor names, every tensor bf16 and bit-identical.  It runs
 here on CPU under torchrun (1 gloo rank) through ``ckpt_bridge.testing.megatron_merge``, which only installs
-CPU stand-ins (a verl ``cpu`` platform, gloo, ``torch.cuda`` stubs, ``device="cuda"`` constructors -> cpu,
+CPU stand-ins (a verl ``cpu`` platform with gloo, ``torch.cuda`` rng-state stubs for megatron's rng tracker,
 transformer_engine's layer spec -> megatron-core's local spec, the spec the saves were built with) and then
 calls verl's merger ``main()`` unchanged.  The saves are the session's (``megatron_ckpts``, one torchrun job).
 

@@ -10,13 +10,14 @@ merger expects of a GPU machine, then calls ``verl.model_merger.__main__.main()`
 - verl's device layer: a ``cpu`` platform through verl's own plugin registry (``verl.plugin.platform``):
   device name ``cpu``, device module ``torch.cpu``, backend ``gloo`` (the merger asks for NCCL through it and
   calls ``set_device("cpu:0")``);
-- ``torch.cuda.synchronize`` / ``current_device`` (megatron-core calls them around its gloo barriers and for
-  its small flag tensors) and ``manual_seed`` / ``get_rng_state`` / ``set_rng_state`` (the rng tracker that
-  ``model_parallel_cuda_manual_seed`` fills);
-- tensor constructors called with ``device="cuda"`` -> cpu;
+- ``torch.cuda.get_rng_state`` / ``set_rng_state`` / ``manual_seed``: the rng tracker that the merger's
+  ``model_parallel_cuda_manual_seed(0)`` fills (``get_rng_state`` raises on a CPU build);
 - transformer_engine is GPU-only and not installed, so the merger's ``use_transformer_engine=True`` layer spec
   becomes megatron-core's local spec: the spec the tiny saves were built with (megatron_save.py), whose layer
   norms are the separate ``input_layernorm`` / ``pre_mlp_layernorm`` the merger's name table also maps.
+
+That is all it takes at one rank: ``torch.cuda.synchronize`` / ``current_device`` and ``device="cuda"``
+constructors, which the saves needed (megatron_save.py), are never reached by the merger's load (checked).
 
 The merger rebuilds the model at TP=1, PP=world and lets ``dist_checkpointing.load`` reshard the save; run it
 with one rank (PP=1), so it writes through ``save_pretrained`` as it does on one GPU.  It reads the HF config
@@ -29,20 +30,6 @@ from __future__ import annotations
 import functools
 
 import torch
-
-_CONSTRUCTORS = ("ones", "zeros", "empty", "full", "arange", "tensor", "rand", "randn")
-
-
-def _cpu_device(f):
-    @functools.wraps(f)
-    def g(*a, **k):
-        d = k.get("device")
-        if d is not None and str(d).startswith("cuda"):
-            k["device"] = "cpu"
-        return f(*a, **k)
-
-    return g
-
 
 def _cpu_platform() -> None:
     """verl's device layer answers "cpu" / torch.cpu / gloo (its plugin registry is the extension point)."""
@@ -100,15 +87,11 @@ def _local_layer_spec() -> None:
 
 
 def cpu_stand_ins() -> None:
-    torch.cuda.synchronize = lambda *a, **k: None
-    torch.cuda.current_device = lambda: torch.device("cpu")
     # model_parallel_cuda_manual_seed's rng tracker keeps "CUDA" generator states: the CPU one's stand in
-    # (no dropout or init runs: every weight is loaded)
+    # (no dropout or random init runs: every weight is loaded)
     torch.cuda.manual_seed = lambda *a, **k: None
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     torch.cuda.set_rng_state = lambda *a, **k: None
-    for name in _CONSTRUCTORS:
-        setattr(torch, name, _cpu_device(getattr(torch, name)))
     _cpu_platform()
     _local_layer_spec()
 
