@@ -24,11 +24,10 @@ from ..formats.detect import detect_format, open_reader
 from ..errors import BridgeError, KeyPlanError
 from ..commands.to_hf import to_hf
 from ..dtypes import DTYPES
-from ..plan.aux_modules import split_aux
-from ..plan.hf_target import canonical_key, canonicalize, expected_model, plan_hf_export
+from ..plan.export_plan import plan_export
+from ..plan.hf_target import canonical_key, canonicalize, expected_model
 from ..formats.hf import SafetensorsFileReader
 from ..models.hf import load_pretrained, text_token_ids
-from ..plan.megatron import plan_megatron_export
 
 
 @dataclass
@@ -149,8 +148,8 @@ class _ModelView:
     def __init__(self, reader):
         self.inner, self.path = reader, reader.path
         self._aux = None
-        aux_file = reader.path / "aux_modules.safetensors" if reader.format == "hf" else None
-        if aux_file is not None and aux_file.is_file():
+        aux_file = reader.aux_file()
+        if aux_file is not None:
             self._aux = SafetensorsFileReader(aux_file)
 
     @property
@@ -209,27 +208,23 @@ def _as_saved(view: _ModelView, other_cfg: Path | None = None):
 
     A verl Megatron checkpoint goes through its to-hf plan (unstacked layers, split qkv / fc1, ...), with
     its own HF config or else the other side's (``other_cfg``: the HF dir it is compared with)."""
-    if view.inner.format == "verl-megatron":
-        return _megatron_as_saved(view, view.hf_config_dir() or other_cfg)
-    cfg = view.hf_config_dir()
+    cfg = view.hf_config_dir() or (other_cfg if view.inner.key_names == "megatron" else None)
     if cfg is None:
+        if view.inner.key_names == "megatron":
+            raise BridgeError(f"{view.path}: a Megatron checkpoint is compared through its to-hf plan, which needs "
+                              f"a config.json: the save has none and the other side is not an HF dir with one")
         return view
     try:
         infos = {k: v for k, v in view.tensors().items() if k not in view.aux_keys}
-        main, aux = split_aux(infos, view.inner, cfg, None, str(view.path))
-        plan = plan_hf_export(main, cfg, where=str(view.path))
+        plan, aux = plan_export(view.inner, infos, cfg, aux_prefixes=None, where=str(view.path))
     except BridgeError:
+        if view.inner.key_names == "megatron":
+            raise  # its names are never an HF model's: comparing them as they are would say nothing
         return view  # not a model the config describes: compare the keys as they are
+    main = {k: v for k, v in infos.items() if not any(k in keys for keys in aux.values())}
     if {canonical_key(k) for k in main} == set(plan.targets()):
         return view
     return _SavedView(view, plan, {k for keys in aux.values() for k in keys} | view.aux_keys)
-
-
-def _megatron_as_saved(view: _ModelView, cfg: Path | None):
-    if cfg is None:
-        raise BridgeError(f"{view.path}: a Megatron checkpoint is compared through its to-hf plan, which needs a "
-                          f"config.json: the save has none and the other side is not an HF dir with one")
-    return _SavedView(view, plan_megatron_export(view.inner, cfg, where=str(view.path)), set())
 
 
 def _as_hf_dir(path: Path, tmp: Path, trust_pickle: bool) -> Path:

@@ -30,11 +30,11 @@ from ..models.titan import hf_names, working_titan_model
 from ..pipeline.run import Output, run
 from ..options import ToHF, resolve
 from ..pipeline.team import Team
-from ..plan.aux_modules import AUX_MODES, split_aux
+from ..plan.aux_modules import AUX_MODES
 from ..plan.core import Plan, compose, reading_from, rename
 from ..plan.hf_target import plan_hf_export
 from ..plan.lora import is_lora
-from ..plan.megatron import plan_megatron_export
+from ..plan.export_plan import plan_export
 from ..summary import ExportSummary
 from ..writers.atomic import check_target
 from ..writers.marker import write_marker
@@ -67,9 +67,7 @@ def _checked_source(reader: Reader, config: str | Path | None, other_models: tup
         raise BridgeError(f"--models {','.join(('main',) + other_models)}: several models in one checkpoint are read "
                           f"from DCP folders (sections saved next to the model); {reader.path} is {reader.format}")
     infos = reader.model_tensors(other_models) if names is None else names.targets()
-    if reader.format == "verl-fsdp":
-        for key in infos:  # placements and shard shapes of every key, on every rank
-            reader.layout(key)
+    reader.check_keys(infos)  # every key's stored layout (a verl shard's placements on every rank), metadata only
     cfg_dir, cfg_file = config_dir(reader, config)
     if cfg_file is not None and cfg_file.name != "config.json":
         raise BridgeError(f"--config {cfg_file}: pass a file named config.json or the directory holding it")
@@ -160,14 +158,10 @@ def to_hf(src: str | Path, out: str | Path, options: "ToHF | None" = None, *, te
                                shard_bytes=shard_bytes, tokenizer=tok_dir, base=base_dir, overwrite=overwrite,
                                progress=progress, t0=t0, dry_run=dry_run)
         where = str(reader.path)
-        if reader.format == "verl-megatron":  # its own name rules first, then transformers' save rules
-            aux_keys, plan = {}, plan_megatron_export(reader, cfg_dir, where=where)
-        else:
-            infos, aux_keys = split_aux(all_infos, reader, cfg_dir, aux_prefixes, where)
-            try:
-                plan = plan_hf_export(infos, cfg_dir, where=where)
-            except KeyPlanError as e:
-                raise _with_titan_hint(e, reader, cfg_dir, titan_model, names is not None) from None
+        try:
+            plan, aux_keys = plan_export(reader, all_infos, cfg_dir, aux_prefixes=aux_prefixes, where=where)
+        except KeyPlanError as e:
+            raise _with_titan_hint(e, reader, cfg_dir, titan_model, names is not None) from None
         other_plans = []
         for name in others:  # planned and checked in full before any output exists
             sec = reader.section_tensors(name)

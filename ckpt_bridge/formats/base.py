@@ -55,6 +55,10 @@ class Reader(ABC):
     # The config / tokenizer files of hf_config_dir() must resolve inside the checkpoint folder (False for an HF
     # model dir: the user's own choice, and a hub cache snapshot is all links into ../../blobs).
     confines_config: bool = True
+    # The names its keys follow: "hf" (transformers' names, on disk or in memory, maybe under trainer wrappers)
+    # or "megatron" (megatron-core's GPTModel names): which planner turns them into an HF export
+    # (plan.export_plan.plan_export).
+    key_names: str = "hf"
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -90,6 +94,14 @@ class Reader(ABC):
     def model_tensors(self, exclude_sections: tuple[str, ...] = ()) -> dict[str, TensorInfo]:
         """The main model's tensors (without training state or other sections); default: :meth:`tensors`."""
         return self.tensors()
+
+    def check_keys(self, keys) -> None:
+        """Raise (one line) if the stored layout of one of ``keys`` cannot be read (metadata only): called on
+        every key of an export before its output exists; default: nothing beyond :meth:`check`."""
+
+    def aux_file(self) -> Path | None:
+        """A file of auxiliary modules kept beside the model (an HF export's ``aux_modules.safetensors``)."""
+        return None
 
     def read_rows(self, key: str, out: torch.Tensor, start: int, stop: int) -> bool:
         """Rows [start, stop) of ``key`` into ``out``; False: read the whole tensor instead (see ``reads_rows``)."""

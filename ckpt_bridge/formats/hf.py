@@ -84,6 +84,10 @@ def is_hf_dir(path: Path) -> bool:
     return Path(path).is_dir() and bool(weight_files(Path(path))[0])
 
 
+# to-hf --aux separate writes the aux modules beside the model as aux_modules.safetensors (+ aux_modules.json)
+AUX_FILE = "aux_modules"
+
+
 class HFReader(Reader):
     format = "hf"
     reads_rows = True
@@ -108,6 +112,10 @@ class HFReader(Reader):
 
     def problems(self) -> list[str]:
         return list(self._problems)
+
+    def aux_file(self) -> Path | None:
+        f = self.path / f"{AUX_FILE}.safetensors"
+        return f if f.is_file() else None
 
     def tensors(self) -> dict[str, TensorInfo]:
         if self._info is not None:

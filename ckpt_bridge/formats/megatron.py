@@ -178,6 +178,7 @@ class _RepeatedSlices:
 
 class MegatronReader(Reader):
     format = "verl-megatron"
+    key_names = "megatron"
 
     def __init__(self, path: Path, *, trust_pickle: bool = False):
         super().__init__(path)

@@ -224,6 +224,10 @@ class VerlFSDPReader(Reader):
                                             f"export it with ckpt-bridge under the torch that saved it") from None
         return self._mesh_cache[id(m)]
 
+    def check_keys(self, keys) -> None:
+        for key in keys:  # placements and shard shapes of every key, on every rank
+            self.layout(key)
+
     def layout(self, key: str) -> _Layout:
         """Check ``key`` across every rank file and work out where each shard goes."""
         if key in self._layouts:

@@ -19,12 +19,12 @@ import torch
 from ..confine import is_inside
 from ..dtypes import dtype_name
 from ..errors import BridgeError, CheckpointFormatError
+from ..formats.hf import AUX_FILE
 from ..formats.base import Reader
 from ..formats.dcp_files import MANIFEST
 from ..models.hf import with_legacy_fields
 from ..jsonfiles import check_config, read_json
 
-AUX_FILE = "aux_modules"  # to_hf --aux separate: aux_modules.safetensors (+ aux_modules.json)
 
 
 def config_dir(reader: Reader, config: str | Path | None) -> tuple[Path | None, Path | None]:
