@@ -154,8 +154,12 @@ def _group_fn(fn: StateFn, outs: list[str], ctx_infos: dict[str, TensorInfo], na
     return run
 
 
-def adapter_plan(infos: dict[str, TensorInfo], fn: StateFn, name: str, *, where: str) -> Plan:
-    """The checked plan applying ``fn`` (an adapter's ``from_hf`` / ``to_hf``) group by group to ``infos``."""
+def adapter_plan(infos: dict[str, TensorInfo], fn: StateFn, name: str, *, where: str, renames: bool = False) -> Plan:
+    """The checked plan applying ``fn`` (an adapter's ``from_hf`` / ``to_hf``) group by group to ``infos``.
+
+    ``renames``: a key the adapter hands back unchanged under another name becomes a plain rename (the
+    pipeline then moves it in row pieces) instead of a call of the adapter; :class:`AdaptedReader`, which
+    reads whole tensors by key, keeps every group a call."""
     keys = list(infos)
     try:
         full = _trace(fn, infos, keys)
@@ -168,7 +172,7 @@ def adapter_plan(infos: dict[str, TensorInfo], fn: StateFn, name: str, *, where:
         raise KeyPlanError(f"{where}: {name} makes {made_of_nothing[0]!r} from no source tensor; not supported")
     groups = _groups(full, keys)
     grouper = _Grouper(fn, infos, full, groups, name)
-    renamed = _handed_back(fn, infos, keys)
+    renamed = _handed_back(fn, infos, keys) if renames else {}
     plan = Plan()
     for ins, outs in groups:
         if not outs:
@@ -195,13 +199,13 @@ def _handed_back(fn: StateFn, infos: dict[str, TensorInfo], keys: list[str]) -> 
 def from_hf_plan(reader: Reader, adapter: Any) -> Plan:
     """The plan that names an HF-named reader's tensors as a TorchTitan model's (its adapter's ``from_hf``)."""
     return adapter_plan(_source_infos(reader), adapter.from_hf, f"{type(adapter).__name__}.from_hf",
-                        where=str(reader.path))
+                        where=str(reader.path), renames=True)
 
 
 def to_hf_plan(reader: Reader, adapter: Any) -> Plan:
     """The plan that names a TorchTitan-native checkpoint's tensors as Hugging Face's (its adapter's ``to_hf``)."""
     return adapter_plan(_source_infos(reader), adapter.to_hf, f"{type(adapter).__name__}.to_hf",
-                        where=str(reader.path))
+                        where=str(reader.path), renames=True)
 
 
 class AdaptedReader(Reader):
@@ -271,4 +275,5 @@ def _source_infos(reader: Reader) -> dict[str, TensorInfo]:
 
 def from_hf_reader(reader: Reader, adapter: Any) -> AdaptedReader:
     """An HF-named reader shown under a TorchTitan model's own names (its adapter's ``from_hf``)."""
-    return AdaptedReader(reader, from_hf_plan(reader, adapter))
+    name = f"{type(adapter).__name__}.from_hf"
+    return AdaptedReader(reader, adapter_plan(_source_infos(reader), adapter.from_hf, name, where=str(reader.path)))
