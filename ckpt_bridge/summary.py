@@ -1,10 +1,14 @@
-"""What ``to_hf`` returns (also for a LoRA checkpoint): a leaf module, so the HF export and the LoRA export
-both build it without importing each other."""
+"""What the conversions return: ``to_hf`` (also for a LoRA checkpoint) an :class:`ExportSummary`, ``to_dcp`` a
+:class:`DCPExportSummary` (their ``as_dict`` is the CLI's ``--json`` output).  One home, imported by the commands,
+importing none of them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from .models.titan_eras import seed_flags
 
 
 @dataclass
@@ -31,3 +35,30 @@ class ExportSummary:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass
+class DCPExportSummary:
+    source: str
+    out: str
+    layout: str = ""
+    trainer: str = ""
+    reason: str = ""
+    tensors: int = 0
+    from_source: int = 0
+    aux_tensors: int = 0
+    bytes_written: int = 0
+    dtype: str = ""
+    aux: list[str] = field(default_factory=list)
+    dropped: list[tuple[str, str]] = field(default_factory=list)
+    manifest: str = ""
+    seconds: float = 0.0
+    seed_flags: list[str] = field(default_factory=list)  # in the installed era's words (titan_eras.seed_flags)
+    titan_model: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "seed_flags"}
+
+    def flags(self) -> list[str]:
+        """How to point a trainer at this checkpoint (absolute paths: torchtitan 0.3.0 requires them)."""
+        return self.seed_flags or seed_flags(str(Path(self.out).absolute()), None, self.layout)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ckpt_bridge.testing.harness import run_torchrun
-from ckpt_bridge.pipeline.team import split
+from ckpt_bridge.pipeline.team import balanced_ranges as split
 
 # The coordinator caps --workers by the CPUs it may use (2 here); these tests split over 3 processes on
 # purpose, so their coordinator believes it has 8 (the workers it starts are the real CLI).

@@ -17,7 +17,6 @@ import datetime as _dt
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +44,7 @@ from ..plan.hf_target import build_meta_model, canonical_key
 from ..plan.state_dict_adapter import from_hf_plan
 from ..plan.trainer_keys import requested_keys
 from ..plan.trainer_target import DCPPlan, plan_dcp
+from ..summary import DCPExportSummary
 from ..version import __version__
 from ..writers.dcp import DCPSink
 from ..writers.dcp_manifest import hash_files, keep_hf_files, source_files_of, versions
@@ -54,33 +54,6 @@ log = logging.getLogger("ckpt_bridge")
 
 # the source keys under which an aux module's values (made here, not read from the checkpoint) enter the stream
 AUX_SOURCE = "<aux>."
-
-
-@dataclass
-class DCPExportSummary:
-    source: str
-    out: str
-    layout: str = ""
-    trainer: str = ""
-    reason: str = ""
-    tensors: int = 0
-    from_source: int = 0
-    aux_tensors: int = 0
-    bytes_written: int = 0
-    dtype: str = ""
-    aux: list[str] = field(default_factory=list)
-    dropped: list[tuple[str, str]] = field(default_factory=list)
-    manifest: str = ""
-    seconds: float = 0.0
-    seed_flags: list[str] = field(default_factory=list)  # in the installed era's words (titan_eras.seed_flags)
-    titan_model: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "seed_flags"}
-
-    def flags(self) -> list[str]:
-        """How to point a trainer at this checkpoint (absolute paths: torchtitan 0.3.0 requires them)."""
-        return self.seed_flags or seed_flags(str(Path(self.out).absolute()), None, self.layout)
 
 
 # ---------------------------------------------------------------- aux sources

@@ -118,7 +118,7 @@ def plan_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, *, mo
                              "(pass --base HF_DIR for the merged model)")
             job.mode = "adapter"
     if job.mode in ("adapter", "both"):
-        job.adapter = lora.adapter_plan(ck, base_infos, where=where)
+        job.adapter = lora.peft_adapter_plan(ck, base_infos, where=where)
         job.adapter_config = lora.adapter_config(ck, str(base_dir) if base_dir is not None else None, view)
     return job
 

@@ -157,7 +157,7 @@ class Output:
     protect: tuple[Path, ...] = ()
 
 
-def shares(plan: Plan, sinks: list[Sink]) -> list[list[Transform]]:
+def by_sink(plan: Plan, sinks: list[Sink]) -> list[list[Transform]]:
     """Each sink's transforms, in plan order (the first sink that claims a transform takes it)."""
     out: list[list[Transform]] = [[] for _ in sinks]
     for t in plan.transforms:
@@ -185,7 +185,7 @@ def run(reader: Reader, plan: Plan, sinks: list[Sink], side_files: list[SideFile
         label: str, progress: bool | None = None) -> RunResult:
     """Stream ``plan`` from ``reader`` into ``sinks``, then write ``side_files``; see the module docstring.
     ``label`` names the work on the progress bar."""
-    per_sink = shares(plan, sinks)
+    per_sink = by_sink(plan, sinks)
     team.fit(max(1, sum(len(ts) for s, ts in zip(sinks, per_sink) if s.shared)))  # no more processes than work
     mine = [_mine(ts, s, team) for s, ts in zip(sinks, per_sink)]
     total = sum(nbytes(o.shape, s.out_dt(o) or o.dtype) for s, ts in zip(sinks, mine) for t in ts for o in t.outputs)

@@ -71,12 +71,12 @@ class Team:
                 self.kind = "solo"
 
     def mine(self, items: list, sizes: list[int], files: list[int] | None = None) -> list:
-        """The items this process handles: a contiguous run balanced by output bytes (see :func:`split`);
+        """The items this process handles: a contiguous run balanced by output bytes (see :func:`balanced_ranges`);
         ``files[i]`` is the output file item i starts in (None: each item its own), all items when alone."""
         if self.size == 1:
             return list(items)
         files = list(range(len(items))) if files is None else files
-        return [items[i] for i in split(sizes, files, self.size)[self.rank]]
+        return [items[i] for i in balanced_ranges(sizes, files, self.size)[self.rank]]
 
     def share(self, tmp: Path | None) -> Path:
         """Rank 0 passes the temporary output dir (its files already created) to the others; they get it back."""
@@ -238,7 +238,7 @@ def from_cli(workers: int, distributed: bool, argv: list[str], *, out: str | Pat
     return Team(rank=0, size=workers, kind="local", argv=list(argv))
 
 
-def split(sizes: list[int], files: list[int], parts: int) -> list[range]:
+def balanced_ranges(sizes: list[int], files: list[int], parts: int) -> list[range]:
     """Contiguous ranges of items (one per process) with about equal bytes.
 
     ``sizes[i]`` is item i's output bytes and ``files[i]`` the output file it

@@ -375,7 +375,7 @@ def merged_names(ck: LoraCheckpoint, base: dict[str, TensorInfo] | None) -> dict
     return out
 
 
-def adapter_plan(ck: LoraCheckpoint, base: dict[str, TensorInfo] | None, *, where: str) -> Plan:
+def peft_adapter_plan(ck: LoraCheckpoint, base: dict[str, TensorInfo] | None, *, where: str) -> Plan:
     """Renames to the keys ``PeftModel.save_pretrained`` writes (adapter name removed).
 
     PEFT also saves the base weight of an adapted embedding (``save_embedding_layers``
@@ -521,5 +521,5 @@ def describe(infos: dict[str, TensorInfo], ckpt_dir: Path) -> dict[str, Any] | N
 
 
 __all__ = ["ADAPTER_SUBDIR", "LORA_MODES", "LoraCheckpoint", "LoraSettings", "ModelView", "adapter_config",
-           "adapter_plan", "check_targets", "describe", "find_settings", "is_lora", "merge_plan", "merged_names",
+           "peft_adapter_plan", "check_targets", "describe", "find_settings", "is_lora", "merge_plan", "merged_names",
            "parse", "recorded_base"]
