@@ -132,6 +132,35 @@ def _titan_names(reader: Reader, cfg_dir: Path, model: Any, sd_adapter: Any, tit
     return from_hf_plan(reader, sd_adapter), model, record["family"], record
 
 
+def _aux_values(specs: list[AuxSpec], aux_want: dict[str, TensorInfo], hf_config: Any, *, seed: int,
+                aux_from: str | Path | None, trust_pickle: bool) -> tuple[dict[str, tuple[torch.Tensor, str]], list]:
+    """({aux fqn: (value, where it came from)}, the manifest's record of each module): fresh weights seeded by
+    ``seed``, or copied from ``aux_from``; every key the trainer's module has must be made."""
+    aux_values: dict[str, tuple[torch.Tensor, str]] = {}
+    aux_records = []
+    if aux_from is not None:
+        aux_values = _aux_tensors_from(Path(aux_from), specs, aux_want, trust_pickle)
+    for s in specs:
+        rec: dict[str, Any] = {"name": s.name, "spec": s.describe(), "kind": s.kind,
+                               "out": s.out if s.factory is None else None, "seed": seed}
+        if aux_from is None:
+            module, how = init_aux(s, hf_config, seed)
+            for k, v in module.state_dict().items():
+                aux_values[f"{s.name}.{k}"] = (v, "init")
+            rec["init"] = how
+        else:
+            rec["init"] = f"copied from {Path(aux_from).absolute()}"
+        keys = sorted(f for f in aux_want if f.split(".", 1)[0] == s.name)
+        missing = [k for k in keys if k not in aux_values]
+        if missing:
+            raise KeyPlanError(f"aux {s.name!r}: the module built for the trainer has {few(missing)} but the "
+                               f"freshly built one does not; build both from the same spec")
+        rec["keys"] = {k: list(aux_values[k][0].shape) for k in keys}
+        rec["sha256"] = tensor_sha256([aux_values[k][0] for k in keys])
+        aux_records.append(rec)
+    return aux_values, aux_records
+
+
 def to_dcp(src: str | Path, out: str | Path, options: "ToDCP | None" = None, *, team: Team | None = None,
           **kwargs: Any) -> "DCPExportSummary | DCPPlan":
     """Write the DCP folder a model-only load of the trainer's model accepts.
@@ -213,28 +242,8 @@ def to_dcp(src: str | Path, out: str | Path, options: "ToDCP | None" = None, *, 
             return plan
 
         # Aux values: small, made (or copied) up front so a bad --aux-from fails before any output exists.
-        aux_values: dict[str, tuple[torch.Tensor, str]] = {}
-        aux_records = []
-        if aux_from is not None:
-            aux_values = _aux_tensors_from(Path(aux_from), specs, aux_want, trust_pickle)
-        for s in specs:
-            rec: dict[str, Any] = {"name": s.name, "spec": s.describe(), "kind": s.kind,
-                                   "out": s.out if s.factory is None else None, "seed": seed}
-            if aux_from is None:
-                module, how = init_aux(s, hf_config, seed)
-                for k, v in module.state_dict().items():
-                    aux_values[f"{s.name}.{k}"] = (v, "init")
-                rec["init"] = how
-            else:
-                rec["init"] = f"copied from {Path(aux_from).absolute()}"
-            keys = sorted(f for f in aux_want if f.split(".", 1)[0] == s.name)
-            missing = [k for k in keys if k not in aux_values]
-            if missing:
-                raise KeyPlanError(f"aux {s.name!r}: the module built for the trainer has {few(missing)} but the "
-                                   f"freshly built one does not; build both from the same spec")
-            rec["keys"] = {k: list(aux_values[k][0].shape) for k in keys}
-            rec["sha256"] = tensor_sha256([aux_values[k][0] for k in keys])
-            aux_records.append(rec)
+        aux_values, aux_records = _aux_values(specs, aux_want, hf_config, seed=seed, aux_from=aux_from,
+                                              trust_pickle=trust_pickle)
 
         out_dt = out_dtype(cast)
         summary = DCPExportSummary(str(src), str(Path(out).absolute()), req.layout, req.trainer, req.reason)
