@@ -26,6 +26,7 @@ import torch
 
 from .errors import CheckpointFormatError, UnsafePickleError
 from .quiet import quieted
+from .formats.meshes import STAND_INS
 
 
 def _numpy_rng_globals() -> list[Any]:
@@ -114,7 +115,6 @@ def _mesh_stand_ins(extra: list[Any]) -> Iterator[None]:
     The allowlist is keyed by name but stored as a set, so the real classes (registered by importing
     torch.distributed.tensor / device_mesh) are taken out for the duration instead of shadowed.
     """
-    from .formats.meshes import STAND_INS
 
     with _ALLOWLIST_LOCK:  # the allowlist is process-wide: one load at a time changes it
         saved = torch.serialization.get_safe_globals()
@@ -137,8 +137,6 @@ def _global_name(g: Any) -> str:
 def _stand_in_pickle() -> Any:
     """A ``pickle`` module for ``torch.load(weights_only=False)`` whose Unpickler maps the mesh classes to stand-ins."""
     import types
-
-    from .formats.meshes import STAND_INS
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:

@@ -41,10 +41,15 @@ from ..writers.side_files import side_files
 from ..errors import BridgeError, CheckpointFormatError, few
 from ..formats.dcp import DCPReader, is_dcp_dir
 from ..formats.hf import HFReader, is_hf_dir
-from ..models.hf import tie_groups
-from ..plan.hf_target import build_meta_model, canonical_key
+from ..models.after_load import after_load, load_hf_config
+from ..models.hf import from_config, is_language_model, load_pretrained, tie_groups
+from ..models.titan import HFStyleLM, adapter_in_manifest, unrebuilt_adapter
+from ..models.titan import titan_model as build_titan_model
 from ..plan.core import execute
+from ..plan.hf_target import build_meta_model, canonical_key
+from ..plan.state_dict_adapter import from_hf_reader
 from ..plan.trainer_keys import NEST, requested_keys
+from .loss import text_loss, text_values
 
 LAYOUT_FOR = ("installed", "nested", "flat")
 
@@ -140,13 +145,11 @@ def _titan_target(hf_dir: Path, manifest: dict | None, titan_model: str | None):
     name = titan_model or (manifest or {}).get("titan_model")
     if not name:
         return None
-    from ..models.titan import titan_model as build
 
-    tm = build(name, hf_dir)
+    tm = build_titan_model(name, hf_dir)
     model = tm.build("meta")
     specs = [parse_aux(a["spec"]) for a in (manifest or {}).get("aux", []) if a.get("kind") != "factory"]
     if specs:
-        from ..models.after_load import load_hf_config
 
         attach_aux(model, specs, load_hf_config(hf_dir))
     return tm, model, specs
@@ -178,7 +181,6 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
     # 1. keys the loader requests
     titan = _titan_target(hf_dir, manifest, titan_model)
     if titan is None:
-        from ..models.titan import adapter_in_manifest, unrebuilt_adapter
 
         if adapter_in_manifest(manifest):  # TorchTitan names, and no family recorded to rebuild the adapter
             raise unrebuilt_adapter(r, hf_dir, manifest)
@@ -186,7 +188,6 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
     else:
         tm, model, specs = titan
         res.titan_model = tm.name
-        from ..plan.state_dict_adapter import from_hf_reader
 
         hf_names = set(canonical_key(k) for k in hf.tensors())
         hf = from_hf_reader(hf, tm.adapter)  # HF values under the titan model's names
@@ -258,8 +259,6 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
 
 def _measure(model, tok, text: str, max_tokens: int) -> tuple[float, torch.Tensor | None]:
     """A language model's next-token loss; a critic's mean value and its per-token values."""
-    from ..models.hf import is_language_model
-    from .loss import text_loss, text_values
 
     if is_language_model(model):
         return text_loss(model, tok, text, max_tokens=max_tokens), None
@@ -305,9 +304,6 @@ def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int,
     ``titan``: the trainer model is TorchTitan's own (built meta -> to_empty as its trainer does)."""
     import torch.distributed.checkpoint as dcp
 
-    from ..models.hf import from_config, load_pretrained
-    from ..models.after_load import after_load, load_hf_config
-
     try:
         text = text_file.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
@@ -343,7 +339,6 @@ def _losses(r: DCPReader, hf_dir: Path, specs, text_file: Path, max_tokens: int,
             model.load_state_dict({k: v for k, v in sd.items()}, strict=False)
         after_load(model, hf_dir)
         if titan is not None:
-            from ..models.titan import HFStyleLM
 
             model = HFStyleLM(model, load_hf_config(hf_dir))
         loss_dcp, values_dcp = _measure(model.eval(), tok, text, max_tokens)

@@ -45,6 +45,7 @@ from ..writers.safetensors_shards import SafetensorsSink
 from ..pipeline.run import Output, run
 from ..pipeline.team import Team
 from ..formats.memory import WithNamespace
+from ..confine import is_inside
 
 ADAPTER_FILE = "adapter_model"
 
@@ -126,7 +127,6 @@ def plan_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, *, mo
 def _recorded_base(reader: Reader, cfg_dir: Path, ck: lora.LoraCheckpoint, job: LoraJob) -> Path | None:
     """The base model dir a LoRA-only checkpoint records, if it lies inside the checkpoint.  A recorded path
     elsewhere is never read unless the user passes it (``--base``): the checkpoint does not choose what we read."""
-    from ..confine import is_inside
 
     found = lora.recorded_base(cfg_dir, ck.settings)
     if found is None:

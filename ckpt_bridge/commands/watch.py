@@ -43,6 +43,8 @@ from ..writers.marker import MARKER, read_marker
 from ..writers.atomic import OutputBusy, output_lock
 from ..formats.megatron_ready import is_complete as megatron_complete, is_megatron_save, save_problem as megatron_problem
 from ..writers.atomic import clear_stale_partials  # noqa: F401 - re-exported (moved to the writer)
+from ..formats.verl_fsdp import VerlFSDPReader
+from .to_hf import to_hf
 
 log = logging.getLogger("ckpt_bridge")
 LATEST = "latest_checkpointed_iteration.txt"
@@ -107,7 +109,6 @@ def check_root_exports(root: Path, role: str, out_root: str | Path | None) -> No
 
 def rank_files_problem(role_dir: Path) -> str | None:
     """None when every rank file of a verl role dir is present and readable by name, else why not."""
-    from ..formats.verl_fsdp import VerlFSDPReader
 
     if not role_dir.is_dir():
         return f"{role_dir} does not exist (nothing was saved for this role, or it was rotated away)"
@@ -215,7 +216,6 @@ def export_step(root: Path, step: int, *, role: str = "actor", out_root: str | P
     ``settled``: the caller knows the save finished (verl's latest file, or
     sizes stable across polls); otherwise the step waits.
     """
-    from .to_hf import to_hf
 
     action, out, why = step_action(root, step, role, out_root, settled)
     if action in ("wait", "skip", "refuse"):

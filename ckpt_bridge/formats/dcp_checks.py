@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 from typing import Any
+from .chunks import coverage
 
 
 def _is_size(v: Any) -> bool:
@@ -70,7 +71,6 @@ def _tensor_problems(meta: Path, key: str, md: Any, lengths: dict[Any, int]) -> 
             return [f"{meta}: tensor {key!r} has a chunk at {tuple(c.offsets)} with no storage entry; "
                     f"the save is corrupt"]
         stored += n
-    from .chunks import coverage
 
     boxes = [(c.offsets, c.sizes) for c in chunks]
     gap = coverage(size, boxes).problem(boxes)

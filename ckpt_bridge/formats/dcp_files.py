@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..jsonfiles import MANIFEST as SHAPE, read_json
+
 MANIFEST = "ckpt_bridge_manifest.json"
 # config.json, generation config and tokenizer / processor files of the source, kept inside the DCP folder:
 # to-hf and verify read them from there (paths recorded in a checkpoint are only followed inside it), so a
@@ -29,7 +31,6 @@ _RNG_FILE = re.compile(r"rank_(\d+)\.pt")
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
     """The to-dcp manifest of a DCP folder, or None."""
-    from ..jsonfiles import MANIFEST as SHAPE, read_json
 
     m = Path(path) / MANIFEST
     if not m.is_file():

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..errors import BridgeError
 from .megatron import MANIFEST, is_dist_ckpt
+from .megatron import MegatronReader
 
 WAITING = (f"waiting for {MANIFEST} (verl's rank 0 writes it when every rank's part of the save has been "
            f"written); exported once it appears")
@@ -32,7 +33,6 @@ def is_complete(role_dir: Path) -> bool:
 
 def save_problem(role_dir: Path) -> str | None:
     """None when the Megatron save at ``role_dir`` is complete and readable, else why not (one line)."""
-    from .megatron import MegatronReader
 
     if not is_complete(role_dir):
         return f"{role_dir}: {WAITING}"

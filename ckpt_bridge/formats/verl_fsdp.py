@@ -50,6 +50,7 @@ from .chunks import chunks_of_regions, coverage
 from ..compare import bits_equal, deep_equal
 from ..jsonfiles import FSDP_CONFIG, read_json
 from .base import Reader, TensorInfo
+from ..confine import is_inside
 
 def _dtensor() -> type:
     """DTensor, imported when first needed: importing torch.distributed.tensor costs ~0.4 s, which
@@ -443,7 +444,6 @@ class VerlFSDPReader(Reader):
 
     # ---------------------------------------------------------------- report
     def hf_config_dir(self) -> Path | None:
-        from ..confine import is_inside
 
         for d in (self.path / "huggingface", self.path):  # verl >= 0.5, then verl 0.4.0
             # a huggingface/ (or config.json) symlinked out of the checkpoint is not followed

@@ -33,6 +33,7 @@ from typing import Any
 
 from ..errors import CheckpointFormatError
 from ..formats.base import TensorInfo
+from ..jsonfiles import check_config, read_json
 
 # Fields that size the model (matched on the name, in the config and each *_config sub-config).
 _SIZE_FIELD = re.compile(r"^(num_\w+|n_\w+|\w+_size|head_dim|depth|\w+_dim|\w+_layers)$")
@@ -129,7 +130,6 @@ def read_fitting_config(cfg_dir: Path, infos: dict[str, TensorInfo]) -> dict[str
     types, a built-in model_type, no auto_map), then against the tensors (:func:`check_fit`).  The one gate
     before anything parses the config with transformers or builds a model from it: to-hf, to-dcp, verify and
     inspect all call it."""
-    from ..jsonfiles import check_config, read_json
 
     path = Path(cfg_dir) / "config.json"
     cfg = read_json(path)

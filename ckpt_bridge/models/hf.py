@@ -21,6 +21,9 @@ from torch import nn
 
 from ..errors import BridgeError
 from ..quiet import quieted
+from ..jsonfiles import cache_root, cached_json, transformers_version
+from .config_fit import read_fitting_config
+from ..formats.hf import HFReader
 
 
 def quiet_transformers():
@@ -156,8 +159,6 @@ def with_legacy_fields(cfg: dict) -> dict:
     import hashlib
     import json
 
-    from ..jsonfiles import cache_root, cached_json, transformers_version
-
     key = json.dumps(cfg, sort_keys=True).encode() + (transformers_version() or "unknown").encode()
     return cached_json(cache_root() / "legacy-config" / f"{hashlib.sha256(key).hexdigest()[:32]}.json",
                        lambda: _with_legacy_fields(cfg), lambda v: isinstance(v, dict))
@@ -241,9 +242,6 @@ def _warn_foreign(path: Path, raw: dict) -> None:
 def load_pretrained(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     """``from_pretrained`` of the class the config names, in eval mode; refuses a load that left weights random."""
     from transformers.utils import logging as hf_logging
-
-    from .config_fit import read_fitting_config
-    from ..formats.hf import HFReader
 
     read_fitting_config(Path(hf_dir), HFReader(hf_dir).tensors())  # the config fits the weights: before any build
 

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BridgeError, OutputError
+from ..writers.atomic import AtomicDir, partial_path
 
 log = logging.getLogger("ckpt_bridge")
 
@@ -165,7 +166,6 @@ def team_output(out: str | Path, team: Team, *, overwrite: bool, protect: tuple[
     before anyone writes, then shares the dir; the others receive it.  If rank
     0 fails, its local workers are stopped and the dir is removed.
     """
-    from ..writers.atomic import AtomicDir
 
     if not team.leader:
         tmp = team.share(None)
@@ -196,7 +196,6 @@ def usable_cpus() -> int:
 def _worker(spec: str, out: str | Path) -> Team:
     """The hidden ``--worker RANK/SIZE`` of a process started by :meth:`Team._start_workers`: it writes into
     its parent's temporary dir for ``out`` only, and refuses to run if there is none."""
-    from ..writers.atomic import partial_path
 
     try:
         rank, size = (int(x) for x in spec.split("/"))

@@ -41,6 +41,8 @@ from ..errors import KeyPlanError, few
 from ..formats.base import TensorInfo
 from ..models.hf import tie_groups
 from .core import Plan, Transform, rename
+from ..jsonfiles import cache_root, cached_json, transformers_version
+from .conversions import Conversions
 
 # (kind, text): "prefix" strips text at the start of a key, "component" removes a
 # dotted path component wherever it appears.
@@ -106,8 +108,6 @@ def _cache_file(config_dir: Path, overrides: dict | None = None) -> Path | None:
     """Where the expectation for this exact config.json (+ overrides) and transformers version is cached."""
     import hashlib
 
-    from ..jsonfiles import cache_root, transformers_version
-
     version = transformers_version()
     try:
         raw = (Path(config_dir) / "config.json").read_bytes()
@@ -131,7 +131,6 @@ def expected_model(config_dir: Path, overrides: dict | None = None) -> ModelExpe
     and shapes only), keyed by the config's bytes: a warm export of a model
     whose conversions are all renames never imports transformers.
     """
-    from ..jsonfiles import cached_json
 
     built: list[ModelExpectation] = []
 
@@ -228,7 +227,6 @@ _SAVE_CONVERSIONS: dict[tuple[str, str], Any] = {}  # built once per process: co
 
 def save_conversions(config_dir: Path, overrides: dict | None = None, model=None):
     """transformers' save-time conversions for this config (built once per process, on first use)."""
-    from .conversions import Conversions
 
     # keyed like the expectation cache (the config's bytes), so a watch process never reuses another model's rules
     key = (str(_cache_file(config_dir, overrides) or Path(config_dir).absolute()), json.dumps(overrides or {}))

@@ -53,6 +53,7 @@ from ..errors import KeyPlanError
 from ..formats.base import TensorInfo
 from ..formats.megatron import MegatronReader, parse_slice
 from .core import Plan, Transform, compose, derive, rename
+from .hf_target import expected_model, plan_hf_export, value_head
 
 _TOP = {"embedding.word_embeddings.weight": "model.embed_tokens.weight",
         "output_layer.weight": "lm_head.weight",
@@ -205,7 +206,6 @@ def megatron_to_hf_names(infos: dict[str, TensorInfo], hf: dict, where: str) -> 
 def check_bridge_weights(infos: dict[str, TensorInfo], cfg_dir: Path, where: str) -> None:
     """Bridge-written weights hold every tensor ``save_pretrained`` of the class writes, at its shape: a lost
     expert or layer (the bridges' known silent losses) is named, not exported as a smaller model."""
-    from .hf_target import expected_model, value_head
 
     exp = expected_model(cfg_dir, value_head(infos, cfg_dir))
     want = exp.disk_shapes
@@ -223,7 +223,6 @@ def check_bridge_weights(infos: dict[str, TensorInfo], cfg_dir: Path, where: str
 
 def plan_megatron_export(reader: MegatronReader, cfg_dir: Path, *, where: str) -> Plan:
     """The checked plan: Megatron dist_ckpt (or bridge-written HF weights) -> what ``save_pretrained`` writes."""
-    from .hf_target import plan_hf_export
 
     cfg_file = Path(cfg_dir) / "config.json"
     hf: dict[str, Any] = json.loads(cfg_file.read_text())
