@@ -37,23 +37,18 @@ SideFile = Callable[[Path], list[str]]  # writes into the temporary output dir, 
 
 class Source:
     """The reader seen by a sink: its share of the plan as row pieces (a pushing sink) or as whole tensors asked
-    for one key at a time (a pulling sink such as DCP's writer).  Counts what passes and moves the progress bar."""
+    for one key at a time (a pulling sink such as DCP's writer).  Moves the progress bar."""
 
-    def __init__(self, reader: Reader, out_dt: DtypeOf, bar: Progress, tally: "Tally"):
-        self.reader, self.out_dt, self.bar, self.tally = reader, out_dt, bar, tally
+    def __init__(self, reader: Reader, out_dt: DtypeOf, bar: Progress):
+        self.reader, self.out_dt, self.bar = reader, out_dt, bar
 
     def pieces(self, transforms: list[Transform], *, whole: bool = False) -> Iterator[Piece]:
         """Outputs in plan order, a large renamed tensor in row pieces through reused buffers (``whole``: every
         tensor whole, read one transform ahead)."""
-        sizes = {o.key: nbytes(o.shape, self.out_dt(o) or o.dtype) for t in transforms for o in t.outputs}
-        numel = {o.key: o.numel for t in transforms for o in t.outputs}
         stream = (Piece(k, v, 0, t) for t, outs in execute(transforms, self.reader.read, self.out_dt)
                   for k, v in outs.items()) if whole else stream_pieces(transforms, self.reader, self.out_dt)
         for p in stream:
-            n = p.tensor.numel() * p.tensor.element_size()
-            if p.offset + n == sizes[p.key]:  # the tensor's last piece
-                self.tally.add(p.key, numel[p.key])
-            self.bar.update(n, p.key)
+            self.bar.update(p.tensor.numel() * p.tensor.element_size(), p.key)
             yield p
 
     def tensors(self, transforms: list[Transform]) -> "Held":
@@ -75,7 +70,6 @@ class Held:
         # is free again when k+1 is read.
         self.arenas = Recycled(2)
         self.source = source
-        self.numel = {o.key: o.numel for t in transforms for o in t.outputs}
         self.stream = execute(transforms, source.reader.read, source.out_dt, ahead=False, buffer=self.arenas.take)
         self.pending: dict[str, torch.Tensor] = {}
 
@@ -90,7 +84,6 @@ class Held:
                 raise KeyError(f"{key}: no transform of this share produces it") from None
             self.pending.update(outs)
         t = self.pending.pop(key)
-        self.source.tally.add(key, self.numel[key])
         self.source.bar.update(t.numel() * t.element_size(), key)
         return t
 
@@ -126,23 +119,9 @@ class Sink(Protocol):
 
 
 @dataclass
-class Tally:
-    """What passed through the pipeline in this process."""
-
-    tensors: int = 0
-    parameters: int = 0
-    by_sink: dict[str, int] = field(default_factory=dict)
-
-    def add(self, key: str, numel: int) -> None:
-        self.tensors += 1
-        self.parameters += numel
-
-
-@dataclass
 class RunResult:
     leader: bool
     files: list[str] = field(default_factory=list)
-    tally: Tally = field(default_factory=Tally)
     bytes_written: int = 0
     tmp: Path | None = None
 
@@ -196,7 +175,7 @@ def run(reader: Reader, plan: Plan, sinks: list[Sink], side_files: list[SideFile
         error = None
         try:
             for s, ts in zip(sinks, mine):  # every sink, with an empty share too: it learns what it does not write
-                s.write(tmp, team.rank, ts, Source(reader, s.out_dt, bar, result.tally))
+                s.write(tmp, team.rank, ts, Source(reader, s.out_dt, bar))
             if not team.leader:  # its own files flushed: rank 0 may be on another node
                 for s in sinks:
                     s.flush_share(tmp, team.rank)
@@ -207,9 +186,6 @@ def run(reader: Reader, plan: Plan, sinks: list[Sink], side_files: list[SideFile
         team.finish(error)
         if not team.leader:
             return result
-        if team.size > 1:  # count every process's share, not only ours
-            done = [o for ts in per_sink for t in ts for o in t.outputs]
-            result.tally.tensors, result.tally.parameters = len(done), sum(o.numel for o in done)
         for s in sinks:
             result.files += s.finish(tmp, team.size)
         result.bytes_written = sum(nbytes(i.shape, i.dtype) for s in sinks for i in s.planned())
