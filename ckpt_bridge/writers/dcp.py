@@ -1,41 +1,127 @@
 """The DCP sink: a ``torch.distributed.checkpoint`` folder written by DCP's own ``FileSystemWriter``.
 
 We hand DCP a state dict of *meta* tensors (shape and dtype only) and a planner whose ``resolve_data`` takes
-each tensor from the pipeline at the moment DCP writes it (:class:`~ckpt_bridge.pipeline.run.Held`), so one
-transform's tensors are in memory at a time and the files are what ``dcp.save`` writes (DCP's metadata,
-``planner_data`` nesting and storage layout: nothing re-implemented).  Several processes each save their share
-into a part folder of their own; the coordinator merges them into one folder (:mod:`.dcp_parts`).
+each item's data from the pipeline's piece stream at the moment DCP writes it (:class:`RowFeed`).  A tensor
+larger than a piece is planned as several write items, one per row block, so DCP records it as several chunks
+with their offsets (``ChunkStorageMetadata``, as a sharded save does; every DCP loader, the trainer's
+``CheckpointManager`` included, reassembles them) and each block is read straight from the source into a
+reused buffer: memory is a few pieces, whatever the largest tensor.  The files are what ``dcp.save`` writes
+(DCP's metadata, ``planner_data`` nesting and storage layout: nothing re-implemented).  Several processes each
+save their share into a part folder of their own; the coordinator merges them into one folder
+(:mod:`.dcp_parts`).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 from ..dtypes import nbytes
 from ..errors import writing
 from ..formats.base import TensorInfo
+from ..pipeline.pieces import Piece, rows_per_piece
 from .atomic import flush_tree
 from .dcp_parts import merge_parts, part_dir
 
 
-def streaming_planner(fetch):
-    """DCP's DefaultSavePlanner, except that tensor data is ``fetch(key)``-ed when the writer asks for it.
+def row_blocks(info: TensorInfo, piece_bytes: int | None = None) -> list[tuple[int, int]] | None:
+    """The row ranges a tensor is stored in, one DCP chunk each (the pipeline's row pieces,
+    :func:`~ckpt_bridge.pipeline.pieces.rows_per_piece`); None: one whole item (no larger than a piece, or not
+    in rows).  Depends on the shape and dtype only, so the files are the same whatever the source's format."""
+    step = rows_per_piece(tuple(info.shape), info.dtype, piece_bytes)
+    n = info.shape[0] if len(info.shape) else 0
+    if step is None or n <= step:
+        return None
+    return [(a, min(a + step, n)) for a in range(0, n, step)]
 
-    Built in a function so importing this module does not import torch.distributed.checkpoint.
+
+def chunked_planner(blocks: dict[str, list[tuple[int, int]]], fetch):
+    """DCP's DefaultSavePlanner, except that a tensor in ``blocks`` (stored key -> row ranges) is planned as one
+    write item per row range, and tensor data is ``fetch(key, start, stop)``-ed when the writer asks for it
+    (``start, stop``: the item's rows; None, None for a whole item).
+
+    DCP's own rules do the rest: its global plan turns the items into the ``TensorStorageMetadata`` chunks (and
+    validates that they tile the tensor), and every loader reads a chunked tensor back through the chunks'
+    offsets, as it reads a sharded save.  Built in a function so importing this module does not import
+    torch.distributed.checkpoint.
     """
+    import dataclasses
+
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex
     from torch.distributed.checkpoint.planner import WriteItemType
 
-    class StreamingSavePlanner(DefaultSavePlanner):
+    def split(item):
+        """DCP's one item for a whole tensor -> one SHARD item per row block (DCP's global plan allows several
+        items for one key only when they are SHARDs)."""
+        if item.type != WriteItemType.TENSOR or item.index.fqn not in blocks:
+            return [item]
+        size = item.tensor_data.size
+        out = []
+        for a, b in blocks[item.index.fqn]:
+            offsets, sizes = torch.Size([a] + [0] * (len(size) - 1)), torch.Size([b - a, *size[1:]])
+            out.append(dataclasses.replace(
+                item, index=MetadataIndex(item.index.fqn, offsets), type=WriteItemType.SHARD,
+                tensor_data=dataclasses.replace(item.tensor_data, chunk=ChunkStorageMetadata(offsets, sizes))))
+        return out
+
+    class ChunkedSavePlanner(DefaultSavePlanner):
+        def create_local_plan(self):
+            plan = super().create_local_plan()
+            self.plan = dataclasses.replace(plan, items=[c for item in plan.items for c in split(item)])
+            return self.plan
+
         def resolve_data(self, write_item):
             if write_item.type == WriteItemType.TENSOR:
-                return fetch(write_item.index.fqn)
+                return fetch(write_item.index.fqn, None, None)
+            if write_item.type == WriteItemType.SHARD:
+                a = write_item.tensor_data.chunk.offsets[0]
+                return fetch(write_item.index.fqn, a, a + write_item.tensor_data.chunk.sizes[0])
             return super().resolve_data(write_item)
 
-    return StreamingSavePlanner(dedup_save_to_lowest_rank=False)
+    return ChunkedSavePlanner(dedup_save_to_lowest_rank=False)
+
+
+class RowFeed:
+    """What DCP's writer asks for, in its order, from the pipeline's piece stream (the same order: the plan's).
+
+    A row block the stream made as a piece (read straight from the source into a reused buffer) is handed out
+    as it is; a tensor the stream made whole (a fuse or split, a reader without ``read_rows``) is handed out
+    block by block from the one whole tensor, kept until its last block is asked for.  Anything else is a bug
+    in the planning, refused rather than written wrong.
+    """
+
+    def __init__(self, pieces: Iterator[Piece], shapes: dict[str, tuple[int, ...]]):
+        self.pieces, self.shapes = pieces, shapes
+        self.whole: tuple[str, torch.Tensor] | None = None
+
+    def take(self, key: str, start: int | None, stop: int | None) -> torch.Tensor:
+        shape = self.shapes[key]
+        if self.whole is not None and self.whole[0] == key:
+            t = self.whole[1]
+        else:
+            self.whole = None
+            p = next(self.pieces, None)
+            if p is None or p.key != key:
+                raise RuntimeError(f"{key}: DCP's writer asked for it, the stream made {p and p.key!r}")
+            t = p.tensor
+            if tuple(t.shape) != tuple(shape):  # a piece: exactly the rows asked for
+                row = t.element_size() * math.prod(shape[1:])
+                if start is None or p.offset != start * row or t.shape[0] != stop - start:
+                    raise RuntimeError(f"{key}: DCP's writer asked for rows {start}:{stop}, the stream made "
+                                       f"{t.shape[0]} rows at byte {p.offset}")
+                return t
+            if start is not None and stop < shape[0]:
+                self.whole = (key, t)
+        if start is None or (start, stop) == (0, shape[0]):
+            return t.contiguous()
+        if stop == shape[0]:
+            self.whole = None
+        return t[start:stop].contiguous()  # DCP's writer copies a block whose storage is the whole tensor's
 
 
 class DCPSink:
@@ -50,6 +136,8 @@ class DCPSink:
         self.out_dir = Path()
         # the flattened key DCP stores and hands back to resolve_data ("model.<fqn>" when nested)
         self.stored = {k: (f"model.{fqn_of[k]}" if nested else k) for k in targets}
+        # each tensor larger than a piece is written as row chunks, fed from row pieces (memory: a few pieces)
+        self.blocks = {self.stored[k]: b for k, i in targets.items() if (b := row_blocks(i)) is not None}
 
     def claims(self, transform) -> bool:
         return bool(transform.outputs) and transform.outputs[0].key in self.targets
@@ -67,7 +155,7 @@ class DCPSink:
         import torch.distributed.checkpoint as dcp
 
         mine = [o.key for t in transforms for o in t.outputs]
-        held = source.tensors(transforms)
+        feed = RowFeed(source.pieces(transforms), {k: tuple(self.targets[k].shape) for k in mine})
         key_of = {self.stored[k]: k for k in mine}
         order = {k: i for i, k in enumerate(self.targets)}
         meta = {(self.fqn_of[k] if self.nested else k): torch.empty(self.targets[k].shape,
@@ -81,7 +169,7 @@ class DCPSink:
             part_dir(tmp, rank).mkdir()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
-                # One .distcp file per tensor: DCP's writer keeps a reference to every tensor it has written to a
+                # One .distcp file per item: DCP's writer keeps a reference to every tensor it has written to a
                 # file until that file is closed (torch 2.13 filesystem.py, tensor_dict), so a single file would
                 # hold the whole model in memory by the end.
                 # sync_files=False: no fsync per file; AtomicDir flushes the whole output once before the rename
@@ -89,7 +177,10 @@ class DCPSink:
                 dcp.save(state, storage_writer=dcp.FileSystemWriter(str(part_dir(tmp, rank)),
                                                                     single_file_per_rank=False, thread_count=1,
                                                                     sync_files=False),
-                         planner=streaming_planner(lambda fqn: held.take(key_of[fqn]).contiguous()), no_dist=True)
+                         planner=chunked_planner(self.blocks, lambda fqn, a, b: feed.take(key_of[fqn], a, b)),
+                         no_dist=True)
+            if next(feed.pieces, None) is not None:
+                raise RuntimeError("the piece stream made more than DCP's writer asked for")
 
     def flush_share(self, tmp: Path, rank: int) -> None:
         flush_tree(part_dir(tmp, rank))

@@ -4,8 +4,8 @@ Each process saves its share of the tensors with DCP's own writer, in a
 single-process save of its own, into ``.part-RANK`` inside the temporary
 output dir.  The coordinator then moves every ``.distcp`` file to the name a
 one-process save gives it (``__0_<position of its first item>.distcp``;
-DCP's FileSystemWriter writes one file per tensor here, in state-dict
-order) and writes one ``.metadata`` for all of them.
+DCP's FileSystemWriter writes one file per item here, in state-dict
+order, a tensor larger than a piece as several row chunks) and writes one ``.metadata`` for all of them.
 
 That ``.metadata`` is built afresh, the same way whatever the number of
 processes: entries in state-dict order, one object per distinct string,
@@ -39,14 +39,14 @@ def part_dir(tmp: Path, rank: int) -> Path:
 
 def merge_parts(tmp: Path, ranks: int, order: list[str]) -> None:
     """Move the parts' files into ``tmp`` under their one-process names; write the one ``.metadata``."""
-    position = {k: i for i, k in enumerate(order)}
     parts = [safeload.load_dcp_metadata(part_dir(tmp, r) / ".metadata") for r in range(ranks)]
+    position = item_positions(order, [idx for md in parts for idx in md.storage_data])
     storage: dict[Any, Any] = {}
     renamed: dict[tuple[int, str], str] = {}
     for r, md in enumerate(parts):
         first: dict[str, int] = {}  # file -> position of its first item
         for idx, info in md.storage_data.items():
-            first[info.relative_path] = min(first.get(info.relative_path, len(order)), position[idx.fqn])
+            first[info.relative_path] = min(first.get(info.relative_path, len(position)), position[idx])
         for name, pos in first.items():
             renamed[(r, name)] = f"__0_{pos}.distcp"
             os.rename(part_dir(tmp, r) / name, tmp / renamed[(r, name)])
@@ -61,6 +61,14 @@ def merge_parts(tmp: Path, ranks: int, order: list[str]) -> None:
         pickle.dump(meta, f)
     for r in range(ranks):
         shutil.rmtree(part_dir(tmp, r))
+
+
+def item_positions(order: list[str], items: list) -> dict[Any, int]:
+    """Each stored item's place in a one-process save: by key in state-dict order, a chunked tensor's chunks
+    by their offsets."""
+    position = {k: i for i, k in enumerate(order)}
+    ranked = sorted(items, key=lambda idx: (position[idx.fqn], tuple(idx.offset or ())))
+    return {idx: i for i, idx in enumerate(ranked)}
 
 
 def canonical_metadata(order: list[str], sdm: dict, planner: dict, storage: dict, renamed: dict,
