@@ -23,6 +23,7 @@ import torch
 from ..dtypes import nbytes
 from ..errors import writing
 from ..formats.base import TensorInfo
+from ..pipeline import pieces
 from ..pipeline.pieces import Piece, rows_per_piece
 from .atomic import flush_tree
 from .dcp_parts import merge_parts, part_dir
@@ -124,6 +125,61 @@ class RowFeed:
         return t[start:stop].contiguous()  # DCP's writer copies a block whose storage is the whole tensor's
 
 
+FILE_BYTES = 256 << 20  # items share a .distcp file up to this size
+
+
+def file_groups(items: list[tuple[tuple, int, bool]], file_bytes: int | None = None) -> dict[tuple, int]:
+    """Each stored item's output file, for the whole export (every process computes the same): consecutive
+    items in request order share a file up to ``file_bytes``.
+
+    ``items``: (item id, bytes, alone) in request order.  DCP's writer keeps every tensor it wrote to a file
+    referenced until the file closes (torch 2.13 filesystem.py ``_write_files_from_queue``: ``tensor_dict``):
+    a row piece costs nothing there (its buffer is reused anyway), a tensor the pipeline made whole does, so
+    an ``alone`` item (a whole tensor larger than a piece) gets a file of its own, and the rest held per file
+    is at most ``file_bytes``.
+    """
+    file_bytes = file_bytes or FILE_BYTES
+    out: dict[tuple, int] = {}
+    f, used = -1, file_bytes
+    for item, n, alone in items:
+        if alone or used + n > file_bytes:
+            f, used = f + 1, 0
+        out[item] = f
+        used = file_bytes if alone else used + n
+    return out
+
+
+def grouped_writer(path: Path, file_of: dict[tuple, int]):
+    """DCP's FileSystemWriter, except that consecutive items of one planned file (``file_of``: (stored key,
+    offsets) -> file) are written into one ``.distcp`` file, in plan order.  torch 2.13's ``write_data`` offers
+    one file per item or one file per thread (items sorted by size); the files themselves are still written
+    by its own ``_write_data`` (one thread, items resolved one at a time)."""
+    import queue
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
+
+    class GroupedFileSystemWriter(dcp.FileSystemWriter):
+        def write_data(self, plan, planner):
+            files: queue.Queue = queue.Queue()
+            group: list = []
+            for item in [*plan.items, None]:
+                if group and (item is None or key(item) != key(group[0])):
+                    name = f"{plan.storage_data.prefix}{files.qsize()}{DEFAULT_SUFFIX}"
+                    files.put((self.fs.concat_path(self.path, name), name, group))
+                    group = []
+                if item is not None:
+                    group.append(item)
+            return self._write_data(planner, files)
+
+    def key(item) -> int:
+        return file_of.get((item.index.fqn, tuple(item.index.offset or ())), -1)
+
+    # sync_files=False: no fsync per file; AtomicDir flushes the whole output once before the rename
+    # (per-file fsync stalled the stream on the disk 147 times: 20 s -> 11 s, 1.24B).
+    return GroupedFileSystemWriter(str(path), single_file_per_rank=False, thread_count=1, sync_files=False)
+
+
 class DCPSink:
     """The trainer's DCP keys, as DCP stores them (``targets``: flattened key -> shape and dtype as written, in
     state-dict order).  ``nested`` is the state dict's shape: ``{"model": {fqn: tensor}}`` (``fqn_of`` maps a
@@ -138,6 +194,17 @@ class DCPSink:
         self.stored = {k: (f"model.{fqn_of[k]}" if nested else k) for k in targets}
         # each tensor larger than a piece is written as row chunks, fed from row pieces (memory: a few pieces)
         self.blocks = {self.stored[k]: b for k, i in targets.items() if (b := row_blocks(i)) is not None}
+        items = []
+        for k, i in targets.items():
+            rest, row = (0,) * max(0, len(i.shape) - 1), nbytes(i.shape[1:], i.dtype) if len(i.shape) else 0
+            blocks = self.blocks.get(self.stored[k])
+            if blocks is None:
+                size = nbytes(i.shape, i.dtype)
+                items.append(((self.stored[k], (0, *rest) if len(i.shape) else ()), size,
+                              size > pieces.PIECE_BYTES))
+            else:
+                items += [((self.stored[k], (a, *rest)), (b - a) * row, False) for a, b in blocks]
+        self.files = file_groups(items)
 
     def claims(self, transform) -> bool:
         return bool(transform.outputs) and transform.outputs[0].key in self.targets
@@ -146,7 +213,10 @@ class DCPSink:
         return list(self.targets.values())
 
     def file_of(self, key: str) -> int:
-        return 0  # DCP writes one file per tensor: any cut is a file boundary
+        """The file of the key's first item (a file split over two processes is put back together by
+        :func:`~.dcp_parts.merge_parts`; a share is cut at file boundaries when there are enough files)."""
+        i = self.targets[key]
+        return self.files[(self.stored[key], (0,) * len(i.shape))]
 
     def create_files(self) -> None:
         pass  # each process creates its own part folder
@@ -169,14 +239,7 @@ class DCPSink:
             part_dir(tmp, rank).mkdir()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
-                # One .distcp file per item: DCP's writer keeps a reference to every tensor it has written to a
-                # file until that file is closed (torch 2.13 filesystem.py, tensor_dict), so a single file would
-                # hold the whole model in memory by the end.
-                # sync_files=False: no fsync per file; AtomicDir flushes the whole output once before the rename
-                # (per-file fsync stalled the stream on the disk 147 times: 20 s -> 11 s, 1.24B).
-                dcp.save(state, storage_writer=dcp.FileSystemWriter(str(part_dir(tmp, rank)),
-                                                                    single_file_per_rank=False, thread_count=1,
-                                                                    sync_files=False),
+                dcp.save(state, storage_writer=grouped_writer(part_dir(tmp, rank), self.files),
                          planner=chunked_planner(self.blocks, lambda fqn, a, b: feed.take(key_of[fqn], a, b)),
                          no_dist=True)
             if next(feed.pieces, None) is not None:
@@ -188,5 +251,6 @@ class DCPSink:
     def finish(self, tmp: Path, team_size: int) -> list[str]:
         """One folder of every process's part, named as a one-process save names it (:mod:`.dcp_parts`)."""
         with writing(tmp, 0):
-            merge_parts(tmp, team_size, [self.stored[k] for k in self.targets])
+            merge_parts(tmp, team_size, [self.stored[k] for k in self.targets],
+                        lambda idx: self.files[(idx.fqn, tuple(idx.offset or ()))])
         return sorted(p.name for p in tmp.iterdir() if p.suffix == ".distcp" or p.name == ".metadata")
