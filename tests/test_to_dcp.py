@@ -412,10 +412,12 @@ def test_one_tensor_in_memory_at_a_time(tiny_hf_factory, tmp_path, monkeypatch, 
     if direction == "dcp_to_hf":
         to_dcp(hf, tmp_path / "dcp", progress=False)
     live = count_live_reads(monkeypatch, HFReader if direction == "to_dcp" else DCPReader, collect=True)
+    # every tensor read whole: this checks whole-tensor reads (pieces have tests/test_pieces.py and, into DCP's
+    # writer, tests/test_dcp_chunks.py)
+    monkeypatch.setattr(pieces, "PIECE_BYTES", 1)
     if direction == "to_dcp":
         to_dcp(hf, tmp_path / "out", progress=False)
-    else:  # every tensor read whole: this checks whole-tensor reads (pieces have tests/test_pieces.py)
-        monkeypatch.setattr(pieces, "PIECE_BYTES", 1)
+    else:
         to_hf(tmp_path / "dcp", tmp_path / "out", config=hf, progress=False)
     assert live.reads >= 25
     assert live.peak <= 2  # the tensor being written and, for to-hf, the one read ahead

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ckpt_bridge import safeload
 from ckpt_bridge.testing.harness import run_torchrun
 from ckpt_bridge.pipeline.team import balanced_ranges as split
 
@@ -22,8 +23,20 @@ CLI = [sys.executable, "-c", "import sys, ckpt_bridge.pipeline.team as t; t.usab
 TIMESTAMPED = {"ckpt_bridge_manifest.json": ("created",)}
 
 
-def cli(*args: object) -> subprocess.CompletedProcess:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300)
+def cli(*args: object, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=300, env=env)
+
+
+def tiny_pieces(tmp_path: Path, piece_bytes: int = 4096, file_bytes: int = 1 << 30) -> dict:
+    """An environment whose every process (the CLI and the workers it starts) moves tensors in pieces of
+    ``piece_bytes`` and groups DCP items into files of ``file_bytes`` (a sitecustomize sets them)."""
+    import os
+
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(f"import ckpt_bridge.pipeline.pieces as p; p.PIECE_BYTES = {piece_bytes}\n"
+                                           f"import ckpt_bridge.writers.dcp as d; d.FILE_BYTES = {file_bytes}\n")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
 
 
 def snapshot(d: Path) -> dict[str, bytes]:
@@ -115,10 +128,11 @@ def test_a_failing_worker_fails_the_export_and_leaves_nothing(llama_dcp_with_aux
 
     reader = DCPReader(dcp)
     key = reader.model_fqns().get(last, last)
-    files = {v.relative_path for k, v in reader.metadata.storage_data.items() if k.fqn == key}
-    for name in files:  # garbage over the whole archive of that tensor
-        p = dcp / name
-        p.write_bytes(b"\x00garbage" * (p.stat().st_size // 8 + 1))
+    spans = [(v.relative_path, v.offset, v.length) for k, v in reader.metadata.storage_data.items() if k.fqn == key]
+    for name, offset, length in spans:  # garbage over the whole archive of that tensor (files hold several)
+        with open(dcp / name, "r+b") as f:
+            f.seek(offset)
+            f.write((b"\x00garbage" * (length // 8 + 1))[:length])
     out = tmp_path / "out"
     r = cli("to-hf", dcp, "--out", out, "--quiet", "--workers", "2")
     assert r.returncode == 2
@@ -139,10 +153,16 @@ def test_bad_worker_options_are_one_line_errors(tiny_hf_dir, tmp_path):
 
 
 def test_to_dcp_workers_write_the_same_bytes_and_the_trainer_loads_it(tiny_hf_dir, tmp_path):
+    """With 4 KB pieces, so the larger tensors are written as several DCP chunks each, and all items in one
+    .distcp file, so every process writes a fragment of it and the coordinator puts it back together (issue 20)."""
+    env = tiny_pieces(tmp_path)
     for n in (1, 2, 3):
         r = cli("to-dcp", tiny_hf_dir, "--out", tmp_path / f"w{n}", "--aux", "future_predictor", "--quiet",
-                "--workers", n)
+                "--workers", n, env=env)
         assert r.returncode == 0, r.stderr
+    md = safeload.load_dcp_metadata(tmp_path / "w1" / ".metadata")
+    assert max(len(getattr(m, "chunks", ())) for m in md.state_dict_metadata.values()) > 4
+    assert len(list((tmp_path / "w1").glob("*.distcp"))) == 1
     assert_same_tree(tmp_path / "w1", tmp_path / "w2")
     assert_same_tree(tmp_path / "w1", tmp_path / "w3")
     # DCP's own loader reads it exactly (verify loads through dcp.load and compares with the HF source)

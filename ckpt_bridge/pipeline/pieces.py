@@ -20,6 +20,7 @@ buffers are in use, so four are kept.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -32,6 +33,16 @@ from .stream import run_ahead
 
 PIECE_BYTES = 32 << 20
 SLOTS = 4
+
+
+def rows_per_piece(shape: tuple[int, ...], dtype: torch.dtype, piece_bytes: int | None = None) -> int | None:
+    """How many rows of a tensor go in one piece; None when it cannot move in rows (no rows, or one row is
+    larger than a piece).  The one rule of the row blocks: the DCP sink records the same blocks as its chunks."""
+    if len(shape) == 0 or shape[0] == 0:
+        return None
+    row = math.prod(shape[1:]) * dtype.itemsize
+    piece_bytes = piece_bytes or PIECE_BYTES
+    return piece_bytes // row if 0 < row <= piece_bytes else None
 
 
 @dataclass
@@ -53,11 +64,9 @@ def stream_pieces(transforms: list[Transform], reader, out_dt: Callable[[TensorI
     piece_bytes = piece_bytes or PIECE_BYTES
 
     def piecewise(t: Transform) -> bool:
+        # small tensors too: one piece, in a buffer that is already there
         o = t.outputs[0]
-        if rows is None or t.fn is not None or len(o.shape) == 0 or o.shape[0] == 0:
-            return False
-        row = o.numel // o.shape[0] * out_dt(o).itemsize
-        return 0 < row <= piece_bytes  # small tensors too: one piece, in a buffer that is already there
+        return rows is not None and t.fn is None and rows_per_piece(o.shape, out_dt(o), piece_bytes) is not None
 
     def produce() -> Iterator[Piece]:
         slots: Recycled | None = None
@@ -87,7 +96,7 @@ def _in_rows(t: Transform, reader, out_dt, slots: Recycled, piece_bytes: int) ->
     o = t.outputs[0]
     dt = out_dt(o)
     row_bytes = o.numel // o.shape[0] * dt.itemsize
-    step = max(1, piece_bytes // row_bytes)
+    step = rows_per_piece(o.shape, dt, piece_bytes)
     for a in range(0, o.shape[0], step):
         b = min(a + step, o.shape[0])
         buf = slots.take((b - a, *o.shape[1:]), dt)

@@ -1,6 +1,22 @@
 """The to-dcp manifest's contents that come from the source: the hashed source files, the HF files kept in the
 DCP folder, the library versions.  (Reading and writing the manifest file itself is
 :mod:`ckpt_bridge.formats.dcp_files`; what counts as a side file is :func:`ckpt_bridge.writers.side_files.side_files`.)
+
+Why every source file is hashed whole with sha256, in a second pass (issue 20 weighed the alternatives):
+
+- ``source.files`` is a record for people and tools, not an input: verify-dcp and to-hf read the aux modules'
+  own ``sha256`` and the configs, never these digests.  Its one job is to say which bytes were converted,
+  so it must name the contents, and sha256 is what the Hugging Face Hub lists for every LFS file: a user
+  can check the record against the revision they downloaded.
+- size + mtime names a state of one filesystem, not contents (a copy or a re-download changes it, a rewrite
+  that keeps it goes unseen); a hash "of the bytes already read" is not a hash of the file either (the
+  pipeline reads tensors in the plan's order, rows cast on the way, never the header or dropped keys), and
+  hashing in the reader's pass saves only the second read, which the page cache serves, not the CPU.
+- a faster hash: on the 2-core bench machine (SHA-NI) hashlib's sha256 is the fastest it has (1.0 GB/s of
+  CPU; blake2b 0.84, sha1 0.97, md5 0.62); xxh3 would be faster but is neither a dependency nor a digest
+  the Hub lists.
+The pass runs in a thread beside the conversion (:func:`ckpt_bridge.commands.to_dcp.to_dcp`), so it costs CPU
+time, about 1 s per GB, and no wall time while the conversion waits on the disk.
 """
 
 from __future__ import annotations

@@ -4,8 +4,9 @@ Each process saves its share of the tensors with DCP's own writer, in a
 single-process save of its own, into ``.part-RANK`` inside the temporary
 output dir.  The coordinator then moves every ``.distcp`` file to the name a
 one-process save gives it (``__0_<position of its first item>.distcp``;
-DCP's FileSystemWriter writes one file per tensor here, in state-dict
-order) and writes one ``.metadata`` for all of them.
+the sink plans which consecutive items share a file for the whole export,
+so the files are the same whoever wrote them; a file two processes each
+wrote part of is put back together) and writes one ``.metadata`` for all of them.
 
 That ``.metadata`` is built afresh, the same way whatever the number of
 processes: entries in state-dict order, one object per distinct string,
@@ -24,7 +25,7 @@ import pickle
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -37,33 +38,59 @@ def part_dir(tmp: Path, rank: int) -> Path:
     return tmp / f"{PART_PREFIX}{rank}"
 
 
-def merge_parts(tmp: Path, ranks: int, order: list[str]) -> None:
-    """Move the parts' files into ``tmp`` under their one-process names; write the one ``.metadata``."""
-    position = {k: i for i, k in enumerate(order)}
+def merge_parts(tmp: Path, ranks: int, order: list[str], file_of: Callable[[Any], Any] | None = None) -> None:
+    """Move the parts' files into ``tmp`` under their one-process names; write the one ``.metadata``.
+
+    ``file_of(item index)``: the output file an item belongs to in a one-process save (None: each part file its
+    own).  A file two processes each wrote a fragment of (fewer files than processes) is put back together: the
+    later ranks' fragments appended, their items' offsets moved by the bytes before them (each item is a
+    self-contained ``torch.save`` blob, read back by offset and length).
+    """
     parts = [safeload.load_dcp_metadata(part_dir(tmp, r) / ".metadata") for r in range(ranks)]
+    position = item_positions(order, [idx for md in parts for idx in md.storage_data])
+    fragments: dict[Any, list[tuple[int, str]]] = {}  # output file -> (rank, part file), in rank order
+    first: dict[Any, int] = {}  # output file -> position of its first item
     storage: dict[Any, Any] = {}
-    renamed: dict[tuple[int, str], str] = {}
     for r, md in enumerate(parts):
-        first: dict[str, int] = {}  # file -> position of its first item
         for idx, info in md.storage_data.items():
-            first[info.relative_path] = min(first.get(info.relative_path, len(order)), position[idx.fqn])
-        for name, pos in first.items():
-            renamed[(r, name)] = f"__0_{pos}.distcp"
-            os.rename(part_dir(tmp, r) / name, tmp / renamed[(r, name)])
+            out = file_of(idx) if file_of is not None else (r, info.relative_path)
+            if (r, info.relative_path) not in fragments.setdefault(out, []):
+                fragments[out].append((r, info.relative_path))
+            first[out] = min(first.get(out, len(position)), position[idx])
         storage.update({idx: (r, info) for idx, info in md.storage_data.items()})
+    placed: dict[tuple[int, str], tuple[str, int]] = {}  # (rank, part file) -> (output file, its offset there)
+    for out, frags in fragments.items():
+        name = f"__0_{first[out]}.distcp"
+        (r0, f0), rest = frags[0], frags[1:]
+        os.rename(part_dir(tmp, r0) / f0, tmp / name)
+        placed[(r0, f0)] = (name, 0)
+        if rest:
+            with open(tmp / name, "ab") as dst:
+                for r, f in rest:
+                    placed[(r, f)] = (name, dst.tell())
+                    with open(part_dir(tmp, r) / f, "rb") as src:
+                        shutil.copyfileobj(src, dst, 16 << 20)
     sdm: dict[str, Any] = {}
     planner: dict[str, Any] = {}
     for md in parts:
         sdm.update(md.state_dict_metadata)
         planner.update(md.planner_data or {})
-    meta = canonical_metadata(order, sdm, planner, storage, renamed, parts[0].version)
+    meta = canonical_metadata(order, sdm, planner, storage, placed, parts[0].version)
     with open(tmp / ".metadata", "wb") as f:
         pickle.dump(meta, f)
     for r in range(ranks):
         shutil.rmtree(part_dir(tmp, r))
 
 
-def canonical_metadata(order: list[str], sdm: dict, planner: dict, storage: dict, renamed: dict,
+def item_positions(order: list[str], items: list) -> dict[Any, int]:
+    """Each stored item's place in a one-process save: by key in state-dict order, a chunked tensor's chunks
+    by their offsets."""
+    position = {k: i for i, k in enumerate(order)}
+    ranked = sorted(items, key=lambda idx: (position[idx.fqn], tuple(idx.offset or ())))
+    return {idx: i for i, idx in enumerate(ranked)}
+
+
+def canonical_metadata(order: list[str], sdm: dict, planner: dict, storage: dict, placed: dict,
                        version: str | None):
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata, Metadata,
@@ -100,8 +127,8 @@ def canonical_metadata(order: list[str], sdm: dict, planner: dict, storage: dict
         for idx, (r, info) in sorted(by_fqn.get(k, []), key=lambda e: tuple(e[0].offset or ())):
             key = MetadataIndex(s(k), None if idx.offset is None else size(idx.offset), idx.index)
             desc = list(info.transform_descriptors) if info.transform_descriptors else None
-            out_storage[key] = _StorageInfo(s(renamed[(r, info.relative_path)]), int(info.offset), int(info.length),
-                                            desc)
+            name, base = placed[(r, info.relative_path)]
+            out_storage[key] = _StorageInfo(s(name), base + int(info.offset), int(info.length), desc)
     digest = uuid.uuid5(uuid.NAMESPACE_URL, "ckpt-bridge:" + "\n".join(
         f"{k}:{list(getattr(sdm[k], 'size', []))}" for k in order))
     return Metadata(state_dict_metadata=out_sdm, planner_data=out_planner, storage_data=out_storage,
