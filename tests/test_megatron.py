@@ -493,6 +493,15 @@ def test_mla_config_that_disagrees_with_transformer_config_exit_2(megatron_ckpts
         (wrong / "config.json").write_text(json.dumps({**cfg, **edit}))
         assert_fails(capsys, ["to-hf", str(actor), "--out", str(tmp_path / f"o{i}"), "--config", str(wrong)],
                      says=says, sources=(actor,))
+    # and the other way round (to-hf stops earlier here: the MLA config's experts are not in a Llama save)
+    from ckpt_bridge.errors import KeyPlanError
+    from ckpt_bridge.plan.megatron import check_config
+
+    tc_file = megatron_ckpts["llama_tp2pp2"] / "global_step_1" / "actor" / "transformer_config.json"
+    with pytest.raises(KeyPlanError, match=r"an MLA model \(kv_lora_rank\), but the checkpoint's "
+                                           r"transformer_config.json says multi_latent_attention=False"):
+        check_config(json.loads((base / "config.json").read_text()), json.loads(tc_file.read_text()),
+                     base / "config.json", tc_file)
 
 
 def test_an_mla_key_not_in_the_table_is_named(megatron_ckpts):

@@ -132,11 +132,11 @@ def check_config(hf: dict, tc: dict | None, cfg_file: Path, tc_file: Path) -> No
     """The HF config and Megatron's transformer_config.json describe the same model, or one-line error."""
     if not tc:
         return
-    mla = bool(tc.get("multi_latent_attention")) or hf.get("kv_lora_rank") is not None
-    if mla and not (tc.get("multi_latent_attention") and hf.get("kv_lora_rank") is not None):
-        have = "an MLA model (kv_lora_rank)" if hf.get("kv_lora_rank") is not None else "not an MLA model"
+    mla, tc_mla = hf.get("kv_lora_rank") is not None, tc.get("multi_latent_attention")
+    if tc_mla is not None and bool(tc_mla) != mla:
+        have = "an MLA model (kv_lora_rank)" if mla else "not an MLA model"
         raise KeyPlanError(f"{cfg_file}: {have}, but the checkpoint's {tc_file.name} says multi_latent_attention="
-                           f"{bool(tc.get('multi_latent_attention'))}; pass --config the model this run trained")
+                           f"{bool(tc_mla)}; pass --config the model this run trained")
     checked = [c for c in _CHECKED if c[0] != "kv_channels"] + list(_MLA_CHECKED) if mla else _CHECKED
     for tf_field, hf_fields in checked:
         want = tc.get(tf_field)
