@@ -22,6 +22,12 @@ Two plans composed (:func:`ckpt_bridge.plan.core.compose`):
    ``mlp.experts.experts.linear_fc1.weight`` ``[E, 2F, H]`` ``mlp.experts.gate_up_proj`` (axis 0 = global id)
    ``mlp.experts.experts.linear_fc2.weight`` ``[E, H, F]``  ``mlp.experts.down_proj``
    ``mlp.shared_experts.linear_fc1/2.weight``, ``gate_weight``  ``mlp.shared_expert.*``, ``shared_expert_gate``
+   ``mlp.shared_experts.*`` (config has ``n_shared_experts``)  ``mlp.shared_experts.*`` (DeepSeek, no gate)
+   ``mlp.router.expert_bias``                               ``mlp.gate.e_score_correction_bias``
+   MLA (config has ``kv_lora_rank``): ``linear_q_down_proj``  ``q_a_proj``; ``linear_q_up_proj`` -> ``q_b_proj``;
+   ``linear_kv_down_proj`` / ``linear_kv_up_proj``          ``kv_a_proj_with_mqa`` / ``kv_b_proj``;
+   ``q_layernorm`` / ``kv_layernorm`` (or TE's fused        ``q_a_layernorm`` / ``kv_a_layernorm``
+   ``linear_{q,kv}_up_proj.layer_norm_weight``)
    =======================================================  =============================================
 
    The unfused spellings (``input_layernorm.weight``, ``pre_mlp_layernorm.weight``) map the same way.
