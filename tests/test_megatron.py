@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from ckpt_bridge.compare import bits_equal
+from ckpt_bridge.formats.base import TensorInfo
 from ckpt_bridge.commands.to_hf import to_hf
 
 from ckpt_bridge.testing.megatron_save import SESSION_CASES as MEGATRON_CASES
@@ -53,7 +54,8 @@ def test_export_is_bit_exact_and_loads(megatron_ckpts, tmp_path, case):
     s = to_hf(root / "global_step_1", out, dtype="keep", config=root / "base_model", progress=False)
     assert s.source_format == "verl-megatron"
     _assert_equals_reference(out, root)
-    if "moe" not in case and "mixtral" not in case:  # the writer orders per-expert splits by group, not by name
+    # file bytes too, but for MoE: the writer orders per-expert splits by group, save_pretrained by name
+    if not any(".experts." in k for k in _weights(root / "base_model")):
         for f in (root / "base_model").glob("*.safetensors"):
             assert (out / f.name).read_bytes() == f.read_bytes(), f.name
     cfg = json.loads((out / "config.json").read_text())
@@ -422,3 +424,105 @@ def test_each_layer_slice_is_read_once(megatron_ckpts, tmp_path, monkeypatch, ca
     assert ("decoder.layers.self_attention.linear_qkv.weight", 1) in n
     assert max(n.values()) == 1, [k for k, v in n.items() if v > 1]
     _assert_equals_reference(tmp_path / "hf", root)
+
+
+# ---------------------------------------------------------------- DeepSeek-V3 (multi-latent attention + MoE)
+
+MLA_CASE = "deepseek_v3_tp2ep2"
+
+
+def test_deepseek_v3_dry_run_prints_the_mla_rules(megatron_ckpts, tmp_path):
+    """The MLA save (per-index layer keys: moe_layer_freq makes layer 0 dense): each projection a rename to
+    DeepseekV3Attention's, the router's expert bias to e_score_correction_bias, the plural shared experts."""
+    root = megatron_ckpts[MLA_CASE]
+    s = to_hf(root / "global_step_1", tmp_path / "never", config=root / "base_model", dry_run=True, progress=False)
+    text = "\n".join(s.plan_lines)
+    for mcore, hf in (("self_attention.linear_q_down_proj.weight", "self_attn.q_a_proj.weight"),
+                      ("self_attention.q_layernorm.weight", "self_attn.q_a_layernorm.weight"),
+                      ("self_attention.linear_q_up_proj.weight", "self_attn.q_b_proj.weight"),
+                      ("self_attention.linear_kv_down_proj.weight", "self_attn.kv_a_proj_with_mqa.weight"),
+                      ("self_attention.kv_layernorm.weight", "self_attn.kv_a_layernorm.weight"),
+                      ("self_attention.linear_kv_up_proj.weight", "self_attn.kv_b_proj.weight"),
+                      ("mlp.router.expert_bias", "mlp.gate.e_score_correction_bias")):
+        assert f"decoder.layers.1.{mcore} -> model.layers.1.{hf}" in text, (mcore, text)
+    assert "model.layers.1.mlp.shared_experts.gate_proj.weight" in text
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in text and "model.layers.0.mlp.gate_proj.weight" in text
+    assert not (tmp_path / "never").exists()
+
+
+def test_mla_names_of_the_transformer_engine_spec_map_as_the_local_ones(megatron_ckpts):
+    """verl's real runs use TE's spec, where the q / kv norms are fused into the up-projections
+    (``linear_q_up_proj.layer_norm_weight``, as mbridge's DeepseekV3Bridge names them) and a dense layer's
+    post-attention norm into ``linear_fc1``: the same HF names as the local spec's separate norms."""
+    from ckpt_bridge.formats.megatron import MegatronReader
+    from ckpt_bridge.plan.megatron import megatron_to_hf_names
+
+    root = megatron_ckpts[MLA_CASE]
+    infos = MegatronReader(root / "global_step_1" / "actor").model_tensors()
+    hf = json.loads((root / "base_model" / "config.json").read_text())
+    te = {"self_attention.q_layernorm.weight": "self_attention.linear_q_up_proj.layer_norm_weight",
+          "self_attention.kv_layernorm.weight": "self_attention.linear_kv_up_proj.layer_norm_weight",
+          "0.pre_mlp_layernorm.weight": "0.mlp.linear_fc1.layer_norm_weight"}
+
+    def te_name(k: str) -> str:
+        return next((k.replace(a, b) for a, b in te.items() if k.endswith(a)), k)
+
+    renamed = {te_name(k): v for k, v in infos.items()}
+    assert len(renamed) == len(infos) and renamed.keys() != infos.keys()
+    want = megatron_to_hf_names(infos, hf, "ckpt").targets()
+    got = megatron_to_hf_names(renamed, hf, "ckpt").targets()
+    assert sorted(got) == sorted(want) and "model.layers.2.self_attn.kv_a_layernorm.weight" in got
+
+
+def test_mla_config_that_disagrees_with_transformer_config_exit_2(megatron_ckpts, tmp_path, capsys):
+    """MLA's widths (not kv_channels, which MLA does not use) and the dense layers are checked against
+    transformer_config.json; a non-MLA config for an MLA save is named as such."""
+    actor, base = _copy_actor(megatron_ckpts, tmp_path, case=MLA_CASE)
+    edits = [({"kv_lora_rank": 16}, "kv_lora_rank is 16 but the checkpoint's transformer_config.json says "
+                                    "kv_lora_rank=24"),
+             ({"qk_rope_head_dim": 4}, "qk_rope_head_dim is 4 but the checkpoint's transformer_config.json says "
+                                       "qk_pos_emb_head_dim=8"),
+             ({"first_k_dense_replace": 2}, "first_k_dense_replace=2 makes layers [0, 0, 1] MoE, but the "
+                                            "checkpoint's transformer_config.json says moe_layer_freq=[0, 1, 1]"),
+             ({"kv_lora_rank": None}, "not an MLA model, but the checkpoint's transformer_config.json says "
+                                      "multi_latent_attention=True")]
+    for i, (edit, says) in enumerate(edits):
+        wrong = tmp_path / f"wrong{i}"
+        shutil.copytree(base, wrong)
+        cfg = json.loads((wrong / "config.json").read_text())
+        (wrong / "config.json").write_text(json.dumps({**cfg, **edit}))
+        assert_fails(capsys, ["to-hf", str(actor), "--out", str(tmp_path / f"o{i}"), "--config", str(wrong)],
+                     says=says, sources=(actor,))
+    # and the other way round (to-hf stops earlier here: the MLA config's experts are not in a Llama save)
+    from ckpt_bridge.errors import KeyPlanError
+    from ckpt_bridge.plan.megatron import check_config
+
+    tc_file = megatron_ckpts["llama_tp2pp2"] / "global_step_1" / "actor" / "transformer_config.json"
+    with pytest.raises(KeyPlanError, match=r"an MLA model \(kv_lora_rank\), but the checkpoint's "
+                                           r"transformer_config.json says multi_latent_attention=False"):
+        check_config(json.loads((base / "config.json").read_text()), json.loads(tc_file.read_text()),
+                     base / "config.json", tc_file)
+
+
+def test_an_mla_key_not_in_the_table_is_named(megatron_ckpts):
+    """An MLA variant's key ckpt-bridge has no rule for (DeepSeek-V3.2's sparse-attention indexer, an MTP
+    layer) is a one-line error naming it, with the MLA rules active."""
+    from ckpt_bridge.errors import KeyPlanError
+    from ckpt_bridge.formats.megatron import MegatronReader
+    from ckpt_bridge.plan.megatron import megatron_to_hf_names
+
+    root = megatron_ckpts[MLA_CASE]
+    infos = MegatronReader(root / "global_step_1" / "actor").model_tensors()
+    hf = json.loads((root / "base_model" / "config.json").read_text())
+    megatron_to_hf_names(infos, hf, "ckpt")  # the real keys: all known
+    for key in ("decoder.layers.1.self_attention.core_attention.indexer.linear_wq_b.weight",
+                "mtp.layers.0.eh_proj.weight"):
+        with pytest.raises(KeyPlanError, match=f"Megatron key '{key}'.*refusing to guess"):
+            megatron_to_hf_names({**infos, key: TensorInfo(key, (8, 64), torch.float32)}, hf, "ckpt")
+
+
+def test_inspect_reports_multi_latent_attention(megatron_ckpts):
+    from ckpt_bridge.checks.inspect import inspect
+
+    text = json.dumps(inspect(megatron_ckpts[MLA_CASE] / "global_step_1"))
+    assert '"multi_latent_attention": true' in text and '"ep": 2' in text, text

@@ -348,6 +348,7 @@ class MegatronReader(Reader):
                                                             ("cp", "context_parallel_size"))},
             "num_layers": tc.get("num_layers"),
             "num_moe_experts": tc.get("num_moe_experts"),
+            "multi_latent_attention": bool(tc.get("multi_latent_attention")),
             "extra_dir": str(self.layout.extra_dir) if self.layout.extra_dir else None,
             "optimizer_dir": str(self.layout.optimizer_dir) if self.layout.optimizer_dir else None,
         }

@@ -22,6 +22,12 @@ Two plans composed (:func:`ckpt_bridge.plan.core.compose`):
    ``mlp.experts.experts.linear_fc1.weight`` ``[E, 2F, H]`` ``mlp.experts.gate_up_proj`` (axis 0 = global id)
    ``mlp.experts.experts.linear_fc2.weight`` ``[E, H, F]``  ``mlp.experts.down_proj``
    ``mlp.shared_experts.linear_fc1/2.weight``, ``gate_weight``  ``mlp.shared_expert.*``, ``shared_expert_gate``
+   ``mlp.shared_experts.*`` (config has ``n_shared_experts``)  ``mlp.shared_experts.*`` (DeepSeek, no gate)
+   ``mlp.router.expert_bias``                               ``mlp.gate.e_score_correction_bias``
+   MLA (config has ``kv_lora_rank``): ``linear_q_down_proj``  ``q_a_proj``; ``linear_q_up_proj`` -> ``q_b_proj``;
+   ``linear_kv_down_proj`` / ``linear_kv_up_proj``          ``kv_a_proj_with_mqa`` / ``kv_b_proj``;
+   ``q_layernorm`` / ``kv_layernorm`` (or TE's fused        ``q_a_layernorm`` / ``kv_a_layernorm``
+   ``linear_{q,kv}_up_proj.layer_norm_weight``)
    =======================================================  =============================================
 
    The unfused spellings (``input_layernorm.weight``, ``pre_mlp_layernorm.weight``) map the same way.
@@ -76,12 +82,49 @@ _LAYER_RENAMES = {
 }
 _GATE_UP = {"mlp.linear_fc1.weight": "mlp.", "mlp.shared_experts.linear_fc1.weight": "mlp.shared_expert."}
 
+# Multi-latent attention (DeepSeek-V2 / V3, Kimi-K2: HF configs with kv_lora_rank), megatron-core's MLASelfAttention
+# -> DeepseekV3Attention.  Every projection keeps HF's output layout ([kv_lora_rank | rope] rows of the kv
+# down-projection, per head [nope | rope] of q and [nope | v] of kv up), so all are renames (mbridge's
+# DeepseekV3Bridge maps them the same way).  The q / kv norms are fused into the up-projections in TE's spec
+# (``linear_*_up_proj.layer_norm_weight``), separate modules in the local spec (``q_layernorm`` / ``kv_layernorm``).
+_MLA_RENAMES = {
+    "self_attention.linear_q_proj.weight": "self_attn.q_proj.weight",  # q_lora_rank None: q not compressed
+    "self_attention.linear_q_down_proj.weight": "self_attn.q_a_proj.weight",
+    "self_attention.linear_q_up_proj.weight": "self_attn.q_b_proj.weight",
+    "self_attention.linear_q_up_proj.layer_norm_weight": "self_attn.q_a_layernorm.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_a_layernorm.weight",
+    "self_attention.linear_kv_down_proj.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "self_attention.linear_kv_up_proj.weight": "self_attn.kv_b_proj.weight",
+    "self_attention.linear_kv_up_proj.layer_norm_weight": "self_attn.kv_a_layernorm.weight",
+    "self_attention.kv_layernorm.weight": "self_attn.kv_a_layernorm.weight",
+}
+# the router's expert bias (sigmoid routing, DeepSeek-V3) is HF's e_score_correction_bias
+_ROUTER_BIAS = {"mlp.router.expert_bias": "mlp.gate.e_score_correction_bias"}
+# HF families with n_shared_experts (DeepSeek, GLM-4 MoE) name the shared MLP in the plural, without a gate
+_SHARED_PLURAL = {"mlp.shared_experts.linear_fc2.weight": "mlp.shared_experts.down_proj.weight"}
+_GATE_UP_PLURAL = {"mlp.shared_experts.linear_fc1.weight": "mlp.shared_experts."}
+
+
+def layer_rules(hf: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """(renames, gate/up splits) inside a layer for the HF config's family."""
+    renames, gate_up = {**_LAYER_RENAMES, **_ROUTER_BIAS}, dict(_GATE_UP)
+    if hf.get("kv_lora_rank") is not None:
+        renames.update(_MLA_RENAMES)
+    if hf.get("n_shared_experts") is not None:
+        renames.update(_SHARED_PLURAL)
+        gate_up.update(_GATE_UP_PLURAL)
+    return renames, gate_up
+
 # transformer_config.json field -> the HF config fields it must equal (first one present)
 _CHECKED = (("num_layers", ("num_hidden_layers",)), ("hidden_size", ("hidden_size",)),
             ("num_attention_heads", ("num_attention_heads",)), ("num_query_groups", ("num_key_value_heads",)),
             ("kv_channels", ("head_dim",)), ("ffn_hidden_size", ("intermediate_size",)),
-            ("num_moe_experts", ("num_experts", "num_local_experts")),
+            ("num_moe_experts", ("num_experts", "num_local_experts", "n_routed_experts")),
             ("moe_ffn_hidden_size", ("moe_intermediate_size", "intermediate_size")))
+# MLA's widths instead of kv_channels (which MLA does not use; HF's head_dim there is the rope dim)
+_MLA_CHECKED = (("q_lora_rank", ("q_lora_rank",)), ("kv_lora_rank", ("kv_lora_rank",)),
+                ("qk_head_dim", ("qk_nope_head_dim",)), ("qk_pos_emb_head_dim", ("qk_rope_head_dim",)),
+                ("v_head_dim", ("v_head_dim",)))
 
 
 def attention_shape(hf: dict) -> tuple[int, int, int]:
@@ -96,7 +139,13 @@ def check_config(hf: dict, tc: dict | None, cfg_file: Path, tc_file: Path) -> No
     """The HF config and Megatron's transformer_config.json describe the same model, or one-line error."""
     if not tc:
         return
-    for tf_field, hf_fields in _CHECKED:
+    mla, tc_mla = hf.get("kv_lora_rank") is not None, tc.get("multi_latent_attention")
+    if tc_mla is not None and bool(tc_mla) != mla:
+        have = "an MLA model (kv_lora_rank)" if mla else "not an MLA model"
+        raise KeyPlanError(f"{cfg_file}: {have}, but the checkpoint's {tc_file.name} says multi_latent_attention="
+                           f"{bool(tc_mla)}; pass --config the model this run trained")
+    checked = [c for c in _CHECKED if c[0] != "kv_channels"] + list(_MLA_CHECKED) if mla else _CHECKED
+    for tf_field, hf_fields in checked:
         want = tc.get(tf_field)
         have = next((hf[f] for f in hf_fields if hf.get(f) is not None), None)
         if tf_field == "kv_channels" and have is None and hf.get("hidden_size") and hf.get("num_attention_heads"):
@@ -108,6 +157,20 @@ def check_config(hf: dict, tc: dict | None, cfg_file: Path, tc_file: Path) -> No
         if int(want) != int(have):
             raise KeyPlanError(f"{cfg_file}: {hf_fields[0]} is {have} but the checkpoint's {tc_file.name} says "
                                f"{tf_field}={want}; pass --config the model this run trained")
+    _check_dense_layers(hf, tc, cfg_file, tc_file)
+
+
+def _check_dense_layers(hf: dict, tc: dict, cfg_file: Path, tc_file: Path) -> None:
+    """Megatron's ``moe_layer_freq`` (a 0/1 list, or every N-th layer MoE) picks the same dense layers as HF's
+    ``first_k_dense_replace`` (DeepSeek)."""
+    freq, k, n = tc.get("moe_layer_freq"), hf.get("first_k_dense_replace"), tc.get("num_layers")
+    if k is None or freq is None or not tc.get("num_moe_experts") or not isinstance(n, int):
+        return
+    moe = list(freq) if isinstance(freq, list) else [int(i % int(freq) == 0) for i in range(n)]
+    want = [int(i >= int(k)) for i in range(n)]
+    if [int(bool(x)) for x in moe] != want:
+        raise KeyPlanError(f"{cfg_file}: first_k_dense_replace={k} makes layers {want} MoE, but the checkpoint's "
+                           f"{tc_file.name} says moe_layer_freq={freq}; pass --config the model this run trained")
 
 
 def _split_qkv(groups: int, per_group: int, d: int, names: tuple[str, str, str]):
@@ -170,6 +233,7 @@ def _layer_of(key: str) -> tuple[str, int] | None:
 def megatron_to_hf_names(infos: dict[str, TensorInfo], hf: dict, where: str) -> Plan:
     """Plan 1: Megatron keys (layer slices) -> the HF model's in-memory names (see the module doc)."""
     heads, groups, d = attention_shape(hf)
+    renames, gate_up = layer_rules(hf)
     plan = Plan()
     for key, info in infos.items():
         if key == "output_layer.weight":
@@ -186,20 +250,20 @@ def megatron_to_hf_names(infos: dict[str, TensorInfo], hf: dict, where: str) -> 
         rest, i = layer
         p = f"model.layers.{i}."
         why = f"layer {i} of the stacked tensor" if parse_slice(key)[1] is not None else f"layer {i}"
-        if rest in _LAYER_RENAMES:
-            plan.transforms.append(rename(key, p + _LAYER_RENAMES[rest], info, f"{why}: megatron name"))
+        if rest in renames:
+            plan.transforms.append(rename(key, p + renames[rest], info, f"{why}: megatron name"))
         elif rest in ("self_attention.linear_qkv.weight", "self_attention.linear_qkv.bias"):
             kind = rest.rsplit(".", 1)[1]
             names = tuple(p + f"self_attn.{x}_proj.{kind}" for x in "qkv")
             rule = f"{why}: split linear_qkv per KV group ({groups} x [{heads // groups} q heads | k | v], d={d})"
             plan.transforms.append(derive("split", {key: info}, _split_qkv(groups, heads // groups, d, names), rule))
-        elif rest in _GATE_UP:
-            names = tuple(p + _GATE_UP[rest] + f"{x}_proj.weight" for x in ("gate", "up"))
+        elif rest in gate_up:
+            names = tuple(p + gate_up[rest] + f"{x}_proj.weight" for x in ("gate", "up"))
             plan.transforms.append(derive("split", {key: info}, _split_gate_up(names),
                                           f"{why}: split linear_fc1 [gate ; up]"))
         else:
             raise KeyPlanError(f"{where}: Megatron key {key!r} (layer {i}: {rest!r}) is not one ckpt-bridge maps to "
-                               f"Hugging Face; refusing to guess (MTP / MLA / LoRA layers are not read yet)")
+                               f"Hugging Face; refusing to guess (MTP / LoRA layers are not read yet)")
     return plan
 
 

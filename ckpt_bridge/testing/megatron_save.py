@@ -55,6 +55,9 @@ CASES: dict[str, tuple[str, int, int, int]] = {
     "qwen3_moe_tp2ep2": ("qwen3_moe", 2, 1, 2),  # experts whole on each EP rank (expert-TP 1), attention TP2
     "qwen2_moe_tp2ep2_etp2": ("qwen2_moe", 2, 1, 2),  # experts split too: expert-TP 2 x EP 2 = 4 ranks
     "llama_pp2vpp2": ("llama", 1, 2, 1),  # 2 virtual stages per PP rank: one layer per model chunk
+    # MLA + MoE: a dense first layer, then MoE layers with a shared expert, sigmoid routing with an expert bias,
+    # group-limited top-k; attention TP2 (MLA's up/down projections column-split), experts EP2
+    "deepseek_v3_tp2ep2": ("deepseek_v3", 2, 1, 2),
 }
 # how a case's save differs from the default (use_dist_checkpointing=True, no bridge, no optimizer):
 # "bridge": verl's default use_mbridge, use_dist_checkpointing=False: mbridge writes the HF weights into
@@ -69,7 +72,7 @@ OPTIONS: dict[str, dict] = {"llama_bridge_tp2pp2": {"bridge": True}, "qwen3_pp2"
 # what the test session builds, in ONE torchrun job of 4 gloo ranks (tests/conftest.py megatron_ckpts)
 SESSION_CASES = ["llama_tp2pp2", "qwen2_tp2", "qwen3_pp2", "qwen3_moe_ep2", "qwen2_moe_ep2", "mixtral_ep2",
                  "qwen2_critic_tp2pp2", "llama_bridge_tp2pp2", "qwen3_moe_tp2ep2", "qwen2_moe_tp2ep2_etp2",
-                 "llama_pp2vpp2"]
+                 "llama_pp2vpp2", "deepseek_v3_tp2ep2"]
 
 
 def is_critic(family: str) -> bool:
@@ -96,7 +99,14 @@ def family_config(family: str):
                            "shared_expert_intermediate_size": 80, "decoder_sparse_step": 1, "norm_topk_prob": False,
                            "num_hidden_layers": 2}),
             "mixtral": ("MixtralConfig", "MixtralForCausalLM",
-                        {"num_local_experts": 4, "num_experts_per_tok": 2, "num_hidden_layers": 2})}[family]
+                        {"num_local_experts": 4, "num_experts_per_tok": 2, "num_hidden_layers": 2}),
+            # every MLA width distinct (a swapped split shows); 2 groups of 2 experts, 1 group picked per token
+            "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                            {"num_hidden_layers": 3, "first_k_dense_replace": 1, "num_key_value_heads": 4,
+                             "q_lora_rank": 40, "kv_lora_rank": 24, "qk_nope_head_dim": 12, "qk_rope_head_dim": 8,
+                             "v_head_dim": 10, "n_routed_experts": 4, "num_experts_per_tok": 2, "n_group": 2,
+                             "topk_group": 1, "n_shared_experts": 1, "moe_intermediate_size": 48,
+                             "routed_scaling_factor": 2.5, "norm_topk_prob": True, "rope_interleave": True})}[family]
     kw.update(arch[2])
     cfg = getattr(transformers, arch[0])(**kw)
     cfg.architectures = [arch[1]]
@@ -167,12 +177,18 @@ def hf_to_local(name: str, hf: dict, cfg, layer_of: dict[int, int], expert_of, t
         fused = torch.cat([q, k, v], dim=1).reshape(groups * (heads // groups + 2) * d, -1)
         fused = fused if kind == "weight" else fused.reshape(-1)
         return _tp_chunk(fused, 0, r, n)
+    if rest in _MLA_LINEARS:  # MLA (local spec): every projection column-parallel, row-split over TP
+        return _tp_chunk(hf[p + _MLA_LINEARS[rest]], 0, r, n)
     simple = {"input_layernorm.weight": "input_layernorm.weight",
               "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
               "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
               "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
               "mlp.router.weight": "mlp.gate.weight",
-              "mlp.shared_experts.gate_weight": "mlp.shared_expert_gate.weight"}
+              "mlp.shared_experts.gate_weight": "mlp.shared_expert_gate.weight",
+              "mlp.router.expert_bias": "mlp.gate.e_score_correction_bias"}
+    if cfg.model_type == "deepseek_v3":  # MLA's norms sit on the compressed q and kv, before the up-projections
+        simple.update({"self_attention.q_layernorm.weight": "self_attn.q_a_layernorm.weight",
+                       "self_attention.kv_layernorm.weight": "self_attn.kv_a_layernorm.weight"})
     moe = "block_sparse_moe." if cfg.model_type == "mixtral" else "mlp."  # Mixtral's checkpoint names
     if rest == "mlp.router.weight":
         return hf[p + moe + "gate.weight"]
@@ -180,7 +196,8 @@ def hf_to_local(name: str, hf: dict, cfg, layer_of: dict[int, int], expert_of, t
         return hf[p + simple[rest]]
     if rest == "self_attention.linear_proj.weight":
         return _tp_chunk(hf[p + "self_attn.o_proj.weight"], 1, r, n)
-    mlp = {"mlp.": "mlp.", "mlp.shared_experts.": "mlp.shared_expert."}
+    shared = "mlp.shared_experts." if cfg.model_type == "deepseek_v3" else "mlp.shared_expert."
+    mlp = {"mlp.": "mlp.", "mlp.shared_experts.": shared}
     if rest.startswith("mlp.experts.local_experts."):
         j = int(parts[6])
         e = expert_of(j)
@@ -195,6 +212,16 @@ def hf_to_local(name: str, hf: dict, cfg, layer_of: dict[int, int], expert_of, t
         rest = "mlp." + rest[len(head):]
     gate, up, down = (hf[prefix + w + ".weight"] for w in ("gate_proj", "up_proj", "down_proj"))
     return _gated(rest, gate, up, down, r, n)
+
+
+# MLA's projections (megatron.core.transformer.multi_latent_attention.MLASelfAttention) -> DeepseekV3Attention's:
+# the same output layouts ([kv_lora_rank | rope] rows of the kv down-projection, per head [nope | rope] rows of
+# the q up-projection and [nope | v] of the kv up-projection), so each is the HF weight, split over TP rows
+_MLA_LINEARS = {"self_attention.linear_q_down_proj.weight": "self_attn.q_a_proj.weight",
+                "self_attention.linear_q_up_proj.weight": "self_attn.q_b_proj.weight",
+                "self_attention.linear_q_proj.weight": "self_attn.q_proj.weight",
+                "self_attention.linear_kv_down_proj.weight": "self_attn.kv_a_proj_with_mqa.weight",
+                "self_attention.linear_kv_up_proj.weight": "self_attn.kv_b_proj.weight"}
 
 
 def _gated(rest: str, gate, up, down, r: int, n: int) -> torch.Tensor:
@@ -236,6 +263,13 @@ def _cpu_stand_ins() -> None:
 
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    # megatron-core 0.16.1's multi_latent_attention sets HAVE_TE = True whenever megatron's TE extension module
+    # imports, which it does without transformer_engine (its `te` is then a MagicMock, and so is TELinear):
+    # MLA's `isinstance(self.linear_proj, TELinear)` then raises TypeError.  Without TE, HAVE_TE is False.
+    from megatron.core.extensions import transformer_engine as te_ext
+    from megatron.core.transformer import multi_latent_attention
+
+    multi_latent_attention.HAVE_TE = te_ext.HAVE_TE
 
 
 def transformer_config(cfg, tp: int, pp: int, ep: int, etp: int = 1):
@@ -255,7 +289,7 @@ def transformer_config(cfg, tp: int, pp: int, ep: int, etp: int = 1):
             moe.update(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=True)
         if not getattr(cfg, "norm_topk_prob", True):  # HF: softmax over all experts, top-k, no renormalising
             moe.update(moe_router_pre_softmax=True)
-    return TransformerConfig(
+    kw = dict(
         num_layers=cfg.num_hidden_layers, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_key_value_heads, ffn_hidden_size=cfg.intermediate_size,
         kv_channels=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
@@ -266,6 +300,30 @@ def transformer_config(cfg, tp: int, pp: int, ep: int, etp: int = 1):
         gradient_accumulation_fusion=False, persist_layer_norm=False, hidden_dropout=0.0, attention_dropout=0.0,
         use_cpu_initialization=True, params_dtype=torch.float32, tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp, pipeline_dtype=torch.float32, sequence_parallel=False, **moe)
+    if cfg.model_type == "deepseek_v3":
+        return _deepseek_v3_config(cfg, kw)
+    return TransformerConfig(**kw)
+
+
+def _deepseek_v3_config(cfg, kw: dict):
+    """The MLATransformerConfig of a DeepseekV3Config, as mbridge's DeepseekV3Bridge builds it
+    (mbridge/models/deepseek_v3.py) without its TE-only fusions: plain rope (no yarn scaling), the first
+    ``first_k_dense_replace`` layers dense, sigmoid routing with HF's ``e_score_correction_bias`` as megatron's
+    expert bias, group-limited top-k, a shared expert without a gate.  ``kv_channels`` is the v head dim:
+    megatron's local attention sizes its output by it (MLA's q / k heads are wider, nope + rope)."""
+    from megatron.core.transformer import MLATransformerConfig
+
+    kw = {k: v for k, v in kw.items() if k != "moe_router_pre_softmax"}
+    kw.update(moe_shared_expert_intermediate_size=cfg.moe_intermediate_size * cfg.n_shared_experts,
+              moe_layer_freq=[0 if i < cfg.first_k_dense_replace else 1 for i in range(cfg.num_hidden_layers)],
+              moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+              moe_router_topk_scaling_factor=cfg.routed_scaling_factor, moe_router_num_groups=cfg.n_group,
+              moe_router_group_topk=cfg.topk_group)
+    kw.update(multi_latent_attention=True, q_lora_rank=cfg.q_lora_rank, kv_lora_rank=cfg.kv_lora_rank,
+              qk_head_dim=cfg.qk_nope_head_dim, qk_pos_emb_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+              rope_type="rope", rotary_base=_rope_theta(cfg), rotary_scaling_factor=1.0, mscale=1.0,
+              mscale_all_dim=0.0, kv_channels=cfg.v_head_dim, qk_layernorm=True)
+    return MLATransformerConfig(**kw)
 
 
 class ValueHead(torch.nn.Linear):
@@ -287,8 +345,11 @@ def build_megatron(cfg, tf_config, critic: bool = False, vp_stage: int | None = 
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = get_gpt_layer_local_spec(num_experts=tf_config.num_moe_experts, qk_layernorm=tf_config.qk_layernorm,
-                                    normalization="RMSNorm")
+    if tf_config.multi_latent_attention:
+        spec = mla_block_spec(tf_config, vp_stage)
+    else:
+        spec = get_gpt_layer_local_spec(num_experts=tf_config.num_moe_experts, qk_layernorm=tf_config.qk_layernorm,
+                                        normalization="RMSNorm")
     virtual = {} if vp_stage is None else {"ignore_virtual": False, "vp_stage": vp_stage}
     last = ps.is_pipeline_last_stage(**virtual)
     model = GPTModel(tf_config, spec, vocab_size=cfg.vocab_size, max_sequence_length=cfg.max_position_embeddings,
@@ -299,6 +360,36 @@ def build_megatron(cfg, tf_config, critic: bool = False, vp_stage: int | None = 
     if critic and last:
         model.output_layer = ValueHead(tf_config.hidden_size)
     return model
+
+
+def mla_block_spec(tf_config, vp_stage: int | None):
+    """megatron-core's local block spec of an MLA model (dense and MoE layers by ``moe_layer_freq``), its core
+    attention able to take MLA's arguments.
+
+    megatron-core 0.16.1's ``MLASelfAttention`` builds its core attention with ``k_channels=`` / ``v_channels=``
+    (the q / k head is nope + rope wide, the v head v_head_dim), which only ``TEDotProductAttention`` accepts;
+    the local spec's ``DotProductAttention.__init__`` refuses them (TypeError).  Its forward needs neither (it
+    takes the head widths from the q / k / v tensors, and the output width from ``kv_channels``, set to the v
+    head dim): the class below drops the two arguments and is otherwise that class."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    block = get_gpt_decoder_block_spec(tf_config, use_transformer_engine=False, normalization="RMSNorm",
+                                       vp_stage=vp_stage)
+    attention = _local_mla_attention()
+    for layer in block.layer_specs:
+        layer.submodules.self_attention.submodules.core_attention = attention
+    return block
+
+
+def _local_mla_attention():
+    """``DotProductAttention`` taking (and dropping) MLA's ``k_channels`` / ``v_channels``."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    class LocalMLAAttention(DotProductAttention):
+        def __init__(self, *args, k_channels=None, v_channels=None, **kw):
+            super().__init__(*args, **kw)
+
+    return LocalMLAAttention
 
 
 def _rope_theta(cfg) -> float:
@@ -315,8 +406,10 @@ def load_hf_into(model, hf: dict, cfg) -> None:
     ep_rank, ep = ps.get_expert_model_parallel_rank(), ps.get_expert_model_parallel_world_size()
     experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or 0
     expert_of = lambda j: ep_rank * (experts // max(ep, 1)) + j  # noqa: E731
+    # megatron's expert bias is a (persistent) buffer, HF's e_score_correction_bias too
+    bias = [(n, b) for n, b in model.named_buffers() if n.endswith("mlp.router.expert_bias")]
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in [*model.named_parameters(), *bias]:
             if name == "output_layer.weight" and cfg.tie_word_embeddings and "score.weight" not in hf:
                 # the last stage's copy of the tied embedding (Megatron keeps it in sync by all-reduce)
                 value = _tp_chunk(hf["model.embed_tokens.weight"], 0, *tp)
