@@ -37,7 +37,7 @@ direction on the medians (vs flame-style: faster, and its CPU; (wall - torch sta
 RSS, < 1.5 GB at 8b_w2 for HF -> DCP; the plain floor ratio, the flush row and --workers 2 as context) and a
 per-size table of seconds per GB written and peak RSS with its growth from 1b to 1b_x2.
 
-``--profile`` runs to-dcp once more, untimed, under cProfile (``python -m cProfile -m ckpt_bridge to-dcp``;
+``--profile [SIZE,...]`` runs to-dcp once more, untimed, under cProfile (``python -m cProfile -m ckpt_bridge to-dcp``;
 main thread only) and adds its top 15 functions by own time and by cumulative time.
 
 ``--hook-rows`` adds the earlier issue's rows (the torchtitan save hook: rank 0 alone vs all ranks), through
@@ -308,7 +308,7 @@ def bench_size(size: C.Size, args) -> dict | None:
         Round(size, hf, rnd == 0, reps, notes).run(args.hook_rows, args.trainer_work)
     results = {d: {k: C.combine(v) for k, v in reps[d].items()} for d in ("h2d", "d2h")}
     hook = {k: min(v, key=lambda x: x["wall_s"]) for k, v in reps["hook"].items()}
-    prof = profile_to_dcp(size, hf) if args.profile else []
+    prof = profile_to_dcp(size, hf) if args.profile == "all" or size.tag in args.profile.split(",") else []
     return {"size": size, "hf": hf, "results": results, "notes": notes, "hook": hook, "profile": prof}
 
 
@@ -333,19 +333,21 @@ def profile_to_dcp(size: C.Size, hf: Path, n: int = 15) -> list[str]:
         md += p.stdout.splitlines() if p.returncode == 0 else [f"(profile table failed: {p.stderr[-300:]})"]
     if not PYSPY.exists():
         return md + ["", "(py-spy not installed in the venv: no all-threads profile)"]
-    r = C.measure("h2d_cb_pyspy", [str(PYSPY), "record", "--threads", "--native", "--idle", "-r", "100", "-f", "raw",
+    r = C.measure("h2d_cb_pyspy", [str(PYSPY), "record", "--threads", "--native", "-r", "100", "-f", "raw",
                                    "-o", str(raw), "--", *cmd], all_files(hf), size.logdir)
     C.rm(out)
-    md += ["", f"py-spy run (100 Hz, every thread, native frames, idle samples included): wall {r['wall_s']:.2f} s"]
+    md += ["", f"py-spy run (100 Hz, every thread, native frames, samples of idle threads left out): wall "
+                 f"{r['wall_s']:.2f} s; a sample is 10 ms of one thread"]
     if r["rc"] == 0 and raw.exists():
         md += pyspy_tables(raw, n)
     return md
 
 
 def pyspy_tables(raw: Path, n: int) -> list[str]:
-    """py-spy's collapsed stacks (``thread;frame;...;leaf COUNT``): samples per thread, and the top ``n`` leaf
-    frames (where the time is spent, own time) over all threads."""
-    threads, leaves, total = {}, {}, 0
+    """py-spy's collapsed stacks (``thread;frame;...;leaf COUNT``): samples per thread, the top ``n`` leaf
+    frames (own time, native ones included) over all threads, and the top ``n`` innermost Python frames (the
+    Python function that was running or had called the native code)."""
+    threads, leaves, pyleaves, total = {}, {}, {}, 0
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -354,11 +356,17 @@ def pyspy_tables(raw: Path, n: int) -> list[str]:
         total += c
         threads[frames[0]] = threads.get(frames[0], 0) + c
         leaves[frames[-1]] = leaves.get(frames[-1], 0) + c
+        py = next((f for f in reversed(frames[1:]) if ".py:" in f or "<frozen" in f), "(no Python frame)")
+        pyleaves[py] = pyleaves.get(py, 0) + c
     md = ["", f"samples per thread ({total} in all):", "", "| thread | samples | share |", "|---|---:|---:|"]
     md += [f"| {t} | {c} | {100 * c / total:.0f}% |" for t, c in sorted(threads.items(), key=lambda x: -x[1])[:8]]
     md += ["", f"top {n} leaf frames (own time, all threads):", "", "| frame | samples | share |", "|---|---:|---:|"]
     md += [f"| `{f[:110]}` | {c} | {100 * c / total:.1f}% |"
            for f, c in sorted(leaves.items(), key=lambda x: -x[1])[:n]]
+    md += ["", f"top {n} innermost Python frames (all threads):", "", "| Python frame | samples | share |",
+           "|---|---:|---:|"]
+    md += [f"| `{f[:110]}` | {c} | {100 * c / total:.1f}% |"
+           for f, c in sorted(pyleaves.items(), key=lambda x: -x[1])[:n]]
     return md
 
 
@@ -425,8 +433,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=C.HERE / "out", help="default: bench/out (gitignored)")
     C.add_size_args(ap)
-    ap.add_argument("--profile", action="store_true",
-                    help="after the rounds, to-dcp once more under cProfile (and py-spy if installed): top 15")
+    ap.add_argument("--profile", nargs="?", const="all", default="", metavar="SIZE[,SIZE...]",
+                    help="after the rounds, to-dcp once more under cProfile (and py-spy if installed): top 15; "
+                         "at the sizes named (their tags, e.g. 1b or 1b-L2), or at every size without a value")
     ap.add_argument("--hook-rows", action="store_true",
                     help="also the earlier issue's rows f1/f2/g0-g2 (save hook: rank 0 alone vs all ranks)")
     ap.add_argument("--trainer-work", type=int, default=12, help="units of work per stand-in training rank (g rows)")

@@ -14,7 +14,9 @@ Per size, in WORKDIR/<size>/megatron/:
    contents model + extra): ``global_step_1/actor`` in verl's schema v2.
 2. Measures, one after the other, each as a child (the same measurement as bench_verl_to_hf.py: wall, user /
    sys CPU, peak RSS, faults, context switches from ``os.wait4``; inputs warmed with ``cat``, then ``sync``):
-     cb           ckpt-bridge to-hf ACTOR --out OUT --dtype bf16 --quiet   (python -m ckpt_bridge)
+     cb           ckpt-bridge to-hf ACTOR --config BASE --out OUT --dtype bf16 --quiet   (python -m ckpt_bridge;
+                  BASE = the config + tokenizer dir the run started from: without "hf_model" in its save
+                  contents or a bridge, verl writes no config.json)
      cb_w2        the same with --workers 2; its output must be byte-identical to cb's
      floor        read every .distcp file of model/dist_ckpt, write as many bytes as cb's safetensors
      floor_flush  the same, then one fsync (context)
@@ -234,7 +236,10 @@ def run_round(size: C.Size, first: bool, reps: dict, notes: dict) -> None:
         reps[key].append(r)
         return r
 
-    to_hf = [*C.CLI, "to-hf", str(actor), "--dtype", "bf16", "--quiet", "--out"]
+    # verl writes model/huggingface/config.json only with save_contents "hf_model" or a bridge (not its default):
+    # the run's starting model dir is passed as --config, as a user does
+    to_hf = [*C.CLI, "to-hf", str(actor), "--config", str(size.dir / "megatron" / "base_model"), "--dtype", "bf16",
+             "--quiet", "--out"]
     cb = step("cb", to_hf + [str(out["cb"])], out["cb"])
     w2 = step("cb_w2", to_hf + [str(out["cb_w2"]), "--workers", "2"], out["cb_w2"])
     if first:
