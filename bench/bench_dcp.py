@@ -261,14 +261,14 @@ class Round:
     def _hook(self, row: dict) -> None:
         self.reps["hook"].setdefault(row["key"], []).append(row)
 
-    def run(self, hook_rows: bool, trainer_work: int) -> None:
+    def run(self, hook_rows: bool, trainer_work: int, h2d_only: bool = False) -> None:
         cb = self.hf_to_dcp()
-        if C.ok(cb):
+        if C.ok(cb) and not h2d_only:
             self.dcp_to_hf()
             if hook_rows:
                 self.hook_rows(trainer_work)
         else:
-            print("[d2h] skipped: to-dcp failed, no DCP to read", flush=True)
+            print("[d2h] skipped: " + ("--h2d-only" if h2d_only else "to-dcp failed, no DCP to read"), flush=True)
         C.rm(self.out["dcp-cb"])
         st = self.step("h2d", "startup", C.STARTUP_CMD, [], None)
         self.reps["d2h"].setdefault("startup", []).append(st)
@@ -305,7 +305,7 @@ def bench_size(size: C.Size, args) -> dict | None:
     notes = {"h2d": {"identity": None}, "d2h": {"identity": None, "sanity": "not run"}}
     for rnd in range(args.repeat):
         print(f"\n===== {size.tag}: round {rnd + 1}/{args.repeat} =====", flush=True)
-        Round(size, hf, rnd == 0, reps, notes).run(args.hook_rows, args.trainer_work)
+        Round(size, hf, rnd == 0, reps, notes).run(args.hook_rows, args.trainer_work, args.h2d_only)
     results = {d: {k: C.combine(v) for k, v in reps[d].items()} for d in ("h2d", "d2h")}
     hook = {k: min(v, key=lambda x: x["wall_s"]) for k, v in reps["hook"].items()}
     prof = profile_to_dcp(size, hf) if args.profile == "all" or size.tag in args.profile.split(",") else []
@@ -436,6 +436,7 @@ def main() -> int:
     ap.add_argument("--profile", nargs="?", const="all", default="", metavar="SIZE[,SIZE...]",
                     help="after the rounds, to-dcp once more under cProfile (and py-spy if installed): top 15; "
                          "at the sizes named (their tags, e.g. 1b or 1b-L2), or at every size without a value")
+    ap.add_argument("--h2d-only", action="store_true", help="only HF -> DCP (e.g. for the 8b_w2 memory target)")
     ap.add_argument("--hook-rows", action="store_true",
                     help="also the earlier issue's rows f1/f2/g0-g2 (save hook: rank 0 alone vs all ranks)")
     ap.add_argument("--trainer-work", type=int, default=12, help="units of work per stand-in training rank (g rows)")
@@ -455,7 +456,8 @@ def main() -> int:
     print("\n" + md)
     (workdir / "results_dcp.md").write_text(md + "\n")
     print(f"written to {workdir / 'results_dcp.md'}; logs in {workdir}/<size>/logs")
-    return 0 if all(C.ok(r["results"][d].get("cb")) for r in runs for d in ("h2d", "d2h")) else 1
+    directions = ("h2d",) if args.h2d_only else ("h2d", "d2h")
+    return 0 if all(C.ok(r["results"][d].get("cb")) for r in runs for d in directions) else 1
 
 
 if __name__ == "__main__":
