@@ -28,8 +28,10 @@ test: install
 # params), 1b_x2 (32 layers, 2.21B) and 8b_w2 (Llama-3.1-8B widths, 2 layers, 1.49B: the memory target), and
 # Megatron TP2 -> HF at 1b; each number the median of 3 interleaved rounds (--repeat 3) with min and max, user+sys
 # CPU, page faults and context switches beside wall seconds, `sync` before every timed command; to-dcp profiled
-# (cProfile, and py-spy if installed) at 1b.  Time on a 2-core box (see bench/RESULTS.md): ~18 min for 1b's
-# three scripts with their one-time builds, ~12 min for 8b_w2, ~25 min for 1b_x2 (estimated: twice 1b's bytes).
+# (cProfile, and py-spy if installed) at 1b.  Time, measured 2026-12-01 on the 2-core box while other jobs kept it
+# at load 5-14 (bench/RESULTS.md): 1b took ~13 min (verl -> HF), ~30 min (HF <-> DCP + profile) and, for
+# Megatron, a 70 s build + ~3.7 min a round (~12 min for 3), so ~55 min for 1b; 8b_w2 and 1b_x2 scale with their bytes
+# (~1.2x and ~2x): ~3 h in all when loaded like that, expect roughly a third of it on an idle box.
 # Disk: the built inputs stay in bench/out for reuse (1b ~12 GB with the Megatron one, 8b_w2 ~9 GB, 1b_x2
 # ~13 GB) and the largest step needs up to 3x the fp32 model more (1b_x2: ~28 GB); a size without room is
 # skipped with a message.  Faster: --size 1b, --repeat 1, or --layers K for a smaller model.
