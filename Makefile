@@ -24,15 +24,21 @@ demo: install
 test: install
 	$(PYTHON) -m pytest -q tests
 
-# Issue 12 (speed) in one run: both model sizes (llama_1b, 1.24B params, and llama_1b_x2, 32 layers, 2.21B),
-# every direction, one round each (--repeat 1): about 5 min for 1b (checkpoint builds included) and, scaling by
-# the bytes, ~10 min for 1b_x2 on a 2-core box, so ~15 min in all; --repeat N reports each tool's fastest of N
-# (N rounds cost ~N x that, minus the builds).  Disk: ~49 GB free on the first run (checkpoints kept in
-# bench/out for reuse: ~21 GB; the 1b_x2 DCP -> HF step needs ~28 GB more); a size without room is skipped
-# with a message.  Faster: --size 1b, or --layers K for a smaller model.
+# Issues 12/20 (speed, memory) and 17 (Megatron) in one run: every direction at the sizes 1b (llama_1b, 1.24B
+# params), 1b_x2 (32 layers, 2.21B) and 8b_w2 (Llama-3.1-8B widths, 2 layers, 1.49B: the memory target), and
+# Megatron TP2 -> HF at 1b; each number the median of 3 interleaved rounds (--repeat 3) with min and max, user+sys
+# CPU, page faults and context switches beside wall seconds, `sync` before every timed command; to-dcp profiled
+# (cProfile, and py-spy if installed) at 1b.  Time, measured 2026-12-01 on the 2-core box while other jobs kept it
+# at load 5-14 (bench/RESULTS.md): 1b took ~13 min (verl -> HF), ~30 min (HF <-> DCP + profile) and, for
+# Megatron, a 70 s build + ~3.7 min a round (~12 min for 3), so ~55 min for 1b; 8b_w2 and 1b_x2 scale with their bytes
+# (~1.2x and ~2x): ~3 h in all when loaded like that, expect roughly a third of it on an idle box.
+# Disk: the built inputs stay in bench/out for reuse (1b ~12 GB with the Megatron one, 8b_w2 ~9 GB, 1b_x2
+# ~13 GB) and the largest step needs up to 3x the fp32 model more (1b_x2: ~28 GB); a size without room is
+# skipped with a message.  Faster: --size 1b, --repeat 1, or --layers K for a smaller model.
 bench: install
-	$(PYTHON) bench/bench_verl_to_hf.py --size both --repeat 1
-	$(PYTHON) bench/bench_dcp.py --size both --repeat 1
+	$(PYTHON) bench/bench_verl_to_hf.py --size all --repeat 3
+	$(PYTHON) bench/bench_megatron.py --size 1b --repeat 3
+	$(PYTHON) bench/bench_dcp.py --size all --repeat 3 --profile 1b
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -20,6 +20,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -30,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 PY = sys.executable
 BIN = Path(sys.executable).parent
-CKPT_BRIDGE = str(BIN / "ckpt-bridge")
+CLI = [PY, "-m", "ckpt_bridge"]  # ckpt-bridge only through its public CLI
 CHUNK = 64 * 1024 * 1024
 STARTUP_CMD = [PY, "-c", "import torch, safetensors.torch"]
 
@@ -38,49 +39,92 @@ STARTUP_CMD = [PY, "-c", "import torch, safetensors.torch"]
 # sizes
 # ------------------------------------------------------------------------------------------------
 
-SIZES = {"1b": "llama_1b", "1b_x2": "llama_1b_x2"}  # --size NAME -> tiny_models preset
-PRESET_LAYERS = {"1b": 16, "1b_x2": 32}
-LAYER_FACTOR = {"1b": 1, "1b_x2": 2}
+SIZES = {"1b": "llama_1b", "1b_x2": "llama_1b_x2", "8b_w2": "llama_1b"}  # --size NAME -> tiny_models preset
+PRESET_LAYERS = {"1b": 16, "1b_x2": 32, "8b_w2": 2}
+LAYER_FACTOR = {"1b": 1, "1b_x2": 2, "8b_w2": 0}  # 0: --layers does not apply (already 2 layers)
+# The widths of each size (what the disk guards and the parameter count use); OVERRIDES are set on the preset's
+# config: 8b_w2 is Llama-3.1-8B's widths with 2 layers, untied (1.49B params, embedding and lm_head 2.1 GB each
+# in fp32): the size of issue 20's memory target, where a tool that holds whole tensors shows it.
+WIDTHS = {"1b": dict(hidden=2048, inter=8192, vocab=128256, heads=32, kv=8, head_dim=64, tied=True),
+          "8b_w2": dict(hidden=4096, inter=14336, vocab=128256, heads=32, kv=8, head_dim=128, tied=False)}
+WIDTHS["1b_x2"] = WIDTHS["1b"]
+OVERRIDES = {"8b_w2": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                           head_dim=128, tie_word_embeddings=False)}
+GROUPS = {"both": ["1b", "1b_x2"], "all": ["1b", "1b_x2", "8b_w2"]}
 
 
 def sizes_arg(value: str) -> list[str]:
-    return list(SIZES) if value == "both" else [value]
+    """``--size``: a size, ``both`` (1b, 1b_x2), ``all`` (and 8b_w2), or a comma list of sizes."""
+    names = [n for part in value.split(",") for n in GROUPS.get(part, [part])]
+    unknown = [n for n in names if n not in SIZES]
+    if unknown:
+        raise SystemExit(f"unknown --size {', '.join(unknown)}; known: {', '.join([*SIZES, *GROUPS])}")
+    return list(dict.fromkeys(names))
 
 
-def add_size_args(ap) -> None:
-    ap.add_argument("--size", choices=[*SIZES, "both"], default="1b",
+def add_size_args(ap, default: str = "1b") -> None:
+    ap.add_argument("--size", default=default, metavar="SIZE[,SIZE...]",
                     help="1b = llama_1b (16 layers, 1.24B params), 1b_x2 = llama_1b_x2 (32 layers, 2.21B), "
-                         "both (what `make bench` runs); default 1b")
+                         "8b_w2 = Llama-3.1-8B widths with 2 layers (untied, 1.49B: the memory target's size), "
+                         f"both = 1b,1b_x2, all = 1b,1b_x2,8b_w2, or a comma list; default {default}")
     ap.add_argument("--layers", type=int, default=None, metavar="K",
-                    help="for fast iteration: the 1b size gets K layers and 1b_x2 gets 2K (the 2x ratio is kept); "
-                         "default: the presets' 16 and 32")
+                    help="for fast iteration: the 1b size gets K layers and 1b_x2 gets 2K (the 2x ratio is kept; "
+                         "8b_w2 keeps its 2); default: the presets' 16 and 32")
+    ap.add_argument("--repeat", type=int, default=3,
+                    help="interleaved rounds; the tables show each tool's median round with min and max (default 3)")
 
 
 class Size:
-    """One benchmark size: preset name, layer count, work dir (``WORKDIR/<tag>``)."""
+    """One benchmark size: preset name, layer count, config overrides, work dir (``WORKDIR/<tag>``)."""
 
     def __init__(self, name: str, layers: int | None, workdir: Path):
         self.name = name
         self.preset = SIZES[name]
-        self.layers = PRESET_LAYERS[name] if layers is None else layers * LAYER_FACTOR[name]
-        self.override = layers is not None
-        self.tag = name if layers is None else f"{name}-L{self.layers}"
+        self.overrides = OVERRIDES.get(name, {})
+        self.widths = WIDTHS[name]
+        factor = LAYER_FACTOR[name]
+        self.layers = PRESET_LAYERS[name] if layers is None or not factor else layers * factor
+        self.override = self.layers != PRESET_LAYERS[name]
+        self.tag = name if not self.override else f"{name}-L{self.layers}"
         self.dir = workdir / self.tag
         self.logdir = self.dir / "logs"
 
     def describe(self) -> str:
+        w = self.widths
+        shape = "" if not self.overrides else (f", hidden {w['hidden']}, intermediate {w['inter']}, vocab {w['vocab']}, "
+                                               f"{w['heads']} heads / {w['kv']} kv heads, "
+                                               + ("tied" if w["tied"] else "untied"))
         return f"{self.preset}" + (f" with --layers override: {self.layers} layers" if self.override else
-                                   f" ({self.layers} layers)")
+                                   f" ({self.layers} layers{shape})")
+
+    def config_json(self) -> str:
+        """What a child sets on ``build_config(preset)``: the layer count and the size's overrides."""
+        return json.dumps({**self.overrides, "num_hidden_layers": self.layers})
+
+    def params(self) -> int:
+        w = self.widths
+        h, q, kv = w["hidden"], w["heads"] * w["head_dim"], w["kv"] * w["head_dim"]
+        per_layer = 2 * h * q + 2 * h * kv + 3 * h * w["inter"] + 2 * h
+        return self.embedding_params() * (1 if w["tied"] else 2) + self.layers * per_layer + h
 
     def est_fp32_bytes(self) -> int:
-        """fp32 model bytes of the Llama-3.2-1B widths at this depth (disk guard only; tied embeddings)."""
-        per_layer = 2 * 2048 * 2048 + 2 * 2048 * 512 + 3 * 2048 * 8192 + 2 * 2048
-        return self.embedding_fp32_bytes() + 4 * (self.layers * per_layer + 2048)
+        """fp32 model bytes (disk guard and parameter count)."""
+        return 4 * self.params()
 
-    @staticmethod
-    def embedding_fp32_bytes() -> int:
-        """The tied embedding; to-dcp writes it twice (embed_tokens and lm_head, as the trainer loads them)."""
-        return 4 * 128256 * 2048
+    def embedding_params(self) -> int:
+        return self.widths["vocab"] * self.widths["hidden"]
+
+    def dcp_extra_bytes(self) -> int:
+        """What to-dcp writes beyond the fp32 model: a tied embedding twice (embed_tokens and lm_head, as the
+        trainer loads them)."""
+        return 4 * self.embedding_params() if self.widths["tied"] else 0
+
+
+def apply_config(cfg, config_json: str):
+    """Set a Size's ``config_json`` on a transformers config (in a child)."""
+    for k, v in json.loads(config_json).items():
+        setattr(cfg, k, v)
+    return cfg
 
 
 def disk_ok(path: Path, need: int, what: str) -> bool:
@@ -128,13 +172,19 @@ def first_error_line(stderr: Path) -> str:
     return lines[-1] if lines else "(no stderr)"
 
 
+RUSAGE = ("ru_utime", "ru_stime", "ru_maxrss", "ru_majflt", "ru_minflt", "ru_nvcsw", "ru_nivcsw")
+
+
 def measure(key: str, cmd: list[str], warm_files: list[Path], logdir: Path) -> dict:
-    """Run ``cmd`` as a child after warming ``warm_files``; wall, peak RSS (KiB), CPU, other CPU, rc."""
+    """Run ``cmd`` as a child after warming ``warm_files`` and one ``sync``: wall seconds, and from the child's
+    rusage (``os.wait4``, what /usr/bin/time reports) user / sys CPU seconds, peak RSS (KiB), major / minor page
+    faults, voluntary / involuntary context switches; the CPU the rest of the machine used meanwhile; rc."""
     logdir.mkdir(parents=True, exist_ok=True)
     t_warm = warm(warm_files)
     print(f"\n[{key}] warm-up cat+sync {t_warm:.1f}s; running: {' '.join(cmd)}", flush=True)
     out_log, err_log = logdir / f"{key}.stdout", logdir / f"{key}.stderr"
     with open(out_log, "wb") as so, open(err_log, "wb") as se:
+        os.sync()  # (warm already synced; again right before the clock starts: no tool pays for another's write-back)
         busy0 = busy_cpu_s()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=so, stderr=se, cwd=REPO, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -145,28 +195,38 @@ def measure(key: str, cmd: list[str], warm_files: list[Path], logdir: Path) -> d
     cpu = ru.ru_utime + ru.ru_stime
     res = {
         "key": key, "rc": rc, "wall_s": wall, "rss_kib": ru.ru_maxrss, "utime_s": ru.ru_utime,
-        "stime_s": ru.ru_stime, "cpu_s": cpu,
+        "stime_s": ru.ru_stime, "cpu_s": cpu, "majflt": ru.ru_majflt, "minflt": ru.ru_minflt,
+        "nvcsw": ru.ru_nvcsw, "nivcsw": ru.ru_nivcsw,
         # machine-wide busy CPU minus the child's: other processes (and kernel writeback) on this box
         "foreign_cpu_s": max(0.0, busy - cpu), "stderr": err_log, "out_bytes": 0,
         "error": first_error_line(err_log) if rc else "",
     }
     print(f"[{key}] rc={rc} wall={wall:.2f}s peak_rss={gb_kib(ru.ru_maxrss):.2f} GB "
-          f"cpu={ru.ru_utime:.1f}u+{ru.ru_stime:.1f}s other_cpu={res['foreign_cpu_s']:.1f}s", flush=True)
+          f"cpu={ru.ru_utime:.1f}u+{ru.ru_stime:.1f}s faults={ru.ru_majflt}maj+{ru.ru_minflt}min "
+          f"csw={ru.ru_nvcsw}vol+{ru.ru_nivcsw}invol other_cpu={res['foreign_cpu_s']:.1f}s", flush=True)
     if rc:
         tail = err_log.read_text(errors="replace").splitlines()[-15:]
         print(f"[{key}] FAILED: {res['error']}\n  stderr tail ({err_log}):\n  " + "\n  ".join(tail), flush=True)
     return res
 
 
+# what combine() takes the median of; rss_kib is the max over the rounds, out_bytes / out_files the first's
+MEDIAN_FIELDS = ("wall_s", "utime_s", "stime_s", "cpu_s", "majflt", "minflt", "nvcsw", "nivcsw", "foreign_cpu_s")
+
+
 def combine(reps: list[dict]) -> dict:
-    """Fastest successful repetition; peak RSS = max over the successful ones; a failure if none succeeded."""
-    ok = [r for r in reps if r["rc"] == 0]
-    if not ok:
-        return reps[-1]
-    best = dict(min(ok, key=lambda r: r["wall_s"]))
-    best["rss_kib"] = max(r["rss_kib"] for r in ok)
-    best["walls"] = [r["wall_s"] for r in ok]
-    return best
+    """The successful rounds of one tool: the median of each of MEDIAN_FIELDS (targets are judged on the
+    median), wall min and max, peak RSS = the max; ``rounds`` keeps every round.  A failure if none succeeded."""
+    good = [r for r in reps if r["rc"] == 0]
+    if not good:
+        return {**reps[-1], "rounds": reps}
+    res = dict(good[0])
+    for f in MEDIAN_FIELDS:
+        res[f] = statistics.median(r[f] for r in good)
+    walls = [r["wall_s"] for r in good]
+    res.update(rss_kib=max(r["rss_kib"] for r in good), wall_min=min(walls), wall_max=max(walls),
+               n_ok=len(good), n_failed=len(reps) - len(good), rounds=reps)
+    return res
 
 
 def ok(r: dict | None) -> bool:
@@ -328,26 +388,46 @@ def verdict(good: bool) -> str:
 
 
 def row_table(results: dict[str, dict], labels: dict[str, str], floor_key: str) -> list[str]:
-    """Markdown rows: one per measured step, in ``labels`` order."""
+    """Markdown rows: one per measured step, in ``labels`` order; every number is the median of the rounds
+    (wall also with its min and max), peak RSS the max."""
     floor = results[floor_key]["wall_s"] if ok(results.get(floor_key)) else None
-    rows = ["| tool | wall s | peak RSS GB | wall / floor | CPU s (user+sys) | other CPU s during run | output GB |",
-            "|---|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| tool | wall s: median [min-max] | wall / floor | CPU s: user+sys | peak RSS GB | page faults: "
+            "major / minor | context switches: voluntary / involuntary | other CPU s during run | output GB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, label in labels.items():
         r = results.get(key)
         if r is None:
             continue
         if r["rc"] != 0:
-            rows.append(f"| {label} | FAILED (exit {r['rc']}): {r['error'][:160]} | - | - | - | - | - |")
+            rows.append(f"| {label} | FAILED (exit {r['rc']}): {r['error'][:160]} |" + " - |" * 7)
             continue
         wall = f"{r['wall_s']:.2f}"
-        if len(r.get("walls", [])) > 1:
-            wall += " (" + ", ".join(f"{w:.1f}" for w in r["walls"]) + ")"
+        if r.get("n_ok", 1) > 1:
+            wall += f" [{r['wall_min']:.2f}-{r['wall_max']:.2f}]"
+        if r.get("n_failed"):
+            wall += f" ({r['n_failed']} round(s) FAILED)"
         flag = " (!)" if noisy(r) else ""
         rows.append(
-            f"| {label} | {wall} | {gb_kib(r['rss_kib']):.2f} | "
-            + (f"{r['wall_s'] / floor:.2f}x" if floor else "-")
-            + f" | {r['cpu_s']:.1f} ({r['utime_s']:.1f}+{r['stime_s']:.1f}) | {r['foreign_cpu_s']:.1f}{flag} | "
-            + (f"{r['out_bytes'] / 1e9:.2f} |" if r["out_bytes"] else "- |"))
+            f"| {label} | {wall} | " + (f"{r['wall_s'] / floor:.2f}x" if floor else "-")
+            + f" | {r['utime_s']:.1f}+{r['stime_s']:.1f} = {r['cpu_s']:.1f} | {gb_kib(r['rss_kib']):.2f} | "
+            f"{r['majflt']:.0f} / {r['minflt']:.0f} | {r['nvcsw']:.0f} / {r['nivcsw']:.0f} | "
+            f"{r['foreign_cpu_s']:.1f}{flag} | " + (f"{r['out_bytes'] / 1e9:.2f} |" if r["out_bytes"] else "- |"))
+    return rows
+
+
+def rounds_table(results: dict[str, dict], labels: dict[str, str]) -> list[str]:
+    """Every round of every tool (the medians above come from these): wall, CPU, peak RSS, faults, switches."""
+    rows = ["| tool | round | wall s | user s | sys s | peak RSS GB | major / minor faults | vol / invol switches | "
+            "other CPU s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, label in labels.items():
+        r = results.get(key)
+        for i, x in enumerate((r or {}).get("rounds", []), 1):
+            if x["rc"] != 0:
+                rows.append(f"| {label} | {i} | FAILED (exit {x['rc']}) | - | - | - | - | - | - |")
+                continue
+            rows.append(f"| {label} | {i} | {x['wall_s']:.2f} | {x['utime_s']:.2f} | {x['stime_s']:.2f} | "
+                        f"{gb_kib(x['rss_kib']):.2f} | {x['majflt']} / {x['minflt']} | {x['nvcsw']} / {x['nivcsw']} | "
+                        f"{x['foreign_cpu_s']:.1f} |")
     return rows
 
 
@@ -356,37 +436,40 @@ def noisy(r: dict) -> bool:
     return r["foreign_cpu_s"] > max(1.0, 0.10 * r["wall_s"] * NCPU)
 
 
-def direction_checks(res: dict[str, dict], *, other: str, other_label: str, speedup_target: float | None,
+def direction_checks(res: dict[str, dict], *, other: str | None, other_label: str, speedup_target: float | None,
                      rss_target_gb: float | None) -> list[tuple[str, str, str]]:
-    """The summary of one direction at one size: (check, target, value + verdict) rows.
+    """The summary of one direction at one size: (check, target, value + verdict) rows, on the medians.
 
-    ``res`` keys: cb (ckpt-bridge, 1 process), cb_w2 (--workers 2), ``other`` (the tool compared with),
-    floor, floor_flush, startup."""
-    cb, w2, oth = res.get("cb"), res.get("cb_w2"), res.get(other)
+    ``res`` keys: cb (ckpt-bridge, 1 process), cb_w2 (--workers 2), ``other`` (the tool compared with; None:
+    no peer runs here, ``other_label`` says why), floor, floor_flush, startup."""
+    cb, w2 = res.get("cb"), res.get("cb_w2")
+    oth = res.get(other) if other else None
     floor, flush, st = res.get("floor"), res.get("floor_flush"), res.get("startup")
     fail = "not run" if cb is None else "-" if ok(cb) else "ckpt-bridge FAILED: " + cb["error"][:120]
     rows = []
-    if speedup_target is None:
-        rows.append((f"speed-up vs {other_label}", "> 1x (faster)",
-                     _ratio_cell(oth, cb, lambda x: x > 1.0) if ok(cb) else fail))
+    if other is None:
+        rows.append(("speed-up vs peer", "-", other_label))
     else:
-        rows.append((f"speed-up vs {other_label}", f">= {speedup_target:g}x",
-                     _ratio_cell(oth, cb, lambda x: x >= speedup_target) if ok(cb) else fail))
-    rows.append(("wall / floor", "<= 1.5x", _ratio_cell(cb, floor, lambda x: x <= 1.5) if ok(cb) else fail))
+        target = "> 1x (faster)" if speedup_target is None else f">= {speedup_target:g}x"
+        good = (lambda x: x > 1.0) if speedup_target is None else (lambda x: x >= speedup_target)
+        rows.append((f"speed-up vs {other_label} (median wall)", target, _ratio_cell(oth, cb, good) if ok(cb) else fail))
+        rows.append((f"CPU (user+sys) of {other_label} / ckpt-bridge's", "context",
+                     _ratio_cell(oth, cb, None, "cpu_s") if ok(cb) else fail))
+    cell = fail
+    if ok(cb) and ok(st) and ok(floor):
+        x = (cb["wall_s"] - st["wall_s"]) / floor["wall_s"]
+        cell = (f"{x:.2f}x {verdict(x <= 2.0)} ({cb['wall_s'] - st['wall_s']:.2f} s after a {st['wall_s']:.2f} s "
+                "torch start-up)")
+    rows.append(("(wall - `import torch, safetensors.torch`) / floor", "<= 2x", cell))
+    rows.append(("wall / floor", "context", _ratio_cell(cb, floor, None) if ok(cb) else fail))
     rows.append(("wall / (floor + one flush)", "context", _ratio_cell(cb, flush, None) if ok(cb) else fail))
     if ok(cb):
         rss = gb_kib(cb["rss_kib"])
         tgt = f"< {rss_target_gb:g} GB" if rss_target_gb else "report"
-        rows.append(("peak RSS", tgt, f"{rss:.2f} GB" + (f" {verdict(rss < rss_target_gb)}" if rss_target_gb else "")))
+        rows.append(("peak RSS (max of the rounds)", tgt,
+                     f"{rss:.2f} GB" + (f" {verdict(rss < rss_target_gb)}" if rss_target_gb else "")))
     else:
-        rows.append(("peak RSS", "-", fail))
-    cell = fail
-    if ok(cb) and ok(st):
-        net = cb["wall_s"] - st["wall_s"]
-        cell = f"{net:.2f} s (torch start-up {st['wall_s']:.2f} s)"
-        if ok(floor):
-            cell += f", {net / floor['wall_s']:.2f}x floor"
-    rows.append(("wall - `import torch, safetensors.torch`", "context", cell))
+        rows.append(("peak RSS (max of the rounds)", "-", fail))
     if w2 is not None:
         if ok(w2) and ok(cb):
             cell = (f"{w2['wall_s']:.2f} s, {cb['wall_s'] / w2['wall_s']:.2f}x vs 1 process, "
@@ -400,11 +483,11 @@ def direction_checks(res: dict[str, dict], *, other: str, other_label: str, spee
     return rows
 
 
-def _ratio_cell(num: dict | None, den: dict | None, good) -> str:
+def _ratio_cell(num: dict | None, den: dict | None, good, field: str = "wall_s") -> str:
     if not ok(num) or not ok(den):
         missing = [r for r in (num, den) if not ok(r)]
         return "-" if not missing or missing[0] is None else f"n/a ({missing[0]['key']} failed)"
-    x = num["wall_s"] / den["wall_s"]
+    x = num[field] / den[field]
     return f"{x:.2f}x" + (f" {verdict(good(x))}" if good else "")
 
 
@@ -437,13 +520,14 @@ def scaling_lines(title: str, per_size: dict[str, dict]) -> list[str]:
         lines.append(f"| {tag} | {d['params']} | {cb['out_bytes'] / 1e9:.2f} | {cb['wall_s']:.2f} | "
                      f"{spg[tag][0]:.2f} | {spg[tag][1]:.2f} | {w2c} |")
     lines.append("")
-    if len(spg) == 2:
-        (s1, (t1, r1)), (s2, (t2, r2)) = spg.items()
+    pair = [next((t for t in spg if t.split("-")[0] == name), None) for name in ("1b", "1b_x2")]
+    if all(pair):
+        (s1, (t1, r1)), (s2, (t2, r2)) = ((t, spg[t]) for t in pair)
         tr, rr = t2 / t1, r2 / r1
         lines.append(f"- growth {s1} -> {s2}: time/GB x{tr:.2f} ({_flat(tr)}), peak RSS x{rr:.2f} ({_flat(rr)}) "
                      "(flat = the larger model's value within 15 % of the smaller's)")
     else:
-        lines.append("- growth: needs both sizes (--size both)")
+        lines.append("- growth: needs the sizes 1b and 1b_x2 (--size both)")
     return lines
 
 
@@ -452,7 +536,7 @@ def _flat(ratio: float) -> str:
 
 
 def params_of(size: Size) -> str:
-    return f"{size.est_fp32_bytes() / 4 / 1e9:.2f}B"
+    return f"{size.params() / 1e9:.2f}B"
 
 
 # ---- environment lines
@@ -497,10 +581,14 @@ def header_lines(title: str) -> list[str]:
         f"- versions: torch {ver('torch')}, transformers {ver('transformers')}, verl {ver('verl')}, "
         f"safetensors {ver('safetensors')}, ckpt-bridge {ver('ckpt-bridge')} (git {git_rev()})",
         "- page cache: warm. It cannot be dropped without root, so before every measured command its input "
-        "files were read with `cat > /dev/null` and `sync` flushed earlier dirty pages (outside the timing). "
-        "No tool fsyncs, except ckpt-bridge's one flush before its final rename (if the engine does it) and "
-        "the \"floor + one flush\" row.",
-        f"- peak RSS: `ru_maxrss` of the child from `os.wait4`, GB = 10^9 bytes; the stdlib-only parent was "
+        "files were read with `cat > /dev/null`, then `sync` (os.sync) flushed every earlier dirty page, outside the "
+        "timing: no tool pays for another's write-back. No tool fsyncs, except ckpt-bridge's one flush before its "
+        "final rename and the \"floor + one flush\" row.",
+        "- rounds: the tools run one after the other, N interleaved rounds (`--repeat N`); each number is the "
+        "median of the rounds (wall also [min-max]), peak RSS the max; targets are judged on the medians. CPU, "
+        "faults and context switches are the child's rusage from `os.wait4` (what /usr/bin/time prints), "
+        "children it reaped included.",
+        f"- peak RSS: `ru_maxrss` of the child, GB = 10^9 bytes; the stdlib-only parent was "
         f"{self_rss_kib() / 1024:.0f} MiB at spawn. For `--workers 2` this is the CLI process's ru_maxrss, which "
         "includes its reaped children (the workers): the largest of the CLI and any one worker, not their sum.",
         "- (!) = other processes used noticeable CPU during that run (machine-wide busy CPU minus the child's): "
