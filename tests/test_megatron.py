@@ -204,9 +204,12 @@ def test_stacked_tensors_are_read_one_layer_at_a_time(megatron_ckpts, tmp_path, 
     monkeypatch.setattr(DCPReader, "read", lambda self, k, *a, **kw: whole.append(k) or orig_read(self, k, *a, **kw))
     root = megatron_ckpts["qwen3_moe_ep2"]
     to_hf(root / "global_step_1", tmp_path / "hf", config=root / "base_model", progress=False)
-    assert whole and not [k for k in whole if is_stacked(k)], whole
+    assert not [k for k in whole if is_stacked(k)], whole
     stacked = [c for c in calls if c[0] == "dist_ckpt" and c[4][0] == 1 and len(c[1]) == len(c[4])]
     assert stacked and all(stop - start == 1 for _, _, start, stop, _ in stacked)
+    # unstacked tensors (the embedding, split over TP ranks) move in row pieces too, never whole (issue 17)
+    assert not whole, whole
+    assert [c for c in calls if len(c[1]) == 2 and len(c[4]) == 2 and c[4][0] == c[3] - c[2]], calls
     assert any(len(shape) == 4 for _, shape, *_ in stacked)  # the [L, E, 2F, H] expert stack, per layer
     assert all(stop - start == 1 or shape[0] == stop - start and not len(shape) > 2
                for _, shape, start, stop, _ in calls), calls

@@ -4,7 +4,8 @@ flame model-only load accepts, with auxiliary modules and a manifest.
 This module only assembles the pipeline (:func:`ckpt_bridge.pipeline.run.run`): the reader of the HF dir
 (seen through a TorchTitan adapter when the trainer's model is TorchTitan's own), the plan against the keys
 the trainer will request (:mod:`ckpt_bridge.plan.trainer_target`), the DCP sink (:mod:`ckpt_bridge.writers.dcp`:
-DCP's own ``FileSystemWriter``, one tensor in memory at a time) and the manifest as the side file.
+DCP's own ``FileSystemWriter`` and planner; a large tensor stored as row chunks, so memory is a few pieces) and
+the manifest as the side file.
 
 Everything checkable (keys both ways, shapes, aux sources) is checked before
 the output directory is created; the output is written under a temporary name
@@ -261,8 +262,8 @@ def to_dcp(src: str | Path, out: str | Path, options: "ToDCP | None" = None, *, 
         if aux_tf:
             source = WithTensors(source, {t.inputs[0]: aux_values[t.inputs[0][len(AUX_SOURCE):]][0] for t in aux_tf})
         targets = {o.key: TensorInfo(o.key, o.shape, out_dt(o)) for t in stream_plan.transforms for o in t.outputs}
-        # DCP's writer (one file per item, in state-dict order) asks for a multi-output transform's outputs one
-        # after the other, so only one group is ever held (see Held).
+        # DCP's writer asks for the items in state-dict order, which is the plan's: it takes each from the piece
+        # stream as it comes (writers/dcp.RowFeed), a large tensor as several row chunks.
         sink = DCPSink(targets, nested=req.layout == "nested", fqn_of=req.fqn_of, out_dt=out_dt)
         protect = tuple(p for p in (Path(src), reader.path, cfg_dir, Path(aux_from) if aux_from else None) if p)
 

@@ -179,6 +179,9 @@ class _RepeatedSlices:
 class MegatronReader(Reader):
     format = "verl-megatron"
     key_names = "megatron"
+    # Unstacked tensors (the embedding, the output layer, the final norm) and bridge-written HF weights copy row
+    # ranges from their chunks: a 1 GB embedding split over TP ranks moves in pieces, never whole.
+    reads_rows = True
 
     def __init__(self, path: Path, *, trust_pickle: bool = False):
         super().__init__(path)
@@ -299,6 +302,16 @@ class MegatronReader(Reader):
         if dtype is not None:
             return self.dcp.read_layer(base, i, dtype)
         return self._repeats.get(key, lambda: self.dcp.read_layer(base, i, dtype))
+
+    def read_rows(self, key: str, out: torch.Tensor, start: int, stop: int) -> bool:
+        """Rows [start, stop) of an unstacked tensor (or of a bridge-written HF weight) into ``out``; False for a
+        layer slice ``key[i]`` (read whole, one layer: :meth:`read`)."""
+        self.check()
+        if self.bridge_hf is not None:
+            return self.bridge_hf.read_rows(key, out, start, stop)
+        if parse_slice(key)[1] is not None:
+            return False
+        return self.dcp.read_rows(key, out, start, stop)
 
     def expect_reads(self, counts: dict[str, int]) -> None:
         """How many times the plan reads each key (as stored, ``dtype=None``): repeats are kept in between."""

@@ -27,7 +27,6 @@ from ..dtypes import nbytes
 from ..formats.base import Reader, TensorInfo
 from ..plan.core import Plan, Transform, execute
 from ..progress import Progress
-from .buffers import Recycled
 from .pieces import Piece, stream_pieces
 from .team import Team, team_output
 
@@ -36,8 +35,8 @@ SideFile = Callable[[Path], list[str]]  # writes into the temporary output dir, 
 
 
 class Source:
-    """The reader seen by a sink: its share of the plan as row pieces (a pushing sink) or as whole tensors asked
-    for one key at a time (a pulling sink such as DCP's writer).  Moves the progress bar."""
+    """The reader seen by a sink: its share of the plan as a stream of pieces, in plan order (a sink that is
+    asked for data, as DCP's writer asks, takes them from the stream in that order).  Moves the progress bar."""
 
     def __init__(self, reader: Reader, out_dt: DtypeOf, bar: Progress):
         self.reader, self.out_dt, self.bar = reader, out_dt, bar
@@ -51,41 +50,7 @@ class Source:
             self.bar.update(p.tensor.numel() * p.tensor.element_size(), p.key)
             yield p
 
-    def tensors(self, transforms: list[Transform]) -> "Held":
-        """Whole outputs handed out by key (see :class:`Held`)."""
-        return Held(self, transforms)
 
-
-class Held:
-    """Outputs asked for one key at a time from a plan that produces a transform's outputs together.
-
-    Runs the plan (no read-ahead: the pulling writer's own writes bound the run, and a read-ahead would keep
-    one more group alive) up to the transform that makes the asked key, hands that key out and keeps the
-    transform's other outputs until they are asked for.  The one home of "run the transform that makes key k
-    and hold its other outputs".
-    """
-
-    def __init__(self, source: Source, transforms: list[Transform]):
-        # The writer has written tensor k before it asks for k+1, though it still holds k: the buffer of k-1
-        # is free again when k+1 is read.
-        self.arenas = Recycled(2)
-        self.source = source
-        self.stream = execute(transforms, source.reader.read, source.out_dt, ahead=False, buffer=self.arenas.take)
-        self.pending: dict[str, torch.Tensor] = {}
-
-    def take(self, key: str) -> torch.Tensor:
-        while key not in self.pending:
-            # Tensors read ahead of their turn must not sit in an arena the next reads reuse (writers ask in plan
-            # order, so this does not happen; if it did, it would cost a copy, not a wrong byte).
-            self.pending = {k: v.clone() if self.arenas.owns(v) else v for k, v in self.pending.items()}
-            try:
-                _, outs = next(self.stream)
-            except StopIteration:
-                raise KeyError(f"{key}: no transform of this share produces it") from None
-            self.pending.update(outs)
-        t = self.pending.pop(key)
-        self.source.bar.update(t.numel() * t.element_size(), key)
-        return t
 
 
 class Sink(Protocol):
