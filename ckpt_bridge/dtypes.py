@@ -40,3 +40,13 @@ def out_dtype(cast: torch.dtype | None) -> Callable:
 def dtype_name(dtype: torch.dtype) -> str:
     """The name a config records for ``dtype``."""
     return TORCH_DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def dominant_float_dtype(infos, out_dt: Callable) -> torch.dtype:
+    """The floating dtype most of ``infos``' elements are written in (what an exported config.json records)."""
+    by_numel: dict[torch.dtype, int] = {}
+    for info in infos:
+        d = out_dt(info)
+        if d.is_floating_point:
+            by_numel[d] = by_numel.get(d, 0) + info.numel
+    return max(by_numel, key=by_numel.__getitem__) if by_numel else torch.float32

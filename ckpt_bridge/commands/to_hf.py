@@ -19,9 +19,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 
-from ..dtypes import DTYPES, TORCH_DTYPE_NAMES, out_dtype, parse_dtype
+from ..dtypes import DTYPES, dominant_float_dtype, out_dtype, parse_dtype
 from ..errors import BridgeError, KeyPlanError
 from ..formats.base import Reader, TensorInfo
 from ..formats.detect import open_reader
@@ -37,9 +36,8 @@ from ..plan.lora import is_lora
 from ..plan.export_plan import plan_export
 from ..summary import ExportSummary
 from ..writers.atomic import check_target
-from ..writers.marker import write_marker
 from ..writers.safetensors_shards import SafetensorsSink, parse_size
-from ..writers.side_files import AUX_FILE, config_dir, copy_base, copy_side_files, same_model, write_extra_state
+from ..writers.side_files import AUX_FILE, config_dir, same_model, write_hf_side_files
 from ..writers.side_files import write_configs as _write_configs  # a module global: tests hold the export between steps
 from .to_hf_lora import export_lora
 
@@ -201,8 +199,9 @@ def to_hf(src: str | Path, out: str | Path, options: "ToHF | None" = None, *, te
             section_tf += tfs
             sinks.append(SafetensorsSink(tfs, out_dt, shard_bytes, prefix=name, shared=False))
         side = [partial(_aux_index, aux_keys, all_infos)] if sep_tf else []
-        side.append(partial(_hf_side_files, reader=reader, plan=plan, out_dt=out_dt, summary=summary, cfg_dir=cfg_dir,
-                            tok_dir=tok_dir, base_dir=base_dir))
+        side.append(partial(write_hf_side_files, reader=reader, summary=summary, cfg_dir=cfg_dir, key_plan=plan,
+                            written=dominant_float_dtype(plan.targets().values(), out_dt), tokenizer=tok_dir,
+                            base=base_dir, write=_write_configs))
         summary.model_class = plan.model_class
         summary.dropped = list(plan.dropped) + summary.dropped
         result = run(reader, Plan(transforms=main_tf + sep_tf + section_tf), sinks, side, team,
@@ -217,15 +216,6 @@ def to_hf(src: str | Path, out: str | Path, options: "ToHF | None" = None, *, te
     return summary
 
 
-def _dominant_float_dtype(plan: Plan, out_dt) -> torch.dtype:
-    by_bytes: dict[torch.dtype, int] = {}
-    for info in plan.targets().values():
-        d = out_dt(info)
-        if d.is_floating_point:
-            by_bytes[d] = by_bytes.get(d, 0) + info.numel
-    return max(by_bytes, key=by_bytes.__getitem__) if by_bytes else torch.float32
-
-
 def _aux_index(aux_keys: dict[str, list[str]], infos: dict[str, TensorInfo], tmp: Path) -> list[str]:
     """``aux_modules.safetensors.json``: which modules the aux file holds and how to load them."""
     (tmp / f"{AUX_FILE}.json").write_text(json.dumps({
@@ -234,25 +224,3 @@ def _aux_index(aux_keys: dict[str, list[str]], infos: dict[str, TensorInfo], tmp
                 "load with safetensors.torch.load_file and model.add_module / load_state_dict",
     }, indent=2) + "\n")
     return [f"{AUX_FILE}.json"]
-
-
-def _hf_side_files(tmp: Path, *, reader: Reader, plan: Plan, out_dt, summary: ExportSummary, cfg_dir: Path,
-                   tok_dir: Path | None, base_dir: Path | None) -> list[str]:
-    """Everything an HF export carries besides the weights: configs, tokenizer, ``--base`` components, the
-    training extra state, and last the marker that says ckpt-bridge wrote it."""
-    written = _dominant_float_dtype(plan, out_dt)
-    summary.dtype = TORCH_DTYPE_NAMES.get(written, str(written))
-    files = _write_configs(tmp, cfg_dir, plan, written)
-    files += copy_side_files(tmp, tok_dir or cfg_dir, summary.warnings)
-    if base_dir is not None:
-        files += copy_base(tmp, base_dir)
-    extra = reader.extra_state()
-    if extra:
-        files += write_extra_state(tmp, extra, source=str(reader.path))
-        summary.extra_state = True
-        summary.global_step = extra.get("global_step")
-        summary.warnings += extra.get("warnings", [])
-    files.append(write_marker(
-        tmp, source=reader.path, source_format=reader.format, parts=["model"] + (["extra_state"] if extra else []),
-        rng_ranks=sorted(extra.get("rng", {})) if extra else [], warnings=summary.warnings))
-    return files

@@ -32,14 +32,13 @@ import torch
 
 from ..plan import lora
 from ..formats.detect import open_reader
-from ..dtypes import TORCH_DTYPE_NAMES, out_dtype
+from ..dtypes import dominant_float_dtype, out_dtype
 from ..errors import BridgeError, KeyPlanError
-from ..writers.marker import write_marker
 from ..summary import ExportSummary
 from ..formats.base import Reader, TensorInfo
 from ..plan.hf_target import ModelExpectation, canonicalize, expected_model, plan_hf_export, value_head
 from ..plan.core import Plan, compose
-from ..writers.side_files import copy_base, copy_side_files, write_configs, write_extra_state
+from ..writers.side_files import write_hf_side_files
 from ..writers.atomic import check_target
 from ..writers.safetensors_shards import SafetensorsSink
 from ..pipeline.run import Output, run
@@ -173,14 +172,6 @@ def _adapter_config(job: LoraJob, tmp: Path) -> list[str]:
     return [lora.ADAPTER_CONFIG if job.mode == "adapter" else f"{lora.ADAPTER_SUBDIR}/{lora.ADAPTER_CONFIG}"]
 
 
-def _dominant(by_key: dict[str, tuple[torch.dtype, int]]) -> torch.dtype:
-    total: dict[torch.dtype, int] = {}
-    for dt, n in by_key.values():
-        if dt.is_floating_point:
-            total[dt] = total.get(dt, 0) + n
-    return max(total, key=total.__getitem__) if total else torch.float32
-
-
 def export_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, src: str | Path, out: str | Path, *,
                 mode: str, lora_config: str | Path | None, cast: torch.dtype | None, shard_bytes: int,
                 tokenizer: Path | None, base: Path | None, overwrite: bool, progress: bool | None, t0: float,
@@ -205,7 +196,14 @@ def export_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, src
             return summary
         sinks = lora_sinks(job, cast, shard_bytes)
         side = [partial(_adapter_config, job)] if job.adapter is not None else []
-        side.append(partial(_lora_side_files, job=job, reader=reader, summary=summary, cfg_dir=cfg_dir, cast=cast,
+        merged = job.merged
+        if merged is not None:
+            summary.model_class, summary.dropped = job.key_plan.model_class, list(merged.dropped)
+        else:
+            summary.model_class = "PEFT adapter"
+        side.append(partial(write_hf_side_files, reader=reader, summary=summary, cfg_dir=cfg_dir,
+                            key_plan=job.key_plan if merged is not None else None,
+                            written=dominant_float_dtype(merged.targets().values(), out_dtype(cast)) if merged else None,
                             tokenizer=tokenizer, base=base))
         plans = [p for p in (job.merged, job.adapter) if p is not None]
         source = reader if job.base_reader is None else WithNamespace(reader, lora.BASE_NS, job.base_reader)
@@ -219,31 +217,3 @@ def export_lora(reader: Reader, infos: dict[str, TensorInfo], cfg_dir: Path, src
         job.close()
     summary.seconds = time.perf_counter() - t0
     return summary
-
-
-def _lora_side_files(tmp: Path, *, job: LoraJob, reader: Reader, summary: ExportSummary, cfg_dir: Path,
-                     cast: torch.dtype | None, tokenizer: Path | None, base: Path | None) -> list[str]:
-    """The merged model's configs and tokenizer (when there is one), the run's extra state (an adapter-only
-    export carries it too) and the marker every export carries."""
-    files: list[str] = []
-    if job.merged is not None:
-        dtype_of = out_dtype(cast)
-        written = _dominant({o.key: (dtype_of(o), o.numel) for o in job.merged.targets().values()})
-        summary.model_class = job.key_plan.model_class
-        summary.dropped = list(job.merged.dropped)
-        summary.dtype = TORCH_DTYPE_NAMES.get(written, str(written))
-        files += write_configs(tmp, cfg_dir, job.key_plan, written)
-        files += copy_side_files(tmp, tokenizer or cfg_dir, summary.warnings)
-        if base is not None:
-            files += copy_base(tmp, base)
-    else:
-        summary.model_class = "PEFT adapter"
-    extra = reader.extra_state()
-    if extra:
-        files += write_extra_state(tmp, extra, source=str(reader.path))
-        summary.extra_state = True
-        summary.global_step = extra.get("global_step")
-    files.append(write_marker(
-        tmp, source=reader.path, source_format=reader.format, parts=["model"] + (["extra_state"] if extra else []),
-        rng_ranks=sorted(extra.get("rng", {})) if extra else [], warnings=summary.warnings))
-    return files

@@ -24,6 +24,7 @@ from ..formats.base import Reader
 from ..formats.dcp_files import MANIFEST
 from ..models.hf import with_legacy_fields
 from ..jsonfiles import check_config, read_json
+from .marker import write_marker
 
 
 
@@ -218,3 +219,30 @@ def jsonable(obj: Any) -> Any:
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
     return repr(obj)
+
+
+def write_hf_side_files(tmp: Path, *, reader: Reader, summary: Any, cfg_dir: Path, key_plan: Any | None,
+                        written: torch.dtype | None, tokenizer: Path | None, base: Path | None,
+                        write: Any = None) -> list[str]:
+    """Everything an HF export carries besides the weights, for every kind of export (a model, a LoRA merge, an
+    adapter alone: ``key_plan`` None): the configs saying ``written`` (and the plan's config updates), the
+    tokenizer / processor files, ``--base`` components, the training extra state, and last the marker that says
+    ckpt-bridge wrote it.  ``summary`` (an ExportSummary) records the dtype, step and warnings.  ``write``: the
+    config writer (default :func:`write_configs`; to_hf passes its own name for it, where tests hold an export)."""
+    files: list[str] = []
+    if key_plan is not None:
+        summary.dtype = dtype_name(written)
+        files += (write or write_configs)(tmp, cfg_dir, key_plan, written)
+        files += copy_side_files(tmp, tokenizer or cfg_dir, summary.warnings)
+        if base is not None:
+            files += copy_base(tmp, base)
+    extra = reader.extra_state()
+    if extra:
+        files += write_extra_state(tmp, extra, source=str(reader.path))
+        summary.extra_state = True
+        summary.global_step = extra.get("global_step")
+        summary.warnings += extra.get("warnings", [])
+    files.append(write_marker(
+        tmp, source=reader.path, source_format=reader.format, parts=["model"] + (["extra_state"] if extra else []),
+        rng_ranks=sorted(extra.get("rng", {})) if extra else [], warnings=summary.warnings))
+    return files
