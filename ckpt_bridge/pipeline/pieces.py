@@ -54,11 +54,12 @@ class Piece:
 
 
 def stream_pieces(transforms: list[Transform], reader, out_dt: Callable[[TensorInfo], torch.dtype],
-                  piece_bytes: int | None = None) -> Iterator[Piece]:
+                  piece_bytes: int | None = None, *, ahead: bool = True) -> Iterator[Piece]:
     """Every output of ``transforms`` in order, large renames in row pieces (see the module doc).
 
     The consumer must be done with a piece before asking for the next one
-    (its buffer is reused three pieces later).
+    (its buffer is reused three pieces later).  ``ahead=False``: no producer thread (a consumer that still
+    holds what it was given before, as DCP's writer does, would otherwise have three whole tensors alive).
     """
     rows = reader.read_rows if reader.reads_rows else None
     piece_bytes = piece_bytes or PIECE_BYTES
@@ -83,7 +84,7 @@ def stream_pieces(transforms: list[Transform], reader, out_dt: Callable[[TensorI
         if whole:
             yield from _whole(whole, reader, out_dt)
 
-    return run_ahead(produce)
+    return run_ahead(produce) if ahead else produce()
 
 
 def _whole(transforms: list[Transform], reader, out_dt) -> Iterator[Piece]:

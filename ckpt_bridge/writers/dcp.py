@@ -225,7 +225,7 @@ class DCPSink:
         import torch.distributed.checkpoint as dcp
 
         mine = [o.key for t in transforms for o in t.outputs]
-        feed = RowFeed(source.pieces(transforms), {k: tuple(self.targets[k].shape) for k in mine})
+        feed = RowFeed(source.pieces(transforms, ahead=False), {k: tuple(self.targets[k].shape) for k in mine})
         key_of = {self.stored[k]: k for k in mine}
         order = {k: i for i, k in enumerate(self.targets)}
         meta = {(self.fqn_of[k] if self.nested else k): torch.empty(self.targets[k].shape,
