@@ -27,14 +27,16 @@ DIRECTIONS = ("verl->hf bf16", "hf bf16->dcp fp32", "dcp fp32->hf")
 
 
 def cmd(repo: Path, direction: str, size: C.Size, out: Path) -> tuple[list[str], list[Path]]:
-    py = str(repo / ".venv" / "bin" / "python")
+    # -P: the child runs from this repo's directory (common.measure), and `python -m` would put it first on
+    # sys.path; without it OLD's venv would import NEW's ckpt_bridge
+    py = [str(repo / ".venv" / "bin" / "python"), "-P"]
     actor, hf, dcp = V.actor_dir(size), size.dir / "ab" / "hf-bf16", size.dir / "ab" / "dcp-new"
     if direction == "verl->hf bf16":
-        return [py, "-m", "ckpt_bridge", "to-hf", str(actor), "--out", str(out), "--dtype", "bf16", "--quiet"], \
+        return [*py, "-m", "ckpt_bridge", "to-hf", str(actor), "--out", str(out), "--dtype", "bf16", "--quiet"], \
             V.ckpt_files(actor)
     if direction == "hf bf16->dcp fp32":
-        return [py, "-m", "ckpt_bridge", "to-dcp", str(hf), "--out", str(out), "--quiet"], C.weight_files(hf)
-    return [py, "-m", "ckpt_bridge", "to-hf", str(dcp), "--out", str(out), "--quiet"], sorted(dcp.glob("*.distcp"))
+        return [*py, "-m", "ckpt_bridge", "to-dcp", str(hf), "--out", str(out), "--quiet"], C.weight_files(hf)
+    return [*py, "-m", "ckpt_bridge", "to-hf", str(dcp), "--out", str(out), "--quiet"], sorted(dcp.glob("*.distcp"))
 
 
 def ensure_inputs(new: Path, size: C.Size) -> None:
@@ -71,6 +73,11 @@ def main() -> None:
                                 size.dir / "ab" / "logs")
                 runs.setdefault((direction, name), []).append(res)
                 C.rm(out)
+    for name, repo in (("OLD", args.old.resolve()), ("NEW", new)):  # which code each side really ran
+        where = subprocess.run([str(repo / ".venv" / "bin" / "python"), "-P", "-c",
+                                "import ckpt_bridge; print(ckpt_bridge.__file__)"], cwd=new, capture_output=True,
+                               text=True).stdout.strip()
+        print(f"{name}: ckpt_bridge from {where}")
     print(f"\n## OLD {args.old} vs NEW {new} ({C.git_rev()}), {size.describe()}, median of {args.repeat}\n")
     print("| direction | OLD wall s (min-max) | NEW wall s (min-max) | NEW/OLD wall | OLD cpu s | NEW cpu s "
           "| OLD peak RSS | NEW peak RSS |")

@@ -42,7 +42,6 @@ from ..errors import BridgeError, OutputError
 from ..writers.marker import MARKER, read_marker
 from ..writers.atomic import OutputBusy, output_lock
 from ..formats.megatron_ready import is_complete as megatron_complete, is_megatron_save, save_problem as megatron_problem
-from ..writers.atomic import clear_stale_partials  # noqa: F401 - re-exported (moved to the writer)
 from ..formats.verl_fsdp import VerlFSDPReader
 from .to_hf import to_hf
 
@@ -198,7 +197,7 @@ def step_action(root: Path, step: int, role: str = "actor", out_root: str | Path
     if not settled:
         return "wait", out, "save still in progress (files changing, or no fsdp_config.json yet); exported once stable"
     if not out.is_dir():
-        return ("refuse", out, f"exists and is not a directory; left alone") if out.exists() else ("export", out, "")
+        return ("refuse", out, "exists and is not a directory; left alone") if out.exists() else ("export", out, "")
     marker = read_marker(out)
     if marker is None:
         return "refuse", out, (f"exists but is not a ckpt-bridge export (no valid {MARKER}); left alone: move it "
