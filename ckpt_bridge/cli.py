@@ -370,7 +370,10 @@ def _to_hf(args: argparse.Namespace) -> int:
     from .pipeline.team import from_cli
 
     team = from_cli(args.workers, args.distributed, args.argv, out=args.out, worker=args.worker)
-    s = to_hf(args.src, args.out, ToHF.from_args(args), team=team)
+    try:
+        s = to_hf(args.src, args.out, ToHF.from_args(args), team=team)
+    finally:
+        team.close()
     if not team.leader:  # rank 0 reports the export
         return 0
     if args.dry_run:  # the same checks as the real run (extra state and --out included), no tensor data read
@@ -447,7 +450,10 @@ def _to_dcp(args: argparse.Namespace) -> int:
     from .pipeline.team import from_cli
 
     team = from_cli(args.workers, args.distributed, args.argv, out=args.out, worker=args.worker)
-    res = to_dcp(args.src, args.out, ToDCP.from_args(args), team=team)
+    try:
+        res = to_dcp(args.src, args.out, ToDCP.from_args(args), team=team)
+    finally:
+        team.close()
     if not team.leader:  # rank 0 reports the export
         return 0
     if args.dry_run:

@@ -240,11 +240,14 @@ def test_failed_export_exits_without_sigabrt():
 SLOW_TO_DCP = """
 import sys, time
 from ckpt_bridge.formats.hf import HFReader
-read = HFReader.read
+read, read_rows = HFReader.read, HFReader.read_rows
 def slow(self, key, dtype=None):  # slow the source down so the signal lands inside DCP's writer
     time.sleep(0.2)
     return read(self, key, dtype)
-HFReader.read = slow
+def slow_rows(self, key, out, start, stop):  # renames reach DCP's writer as row pieces
+    time.sleep(0.2)
+    return read_rows(self, key, out, start, stop)
+HFReader.read, HFReader.read_rows = slow, slow_rows
 from ckpt_bridge.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -127,6 +127,20 @@ class Team:
         if bad:
             raise OutputError(f"rank {bad[0][0]} of {self.size} failed: {bad[0][1]}; no output written")
 
+    def close(self) -> None:
+        """Leave the torchrun process group before the interpreter exits.  A rank that exits with gloo's threads
+        still attached (a worker is done while rank 0 still writes the index) could be killed inside them at
+        interpreter exit ("terminate called without an active exception", SIGABRT).  Local: no collective."""
+        if self.kind != "torchrun":
+            return
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:  # noqa: BLE001 - leaving is best effort; the command's own outcome stands
+                pass
+
     # ----------------------------------------------------------------- local workers
     def _start_workers(self, tmp: Path) -> None:
         for r in range(1, self.size):
