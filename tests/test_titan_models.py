@@ -201,23 +201,26 @@ def test_verify_judges_against_the_titan_models_keys(hf_dirs, tmp_path, capsys):
 def test_tied_plan_streams_one_key_with_the_embedding_as_context(hf_dirs):
     """Tied llama3: every layer key is its own transform; the embedding is shown to from_hf as a meta
     placeholder (context), never read again for it."""
-    from ckpt_bridge.plan.state_dict_adapter import from_hf_reader
+    from ckpt_bridge.formats.base import TensorInfo
     from ckpt_bridge.formats.hf import HFReader
     from ckpt_bridge.models.titan import titan_model
+    from ckpt_bridge.plan.core import execute
+    from ckpt_bridge.plan.state_dict_adapter import adapter_plan
 
     hf = hf_dirs["llama3-tied"]
-    reader = from_hf_reader(HFReader(hf), titan_model("llama3", hf).adapter)
-    ts = reader.plan.transforms
+    source = HFReader(hf)
+    infos = {k: TensorInfo(k, tuple(v.shape), v.dtype) for k, v in source.model_tensors().items()}
+    plan = adapter_plan(infos, titan_model("llama3", hf).adapter.from_hf, "Llama3StateDictAdapter.from_hf",
+                        where=str(hf))  # every group a call of the adapter
+    ts = plan.transforms
     assert all(t.op == "adapter" and len(t.inputs) == 1 for t in ts)
     emb = next(t for t in ts if t.inputs == ("model.embed_tokens.weight",))
     assert set(emb.targets) == {"tok_embeddings.weight", "lm_head.weight"}
     layer = [t for t in ts if t is not emb]
     assert len(layer) == 19 and all("model.embed_tokens.weight as context" in t.rule for t in layer)
     reads = []
-    inner_read = reader.inner.read
-    reader.inner.read = lambda k, dtype=None: reads.append(k) or inner_read(k, dtype)
-    for k in reader.tensors():
-        reader.read(k)
+    for _ in execute(plan, lambda k, dtype=None: reads.append(k) or source.read(k, dtype), ahead=False):
+        pass
     assert reads.count("model.embed_tokens.weight") == 1 and len(reads) == 20
 
 

@@ -67,7 +67,7 @@ def titan_load(model, dcp_dir: Path, dump: Path) -> bool:
 
 
 def assert_equal_to_source(model, hf_dir: Path, aux=AUX, seed: int = 0) -> int:
-    from ckpt_bridge.plan.hf_target import canonical_key
+    from ckpt_bridge.plan.planner import canonical_key
 
     want = {**hf_state(hf_dir), **aux_state(aux, model.config, seed)}
     got = {canonical_key(k): v for k, v in model.state_dict().items()}

@@ -25,7 +25,8 @@ from ..errors import BridgeError, KeyPlanError
 from ..commands.to_hf import to_hf
 from ..dtypes import DTYPES
 from ..plan.export_plan import plan_export
-from ..plan.hf_target import canonical_key, canonicalize, expected_model
+from ..plan.hf_target import expected_model
+from ..plan.planner import canonical_key, canonicalize
 from ..formats.hf import SafetensorsFileReader
 from ..models.hf import load_pretrained, text_token_ids
 
@@ -208,9 +209,10 @@ def _as_saved(view: _ModelView, other_cfg: Path | None = None):
 
     A verl Megatron checkpoint goes through its to-hf plan (unstacked layers, split qkv / fc1, ...), with
     its own HF config or else the other side's (``other_cfg``: the HF dir it is compared with)."""
-    cfg = view.hf_config_dir() or (other_cfg if view.inner.key_names == "megatron" else None)
+    megatron = view.inner.key_names == "megatron"  # its names are never an HF model's: it must go through a plan
+    cfg = view.hf_config_dir() or (other_cfg if megatron else None)
     if cfg is None:
-        if view.inner.key_names == "megatron":
+        if megatron:
             raise BridgeError(f"{view.path}: a Megatron checkpoint is compared through its to-hf plan, which needs "
                               f"a config.json: the save has none and the other side is not an HF dir with one")
         return view
@@ -218,8 +220,8 @@ def _as_saved(view: _ModelView, other_cfg: Path | None = None):
         infos = {k: v for k, v in view.tensors().items() if k not in view.aux_keys}
         plan, aux = plan_export(view.inner, infos, cfg, aux_prefixes=None, where=str(view.path))
     except BridgeError:
-        if view.inner.key_names == "megatron":
-            raise  # its names are never an HF model's: comparing them as they are would say nothing
+        if megatron:
+            raise  # comparing its names as they are would say nothing
         return view  # not a model the config describes: compare the keys as they are
     main = {k: v for k, v in infos.items() if not any(k in keys for keys in aux.values())}
     if {canonical_key(k) for k in main} == set(plan.targets()):

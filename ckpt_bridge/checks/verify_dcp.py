@@ -45,9 +45,10 @@ from ..models.after_load import after_load, load_hf_config
 from ..models.hf import from_config, is_language_model, load_pretrained, tie_groups
 from ..models.titan import HFStyleLM, adapter_in_manifest, unrebuilt_adapter
 from ..models.titan import titan_model as build_titan_model
-from ..plan.core import execute
-from ..plan.hf_target import build_meta_model, canonical_key
-from ..plan.state_dict_adapter import from_hf_reader
+from ..plan.core import Plan, compose, execute
+from ..plan.hf_target import build_meta_model
+from ..plan.planner import canonical_key
+from ..plan.state_dict_adapter import from_hf_plan
 from ..plan.trainer_keys import NEST, requested_keys
 from .loss import text_loss, text_values
 
@@ -180,6 +181,7 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
 
     # 1. keys the loader requests
     titan = _titan_target(hf_dir, manifest, titan_model)
+    names = None  # the TorchTitan model's adapter plan, when the DCP holds its names
     if titan is None:
 
         if adapter_in_manifest(manifest):  # TorchTitan names, and no family recorded to rebuild the adapter
@@ -190,7 +192,7 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
         res.titan_model = tm.name
 
         hf_names = set(canonical_key(k) for k in hf.tensors())
-        hf = from_hf_reader(hf, tm.adapter)  # HF values under the titan model's names
+        names = from_hf_plan(hf, tm.adapter)  # HF values under the titan model's names
     req = requested_keys(model, "auto" if layout_for == "installed" else layout_for)
     res.trainer, res.loader_layout, res.requested = req.trainer, req.layout, len(req.fqn_of)
     for key, want in req.info.items():
@@ -210,8 +212,11 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
     in_dcp = _checkpoint_fqns(r)
     aux_names = {s.name for s in specs}
     flat = requested_keys(model, "flat")
-    plan = plan_dcp(hf.tensors(), flat, {f for f in flat.fqn_of if f.split(".", 1)[0] in aux_names},
-                    tie_groups(model), where=str(hf_dir), conversions=Conversions(model, "load"))
+    plan = plan_dcp(names.targets() if names is not None else hf.tensors(), flat,
+                    {f for f in flat.fqn_of if f.split(".", 1)[0] in aux_names}, tie_groups(model), where=str(hf_dir),
+                    conversions=Conversions(model, "load"))
+    if names is not None:  # read the HF keys: the adapter's transforms compose with the plan's, as in to-dcp
+        plan = compose(names, Plan(transforms=plan.transforms), where=str(hf_dir))
     casts = set()
 
     def dcp_dtype(info):

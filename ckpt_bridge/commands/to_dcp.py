@@ -41,7 +41,8 @@ from ..pipeline.team import Team
 from ..plan.aux_modules import AuxSpec, as_specs, attach_aux, init_aux, parse_aux, tensor_sha256
 from ..plan.conversions import Conversions
 from ..plan.core import Plan, compose, rename
-from ..plan.hf_target import build_meta_model, canonical_key
+from ..plan.hf_target import build_meta_model
+from ..plan.planner import canonical_key
 from ..plan.state_dict_adapter import from_hf_plan
 from ..plan.trainer_keys import requested_keys
 from ..plan.trainer_target import DCPPlan, plan_dcp

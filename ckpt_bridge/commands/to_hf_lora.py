@@ -36,7 +36,8 @@ from ..dtypes import dominant_float_dtype, out_dtype
 from ..errors import BridgeError, KeyPlanError
 from ..summary import ExportSummary
 from ..formats.base import Reader, TensorInfo
-from ..plan.hf_target import ModelExpectation, canonicalize, expected_model, plan_hf_export, value_head
+from ..plan.hf_target import ModelExpectation, expected_model, plan_hf_export, value_head
+from ..plan.planner import canonicalize
 from ..plan.core import Plan, compose
 from ..writers.side_files import write_hf_side_files
 from ..writers.atomic import check_target

@@ -12,16 +12,33 @@ import torch
 from .base import Reader, TensorInfo
 
 
-class WithTensors(Reader):
+class _Joined(Reader):
+    """A reader made of ``primary`` and more tensors: everything that is not a tensor comes from ``primary``."""
+
+    def __init__(self, primary: Reader):
+        super().__init__(primary.path)
+        self.primary = primary
+        self.format, self.reads_rows = primary.format, primary.reads_rows
+
+    def extra_state(self) -> dict[str, Any]:
+        return self.primary.extra_state()
+
+    def hf_config_dir(self) -> Path | None:
+        return self.primary.hf_config_dir()
+
+    def source_files(self) -> list[Path]:
+        return self.primary.source_files()
+
+
+class WithTensors(_Joined):
     """``base``'s tensors, plus ``extra`` (key -> tensor) under keys ``base`` does not have."""
 
     def __init__(self, base: Reader, extra: dict[str, torch.Tensor]):
-        super().__init__(base.path)
+        super().__init__(base)
         clash = sorted(set(extra) & set(base.tensors()))
         if clash:
             raise ValueError(f"in-memory tensors shadow source keys: {clash[:3]}")
         self.base, self.extra = base, extra
-        self.format, self.reads_rows = base.format, base.reads_rows
         self._base_takes_out = "out" in inspect.signature(base.read).parameters
 
     def tensors(self) -> dict[str, TensorInfo]:
@@ -46,24 +63,14 @@ class WithTensors(Reader):
         out.copy_(self.extra[key][start:stop])
         return True
 
-    def extra_state(self) -> dict[str, Any]:
-        return self.base.extra_state()
 
-    def hf_config_dir(self) -> Path | None:
-        return self.base.hf_config_dir()
-
-    def source_files(self) -> list[Path]:
-        return self.base.source_files()
-
-
-class WithNamespace(Reader):
+class WithNamespace(_Joined):
     """``main``'s tensors plus ``other``'s under ``prefix`` + key: e.g. a LoRA-only checkpoint and the base model
     dir its folds read the base weights from, seen by the pipeline as one source."""
 
     def __init__(self, main: Reader, prefix: str, other: Reader):
-        super().__init__(main.path)
+        super().__init__(main)
         self.main, self.prefix, self.other = main, prefix, other
-        self.format = main.format
         self.reads_rows = main.reads_rows or other.reads_rows
 
     def _route(self, key: str) -> tuple[Reader, str]:
@@ -80,12 +87,3 @@ class WithNamespace(Reader):
     def read_rows(self, key: str, out: torch.Tensor, start: int, stop: int) -> bool:
         r, k = self._route(key)
         return r.reads_rows and r.read_rows(k, out, start, stop)
-
-    def extra_state(self) -> dict[str, Any]:
-        return self.main.extra_state()
-
-    def hf_config_dir(self) -> Path | None:
-        return self.main.hf_config_dir()
-
-    def source_files(self) -> list[Path]:
-        return self.main.source_files()

@@ -31,7 +31,9 @@ from torch import nn
 
 from ..errors import BridgeError, KeyPlanError
 from ..formats.base import Reader
-from .hf_target import canonicalize, expected_model, value_head
+from .conversions import Conversions
+from .hf_target import expected_model, hf_conversions, value_head
+from .planner import canonical_key, canonicalize
 
 KINDS = ("linear", "mlp")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -193,6 +195,18 @@ def tensor_sha256(tensors: list[torch.Tensor]) -> str:
 AUX_MODES = ("separate", "drop", "inline")
 
 
+def _loaded_tops(infos: dict, tops: set[str], load: Conversions, exp) -> set[str]:
+    """The prefixes among ``tops`` with a key that transformers' load-time rules turn into one of the model's."""
+    out = set()
+    for k in infos:
+        top = k.split(".", 1)[0]
+        if top in tops and top not in out:
+            name, pattern = load.rename(canonical_key(k))
+            if pattern is not None or name in exp.shapes:
+                out.add(top)
+    return out
+
+
 def split_aux(infos: dict, reader: Reader, cfg_dir: Path, names: list[str] | None, where: str
               ) -> tuple[dict, dict[str, list[str]]]:
     """(main tensors, {aux module: keys}).
@@ -200,15 +214,20 @@ def split_aux(infos: dict, reader: Reader, cfg_dir: Path, names: list[str] | Non
     Aux modules are the prefixes a to-dcp manifest names, the ones passed in
     ``names``, and any top-level prefix the HF model class does not have
     (``future_predictor.weight`` next to ``model.*`` / ``lm_head.*``): they
-    would make ``from_pretrained`` warn about unexpected keys, or fail.
+    would make ``from_pretrained`` warn about unexpected keys, or fail.  A prefix
+    transformers' load-time rules map into the model (a base model's ``layers.*``,
+    saved without the ``model.`` prefix) is the model's.
     """
     wanted = set(names or [])
     manifest = reader.manifest()
     wanted |= {a["name"] for a in (manifest or {}).get("aux", [])}
     tops = {k.split(".", 1)[0] for k in infos}
     if tops - wanted - {"model", "lm_head"}:  # only then is the model class needed to decide
-        exp = expected_model(cfg_dir, value_head(canonicalize(infos, where), cfg_dir))
+        overrides = value_head(canonicalize(infos, where), cfg_dir)
+        exp = expected_model(cfg_dir, overrides)
         known = {k.split(".", 1)[0] for k in [*exp.shapes, *exp.disk_shapes]}  # in-memory and on-disk names
+        if tops - wanted - known:
+            known |= _loaded_tops(infos, tops - wanted - known, hf_conversions(cfg_dir, overrides, "load"), exp)
         wanted |= tops - known
     aux: dict[str, list[str]] = {}
     main = {}

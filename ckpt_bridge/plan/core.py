@@ -169,9 +169,10 @@ def compose(first: Plan, second: Plan, *, where: str) -> Plan:
 
     E.g. a LoRA fold (W, A, B -> W') followed by the save rules of the model
     class (a rename, or transformers' split of fused experts): a chain of
-    renames stays a rename; anything else becomes one transform that runs
-    ``first``'s producers and then ``second``'s operation, so the stream still
-    holds one group at a time.  A ``second`` rule that drops a tensor
+    renames stays a rename; renames of a computed step's outputs rename that
+    step (it runs once for all of them); anything else becomes one transform
+    that runs ``first``'s producers and then ``second``'s operation, so the
+    stream still holds one group at a time.  A ``second`` rule that drops a tensor
     ``first`` computed (not merely renamed) is refused: the work would be lost.
     """
     producer = {k: t for t in first.transforms for k in t.targets}
@@ -185,6 +186,8 @@ def compose(first: Plan, second: Plan, *, where: str) -> Plan:
             raise KeyPlanError(f"{where}: {key} is computed ({t1.op}: {t1.rule or 'unnamed'}) but then dropped "
                                f"({why}); refusing to lose it")
         out.dropped.append((t1.inputs[0], why))
+    renamed: dict[int, list[Transform]] = {}  # a computed step of first -> the renames of its outputs
+    steps: list[tuple[Transform, list[Transform]]] = []
     for t2 in second.transforms:
         missing = [k for k in t2.inputs if k not in producer]
         if missing:
@@ -192,20 +195,46 @@ def compose(first: Plan, second: Plan, *, where: str) -> Plan:
         t1s = list({id(producer[k]): producer[k] for k in t2.inputs}.values())
         if t2.fn is None and t1s[0].fn is None:  # rename after rename
             rule = " + ".join(r for r in (t1s[0].rule, t2.rule) if r)
-            out.transforms.append(rename(t1s[0].inputs[0], t2.targets[0], t1s[0].outputs[0], rule))
-            continue
-        inputs = tuple(dict.fromkeys(k for t1 in t1s for k in t1.inputs))
-
-        def run(tensors: dict[str, torch.Tensor], t1s=t1s, t2=t2) -> dict[str, torch.Tensor]:
-            mid: dict[str, torch.Tensor] = {}
-            for t1 in t1s:
-                mid.update(t1.apply({k: tensors[k] for k in t1.inputs}))
-            return t2.apply({k: mid[k] for k in t2.inputs})
-
-        op = t2.op if t2.op != "rename" else t1s[0].op
-        rule = " then ".join(r for r in (*(t1.rule for t1 in t1s[:1]), t2.rule) if r)
-        out.transforms.append(Transform(op, inputs, t2.outputs, run, rule))
+            steps.append((rename(t1s[0].inputs[0], t2.targets[0], t1s[0].outputs[0], rule), []))
+        elif t2.fn is None:  # renames of a computed step's outputs: the step runs once for all of them
+            if id(t1s[0]) not in renamed:
+                renamed[id(t1s[0])] = []
+                steps.append((t1s[0], renamed[id(t1s[0])]))
+            renamed[id(t1s[0])].append(t2)
+        else:
+            steps.append((_then(t1s, t2), []))
+    for t, renames in steps:
+        out.transforms.append(_renamed(t, renames) if renames else t)
     return out
+
+
+def _then(t1s: list[Transform], t2: Transform) -> Transform:
+    """``t2`` run on the outputs of the steps ``t1s``, as one transform reading their inputs."""
+    inputs = tuple(dict.fromkeys(k for t1 in t1s for k in t1.inputs))
+
+    def run(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        mid: dict[str, torch.Tensor] = {}
+        for t1 in t1s:
+            mid.update(t1.apply({k: tensors[k] for k in t1.inputs}))
+        return t2.apply({k: mid[k] for k in t2.inputs})
+
+    op = t2.op if t2.op != "rename" else t1s[0].op
+    rule = " then ".join(r for r in (*(t1.rule for t1 in t1s[:1]), t2.rule) if r)
+    return Transform(op, inputs, t2.outputs, run, rule)
+
+
+def _renamed(t1: Transform, renames: list[Transform]) -> Transform:
+    """The computed step ``t1`` with its outputs under the names ``renames`` give them (one output may get
+    several names: a tied pair); outputs no rename reads are not kept."""
+    info = {o.key: o for o in t1.outputs}
+    outputs = tuple(TensorInfo(r.targets[0], info[r.inputs[0]].shape, info[r.inputs[0]].dtype) for r in renames)
+    names = [(r.inputs[0], r.targets[0]) for r in renames]
+
+    def run(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        got = t1.apply(tensors)
+        return {new: got[old] for old, new in names}
+
+    return Transform(t1.op, t1.inputs, outputs, run, " + ".join(r for r in (t1.rule, *(r.rule for r in renames)) if r))
 
 
 def execute(plan: Plan | list[Transform], read: Callable[..., torch.Tensor],

@@ -1,28 +1,24 @@
 """Planning an export to Hugging Face: source keys -> a checked plan of transforms
 (:mod:`ckpt_bridge.plan.core`), computed before any tensor moves.
 
-Rules, in order:
+This is the HF target of the one planner (:mod:`.planner`: wrapper rules, recomputed buffers and
+transformers' load-time conversions bring any source to the model's in-memory names, shared with the trainer
+target).  What this target adds:
 
-1. Wrapper prefixes are stripped by a rule table (:data:`WRAPPER_RULES`):
-   DDP/FSDP1's ``module.`` at the front, and the ``_fsdp_wrapped_module``,
-   ``_orig_mod`` (torch.compile) and ``_checkpoint_wrapped_module`` path
-   components anywhere.  Two source keys that collapse onto one name are an
-   error, never a silent overwrite.
-2. The source must be the persistent state dict of the model class the config
-   names (built on the meta device: no memory, no weights), or already what
-   ``save_pretrained`` writes: every expected key exactly one source of the
-   same shape, every source key used or dropped by a named rule.
-3. The targets are what ``save_pretrained`` of the installed transformers
-   writes: its save-time conversions (:mod:`ckpt_bridge.plan.conversions`: fused MoE
-   experts split per expert, renamed sub-models) grouped the way transformers
-   groups them, one transform per group.
-4. Tied weights come from the model itself: parameters that are the same
+1. The wanted names are the persistent state dict of the model class the config
+   names (built on the meta device: no memory, no weights): every expected key
+   exactly one source of the same shape, every source key used or dropped by a
+   named rule.  A source that already is what ``save_pretrained`` writes (a
+   Hugging Face directory) is copied key for key.
+2. Those names are written the way ``save_pretrained`` of the installed
+   transformers writes them: its save-time conversions (:mod:`.conversions`, the
+   reverse of the load-time ones: fused MoE experts split per expert, renamed
+   sub-models) grouped the way transformers groups them, one transform per group.
+3. Tied weights come from the model itself: parameters that are the same
    object (``lm_head.weight`` and ``model.embed_tokens.weight`` when
    ``tie_word_embeddings``) are written once, under the first name, exactly
    as ``save_pretrained`` does.
-5. Rotary ``inv_freq`` buffers found in old checkpoints are dropped with a
-   reason: transformers recomputes them and no longer stores them.
-6. A value head (``score.weight [num_labels, hidden]``, no ``lm_head``) under a
+4. A value head (``score.weight [num_labels, hidden]``, no ``lm_head``) under a
    causal-LM config is a critic: the plan names the model type's
    token-classification class and ``num_labels`` for the exported config.
 """
@@ -36,40 +32,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .conversions import Group
-from ..errors import KeyPlanError, few
+from ..errors import KeyPlanError
 from ..formats.base import TensorInfo
-from ..models.hf import tie_groups
-from .core import Plan, Transform, rename
 from ..jsonfiles import cache_root, cached_json, transformers_version
-from .conversions import Conversions
-
-# (kind, text): "prefix" strips text at the start of a key, "component" removes a
-# dotted path component wherever it appears.
-WRAPPER_RULES: tuple[tuple[str, str], ...] = (
-    ("prefix", "module."),
-    ("component", "_fsdp_wrapped_module"),
-    ("component", "_orig_mod"),
-    ("component", "_checkpoint_wrapped_module"),
-)
-
-_DROP_SUFFIXES = {"inv_freq": "rotary inv_freq is a non-persistent buffer recomputed from the config"}
-
-
-def drop_reason(key: str) -> str | None:
-    """Why ``key`` is not carried over (a buffer recomputed from the config), or None."""
-    return next((why for suf, why in _DROP_SUFFIXES.items() if key.endswith(suf)), None)
-
-
-def canonical_key(key: str) -> str:
-    for kind, text in WRAPPER_RULES:
-        if kind == "prefix":
-            while key.startswith(text):
-                key = key[len(text):]
-        else:
-            key = ".".join(part for part in key.split(".") if part != text)
-    return key
-
+from ..models.hf import tie_groups
+from .conversions import Conversions, Group
+from .core import Plan, Transform, rename
+from .planner import Target, canonicalize, plan_to
 
 @dataclass
 class ModelExpectation:
@@ -195,7 +164,7 @@ def _build_expected_model(config_dir: Path, overrides: dict | None = None) -> Mo
     ties = tie_groups(model)
     aliases = {a for g in ties for a in g[1:]}
     ignore = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
-    conv = save_conversions(config_dir, overrides, model)
+    conv = hf_conversions(config_dir, overrides, "save", model)
     groups = []
     for g in conv.groups(k for k in sd if k not in aliases and k not in ignore):
         out = conv.run(g, {k: sd[k] for k in g.inputs})  # meta tensors: learns names and shapes
@@ -222,34 +191,20 @@ def _build_expected_model(config_dir: Path, overrides: dict | None = None) -> Mo
     return ModelExpectation(type(model).__name__, shapes, ties, groups, updates, transposed, linear, out_name)
 
 
-_SAVE_CONVERSIONS: dict[tuple[str, str], Any] = {}  # built once per process: converters need live objects
+_CONVERSIONS: dict[tuple[str, str, str], Conversions] = {}  # built once per process: converters need live objects
 
 
-def save_conversions(config_dir: Path, overrides: dict | None = None, model=None):
-    """transformers' save-time conversions for this config (built once per process, on first use)."""
+def hf_conversions(config_dir: Path, overrides: dict | None, direction: str, model=None) -> Conversions:
+    """transformers' conversions of this config's class in one direction (``save`` / ``load``), built once per
+    process on first use."""
 
     # keyed like the expectation cache (the config's bytes), so a watch process never reuses another model's rules
-    key = (str(_cache_file(config_dir, overrides) or Path(config_dir).absolute()), json.dumps(overrides or {}))
-    if key not in _SAVE_CONVERSIONS:
-        _SAVE_CONVERSIONS[key] = Conversions(model if model is not None else build_meta_model(config_dir, overrides),
-                                             "save")
-    return _SAVE_CONVERSIONS[key]
-
-
-def canonicalize(src: dict[str, TensorInfo], where: str) -> dict[str, TensorInfo]:
-    """Apply the wrapper rules; refuse collisions."""
-    out: dict[str, TensorInfo] = {}
-    origin: dict[str, str] = {}
-    for k, info in src.items():
-        c = canonical_key(k)
-        if c in out:
-            raise KeyPlanError(
-                f"{where}: keys {origin[c]!r} and {k!r} both become {c!r} after stripping wrapper prefixes; "
-                f"the checkpoint holds two copies of one weight"
-            )
-        out[c] = info
-        origin[c] = k
-    return out
+    key = (str(_cache_file(config_dir, overrides) or Path(config_dir).absolute()), json.dumps(overrides or {}),
+           direction)
+    if key not in _CONVERSIONS:
+        _CONVERSIONS[key] = Conversions(model if model is not None else build_meta_model(config_dir, overrides),
+                                        direction)
+    return _CONVERSIONS[key]
 
 
 def _refuse_peft(canon: dict[str, TensorInfo], where: str) -> None:
@@ -295,111 +250,67 @@ def plan_hf_export(src: dict[str, TensorInfo], config_dir: Path | None, *, where
     """The checked plan of transforms that writes ``src`` (source key -> info) as ``save_pretrained`` would.
 
     The source may hold the model's in-memory names (a trainer's state dict:
-    transformers' save-time conversions apply) or already the on-disk names
-    (a Hugging Face directory: each tensor is copied).
+    transformers' save-time conversions apply), its on-disk names (a Hugging
+    Face directory: each tensor is copied), or names transformers' load-time
+    conversions bring to the in-memory ones.
     """
     canon = canonicalize(src, where)
-    source_of = {canonical_key(k): k for k in src}
     _refuse_peft(canon, where)
     if config_dir is None:
         raise KeyPlanError(f"{where}: no config.json found; pass --config PATH (a config.json or a model dir)")
     overrides = value_head(canon, config_dir)
     exp = expectation or expected_model(config_dir, overrides)
+    return plan_to(src, hf_target(exp, config_dir, overrides, canon), where=where)
+
+
+def hf_target(exp: ModelExpectation, config_dir: Path, overrides: dict | None,
+              canon: dict[str, TensorInfo]) -> Target:
+    """What ``save_pretrained`` of ``exp``'s class writes, as a target of :func:`.planner.plan_to`."""
     alias_of = {alias: g[0] for g in exp.tie_groups for alias in g[1:]}
-    found, missing = _match(canon, exp.shapes, alias_of, source_of, where, exp, config_dir)
-    groups = exp.save_groups
-    if missing and all(k in canon and tuple(canon[k].shape) == tuple(s) for k, s in exp.disk_shapes.items()):
-        # already save_pretrained's format (a Hugging Face directory): every tensor copied as it is
-        found, missing = {k: k for k in exp.disk_shapes}, []
-        groups = [{"inputs": [k], "outputs": [[k, list(s)]], "patterns": None, "rule": ""}
-                  for k, s in exp.disk_shapes.items()]
+    wanted = {k: s for k, s in exp.shapes.items() if k not in alias_of}  # a tied pair is written once
+    reachable = all(k in canon or any(a in canon for a, t in alias_of.items() if t == k) for k in wanted)
+    disk = exp.disk_shapes
+    saved = not reachable and all(k in canon and tuple(canon[k].shape) == tuple(s) for k, s in disk.items())
+    if saved:  # already save_pretrained's form (a Hugging Face directory): every tensor copied as it is
+        wanted, groups = dict(disk), [{"inputs": [k], "outputs": [[k, list(s)]], "patterns": None, "rule": ""}
+                                      for k, s in disk.items()]
+    else:
+        groups = exp.save_groups
+    cfg = config_dir / "config.json"
+    return Target(
+        name=f"{exp.model_class} from {cfg}", wants={k: (k, tuple(s)) for k, s in wanted.items()},
+        ties=[] if saved else exp.tie_groups,
+        load=None if saved else (lambda: hf_conversions(config_dir, overrides, "load")), known=set(exp.shapes),
+        then=lambda infos: _save_plan(exp, groups, infos, config_dir, overrides),
+        missing_why=f"{exp.model_class} needs are not in the checkpoint", unexpected_why="the model does not have",
+        tail=f" (config: {cfg})", source_word="checkpoint")
+
+
+def _save_plan(exp: ModelExpectation, groups: list[dict], infos: dict[str, TensorInfo], config_dir: Path,
+               overrides: dict | None) -> Plan:
+    """The in-memory names (``infos``) -> what ``save_pretrained`` writes: one transform per save group."""
     plan = Plan(model_class=exp.model_class, config_updates=dict(exp.config_updates))
     if overrides:
-        plan.notes.append(f"value head score.weight {tuple(canon['score.weight'].shape)} and no lm_head: written as "
-                          f"{exp.model_class} with num_labels={overrides['num_labels']}")
-    for g in groups if not missing else []:
-        plan.transforms.append(_transform(g, found, canon, source_of, config_dir, overrides))
-        if g["patterns"] is None and found[g["inputs"][0]] != g["inputs"][0]:
-            plan.notes.append(f"{g['outputs'][0][0]} taken from tied alias {source_of[found[g['inputs'][0]]]}")
-    unexpected = _drop_the_rest(plan, canon, source_of, alias_of if not missing else {})
-    if missing or unexpected:
-        raise gap_error(where, missing, f"{exp.model_class} needs are not in the checkpoint", unexpected,
-                        "the model does not have", f" (config: {config_dir / 'config.json'})", "checkpoint")
-    return plan.check(src, where=where)
-
-
-def gap_error(where: str, missing: list[str], missing_why: str, unexpected: list[str], unexpected_why: str,
-              tail: str, source: str = "source") -> KeyPlanError:
-    """One line for keys a target needs that the source lacks, and source keys the target does not take."""
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} key(s) {missing_why}: {few(missing)}")
-    if unexpected:
-        parts.append(f"{len(unexpected)} {source} key(s) {unexpected_why}: {few(unexpected)}")
-    return KeyPlanError(f"{where}: " + "; ".join(parts) + tail)
-
-
-def _transform(g: dict, found: dict[str, str], canon: dict[str, TensorInfo], source_of: dict[str, str],
-               config_dir: Path, overrides: dict | None) -> Transform:
-    """One save group as a transform over the checkpoint's own keys."""
-    ins = [found[k] for k in g["inputs"]]
-    first = canon[ins[0]]
-    outs = tuple(TensorInfo(k, tuple(s), first.dtype) for k, s in g["outputs"])
-    if g["patterns"] is None:
-        return rename(source_of[ins[0]], outs[0].key, first, g["rule"])
-    group = Group(g["layer"], tuple(g["inputs"]), tuple(g["patterns"]))
-    mem_of = {source_of[c]: m for c, m in zip(ins, g["inputs"])}
-    op = "split" if len(ins) < len(outs) else "fuse" if len(ins) > len(outs) else "convert"
-    return Transform(op, tuple(source_of[c] for c in ins), outs,
-                     _converter_fn(config_dir, overrides, group, mem_of), g["rule"])
-
-
-def _drop_the_rest(plan: Plan, canon: dict[str, TensorInfo], source_of: dict[str, str],
-                   alias_of: dict[str, str]) -> list[str]:
-    """Drop unused source keys a named rule covers (tied aliases, inv_freq); return the others."""
-    used = plan.sources()
-    unexpected = []
-    for c in canon:
-        if source_of[c] in used:
+        plan.notes.append(f"value head score.weight {tuple(infos['score.weight'].shape)} and no lm_head: written "
+                          f"as {exp.model_class} with num_labels={overrides['num_labels']}")
+    for g in groups:
+        first = infos[g["inputs"][0]]
+        outs = tuple(TensorInfo(k, tuple(s), first.dtype) for k, s in g["outputs"])
+        if g["patterns"] is None:
+            plan.transforms.append(rename(g["inputs"][0], outs[0].key, first, g["rule"]))
             continue
-        reason = drop_reason(c)
-        if c in alias_of:
-            plan.dropped.append((source_of[c], f"tied to {alias_of[c]}"))
-        elif reason:
-            plan.dropped.append((source_of[c], reason))
-        else:
-            unexpected.append(source_of[c])
-    return unexpected
+        group = Group(g["layer"], tuple(g["inputs"]), tuple(g["patterns"]))
+        n_in, n_out = len(group.inputs), len(outs)
+        op = "split" if n_in < n_out else "fuse" if n_in > n_out else "convert"
+        plan.transforms.append(Transform(op, group.inputs, outs, _converter_fn(config_dir, overrides, group),
+                                         g["rule"]))
+    return plan
 
 
-def _match(canon, shapes, alias_of, source_of, where, exp, config_dir) -> tuple[dict[str, str], list[str]]:
-    """({in-memory key: canonical source key}, [in-memory keys with no source]); a wrong shape is an error."""
-    found: dict[str, str] = {}
-    missing: list[str] = []
-    for target, shape in shapes.items():
-        if target in alias_of:
-            continue  # written once, under the group's first name
-        candidates = [target] + [a for a, t in alias_of.items() if t == target]
-        hit = next((c for c in candidates if c in canon), None)
-        if hit is None:
-            missing.append(target)
-            continue
-        if tuple(canon[hit].shape) != tuple(shape):
-            raise KeyPlanError(
-                f"{where}: key {source_of[hit]!r} has shape {tuple(canon[hit].shape)} but {exp.model_class} from "
-                f"{config_dir / 'config.json'} expects {tuple(shape)} for {target!r}; wrong config for these weights"
-            )
-        found[target] = hit
-    return found, missing
-
-
-def _converter_fn(config_dir: Path, overrides: dict | None, group: Group, mem_of: dict[str, str]):
-    """The transform function of one converter group: transformers' own converter, built on first use."""
+def _converter_fn(config_dir: Path, overrides: dict | None, group: Group):
+    """The transform function of one save group: transformers' own converter, built on first use."""
 
     def fn(tensors: dict[str, Any]) -> dict[str, Any]:
-        conv = save_conversions(config_dir, overrides)
-        return conv.run(group, {mem_of[k]: v for k, v in tensors.items()})
+        return hf_conversions(config_dir, overrides, "save").run(group, tensors)
 
     return fn
-
-

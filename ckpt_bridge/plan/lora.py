@@ -56,7 +56,7 @@ from . import peft_match
 from ..errors import CheckpointFormatError, KeyPlanError
 from ..formats.base import TensorInfo
 from ..jsonfiles import read_json
-from .hf_target import canonical_key
+from .planner import canonical_key
 from .core import Plan, derive, rename
 
 PEFT_PREFIX = "base_model.model."

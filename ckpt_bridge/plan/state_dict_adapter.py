@@ -22,13 +22,12 @@ result, learned from the adapter itself on meta tensors (no per-model table):
 
 Each group becomes one ``adapter`` transform (:func:`ckpt_bridge.plan.core.derive`), checked like any other,
 or a plain rename when the adapter hands the input tensor back under another name (most keys), so it streams in
-row pieces like any rename.  The commands compose this plan with the target's (:func:`~.core.compose`);
-:class:`AdaptedReader` shows a reader through it where a reader is what is needed (verify-dcp's view).
+row pieces like any rename.  The commands (and verify-dcp) compose this plan with the target's
+(:func:`~.core.compose`).
 """
 
 from __future__ import annotations
 
-import threading
 from typing import Any, Callable
 
 import torch
@@ -36,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..errors import KeyPlanError
-from .core import Plan, Transform, derive, rename
+from .core import Plan, derive, rename
 from ..formats.base import Reader, TensorInfo
 
 StateFn = Callable[[dict[str, Any]], dict[str, Any]]
@@ -158,8 +157,8 @@ def adapter_plan(infos: dict[str, TensorInfo], fn: StateFn, name: str, *, where:
     """The checked plan applying ``fn`` (an adapter's ``from_hf`` / ``to_hf``) group by group to ``infos``.
 
     ``renames``: a key the adapter hands back unchanged under another name becomes a plain rename (the
-    pipeline then moves it in row pieces) instead of a call of the adapter; :class:`AdaptedReader`, which
-    reads whole tensors by key, keeps every group a call."""
+    pipeline then moves it in row pieces) instead of a call of the adapter; without it every group is a call
+    (what the trace found, group by group)."""
     keys = list(infos)
     try:
         full = _trace(fn, infos, keys)
@@ -208,72 +207,5 @@ def to_hf_plan(reader: Reader, adapter: Any) -> Plan:
                         where=str(reader.path), renames=True)
 
 
-class AdaptedReader(Reader):
-    """``inner`` seen through an adapter plan: keys are the adapter's output names.
-
-    ``read(key)`` runs the transform producing ``key`` on freshly read inputs
-    and keeps that transform's other outputs until they are asked for (the
-    writers ask in plan order) or another transform is run; so at most one
-    group's tensors are alive.  ``dropped`` lists source keys the adapter maps
-    to nothing.
-    """
-
-    format = "adapted"
-
-    def __init__(self, inner: Reader, plan: Plan):
-        super().__init__(inner.path)
-        self.inner, self.plan = inner, plan
-        self.format = f"{inner.format} via adapter"
-        self.evidence = inner.evidence
-        self.dropped = list(plan.dropped)
-        self._by_target = {k: t for t in plan.transforms for k in t.targets}
-        self._infos = plan.targets()
-        self._held: tuple[Transform | None, dict[str, torch.Tensor]] = (None, {})
-        self._lock = threading.Lock()
-
-    def tensors(self) -> dict[str, TensorInfo]:
-        return self._infos
-
-    def model_tensors(self, exclude_sections: tuple[str, ...] = ()) -> dict[str, TensorInfo]:
-        return self.tensors()
-
-    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        t = self._by_target[key]
-        with self._lock:
-            held_t, held = self._held
-            if held_t is not t or key not in held:
-                held = t.apply({k: self.inner.read(k) for k in t.inputs})
-            value = held.pop(key)
-            self._held = (t, held) if held else (None, {})
-        return value if dtype is None or value.dtype == dtype else value.to(dtype)
-
-    def extra_state(self) -> dict[str, Any]:
-        return self.inner.extra_state()
-
-    def problems(self) -> list[str]:
-        return self.inner.problems()
-
-    def describe(self) -> dict[str, Any]:
-        return self.inner.describe()
-
-    def manifest(self) -> dict[str, Any] | None:
-        return self.inner.manifest()
-
-    def check(self) -> None:
-        self.inner.check()
-
-    def hf_config_dir(self):
-        return self.inner.hf_config_dir()
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 def _source_infos(reader: Reader) -> dict[str, TensorInfo]:
     return reader.model_tensors()
-
-
-def from_hf_reader(reader: Reader, adapter: Any) -> AdaptedReader:
-    """An HF-named reader shown under a TorchTitan model's own names (its adapter's ``from_hf``)."""
-    name = f"{type(adapter).__name__}.from_hf"
-    return AdaptedReader(reader, adapter_plan(_source_infos(reader), adapter.from_hf, name, where=str(reader.path)))
