@@ -169,8 +169,9 @@ def compose(first: Plan, second: Plan, *, where: str) -> Plan:
 
     E.g. a LoRA fold (W, A, B -> W') followed by the save rules of the model
     class (a rename, or transformers' split of fused experts): a chain of
-    renames stays a rename; renames of a computed step's outputs rename that
-    step (it runs once for all of them); anything else becomes one transform
+    renames stays a rename; consecutive renames of a computed step's outputs
+    rename that step (it runs once for all of them; ``second``'s order is
+    kept, it is the order the files are laid out in); anything else becomes one transform
     that runs ``first``'s producers and then ``second``'s operation, so the
     stream still holds one group at a time.  A ``second`` rule that drops a tensor
     ``first`` computed (not merely renamed) is refused: the work would be lost.
@@ -186,7 +187,7 @@ def compose(first: Plan, second: Plan, *, where: str) -> Plan:
             raise KeyPlanError(f"{where}: {key} is computed ({t1.op}: {t1.rule or 'unnamed'}) but then dropped "
                                f"({why}); refusing to lose it")
         out.dropped.append((t1.inputs[0], why))
-    renamed: dict[int, list[Transform]] = {}  # a computed step of first -> the renames of its outputs
+    # (a step of first or a whole transform, the renames of that step's outputs that follow each other in second)
     steps: list[tuple[Transform, list[Transform]]] = []
     for t2 in second.transforms:
         missing = [k for k in t2.inputs if k not in producer]
@@ -196,11 +197,10 @@ def compose(first: Plan, second: Plan, *, where: str) -> Plan:
         if t2.fn is None and t1s[0].fn is None:  # rename after rename
             rule = " + ".join(r for r in (t1s[0].rule, t2.rule) if r)
             steps.append((rename(t1s[0].inputs[0], t2.targets[0], t1s[0].outputs[0], rule), []))
-        elif t2.fn is None:  # renames of a computed step's outputs: the step runs once for all of them
-            if id(t1s[0]) not in renamed:
-                renamed[id(t1s[0])] = []
-                steps.append((t1s[0], renamed[id(t1s[0])]))
-            renamed[id(t1s[0])].append(t2)
+        elif t2.fn is None:  # renames of a computed step's outputs, one after the other: the step runs once
+            if not (steps and steps[-1][0] is t1s[0] and steps[-1][1]):  # (second's order is the files' order)
+                steps.append((t1s[0], []))
+            steps[-1][1].append(t2)
         else:
             steps.append((_then(t1s, t2), []))
     for t, renames in steps:
