@@ -274,9 +274,35 @@ def test_lora_export_streams_one_module_at_a_time(lora_root, tmp_path, monkeypat
         return t
 
     monkeypatch.setattr(VerlFSDPReader, "read", counting_read)
+    # every tensor read whole: this counts whole reads (the renames stream in row pieces otherwise; pieces
+    # have tests/test_pieces.py)
+    from ckpt_bridge.pipeline import pieces
+
+    monkeypatch.setattr(pieces, "PIECE_BYTES", 1)
     export(lora_root, "llama", tmp_path / "out")
     assert len(issued) >= 80  # the merged model's and the adapter's inputs
     assert peak[0] <= 5
+
+
+def test_lora_export_streams_untouched_weights_in_row_pieces(lora_root, exported, tmp_path, monkeypatch):
+    """The weights no adapter touches (embedding, norms) are renames: they go by row pieces like any export's,
+    and the files are the same bytes as the default export's (which is checked against PEFT's own merge)."""
+    from ckpt_bridge.formats.verl_fsdp import VerlFSDPReader
+    from ckpt_bridge.pipeline import pieces
+
+    original, rows = VerlFSDPReader.read_rows, []
+
+    def counting_rows(self, key, out, start, stop):
+        rows.append(key)
+        return original(self, key, out, start, stop)
+
+    monkeypatch.setattr(VerlFSDPReader, "read_rows", counting_rows)
+    monkeypatch.setattr(pieces, "PIECE_BYTES", 4096)  # several pieces per tiny tensor
+    export(lora_root, "llama", tmp_path / "out")
+    assert any("embed_tokens" in k for k in rows) and any("norm" in k for k in rows)
+    direct = exported("llama")[0]
+    for f in ("model.safetensors", "lora_adapter/adapter_model.safetensors"):
+        assert (tmp_path / "out" / f).read_bytes() == (direct / f).read_bytes(), f
 
 
 def test_verl_callback_and_watch_export_lora_runs(lora_root, exported, tmp_path):

@@ -155,15 +155,14 @@ def _checked_merge(ck: lora.LoraCheckpoint, base_infos, cfg_dir: Path, where: st
 
 def lora_sinks(job: LoraJob, cast: torch.dtype | None, shard_bytes: int) -> list[SafetensorsSink]:
     """The merged model (sharded like any export, cast as asked) and the PEFT adapter (one file, as trained;
-    in ``adapter/`` beside the merged model, or at the top when it is the whole export).  Both read whole
-    tensors, one transform ahead, as the LoRA export always has (row pieces here are a speed change for later)."""
+    in ``adapter/`` beside the merged model, or at the top when it is the whole export).  Like any export, a
+    large renamed tensor (a weight no adapter touches) streams in row pieces; folds are computed whole."""
     sinks = []
     if job.merged is not None:
-        sinks.append(SafetensorsSink(job.merged.transforms, out_dtype(cast), shard_bytes, whole=True))
+        sinks.append(SafetensorsSink(job.merged.transforms, out_dtype(cast), shard_bytes))
     if job.adapter is not None:
         sinks.append(SafetensorsSink(job.adapter.transforms, lambda o: o.dtype, None, prefix=ADAPTER_FILE,
-                                     subdir="" if job.mode == "adapter" else lora.ADAPTER_SUBDIR, shared=False,
-                                     whole=True))
+                                     subdir="" if job.mode == "adapter" else lora.ADAPTER_SUBDIR, shared=False))
     return sinks
 
 

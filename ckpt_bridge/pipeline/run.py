@@ -25,7 +25,7 @@ import torch
 
 from ..dtypes import nbytes
 from ..formats.base import Reader, TensorInfo
-from ..plan.core import Plan, Transform, execute
+from ..plan.core import Plan, Transform
 from ..progress import Progress
 from .pieces import Piece, stream_pieces
 from .team import Team, team_output
@@ -41,14 +41,10 @@ class Source:
     def __init__(self, reader: Reader, out_dt: DtypeOf, bar: Progress):
         self.reader, self.out_dt, self.bar = reader, out_dt, bar
 
-    def pieces(self, transforms: list[Transform], *, whole: bool = False, ahead: bool = True) -> Iterator[Piece]:
-        """Outputs in plan order, a large renamed tensor in row pieces through reused buffers (``whole``: every
-        tensor whole), read one ahead in a thread unless ``ahead`` is False (a sink that keeps what it wrote
-        until later, like DCP's writer)."""
-        stream = (Piece(k, v, 0, t) for t, outs in execute(transforms, self.reader.read, self.out_dt, ahead=ahead)
-                  for k, v in outs.items()) if whole else stream_pieces(transforms, self.reader, self.out_dt,
-                                                                         ahead=ahead)
-        for p in stream:
+    def pieces(self, transforms: list[Transform], *, ahead: bool = True) -> Iterator[Piece]:
+        """Outputs in plan order, a large renamed tensor in row pieces through reused buffers, read one ahead in
+        a thread unless ``ahead`` is False (a sink that keeps what it wrote until later, like DCP's writer)."""
+        for p in stream_pieces(transforms, self.reader, self.out_dt, ahead=ahead):
             self.bar.update(p.tensor.numel() * p.tensor.element_size(), p.key)
             yield p
 

@@ -209,11 +209,10 @@ class SafetensorsSink:
     coordinator writes all of it (a small file kept apart, such as the aux modules)."""
 
     def __init__(self, transforms: list, out_dt, max_shard_size: int | None = None, *, prefix: str = "model",
-                 shared: bool = True, subdir: str = "", whole: bool = False):
+                 shared: bool = True, subdir: str = ""):
         """``max_shard_size`` None: one file, never sharded (PEFT loads one adapter_model.safetensors);
-        ``subdir``: the files go into that folder of the output (created by the coordinator); ``whole``: read
-        every tensor whole instead of in row pieces."""
-        self.out_dt, self.subdir, self.whole = out_dt, subdir, whole
+        ``subdir``: the files go into that folder of the output (created by the coordinator)."""
+        self.out_dt, self.subdir = out_dt, subdir
         self._planned = [TensorInfo(o.key, tuple(o.shape), out_dt(o) or o.dtype) for t in transforms for o in t.outputs]
         specs = [(i.key, i.shape, i.dtype) for i in self._planned]
         if max_shard_size is None:
@@ -249,7 +248,7 @@ class SafetensorsSink:
 
     def write(self, tmp: Path, rank: int, transforms: list, source) -> None:
         self.writer.only({o.key for t in transforms for o in t.outputs})
-        for p in source.pieces(transforms, whole=self.whole):  # in planned order: the writer checks it
+        for p in source.pieces(transforms):  # in planned order: the writer checks it
             self.writer.write_at(p.key, p.tensor, p.offset)
             del p
 
