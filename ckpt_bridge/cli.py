@@ -364,16 +364,22 @@ def _print_dropped(dropped: list[tuple[str, str]], each: int = 3) -> None:
             print(f"  not written: {len(keys)} entries ({why}), e.g. {keys[0]}")
 
 
-def _to_hf(args: argparse.Namespace) -> int:
-    from .commands.to_hf import to_hf
-    from .options import ToHF
+def _in_team(args: argparse.Namespace, convert, options):
+    """(the team of ``--workers`` / ``--distributed`` processes, ``convert``'s result in this process)."""
     from .pipeline.team import from_cli
 
     team = from_cli(args.workers, args.distributed, args.argv, out=args.out, worker=args.worker)
     try:
-        s = to_hf(args.src, args.out, ToHF.from_args(args), team=team)
+        return team, convert(args.src, args.out, options, team=team)
     finally:
         team.close()
+
+
+def _to_hf(args: argparse.Namespace) -> int:
+    from .commands.to_hf import to_hf
+    from .options import ToHF
+
+    team, s = _in_team(args, to_hf, ToHF.from_args(args))
     if not team.leader:  # rank 0 reports the export
         return 0
     if args.dry_run:  # the same checks as the real run (extra state and --out included), no tensor data read
@@ -447,13 +453,8 @@ def _watch(args: argparse.Namespace) -> int:
 def _to_dcp(args: argparse.Namespace) -> int:
     from .commands.to_dcp import to_dcp
     from .options import ToDCP
-    from .pipeline.team import from_cli
 
-    team = from_cli(args.workers, args.distributed, args.argv, out=args.out, worker=args.worker)
-    try:
-        res = to_dcp(args.src, args.out, ToDCP.from_args(args), team=team)
-    finally:
-        team.close()
+    team, res = _in_team(args, to_dcp, ToDCP.from_args(args))
     if not team.leader:  # rank 0 reports the export
         return 0
     if args.dry_run:
