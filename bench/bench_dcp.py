@@ -447,15 +447,9 @@ def main() -> int:
         fn(*[int(a) if a.isdigit() else a for a in args.child[1:]])
         return 0
 
-    workdir = args.workdir.resolve()
-    runs = [r for r in (bench_size(C.Size(n, args.layers, workdir), args) for n in C.sizes_arg(args.size)) if r]
-    if not runs:
-        print("nothing measured")
+    runs = C.run_sizes(args, bench_size, report, args.workdir.resolve(), "results_dcp.md", "logs")
+    if runs is None:
         return 1
-    md = report(runs, args)
-    print("\n" + md)
-    (workdir / "results_dcp.md").write_text(md + "\n")
-    print(f"written to {workdir / 'results_dcp.md'}; logs in {workdir}/<size>/logs")
     directions = ("h2d",) if args.h2d_only else ("h2d", "d2h")
     return 0 if all(C.ok(r["results"][d].get("cb")) for r in runs for d in directions) else 1
 

@@ -247,12 +247,7 @@ def run_round(size: C.Size, first: bool, reps: dict, notes: dict) -> None:
         notes["sanity"] = run_sanity(actor / "model" / "dist_ckpt", out["cb"]) if C.ok(cb) else "skipped (cb failed)"
     C.rm(out["cb_w2"])
     C.rm(out["cb"])
-    floor_bytes = cb["out_bytes"] or sum(f.stat().st_size for f in inputs) // 2
-    for key, flush in (("floor", False), ("floor_flush", True)):
-        r = step(key, C.floor_cmd(floor_bytes, floor_file, inputs, flush), None)
-        r["out_bytes"] = floor_bytes
-        C.rm(floor_file)
-    step("startup", C.STARTUP_CMD, None)
+    C.floor_rows(step, cb["out_bytes"] or sum(f.stat().st_size for f in inputs) // 2, floor_file, inputs)
 
 
 def bench_size(size: C.Size, args) -> dict | None:
@@ -294,15 +289,9 @@ def main() -> int:
     ap.add_argument("--workdir", type=Path, default=C.HERE / "out", help="default: bench/out (gitignored)")
     C.add_size_args(ap)
     args = ap.parse_args()
-    workdir = args.workdir.resolve()
-    runs = [r for r in (bench_size(C.Size(n, args.layers, workdir), args) for n in C.sizes_arg(args.size)) if r]
-    if not runs:
-        print("nothing measured")
+    runs = C.run_sizes(args, bench_size, report, args.workdir.resolve(), "results_megatron.md", "megatron-logs")
+    if runs is None:
         return 1
-    md = report(runs, args)
-    print("\n" + md)
-    (workdir / "results_megatron.md").write_text(md)
-    print(f"written to {workdir / 'results_megatron.md'}; logs in {workdir}/<size>/megatron-logs")
     return 0 if all(C.ok(r["results"]["cb"]) for r in runs) else 1
 
 

@@ -343,12 +343,8 @@ def run_round(size: C.Size, first: bool, keep: bool, reps: dict[str, list], note
         C.rm(out["naive"])
         C.rm(out["cb"])
 
-    floor_bytes = cb["out_bytes"] or verl["out_bytes"] or (sum(f.stat().st_size for f in inputs) // 2)
-    for key, flush in (("floor", False), ("floor_flush", True)):
-        r = step(key, C.floor_cmd(floor_bytes, floor_file, inputs, flush), None)
-        r["out_bytes"] = floor_bytes
-        C.rm(floor_file)
-    step("startup", C.STARTUP_CMD, None)
+    C.floor_rows(step, cb["out_bytes"] or verl["out_bytes"] or (sum(f.stat().st_size for f in inputs) // 2),
+                 floor_file, inputs)
 
 
 def bench_size(size: C.Size, args) -> dict | None:
@@ -408,19 +404,9 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep every tool's output of the last round")
     C.add_size_args(ap)
     args = ap.parse_args()
-    workdir = args.workdir.resolve()
-    runs = []
-    for name in C.sizes_arg(args.size):
-        run = bench_size(C.Size(name, args.layers, workdir), args)
-        if run is not None:
-            runs.append(run)
-    if not runs:
-        print("nothing measured")
+    runs = C.run_sizes(args, bench_size, report, args.workdir.resolve(), "results.md", "logs")
+    if runs is None:
         return 1
-    md = report(runs, args)
-    print("\n" + md)
-    (workdir / "results.md").write_text(md)
-    print(f"written to {workdir / 'results.md'}; logs in {workdir}/<size>/logs")
     return 0 if all(C.ok(r["results"]["cb"]) for r in runs) else 1
 
 

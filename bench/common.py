@@ -291,6 +291,30 @@ def floor_cmd(out_bytes: int, out_file: Path, inputs: list[Path], flush: bool) -
             "flush" if flush else "noflush", *map(str, inputs)]
 
 
+def floor_rows(step, out_bytes: int, out_file: Path, inputs: list[Path]) -> None:
+    """The rows every direction ends a round with: the I/O floor (read ``inputs``, write ``out_bytes``), the same
+    plus one flush, and the torch start-up.  ``step(key, cmd, out_dir)`` runs and records one command."""
+    for key, flush in (("floor", False), ("floor_flush", True)):
+        r = step(key, floor_cmd(out_bytes, out_file, inputs, flush), None)
+        r["out_bytes"] = out_bytes
+        rm(out_file)
+    step("startup", STARTUP_CMD, None)
+
+
+def run_sizes(args, bench_size, report, workdir: Path, name: str, logs: str) -> list[dict] | None:
+    """Every ``--size`` through ``bench_size``, the report printed and written to ``workdir/name``; the runs,
+    or None if nothing was measured."""
+    runs = [r for r in (bench_size(Size(n, args.layers, workdir), args) for n in sizes_arg(args.size)) if r]
+    if not runs:
+        print("nothing measured")
+        return None
+    md = report(runs, args)
+    print("\n" + md)
+    (workdir / name).write_text(md + "\n")
+    print(f"written to {workdir / name}; logs in {workdir}/<size>/{logs}")
+    return runs
+
+
 # ------------------------------------------------------------------------------------------------
 # byte identity of two outputs (--workers 2 vs --workers 1)
 # ------------------------------------------------------------------------------------------------
