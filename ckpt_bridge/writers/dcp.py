@@ -13,6 +13,7 @@ save their share into a part folder of their own; the coordinator merges them in
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from pathlib import Path
@@ -123,6 +124,29 @@ class RowFeed:
         if stop == shape[0]:
             self.whole = None
         return t[start:stop].contiguous()  # DCP's writer copies a block whose storage is the whole tensor's
+
+
+@contextlib.contextmanager
+def no_zip_crc32():
+    """torch.save without the CRC32 of each record, for the duration (restored after, also on an error: the
+    process may be a user's trainer calling us).
+
+    DCP's FileSystemWriter stores every item as a ``torch.save`` zip, and computing the zip's CRC32 of every
+    byte was an eighth of to-dcp's CPU at 1.24B.  No torch loader reads it: torch builds its zip reader with
+    ``MINIZ_DISABLE_ZIP_READER_CRC32_CHECKS`` (cmake/Dependencies.cmake), so ``torch.load`` (DCP's reader, the
+    trainer's ``CheckpointManager``, our own) loads a record whatever its CRC field says, checked under torch
+    2.9.1, 2.11, 2.13 and 2.15; ``set_crc32_options``' docstring says as much.  Only a generic unzip of a
+    ``.distcp`` byte range would warn.  The setting is process-wide (torch's config): a ``torch.save`` another
+    thread makes meanwhile is written without CRC too, and loads the same.
+    """
+    from torch.serialization import get_crc32_options, set_crc32_options
+
+    before = get_crc32_options()
+    set_crc32_options(False)
+    try:
+        yield
+    finally:
+        set_crc32_options(before)
 
 
 FILE_BYTES = 256 << 20  # items share a .distcp file up to this size
@@ -237,7 +261,7 @@ class DCPSink:
         # BaseException carrying a traceback as its message); this re-raises the real cause.
         with writing(tmp, total):
             part_dir(tmp, rank).mkdir()
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), no_zip_crc32():
                 warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
                 dcp.save(state, storage_writer=grouped_writer(part_dir(tmp, rank), self.files),
                          planner=chunked_planner(self.blocks, lambda fqn, a, b: feed.take(key_of[fqn], a, b)),
