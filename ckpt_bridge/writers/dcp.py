@@ -28,6 +28,7 @@ from ..pipeline import pieces
 from ..pipeline.pieces import Piece, rows_per_piece
 from .atomic import flush_tree
 from .dcp_parts import merge_parts, part_dir
+from .writeback import start_writeback
 
 
 def row_blocks(info: TensorInfo, piece_bytes: int | None = None) -> list[tuple[int, int]] | None:
@@ -173,6 +174,27 @@ def file_groups(items: list[tuple[tuple, int, bool]], file_bytes: int | None = N
     return out
 
 
+class WritebackPlanner:
+    """The planner DCP's writer asks for each item's data, which also starts the write-back of a file once the
+    writer has moved on to the next one (torch 2.13 ``_write_files_from_queue`` writes the files one after the
+    other, each closed before the next one's first item is resolved): the final flush then waits only for the
+    last file (:mod:`.writeback`).  Everything else is the wrapped planner's."""
+
+    def __init__(self, planner, path_of: dict):
+        self.planner, self.path_of, self.current = planner, path_of, None
+
+    def resolve_data(self, write_item):
+        path = self.path_of.get(write_item.index)
+        if path != self.current:
+            if self.current is not None:
+                start_writeback(self.current)
+            self.current = path
+        return self.planner.resolve_data(write_item)
+
+    def __getattr__(self, name):
+        return getattr(self.planner, name)
+
+
 def grouped_writer(path: Path, file_of: dict[tuple, int]):
     """DCP's FileSystemWriter, except that consecutive items of one planned file (``file_of``: (stored key,
     offsets) -> file) are written into one ``.distcp`` file, in plan order.  torch 2.13's ``write_data`` offers
@@ -187,14 +209,16 @@ def grouped_writer(path: Path, file_of: dict[tuple, int]):
         def write_data(self, plan, planner):
             files: queue.Queue = queue.Queue()
             group: list = []
+            path_of = {}
             for item in [*plan.items, None]:
                 if group and (item is None or key(item) != key(group[0])):
                     name = f"{plan.storage_data.prefix}{files.qsize()}{DEFAULT_SUFFIX}"
                     files.put((self.fs.concat_path(self.path, name), name, group))
+                    path_of.update((i.index, self.fs.concat_path(self.path, name)) for i in group)
                     group = []
                 if item is not None:
                     group.append(item)
-            return self._write_data(planner, files)
+            return self._write_data(WritebackPlanner(planner, path_of), files)
 
     def key(item) -> int:
         return file_of.get((item.index.fqn, tuple(item.index.offset or ())), -1)

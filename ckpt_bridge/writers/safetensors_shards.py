@@ -24,6 +24,7 @@ import torch
 from ..dtypes import nbytes
 from ..errors import BridgeError, writing
 from ..formats.base import TensorInfo
+from .writeback import start_writeback
 
 _DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -169,6 +170,8 @@ class ShardedSafetensorsWriter:
             done = 0
             while done < size:
                 done += os.pwrite(self._fds[i], view[done:], at + done)
+            # the disk works during the stream, not in the final flush
+            start_writeback(self.out_dir / self.filename(i), at, size)
         self._done = offset + size
         if self._done == n:
             self._next += 1
