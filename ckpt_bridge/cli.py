@@ -12,6 +12,7 @@ import logging
 import sys
 import traceback
 
+from . import cyclic_gc
 from .errors import BridgeError, disk_full, is_disk_full, one_line, root_cause
 
 EPILOG = """\
@@ -286,7 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
-        return _run(args)
+        if args.verb == "watch":  # long-running: the collector stays on
+            return _run(args)
+        with cyclic_gc.paused():  # see cyclic_gc: 0.3-0.7 s of CPU at 1.24B, in the imports
+            return _run(args)
     except BaseException as e:  # noqa: BLE001 - every failure becomes one line and an exit code
         if isinstance(e, SystemExit):
             raise

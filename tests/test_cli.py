@@ -36,3 +36,30 @@ def test_module_entry_point_and_help():
     assert "to-hf" in proc.stdout and "examples:" in proc.stdout and "exit codes" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "ckpt_bridge"], capture_output=True, text=True)
     assert proc.returncode == 2
+
+
+def test_cyclic_gc_is_paused_for_a_command_and_restored(tmp_path, capsys):
+    """cyclic_gc.paused(): off inside (also when it was off already), back as it was after, also on an error;
+    the CLI's commands run inside it and leave the caller's collector on, whether they succeed or fail."""
+    import gc
+
+    from ckpt_bridge import cyclic_gc
+
+    assert gc.isenabled()
+    try:
+        with cyclic_gc.paused():
+            assert not gc.isenabled()
+            raise KeyError("x")
+    except KeyError:
+        pass
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with cyclic_gc.paused():
+            pass
+        assert not gc.isenabled()  # the caller had it off: it stays off
+    finally:
+        gc.enable()
+    assert main(["inspect", str(tmp_path / "missing")]) == 2  # a failing command
+    assert main(["to-hf", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--dry-run"]) == 2
+    assert gc.isenabled()
