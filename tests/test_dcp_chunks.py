@@ -6,7 +6,9 @@ PIECE_BYTES is forced down so the tiny models' tensors are larger than a piece (
 
 from __future__ import annotations
 
+import io
 import math
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,27 @@ def dcp_load(dcp_dir: Path) -> dict[str, torch.Tensor]:
              if isinstance(m, TensorStorageMetadata)}
     dcp.load(state, storage_reader=dcp.FileSystemReader(str(dcp_dir)), no_dist=True)
     return state
+
+
+def record_crcs(dcp_dir: Path) -> set[int]:
+    """The CRC32 fields of every record of every item's torch.save archive (as DCP's metadata places them)."""
+    md = safeload.load_dcp_metadata(dcp_dir / ".metadata")
+    out = set()
+    for info in md.storage_data.values():
+        with open(dcp_dir / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            out |= {z.CRC for z in zipfile.ZipFile(io.BytesIO(f.read(info.length))).infolist()}
+    return out
+
+
+def test_no_zip_crc32_is_scoped_and_restored():
+    """The CRC setting is torch's process-wide config: restored after the write, also when it fails."""
+    assert torch.serialization.get_crc32_options() is True
+    with pytest.raises(OSError):
+        with dcp_writer.no_zip_crc32():
+            assert torch.serialization.get_crc32_options() is False
+            raise OSError("disk full")
+    assert torch.serialization.get_crc32_options() is True
 
 
 def titan_state(hf: Path, dcp_dir: Path, dump: Path) -> dict[str, torch.Tensor]:
@@ -85,6 +108,10 @@ def test_chunked_output_loads_through_the_trainer_exactly_like_one_item_per_tens
     files = sorted((tmp_path / "chunked").glob("*.distcp"))
     assert 1 < len(files) < sum(chunked.values()) / 3
     assert max(f.stat().st_size for f in files) < 2 * (16 << 10) + 4 * (1 << 10) * len(files)
+
+    # written without zip CRC32s (torch.load never checks them): the loads below prove every loader reads them
+    assert record_crcs(tmp_path / "chunked") == {0} and record_crcs(tmp_path / "whole") == {0}
+    assert torch.serialization.get_crc32_options() is True  # the user's torch.save setting is back
 
     a = titan_state(hf, tmp_path / "whole", tmp_path / "d1")
     b = titan_state(hf, tmp_path / "chunked", tmp_path / "d2")

@@ -4,7 +4,8 @@ One subprocess per version (``ckpt_bridge.testing.torch_checks``) with a torch o
 (``overlays.torch_overlay``: PyPI's CUDA wheel and its nvidia packages, ~4.7 GB, downloaded once into the
 overlays cache; it runs on CPU).  It runs the CLI's main paths on saves written here under the pinned torch
 (verl FSDP and HSDP, a LoRA run) and on the committed fixtures of every torch (tests/fixtures/torch-*), and
-compares each output bit for bit with its reference.  The other direction, other torches' saves read under
+compares each output bit for bit with its reference, and loads a to-dcp output written here (no zip CRC32s)
+through DCP's reader and the trainer's CheckpointManager.  The other direction, other torches' saves read under
 the pinned one, is tests/test_torch_fixtures.py."""
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from ckpt_bridge import to_hf
-from ckpt_bridge.testing.harness import make_verl_lora_checkpoints
+from ckpt_bridge import to_dcp, to_hf
+from ckpt_bridge.pipeline import pieces
+from ckpt_bridge.testing.harness import make_verl_lora_checkpoints, reference_dir
 from ckpt_bridge.testing.overlays import overlay_env, torch_overlay
 from ckpt_bridge.testing.tiny_olmo2 import corpus_text
 
@@ -34,8 +36,13 @@ def pinned_saves(verl_ckpt, tmp_path_factory):
     lora = lora_root / "llama" / "global_step_2" / "actor"
     to_hf(lora, d / "lora-export", progress=False)
     (d / "text.txt").write_text(corpus_text()[:300])
-    return {"fsdp": verl_ckpt("llama", "2"), "hsdp": verl_ckpt("llama", "2x2"), "lora": lora,
-            "lora-export": d / "lora-export", "text": d / "text.txt", "dir": d}
+    fsdp = verl_ckpt("llama", "2")
+    # to-dcp under the pinned torch (no zip CRC32s), its tensors cut into row chunks as a large model's are
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(pieces, "PIECE_BYTES", 4096)
+        to_dcp(reference_dir(fsdp) / "hf", d / "pinned-dcp", progress=False)
+    return {"fsdp": fsdp, "hsdp": verl_ckpt("llama", "2x2"), "lora": lora,
+            "lora-export": d / "lora-export", "text": d / "text.txt", "dcp": d / "pinned-dcp", "dir": d}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +53,8 @@ def results(pinned_saves):
         env = overlay_env(torch_overlay(version))
         env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
         work = pinned_saves["dir"] / f"work-{version}"
-        args = [x for k in ("fsdp", "hsdp", "lora", "lora-export", "text") for x in (f"--{k}", str(pinned_saves[k]))]
+        args = [x for k in ("fsdp", "hsdp", "lora", "lora-export", "text", "dcp")
+                for x in (f"--{k}", str(pinned_saves[k]))]
         result = work.parent / f"{work.name}.json"
         cmd = [sys.executable, "-m", "ckpt_bridge.testing.torch_checks", "--out", str(result), "--work", str(work),
                *args]
@@ -66,7 +74,8 @@ def test_cli_under_other_torch(results, version):
     failed = {k: v["error"] for k, v in checks.items() if not v["ok"]}
     assert not failed, failed
     # what ran: the pinned torch's saves, every committed fixture (each torch x FSDP/HSDP/Shard(1)/DCP)
-    assert {"to-hf/fsdp", "to-hf/hsdp", "dcp-round-trip", "lora", "verl-hook"} <= set(checks)
+    assert {"to-hf/fsdp", "to-hf/hsdp", "dcp-round-trip", "lora", "verl-hook", "pinned-dcp/dcp.load",
+            "pinned-dcp/torchtitan"} <= set(checks)  # the last: CheckpointManager imports under 2.11 too
     fixtures = sorted(p.name for p in (Path(__file__).parent / "fixtures").glob("torch-*"))
     assert {f"fixture/{f}/{c}" for f in fixtures for c in ("fsdp", "hsdp", "shard1", "dcp", "torch_file")} <= set(checks)
     # torchtitan 0.3.0 (the pinned one) needs torch >= 2.12: it imports DataParallelMeshDims, which torch

@@ -1,10 +1,11 @@
 """The CLI's main paths under the running torch (a torch overlay): one subprocess per torch version.
 
     PYTHONPATH=<torch overlay>:. python -m ckpt_bridge.testing.torch_checks --out RESULTS.json --work DIR \\
-        --fsdp ACTOR --hsdp ACTOR --lora ACTOR --lora-export DIR --text FILE
+        --fsdp ACTOR --hsdp ACTOR --lora ACTOR --lora-export DIR --text FILE --dcp DIR
 
 ``--fsdp`` / ``--hsdp`` / ``--lora`` are verl saves written under the pinned torch (with their
-``reference/`` dirs), ``--lora-export`` the pinned torch's export of ``--lora``.  Every check runs the
+``reference/`` dirs), ``--lora-export`` the pinned torch's export of ``--lora``, ``--dcp`` the pinned torch's
+chunked to-dcp output of ``--fsdp``'s reference HF (written without zip CRC32s: it must load here too).  Every check runs the
 CLI in this process and compares what it wrote bit for bit with the reference; the committed fixtures of
 every torch (tests/fixtures/torch-*) are exported too.  Results: ``{"torch": ..., "checks": {name:
 {"ok": bool, "error": str}}}``; a failing check never stops the others.  Used by tests/test_torch_versions.py.
@@ -95,6 +96,74 @@ def _dcp_round_trip(hf: Path, work: Path, text: Path) -> None:
     _same_safetensors(work / "dcp-hf", hf)
 
 
+def _hf_state(hf: Path) -> dict:
+    from safetensors.torch import load_file
+
+    from ckpt_bridge.formats.hf import weight_files
+
+    out = {}
+    for f in weight_files(hf)[1]:
+        out.update(load_file(f))
+    return out
+
+
+def _same_as_hf(got: dict, hf: Path, prefix: str) -> None:
+    """Every HF tensor is ``got[prefix + key]``, bit for bit once cast to its dtype (bf16/fp32 -> fp32 is exact)."""
+    import torch
+
+    want = _hf_state(hf)
+    if sorted(prefix + k for k in want) != sorted(got):
+        raise AssertionError(f"keys differ: {sorted(set(got) ^ {prefix + k for k in want})[:5]}")
+    bad = [k for k, v in want.items() if not torch.equal(got[prefix + k], v.to(got[prefix + k].dtype))]
+    if bad:
+        raise AssertionError(f"{len(bad)} tensors differ from {hf}, e.g. {bad[0]}")
+
+
+def _pinned_dcp_load(dcp_dir: Path, hf: Path) -> None:
+    """DCP's own reader (FileSystemReader, dcp.load into empty tensors) on the pinned torch's to-dcp output."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    md = dcp.FileSystemReader(str(dcp_dir)).read_metadata()
+    state = {k: torch.zeros(m.size, dtype=m.properties.dtype) for k, m in md.state_dict_metadata.items()
+             if isinstance(m, TensorStorageMetadata)}
+    if max(len(m.chunks) for m in md.state_dict_metadata.values() if hasattr(m, "chunks")) < 2:
+        raise AssertionError("the pinned output has no chunked tensor")
+    dcp.load(state, storage_reader=dcp.FileSystemReader(str(dcp_dir)), no_dist=True)
+    _same_as_hf(state, hf, "")  # to-dcp stores the trainer's flat keys (no {"model": ...} nesting)
+
+
+def _pinned_dcp_titan(dcp_dir: Path, hf: Path, work: Path) -> None:
+    """The trainer's own load (torchtitan's CheckpointManager, model-only, on a 1-process gloo group) of it."""
+    import torch
+    import torch.distributed as dist
+    from torchtitan.components.checkpoint import CheckpointManager
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(hf))
+    model.to_empty(device="cpu")
+    work.mkdir(parents=True)
+    dist.init_process_group("gloo", init_method=f"file://{work / 'store'}", rank=0, world_size=1)
+    try:
+        mc = CheckpointManager.Config(enable=True, folder="checkpoint", keep_latest_k=0,
+                                      initial_load_path=str(dcp_dir.absolute()), initial_load_model_only=True)
+        mgr = CheckpointManager(mc, dataloader=None, model_parts=[model], optimizers=None, lr_schedulers=None,
+                                states={}, sd_adapter=None, base_folder=str(work / "dump"))
+        try:
+            if mgr.load() is not True:
+                raise AssertionError("CheckpointManager.load() did not load")
+        finally:
+            mgr.close()
+    finally:
+        dist.destroy_process_group()
+    sd = dict(model.state_dict())
+    if model.config.tie_word_embeddings:
+        sd.pop("lm_head.weight", None)
+    _same_as_hf(sd, hf, "")
+
+
 def _verl_hook(actor: Path, work: Path) -> None:
     """integrations/verl.py's HFExportCallback on a copy of a save (it runs where verl's trainer would)."""
     from ckpt_bridge.integrations.verl import HFExportCallback
@@ -121,7 +190,7 @@ def _torchtitan_import() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
-    for name in ("out", "work", "fsdp", "hsdp", "lora", "lora-export", "text"):
+    for name in ("out", "work", "fsdp", "hsdp", "lora", "lora-export", "text", "dcp"):
         p.add_argument(f"--{name}", required=True, type=Path)
     a = p.parse_args(argv)
     import torch
@@ -134,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         "lora": lambda: (_cli("to-hf", a.lora, "--out", work / "lora", "--quiet"),
                          _same_safetensors(work / "lora", a.lora_export)),
         "verl-hook": lambda: _verl_hook(a.fsdp, work / "hook"),
+        "pinned-dcp/dcp.load": lambda: _pinned_dcp_load(a.dcp, reference_dir(a.fsdp) / "hf"),
         **_fixture_checks(work / "fixtures"),
         "torchtitan-import": _torchtitan_import,
+        "pinned-dcp/torchtitan": lambda: _pinned_dcp_titan(a.dcp, reference_dir(a.fsdp) / "hf", work / "titan"),
     }
     results: dict[str, dict] = {}
     for name, fn in checks.items():

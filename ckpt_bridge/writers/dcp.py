@@ -13,6 +13,7 @@ save their share into a part folder of their own; the coordinator merges them in
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from pathlib import Path
@@ -27,6 +28,7 @@ from ..pipeline import pieces
 from ..pipeline.pieces import Piece, rows_per_piece
 from .atomic import flush_tree
 from .dcp_parts import merge_parts, part_dir
+from .writeback import start_writeback
 
 
 def row_blocks(info: TensorInfo, piece_bytes: int | None = None) -> list[tuple[int, int]] | None:
@@ -125,6 +127,29 @@ class RowFeed:
         return t[start:stop].contiguous()  # DCP's writer copies a block whose storage is the whole tensor's
 
 
+@contextlib.contextmanager
+def no_zip_crc32():
+    """torch.save without the CRC32 of each record, for the duration (restored after, also on an error: the
+    process may be a user's trainer calling us).
+
+    DCP's FileSystemWriter stores every item as a ``torch.save`` zip, and computing the zip's CRC32 of every
+    byte was an eighth of to-dcp's CPU at 1.24B.  No torch loader reads it: torch builds its zip reader with
+    ``MINIZ_DISABLE_ZIP_READER_CRC32_CHECKS`` (cmake/Dependencies.cmake), so ``torch.load`` (DCP's reader, the
+    trainer's ``CheckpointManager``, our own) loads a record whatever its CRC field says, checked under torch
+    2.9.1, 2.11, 2.13 and 2.15; ``set_crc32_options``' docstring says as much.  Only a generic unzip of a
+    ``.distcp`` byte range would warn.  The setting is process-wide (torch's config): a ``torch.save`` another
+    thread makes meanwhile is written without CRC too, and loads the same.
+    """
+    from torch.serialization import get_crc32_options, set_crc32_options
+
+    before = get_crc32_options()
+    set_crc32_options(False)
+    try:
+        yield
+    finally:
+        set_crc32_options(before)
+
+
 FILE_BYTES = 256 << 20  # items share a .distcp file up to this size
 
 
@@ -149,6 +174,27 @@ def file_groups(items: list[tuple[tuple, int, bool]], file_bytes: int | None = N
     return out
 
 
+class WritebackPlanner:
+    """The planner DCP's writer asks for each item's data, which also starts the write-back of a file once the
+    writer has moved on to the next one (torch 2.13 ``_write_files_from_queue`` writes the files one after the
+    other, each closed before the next one's first item is resolved): the final flush then waits only for the
+    last file (:mod:`.writeback`).  Everything else is the wrapped planner's."""
+
+    def __init__(self, planner, path_of: dict):
+        self.planner, self.path_of, self.current = planner, path_of, None
+
+    def resolve_data(self, write_item):
+        path = self.path_of.get(write_item.index)
+        if path != self.current:
+            if self.current is not None:
+                start_writeback(self.current)
+            self.current = path
+        return self.planner.resolve_data(write_item)
+
+    def __getattr__(self, name):
+        return getattr(self.planner, name)
+
+
 def grouped_writer(path: Path, file_of: dict[tuple, int]):
     """DCP's FileSystemWriter, except that consecutive items of one planned file (``file_of``: (stored key,
     offsets) -> file) are written into one ``.distcp`` file, in plan order.  torch 2.13's ``write_data`` offers
@@ -163,14 +209,16 @@ def grouped_writer(path: Path, file_of: dict[tuple, int]):
         def write_data(self, plan, planner):
             files: queue.Queue = queue.Queue()
             group: list = []
+            path_of = {}
             for item in [*plan.items, None]:
                 if group and (item is None or key(item) != key(group[0])):
                     name = f"{plan.storage_data.prefix}{files.qsize()}{DEFAULT_SUFFIX}"
                     files.put((self.fs.concat_path(self.path, name), name, group))
+                    path_of.update((i.index, self.fs.concat_path(self.path, name)) for i in group)
                     group = []
                 if item is not None:
                     group.append(item)
-            return self._write_data(planner, files)
+            return self._write_data(WritebackPlanner(planner, path_of), files)
 
     def key(item) -> int:
         return file_of.get((item.index.fqn, tuple(item.index.offset or ())), -1)
@@ -237,7 +285,7 @@ class DCPSink:
         # BaseException carrying a traceback as its message); this re-raises the real cause.
         with writing(tmp, total):
             part_dir(tmp, rank).mkdir()
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), no_zip_crc32():
                 warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
                 dcp.save(state, storage_writer=grouped_writer(part_dir(tmp, rank), self.files),
                          planner=chunked_planner(self.blocks, lambda fqn, a, b: feed.take(key_of[fqn], a, b)),

@@ -24,6 +24,7 @@ import torch
 from ..dtypes import nbytes
 from ..errors import BridgeError, writing
 from ..formats.base import TensorInfo
+from .writeback import start_writeback
 
 _DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
@@ -31,6 +32,8 @@ _DTYPE_NAMES = {
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
     torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
 }  # fmt: skip
+
+WRITEBACK_BYTES = 64 << 20  # a file's write-back is started each time this much more of it was written
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
@@ -93,6 +96,7 @@ class ShardedSafetensorsWriter:
         self._order = [name for s in shards for name, *_ in s]
         self._next = 0
         self._fds: dict[int, int] = {}
+        self._unqueued: dict[int, tuple[int, int]] = {}  # per file: the byte range written since its write-back
         self._done = 0  # bytes of the current tensor written so far (write_at pieces)
         self._create = create  # False: another process creates the files (create_files) before we write
 
@@ -169,6 +173,14 @@ class ShardedSafetensorsWriter:
             done = 0
             while done < size:
                 done += os.pwrite(self._fds[i], view[done:], at + done)
+            # the disk works during the stream, not in the final flush: the range written since the last
+            # request, once it is WRITEBACK_BYTES (many small tensors cost no call each)
+            lo, hi = self._unqueued.get(i, (at, at))
+            lo, hi = min(lo, at), max(hi, at + size)
+            if hi - lo >= WRITEBACK_BYTES:
+                start_writeback(self.out_dir / self.filename(i), lo, hi - lo)
+                lo = hi
+            self._unqueued[i] = (lo, hi)
         self._done = offset + size
         if self._done == n:
             self._next += 1
