@@ -163,3 +163,29 @@ def test_whole_fed_tensors_are_cut_into_the_same_chunks(tmp_path, monkeypatch):
         for k in a:
             assert a[k].dtype == torch.float32 and torch.equal(a[k], b[k]), (name, k)
     assert "tok_embeddings.weight" in b  # the titan case went through the adapter: TorchTitan's own keys
+
+
+def test_a_torch_without_the_private_write_data_gets_dcps_own_files(tiny_hf_factory, tmp_path, monkeypatch):
+    """Grouping items into files goes through FileSystemWriter's private ``_write_data(planner, file_queue)``.
+    A torch where it has another form gets DCP's own ``write_data`` (one part file per item); the coordinator
+    then puts the planned files together as it does for several processes: the same output, byte for byte."""
+    import torch.distributed.checkpoint as dcp
+
+    hf = tiny_hf_factory("llama_tied")
+    monkeypatch.setattr(pieces, "PIECE_BYTES", PIECE)
+    monkeypatch.setattr(dcp_writer, "FILE_BYTES", 16 << 10)
+    to_dcp(hf, tmp_path / "grouped", progress=False)
+    own, queued = dcp.FileSystemWriter._write_data, []
+
+    def other_form(self, planner, file_queue, *, more=None):  # what a later torch might have
+        queued.append(file_queue.qsize())
+        return own(self, planner, file_queue)
+
+    monkeypatch.setattr(dcp.FileSystemWriter, "_write_data", other_form)
+    to_dcp(hf, tmp_path / "fallback", progress=False)
+    assert queued == [sum(chunk_counts(tmp_path / "fallback").values())]  # DCP's write_data: a file per item
+    names = sorted(p.name for p in (tmp_path / "grouped").iterdir() if p.suffix == ".distcp" or p.name == ".metadata")
+    assert len(names) > 2 and names == sorted(p.name for p in (tmp_path / "fallback").iterdir()
+                                              if p.suffix == ".distcp" or p.name == ".metadata")
+    for n in names:
+        assert (tmp_path / "grouped" / n).read_bytes() == (tmp_path / "fallback" / n).read_bytes(), n

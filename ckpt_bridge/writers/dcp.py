@@ -199,14 +199,22 @@ def grouped_writer(path: Path, file_of: dict[tuple, int]):
     """DCP's FileSystemWriter, except that consecutive items of one planned file (``file_of``: (stored key,
     offsets) -> file) are written into one ``.distcp`` file, in plan order.  torch 2.13's ``write_data`` offers
     one file per item or one file per thread (items sorted by size); the files themselves are still written
-    by its own ``_write_data`` (one thread, items resolved one at a time)."""
+    by its own ``_write_data`` (one thread, items resolved one at a time).  That method is private: a torch
+    without it in the form 2.11-2.15 have (``planner, file_queue``) gets DCP's own ``write_data`` (a part file
+    per item), which :func:`.dcp_parts.merge_parts` puts together into the planned files: the same output."""
+    import inspect
     import queue
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.filesystem import DEFAULT_SUFFIX
 
+    own = getattr(dcp.FileSystemWriter, "_write_data", None)
+    groups = own is not None and list(inspect.signature(own).parameters)[1:] == ["planner", "file_queue"]
+
     class GroupedFileSystemWriter(dcp.FileSystemWriter):
         def write_data(self, plan, planner):
+            if not groups:
+                return super().write_data(plan, planner)
             files: queue.Queue = queue.Queue()
             group: list = []
             path_of = {}
