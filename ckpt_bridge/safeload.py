@@ -4,7 +4,9 @@ Checkpoints come from other machines and other people, so every ``torch.load``
 here is ``weights_only=True``.  Two things need help to pass that check:
 
 * DTensors: their classes (DTensor, DeviceMesh, Shard, ...) are registered as
-  safe globals when ``torch.distributed.tensor`` is imported, so :func:`load` imports it.
+  safe globals when ``torch.distributed.tensor`` is imported, so :func:`load` imports it; a reader that
+  needs only a DTensor's fields (the verl merge) asks for ``saved_dtensors=True`` instead: stand-ins by
+  name (:mod:`ckpt_bridge.formats.meshes`), no import.
 * verl's ``extra_state_*.pt`` holds ``np.random.get_state()``, a numpy array.
   We allowlist exactly the numpy globals that pickle needs (under both the
   numpy 2 ``numpy._core`` and numpy 1 ``numpy.core`` names) and nothing else.
@@ -16,6 +18,7 @@ the global, unless the caller passes ``trust_pickle=True`` (``--trust-pickle``).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import pickle
 import threading
 from contextlib import contextmanager
@@ -26,7 +29,7 @@ import torch
 
 from .errors import CheckpointFormatError, UnsafePickleError
 from .quiet import quieted
-from .formats.meshes import STAND_INS
+from .formats.meshes import DTENSOR_STAND_INS, STAND_INS
 
 
 def _numpy_rng_globals() -> list[Any]:
@@ -64,15 +67,23 @@ def load(
     allow_numpy: bool = False,
     trust_pickle: bool = False,
     map_location: str = "cpu",
+    saved_dtensors: bool = False,
 ) -> Any:
     """``torch.load`` a file safely; ``mmap=True`` reads no tensor data up front (``map_location="meta"``: none at all).
+
+    ``saved_dtensors``: DTensors come back as :class:`~ckpt_bridge.formats.meshes.SavedDTensor` (shape, dtype,
+    ``_local_tensor``, ``placements``, ``device_mesh``; no tensor ops), and torch.distributed.tensor is not
+    imported; otherwise as the running torch's DTensor (with its mesh and placements as saved).
 
     Raises :class:`CheckpointFormatError` for unreadable/truncated files and
     :class:`UnsafePickleError` for pickles outside the allowlist.
     """
     path = Path(path)
-    import torch.distributed.tensor  # noqa: F401  registers DTensor classes as safe globals (imported here:
-    # it costs ~0.4 s, which reading an HF or DCP folder does not need)
+    stand_ins = {**STAND_INS, **DTENSOR_STAND_INS} if saved_dtensors else STAND_INS
+    if not saved_dtensors:
+        # registers the DTensor classes as safe globals (imported here: it costs ~0.5 s, which reading an HF
+        # or DCP folder does not need); imported by name so ``torch`` stays this module's global
+        importlib.import_module("torch.distributed.tensor")
 
     if mmap and is_legacy_format(path):
         mmap = False  # torch can only mmap zip archives; a legacy file is read whole (see is_legacy_format)
@@ -80,8 +91,8 @@ def load(
         with quiet_loading():
             if trust_pickle:
                 return torch.load(path, map_location=map_location, mmap=mmap, weights_only=False,
-                                  pickle_module=_stand_in_pickle())
-            with _mesh_stand_ins(_numpy_rng_globals() if allow_numpy else []):
+                                  pickle_module=_stand_in_pickle(stand_ins))
+            with _mesh_stand_ins(stand_ins, _numpy_rng_globals() if allow_numpy else []):
                 return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
         culprit = _unsafe_global(str(e))
@@ -109,8 +120,9 @@ _ALLOWLIST_LOCK = threading.RLock()
 
 
 @contextmanager
-def _mesh_stand_ins(extra: list[Any]) -> Iterator[None]:
-    """torch's weights-only allowlist, for one load, with the mesh classes replaced by our stand-ins (plus ``extra``).
+def _mesh_stand_ins(stand_ins: dict[str, type], extra: list[Any]) -> Iterator[None]:
+    """torch's weights-only allowlist, for one load, with the classes named in ``stand_ins`` replaced by our
+    stand-ins (plus ``extra``).
 
     The allowlist is keyed by name but stored as a set, so the real classes (registered by importing
     torch.distributed.tensor / device_mesh) are taken out for the duration instead of shadowed.
@@ -118,9 +130,9 @@ def _mesh_stand_ins(extra: list[Any]) -> Iterator[None]:
 
     with _ALLOWLIST_LOCK:  # the allowlist is process-wide: one load at a time changes it
         saved = torch.serialization.get_safe_globals()
-        kept = [g for g in saved if _global_name(g) not in STAND_INS]
+        kept = [g for g in saved if _global_name(g) not in stand_ins]
         torch.serialization.clear_safe_globals()
-        torch.serialization.add_safe_globals([*kept, *((cls, name) for name, cls in STAND_INS.items()), *extra])
+        torch.serialization.add_safe_globals([*kept, *((cls, name) for name, cls in stand_ins.items()), *extra])
         try:
             yield
         finally:
@@ -134,13 +146,14 @@ def _global_name(g: Any) -> str:
     return f"{getattr(g, '__module__', '')}.{getattr(g, '__qualname__', '')}"
 
 
-def _stand_in_pickle() -> Any:
-    """A ``pickle`` module for ``torch.load(weights_only=False)`` whose Unpickler maps the mesh classes to stand-ins."""
+def _stand_in_pickle(stand_ins: dict[str, type]) -> Any:
+    """A ``pickle`` module for ``torch.load(weights_only=False)`` whose Unpickler maps the classes named in
+    ``stand_ins`` to them."""
     import types
 
     class Unpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
-            return STAND_INS.get(f"{module}.{name}") or super().find_class(module, name)
+            return stand_ins.get(f"{module}.{name}") or super().find_class(module, name)
 
     mod = types.ModuleType("ckpt_bridge_pickle")
     mod.__dict__.update({k: getattr(pickle, k) for k in dir(pickle) if not k.startswith("__")})
@@ -155,8 +168,6 @@ def _foreign_hint(culprit: str | None) -> str:
         return ""
     module, _, name = culprit.rpartition(".")
     try:
-        import importlib
-
         if hasattr(importlib.import_module(module), name):
             return ""
     except ImportError:

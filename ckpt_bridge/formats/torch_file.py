@@ -12,18 +12,10 @@ from typing import Any
 
 import torch
 
-from . import pages
+from . import meshes, pages
 from .. import safeload
 from ..errors import CheckpointFormatError
 from .base import Reader, TensorInfo
-
-
-def _dtensor() -> type:
-    """DTensor, imported when first needed: importing torch.distributed.tensor costs ~0.4 s, which
-    ``inspect`` of an HF or DCP folder would otherwise pay for nothing."""
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
 
 
 def _flatten(obj: Any, prefix: str, out: dict[str, Any], other: list[str]) -> None:
@@ -45,12 +37,12 @@ class TorchFileReader(Reader):
         if safeload.is_legacy_format(self.path):
             self.evidence.notes.append(f"{self.path.name}: legacy (non-zip) torch.save format: loaded whole into "
                                        f"memory (no mmap), weights-only")
-        obj = safeload.load(self.path, mmap=True, trust_pickle=trust_pickle)
+        obj = safeload.load(self.path, mmap=True, trust_pickle=trust_pickle, saved_dtensors=True)
         self._tensors: dict[str, torch.Tensor] = {}
         self.non_tensor: list[str] = []
         _flatten(obj, "", self._tensors, self.non_tensor)
         for k, v in self._tensors.items():
-            if isinstance(v, _dtensor()):
+            if meshes.is_dtensor(v):
                 raise CheckpointFormatError(
                     f"{self.path}: key {k!r} is a DTensor shard; one rank file cannot be merged alone: "
                     f"point ckpt-bridge at the directory holding every rank's file"

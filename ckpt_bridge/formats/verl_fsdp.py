@@ -27,11 +27,6 @@ our RSS afterwards.  verl itself is never imported.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from torch.distributed.tensor import DTensor
-
 import os
 import re
 import sys
@@ -51,14 +46,6 @@ from ..compare import bits_equal, deep_equal
 from ..jsonfiles import FSDP_CONFIG, read_json
 from .base import Reader, TensorInfo
 from ..confine import is_inside
-
-def _dtensor() -> type:
-    """DTensor, imported when first needed: importing torch.distributed.tensor costs ~0.4 s, which
-    ``inspect`` of an HF or DCP folder would otherwise pay for nothing."""
-    from torch.distributed.tensor import DTensor
-
-    return DTensor
-
 
 _RANK_FILE = re.compile(r"^(model|optim|extra_state)_world_size_(\d+)_rank_(\d+)\.pt$")
 _STEP_DIR = re.compile(r"^global_step_(\d+)$")
@@ -190,7 +177,8 @@ class VerlFSDPReader(Reader):
 
     def _sd(self, rank: int) -> dict[str, Any]:
         if rank not in self._sds:
-            sd = safeload.load(self.model_file(rank), mmap=True, trust_pickle=self.trust_pickle)
+            sd = safeload.load(self.model_file(rank), mmap=True, trust_pickle=self.trust_pickle,
+                                   saved_dtensors=True)
             if not isinstance(sd, dict):
                 raise CheckpointFormatError(
                     f"{self.model_file(rank)}: expected a dict of tensors, found {type(sd).__name__}"
@@ -214,7 +202,7 @@ class VerlFSDPReader(Reader):
             out[key] = TensorInfo(key, tuple(v.shape), v.dtype)
         return out
 
-    def _mesh(self, rank: int, key: str, dt: DTensor) -> tuple[torch.Tensor, tuple[str, ...] | None, int | None]:
+    def _mesh(self, rank: int, key: str, dt: meshes.SavedDTensor) -> tuple[torch.Tensor, tuple[str, ...] | None, int | None]:
         """(rank grid, dim names, saving rank) of ``dt``'s saved device mesh, whichever torch wrote it."""
         m = dt.device_mesh
         if id(m) not in self._mesh_cache:
@@ -244,9 +232,9 @@ class VerlFSDPReader(Reader):
                 )
             values.append(sd[key])
         first = values[0]
-        if not isinstance(first, _dtensor()):
+        if not meshes.is_dtensor(first):
             for r, v in enumerate(values):
-                if isinstance(v, _dtensor()) or tuple(v.shape) != tuple(first.shape) or v.dtype != first.dtype:
+                if meshes.is_dtensor(v) or tuple(v.shape) != tuple(first.shape) or v.dtype != first.dtype:
                     raise CheckpointFormatError(
                         f"{self.model_file(r)}: key {key!r} is a plain tensor on rank 0 but differs in "
                         f"type/shape/dtype on rank {r}; cannot tell how it was sharded"
@@ -269,7 +257,7 @@ class VerlFSDPReader(Reader):
         coord_rank: dict[tuple[int, ...], int] = {}
         for r, v in enumerate(values):
             where = f"{self.model_file(r)}: key {key!r}"
-            if not isinstance(v, _dtensor()):
+            if not meshes.is_dtensor(v):
                 raise CheckpointFormatError(f"{where}: plain tensor on rank {r} but a DTensor on rank 0")
             if placements_of(v.placements, where) != placements or tuple(v.shape) != shape or v.dtype != first.dtype:
                 raise CheckpointFormatError(
@@ -428,7 +416,8 @@ class VerlFSDPReader(Reader):
         rng: dict[int, Any] = {}
         for r in range(self.world_size):
             f = files[r]
-            st = safeload.load(f, mmap=False, allow_numpy=True, trust_pickle=self.trust_pickle)
+            st = safeload.load(f, mmap=False, allow_numpy=True, trust_pickle=self.trust_pickle,
+                               saved_dtensors=True)  # no DTensors: nothing to import
             if not isinstance(st, dict):
                 raise CheckpointFormatError(f"{f}: expected a dict with lr_scheduler/rng, found {type(st).__name__}")
             if r == 0:
@@ -472,7 +461,7 @@ class VerlFSDPReader(Reader):
         """Counts of (placements, mesh dim names) patterns on rank 0 (metadata only)."""
         counts: dict[str, int] = {}
         for key, v in self._sd(0).items():
-            if isinstance(v, _dtensor()):
+            if meshes.is_dtensor(v):
                 _, names, _ = self._mesh(0, key, v)
                 label = f"{tuple(str(p) for p in placements_of(v.placements, key))} on {names}"
             else:
@@ -491,10 +480,10 @@ def _data_offsets(path: Path, trust_pickle: bool) -> dict[str, int | None]:
     """
     if sys.byteorder != "little":  # pragma: no cover - torch.save archives are little-endian here
         return {}
-    sd = safeload.load(path, mmap=False, map_location="meta", trust_pickle=trust_pickle)
+    sd = safeload.load(path, mmap=False, map_location="meta", trust_pickle=trust_pickle, saved_dtensors=True)
     out: dict[str, int | None] = {}
     for key, v in sd.items():
-        t = v._local_tensor if isinstance(v, _dtensor()) else v
+        t = v._local_tensor if meshes.is_dtensor(v) else v
         base = getattr(t.untyped_storage(), "_checkpoint_offset", None) if isinstance(t, torch.Tensor) else None
         ok = base is not None and t.is_contiguous()
         out[key] = base + t.storage_offset() * t.element_size() if ok else None
