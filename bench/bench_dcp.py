@@ -14,6 +14,10 @@ tool's median round shown with min and max:
   HF bf16 -> DCP fp32 (4.9 GB written for 1b)
     h2d_cb           ckpt-bridge to-dcp HF --out DCP            (python -m ckpt_bridge: the public CLI)
     h2d_cb_w2        the same with --workers 2; output must be byte-identical to h2d_cb's
+    h2d_cb_cold      the same with an empty cache (CKPT_BRIDGE_CACHE a fresh dir): the first run of a config,
+                     which asks transformers and torchtitan for the trainer's keys (plan/trainer_expectation.py);
+                     h2d_cb and h2d_cb_w2 run after an untimed ``to-dcp --dry-run`` of the same dir, what a
+                     user runs first, so they read the remembered answer
     h2d_flame        flame-style convert_hf_to_dcp: from_pretrained, then dcp.save({"model": state_dict})
                      (dcp.save's default FileSystemWriter: thread_count=1)
     h2d_floor        read the HF safetensors, write as many bytes as h2d_cb's .distcp files (64 MiB chunks)
@@ -66,6 +70,7 @@ ME = str(Path(__file__).resolve())
 H2D = {
     "cb": "ckpt-bridge to-dcp (fp32)",
     "cb_w2": "ckpt-bridge to-dcp --workers 2",
+    "cb_cold": "ckpt-bridge to-dcp, first run of the config (empty cache)",
     "flame": "flame-style convert_hf_to_dcp (from_pretrained, dcp.save)",
     "floor": "floor (read HF safetensors, write cb's .distcp bytes)",
     "floor_flush": "floor + one flush (fsync at the end)",
@@ -171,8 +176,8 @@ class Round:
 
     def __init__(self, size: C.Size, hf: Path, first: bool, reps: dict, notes: dict):
         self.size, self.hf, self.first, self.reps, self.notes = size, hf, first, reps, notes
-        names = ("dcp-cb", "dcp-cb-w2", "dcp-flame", "floor.bin", "hf-back", "hf-back-w2", "hf-flame", "split1",
-                 "split2")
+        names = ("dcp-cb", "dcp-cb-w2", "dcp-cold", "cache-cold", "dcp-flame", "floor.bin", "hf-back", "hf-back-w2",
+                 "hf-flame", "split1", "split2")
         self.out = {n: size.dir / n for n in names}
         for p in self.out.values():
             C.rm(p)
@@ -207,6 +212,11 @@ class Round:
         flame = self.step("h2d", "flame", self.me + ["naive_hf_to_dcp", str(self.hf), str(o["dcp-flame"])],
                           hf_files, o["dcp-flame"])
         C.rm(o["dcp-flame"])
+        o["cache-cold"].mkdir()  # nothing remembered: the first run of this config
+        self.step("h2d", "cb_cold", ["env", f"CKPT_BRIDGE_CACHE={o['cache-cold']}", *C.CLI, "to-dcp", str(self.hf),
+                                     "--quiet", "--out", str(o["dcp-cold"])], hf_files, o["dcp-cold"])
+        C.rm(o["dcp-cold"])
+        C.rm(o["cache-cold"])
         out_bytes = cb["out_bytes"] or flame["out_bytes"] or 2 * C.weight_bytes(self.hf)
         self.floors("h2d", out_bytes, C.weight_files(self.hf))
         return cb
@@ -303,6 +313,9 @@ def bench_size(size: C.Size, args) -> dict | None:
         return None
     reps = {"h2d": {}, "d2h": {}, "hook": {}}
     notes = {"h2d": {"identity": None}, "d2h": {"identity": None, "sanity": "not run"}}
+    # what a user runs first: the plan, untimed; to-dcp then remembers the trainer's keys for this config
+    subprocess.run([*C.CLI, "to-dcp", str(hf), "--out", str(size.dir / "dry-run"), "--dry-run"], check=True,
+                   cwd=C.REPO, stdout=subprocess.DEVNULL)
     for rnd in range(args.repeat):
         print(f"\n===== {size.tag}: round {rnd + 1}/{args.repeat} =====", flush=True)
         Round(size, hf, rnd == 0, reps, notes).run(args.hook_rows, args.trainer_work, args.h2d_only)
@@ -379,8 +392,14 @@ def checks(run: dict, direction: str) -> list[tuple[str, str, str]]:
     res = {**run["results"][direction], "identity": run["notes"][direction]["identity"]}
     # issue 20: HF -> DCP peak RSS under 1.5 GB at the 8B widths (8b_w2); reported at the other sizes
     rss = 1.5 if direction == "h2d" and run["size"].name == "8b_w2" else None
-    return C.direction_checks(res, other="flame", other_label="flame-style script", speedup_target=None,
+    rows = C.direction_checks(res, other="flame", other_label="flame-style script", speedup_target=None,
                               rss_target_gb=rss)
+    cold, flame = res.get("cb_cold"), res.get("flame")
+    if C.ok(cold) and C.ok(flame):
+        rows.append(("first run of a config (empty cache): speed-up vs flame-style, CPU", "context",
+                     f"{flame['wall_s'] / cold['wall_s']:.2f}x, {cold['utime_s'] + cold['stime_s']:.1f} s vs "
+                     f"{flame['utime_s'] + flame['stime_s']:.1f} s"))
+    return rows
 
 
 def size_section(run: dict, args) -> list[str]:

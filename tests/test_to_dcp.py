@@ -436,3 +436,50 @@ def test_tied_weights_are_not_written_back_to_back(tiny_hf_factory, tmp_path):
     model = build_meta_model(hf)
     assert order == [k for k in requested_keys(model).fqn_of if k in order]
     assert abs(order.index("lm_head.weight") - order.index("model.embed_tokens.weight")) > 1
+
+
+_TO_DCP_AND_LIST_IMPORTS = """
+import sys
+from ckpt_bridge.cli import main
+code = main(sys.argv[1:])
+print("heavy:", sorted(m for m in ("torch._dynamo", "torchtitan", "transformers.modeling_utils") if m in sys.modules))
+sys.exit(code)
+"""
+
+
+def test_a_second_export_of_a_config_remembers_the_trainer_keys(tiny_hf_factory, tmp_path, monkeypatch):
+    """The trainer's requested keys, tie groups and in-memory names are cached per config (and aux modules,
+    layout, torchtitan, transformers): the second run imports neither transformers' modeling code
+    (torch._dynamo) nor torchtitan, says so, and writes the same files; other config bytes are asked again."""
+    import filecmp
+    import shutil
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("CKPT_BRIDGE_CACHE", str(tmp_path / "cache"))
+    hf = tmp_path / "hf"
+    shutil.copytree(tiny_hf_factory("llama_tied"), hf)
+
+    def export(out: Path) -> tuple[list[str], dict]:
+        r = subprocess.run([sys.executable, "-c", _TO_DCP_AND_LIST_IMPORTS, "to-dcp", str(hf), "--out", str(out),
+                            "--aux", "future_predictor", "--quiet"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        heavy = next(line for line in r.stdout.splitlines() if line.startswith("heavy:"))
+        return heavy, json.loads((out / MANIFEST).read_text())
+
+    heavy, cold = export(tmp_path / "a")
+    assert "torchtitan" in heavy and "transformers.modeling_utils" in heavy
+    assert "remembered" not in cold["layout"]["reason"]
+    heavy, warm = export(tmp_path / "b")
+    assert heavy == "heavy: []", heavy
+    assert "remembered" in warm["layout"]["reason"] and warm["layout"]["keys"] == cold["layout"]["keys"]
+    distcp = sorted(p.name for p in (tmp_path / "a").glob("*.distcp"))
+    assert distcp and distcp == sorted(p.name for p in (tmp_path / "b").glob("*.distcp"))
+    assert filecmp.cmpfiles(tmp_path / "a", tmp_path / "b", distcp, shallow=False)[0] == distcp
+    a, b = DCPReader(tmp_path / "a"), DCPReader(tmp_path / "b")
+    assert a.tensors() == b.tensors() and all(torch.equal(a.read(k), b.read(k)) for k in a.tensors())
+    assert warm["aux"][0]["sha256"] == cold["aux"][0]["sha256"]
+    # another config (here the same one, reformatted) is not the remembered one
+    (hf / "config.json").write_text(json.dumps(json.loads((hf / "config.json").read_text()), indent=1))
+    heavy, _ = export(tmp_path / "c")
+    assert "transformers.modeling_utils" in heavy

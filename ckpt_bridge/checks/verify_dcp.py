@@ -212,9 +212,10 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
     in_dcp = _checkpoint_fqns(r)
     aux_names = {s.name for s in specs}
     flat = requested_keys(model, "flat")
+    conv = Conversions(model, "load")
     plan = plan_dcp(names.targets() if names is not None else hf.tensors(), flat,
                     {f for f in flat.fqn_of if f.split(".", 1)[0] in aux_names}, tie_groups(model), where=str(hf_dir),
-                    conversions=Conversions(model, "load"))
+                    load=lambda: conv, known=conv.meta_sd)
     if names is not None:  # read the HF keys: the adapter's transforms compose with the plan's, as in to-dcp
         plan = compose(names, Plan(transforms=plan.transforms), where=str(hf_dir))
     casts = set()

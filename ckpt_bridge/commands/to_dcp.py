@@ -19,7 +19,8 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -44,7 +45,8 @@ from ..plan.core import Plan, compose, rename
 from ..plan.hf_target import build_meta_model
 from ..plan.planner import canonical_key
 from ..plan.state_dict_adapter import from_hf_plan
-from ..plan.trainer_keys import requested_keys
+from ..plan.trainer_expectation import trainer_expectation
+from ..plan.trainer_keys import RequestedKeys, requested_keys
 from ..plan.trainer_target import DCPPlan, plan_dcp
 from ..summary import DCPExportSummary
 from ..version import __version__
@@ -163,6 +165,57 @@ def _aux_values(specs: list[AuxSpec], aux_want: dict[str, TensorInfo], hf_config
     return aux_values, aux_records
 
 
+def _hf_config(cfg_dir: Path) -> Callable[[], Any]:
+    """The parsed HF config, when first asked (only aux modules need it: a remembered plan imports no
+    transformers)."""
+    parsed: list[Any] = []
+
+    def get() -> Any:
+        if not parsed:
+            from transformers import AutoConfig
+
+            with quiet_transformers():
+                parsed.append(AutoConfig.from_pretrained(str(cfg_dir)))
+        return parsed[0]
+
+    return get
+
+
+@dataclass
+class _Trainer:
+    """The trainer's model as the plan sees it; ``load()``: transformers' load-time conversions of the HF class
+    (None for a TorchTitan model: its adapter converts), built only when the source's names need them."""
+
+    model_class: str
+    requested: RequestedKeys
+    tie_groups: list[list[str]]
+    known: frozenset[str]
+    load: Callable[[], Conversions | None] | None
+    aux_config: Callable[[], Any]  # what the aux modules are built from
+
+
+def _trainer_model(cfg_dir: Path, specs: list[AuxSpec], layout: str, hf_config: Callable[[], Any], model: Any,
+                   *, titan_native: bool, built_by_us: bool) -> _Trainer:
+    """The config's HF class plus aux modules (remembered per config: :mod:`~ckpt_bridge.plan.trainer_expectation`),
+    or the model (parts) given: a user's, or the TorchTitan model we built (``built_by_us``: aux go on it)."""
+    if model is None:
+        exp = trainer_expectation(cfg_dir, specs, layout, hf_config)
+        # a factory is handed the real config; linear / mlp heads are built from the fields they read
+        fields_only = all(s.factory is None for s in specs)
+        return _Trainer(exp.model_class, exp.requested, exp.tie_groups, exp.known, lambda: Conversions(exp.model(),
+                        "load"), (lambda: exp.aux_config) if fields_only else hf_config)
+    parts = [model] if isinstance(model, nn.Module) else list(model)
+    if built_by_us and specs:  # the model we built: its aux modules go on it like on the HF class
+        attach_aux(parts[0], specs, hf_config())
+    groups = [g for p in parts for g in tie_groups(p)]
+    if titan_native:
+        return _Trainer(type(parts[0]).__name__, requested_keys(parts, layout), groups, frozenset(), None,
+                        hf_config)
+    conv = Conversions(build_meta_model(cfg_dir), "load")
+    return _Trainer(type(parts[0]).__name__, requested_keys(parts, layout), groups, frozenset(conv.meta_sd),
+                    lambda: conv, hf_config)
+
+
 def to_dcp(src: str | Path, out: str | Path, options: "ToDCP | None" = None, *, team: Team | None = None,
           **kwargs: Any) -> "DCPExportSummary | DCPPlan":
     """Write the DCP folder a model-only load of the trainer's model accepts.
@@ -206,23 +259,10 @@ def to_dcp(src: str | Path, out: str | Path, options: "ToDCP | None" = None, *, 
         infos = reader.tensors() if names is None else names.targets()
         hashes = pool.submit(hash_files, source_files_of(reader, cfg_dir), cfg_dir) if not dry_run and team.leader else None
 
-        from transformers import AutoConfig
-
-        with quiet_transformers():
-            hf_config = AutoConfig.from_pretrained(str(cfg_dir))
-        if model is None:
-            target = build_meta_model(cfg_dir)
-            clash = [s.name for s in specs if hasattr(target, s.name)]
-            if clash:
-                raise BridgeError(f"--aux {clash[0]!r}: {type(target).__name__} already has a child of that name")
-            attach_aux(target, specs, hf_config)
-            parts = [target]
-        else:
-            parts = [model] if isinstance(model, nn.Module) else list(model)
-            if titan is not None and specs:  # the model we built: its aux modules go on it like on the HF class
-                attach_aux(parts[0], specs, hf_config)
-        model_class = type(parts[0]).__name__
-        req = requested_keys(parts, layout)
+        hf_config = _hf_config(cfg_dir)
+        trainer = _trainer_model(cfg_dir, specs, layout, hf_config, model, titan_native=titan is not None
+                                 or sd_adapter is not None, built_by_us=titan is not None)
+        req, model_class = trainer.requested, trainer.model_class
         aux_names = {s.name for s in specs}
         aux_want = {canonical_key(f): req.info[k] for k, f in req.fqn_of.items()
                     if canonical_key(f).split(".", 1)[0] in aux_names}
@@ -230,13 +270,8 @@ def to_dcp(src: str | Path, out: str | Path, options: "ToDCP | None" = None, *, 
         if absent:
             raise KeyPlanError(f"aux module {absent[0]!r} is not in the trainer model's state dict; attach it "
                                f"(ckpt_bridge.plan.aux_modules.attach_aux) before asking for its keys")
-        groups = [g for p in parts for g in tie_groups(p)]
-        # transformers' load-time conversions of the HF class (not of a TorchTitan model: its adapter converts)
-        titan_native = sd_adapter is not None or titan is not None
-        hf_model = None if titan_native else (parts[0] if model is None else build_meta_model(cfg_dir))
-        conversions = Conversions(hf_model, "load") if hf_model is not None else None
-        plan = plan_dcp(infos, req, set(aux_want), groups, where=where, model_class=model_class,
-                        conversions=conversions)
+        plan = plan_dcp(infos, req, set(aux_want), trainer.tie_groups, where=where, model_class=model_class,
+                        load=trainer.load, known=trainer.known)
         if names is not None:  # --dry-run shows what the adapter does, group by group
             plan.dropped += names.dropped
             plan.notes += [line for line in names.lines() if "(dropped" not in line]
@@ -244,7 +279,8 @@ def to_dcp(src: str | Path, out: str | Path, options: "ToDCP | None" = None, *, 
             return plan
 
         # Aux values: small, made (or copied) up front so a bad --aux-from fails before any output exists.
-        aux_values, aux_records = _aux_values(specs, aux_want, hf_config, seed=seed, aux_from=aux_from,
+        aux_values, aux_records = _aux_values(specs, aux_want, trainer.aux_config() if specs else None, seed=seed,
+                                              aux_from=aux_from,
                                               trust_pickle=trust_pickle)
 
         out_dt = out_dtype(cast)

@@ -104,6 +104,18 @@ def _cfg(config: Any, name: str, default: Any = None) -> Any:
     return config.get(name, default) if isinstance(config, dict) else getattr(config, name, default)
 
 
+# Every config field a ``linear`` / ``mlp`` aux module reads (through _cfg): these, as a dict, build and init
+# the same module as the whole HF config does (a factory gets the real config).
+AUX_CONFIG_FIELDS = ("hidden_size", "intermediate_size", "vocab_size", "initializer_range")
+
+
+def aux_config(config: Any) -> dict[str, Any]:
+    """The fields of ``config`` that ``linear`` / ``mlp`` aux modules are built from (absent ones left out,
+    so _cfg's defaults apply as they do to the config itself)."""
+    missing = object()
+    return {n: v for n in AUX_CONFIG_FIELDS if (v := _cfg(config, n, missing)) is not missing}
+
+
 def out_features(spec: AuxSpec, config: Any) -> int:
     """The head's output size.  An explicit N is bounded by the model's own largest dimension, checked
     before anything is allocated: a spec from a checkpoint's manifest is input like any other, and

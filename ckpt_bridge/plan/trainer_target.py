@@ -11,6 +11,7 @@ names and writes them through the same conversions in the save direction.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Iterable
 
 from ..formats.base import TensorInfo
 from .conversions import Conversions
@@ -35,13 +36,15 @@ class DCPPlan(Plan):
 
 
 def plan_dcp(src: dict[str, TensorInfo], req: RequestedKeys, aux_fqns: set[str], groups: list[list[str]],
-             *, where: str, model_class: str = "", conversions: Conversions | None = None) -> DCPPlan:
+             *, where: str, model_class: str = "", load: Callable[[], Conversions | None] | None = None,
+             known: Iterable[str] = ()) -> DCPPlan:
     """The checked plan that gives every key the trainer requests exactly one producer (or an aux module).
 
     Source keys are first brought to the in-memory names of the HF model the
-    way ``from_pretrained`` does (``conversions``: transformers' load-time
-    mapping, e.g. per-expert MoE weights fused into ``experts.gate_up_proj``;
-    None: the names are taken as they are), then matched to the requested
+    way ``from_pretrained`` does (``load()``: transformers' load-time
+    mapping, e.g. per-expert MoE weights fused into ``experts.gate_up_proj``,
+    asked for only when a source key is not one of the model's in-memory
+    names ``known``; None: the names are taken as they are), then matched to the requested
     keys through the wrapper rules and tied weights (``groups``: names that
     are one object in the trainer's model).  Gaps either way are refused
     before anything is written.
@@ -50,8 +53,7 @@ def plan_dcp(src: dict[str, TensorInfo], req: RequestedKeys, aux_fqns: set[str],
     served = {key for key, fqn in req.fqn_of.items() if canonical_key(fqn) in aux_fqns}
     target = Target(
         name="the trainer's model", wants=wants, ties=[[canonical_key(n) for n in g] for g in groups],
-        served=served, load=(lambda: conversions) if conversions is not None else None,
-        known=set(conversions.meta_sd) if conversions is not None else set(),
+        served=served, load=load, known=set(known),
         missing_why="the trainer requests are not in the source", unexpected_why="the trainer does not request",
         missing_hint="; the trainer's model differs from the config's (an aux module not passed with --aux?)",
         tail=f" (layout: {req.layout}, {req.trainer})")
