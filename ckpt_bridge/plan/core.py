@@ -234,7 +234,8 @@ def _renamed(t1: Transform, renames: list[Transform]) -> Transform:
         got = t1.apply(tensors)
         return {new: got[old] for old, new in names}
 
-    return Transform(t1.op, t1.inputs, outputs, run, " + ".join(r for r in (t1.rule, *(r.rule for r in renames)) if r))
+    rules = [t1.rule, *(rn.rule for rn in renames)]
+    return Transform(t1.op, t1.inputs, outputs, run, " + ".join(rule for rule in rules if rule))
 
 
 def execute(plan: Plan | list[Transform], read: Callable[..., torch.Tensor],
