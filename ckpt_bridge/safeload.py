@@ -96,6 +96,11 @@ def load(
                 return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
         culprit = _unsafe_global(str(e))
+        if saved_dtensors and culprit and culprit.startswith("torch.distributed."):
+            # a DTensor part our stand-ins do not know (a torch newer than 2.15): the running torch's own
+            # classes may read it, as they read every file before the stand-ins
+            return load(path, mmap=mmap, allow_numpy=allow_numpy, trust_pickle=trust_pickle,
+                        map_location=map_location, saved_dtensors=False)
         raise UnsafePickleError(
             f"{path}: refusing to unpickle {culprit or 'a non-tensor object'} with weights_only=True"
             f"{_foreign_hint(culprit)}; if you trust where this file came from, rerun with --trust-pickle"
