@@ -45,7 +45,8 @@ from ..models.after_load import after_load, load_hf_config
 from ..models.hf import from_config, is_language_model, load_pretrained, tie_groups
 from ..models.titan import HFStyleLM, adapter_in_manifest, unrebuilt_adapter
 from ..models.titan import titan_model as build_titan_model
-from ..plan.core import Plan, compose, execute
+from ..pipeline.execute import execute
+from ..plan.core import Plan, compose
 from ..plan.hf_target import build_meta_model
 from ..plan.planner import canonical_key
 from ..plan.state_dict_adapter import from_hf_plan
