@@ -35,7 +35,7 @@ from ..plan.hf_target import plan_hf_export
 from ..plan.lora import is_lora
 from ..plan.export_plan import plan_export
 from ..summary import ExportSummary
-from ..writers.atomic import check_target
+from ..pipeline.atomic import check_target
 from ..writers.safetensors_shards import SafetensorsSink, parse_size
 from ..writers.side_files import AUX_FILE, config_dir, same_model, write_hf_side_files
 from ..writers.side_files import write_configs as _write_configs  # a module global: tests hold the export between steps

@@ -27,7 +27,7 @@ from ..errors import writing
 from ..formats.base import TensorInfo
 from ..pipeline import pieces
 from ..pipeline.pieces import Piece, rows_per_piece
-from .atomic import flush_tree
+from ..pipeline.atomic import flush_tree
 from .dcp_parts import merge_parts, part_dir
 from .writeback import start_writeback
 
