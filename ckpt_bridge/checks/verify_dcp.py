@@ -37,7 +37,7 @@ from ..plan.conversions import Conversions
 from ..plan.aux_modules import tensor_sha256
 from ..plan.trainer_target import plan_dcp
 from ..formats.dcp_files import read_manifest
-from ..writers.side_files import side_files
+from ..formats.config_files import side_files
 from ..errors import BridgeError, CheckpointFormatError, few
 from ..formats.dcp import DCPReader, is_dcp_dir
 from ..formats.hf import HFReader, is_hf_dir

@@ -37,7 +37,9 @@ from ..plan.export_plan import plan_export
 from ..summary import ExportSummary
 from ..pipeline.atomic import check_target
 from ..writers.safetensors_shards import SafetensorsSink, parse_size
-from ..writers.side_files import AUX_FILE, config_dir, same_model, write_hf_side_files
+from ..formats.config_files import config_dir
+from ..formats.hf import AUX_FILE
+from ..writers.side_files import same_model, write_hf_side_files
 from ..writers.side_files import write_configs as _write_configs  # a module global: tests hold the export between steps
 from .to_hf_lora import export_lora
 

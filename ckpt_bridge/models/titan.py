@@ -33,7 +33,7 @@ from ..errors import BridgeError
 from .config_fit import read_fitting_config
 from ..plan.state_dict_adapter import to_hf_plan
 from ..plan.hf_target import plan_hf_export
-from ..writers.side_files import config_dir
+from ..formats.config_files import config_dir
 
 
 class TitanModelError(BridgeError):
