@@ -43,7 +43,8 @@ from ..formats.dcp import DCPReader, is_dcp_dir
 from ..formats.hf import HFReader, is_hf_dir
 from ..models.after_load import after_load, load_hf_config
 from ..models.hf import from_config, is_language_model, load_pretrained, tie_groups
-from ..models.titan import HFStyleLM, adapter_in_manifest, unrebuilt_adapter
+from ..models.titan import HFStyleLM, adapter_in_manifest
+from ..plan.titan_names import unrebuilt_adapter
 from ..models.titan import titan_model as build_titan_model
 from ..pipeline.execute import execute
 from ..plan.core import Plan, compose

@@ -25,7 +25,7 @@ from ..errors import BridgeError, KeyPlanError
 from ..formats.base import Reader, TensorInfo
 from ..formats.detect import open_reader
 from ..models.config_fit import read_fitting_config
-from ..models.titan import hf_names, working_titan_model
+from ..plan.titan_names import hf_names, working_titan_model
 from ..pipeline.run import Output, run
 from ..options import ToHF, resolve
 from ..pipeline.team import Team
