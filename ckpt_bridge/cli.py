@@ -13,7 +13,7 @@ import sys
 import traceback
 
 from . import cyclic_gc
-from .errors import BridgeError, disk_full, is_disk_full, one_line, root_cause
+from .errors import BridgeError, Terminated, disk_full, is_disk_full, one_line, root_cause
 
 EPILOG = """\
 examples:
@@ -33,7 +33,8 @@ examples:
   ckpt-bridge verify bootstrap/olmo2 --against models/OLMo-2-1B --loss some_text.txt
 
 exit codes: 0 ok, 1 verification found differences, 2 bad input or any other failure (one line naming the
-file/key/rank; --debug adds the traceback), 130 interrupted (nothing partial is left)
+file/key/rank; --debug adds the traceback), 130 interrupted (nothing partial is left), 143 / 129 stopped by
+SIGTERM / SIGHUP (nothing partial is left); a closed stdout (| head) does not change the exit code
 
 documentation: README.md and docs/ in the ckpt-bridge repository (docs/errors.md: errors and exit codes)
 """
@@ -291,6 +292,8 @@ def entry() -> None:
     """
     import os
 
+    _stop_on_signals()
+    sys.stdout, sys.stderr = _ReaderGone(sys.stdout), _ReaderGone(sys.stderr)
     code = main(ending=True)
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -298,6 +301,67 @@ def entry() -> None:
         except (OSError, ValueError):  # a closed pipe (`| head`) or stream: nothing more can be said there
             pass
     os._exit(code)
+
+
+_STOPPING: list[int] = []  # the signal that stopped this process (its handler raises once)
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP stop the command as Ctrl-C does: :class:`~.errors.Terminated` is a KeyboardInterrupt,
+    so the temporary ``.NAME.partial-PID`` output is removed and ``--workers`` are stopped before the process
+    exits with 128 + signum.  Without this, ``timeout``, Slurm's scancel / time limit and Kubernetes killed the
+    process without any cleanup and left a full-size hidden output until the next run writing to NAME.
+    A signal the parent set to be ignored (``nohup``) stays ignored."""
+    import signal
+
+    def stop(signum, frame):
+        if _STOPPING:  # the cleanup the first one started is not interrupted by a second one
+            return
+        _STOPPING.append(signum)
+        raise Terminated(signum, signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None and signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, stop)
+
+
+class _ReaderGone:
+    """``sys.stdout`` / ``sys.stderr`` of the CLI process: once the program reading the pipe is gone (``| head``,
+    ``| true``: EPIPE) or the terminal hung up (EIO), what is still to be printed is dropped and the command
+    goes on to its own exit code.  A closed stdout is not a failed command: an export already renamed into
+    place used to be reported as "BrokenPipeError ...; check the path" with exit 2 (see docs/errors.md)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            self._gone(e)
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            self._gone(e)
+
+    def _gone(self, e: OSError) -> None:
+        import errno
+        import os
+
+        if not isinstance(e, BrokenPipeError) and e.errno != errno.EIO:
+            raise e
+        # the bytes still in the stream's buffer go to /dev/null from now on, instead of failing every flush
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, self._stream.fileno())
+        finally:
+            os.close(null)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 def main(argv: list[str] | None = None, *, ending: bool = False) -> int:
@@ -345,10 +409,16 @@ def _run(args: argparse.Namespace) -> int:
 
 def _failure(e: BaseException) -> tuple[str, int]:
     """(one-line message, exit code) for any exception: 2 for bad input and every unexpected failure,
-    1 only for VerificationFailed, 130 for Ctrl-C (also when DCP wrapped it in a CheckpointException)."""
-    cause = root_cause(e)
+    1 only for VerificationFailed, 130 for Ctrl-C (also when DCP wrapped it in a CheckpointException, or
+    torch's zip writer turned it into a RuntimeError), 128 + signum for SIGTERM / SIGHUP, 141 (SIGPIPE's)
+    for a pipe closed under an in-process caller."""
+    cause = root_cause(e)  # a Ctrl-C anywhere in the exception's chain wins (see errors.interrupt_in)
+    if isinstance(cause, Terminated):
+        return f"stopped by {cause.name}; no output was left behind", cause.exit_code
     if isinstance(cause, KeyboardInterrupt):
         return "interrupted; no output was left behind", 130
+    if isinstance(cause, BrokenPipeError):  # in-process callers; the CLI process drops output to a closed pipe
+        return "stopped: the program reading the output closed the pipe", 141
     if isinstance(cause, BridgeError):
         return "error: " + " ".join(str(cause).split("\n")), cause.exit_code
     if is_disk_full(cause):

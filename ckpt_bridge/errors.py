@@ -47,6 +47,17 @@ class VerificationFailed(BridgeError):
     exit_code = 1
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM / SIGHUP (what ``timeout``, Slurm, Kubernetes and a closed terminal send), raised by the CLI's
+    handler.  A KeyboardInterrupt, so every path that already cleans up after a Ctrl-C (the temporary output
+    removed, DCP's wrapper unwrapped, the ``--workers`` stopped) does the same for it; exit code 128 + signum."""
+
+    def __init__(self, signum: int, name: str):
+        super().__init__(name)
+        self.signum, self.name = signum, name
+        self.exit_code = 128 + signum
+
+
 def root_cause(e: BaseException) -> BaseException:
     """The exception that actually happened, out of DCP's ``CheckpointException`` wrapper.
 
@@ -61,7 +72,24 @@ def root_cause(e: BaseException) -> BaseException:
         if not isinstance(inner, BaseException):
             break
         e, seen = inner, seen + 1
-    return e
+    return interrupt_in(e) or e
+
+
+def interrupt_in(e: BaseException) -> KeyboardInterrupt | None:
+    """The Ctrl-C (or :class:`Terminated`) behind ``e``, if one is in its ``__cause__`` / ``__context__`` chain.
+
+    A signal's handler raises in whatever Python code runs at that moment; inside ``torch.save``'s zip writer
+    (DCP's writer calling the stream's ``write``) the C++ side turns it into ``RuntimeError("unexpected pos
+    ...")`` whose ``__context__`` is the KeyboardInterrupt: the run was interrupted, not broken.
+    """
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen and len(seen) < 32:
+        if isinstance(cur, KeyboardInterrupt):
+            return cur
+        seen.add(id(cur))
+        cur = cur.__cause__ or cur.__context__
+    return None
 
 
 def free_bytes(where: str | os.PathLike) -> int | None:
@@ -76,12 +104,25 @@ def free_bytes(where: str | os.PathLike) -> int | None:
 
 
 def _partial_bytes(where: str | os.PathLike) -> int:
-    """Bytes already written under the temporary output dir ``where`` is in (freed when it is removed)."""
+    """Disk space the temporary output dir ``where`` is in takes (given back when it is removed).
+
+    Allocated blocks, not sizes: the safetensors writer creates every file at its full size before writing
+    (a sparse file), so the sizes of a half-written export add up to about the whole export, although
+    only what was written takes space (``st_blocks`` counts 512-byte units on every Linux and macOS file system).
+    """
     p = Path(where)
     top = next((q for q in (p, *p.parents) if re.fullmatch(r"\..+\.partial-\d+", q.name)), None)
     if top is None or not top.is_dir():
         return 0
-    return sum(f.stat().st_size for f in top.rglob("*") if f.is_file())
+    total = 0
+    for f in top.rglob("*"):
+        try:
+            st = f.lstat()
+        except OSError:  # removed meanwhile (another rank's part)
+            continue
+        if not f.is_symlink() and f.is_file():
+            total += st.st_blocks * 512 if hasattr(st, "st_blocks") else st.st_size
+    return total
 
 
 def disk_full(e: BaseException, where: str | os.PathLike, needed: int | None) -> OutputError:

@@ -6,7 +6,7 @@ here is ``weights_only=True``.  Two things need help to pass that check:
 * DTensors: their classes (DTensor, DeviceMesh, Shard, ...) are registered as
   safe globals when ``torch.distributed.tensor`` is imported, so :func:`load` imports it; a reader that
   needs only a DTensor's fields (the verl merge) asks for ``saved_dtensors=True`` instead: stand-ins by
-  name (:mod:`ckpt_bridge.formats.meshes`), no import.
+  name (:mod:`ckpt_bridge.meshes`), no import.
 * verl's ``extra_state_*.pt`` holds ``np.random.get_state()``, a numpy array.
   We allowlist exactly the numpy globals that pickle needs (under both the
   numpy 2 ``numpy._core`` and numpy 1 ``numpy.core`` names) and nothing else.
@@ -29,7 +29,7 @@ import torch
 
 from .errors import CheckpointFormatError, UnsafePickleError
 from .quiet import quieted
-from .formats.meshes import DTENSOR_STAND_INS, STAND_INS
+from .meshes import DTENSOR_STAND_INS, STAND_INS
 
 
 def _numpy_rng_globals() -> list[Any]:
@@ -71,7 +71,7 @@ def load(
 ) -> Any:
     """``torch.load`` a file safely; ``mmap=True`` reads no tensor data up front (``map_location="meta"``: none at all).
 
-    ``saved_dtensors``: DTensors come back as :class:`~ckpt_bridge.formats.meshes.SavedDTensor` (shape, dtype,
+    ``saved_dtensors``: DTensors come back as :class:`~ckpt_bridge.meshes.SavedDTensor` (shape, dtype,
     ``_local_tensor``, ``placements``, ``device_mesh``; no tensor ops), and torch.distributed.tensor is not
     imported; otherwise as the running torch's DTensor (with its mesh and placements as saved).
 
@@ -118,7 +118,7 @@ def load(
 # A DTensor's DeviceMesh (and the _MeshLayout / _FlatLayout it holds since torch 2.10 / 2.13) pickles as the
 # mesh's fields, whose shape changed between torch releases; running torch's own classes on another release's
 # fields fails, and a release without one of the classes cannot unpickle it at all.  So every load unpickles
-# them as plain-data stand-ins by name (ckpt_bridge.formats.meshes, which also reads the rank grid from the fields):
+# them as plain-data stand-ins by name (ckpt_bridge.meshes, which also reads the rank grid from the fields):
 # constructing one runs no code beyond storing the fields.
 
 _ALLOWLIST_LOCK = threading.RLock()

@@ -38,7 +38,7 @@ from typing import Any
 from ckpt_bridge.errors import BridgeError
 from ckpt_bridge.formats.megatron_ready import is_complete as megatron_complete, is_megatron_save
 from ckpt_bridge.commands.watch import export_dir, rotate, step_action
-from ckpt_bridge.writers.atomic import busy
+from ckpt_bridge.pipeline.atomic import busy
 
 log = logging.getLogger("ckpt_bridge")
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from ckpt_bridge.cli import main
 from ckpt_bridge.formats.hf import weight_files
-from ckpt_bridge.writers import atomic
+from ckpt_bridge.pipeline import atomic
 
 NATIVE = pytest.mark.parametrize("native", [True, False], ids=["renameat2", "fallback"])
 
@@ -73,7 +73,7 @@ BARRIER_EXPORT = textwrap.dedent("""
     from pathlib import Path
     from ckpt_bridge.commands import to_hf as export
     from ckpt_bridge.cli import main
-    from ckpt_bridge.writers import atomic
+    from ckpt_bridge.pipeline import atomic
     barrier, me, native = Path(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
     atomic.USE_NATIVE = native
     original = export._write_configs
@@ -143,7 +143,7 @@ def test_rename_noreplace_never_replaces_a_finished_output(tmp_path, monkeypatch
 CRASH_BETWEEN_RENAMES = textwrap.dedent("""
     import os, sys
     from ckpt_bridge.cli import main
-    from ckpt_bridge.writers import atomic
+    from ckpt_bridge.pipeline import atomic
     atomic.USE_NATIVE = False  # the two-rename path (no RENAME_EXCHANGE)
     atomic.BETWEEN_RENAMES = lambda: os._exit(9)  # killed after the old export was moved aside
     sys.exit(main(sys.argv[1:]))

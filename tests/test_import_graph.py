@@ -1,6 +1,7 @@
 """The project's import graph, read with ``ast`` (nothing is imported): no cycle among the project's modules,
 no private name (``_x``) imported from another project module, and readers (``ckpt_bridge/formats/*``) import
-no writer, planner or command module, so data and imports flow one way (issue 16).
+no writer, planner or command module, so data and imports flow one way (issue 16).  The folders themselves are
+in one order (issue 28 item 5, :data:`FOLDER_ORDER`): a folder imports only the folders before it.
 
 Every ``import`` statement counts, at module level and inside functions: an in-function import still makes the
 importing module depend on the imported one, it only hides the cycle until the function runs. Each failing test
@@ -34,6 +35,24 @@ NOT_FOR_READERS = (
     "ckpt_bridge.cli",
     "ckpt_bridge.demo",
 )
+
+
+# The order of the folders (issue 28): a module imports only modules of its own place or of the places before
+# it.  The leaves are the shared one-file helpers (ckpt_bridge/<name>.py) that import nothing of ours but
+# other leaves; a package (ckpt_bridge/<folder>/) takes its folder's place; the last place is what drives
+# everything (checks, the CLI, the public API in __init__, the demo, the test harness, the integrations).
+# A new top-level module must be given its place here.
+FOLDER_ORDER: list[tuple[str, tuple[str, ...]]] = [
+    ("leaves", ("errors", "safeload", "confine", "jsonfiles", "dtypes", "compare", "progress", "quiet",
+                "cyclic_gc", "version", "options", "meshes")),
+    ("formats", ("formats",)),
+    ("models", ("models",)),
+    ("plan", ("plan",)),
+    ("pipeline", ("pipeline",)),
+    ("writers", ("writers",)),
+    ("commands", ("commands", "summary")),
+    ("checks / cli", ("checks", "cli", "__main__", "__init__", "demo", "testing", "integrations", "patches")),
+]
 
 
 def _modules() -> dict[str, tuple[Path, bool]]:
@@ -206,6 +225,36 @@ def test_readers_import_no_writer_planner_or_command():
     assert not found, "readers importing writers, planners or commands:\n" + "\n".join(found)
 
 
+def _place(module: str) -> tuple[int, str] | None:
+    """(index in FOLDER_ORDER, its name) of a project module, None if FOLDER_ORDER gives it no place."""
+    parts = module.split(".")
+    first = parts[1] if len(parts) > 1 else "__init__"
+    for i, (name, members) in enumerate(FOLDER_ORDER):
+        if first in members:
+            return i, name
+    return None
+
+
+def test_every_module_has_a_place_in_the_folder_order():
+    missing = sorted(m for m in MODULES if _place(m) is None)
+    assert not missing, ("modules FOLDER_ORDER gives no place (add the new top-level module or folder to it, "
+                         "in the place that matches what it imports):\n" + "\n".join(missing))
+
+
+def test_folders_import_only_folders_before_them():
+    """leaves <- formats <- models <- plan <- pipeline <- writers <- commands <- checks / cli: every import
+    statement (module level and in functions) goes to the module's own place or one before it."""
+    found, pairs = [], set()
+    for e in EDGES:
+        src, dst = _place(e.src), _place(e.dst)
+        if src is not None and dst is not None and dst[0] > src[0]:
+            kind = "in function" if e.in_function else "top level"
+            found.append(f"{e.where()}: {e.src} ({src[1]}) -> {e.dst} ({dst[1]}) ({kind})")
+            pairs.add(f"{src[1]} -> {dst[1]}")
+    assert not found, (f"{len(found)} imports against the folder order ({' <- '.join(n for n, _ in FOLDER_ORDER)}); "
+                       f"folders: {', '.join(sorted(pairs))}:\n" + "\n".join(found))
+
+
 def _top_level_names(path: Path) -> set[str]:
     """Names a module binds at its top level (in if/try blocks too, not inside functions or classes)."""
     names: set[str] = set()
@@ -242,7 +291,8 @@ if __name__ == "__main__":  # a quick report: python tests/test_import_graph.py
     inner = {(e.src, e.line) for e in EDGES if e.in_function}
     print(f"{len(MODULES)} modules, {len(EDGES)} import edges, {len(inner)} in-function import statements")
     for test in (test_no_import_cycle, test_no_private_name_imported_across_modules,
-                 test_readers_import_no_writer_planner_or_command, test_every_name_imported_from_a_project_module_exists):
+                 test_readers_import_no_writer_planner_or_command, test_every_name_imported_from_a_project_module_exists,
+                 test_every_module_has_a_place_in_the_folder_order, test_folders_import_only_folders_before_them):
         try:
             test()
             print(f"{test.__name__}: ok")

@@ -11,7 +11,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from ckpt_bridge import to_dcp, to_hf
 from ckpt_bridge.formats.base import TensorInfo
 from ckpt_bridge.formats.dcp import DCPReader
-from ckpt_bridge.plan.core import Plan, Transform, compose, execute, rename
+from ckpt_bridge.pipeline.execute import execute
+from ckpt_bridge.plan.core import Plan, Transform, compose, rename
 
 
 def _tiny_tied_llama(tmp_path):

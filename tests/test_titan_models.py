@@ -204,7 +204,7 @@ def test_tied_plan_streams_one_key_with_the_embedding_as_context(hf_dirs):
     from ckpt_bridge.formats.base import TensorInfo
     from ckpt_bridge.formats.hf import HFReader
     from ckpt_bridge.models.titan import titan_model
-    from ckpt_bridge.plan.core import execute
+    from ckpt_bridge.pipeline.execute import execute
     from ckpt_bridge.plan.state_dict_adapter import adapter_plan
 
     hf = hf_dirs["llama3-tied"]

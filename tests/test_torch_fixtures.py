@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ckpt_bridge.formats import meshes
+from ckpt_bridge import meshes
 from ckpt_bridge import safeload
 from ckpt_bridge.cli import main
 from ckpt_bridge.compare import bits_equal
@@ -242,7 +242,7 @@ def test_a_saved_dtensor_is_data_only():
 _LOAD_WITHOUT_ONE_STAND_IN = """
 import sys
 from ckpt_bridge import safeload
-from ckpt_bridge.formats import meshes
+from ckpt_bridge import meshes
 del meshes.DTENSOR_STAND_INS["torch.distributed.tensor._dtensor_spec.ShardOrderEntry"]
 sd = safeload.load(sys.argv[1], mmap=False, saved_dtensors=True)
 v = sd["model.embed_tokens.weight"]

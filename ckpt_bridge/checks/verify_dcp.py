@@ -37,15 +37,17 @@ from ..plan.conversions import Conversions
 from ..plan.aux_modules import tensor_sha256
 from ..plan.trainer_target import plan_dcp
 from ..formats.dcp_files import read_manifest
-from ..writers.side_files import side_files
+from ..formats.config_files import side_files
 from ..errors import BridgeError, CheckpointFormatError, few
 from ..formats.dcp import DCPReader, is_dcp_dir
 from ..formats.hf import HFReader, is_hf_dir
 from ..models.after_load import after_load, load_hf_config
 from ..models.hf import from_config, is_language_model, load_pretrained, tie_groups
-from ..models.titan import HFStyleLM, adapter_in_manifest, unrebuilt_adapter
+from ..models.titan import HFStyleLM, adapter_in_manifest
+from ..plan.titan_names import unrebuilt_adapter
 from ..models.titan import titan_model as build_titan_model
-from ..plan.core import Plan, compose, execute
+from ..pipeline.execute import execute
+from ..plan.core import Plan, compose
 from ..plan.hf_target import build_meta_model
 from ..plan.planner import canonical_key
 from ..plan.state_dict_adapter import from_hf_plan

@@ -52,7 +52,8 @@ from ..summary import DCPExportSummary
 from ..version import __version__
 from ..writers.dcp import DCPSink
 from ..writers.dcp_manifest import hash_files, keep_hf_files, source_files_of, versions
-from ..writers.side_files import config_dir, jsonable, read_config
+from ..formats.config_files import config_dir
+from ..writers.side_files import jsonable, read_config
 
 log = logging.getLogger("ckpt_bridge")
 

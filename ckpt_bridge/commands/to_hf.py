@@ -25,7 +25,7 @@ from ..errors import BridgeError, KeyPlanError
 from ..formats.base import Reader, TensorInfo
 from ..formats.detect import open_reader
 from ..models.config_fit import read_fitting_config
-from ..models.titan import hf_names, working_titan_model
+from ..plan.titan_names import hf_names, working_titan_model
 from ..pipeline.run import Output, run
 from ..options import ToHF, resolve
 from ..pipeline.team import Team
@@ -35,9 +35,11 @@ from ..plan.hf_target import plan_hf_export
 from ..plan.lora import is_lora
 from ..plan.export_plan import plan_export
 from ..summary import ExportSummary
-from ..writers.atomic import check_target
+from ..pipeline.atomic import check_target
 from ..writers.safetensors_shards import SafetensorsSink, parse_size
-from ..writers.side_files import AUX_FILE, config_dir, same_model, write_hf_side_files
+from ..formats.config_files import config_dir
+from ..formats.hf import AUX_FILE
+from ..writers.side_files import same_model, write_hf_side_files
 from ..writers.side_files import write_configs as _write_configs  # a module global: tests hold the export between steps
 from .to_hf_lora import export_lora
 

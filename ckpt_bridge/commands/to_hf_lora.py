@@ -40,7 +40,7 @@ from ..plan.hf_target import ModelExpectation, expected_model, plan_hf_export, v
 from ..plan.planner import canonicalize
 from ..plan.core import Plan, compose
 from ..writers.side_files import write_hf_side_files
-from ..writers.atomic import check_target
+from ..pipeline.atomic import check_target
 from ..writers.safetensors_shards import SafetensorsSink
 from ..pipeline.run import Output, run
 from ..pipeline.team import Team

@@ -25,7 +25,7 @@ Safety rules (each checked before anything is written or deleted):
 
 An export is complete exactly when its directory exists: ``to_hf`` writes into
 ``.NAME.partial-PID`` and renames at the end; leftovers of killed processes
-are cleaned by the writer (:mod:`ckpt_bridge.writers.atomic`).
+are cleaned by the writer (:mod:`ckpt_bridge.pipeline.atomic`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from pathlib import Path
 from ..confine import is_inside
 from ..errors import BridgeError, OutputError
 from ..writers.marker import MARKER, read_marker
-from ..writers.atomic import OutputBusy, output_lock
+from ..pipeline.atomic import OutputBusy, output_lock
 from ..formats.megatron_ready import is_complete as megatron_complete, is_megatron_save, save_problem as megatron_problem
 from ..formats.verl_fsdp import VerlFSDPReader
 from .to_hf import to_hf

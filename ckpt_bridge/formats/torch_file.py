@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from . import meshes, pages
+from .. import meshes
+from . import pages
 from .. import safeload
 from ..errors import CheckpointFormatError
 from .base import Reader, TensorInfo

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from . import meshes
+from .. import meshes
 from . import pages
 from .. import safeload
 from ..errors import CheckpointFormatError

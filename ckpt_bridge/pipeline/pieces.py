@@ -28,7 +28,8 @@ import torch
 
 from .buffers import Recycled
 from ..formats.base import TensorInfo
-from ..plan.core import Transform, execute
+from ..plan.core import Transform
+from .execute import execute
 from .stream import run_ahead
 
 PIECE_BYTES = 32 << 20

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BridgeError, OutputError
-from ..writers.atomic import AtomicDir, partial_path
+from .atomic import AtomicDir, partial_path
 
 log = logging.getLogger("ckpt_bridge")
 

@@ -22,22 +22,21 @@ that does not fit the weights fails before the output directory exists.
 
 :meth:`Plan.check` enforces the two invariants every sink relies on: each
 target has exactly one producer, and each source key is consumed by some
-transform or dropped by a named rule.  :func:`execute` streams the plan: it
-reads one transform's inputs, applies the operation, yields the outputs and
-lets go, reading the next transform's inputs in a background thread; peak
-memory is the largest transform's tensors, not the model.
+transform or dropped by a named rule.  :func:`ckpt_bridge.pipeline.execute.execute`
+streams the plan: it reads one transform's inputs, applies the operation,
+yields the outputs and lets go, reading the next transform's inputs in a
+background thread; peak memory is the largest transform's tensors, not the model.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import torch
 
 from ..errors import KeyPlanError, few
 from ..formats.base import TensorInfo
-from ..pipeline.stream import read_ahead
 
 OPS = ("rename", "split", "fuse", "transpose", "fold", "adapter", "convert")
 
@@ -236,58 +235,3 @@ def _renamed(t1: Transform, renames: list[Transform]) -> Transform:
 
     rules = [t1.rule, *(rn.rule for rn in renames)]
     return Transform(t1.op, t1.inputs, outputs, run, " + ".join(rule for rule in rules if rule))
-
-
-def execute(plan: Plan | list[Transform], read: Callable[..., torch.Tensor],
-            dtype_of: Callable[[TensorInfo], torch.dtype | None] = lambda info: None, *, ahead: bool = True,
-            buffer: Callable[[tuple[int, ...], torch.dtype], torch.Tensor] | None = None,
-            ) -> Iterator[tuple[Transform, dict[str, torch.Tensor]]]:
-    """Stream ``plan``: yield ``(transform, {target: tensor})`` one transform at a time.
-
-    ``read(key, dtype)`` is a reader's ``read``; ``dtype_of(target info)`` is the
-    dtype a target is written in (None: as produced).  A rename reads straight
-    into that dtype (the readers cast while copying, no second buffer); other
-    ops see the stored dtype and their outputs are cast afterwards, so a fold
-    or a fuse computes on the trained values.  The next transform's inputs
-    are read in a background thread while the caller writes this one's
-    outputs (see :mod:`ckpt_bridge.pipeline.stream`); drop the tensors before asking
-    for the next item.  ``ahead=False`` reads in the caller's thread (a sink
-    whose own writes bound the run gains nothing from the overlap).
-    ``buffer(shape, dtype)``: a reused buffer a rename is read into, when
-    ``read`` takes ``out=`` (a fresh buffer faults in every page on first
-    touch); the caller guarantees it is free again by the time it is reused.
-    """
-    transforms = plan.transforms if isinstance(plan, Plan) else plan
-    if buffer is not None and not _takes_out(read):
-        buffer = None
-
-    def run(t: Transform) -> dict[str, torch.Tensor]:
-        if t.fn is None:
-            o = t.outputs[0]
-            if buffer is not None:
-                dt = dtype_of(o) or o.dtype
-                return t.apply({t.inputs[0]: read(t.inputs[0], dt, out=buffer(o.shape, dt))})
-            return t.apply({t.inputs[0]: read(t.inputs[0], dtype_of(o))})
-        out = t.apply({k: read(k, None) for k in t.inputs})
-        for o in t.outputs:
-            dt = dtype_of(o)
-            if dt is not None and out[o.key].dtype != dt:
-                out[o.key] = out[o.key].to(dt)
-        return out
-
-    if ahead:
-        yield from read_ahead(transforms, run)
-    else:
-        for t in transforms:
-            yield t, run(t)
-
-
-def _takes_out(read: Callable) -> bool:
-    import inspect
-
-    try:
-        return "out" in inspect.signature(read).parameters
-    except (TypeError, ValueError):
-        return False
-
-

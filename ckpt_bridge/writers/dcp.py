@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -26,7 +27,7 @@ from ..errors import writing
 from ..formats.base import TensorInfo
 from ..pipeline import pieces
 from ..pipeline.pieces import Piece, rows_per_piece
-from .atomic import flush_tree
+from ..pipeline.atomic import flush_tree
 from .dcp_parts import merge_parts, part_dir
 from .writeback import start_writeback
 
@@ -127,27 +128,58 @@ class RowFeed:
         return t[start:stop].contiguous()  # DCP's writer copies a block whose storage is the whole tensor's
 
 
+_NO_CRC = threading.local()  # .on: this thread is inside our DCP writer's save (see no_zip_crc32)
+
+
+def _crc32_switch() -> bool:
+    """Answer torch's own ``get_crc32_options`` per thread: False in a thread inside :func:`no_zip_crc32`,
+    torch's setting everywhere else.  Installed once; False if this torch has no such option."""
+    import torch.serialization as ser
+
+    own = getattr(ser, "get_crc32_options", None)
+    if own is None:
+        return False
+    if getattr(own, "ckpt_bridge_per_thread", False):
+        return True
+
+    def get_crc32_options() -> bool:
+        return False if getattr(_NO_CRC, "on", False) else own()
+
+    get_crc32_options.__doc__ = own.__doc__
+    get_crc32_options.ckpt_bridge_per_thread = True  # type: ignore[attr-defined]
+    get_crc32_options.__wrapped__ = own  # type: ignore[attr-defined]
+    ser.get_crc32_options = get_crc32_options
+    return True
+
+
 @contextlib.contextmanager
 def no_zip_crc32():
-    """torch.save without the CRC32 of each record, for the duration (restored after, also on an error: the
-    process may be a user's trainer calling us).
+    """torch.save without the CRC32 of each record, in this thread, for the duration.
 
     DCP's FileSystemWriter stores every item as a ``torch.save`` zip, and computing the zip's CRC32 of every
     byte was an eighth of to-dcp's CPU at 1.24B.  No torch loader reads it: torch builds its zip reader with
     ``MINIZ_DISABLE_ZIP_READER_CRC32_CHECKS`` (cmake/Dependencies.cmake), so ``torch.load`` (DCP's reader, the
     trainer's ``CheckpointManager``, our own) loads a record whatever its CRC field says, checked under torch
     2.9.1, 2.11, 2.13 and 2.15; ``set_crc32_options``' docstring says as much.  Only a generic unzip of a
-    ``.distcp`` byte range would warn.  The setting is process-wide (torch's config): a ``torch.save`` another
-    thread makes meanwhile is written without CRC too, and loads the same.
-    """
-    from torch.serialization import get_crc32_options, set_crc32_options
+    ``.distcp`` byte range would warn.
 
-    before = get_crc32_options()
-    set_crc32_options(False)
+    Scoped to the thread that runs our writer (DCP's writer with ``thread_count=1`` writes in the calling
+    thread): torch's own switch, ``set_crc32_options``, is process-wide, and flipping it also took the CRCs
+    off a ``torch.save`` another thread of the same process made meanwhile (a trainer's async checkpoint
+    next to an in-process export).  torch's zip writer asks ``torch.serialization.get_crc32_options()`` as
+    it opens each archive (torch 2.11-2.15 ``_open_zipfile_writer_file`` / ``_buffer``); that function is
+    wrapped once (:func:`_crc32_switch`) to say False only in a thread inside this context, and torch's own
+    setting to every other thread and outside it.
+    """
+    if not _crc32_switch():
+        yield
+        return
+    before = getattr(_NO_CRC, "on", False)
+    _NO_CRC.on = True
     try:
         yield
     finally:
-        set_crc32_options(before)
+        _NO_CRC.on = before
 
 
 FILE_BYTES = 256 << 20  # items share a .distcp file up to this size

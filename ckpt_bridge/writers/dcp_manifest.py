@@ -27,7 +27,8 @@ from typing import Any
 
 from ..formats.base import Reader
 from ..formats.dcp_files import HF_CONFIG_DIR
-from .side_files import copy_new, side_files
+from ..formats.config_files import side_files
+from .side_files import copy_new
 
 
 def hash_files(paths: list[Path], cfg_dir: Path) -> list[dict[str, Any]]:

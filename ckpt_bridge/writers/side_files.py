@@ -1,7 +1,7 @@
 """The files an HF export carries besides the weights, and where they come from: the config dir, config.json
-and generation_config.json as written, the tokenizer / processor side files (ONE rule, :func:`is_side_file`,
-for what is copied into an export, kept in a to-dcp folder and hashed in its manifest), the components of a
-``--base`` model, and the trainer's extra state.
+and generation_config.json as written, the tokenizer / processor side files (ONE rule,
+:func:`ckpt_bridge.formats.config_files.is_side_file`, for what is copied into an export, kept in a to-dcp
+folder and hashed in its manifest), the components of a ``--base`` model, and the trainer's extra state.
 
 Used by ``to_hf`` (:mod:`ckpt_bridge.commands.to_hf`), LoRA exports (:mod:`ckpt_bridge.commands.to_hf_lora`), ``to_dcp``
 (:mod:`ckpt_bridge.commands.to_dcp`) and ``verify-dcp``; it imports none of them.
@@ -16,43 +16,14 @@ from typing import Any
 
 import torch
 
-from ..confine import is_inside
 from ..dtypes import dtype_name
-from ..errors import BridgeError, CheckpointFormatError
-from ..formats.hf import AUX_FILE
+from ..errors import BridgeError
 from ..formats.base import Reader
-from ..formats.dcp_files import MANIFEST
 from ..models.hf import with_legacy_fields
 from ..jsonfiles import check_config, read_json
+from ..formats.config_files import side_files
 from .marker import write_marker
 
-
-
-def config_dir(reader: Reader, config: str | Path | None) -> tuple[Path | None, Path | None]:
-    """(directory holding config.json, explicit config.json file or None).
-
-    Without ``config`` the checkpoint's own config dir is used, and every file
-    we would read or copy from it (config, generation config, tokenizer) must
-    resolve inside the checkpoint folder (see :mod:`ckpt_bridge.confine`).
-    """
-    if config is None:
-        d = reader.hf_config_dir()
-        # A config dir a trainer checkpoint carries must not pull files from elsewhere into the export
-        # (an HF model dir is the user's own choice: Reader.confines_config).
-        if d is not None and reader.confines_config:
-            root = reader.path if reader.path.is_dir() else reader.path.parent
-            for f in [d / "config.json", d / "generation_config.json", *side_files(d)]:
-                if f.exists() and not is_inside(root, f):
-                    raise CheckpointFormatError(
-                        f"{f}: resolves outside the checkpoint folder {root} (a symlink?); refused; pass "
-                        f"--config/--tokenizer explicitly to use files from elsewhere")
-        return d, None
-    p = Path(config)
-    if p.is_dir() and (p / "config.json").is_file():
-        return p, None
-    if p.is_file():
-        return p.parent, p
-    raise BridgeError(f"--config {p}: neither a config.json file nor a directory containing one")
 
 
 _WEIGHT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -132,32 +103,9 @@ def write_configs(tmp: Path, cfg_dir: Path, plan: Any, written: torch.dtype) -> 
     return ["config.json", "generation_config.json"]
 
 
-# What is not a processor / tokenizer file: weights and their indexes in any format, trainer state, and
-# the files an export writes itself.  Everything else beside the config travels (tokenizer, processor,
-# video / image preprocessor, chat templates and additional_chat_templates/, README / LICENSE, ...), so a
-# new processor file needs no change here.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".distcp",
-                    ".index.json", ".npz", ".pkl")
-_WRITTEN_HERE = ("config.json", "generation_config.json", "lr_scheduler_state.json", "trainer_state.json",
-                 MANIFEST, f"{AUX_FILE}.json")
-
-
-def is_side_file(p: Path) -> bool:
-    if p.name.startswith(".") or p.name in _WRITTEN_HERE or p.name.endswith(_WEIGHT_SUFFIXES):
-        return False
-    if p.is_dir():  # e.g. additional_chat_templates/; a folder holding weights is a checkpoint, not a processor
-        return not any(q.is_file() and (q.name.endswith(_WEIGHT_SUFFIXES) or q.name == ".metadata")
-                       for q in p.rglob("*"))
-    return p.is_file()
-
-
-def side_files(d: Path) -> list[Path]:
-    """The side files and folders of ``d`` that travel with a model (see :func:`is_side_file`)."""
-    return [p for p in sorted(d.iterdir()) if is_side_file(p)]
-
-
 def copy_side_files(tmp: Path, cfg_dir: Path, warnings: list[str]) -> list[str]:
-    """Copy every tokenizer / processor file and folder beside the config (see :func:`is_side_file`)."""
+    """Copy every tokenizer / processor file and folder beside the config (see
+    :func:`~ckpt_bridge.formats.config_files.is_side_file`)."""
     copied = copy_new(side_files(cfg_dir), tmp)
     if not any(n.startswith("tokenizer") for n in copied):
         warnings.append(
