@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from . import expert_parallel
 from . import meshes
 from . import pages
 from .. import safeload
@@ -188,7 +189,44 @@ class VerlFSDPReader(Reader):
 
     def tensors(self) -> dict[str, TensorInfo]:
         self.check()
-        return self.rank0_tensors()
+        out = self.rank0_tensors()
+        for key, v in self._sd(0).items():  # an expert stack split by expert parallelism: its full shape
+            if meshes.is_dtensor(v) and expert_parallel.is_expert_stack(key) and \
+                    self._mesh(0, key, v)[0].numel() < self.world_size:
+                out[key] = TensorInfo(key, self.layout(key).shape, v.dtype)
+        return out
+
+    def _expert_parallel_layout(self, key: str, values: list, placements) -> _Layout:
+        """``key``'s layout when each EP group saved its own block of experts (see formats/expert_parallel)."""
+        ranks = []
+        for r, v in enumerate(values):
+            if not meshes.is_dtensor(v):
+                raise CheckpointFormatError(f"{self.model_file(r)}: key {key!r}: plain tensor on rank {r} but a "
+                                            f"DTensor on rank 0")
+            mesh, _, saved_rank = self._mesh(r, key, v)
+            if saved_rank is not None and saved_rank != r:
+                raise CheckpointFormatError(f"{self.model_file(r)}: key {key!r}: the file name says rank {r} but "
+                                            f"its tensors were saved by rank {saved_rank}; rank files were swapped")
+            p = placements_of(v.placements, f"{self.model_file(r)}: key {key!r}")
+            ranks.append({"mesh": mesh, "placements": p, "shape": tuple(v.shape)})
+            coord = tuple(int(i) for i in (mesh == r).nonzero()[0].tolist()) if (mesh == r).any() else None
+            expect = None if coord is None else tuple(
+                b - a for a, b in local_region(tuple(v.shape), tuple(mesh.shape), p, coord))
+            if v.dtype != values[0].dtype or expect != tuple(v._local_tensor.shape):
+                raise CheckpointFormatError(
+                    f"{self.model_file(r)}: key {key!r}: rank {r} holds a shard of shape "
+                    f"{tuple(v._local_tensor.shape)} {v.dtype}, which its own mesh and placements do not give; "
+                    f"the file does not match its own metadata")
+        shape, sources = expert_parallel.place(key, str(self.model_file(0)), ranks, self.world_size,
+                                               expert_parallel.num_experts(self.hf_config_dir()))
+        boxes = chunks_of_regions(region for _, region in sources)
+        gap = coverage(shape, boxes).problem(boxes)
+        if gap is not None:
+            raise CheckpointFormatError(f"{self.model_file(0)}: key {key!r}: the expert-parallel blocks: {gap}; "
+                                        f"cannot merge it exactly")
+        lay = _Layout("dtensor", shape, values[0].dtype, placements, tuple(ranks[0]["mesh"].shape), tuple(sources))
+        self._layouts[key] = lay
+        return lay
 
     def rank0_tensors(self) -> dict[str, TensorInfo]:
         """Keys and global shapes from rank 0's file alone (for inspect on a damaged checkpoint)."""
@@ -249,6 +287,8 @@ class VerlFSDPReader(Reader):
         if len(placements) != mesh.dim():
             raise CheckpointFormatError(f"{where0}: {len(placements)} placements for a {mesh.dim()}-D mesh")
         if mesh.numel() != W or sorted(mesh.flatten().tolist()) != list(range(W)):
+            if mesh.numel() < W and expert_parallel.is_expert_stack(key):
+                return self._expert_parallel_layout(key, values, placements)
             raise CheckpointFormatError(
                 f"{where0}: the device mesh holds ranks {mesh.flatten().tolist()} but the checkpoint has "
                 f"world size {W}; the rank files do not belong together"
