@@ -492,10 +492,29 @@ class VerlFSDPReader(Reader):
             "global_step": self.global_step,
             "lora": (self.path / "lora_train_meta.json").is_file() or (self.path / "lora_adapter").is_dir(),
         }
+        ep = self._expert_parallel_summary()
+        if ep:
+            d["expert_parallel"] = ep
         siblings = [p.name for p in _listdir(self.path.parent) if p.is_dir() and find_actor_dir(p)]
         if self.path.name in ("actor", "critic") and len(siblings) > 1:
             d["roles"] = siblings
         return d
+
+    def _expert_parallel_summary(self) -> str | None:
+        """What inspect says of expert stacks split across EP groups outside DTensor (VeOmni), if any."""
+        if not self.world_size or 0 not in self.files["model"].get(self.world_size, {}):
+            return None
+        keys = [k for k, v in self._sd(0).items() if meshes.is_dtensor(v) and expert_parallel.is_expert_stack(k)
+                and self._mesh(0, k, v)[0].numel() < self.world_size]
+        if not keys:
+            return None
+        block = int(self._sd(0)[keys[0]].shape[0])
+        experts = expert_parallel.num_experts(self.hf_config_dir())
+        if experts is None or experts % block:
+            return (f"{len(keys)} expert stacks split by expert parallelism (VeOmni) with {block} experts per rank; "
+                    f"config.json's num_experts {experts} does not place them")
+        return (f"{len(keys)} expert stacks split by expert parallelism (VeOmni): EP={experts // block} x "
+                f"ep_fsdp={self.world_size * block // experts}, {block} of num_experts {experts} per EP group")
 
     def placement_summary(self) -> dict[str, int]:
         """Counts of (placements, mesh dim names) patterns on rank 0 (metadata only)."""
