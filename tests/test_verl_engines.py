@@ -18,13 +18,21 @@ from safetensors.torch import load_file, save_file
 from ckpt_bridge.cli import main as cli
 from ckpt_bridge.compare import bits_equal
 from ckpt_bridge.testing.harness import run_torchrun
+from ckpt_bridge.testing.overlays import OverlayError, overlay, overlay_env
 from test_failure_table import assert_fails  # tests/ is on sys.path (rootdir conftest)
+
+
+AUTOMODEL = "nemo-automodel==0.3.0"  # the Checkpointer verl 0.9.1's Automodel engine calls (a --no-deps overlay)
 
 
 @pytest.fixture(scope="session")
 def engine_saves(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("engine_saves")
-    run_torchrun(["ckpt_bridge.testing.engine_saves", "--out", str(root)], nproc=2, timeout=400)
+    try:
+        env = {"PYTHONPATH": overlay_env(overlay([AUTOMODEL], name="nemo-automodel"))["PYTHONPATH"]}
+    except OverlayError:  # no registry: torch's own writer + consolidation, as the Checkpointer calls them
+        env = None
+    run_torchrun(["ckpt_bridge.testing.engine_saves", "--out", str(root)], nproc=2, timeout=400, env=env)
     assert (root / "COMPLETE").is_file()
     return root
 
@@ -54,6 +62,7 @@ def _copy(src: Path, dst: Path) -> Path:
 def test_automodel_exports_bit_for_bit_with_and_without_consolidated(engine_saves, tmp_path, capsys):
     case = engine_saves / "automodel"
     step = case / "global_step_1"
+    print("automodel save written by:", (case / "reference" / "writer.txt").read_text().strip())
     # the engine's own save: shards + consolidated/ (checked complete, then read)
     assert cli(["to-hf", str(step), "--out", str(tmp_path / "a"), "--dtype", "keep"]) == 0
     _assert_equals_oracle(tmp_path / "a", case)
@@ -63,8 +72,14 @@ def test_automodel_exports_bit_for_bit_with_and_without_consolidated(engine_save
     state = json.loads((tmp_path / "a" / "trainer_state.json").read_text())
     assert any("no rng" in w for w in state["warnings"])
     # the shards alone (consolidation off: newer Automodel's default), read through their own offsets
+    # (nemo-automodel 0.3.0 moved .hf_metadata/ into consolidated/; newer ones keep it beside the shards)
     shards_only = _copy(step, tmp_path / "shards_only" / "global_step_1")
-    shutil.rmtree(shards_only / "actor" / "model" / "consolidated")
+    model_dir = shards_only / "actor" / "model"
+    (model_dir / ".hf_metadata").mkdir(exist_ok=True)
+    for f in (model_dir / "consolidated").iterdir():
+        if not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
+            shutil.copy(f, model_dir / ".hf_metadata" / f.name)
+    shutil.rmtree(model_dir / "consolidated")
     assert cli(["to-hf", str(shards_only / "actor"), "--out", str(tmp_path / "b"), "--dtype", "keep"]) == 0
     _assert_equals_oracle(tmp_path / "b", case)
     # verify reads the save itself against the HF dir

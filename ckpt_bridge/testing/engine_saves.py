@@ -10,7 +10,9 @@ values that were saved: the oracle an export must equal bit for bit).  ``ROOT/CO
 ``automodel`` - verl's Automodel engine (``verl/workers/engine/automodel/transformer_impl.py``
 ``save_checkpoint``: ``Checkpointer.save_model(module, local_path)`` then ``save_optimizer(...,
 scheduler=[lr_scheduler])``, with ``model_save_format="safetensors"``, ``save_consolidated=True``).
-nemo-automodel itself is not installed here; its save path is followed with torch's own writer,
+With nemo-automodel importable (the test puts nemo-automodel 0.3.0 first on PYTHONPATH as a --no-deps
+overlay) its own ``Checkpointer`` is built with verl's ``CheckpointingConfig`` and called as verl calls it
+(``_automodel_checkpointer``).  Without it (no registry), the save path is followed with torch's own writer,
 as NeMo Automodel's ``nemo_automodel/components/checkpoint/checkpointing.py`` ``Checkpointer.save_model``
 calls it: the model state dict (``ModelState.state_dict()``: FSDP2-sharded DTensors, HF keys) is
 ``dcp.save``d to ``<local_path>/model`` through the Hugging Face storage writer with
@@ -89,6 +91,49 @@ def _reference(ref: Path, live_class, config, full) -> None:
     fresh.save_pretrained(str(ref / "hf"))
 
 
+def _has_automodel() -> bool:
+    try:
+        import nemo_automodel.components.checkpoint.checkpointing  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _automodel_checkpointer(root, actor, model, opt, sched, live_class, config) -> None:
+    """nemo-automodel's own Checkpointer, configured and called exactly as verl 0.9.1's AutomodelEngine does
+    (``_build_checkpointer`` / ``save_checkpoint``); ``model_repo_id`` is the base model dir (verl passes
+    ``model_config.path``)."""
+    import torch
+    import torch.distributed as dist
+    from nemo_automodel.components.checkpoint.checkpointing import Checkpointer, CheckpointingConfig
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from ckpt_bridge.testing.tiny_models import save_tiny_hf
+
+    rank = dist.get_rank()
+    base = root / "base_model"
+    if rank == 0:
+        shutil.rmtree(root, ignore_errors=True)
+        save_tiny_hf(base, "llama", seed=SEED)  # the "downloaded" model verl's config names
+    dist.barrier()
+    ckpt = Checkpointer(
+        config=CheckpointingConfig(enabled=True, checkpoint_dir="checkpoints/", model_save_format="safetensors",
+                                   model_cache_dir=str(root / "hf_cache"), model_repo_id=str(base),
+                                   save_consolidated=True, is_peft=False),
+        dp_rank=rank, tp_rank=0, pp_rank=0, moe_mesh=None)
+    ckpt.save_model(model, str(actor))
+    ckpt.save_optimizer(opt, model, str(actor), scheduler=[sched])
+    dist.barrier()
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        ref = root / "reference"
+        ref.mkdir(parents=True)
+        _reference(ref, live_class, config, full)
+        torch.save(sched.state_dict(), ref / "sched.pt")
+        (ref / "writer.txt").write_text("nemo-automodel Checkpointer\n")
+    dist.barrier()
+
+
 def _automodel(root: Path) -> None:
     import torch
     import torch.distributed as dist
@@ -106,6 +151,9 @@ def _automodel(root: Path) -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build_model("llama", seed=SEED).train()
     live_class, config = type(model), model.config
+    # nemo_automodel/_transformers/infrastructure.py (0.3.0, apply_model_infrastructure): the HF keys taken
+    # before sharding, hung on the model for the Checkpointer's consolidated index (identity HF adapter here)
+    model._pre_shard_hf_state_dict_keys = list(model.state_dict().keys())
     apply_fsdp2(model, {"mesh": init_device_mesh("cpu", (world,), mesh_dim_names=("fsdp",)),
                         "reshard_after_forward": True}, {})
     opt = torch.optim.AdamW(model.parameters(), lr=LR)
@@ -118,6 +166,9 @@ def _automodel(root: Path) -> None:
     opt.zero_grad(set_to_none=True)
 
     actor = root / "global_step_1" / "actor"
+    if _has_automodel():
+        _automodel_checkpointer(root, actor, model, opt, sched, live_class, config)
+        return
     model_dir, optim_dir = actor / "model", actor / "optim"
     meta, consolidated = model_dir / ".hf_metadata", model_dir / "consolidated"
     state = get_model_state_dict(model)  # ModelState.state_dict(): sharded, HF keys
@@ -149,6 +200,7 @@ def _automodel(root: Path) -> None:
         ref.mkdir(parents=True)
         _reference(ref, live_class, config, full)
         torch.save(sched.state_dict(), ref / "sched.pt")
+        (ref / "writer.txt").write_text("torch HuggingFaceStorageWriter + consolidate_safetensors_files\n")
     dist.barrier()
 
 
