@@ -1,13 +1,16 @@
 """verl's other FSDP-family engines (issue 29): the Automodel engine's layout and VeOmni with expert parallelism.
 
-Both saves come from ONE torchrun job (``ckpt_bridge.testing.engine_saves``, 2 gloo ranks, see its docstring
-for which lines of which library each follows); each case's oracle is ``save_pretrained`` of the live,
-unsharded model (``<case>/reference/hf``), which every export must equal bit for bit.
+Both saves come from ONE torchrun job (``ckpt_bridge.testing.engine_saves``, 2 gloo ranks): nemo-automodel
+0.3.0's own ``Checkpointer`` and veomni 0.1.12's own model build + EP parallelization saved by verl's
+``FSDPCheckpointManager``, each library a --no-deps overlay (without a registry the job follows their source
+instead; ``<case>/reference/writer.txt`` says which wrote it).  Each case's oracle is ``save_pretrained`` of
+the live, unsharded model (``<case>/reference/hf``), which every export must equal bit for bit.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -22,16 +25,22 @@ from ckpt_bridge.testing.overlays import OverlayError, overlay, overlay_env
 from test_failure_table import assert_fails  # tests/ is on sys.path (rootdir conftest)
 
 
-AUTOMODEL = "nemo-automodel==0.3.0"  # the Checkpointer verl 0.9.1's Automodel engine calls (a --no-deps overlay)
+# The libraries verl 0.9.1's engines call, each a --no-deps overlay (seconds, cached): nemo-automodel's
+# Checkpointer (Automodel engine) and veomni (VeOmni engine).  Without a registry, engine_saves follows each
+# library's source instead (its docstring says which lines).
+OVERLAYS = {"nemo-automodel": "nemo-automodel==0.3.0", "veomni": "veomni==0.1.12"}
 
 
 @pytest.fixture(scope="session")
 def engine_saves(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("engine_saves")
-    try:
-        env = {"PYTHONPATH": overlay_env(overlay([AUTOMODEL], name="nemo-automodel"))["PYTHONPATH"]}
-    except OverlayError:  # no registry: torch's own writer + consolidation, as the Checkpointer calls them
-        env = None
+    dirs = []
+    for name, spec in OVERLAYS.items():
+        try:
+            dirs.append(str(overlay([spec], name=name)))
+        except OverlayError:
+            pass
+    env = {"PYTHONPATH": os.pathsep.join(dirs + [overlay_env(Path(dirs[-1]))["PYTHONPATH"]])} if dirs else None
     run_torchrun(["ckpt_bridge.testing.engine_saves", "--out", str(root)], nproc=2, timeout=400, env=env)
     assert (root / "COMPLETE").is_file()
     return root
@@ -62,7 +71,6 @@ def _copy(src: Path, dst: Path) -> Path:
 def test_automodel_exports_bit_for_bit_with_and_without_consolidated(engine_saves, tmp_path, capsys):
     case = engine_saves / "automodel"
     step = case / "global_step_1"
-    print("automodel save written by:", (case / "reference" / "writer.txt").read_text().strip())
     # the engine's own save: shards + consolidated/ (checked complete, then read)
     assert cli(["to-hf", str(step), "--out", str(tmp_path / "a"), "--dtype", "keep"]) == 0
     _assert_equals_oracle(tmp_path / "a", case)

@@ -29,7 +29,9 @@ to ``<local_path>/optim``.  No rng is saved.
 
 ``veomni_ep`` - verl's VeOmni engine (``verl/workers/engine/veomni/transformer_impl.py``: verl's
 ``FSDPCheckpointManager`` saves the model) with expert parallelism 2 on 2 ranks (``ep_fsdp`` = 1).
-veomni is not installed here; its expert split is reproduced from VeOmni's
+With veomni importable (the test puts veomni 0.1.12 first on PYTHONPATH as a --no-deps overlay), veomni
+itself builds and parallelizes the model as verl's engine calls it (``_veomni_real``).  Without it, the
+expert split is reproduced from VeOmni's
 ``veomni/distributed/parallel_plan.py`` ``ParallelPlan.apply``: each planned expert parameter
 (``mlp.experts.*``, a stacked ``[E, ...]`` tensor) becomes ``DTensor.from_local(param, ep_mesh,
 [Replicate()]).redistribute(ep_mesh, [Shard(0)]).to_local()`` - rank ``ep_rank`` keeps experts
@@ -204,7 +206,84 @@ def _automodel(root: Path) -> None:
     dist.barrier()
 
 
+def _has_veomni() -> bool:
+    try:
+        import veomni.distributed.torch_parallelize  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _veomni_real(root: Path) -> None:
+    """veomni's own model build and parallelization, as verl 0.9.1's VeOmniEngine calls them
+    (``verl/workers/engine/veomni/transformer_impl.py``: ``init_parallel_state(dp_size, dp_replicate_size,
+    dp_shard_size, extra_parallel_sizes=(expert_parallel_size,), ...)``, ``_build_model_optimizer``:
+    ``build_foundation_model`` + ``build_parallelize_model(init_device="meta", ...,
+    broadcast_model_weights_from_rank0=True)``, then ``FSDPCheckpointManager``), EP=2 on CPU with every op eager.
+    The oracle is gathered from the live model: dense DTensors with ``full_tensor()``, each expert stack's
+    blocks all-gathered over veomni's own ``ep_group`` in ``ep_rank`` order."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+    from transformers import Qwen3MoeForCausalLM
+    from verl.utils.checkpoint.fsdp_checkpoint_manager import FSDPCheckpointManager
+    from veomni.arguments import MixedPrecisionConfig, OpsImplementationConfig
+    from veomni.distributed import parallel_state
+    from veomni.distributed.torch_parallelize import build_parallelize_model
+    from veomni.models.auto import build_foundation_model
+
+    from ckpt_bridge.testing.tiny_models import build_tiny_tokenizer, save_tiny_hf
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    base = root / "base_model"
+    if rank == 0:
+        shutil.rmtree(root, ignore_errors=True)
+        save_tiny_hf(base, "qwen3_moe", seed=SEED)
+    dist.barrier()
+    parallel_state.init_parallel_state(dp_size=world, dp_replicate_size=1, dp_shard_size=world,
+                                       extra_parallel_sizes=(world,), ulysses_size=1, dp_mode="fsdp2",
+                                       device_type="cpu")
+    ops = OpsImplementationConfig(
+        attn_implementation="eager", moe_implementation="eager", cross_entropy_loss_implementation="eager",
+        rms_norm_implementation="eager", swiglu_mlp_implementation="eager", rotary_pos_emb_implementation="eager",
+        load_balancing_loss_implementation="eager")
+    module = build_foundation_model(config_path=str(base), weights_path=str(base), torch_dtype="float32",
+                                    attn_implementation="eager", ops_implementation=ops, init_device="meta")
+    module = build_parallelize_model(
+        module, init_device="meta", weights_path=str(base), enable_full_shard=True,
+        mixed_precision=MixedPrecisionConfig(enable=False), enable_gradient_checkpointing=False,
+        basic_modules=list(set(getattr(module, "_no_split_modules", None) or [])), enable_reentrant=False,
+        enable_forward_prefetch=False, broadcast_model_weights_from_rank0=True, fqn_to_index_mapping=None)
+    opt = torch.optim.AdamW(module.parameters(), lr=LR)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    manager = FSDPCheckpointManager(
+        model=module, optimizer=opt, lr_scheduler=sched, processing_class=build_tiny_tokenizer(module.config.vocab_size),
+        checkpoint_config={"save_contents": ["model", "optimizer", "extra"], "load_contents": ["model"],
+                           "async_save": False})
+    manager.save_checkpoint(local_path=str(root / "global_step_1" / "actor"), hdfs_path=None, global_step=1,
+                            max_ckpt_to_keep=None)
+    dist.barrier()
+    ps = parallel_state.get_parallel_state()
+    full = {}
+    for key, v in module.state_dict().items():
+        t = v.full_tensor() if isinstance(v, DTensor) else v
+        if ".mlp.experts." in key and ps.ep_enabled:  # veomni's own EP group and ranks, not the files'
+            blocks = [torch.empty_like(t) for _ in range(ps.ep_size)]
+            dist.all_gather(blocks, t.contiguous(), group=ps.ep_group)
+            t = torch.cat(blocks)
+        full[key] = t.detach().cpu()
+    if rank == 0:
+        ref = root / "reference"
+        ref.mkdir(parents=True)
+        _reference(ref, Qwen3MoeForCausalLM, module.config, full)
+        (ref / "writer.txt").write_text(f"veomni build_parallelize_model, EP={ps.ep_size}\n")
+    dist.barrier()
+
+
 def _veomni_ep(root: Path) -> None:
+    if _has_veomni():
+        _veomni_real(root)
+        return
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -223,6 +302,7 @@ def _veomni_ep(root: Path) -> None:
         ref = root / "reference"
         ref.mkdir(parents=True)
         _reference(ref, live_class, config, {k: v.detach().clone() for k, v in model.state_dict().items()})
+        (ref / "writer.txt").write_text("verl FSDPCheckpointManager, experts split as ParallelPlan.apply does\n")
     dist.barrier()
     # VeOmni's parallel_state: ("ep", "ep_fsdp") with ep outer; the dense model on ("fsdp",) = the world
     ep_mesh = init_device_mesh("cpu", (ep, world // ep), mesh_dim_names=("ep", "ep_fsdp"))
