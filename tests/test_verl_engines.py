@@ -118,6 +118,12 @@ def test_automodel_damaged_copies_are_refused_in_one_line(engine_saves, tmp_path
     gap = _copy(step, tmp_path / "gap" / "global_step_1")
     (gap / "actor" / "model" / "shard-00001-model-00001-of-00001.safetensors").unlink()
     assert_fails(capsys, ["to-hf", str(gap), "--out", str(tmp_path / "o3")], says="shard file(s) [1]", sources=(gap,))
+    # a truncated shard
+    cut = _copy(step, tmp_path / "cut" / "global_step_1")
+    shutil.rmtree(cut / "actor" / "model" / "consolidated")
+    shard = cut / "actor" / "model" / "shard-00002-model-00001-of-00001.safetensors"
+    os.truncate(shard, shard.stat().st_size - 100)
+    assert_fails(capsys, ["to-hf", str(cut), "--out", str(tmp_path / "o4")], says="shard-00002", sources=(cut,))
     # inspect reports it too (exit 2)
     capsys.readouterr()
     assert cli(["inspect", str(gone)]) == 2

@@ -209,16 +209,18 @@ class VerlFSDPReader(Reader):
                                             f"its tensors were saved by rank {saved_rank}; rank files were swapped")
             p = placements_of(v.placements, f"{self.model_file(r)}: key {key!r}")
             ranks.append({"mesh": mesh, "placements": p, "shape": tuple(v.shape)})
-            coord = tuple(int(i) for i in (mesh == r).nonzero()[0].tolist()) if (mesh == r).any() else None
-            expect = None if coord is None else tuple(
-                b - a for a, b in local_region(tuple(v.shape), tuple(mesh.shape), p, coord))
+        # the EP evidence first (each rank's mesh is its EP group's), then each shard against its own metadata
+        shape, sources = expert_parallel.place(key, str(self.model_file(0)), ranks, self.world_size,
+                                               expert_parallel.num_experts(self.hf_config_dir()))
+        for r, (v, info) in enumerate(zip(values, ranks)):
+            coord = tuple(int(i) for i in (info["mesh"] == r).nonzero()[0].tolist())
+            expect = tuple(b - a for a, b in local_region(info["shape"], tuple(info["mesh"].shape),
+                                                          info["placements"], coord))
             if v.dtype != values[0].dtype or expect != tuple(v._local_tensor.shape):
                 raise CheckpointFormatError(
                     f"{self.model_file(r)}: key {key!r}: rank {r} holds a shard of shape "
                     f"{tuple(v._local_tensor.shape)} {v.dtype}, which its own mesh and placements do not give; "
                     f"the file does not match its own metadata")
-        shape, sources = expert_parallel.place(key, str(self.model_file(0)), ranks, self.world_size,
-                                               expert_parallel.num_experts(self.hf_config_dir()))
         boxes = chunks_of_regions(region for _, region in sources)
         gap = coverage(shape, boxes).problem(boxes)
         if gap is not None:
