@@ -145,6 +145,9 @@ def test_veomni_expert_parallel_exports_experts_in_place(engine_saves, tmp_path,
     capsys.readouterr()
     assert cli(["inspect", str(step)]) == 0
     assert "expert parallelism (VeOmni): EP=2 x ep_fsdp=1" in capsys.readouterr().out
+    from ckpt_bridge.checks.inspect import inspect
+
+    assert inspect(step)["parameters"] == sum(t.numel() for t in want.values())  # experts counted at full size
 
 
 @pytest.mark.parametrize("num_experts, says", [

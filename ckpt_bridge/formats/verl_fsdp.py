@@ -40,7 +40,7 @@ from . import expert_parallel
 from . import meshes
 from . import pages
 from .. import safeload
-from ..errors import CheckpointFormatError
+from ..errors import BridgeError, CheckpointFormatError
 from .shard_layout import Placement, local_region, placements_of, source_coords
 from .chunks import chunks_of_regions, coverage
 from ..compare import bits_equal, deep_equal
@@ -189,11 +189,19 @@ class VerlFSDPReader(Reader):
 
     def tensors(self) -> dict[str, TensorInfo]:
         self.check()
-        out = self.rank0_tensors()
-        for key, v in self._sd(0).items():  # an expert stack split by expert parallelism: its full shape
+        return self._with_expert_parallel_shapes(self.rank0_tensors(), strict=True)
+
+    def _with_expert_parallel_shapes(self, out: dict[str, TensorInfo], strict: bool) -> dict[str, TensorInfo]:
+        """``out`` with each expert stack split by expert parallelism at its full shape (rank 0 holds a block);
+        ``strict=False`` (inspect of a damaged save) keeps the block's shape where the layout cannot be read."""
+        for key, v in self._sd(0).items():
             if meshes.is_dtensor(v) and expert_parallel.is_expert_stack(key) and \
                     self._mesh(0, key, v)[0].numel() < self.world_size:
-                out[key] = TensorInfo(key, self.layout(key).shape, v.dtype)
+                try:
+                    out[key] = TensorInfo(key, self.layout(key).shape, v.dtype)
+                except BridgeError:  # another rank's file unreadable too: inspect reports that
+                    if strict:
+                        raise
         return out
 
     def _expert_parallel_layout(self, key: str, values: list, placements) -> _Layout:
@@ -240,7 +248,7 @@ class VerlFSDPReader(Reader):
                     f"only DTensor/Tensor state dicts can be merged"
                 )
             out[key] = TensorInfo(key, tuple(v.shape), v.dtype)
-        return out
+        return self._with_expert_parallel_shapes(out, strict=False)
 
     def _mesh(self, rank: int, key: str, dt: meshes.SavedDTensor) -> tuple[torch.Tensor, tuple[str, ...] | None, int | None]:
         """(rank grid, dim names, saving rank) of ``dt``'s saved device mesh, whichever torch wrote it."""
