@@ -41,6 +41,7 @@ from ..confine import is_inside
 from ..errors import BridgeError, OutputError
 from ..writers.marker import MARKER, read_marker
 from ..pipeline.atomic import OutputBusy, output_lock
+from ..formats import automodel
 from ..formats.megatron_ready import is_complete as megatron_complete, is_megatron_save, save_problem as megatron_problem
 from ..formats.verl_fsdp import VerlFSDPReader
 from .to_hf import to_hf
@@ -113,6 +114,8 @@ def rank_files_problem(role_dir: Path) -> str | None:
         return f"{role_dir} does not exist (nothing was saved for this role, or it was rotated away)"
     if is_megatron_save(role_dir):
         return megatron_problem(role_dir)
+    if automodel.is_automodel_save(role_dir):
+        return automodel.save_problem(role_dir)
     try:
         reader = VerlFSDPReader(role_dir)
     except BridgeError as e:
@@ -127,6 +130,8 @@ def rank_files_problem(role_dir: Path) -> str | None:
 def source_parts(role_dir: Path) -> set[str]:
     """The parts of a verl role dir an export would carry (model, extra_state), from file names alone."""
     kinds = set()
+    if automodel.is_automodel_save(role_dir):
+        return automodel.saved_parts(role_dir)
     for f in role_dir.iterdir():
         m = _RANK_FILE.match(f.name)
         if m and m.group(1) in EXPORTED_PARTS:
@@ -241,6 +246,8 @@ def _settled(root: Path, step: int, role: str, latest: int | None, seen: dict[in
     A Megatron save: its ckpt_contents.json, even when the latest file covers it (async saves)."""
     if is_megatron_save(Path(root) / f"global_step_{step}" / role):
         return megatron_complete(Path(root) / f"global_step_{step}" / role)
+    if automodel.is_automodel_save(Path(root) / f"global_step_{step}" / role):
+        return automodel.is_complete(Path(root) / f"global_step_{step}" / role)
     if latest is not None and step <= latest:
         return True
     src = Path(root) / f"global_step_{step}" / role

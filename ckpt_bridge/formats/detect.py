@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import CheckpointFormatError
+from .automodel import AutomodelReader, find_automodel_dir
 from .base import Reader
 from .dcp import DCPReader, is_dcp_dir
 from .hf import HFReader, SafetensorsFileReader, is_hf_dir
@@ -26,6 +27,8 @@ def detect_format(path: str | Path) -> str:
         raise CheckpointFormatError(f"{path}: a file, but neither torch-save (.pt/.pth/.bin/.ckpt) nor .safetensors")
     if find_actor_dir(path) is not None:
         return "verl-fsdp"
+    if find_automodel_dir(path) is not None:  # verl's Automodel engine: model/shard-*.safetensors, optim/
+        return "verl-automodel"
     if find_megatron_layout(path) is not None:  # before DCP: a bare megatron dist_ckpt is a DCP folder too
         return "verl-megatron"
     if is_hf_dir(path):
@@ -45,6 +48,8 @@ def open_reader(path: str | Path, *, trust_pickle: bool = False, allow_missing_r
     path = Path(path)
     if fmt == "verl-fsdp":
         return VerlFSDPReader(path, trust_pickle=trust_pickle)
+    if fmt == "verl-automodel":
+        return AutomodelReader(path, trust_pickle=trust_pickle)
     if fmt == "verl-megatron":
         return MegatronReader(path, trust_pickle=trust_pickle)
     if fmt == "hf":

@@ -37,9 +37,10 @@ from typing import Any
 import torch
 
 from .. import meshes
+from . import expert_parallel
 from . import pages
 from .. import safeload
-from ..errors import CheckpointFormatError
+from ..errors import BridgeError, CheckpointFormatError
 from .shard_layout import Placement, local_region, placements_of, source_coords
 from .chunks import chunks_of_regions, coverage
 from ..compare import bits_equal, deep_equal
@@ -188,7 +189,54 @@ class VerlFSDPReader(Reader):
 
     def tensors(self) -> dict[str, TensorInfo]:
         self.check()
-        return self.rank0_tensors()
+        return self._with_expert_parallel_shapes(self.rank0_tensors(), strict=True)
+
+    def _with_expert_parallel_shapes(self, out: dict[str, TensorInfo], strict: bool) -> dict[str, TensorInfo]:
+        """``out`` with each expert stack split by expert parallelism at its full shape (rank 0 holds a block);
+        ``strict=False`` (inspect of a damaged save) keeps the block's shape where the layout cannot be read."""
+        for key, v in self._sd(0).items():
+            if meshes.is_dtensor(v) and expert_parallel.is_expert_stack(key) and \
+                    self._mesh(0, key, v)[0].numel() < self.world_size:
+                try:
+                    out[key] = TensorInfo(key, self.layout(key).shape, v.dtype)
+                except BridgeError:  # another rank's file unreadable too: inspect reports that
+                    if strict:
+                        raise
+        return out
+
+    def _expert_parallel_layout(self, key: str, values: list, placements) -> _Layout:
+        """``key``'s layout when each EP group saved its own block of experts (see formats/expert_parallel)."""
+        ranks = []
+        for r, v in enumerate(values):
+            if not meshes.is_dtensor(v):
+                raise CheckpointFormatError(f"{self.model_file(r)}: key {key!r}: plain tensor on rank {r} but a "
+                                            f"DTensor on rank 0")
+            mesh, _, saved_rank = self._mesh(r, key, v)
+            if saved_rank is not None and saved_rank != r:
+                raise CheckpointFormatError(f"{self.model_file(r)}: key {key!r}: the file name says rank {r} but "
+                                            f"its tensors were saved by rank {saved_rank}; rank files were swapped")
+            p = placements_of(v.placements, f"{self.model_file(r)}: key {key!r}")
+            ranks.append({"mesh": mesh, "placements": p, "shape": tuple(v.shape)})
+        # the EP evidence first (each rank's mesh is its EP group's), then each shard against its own metadata
+        shape, sources = expert_parallel.place(key, str(self.model_file(0)), ranks, self.world_size,
+                                               expert_parallel.num_experts(self.hf_config_dir()))
+        for r, (v, info) in enumerate(zip(values, ranks)):
+            coord = tuple(int(i) for i in (info["mesh"] == r).nonzero()[0].tolist())
+            expect = tuple(b - a for a, b in local_region(info["shape"], tuple(info["mesh"].shape),
+                                                          info["placements"], coord))
+            if v.dtype != values[0].dtype or expect != tuple(v._local_tensor.shape):
+                raise CheckpointFormatError(
+                    f"{self.model_file(r)}: key {key!r}: rank {r} holds a shard of shape "
+                    f"{tuple(v._local_tensor.shape)} {v.dtype}, which its own mesh and placements do not give; "
+                    f"the file does not match its own metadata")
+        boxes = chunks_of_regions(region for _, region in sources)
+        gap = coverage(shape, boxes).problem(boxes)
+        if gap is not None:
+            raise CheckpointFormatError(f"{self.model_file(0)}: key {key!r}: the expert-parallel blocks: {gap}; "
+                                        f"cannot merge it exactly")
+        lay = _Layout("dtensor", shape, values[0].dtype, placements, tuple(ranks[0]["mesh"].shape), tuple(sources))
+        self._layouts[key] = lay
+        return lay
 
     def rank0_tensors(self) -> dict[str, TensorInfo]:
         """Keys and global shapes from rank 0's file alone (for inspect on a damaged checkpoint)."""
@@ -200,7 +248,7 @@ class VerlFSDPReader(Reader):
                     f"only DTensor/Tensor state dicts can be merged"
                 )
             out[key] = TensorInfo(key, tuple(v.shape), v.dtype)
-        return out
+        return self._with_expert_parallel_shapes(out, strict=False)
 
     def _mesh(self, rank: int, key: str, dt: meshes.SavedDTensor) -> tuple[torch.Tensor, tuple[str, ...] | None, int | None]:
         """(rank grid, dim names, saving rank) of ``dt``'s saved device mesh, whichever torch wrote it."""
@@ -249,6 +297,8 @@ class VerlFSDPReader(Reader):
         if len(placements) != mesh.dim():
             raise CheckpointFormatError(f"{where0}: {len(placements)} placements for a {mesh.dim()}-D mesh")
         if mesh.numel() != W or sorted(mesh.flatten().tolist()) != list(range(W)):
+            if mesh.numel() < W and expert_parallel.is_expert_stack(key):
+                return self._expert_parallel_layout(key, values, placements)
             raise CheckpointFormatError(
                 f"{where0}: the device mesh holds ranks {mesh.flatten().tolist()} but the checkpoint has "
                 f"world size {W}; the rank files do not belong together"
@@ -452,10 +502,29 @@ class VerlFSDPReader(Reader):
             "global_step": self.global_step,
             "lora": (self.path / "lora_train_meta.json").is_file() or (self.path / "lora_adapter").is_dir(),
         }
+        ep = self._expert_parallel_summary()
+        if ep:
+            d["expert_parallel"] = ep
         siblings = [p.name for p in _listdir(self.path.parent) if p.is_dir() and find_actor_dir(p)]
         if self.path.name in ("actor", "critic") and len(siblings) > 1:
             d["roles"] = siblings
         return d
+
+    def _expert_parallel_summary(self) -> str | None:
+        """What inspect says of expert stacks split across EP groups outside DTensor (VeOmni), if any."""
+        if not self.world_size or 0 not in self.files["model"].get(self.world_size, {}):
+            return None
+        keys = [k for k, v in self._sd(0).items() if meshes.is_dtensor(v) and expert_parallel.is_expert_stack(k)
+                and self._mesh(0, k, v)[0].numel() < self.world_size]
+        if not keys:
+            return None
+        block = int(self._sd(0)[keys[0]].shape[0])
+        experts = expert_parallel.num_experts(self.hf_config_dir())
+        if experts is None or experts % block:
+            return (f"{len(keys)} expert stacks split by expert parallelism (VeOmni) with {block} experts per rank; "
+                    f"config.json's num_experts {experts} does not place them")
+        return (f"{len(keys)} expert stacks split by expert parallelism (VeOmni): EP={experts // block} x "
+                f"ep_fsdp={self.world_size * block // experts}, {block} of num_experts {experts} per EP group")
 
     def placement_summary(self) -> dict[str, int]:
         """Counts of (placements, mesh dim names) patterns on rank 0 (metadata only)."""
