@@ -10,7 +10,7 @@ from .dcp import DCPReader, is_dcp_dir
 from .hf import HFReader, SafetensorsFileReader, is_hf_dir
 from .megatron import MegatronReader, find_layout as find_megatron_layout
 from .torch_file import TorchFileReader
-from .titan_engine import TitanEngineReader, find_engine_step
+from .titan_engine import TitanEngineReader, find_engine_step, unsaved_step_hint
 from .torch_checkpointing import TorchCheckpointingReader, is_torch_checkpointing_dir
 from .verl_fsdp import VerlFSDPReader, find_actor_dir
 
@@ -41,7 +41,7 @@ def detect_format(path: str | Path) -> str:
     seen = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
     raise CheckpointFormatError(
         f"{path}: not a recognised checkpoint (saw {seen}); expected a verl global_step_N[/actor], "
-        f"a Hugging Face model dir, a DCP step folder or a torch-save file"
+        f"a Hugging Face model dir, a DCP step folder or a torch-save file{unsaved_step_hint(path) or ''}"
     )
 
 

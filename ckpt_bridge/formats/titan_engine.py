@@ -98,3 +98,34 @@ class TitanEngineReader(DCPReader):
         d.update(writer="verl TorchTitan engine (torchtitan CheckpointManager, folder = dirname(local_path))",
                  global_step=self._folder_step(), rng="none saved (the engine saves none)")
         return d
+
+
+def engine_save_problem(role_dir: Path) -> tuple[Path, str | None] | None:
+    """For ``global_step_N/<role>`` of a verl TorchTitan-engine run: (its step folder, None when the save is
+    complete or why it is not yet); None when ``role_dir`` is not that layout.
+
+    Complete means DCP's ``.metadata`` exists: ``dcp.save`` writes it last, on the coordinator, after every rank
+    wrote its ``__R_0.distcp`` (torch's ``FileSystemWriter.finish``), so a folder without it is still being
+    written (or was interrupted).
+    """
+    role_dir = Path(role_dir)
+    step = find_engine_step(role_dir)
+    if step is None:
+        return None
+    if not (step / ".metadata").is_file():
+        return step, (f"{step}: no .metadata yet: torchtitan's DCP save is still being written (dcp.save writes "
+                      f".metadata last, after every rank's data)")
+    return step, None
+
+
+def unsaved_step_hint(path: Path) -> str | None:
+    """For a ``global_step_N`` holding only verl's dataloader state (``data.pt`` / ``data_R.pt``): verl's
+    TorchTitan engine keeps torchtitan's default interval of 500, so it saved nothing unless N % 500 == 0."""
+    path = Path(path)
+    m = _GLOBAL_STEP.match(path.name)
+    names = {p.name for p in path.iterdir()} if m and path.is_dir() else set()
+    if not names or not all(re.fullmatch(r"data(_\d+)?\.pt|lora_train_meta\.json", n) for n in names):
+        return None
+    return (f"; only verl's dataloader state is here: if the run used verl's TorchTitan engine, it saved no model "
+            f"(the engine keeps torchtitan's checkpoint interval of 500, so a save writes nothing unless "
+            f"{m.group(1)} % 500 == 0)")

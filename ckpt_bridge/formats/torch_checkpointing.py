@@ -46,6 +46,21 @@ def is_torch_checkpointing_dir(path: Path) -> bool:
     return path.is_dir() and ((path / METADATA).is_file() or any(path.glob("model_[0-9]*.pt")))
 
 
+def save_problem(step: Path) -> str | None:
+    """None when a torch-checkpointing ``step-N`` is complete, else why not.  With torchtitan's write barrier the
+    ranks write ``tmp_step-N`` and rank 0 renames it after the barrier, so ``step-N`` appears complete; without
+    a barrier each rank writes in place and rank 0 writes ``metadata.pkl`` after its own files: then every rank
+    file the metadata names must be there too."""
+    step = Path(step)
+    if not (step / METADATA).is_file():
+        return f"{step}: no {METADATA} yet: the save is still being written (rank 0 writes it last)"
+    try:
+        TorchCheckpointingReader(step).check()
+    except CheckpointFormatError as e:
+        return str(e)
+    return None
+
+
 class _PlainData(pickle.Unpickler):
     """metadata.pkl holds dicts, lists, tuples, strings and numbers only: any global is refused."""
 

@@ -342,6 +342,7 @@ def adapter_in_manifest(m: dict | None) -> bool:
 def native_titan_model(reader: Any, cfg_dir: Path | None) -> str:
     """The TorchTitan family whose ``StateDictAdapter`` names ``reader``'s native keys: of the families built
     from the config's ``model_type`` (``KINDS``), the one whose ``to_hf`` maps every key onto the HF class."""
+    reader.check()  # a damaged save is its own one-line error, not "no family maps these keys"
     if cfg_dir is None:
         raise TitanModelError(f"{reader.path}: holds a TorchTitan model's own weights ({reader.format}) and no Hugging "
                               f"Face config; pass --config HF_DIR (the model the run started from)")
