@@ -112,6 +112,9 @@ def test_verl_torchtitan_engine_saves_export_like_save_pretrained(titan_layouts,
         assert extra["rng"] == {} and extra["global_step"] == 500
         assert extra["train_state"] == {"step": 0, "ntokens_seen": 0}  # what verl's engine really saves
         assert extra["lr_scheduler"] and "last_epoch" in json.dumps(extra["lr_scheduler"])
+        capsys.readouterr()  # the save itself against an HF dir: through its adapter, with that dir's config
+        assert cli(["verify", str(src), str(base / "reference")]) == 0
+        assert "EQUAL" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -134,6 +137,8 @@ def test_torch_checkpointing_step_and_hf_final_save_export_like_save_pretrained(
     extra = torch.load(out / "extra_state_merged.pt", weights_only=False)
     assert extra["train_state"] == {"step": 500, "ntokens_seen": 0} and extra["global_step"] == 500
     assert extra["lr_scheduler"] == {"last_epoch": 1} and set(extra["dataloader"]) == {0, 1}
+    capsys.readouterr()
+    assert cli(["verify", str(step), str(base / "reference")]) == 0 and "EQUAL" in capsys.readouterr().out
 
     final = base / "tc" / "checkpoint" / "step-501"
     assert _inspect(final, capsys)["format"] == "hf"
@@ -191,6 +196,8 @@ def test_watch_recognises_a_completed_engine_save(titan_layouts, tmp_path):
     assert _settled(root, 500, "actor", None, {})
     assert source_parts(root / "global_step_500" / "actor") == {"model", "extra_state"}
     assert step_action(root, 500)[0] == "export"
+    # a critic on this engine would overwrite the actor's step-N: never read the actor's weights as a critic's
+    assert "does not exist" in rank_files_problem(root / "global_step_500" / "critic")
     (root / "global_step_500" / "step-500" / ".metadata").unlink()  # the save still being written
     assert ".metadata" in rank_files_problem(root / "global_step_500" / "actor")
     assert not _settled(root, 500, "actor", None, {})

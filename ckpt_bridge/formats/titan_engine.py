@@ -8,7 +8,8 @@ level above where verl's other engines write::
         global_step_N/step-N/      .metadata, __R_0.distcp: torchtitan-native model keys (flat), optimizer,
                                    lr_scheduler, train_state (torchtitan's Trainer state: verl never advances it)
         global_step_N/data.pt      verl's dataloader state
-        (no actor/: nothing is written there; a critic on this engine would write the same step-N folder)
+        (no actor/: nothing is written there; a critic on this engine would overwrite the same step-N folder,
+        so global_step_N/critic is never read as this layout)
     SFT (CheckpointHandler, local_path = <root>/global_step_N):
         <root>/step-N/             the same DCP;  <root>/global_step_N/data_R.pt
 
@@ -48,7 +49,9 @@ def find_engine_step(path: Path) -> Path | None:
         if path.parent.name == f"global_step_{n}" or (path.parent / f"global_step_{n}").is_dir():
             return path
         return None
-    if path.name in ("actor", "critic") and not _holds_other_files(path):
+    # Only the actor: verl 0.9.1 registers this engine for language models, and a critic on it would overwrite
+    # the actor's step-N (same dirname), so ``global_step_N/critic`` is never taken for the actor's weights.
+    if path.name == "actor" and not _holds_other_files(path):
         path = path.parent
     m = _GLOBAL_STEP.match(path.name)
     if m is None:
@@ -61,7 +64,7 @@ def find_engine_step(path: Path) -> Path | None:
 
 def _holds_other_files(path: Path) -> bool:
     """An ``actor/`` with files of its own belongs to another engine (verl's FSDP rank files, Megatron's dirs)."""
-    if path.name not in ("actor", "critic") or not path.is_dir():
+    if path.name != "actor" or not path.is_dir():
         return False
     return any(True for _ in path.iterdir())
 
