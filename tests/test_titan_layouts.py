@@ -142,6 +142,8 @@ def test_torch_checkpointing_step_and_hf_final_save_export_like_save_pretrained(
 
     final = base / "tc" / "checkpoint" / "step-501"
     assert _inspect(final, capsys)["format"] == "hf"
+    _fails_in_one_line(["to-hf", str(final / "sharded"), "--out", str(tmp_path / "z"), "--config", str(base / "hf")],
+                       capsys, "HF final save", str(final))
     _fails_in_one_line(["to-hf", str(final), "--out", str(tmp_path / "y")], capsys, "no config.json", "--config")
     assert not (tmp_path / "y").exists()
     assert cli(["to-hf", str(final), "--out", str(tmp_path / "final"), "--config", str(base / "hf"),

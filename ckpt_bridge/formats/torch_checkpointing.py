@@ -142,6 +142,9 @@ class TorchCheckpointingReader(VerlFSDPReader):
                 self.items[m.group(1)] = {r: self.path / f"{m.group(1)}_{r}.pt" for r in range(W)}
         self.evidence.notes.append(f"{METADATA}: world size {W}, items {', '.join(sorted(self.items))} "
                                    f"(TorchTitan's TorchCheckpointingManager)")
+        if any(f.suffix == ".safetensors" for f in self.items.get("model", {}).values()):
+            self._problems.append(f"{self.path}: the rank shards of TorchTitan's HF final save (model_R.safetensors, "
+                                  f"consolidated into {self.path.parent}); export {self.path.parent} with --config")
         if "model" not in self.items:
             self._problems.append(f"{meta}: no 'model' item (items: {', '.join(sorted(self.items)) or 'none'}); "
                                   f"nothing to export")
