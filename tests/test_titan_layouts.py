@@ -211,3 +211,27 @@ def test_watch_recognises_a_completed_engine_save(titan_layouts, tmp_path):
         from ckpt_bridge.formats.detect import detect_format
 
         detect_format(root / "global_step_7")
+
+
+def test_torch_checkpointing_rank_files_are_read_as_saved_data(titan_layouts):
+    """The model files' DTensors are read through safeload's stand-ins (placements and mesh as pickled), never by
+    importing torch.distributed.tensor: the path that reads the DTensor pickles of every torch release we support
+    (tests/test_torch_fixtures.py), so a save written under another torch places its shards the same way."""
+    import subprocess
+    import sys
+
+    from ckpt_bridge.testing.harness import REPO_ROOT
+
+    step = titan_layouts / "qwen3" / "tc" / "checkpoint" / "step-500"
+    code = ("import sys, torch\n"
+            "from ckpt_bridge.formats.torch_checkpointing import TorchCheckpointingReader\n"
+            f"r = TorchCheckpointingReader({str(step)!r})\n"
+            "n = sum(r.read(k).numel() for k in r.tensors())\n"
+            "assert 'torch.distributed.tensor' not in sys.modules\n"
+            "print(n)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT,
+                         env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    from ckpt_bridge.formats.torch_checkpointing import TorchCheckpointingReader
+
+    assert int(out.stdout.split()[-1]) == sum(i.numel for i in TorchCheckpointingReader(step).tensors().values())
