@@ -25,6 +25,8 @@ from ..errors import BridgeError, KeyPlanError
 from ..commands.to_hf import to_hf
 from ..dtypes import DTYPES
 from ..plan.export_plan import plan_export
+from ..plan.core import compose
+from ..plan.titan_names import hf_names
 from ..plan.hf_target import expected_model
 from ..plan.planner import canonical_key, canonicalize
 from ..formats.hf import SafetensorsFileReader
@@ -210,7 +212,8 @@ def _as_saved(view: _ModelView, other_cfg: Path | None = None):
     A verl Megatron checkpoint goes through its to-hf plan (unstacked layers, split qkv / fc1, ...), with
     its own HF config or else the other side's (``other_cfg``: the HF dir it is compared with)."""
     megatron = view.inner.key_names == "megatron"  # its names are never an HF model's: it must go through a plan
-    cfg = view.hf_config_dir() or (other_cfg if megatron else None)
+    native = view.inner.key_names == "titan"  # a TorchTitan model's own names: its family's adapter, then the plan
+    cfg = view.hf_config_dir() or (other_cfg if megatron or native else None)
     if cfg is None:
         if megatron:
             raise BridgeError(f"{view.path}: a Megatron checkpoint is compared through its to-hf plan, which needs "
@@ -218,9 +221,13 @@ def _as_saved(view: _ModelView, other_cfg: Path | None = None):
         return view
     try:
         infos = {k: v for k, v in view.tensors().items() if k not in view.aux_keys}
-        plan, aux = plan_export(view.inner, infos, cfg, aux_prefixes=None, where=str(view.path))
+        names = hf_names(view.inner, cfg, None) if native else None
+        plan, aux = plan_export(view.inner, names.targets() if names else infos, cfg, aux_prefixes=None,
+                                where=str(view.path))
+        if names is not None:
+            plan = compose(names, plan, where=str(view.path))
     except BridgeError:
-        if megatron:
+        if megatron or native:
             raise  # comparing its names as they are would say nothing
         return view  # not a model the config describes: compare the keys as they are
     main = {k: v for k, v in infos.items() if not any(k in keys for keys in aux.values())}

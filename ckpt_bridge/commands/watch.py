@@ -44,6 +44,7 @@ from ..pipeline.atomic import OutputBusy, output_lock
 from ..formats import automodel
 from ..formats.megatron_ready import is_complete as megatron_complete, is_megatron_save, save_problem as megatron_problem
 from ..formats.verl_fsdp import VerlFSDPReader
+from ..formats.titan_engine import engine_save_problem
 from .to_hf import to_hf
 
 log = logging.getLogger("ckpt_bridge")
@@ -84,7 +85,8 @@ def source_dirs(root: Path) -> list[Path]:
         step = Path(root) / f"global_step_{s}"
         for d in sorted(p for p in step.iterdir() if p.is_dir()):
             try:
-                if any(_RANK_FILE.match(f.name) for f in d.iterdir()) or is_megatron_save(d):
+                if any(_RANK_FILE.match(f.name) for f in d.iterdir()) or is_megatron_save(d) or \
+                        d.name == f"step-{s}":  # verl's TorchTitan engine's torchtitan step folder
                     out.append(d)
             except OSError:
                 continue
@@ -110,6 +112,9 @@ def check_root_exports(root: Path, role: str, out_root: str | Path | None) -> No
 def rank_files_problem(role_dir: Path) -> str | None:
     """None when every rank file of a verl role dir is present and readable by name, else why not."""
 
+    engine = engine_save_problem(role_dir)  # verl's TorchTitan engine: torchtitan's step-N, complete with .metadata
+    if engine is not None:
+        return engine[1]
     if not role_dir.is_dir():
         return f"{role_dir} does not exist (nothing was saved for this role, or it was rotated away)"
     if is_megatron_save(role_dir):
@@ -132,6 +137,8 @@ def source_parts(role_dir: Path) -> set[str]:
     kinds = set()
     if automodel.is_automodel_save(role_dir):
         return automodel.saved_parts(role_dir)
+    if not role_dir.is_dir():  # verl's TorchTitan engine writes no role dir: its step-N holds model + extra state
+        return set(EXPORTED_PARTS) if engine_save_problem(role_dir) is not None else kinds
     for f in role_dir.iterdir():
         m = _RANK_FILE.match(f.name)
         if m and m.group(1) in EXPORTED_PARTS:
@@ -250,6 +257,9 @@ def _settled(root: Path, step: int, role: str, latest: int | None, seen: dict[in
         return automodel.is_complete(Path(root) / f"global_step_{step}" / role)
     if latest is not None and step <= latest:
         return True
+    engine = engine_save_problem(Path(root) / f"global_step_{step}" / role)
+    if engine is not None:
+        return engine[1] is None
     src = Path(root) / f"global_step_{step}" / role
     if not src.is_dir() or not (src / "fsdp_config.json").is_file():
         return False

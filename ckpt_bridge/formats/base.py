@@ -57,7 +57,8 @@ class Reader(ABC):
     confines_config: bool = True
     # The names its keys follow: "hf" (transformers' names, on disk or in memory, maybe under trainer wrappers)
     # or "megatron" (megatron-core's GPTModel names): which planner turns them into an HF export
-    # (plan.export_plan.plan_export).
+    # (plan.export_plan.plan_export); "titan": a TorchTitan model's own names, which its family's
+    # StateDictAdapter maps to HF names first (models.titan.hf_names).
     key_names: str = "hf"
 
     def __init__(self, path: Path):

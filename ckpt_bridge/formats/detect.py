@@ -11,13 +11,15 @@ from .dcp import DCPReader, is_dcp_dir
 from .hf import HFReader, SafetensorsFileReader, is_hf_dir
 from .megatron import MegatronReader, find_layout as find_megatron_layout
 from .torch_file import TorchFileReader
+from .titan_engine import TitanEngineReader, find_engine_step, unsaved_step_hint
+from .torch_checkpointing import TorchCheckpointingReader, is_torch_checkpointing_dir
 from .verl_fsdp import VerlFSDPReader, find_actor_dir
 
 
 def detect_format(path: str | Path) -> str:
     """Name of the format at ``path``; raises :class:`CheckpointFormatError` if none fits."""
     path = Path(path)
-    if not path.exists():
+    if not path.exists() and find_engine_step(path) is None:  # verl's TorchTitan engine never creates actor/
         raise CheckpointFormatError(f"{path}: no such file or directory")
     if path.is_file():
         if path.suffix in (".pt", ".pth", ".bin", ".ckpt"):
@@ -31,6 +33,10 @@ def detect_format(path: str | Path) -> str:
         return "verl-automodel"
     if find_megatron_layout(path) is not None:  # before DCP: a bare megatron dist_ckpt is a DCP folder too
         return "verl-megatron"
+    if find_engine_step(path) is not None:  # verl's TorchTitan engine: torchtitan's step-N beside/inside
+        return "verl-torchtitan"
+    if is_torch_checkpointing_dir(path):  # TorchTitan's TorchCheckpointingManager: metadata.pkl + item_R.pt
+        return "torch-checkpointing"
     if is_hf_dir(path):
         return "hf"
     if is_dcp_dir(path):
@@ -38,7 +44,7 @@ def detect_format(path: str | Path) -> str:
     seen = ", ".join(sorted(p.name for p in path.iterdir())[:8]) or "nothing"
     raise CheckpointFormatError(
         f"{path}: not a recognised checkpoint (saw {seen}); expected a verl global_step_N[/actor], "
-        f"a Hugging Face model dir, a DCP step folder or a torch-save file"
+        f"a Hugging Face model dir, a DCP step folder or a torch-save file{unsaved_step_hint(path) or ''}"
     )
 
 
@@ -54,6 +60,10 @@ def open_reader(path: str | Path, *, trust_pickle: bool = False, allow_missing_r
         return MegatronReader(path, trust_pickle=trust_pickle)
     if fmt == "hf":
         return HFReader(path, trust_pickle=trust_pickle)
+    if fmt == "verl-torchtitan":
+        return TitanEngineReader(path, trust_pickle=trust_pickle, allow_missing_rng=allow_missing_rng)
+    if fmt == "torch-checkpointing":
+        return TorchCheckpointingReader(path, trust_pickle=trust_pickle)
     if fmt == "dcp":
         return DCPReader(path, trust_pickle=trust_pickle, allow_missing_rng=allow_missing_rng)
     if fmt == "safetensors-file":

@@ -54,6 +54,21 @@ def unrebuilt_adapter(reader: Any, cfg_dir: Path, m: dict) -> TitanModelError:
                            f"not name a --titan-model for; {how}")
 
 
+def native_titan_model(reader: Any, cfg_dir: Path | None) -> str:
+    """The TorchTitan family whose ``StateDictAdapter`` names ``reader``'s native keys: of the families built
+    from the config's ``model_type`` (``KINDS``), the one whose ``to_hf`` maps every key onto the HF class."""
+    reader.check()  # a damaged save is its own one-line error, not "no family maps these keys"
+    if cfg_dir is None:
+        raise TitanModelError(f"{reader.path}: holds a TorchTitan model's own weights ({reader.format}) and no Hugging "
+                              f"Face config; pass --config HF_DIR (the model the run started from)")
+    name = working_titan_model(reader, cfg_dir)
+    if name is None:
+        raise TitanModelError(f"{reader.path}: holds TorchTitan-native keys, but the adapter of none of "
+                              f"{', '.join(KINDS)} maps them onto the model of {Path(cfg_dir) / 'config.json'}; "
+                              f"pass the config the run started from, or --titan-model NAME")
+    return name
+
+
 def hf_names(reader: Any, config: str | Path | None, titan_model_name: str | None) -> Any:
     """The plan naming ``reader``'s tensors as Hugging Face's when it holds a TorchTitan model's own names
     (to be composed with the HF export's plan), else None.
@@ -68,8 +83,11 @@ def hf_names(reader: Any, config: str | Path | None, titan_model_name: str | Non
         if adapter_in_manifest(m):
             cfg_dir, _ = config_dir(reader, config)
             raise unrebuilt_adapter(reader, cfg_dir, m)
-        return None
+        if getattr(reader, "key_names", "hf") != "titan":
+            return None
     cfg_dir, _ = config_dir(reader, config)
+    if name is None:  # the reader's format holds TorchTitan-native keys (verl's TorchTitan engine, ...)
+        name = native_titan_model(reader, cfg_dir)
     if cfg_dir is None:
         raise TitanModelError(f"{reader.path}: holds TorchTitan {name} weights; pass --config HF_DIR (the Hugging "
                               f"Face config they follow) so its adapter can name them")
