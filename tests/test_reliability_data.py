@@ -185,6 +185,18 @@ def test_transformer_config_that_computes_something_else_is_refused(megatron_ckp
     assert cli(["to-hf", str(actor), "--out", str(tmp_path / "ok"), "--config", str(base), "--quiet"]) == 0
 
 
+def test_inspect_sees_the_transformer_config_to_hf_refuses(megatron_ckpts, tmp_path, capsys):
+    """A bridge save carries its config.json: inspect runs the same check (it said "problems none")."""
+    actor, _ = _copy_actor(megatron_ckpts, tmp_path, "llama_bridge_tp2pp2")
+    tc = actor / "transformer_config.json"
+    tc.write_text(json.dumps({**json.loads(tc.read_text()), "layernorm_zero_centered_gamma": True}))
+    refused = assert_fails(capsys, ["to-hf", str(actor), "--out", str(tmp_path / "o")],
+                           says="layernorm_zero_centered_gamma=true", sources=(actor,))
+    capsys.readouterr()
+    assert cli(["inspect", str(actor)]) == 2
+    assert refused.split("error: ", 1)[1] in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------------------------------- D10
 
 def test_inspect_reports_the_missing_rng_rank_to_hf_refuses(megatron_ckpts, tmp_path, capsys):

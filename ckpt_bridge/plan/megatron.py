@@ -131,9 +131,9 @@ _MLA_CHECKED = (("q_lora_rank", ("q_lora_rank",)), ("kv_lora_rank", ("kv_lora_ra
 # writes them) that the HF config must agree with, or that HF cannot express at all.  Each entry:
 # (Megatron field, its default when absent, the value the HF config implies (None: not comparable), what it does).
 _DEFAULT_ONLY = (  # Hugging Face's families here have no such switch: any other value computes something else
-    ("layernorm_zero_centered_gamma", False, "norm weights stored as gamma - 1 (HF multiplies by the weight)"),
-    ("apply_residual_connection_post_layernorm", False, "the residual taken after the norm (HF adds it before)"),
-    ("rotary_interleaved", False, "rotary on interleaved pairs (HF rotates the two halves)"),
+    ("layernorm_zero_centered_gamma", False, "norm weights stored as gamma - 1, where HF multiplies by the weight"),
+    ("apply_residual_connection_post_layernorm", False, "the residual taken after the norm, where HF takes it before"),
+    ("rotary_interleaved", False, "rotary on interleaved pairs, where HF rotates the two halves"),
 )
 _EPS_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")
 _SOFTMAX_ROUTERS = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2"}  # HF routers: softmax over the experts
