@@ -171,9 +171,10 @@ def _computed(hf: dict) -> list[tuple[str, Any, Any, str]]:
         if score == "sigmoid" or hf.get("routed_scaling_factor") is not None:
             f = hf.get("routed_scaling_factor")
             out.append(("moe_router_topk_scaling_factor", 1.0, float(f or 1.0), "routed_scaling_factor"))
-        for tf_field, hf_field in (("moe_router_num_groups", "n_group"), ("moe_router_group_topk", "topk_group")):
-            if hf.get(hf_field) is not None and int(hf[hf_field]) > 1:
-                out.append((tf_field, None, int(hf[hf_field]), hf_field))
+        if isinstance(hf.get("n_group"), int) and hf["n_group"] > 1:  # group-limited routing (DeepSeek)
+            for tf_field, hf_field in (("moe_router_num_groups", "n_group"), ("moe_router_group_topk", "topk_group")):
+                if hf.get(hf_field) is not None:
+                    out.append((tf_field, None, int(hf[hf_field]), hf_field))
     return out
 
 
