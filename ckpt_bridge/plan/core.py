@@ -49,14 +49,21 @@ class DataCheckError(KeyPlanError):
 
     The keys are those of the transform that raised it; :func:`compose` renames them to the keys the source
     stores (a Megatron ``output_layer.weight``, not the in-memory ``lm_head.weight``), so the one line names
-    the tensors as the user's files do.  ``say(*keys)`` words the line."""
+    the tensors as the user's files do.  ``say(*keys)`` words the line.  ``outputs``: what the transform gives
+    when the check does not apply (see :func:`_then`), under the transform's output names."""
 
-    def __init__(self, say: Callable[..., str], keys: tuple[str, ...]):
-        self.say, self.keys = say, tuple(keys)
+    def __init__(self, say: Callable[..., str], keys: tuple[str, ...],
+                 outputs: dict[str, torch.Tensor] | None = None):
+        self.say, self.keys, self.outputs = say, tuple(keys), outputs
         super().__init__(say(*self.keys))
 
-    def renamed(self, stored: dict[str, str]) -> "DataCheckError":
-        return DataCheckError(self.say, tuple(stored.get(k, k) for k in self.keys))
+    def renamed(self, stored: dict[str, str], outputs: list[tuple[str, str]] | None = None) -> "DataCheckError":
+        """The same failure with keys under their ``stored`` names and (``outputs``: (old, new) pairs) the
+        outputs renamed as the wrapping transform names them."""
+        out = self.outputs
+        if out is not None and outputs is not None:
+            out = {new: out[old] for old, new in outputs}
+        return DataCheckError(self.say, tuple(stored.get(k, k) for k in self.keys), out)
 
 
 @dataclass(frozen=True)
@@ -236,6 +243,7 @@ def _then(t1s: list[Transform], t2: Transform) -> Transform:
     inputs = tuple(dict.fromkeys(k for t1 in t1s for k in t1.inputs))
 
     stored = {t1.targets[0]: t1.inputs[0] for t1 in t1s if t1.fn is None}  # what a data check names
+    computed = {k for t1 in t1s if t1.fn is not None for k in t1.targets}
 
     def run(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         mid: dict[str, torch.Tensor] = {}
@@ -244,6 +252,11 @@ def _then(t1s: list[Transform], t2: Transform) -> Transform:
         try:
             return t2.apply({k: mid[k] for k in t2.inputs})
         except DataCheckError as e:
+            if e.outputs is not None and computed & set(e.keys):
+                # the check compares copies the source stores; one of these an earlier step computed (a LoRA
+                # delta folded into a tied embedding: PEFT merges it into the one tied weight, whose other
+                # stored name still holds the base), so it is not a stored copy: the step's result stands
+                return e.outputs
             raise e.renamed(stored) from None
 
     op = t2.op if t2.op != "rename" else t1s[0].op
@@ -259,7 +272,10 @@ def _renamed(t1: Transform, renames: list[Transform]) -> Transform:
     names = [(r.inputs[0], r.targets[0]) for r in renames]
 
     def run(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        got = t1.apply(tensors)
+        try:
+            got = t1.apply(tensors)
+        except DataCheckError as e:
+            raise e.renamed({}, names) from None
         return {new: got[old] for old, new in names}
 
     rules = [t1.rule, *(rn.rule for rn in renames)]

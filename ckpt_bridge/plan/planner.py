@@ -279,11 +279,11 @@ def _tied_group(producers: list[Transform], mine: list[Transform], present: list
         vals: dict[str, torch.Tensor] = {}
         for t in producers:
             vals.update(t.apply({k: tensors[k] for k in t.inputs}))
-        ref = vals[present[0]]
+        ref, out = vals[present[0]], {o.key: vals[o.key] for o in outputs}
         for n in present[1:]:
             if ref.device.type != "meta" and not bits_equal(vals[n], ref):
-                raise DataCheckError(lambda a, b: _tie_message(where, a, b), (stored[n], stored[present[0]]))
-        return {o.key: vals[o.key] for o in outputs}
+                raise DataCheckError(lambda a, b: _tie_message(where, a, b), (stored[n], stored[present[0]]), out)
+        return out
 
     rule = f"tied weights: {', '.join(stored[n] for n in present)} must be bit-equal (compared when read)"
     return Transform("convert", inputs, outputs, fn, rule)
