@@ -10,7 +10,9 @@ from typing import Any
 from ..models.config_fit import read_fitting_config
 from ..formats.detect import detect_format, open_reader
 from ..errors import BridgeError
+from ..formats.megatron import MegatronReader
 from ..formats.verl_fsdp import VerlFSDPReader
+from ..plan.megatron import check_save_config
 from ..plan.lora import describe as describe_lora
 
 
@@ -64,6 +66,8 @@ def inspect(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Any]:
         if cfg is not None and not problems:
             try:  # what to-hf / to-dcp refuse in a config (auto_map, model_type, sizes vs tensors): the same gate
                 read_fitting_config(cfg, reader.model_tensors())
+                if isinstance(reader, MegatronReader):  # and its transformer_config.json against config.json
+                    check_save_config(reader, cfg)
             except BridgeError as e:
                 problems.append(str(e))
         report["problems"] = list(dict.fromkeys(problems))  # each problem once

@@ -33,7 +33,7 @@ from ..confine import confined, is_inside
 from ..jsonfiles import MEGATRON_MANIFEST, TRANSFORMER_CONFIG as SIZES, read_json
 from .dcp import DCPReader
 from .hf import HFReader
-from .megatron_extra import read_extra_state
+from .megatron_extra import extra_state_problem, read_extra_state
 
 MANIFEST = "ckpt_contents.json"
 TRANSFORMER_CONFIG = "transformer_config.json"
@@ -254,7 +254,13 @@ class MegatronReader(Reader):
 
     # ---------------------------------------------------------------- checks
     def problems(self) -> list[str]:
-        return list(self._problems)
+        """What is wrong, from metadata: the model's (which :meth:`check` refuses), then the extra state's (a
+        lost rng rank), which ``to-hf`` refuses when it writes the training state (``inspect`` shows both; the
+        same check, :func:`~.megatron_extra.extra_state_problem`)."""
+        if self._problems:
+            return list(self._problems)
+        extra = extra_state_problem(self.layout, trust_pickle=self.trust_pickle)
+        return [extra] if extra else []
 
     def check(self) -> None:
         if self._problems:

@@ -20,8 +20,10 @@ from .dcp import DCPReader
 _RNG = re.compile(r"^rng_state/shard_(\d+)\.(\d+)_(\d+)\.(\d+)$")
 
 
-def rng_states(extra_dir: Path, *, trust_pickle: bool = False) -> dict[str, Any]:
-    """``{"pp{p}_tp{t}": rng state}`` for every (pp, tp) rank; a missing rank is an error naming it."""
+def rng_entries(extra_dir: Path, *, trust_pickle: bool = False) -> tuple[DCPReader, dict[tuple[int, int], str]]:
+    """(the extra dist_ckpt's reader, ``{(pp, tp): its rng_state entry}``), from the metadata alone; a missing
+    (pp, tp) rank or entries of two grids is an error naming it.  The one check of the rng entries: ``to-hf``
+    (:func:`rng_states`) and ``inspect`` (:func:`extra_state_problem`) both go through it."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     reader = DCPReader(extra_dir, trust_pickle=trust_pickle)
@@ -36,7 +38,7 @@ def rng_states(extra_dir: Path, *, trust_pickle: bool = False) -> dict[str, Any]
             found[(p, t)] = k
             grid.add((pp, tp))
     if not found:
-        return {}
+        return reader, {}
     if len(grid) != 1:
         raise CheckpointFormatError(f"{extra_dir}: rng_state entries of several (PP, TP) grids {sorted(grid)}; "
                                     f"the folder mixes two saves")
@@ -46,6 +48,12 @@ def rng_states(extra_dir: Path, *, trust_pickle: bool = False) -> dict[str, Any]
         p, t = missing[0]
         raise CheckpointFormatError(f"{extra_dir}: no rng_state for pp rank {p}, tp rank {t} (of PP={pp}, TP={tp}); "
                                     f"the save is incomplete: copy the whole folder again")
+    return reader, found
+
+
+def rng_states(extra_dir: Path, *, trust_pickle: bool = False) -> dict[str, Any]:
+    """``{"pp{p}_tp{t}": rng state}`` for every (pp, tp) rank; a missing rank is an error naming it."""
+    reader, found = rng_entries(extra_dir, trust_pickle=trust_pickle)
     out = {}
     for (p, t), k in sorted(found.items()):
         v = reader._bytes_entry(k)
@@ -64,22 +72,40 @@ def lr_scheduler(dist_dir: Path, *, trust_pickle: bool = False) -> Any:
     return common.get("lr_scheduler") if isinstance(common, dict) else None
 
 
-def read_extra_state(layout, *, trust_pickle: bool = False) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+def _rng_dir(layout, *, trust_pickle: bool = False) -> Path | None:
+    """The extra dist_ckpt holding the rng, checked from metadata (the manifest lists it -> it is there, with
+    an entry for every (pp, tp) rank); None when the save has no rng."""
     listed = layout.manifest is not None and "rng_state" in (layout.manifest.get("contents") or {})
     if listed and layout.extra_dir is not None and not (layout.extra_dir / ".metadata").is_file():
         # the manifest (written last, by rank 0) says the rng was saved: its absence is a lost resume state
         raise CheckpointFormatError(f"{layout.extra_dir}: ckpt_contents.json lists the rng_state here but there is "
                                     f"no dist_ckpt (.metadata); the save is incomplete: copy the whole folder again")
-    if layout.extra_dir is not None and (layout.extra_dir / ".metadata").is_file():
-        rng = rng_states(layout.extra_dir, trust_pickle=trust_pickle)
-        if listed and not rng:
-            raise CheckpointFormatError(f"{layout.extra_dir}: ckpt_contents.json lists the rng_state here but the "
-                                        f"dist_ckpt holds no rng_state entry; the save is incomplete or another "
-                                        f"save's: copy the whole folder again")
-        if rng:
-            out["rng"] = rng
-            out["world_size"] = (layout.manifest or {}).get("world_size")
+    if layout.extra_dir is None or not (layout.extra_dir / ".metadata").is_file():
+        return None
+    _, found = rng_entries(layout.extra_dir, trust_pickle=trust_pickle)
+    if listed and not found:
+        raise CheckpointFormatError(f"{layout.extra_dir}: ckpt_contents.json lists the rng_state here but the "
+                                    f"dist_ckpt holds no rng_state entry; the save is incomplete or another "
+                                    f"save's: copy the whole folder again")
+    return layout.extra_dir if found else None
+
+
+def extra_state_problem(layout, *, trust_pickle: bool = False) -> str | None:
+    """Why ``to-hf`` would refuse this save's extra state (a lost or partial rng), from metadata alone: what
+    ``inspect`` reports (the same checks :func:`read_extra_state` runs before reading any state)."""
+    try:
+        _rng_dir(layout, trust_pickle=trust_pickle)
+    except CheckpointFormatError as e:
+        return str(e)
+    return None
+
+
+def read_extra_state(layout, *, trust_pickle: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    rng_dir = _rng_dir(layout, trust_pickle=trust_pickle)
+    if rng_dir is not None:
+        out["rng"] = rng_states(rng_dir, trust_pickle=trust_pickle)
+        out["world_size"] = (layout.manifest or {}).get("world_size")
     if layout.optimizer_dir is not None and layout.optimizer_dir.is_dir():
         lr = lr_scheduler(layout.optimizer_dir, trust_pickle=trust_pickle)
         if lr is not None:

@@ -87,6 +87,16 @@ def source_coords(mesh_shape: Sequence[int], placements: Sequence[Placement]) ->
 
     Along a ``Replicate`` mesh dim every coordinate holds the same data, so we
     read only coordinate 0 there; along a ``Shard`` mesh dim we need them all.
+
+    The other replicas (HSDP's ``Replicate()`` dim) are not compared, unlike a
+    plain tensor's copies on every rank (``VerlFSDPReader._check_copies``): a
+    plain "copy" that differs means a shard saved without its DTensor metadata,
+    a layout we would otherwise misread, so it is checked; here the placements
+    state the layout, and the replicas are equal by construction (the same
+    all-reduced gradients and optimizer step on every replica group).  Comparing
+    them would read every rank file in full, multiplying an HSDP export's reads
+    by the replicate degree, to find a diverged training run, not a misread
+    layout.
     """
     coords: list[tuple[int, ...]] = [()]
     for size, p in zip(mesh_shape, placements):

@@ -104,6 +104,13 @@ def check_fit(cfg: dict[str, Any], infos: dict[str, TensorInfo], path: Path) -> 
             if not isinstance(n, int) or not containers and name in _LAYER_COUNTS:
                 continue  # no numbered weights at all (an adapter of one head): nothing to count against
             bound = max(most[1], stacked) if name in _EXPERT_COUNTS else most[1]
+            if n > bound and name in _EXPERT_COUNTS and bound > 1 and n % bound == 0:
+                # a whole fraction of the experts: one expert-parallel rank's share, not another model
+                raise CheckpointFormatError(
+                    f"{path}: field {where}{name} = {n}, but the checkpoint holds {bound} experts per MoE layer, "
+                    f"1/{n // bound} of them: it looks split by expert parallelism (each EP rank saves its "
+                    f"{bound} local experts); export a save that holds every expert (gathered, or a Megatron "
+                    f"dist_ckpt, whose experts carry their global index), not one EP rank's part")
             if n > bound:
                 held = (f"at most {most[1]} numbered module(s) ({most[0]}.0-{most[1] - 1})" if most[1]
                         else "no numbered modules")

@@ -43,6 +43,28 @@ OPS = ("rename", "split", "fuse", "transpose", "fold", "adapter", "convert")
 TensorFn = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 
+class DataCheckError(KeyPlanError):
+    """A check on tensor data that failed while the plan ran (tied copies that differ), naming tensors by key.
+
+    The keys are those of the transform that raised it; :func:`compose` renames them to the keys the source
+    stores (a Megatron ``output_layer.weight``, not the in-memory ``lm_head.weight``), so the one line names
+    the tensors as the user's files do.  ``say(*keys)`` words the line.  ``outputs``: what the transform gives
+    when the check does not apply (see :func:`_then`), under the transform's output names."""
+
+    def __init__(self, say: Callable[..., str], keys: tuple[str, ...],
+                 outputs: dict[str, torch.Tensor] | None = None):
+        self.say, self.keys, self.outputs = say, tuple(keys), outputs
+        super().__init__(say(*self.keys))
+
+    def renamed(self, stored: dict[str, str], outputs: list[tuple[str, str]] | None = None) -> "DataCheckError":
+        """The same failure with keys under their ``stored`` names and (``outputs``: (old, new) pairs) the
+        outputs renamed as the wrapping transform names them."""
+        out = self.outputs
+        if out is not None and outputs is not None:
+            out = {new: out[old] for old, new in outputs}
+        return DataCheckError(self.say, tuple(stored.get(k, k) for k in self.keys), out)
+
+
 @dataclass(frozen=True)
 class Transform:
     """One step of a plan: ``inputs`` (source keys) -> ``outputs`` (target keys with shape and dtype).
@@ -102,7 +124,15 @@ def reading_from(t: Transform, source_key: dict[str, str]) -> Transform:
     if t.fn is None:
         return Transform(t.op, inputs, t.outputs, None, t.rule)
     back = dict(zip(inputs, t.inputs))
-    return Transform(t.op, inputs, t.outputs, lambda tensors: t.fn({back[k]: v for k, v in tensors.items()}), t.rule)
+    stored = dict(zip(t.inputs, inputs))
+
+    def fn(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        try:
+            return t.fn({back[k]: v for k, v in tensors.items()})
+        except DataCheckError as e:
+            raise e.renamed(stored) from None
+
+    return Transform(t.op, inputs, t.outputs, fn, t.rule)
 
 
 def derive(op: str, inputs: dict[str, TensorInfo], fn: TensorFn, rule: str = "") -> Transform:
@@ -211,11 +241,22 @@ def _then(t1s: list[Transform], t2: Transform) -> Transform:
     """``t2`` run on the outputs of the steps ``t1s``, as one transform reading their inputs."""
     inputs = tuple(dict.fromkeys(k for t1 in t1s for k in t1.inputs))
 
+    stored = {t1.targets[0]: t1.inputs[0] for t1 in t1s if t1.fn is None}  # what a data check names
+    computed = {k for t1 in t1s if t1.fn is not None for k in t1.targets}
+
     def run(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         mid: dict[str, torch.Tensor] = {}
         for t1 in t1s:
             mid.update(t1.apply({k: tensors[k] for k in t1.inputs}))
-        return t2.apply({k: mid[k] for k in t2.inputs})
+        try:
+            return t2.apply({k: mid[k] for k in t2.inputs})
+        except DataCheckError as e:
+            if e.outputs is not None and computed & set(e.keys):
+                # the check compares copies the source stores; one of these an earlier step computed (a LoRA
+                # delta folded into a tied embedding: PEFT merges it into the one tied weight, whose other
+                # stored name still holds the base), so it is not a stored copy: the step's result stands
+                return e.outputs
+            raise e.renamed(stored) from None
 
     op = t2.op if t2.op != "rename" else t1s[0].op
     rule = " then ".join(r for r in (*(t1.rule for t1 in t1s[:1]), t2.rule) if r)
@@ -230,7 +271,10 @@ def _renamed(t1: Transform, renames: list[Transform]) -> Transform:
     names = [(r.inputs[0], r.targets[0]) for r in renames]
 
     def run(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        got = t1.apply(tensors)
+        try:
+            got = t1.apply(tensors)
+        except DataCheckError as e:
+            raise e.renamed({}, names) from None
         return {new: got[old] for old, new in names}
 
     rules = [t1.rule, *(rn.rule for rn in renames)]

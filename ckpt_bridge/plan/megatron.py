@@ -127,6 +127,79 @@ _MLA_CHECKED = (("q_lora_rank", ("q_lora_rank",)), ("kv_lora_rank", ("kv_lora_ra
                 ("v_head_dim", ("v_head_dim",)))
 
 
+# What the model computes, beyond its sizes: transformer_config.json fields (verl's override_transformer_config
+# writes them) that the HF config must agree with, or that HF cannot express at all.  Each entry:
+# (Megatron field, its default when absent, the value the HF config implies (None: not comparable), what it does).
+_DEFAULT_ONLY = (  # Hugging Face's families here have no such switch: any other value computes something else
+    ("layernorm_zero_centered_gamma", False, "norm weights stored as gamma - 1, where HF multiplies by the weight"),
+    ("apply_residual_connection_post_layernorm", False, "the residual taken after the norm, where HF takes it before"),
+    ("rotary_interleaved", False, "rotary on interleaved pairs, where HF rotates the two halves"),
+)
+_EPS_FIELDS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon")
+_SOFTMAX_ROUTERS = {"mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2"}  # HF routers: softmax over the experts
+_SIGMOID_ROUTERS = {"deepseek_v3", "glm4_moe"}  # sigmoid scores with a correction bias
+
+
+def _computed(hf: dict) -> list[tuple[str, Any, Any, str]]:
+    """(Megatron field, default, what the HF config implies, the HF side's name) of every compared field."""
+    out: list[tuple[str, Any, Any, str]] = []
+    eps = next((f for f in _EPS_FIELDS if hf.get(f) is not None), None)
+    if eps:
+        out.append(("layernorm_epsilon", 1e-5, float(hf[eps]), eps))
+    if "rms_norm_eps" in hf or "layer_norm_eps" in hf or "layer_norm_epsilon" in hf:
+        out.append(("normalization", "LayerNorm", "RMSNorm" if "rms_norm_eps" in hf else "LayerNorm",
+                    "rms_norm_eps" if "rms_norm_eps" in hf else "layer_norm_eps (LayerNorm)"))
+    out.append(("rotary_percent", 1.0, float(hf.get("partial_rotary_factor") or 1.0), "partial_rotary_factor"))
+    # plan 1 splits every linear_fc1 as [gate ; up] (HF's gate_proj / up_proj): a SwiGLU MLP
+    out.append(("gated_linear_unit", False, True, "a gated MLP (gate_proj, up_proj)"))
+    experts = next((hf[f] for f in ("num_experts", "num_local_experts", "n_routed_experts") if hf.get(f)), None)
+    if experts:
+        if hf.get("num_experts_per_tok") is not None:
+            out.append(("moe_router_topk", 2, int(hf["num_experts_per_tok"]), "num_experts_per_tok"))
+        mt = hf.get("model_type")
+        score = "sigmoid" if mt in _SIGMOID_ROUTERS else "softmax" if mt in _SOFTMAX_ROUTERS else None
+        if hf.get("scoring_func") in ("softmax", "sigmoid"):
+            score = hf["scoring_func"]
+        if score is not None:
+            out.append(("moe_router_score_function", "softmax", score, f"model_type {mt!r}'s router"))
+        if score == "softmax" and (mt == "mixtral" or hf.get("norm_topk_prob") is not None):
+            # HF: softmax over all experts, top-k, renormalised iff norm_topk_prob (Mixtral always).  Megatron:
+            # pre_softmax=False is top-k then softmax over the k (= renormalised), True softmax then top-k.
+            renorm = True if mt == "mixtral" else bool(hf["norm_topk_prob"])
+            out.append(("moe_router_pre_softmax", False, not renorm,
+                        "norm_topk_prob=" + ("true (Mixtral)" if mt == "mixtral" else str(renorm).lower())))
+        if score == "sigmoid" or hf.get("routed_scaling_factor") is not None:
+            f = hf.get("routed_scaling_factor")
+            out.append(("moe_router_topk_scaling_factor", 1.0, float(f or 1.0), "routed_scaling_factor"))
+        if isinstance(hf.get("n_group"), int) and hf["n_group"] > 1:  # group-limited routing (DeepSeek)
+            for tf_field, hf_field in (("moe_router_num_groups", "n_group"), ("moe_router_group_topk", "topk_group")):
+                if hf.get(hf_field) is not None:
+                    out.append((tf_field, None, int(hf[hf_field]), hf_field))
+    return out
+
+
+def check_computation(hf: dict, tc: dict, cfg_file: Path, tc_file: Path) -> None:
+    """transformer_config.json computes what the HF config does (see :data:`_DEFAULT_ONLY`, :func:`_computed`),
+    or a one-line error naming the field and both values: exporting such a save under config.json's values
+    gives an HF model that computes something else (off by one on every norm for zero-centred gamma)."""
+    for tf_field, default, why in _DEFAULT_ONLY:
+        have = tc.get(tf_field, default)
+        if have is not None and have != default:
+            raise KeyPlanError(f"{tc_file}: {tf_field}={json.dumps(have)} ({why}), but {cfg_file.name}'s model "
+                               f"has no such setting (it computes {tf_field}={json.dumps(default)}); the export "
+                               f"would compute something else: export a run trained without this override")
+    for tf_field, default, want, hf_name in _computed(hf):
+        if tf_field not in tc:
+            continue  # an older megatron-core's dump without the field
+        have = tc[tf_field] if tc[tf_field] is not None else default
+        same = (float(have) == float(want)) if isinstance(want, float) and isinstance(have, (int, float)) \
+            else have == want
+        if not same:
+            raise KeyPlanError(f"{tc_file}: {tf_field}={json.dumps(have)}, but {cfg_file} implies "
+                               f"{tf_field}={json.dumps(want)} ({hf_name}); the export would compute something "
+                               f"else: pass --config the model this run trained, or fix the config to match")
+
+
 def attention_shape(hf: dict) -> tuple[int, int, int]:
     """(heads, KV groups, head dim) of the HF config."""
     heads = int(hf["num_attention_heads"])
@@ -158,6 +231,7 @@ def check_config(hf: dict, tc: dict | None, cfg_file: Path, tc_file: Path) -> No
             raise KeyPlanError(f"{cfg_file}: {hf_fields[0]} is {have} but the checkpoint's {tc_file.name} says "
                                f"{tf_field}={want}; pass --config the model this run trained")
     _check_dense_layers(hf, tc, cfg_file, tc_file)
+    check_computation(hf, tc, cfg_file, tc_file)
 
 
 def _check_dense_layers(hf: dict, tc: dict, cfg_file: Path, tc_file: Path) -> None:
@@ -285,9 +359,9 @@ def check_bridge_weights(infos: dict[str, TensorInfo], cfg_dir: Path, where: str
                            f"{Path(cfg_dir) / 'config.json'} has {tuple(want[k])}")
 
 
-def plan_megatron_export(reader: MegatronReader, cfg_dir: Path, *, where: str) -> Plan:
-    """The checked plan: Megatron dist_ckpt (or bridge-written HF weights) -> what ``save_pretrained`` writes."""
-
+def check_save_config(reader: MegatronReader, cfg_dir: Path) -> dict[str, Any]:
+    """The HF config describes the model the save trained (sizes, what it computes, the recorded class), or a
+    one-line error; returns the config (a VLM's text part merged in).  ``to-hf`` and ``inspect`` both ask it."""
     cfg_file = Path(cfg_dir) / "config.json"
     hf: dict[str, Any] = json.loads(cfg_file.read_text())
     hf = {**hf.get("text_config", {}), **hf} if "num_attention_heads" not in hf else hf
@@ -296,6 +370,14 @@ def plan_megatron_export(reader: MegatronReader, cfg_dir: Path, *, where: str) -
     if arch and archs and arch not in archs:  # verl records the HF class it trained: another config is not it
         raise KeyPlanError(f"{cfg_file}: architectures {archs} but the checkpoint's ckpt_contents.json says arch "
                            f"{arch!r}; pass --config the model this run trained")
+    return hf
+
+
+def plan_megatron_export(reader: MegatronReader, cfg_dir: Path, *, where: str) -> Plan:
+    """The checked plan: Megatron dist_ckpt (or bridge-written HF weights) -> what ``save_pretrained`` writes."""
+
+    hf = check_save_config(reader, cfg_dir)
+    cfg_file = Path(cfg_dir) / "config.json"
     infos = reader.model_tensors()
     if reader.has_bridge_weights:  # already HF names: transformers' own rules, every tensor accounted for
         check_bridge_weights(infos, cfg_dir, where)

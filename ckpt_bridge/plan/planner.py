@@ -32,10 +32,11 @@ from typing import Callable
 
 import torch
 
+from ..compare import bits_equal
 from ..errors import KeyPlanError, few
 from ..formats.base import TensorInfo
 from .conversions import Conversions, Group
-from .core import Plan, Transform, compose, derive, rename
+from .core import DataCheckError, Plan, Transform, compose, derive, rename
 
 # (kind, text): "prefix" strips text at the start of a key, "component" removes a
 # dotted path component wherever it appears.
@@ -184,6 +185,7 @@ def plan_to(src: dict[str, TensorInfo], target: Target, *, where: str) -> Plan:
         raise KeyPlanError(f"{where}: shapes differ from {target.name}: {'; '.join(wrong[:3])}"
                            f"{' ...' if len(wrong) > 3 else ''}; wrong config for these weights")
     unexpected = _leftovers(memory, picked, alias, where)
+    _check_tied_copies(memory, made_by, target.ties, where)
     if missing or unexpected:
         hint = target.missing_hint if missing and not unexpected else ""
         raise gap_error(where, missing, target.missing_why, unexpected, target.unexpected_why, hint + target.tail,
@@ -218,3 +220,70 @@ def _leftovers(memory: Plan, picked: dict[str, list[str]], alias: dict[str, list
 
 def _inputs(t: Transform) -> str:
     return few(list(t.inputs), 2)
+
+
+def _check_tied_copies(memory: Plan, made_by: dict[str, Transform], ties: list[list[str]], where: str) -> None:
+    """Names the config ties (``lm_head.weight`` and ``model.embed_tokens.weight`` with tie_word_embeddings) are
+    one tensor in the model, so what is written is one of them.  When the source stores more than one of them
+    (verl FSDP and DCP state dicts hold both names; a Megatron run may save ``output_layer`` beside the
+    embedding), the stored copies must be that one tensor: bit-equal.  An output layer trained apart from the
+    embedding under a config that says tied would otherwise be dropped and the export would silently use the
+    embedding as its head.  The comparison needs the data, so it runs when the plan is executed: the producers
+    of the group's stored copies become one transform that reads them all (one group in memory), compares
+    them, and gives what the target wants (an equal pair is written once, as ``save_pretrained`` does).
+    ``verify`` reads through the same plan, so it refuses the pair too.  Different shapes or dtypes are
+    refused here, before anything is read."""
+    kept = {id(t): i for i, t in enumerate(memory.transforms)}
+    for group in ties:
+        present = [n for n in group if n in made_by]
+        producers = list({id(made_by[n]): made_by[n] for n in present}.values())
+        mine = [t for t in producers if id(t) in kept]
+        if len(producers) < 2 or not mine:
+            continue
+        info = {o.key: o for t in producers for o in t.outputs}
+        first = present[0]
+        names = {n: _inputs(made_by[n]) for n in present}
+        for n in present[1:]:
+            a, b = info[first], info[n]
+            if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+                raise KeyPlanError(_tie_message(where, names[n], names[first]).replace(
+                    " hold different values", f" differ ({tuple(b.shape)} {b.dtype} vs {tuple(a.shape)} {a.dtype})"))
+        # a copy not written stays listed as dropped (tied to ...): it is read only to be compared (the merged
+        # transform's rule says so in --dry-run)
+        merged = _tied_group(producers, mine, present, names, where)
+        pos = min(kept[id(t)] for t in mine)
+        gone = {id(t) for t in mine}
+        memory.transforms = [merged if i == pos else t for i, t in enumerate(memory.transforms)
+                             if i == pos or id(t) not in gone]
+        kept = {id(t): i for i, t in enumerate(memory.transforms)}
+
+
+def _tie_message(where: str, alias: str, kept: str) -> str:
+    return (f"{where}: {alias} and {kept} hold different values, but the config ties them (tie_word_embeddings: "
+            f"true), so the export would write one tensor for both and lose {alias} (trained apart from the "
+            f"embedding); set \"tie_word_embeddings\": false in config.json, or pass --config a config that unties "
+            f"them")
+
+
+def _tied_group(producers: list[Transform], mine: list[Transform], present: list[str], names: dict[str, str],
+                where: str) -> Transform:
+    """One transform reading every stored copy of a tie group, refusing copies that are not bit-equal, giving
+    the outputs of ``mine`` (the producers the target uses)."""
+    inputs = tuple(dict.fromkeys(k for t in producers for k in t.inputs))
+    outputs = tuple(o for t in mine for o in t.outputs)
+    # the stored names (one key each when the producers are renames): what the error names; a later compose
+    # that renames these inputs renames them in the message too (core.DataCheckError)
+    stored = {n: names[n] for n in present}
+
+    def fn(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        vals: dict[str, torch.Tensor] = {}
+        for t in producers:
+            vals.update(t.apply({k: tensors[k] for k in t.inputs}))
+        ref, out = vals[present[0]], {o.key: vals[o.key] for o in outputs}
+        for n in present[1:]:
+            if ref.device.type != "meta" and not bits_equal(vals[n], ref):
+                raise DataCheckError(lambda a, b: _tie_message(where, a, b), (stored[n], stored[present[0]]), out)
+        return out
+
+    rule = f"tied weights: {', '.join(stored[n] for n in present)} must be bit-equal (compared when read)"
+    return Transform("convert", inputs, outputs, fn, rule)
