@@ -262,14 +262,43 @@ _DCP_METADATA_CLASSES = {
 }  # fmt: skip
 
 
-class _MegatronPlainData:
-    """Stands in for megatron-core's empty marker classes (``MCoreMetadata``, ``MCoreSavePlan``) that older
-    ``.metadata`` files pickle: unpickling only fills ``__dict__``; megatron is never imported."""
+# megatron-core 0.15 (dist_checkpointing/strategies/torch.py) pickles its dist_ckpt ``.metadata`` as
+# ``MCoreMetadata(mcore_data=..., **vars(Metadata))``: a dataclass subclass of DCP's Metadata with one more field,
+# ``mcore_data`` (per tensor key, a dict of plain data such as ``nd_reformulated_orig_global_shape``); its save
+# plans are ``MCoreSavePlan``, a frozen SavePlan subclass with the same extra field.  0.16 keeps both names as
+# empty classes only so those files load.  Both are read as the DCP classes they extend (megatron is never
+# imported): built by NEWOBJ + the saved fields, as pickle builds any dataclass, and the extra field kept as an
+# attribute.  Their contents are held to the allowlist above like any other field.
+_MEGATRON_CLASSES = {("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"): "Metadata",
+                     ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan"): "SavePlan"}
+_MEGATRON_READ_AS: dict[str, type] = {}
 
 
-# megatron.core.dist_checkpointing.strategies.torch: classes with no behaviour, kept there only so old files load
-_MEGATRON_PLAIN = {("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"),
-                   ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan")}
+def _megatron_class(dcp_name: str) -> type:
+    """A subclass of DCP's ``Metadata`` / ``SavePlan`` that becomes that class once its fields are set."""
+    if dcp_name not in _MEGATRON_READ_AS:
+        from torch.distributed.checkpoint.metadata import Metadata
+        from torch.distributed.checkpoint.planner import SavePlan
+
+        base = {"Metadata": Metadata, "SavePlan": SavePlan}[dcp_name]
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            # only a hand-made pickle calls the class with arguments: megatron-core's are dataclasses, which
+            # pickle as NEWOBJ + fields
+            raise pickle.UnpicklingError(
+                f"megatron-core's MCore{dcp_name} called with arguments, which megatron-core never pickles: the "
+                f"file was not written by megatron-core's dist_checkpointing")
+
+        def __setstate__(self: Any, state: Any) -> None:
+            if not isinstance(state, dict) or not all(isinstance(k, str) and not k.startswith("__") for k in state):
+                raise pickle.UnpicklingError(f"megatron-core's MCore{dcp_name} with state of type "
+                                             f"{type(state).__name__}, not the dataclass fields it pickles")
+            self.__dict__.update(state)
+            object.__setattr__(self, "__class__", base)  # the DCP class from here on (a frozen SavePlan too)
+
+        _MEGATRON_READ_AS[dcp_name] = type(f"MCore{dcp_name}", (base,), {"__init__": __init__,
+                                                                         "__setstate__": __setstate__})
+    return _MEGATRON_READ_AS[dcp_name]
 
 
 class _DCPMetadataUnpickler(pickle.Unpickler):
@@ -284,8 +313,8 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
             return _tolerant_tensor_properties()
         if self.trusted or name in _DCP_METADATA_CLASSES.get(module, ()):
             return super().find_class(module, name)
-        if (module, name) in _MEGATRON_PLAIN:
-            return _MegatronPlainData
+        if (module, name) in _MEGATRON_CLASSES:
+            return _megatron_class(_MEGATRON_CLASSES[(module, name)])
         if module == "torch":
             if name == "Size":
                 return torch.Size

@@ -10,6 +10,7 @@ torch, verl or megatron-core.
 from __future__ import annotations
 
 import copyreg
+import dataclasses
 import io
 import json
 import pickle
@@ -246,3 +247,81 @@ def _damage(f: Path, key: str, damage: str) -> None:
             DTensor.__reduce_ex__ = orig
     else:
         resave(f, mutate, saved_dtensors=False)
+
+
+# ------------------------------------------------------------------------------------------------------- D3
+
+def _mcore_015_metadata_class():
+    """megatron-core 0.15.0's ``MCoreMetadata``, reproduced: megatron/core/dist_checkpointing/strategies/torch.py
+    at tag core_v0.15.0, lines 461-467 (``@dataclass class MCoreMetadata(Metadata)`` with one field
+    ``mcore_data: Optional[Dict[str, Dict[str, Any]]] = None``), pickled under that module's name.  The installed
+    megatron-core 0.16.1 keeps the name only as an empty class (its torch.py lines 86-90), so it cannot write one."""
+    from dataclasses import dataclass
+    from typing import Any, Dict, Optional
+
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    @dataclass
+    class MCoreMetadata(Metadata):
+        mcore_data: Optional[Dict[str, Dict[str, Any]]] = None
+
+    MCoreMetadata.__module__ = "megatron.core.dist_checkpointing.strategies.torch"
+    MCoreMetadata.__qualname__ = "MCoreMetadata"
+    return MCoreMetadata
+
+
+def _write_as_mcore_015(dist_ckpt: Path, monkeypatch) -> None:
+    """Rewrite a real dist_ckpt's .metadata as megatron-core 0.15's MCoreSavePlanner.create_global_plan does
+    (torch.py, core_v0.15.0, line 545: ``MCoreMetadata(mcore_data=mcore_data, **vars(metadata))``; mcore_data
+    is the ChainMap of every rank's ``sh_ten.mcore_metadata``: per key a dict of plain data)."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    mod = pytest.importorskip("megatron.core.dist_checkpointing.strategies.torch")
+    cls = _mcore_015_metadata_class()
+    monkeypatch.setattr(mod, "MCoreMetadata", cls)  # so pickle finds the class under megatron's name
+    md = safeload.load_dcp_metadata(dist_ckpt / ".metadata")
+    mcore_data = {k: {"nd_reformulated_orig_global_shape": None} for k in md.state_dict_metadata}
+    # vars() of the Metadata DefaultSavePlanner built: its dataclass fields (what is here beyond them,
+    # all_local_plans, megatron-core 0.16 added after the fact)
+    fields = {f.name: getattr(md, f.name) for f in dataclasses.fields(Metadata)}
+    with open(dist_ckpt / ".metadata", "wb") as f:
+        pickle.dump(cls(mcore_data=mcore_data, **fields), f)
+    assert b"MCoreMetadata" in (dist_ckpt / ".metadata").read_bytes()
+
+
+def test_d3_megatron_core_015_metadata_is_read_as_dcp_metadata(megatron_ckpts, tmp_path, monkeypatch, capsys):
+    """A dist_ckpt whose .metadata megatron-core 0.15 wrote (v2 layout: model/ and extra/; v1: dist_ckpt/ at
+    the actor root) exports bit for bit; before, 'holds a _MegatronPlainData, not DCP Metadata; the save is
+    corrupt'.  Such a class called with arguments is not misread as 'a newer torch'."""
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    from test_megatron import _assert_equals_reference
+
+    root = megatron_ckpts["llama_tp2pp2"]
+    src = tmp_path / "v2" / "global_step_1"
+    shutil.copytree(root / "global_step_1", src)
+    for d in src.rglob(".metadata"):
+        _write_as_mcore_015(d.parent, monkeypatch)
+    md = safeload.load_dcp_metadata(src / "actor" / "model" / "dist_ckpt" / ".metadata")
+    assert type(md) is Metadata and md.mcore_data and md.state_dict_metadata
+    code, err = run(capsys, ["to-hf", str(src), "--out", str(tmp_path / "out2"), "--config", str(root / "base_model")])
+    assert code == 0, err
+    _assert_equals_reference(tmp_path / "out2", root)
+
+    v1 = tmp_path / "v1" / "global_step_1" / "actor"  # verl <= 0.8: dist_ckpt/ + huggingface/ at the actor root
+    v1.mkdir(parents=True)
+    shutil.copytree(src / "actor" / "model" / "dist_ckpt", v1 / "dist_ckpt")
+    shutil.copytree(root / "base_model", v1 / "huggingface", ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copy2(src / "actor" / "transformer_config.json", v1 / "transformer_config.json")
+    code, err = run(capsys, ["to-hf", str(v1.parent), "--out", str(tmp_path / "out1")])
+    assert code == 0, err
+    _assert_equals_reference(tmp_path / "out1", root)
+
+    # MCoreMetadata called with arguments (REDUCE), which megatron-core never writes: not "a newer torch"
+    bad = tmp_path / "bad.metadata"
+    bad.write_bytes(b"\x80\x02cmegatron.core.dist_checkpointing.strategies.torch\nMCoreMetadata\nq\x00K\x01\x85q\x01Rq\x02.")
+    from ckpt_bridge.errors import CheckpointFormatError
+
+    with pytest.raises(CheckpointFormatError) as e:
+        safeload.load_dcp_metadata(bad)
+    assert "newer torch" not in str(e.value) and "never pickles" in str(e.value) and str(bad) in str(e.value)
