@@ -325,3 +325,102 @@ def test_d3_megatron_core_015_metadata_is_read_as_dcp_metadata(megatron_ckpts, t
     with pytest.raises(CheckpointFormatError) as e:
         safeload.load_dcp_metadata(bad)
     assert "newer torch" not in str(e.value) and "never pickles" in str(e.value) and str(bad) in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ D5, M2
+
+def _dcp_tensors(d: Path) -> dict[str, torch.Tensor]:
+    from ckpt_bridge.formats.dcp import DCPReader
+
+    r = DCPReader(d)
+    return {k: r.read(k) for k in r.tensors()}
+
+
+def _entries(cache: Path) -> list[Path]:
+    return sorted((cache / "trainer-keys").glob("*.json"))
+
+
+def test_d5_cache_key_follows_the_checkpointer_source(tmp_path, monkeypatch):
+    """The key changes when a file that decides torchtitan's requests changes while its version and
+    __init__.py do not (a git checkout / submodule bump), and only then: a copy of the installed torchtitan's
+    real source, one line of components/checkpoint.py edited."""
+    from ckpt_bridge.models import titan_eras
+    from ckpt_bridge.plan import trainer_expectation as te
+
+    pkg = titan_eras.package_dir()
+    if pkg is None:
+        pytest.skip("torchtitan is not installed")
+    copy = tmp_path / "torchtitan"
+    shutil.copytree(pkg, copy, ignore=shutil.ignore_patterns("__pycache__", "models", "experiments"))
+    monkeypatch.setattr(titan_eras, "package_dir", lambda: copy)
+    cfg = tmp_path / "cfg"
+    cfg.mkdir()
+    (cfg / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    before = te._cache_file(cfg, [], "auto")
+    (copy / "README.txt").write_text("not source")  # a file that decides nothing: same key
+    assert te._cache_file(cfg, [], "auto") == before
+    ckpt = copy / "components" / "checkpoint.py"
+    ckpt.write_text(ckpt.read_text() + "\n# bumped\n")
+    assert te._cache_file(cfg, [], "auto") != before
+    # the key is one list of fields: one line adds a dependency
+    assert te._torchtitan_key() in te.cache_key_fields(b"{}", [], "auto")
+
+
+def test_m2_edited_or_mistyped_cache_entries_are_recomputed(tiny_hf_factory, tmp_path, monkeypatch, capsys):
+    """to-dcp with a cold cache is the reference.  Then the remembered entry is edited: two fqns swapped
+    (same shape, and different shapes), wrong types in valid JSON, a FIFO in its place.  Each later to-dcp
+    recomputes (never crashes, never hangs) and writes the reference's tensors bit for bit."""
+    import os
+    import signal
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("CKPT_BRIDGE_CACHE", str(cache))
+    hf = tiny_hf_factory("llama")
+    ref = tmp_path / "ref"
+    assert cli(["to-dcp", str(hf), "--out", str(ref), "--quiet"]) == 0
+    want = _dcp_tensors(ref)
+    (entry,) = _entries(cache)
+    clean = json.loads(entry.read_text())
+    keys = clean["keys"]
+    by_fqn = {k[1]: i for i, k in enumerate(keys)}
+    q = next(f for f in by_fqn if f.endswith("layers.0.self_attn.q_proj.weight"))
+    o = q.replace("q_proj", "o_proj")
+    g = q.replace("self_attn.q_proj", "mlp.gate_proj")
+
+    def swapped(a: str, b: str) -> dict:
+        d = json.loads(json.dumps(clean))
+        ia, ib = by_fqn[a], by_fqn[b]
+        d["keys"][ia][1], d["keys"][ib][1] = d["keys"][ib][1], d["keys"][ia][1]
+        return d
+
+    edits = {
+        "swap same shape": swapped(q, o),
+        "swap shapes": swapped(q, g),
+        "era fields an int": {**clean, "era": {**(clean["era"] or {}), "fields": 5}},
+        "shape of strings": {**clean, "keys": [[k[0], k[1], [str(n) for n in k[2]], k[3]] for k in keys]},
+        "tie groups of ints": {**clean, "tie_groups": [[1, 2]]},
+    }
+    assert keys[by_fqn[q]][2] == keys[by_fqn[o]][2] and keys[by_fqn[q]][2] != keys[by_fqn[g]][2]
+
+    def alarm(*_):
+        raise TimeoutError("reading the cache entry hung")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    try:
+        for name, value in [*edits.items(), ("fifo", None)]:
+            entry.unlink()
+            if value is None:
+                os.mkfifo(entry)
+            else:
+                entry.write_text(json.dumps(value))
+            out = tmp_path / name.replace(" ", "_")
+            signal.alarm(60)
+            code, err = run(capsys, ["to-dcp", str(hf), "--out", str(out), "--quiet"])
+            signal.alarm(0)
+            assert code == 0, (name, err)
+            got = _dcp_tensors(out)
+            assert sorted(got) == sorted(want), name
+            assert all(torch.equal(got[k], want[k]) for k in want), name
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
