@@ -406,6 +406,15 @@ def load_dcp_metadata(path: str | Path, *, trust_pickle: bool = False) -> Any:
 
 # ---------------------------------------------------------------- plain data out
 
+
+def load_plain(path: str | Path) -> Any:
+    """A file of plain data we wrote (``extra_state_merged.pt``), loaded as a user would: ``torch.load`` with
+    ``weights_only=True`` and nothing allowed beyond numpy's rng state (:func:`numpy_rng_globals`): none of our
+    stand-ins, no DTensor classes."""
+    with torch.serialization.safe_globals(numpy_rng_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 # What a file we write from a checkpoint's state (extra_state_merged.pt) may hold: what torch.load(weights_only=True)
 # rebuilds by itself, plus numpy's rng state (numpy_rng_globals).  The state was read from another job's pickle,
 # so it is rebuilt from these types alone, never pickled as the objects it holds (D2 of issue 26: a placement

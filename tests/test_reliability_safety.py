@@ -125,6 +125,7 @@ def test_d2_placement_stand_in_cannot_rename_itself(tmp_path, capsys):
     assert Marker.__qualname__.encode() not in blob and b"placement_types\nShard" not in blob
     with torch.serialization.safe_globals(safeload.numpy_rng_globals()):
         plain = torch.load(merged, weights_only=True)
+    assert safeload.load_plain(merged)["rng"].keys() == plain["rng"].keys()
     assert plain["rng"][1]["evil"] == {"class": "torch.distributed.tensor.placement_types.Shard",
                                        "fields": {"dim": 0}}
     # the rest of the state is what the rank files hold (the numpy rng array as saved)

@@ -203,10 +203,10 @@ def write_extra_state(tmp: Path, extra: dict[str, Any], *, source: str) -> list[
         "dataloader_state_saved": extra.get("dataloader") is not None,
         "rng_saved_for_ranks": sorted(extra.get("rng", {})),
         "lr_scheduler": jsonable(extra.get("lr_scheduler")),
-        "restore": "plain data: ckpt_bridge.safeload.load('extra_state_merged.pt', allow_numpy=True), or "
-                   "torch.load('extra_state_merged.pt', weights_only=True) inside "
+        "restore": "plain data: torch.load('extra_state_merged.pt', weights_only=True) inside "
                    "torch.serialization.safe_globals(ckpt_bridge.safeload.numpy_rng_globals()) (numpy's rng "
-                   "state); rng[rank] holds python/numpy/torch (and cuda) states",
+                   "state), i.e. ckpt_bridge.safeload.load_plain(path); rng[rank] holds python/numpy/torch (and "
+                   "cuda) states",
         "source": source,
         "warnings": extra.get("warnings", []),
     }
