@@ -410,9 +410,17 @@ def load_dcp_metadata(path: str | Path, *, trust_pickle: bool = False) -> Any:
 def load_plain(path: str | Path) -> Any:
     """A file of plain data we wrote (``extra_state_merged.pt``), loaded as a user would: ``torch.load`` with
     ``weights_only=True`` and nothing allowed beyond numpy's rng state (:func:`numpy_rng_globals`): none of our
-    stand-ins, no DTensor classes."""
-    with torch.serialization.safe_globals(numpy_rng_globals()):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    stand-ins, no DTensor classes, and none of what the process registered (importing megatron.core adds
+    PosixPath, Namespace, ... to torch's process-wide allowlist): the allowlist is exactly numpy's for the load."""
+    with _ALLOWLIST_LOCK:
+        saved = torch.serialization.get_safe_globals()
+        torch.serialization.clear_safe_globals()
+        try:
+            torch.serialization.add_safe_globals(numpy_rng_globals())
+            return torch.load(path, map_location="cpu", weights_only=True)
+        finally:
+            torch.serialization.clear_safe_globals()
+            torch.serialization.add_safe_globals(saved)
 
 
 # What a file we write from a checkpoint's state (extra_state_merged.pt) may hold: what torch.load(weights_only=True)

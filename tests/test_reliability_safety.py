@@ -123,9 +123,7 @@ def test_d2_placement_stand_in_cannot_rename_itself(tmp_path, capsys):
         blob = b"".join(z.read(n) for n in z.namelist() if n.endswith(".pkl"))
     # no class is named (a GLOBAL opcode is "c<module>\n<name>\n"); the stand-in's name is a string now
     assert Marker.__qualname__.encode() not in blob and b"placement_types\nShard" not in blob
-    with torch.serialization.safe_globals(safeload.numpy_rng_globals()):
-        plain = torch.load(merged, weights_only=True)
-    assert safeload.load_plain(merged)["rng"].keys() == plain["rng"].keys()
+    plain = safeload.load_plain(merged)  # torch.load(weights_only=True), exactly numpy's rng globals allowed
     assert plain["rng"][1]["evil"] == {"class": "torch.distributed.tensor.placement_types.Shard",
                                        "fields": {"dim": 0}}
     # the rest of the state is what the rank files hold (the numpy rng array as saved)
@@ -138,6 +136,29 @@ def test_d2_placement_stand_in_cannot_rename_itself(tmp_path, capsys):
     trainer = json.loads((out / "trainer_state.json").read_text())
     assert "weights_only=False" not in json.dumps(trainer) and "weights_only=True" in trainer["restore"]
     assert any("held a torch.distributed.tensor.placement_types.Shard" in w for w in trainer["warnings"])
+
+
+def test_d2_megatron_common_pt(megatron_ckpts, tmp_path, capsys):
+    """The same stand-in in a Megatron save's optimizer/dist_ckpt/common.pt (its lr_scheduler): the export's
+    merged extra state is plain data and builds no Marker."""
+    from torch.distributed.tensor.placement_types import Shard as TorchShard
+
+    root = megatron_ckpts["qwen3_pp2"]
+    src = tmp_path / "ckpt" / "global_step_1"
+    shutil.copytree(root / "global_step_1", src)
+    common = src / "actor" / "optimizer" / "dist_ckpt" / "common.pt"
+    state = torch.load(common, weights_only=False)  # our own copy of a real save
+    state["lr_scheduler"]["evil"] = PickledAs(TorchShard, {"dim": 0, "_saved_as": MARKER_NAME})
+    torch.save(state, common)
+    Marker.path = str(tmp_path / "RAN")
+    out = tmp_path / "out"
+    code, err = run(capsys, ["to-hf", str(src), "--out", str(out), "--config", str(root / "base_model")])
+    assert code == 0, err
+    plain = safeload.load_plain(out / "extra_state_merged.pt")
+    assert plain["lr_scheduler"]["evil"] == {"class": "torch.distributed.tensor.placement_types.Shard",
+                                             "fields": {"dim": 0}}
+    torch.load(out / "extra_state_merged.pt", weights_only=False)
+    assert CONSTRUCTED == [] and not Path(Marker.path).exists()
 
 
 def test_d2_stand_ins_take_their_identity_from_their_type():

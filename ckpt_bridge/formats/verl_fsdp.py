@@ -206,8 +206,11 @@ class VerlFSDPReader(Reader):
         """(rank grid, dim names, saving rank) of ``dt``'s saved device mesh, whichever torch wrote it."""
         m = self._dtensor_part(rank, key, lambda: dt.device_mesh)
         if id(m) not in self._mesh_cache:
-            try:  # bounded by the number of rank files: a mesh claiming more ranks is refused before enumeration
-                self._mesh_cache[id(m)] = meshes.rank_grid(m, world_size=len(self.files["model"].get(self.world_size, {})))
+            # bounded by the world size the rank files are named with (and never more than meshes.MAX_RANKS: a
+            # file name is no proof either): a mesh claiming more ranks is refused before it is enumerated
+            bound = min(self.world_size, meshes.MAX_RANKS)
+            try:
+                self._mesh_cache[id(m)] = meshes.rank_grid(m, world_size=bound)
             except meshes.MeshBoundsError as e:
                 raise CheckpointFormatError(f"{self.model_file(rank)}: key {key!r}: {e}; the rank file is damaged: "
                                             f"copy it again from the training job's storage") from None
