@@ -230,6 +230,25 @@ def transformers_version() -> str | None:
         return None
 
 
+CACHE_ENTRY_MAX_BYTES = 64 << 20
+
+
+def _read_cache_entry(path: Path) -> str:
+    """A cache entry's text: a regular file of at most CACHE_ENTRY_MAX_BYTES, else OSError.  Opened
+    non-blocking and checked on the open descriptor, so a FIFO or device planted in the cache never hangs."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > CACHE_ENTRY_MAX_BYTES:
+            raise OSError(f"{path}: not a regular file of at most {CACHE_ENTRY_MAX_BYTES} bytes")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(CACHE_ENTRY_MAX_BYTES + 1).decode()
+    finally:
+        os.close(fd)
+
+
 def cached_json(path: Path | None, compute: Callable[[], Any], valid: Callable[[Any], bool] = lambda v: True) -> Any:
     """The JSON value stored at ``path``, or ``compute()`` stored there for next time.
 
@@ -240,7 +259,7 @@ def cached_json(path: Path | None, compute: Callable[[], Any], valid: Callable[[
 
     if path is not None:
         try:
-            value = json.loads(path.read_text())
+            value = json.loads(_read_cache_entry(path))
             if valid(value):
                 return value
         except (OSError, ValueError):

@@ -38,31 +38,42 @@ import torch
 
 
 class _SavedObject:
-    """An object another torch pickled, kept as its saved fields: no code of the real class runs."""
+    """An object another torch pickled, kept as its saved fields: no code of the real class runs.
+
+    What it stands for is its type's ``_saved_as``, fixed here, never the file's data: the saved fields live in
+    the instance's ``__dict__``, so every identity lookup below goes through ``type(self)`` (a field named
+    ``_saved_as`` or ``__class__`` in a hostile file is just a field; dunder fields are dropped on load).
+    """
 
     _saved_as = ""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:  # only if a release pickles by constructor call
-        self.__dict__.update(kwargs, _args=args)
+        self.__dict__.update(_fields(kwargs), _args=args)
 
     def __setstate__(self, state: Any) -> None:
         if isinstance(state, tuple) and len(state) == 2:  # (dict, slots) from a slotted class
             for part in state:
-                self.__dict__.update(part or {})
+                self.__dict__.update(_fields(part if isinstance(part, dict) else {}))
         elif isinstance(state, dict):
-            self.__dict__.update(state)
+            self.__dict__.update(_fields(state))
         else:
             self.__dict__["_state"] = state
 
     # Pickling writes the class it stands in for when the running torch has it (a test or tool that edits a
     # loaded rank file and saves it writes what torch wrote): pickle's NEWOBJ names ``obj.__class__``, so that
     # answers the real class; ``type()`` (what every isinstance check here and torch's unpickler use) stays ours.
+    # Only ever the torch class named by the stand-in's own type (D2 of issue 26: answering it from the saved
+    # fields let a file name any importable class, which the next weights_only=False load then ran).
     @property  # type: ignore[misc]
     def __class__(self) -> type:  # noqa: D105
-        return _real_class(self._saved_as) or type(self)
+        return _real_class(type(self)._saved_as) or type(self)
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         return (copyreg.__newobj__, (self.__class__,), dict(self.__dict__))
+
+    def saved_fields(self) -> dict[str, Any]:
+        """The fields as saved (what a writer of plain data records instead of the object)."""
+        return dict(self.__dict__)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(sorted(k for k in self.__dict__ if not k.startswith('__')))})"
@@ -114,7 +125,7 @@ class _SavedPlacement(_SavedObject):
     def __eq__(self, other: object) -> bool:
         if isinstance(other, _SavedPlacement):
             return type(self) is type(other) and self.__dict__ == other.__dict__
-        real = _real_class(self._saved_as)
+        real = _real_class(type(self)._saved_as)
         if real is None or type(other) is not real:
             return NotImplemented
         return all(getattr(other, k, None) == v for k, v in self.__dict__.items())
@@ -172,13 +183,55 @@ class SavedDTensor(torch.Tensor):
         raise TypeError("a DTensor read as saved data cannot be saved again; load the file with "
                         "ckpt_bridge.safeload.load(path) for real DTensors")
 
+    def __setstate__(self, state: Any) -> None:
+        """The saved ``{"_local_tensor": ..., "_spec": ...}``, stored as fields.  torch's own rebuild would
+        ``setattr`` every saved name, so a file could set ``__class__`` (swap the wrapper for another
+        class) or shadow a method; here a dunder name is refused (no release pickles one)."""
+        parts = state if isinstance(state, tuple) and len(state) == 2 else (state, None)
+        for part in parts:
+            if part is None:
+                continue
+            if not isinstance(part, dict):
+                raise MeshFormError(f"a saved DTensor's state is a {type(part).__name__}, not the dict torch writes")
+            for k, v in part.items():
+                if not isinstance(k, str) or k.startswith("__") or k == "_saved_as":
+                    raise MeshFormError(f"a saved DTensor's state sets {k!r}, which no torch release writes")
+                self.__dict__[k] = v
+
+    def _spec_field(self, name: str) -> Any:
+        spec = self.__dict__.get("_spec")
+        if not isinstance(spec, SavedDTensorSpec):
+            held = "no _spec" if spec is None else f"a _spec of type {type(spec).__name__}"
+            raise MeshFormError(f"its DTensor holds {held}, not the DTensorSpec torch writes (placements, mesh)")
+        if name not in spec.__dict__:
+            raise MeshFormError(f"its DTensor's spec has no {name!r} (it holds "
+                                f"{', '.join(sorted(map(str, spec.__dict__))) or 'no fields'})")
+        return spec.__dict__[name]
+
     @property
     def placements(self) -> tuple:
-        return tuple(self._spec.placements)
+        p = self._spec_field("placements")
+        if not isinstance(p, (tuple, list)) or not all(isinstance(x, _SavedPlacement) for x in p):
+            raise MeshFormError(f"its DTensor's placements are {p!r}, not a tuple of Shard / Replicate / ...")
+        return tuple(p)
 
     @property
     def device_mesh(self) -> Any:
-        return self._spec.mesh
+        m = self._spec_field("mesh")
+        if not isinstance(m, SavedDeviceMesh):
+            raise MeshFormError(f"its DTensor's mesh is a {type(m).__name__}, not a DeviceMesh")
+        return m
+
+    @property
+    def local_tensor(self) -> torch.Tensor:
+        """The rank's shard (``_local_tensor``), checked to be a plain tensor of the DTensor's dtype."""
+        t = self.__dict__.get("_local_tensor")
+        if type(t) is not torch.Tensor:
+            raise MeshFormError(f"its DTensor's _local_tensor is a {type(t).__name__}, not a tensor")
+        if t.dtype != self.dtype or t.dim() != self.dim():
+            raise MeshFormError(f"its DTensor is {self.dtype} with {self.dim()} dims but its _local_tensor is "
+                                f"{t.dtype} with {t.dim()} dims")
+        return t
 
 
 class SavedDTensorSpec(_SavedObject):
@@ -195,6 +248,23 @@ class SavedShardOrderEntry(_SavedObject):
 
 DTENSOR_STAND_INS: dict[str, type] = {c._saved_as: c for c in (SavedDTensor, SavedDTensorSpec, SavedTensorMeta,
                                                                 SavedShardOrderEntry)}
+
+
+def saved_as(obj: _SavedObject | SavedDTensor) -> str:
+    """The global name a stand-in stands for: its type's, never a field of the file."""
+    return type(obj)._saved_as
+
+
+def _fields(state: dict) -> dict:
+    """A saved state without the names that would shadow the stand-in's own machinery (``__class__``,
+    ``__reduce_ex__``, ...): no torch release pickles a dunder field, and ``_saved_as`` is the type's."""
+    return {k: v for k, v in state.items()
+            if not (isinstance(k, str) and (k.startswith("__") or k == "_saved_as"))}
+
+
+def local_shard(value: Any) -> torch.Tensor:
+    """A DTensor's local shard: checked for a saved one (:attr:`SavedDTensor.local_tensor`), as is for torch's."""
+    return value.local_tensor if isinstance(value, SavedDTensor) else value._local_tensor
 
 
 def is_dtensor(value: Any) -> bool:
@@ -218,25 +288,39 @@ class MeshFormError(ValueError):
     """A saved device mesh in a form no torch release we know has written; the message says what it holds."""
 
 
-def rank_grid(mesh: Any) -> tuple[torch.Tensor, tuple[str, ...] | None, int | None]:
+class MeshBoundsError(MeshFormError):
+    """A saved mesh claiming more ranks or positions than the save has: damaged or hostile, not another torch."""
+
+
+# Without a world size to check against (a mesh read on its own), no mesh is taken to span more ranks than this.
+MAX_RANKS = 1 << 20
+
+
+def rank_grid(mesh: Any, world_size: int | None = None) -> tuple[torch.Tensor, tuple[str, ...] | None, int | None]:
     """(rank grid of the mesh's shape, its dim names, the rank that saved it) from a saved mesh.
 
     Accepts a :class:`SavedDeviceMesh` (what :mod:`safeload` returns) or, for a mesh made in this process,
     a live ``DeviceMesh``.  Raises :class:`MeshFormError` for a form we cannot read.
+
+    ``world_size``: how many ranks the checkpoint has (its rank files).  The work is bounded by it before anything
+    is enumerated: a few KB of pickle can claim a layout of 10^10 positions or a stride-0 rank map of any size.
     """
     if not isinstance(mesh, _SavedObject):  # a live DeviceMesh of the running torch
         names = mesh.mesh_dim_names
         return mesh.mesh.clone(), tuple(names) if names else None, mesh.get_rank()
+    limit = world_size if world_size is not None else MAX_RANKS
     state = mesh.__dict__
     names = state.get("_mesh_dim_names", state.get("mesh_dim_names"))
-    names = tuple(names) if names else None
+    names = tuple(names) if isinstance(names, (tuple, list)) and names else None
     saved_rank = state.get("_rank")
     saved_rank = int(saved_rank) if isinstance(saved_rank, int) else None
     if isinstance(state.get("mesh"), torch.Tensor):  # torch <= 2.9: the grid itself
+        _within(state["mesh"].numel(), limit, "rank grid")
         grid = state["mesh"].clone()
         return grid, names, saved_rank if saved_rank is not None else _rank_at(grid, state.get("_coordinate_on_dim"))
     layout, rank_map = state.get("_layout"), state.get("_rank_map")
     if isinstance(rank_map, torch.Tensor) and isinstance(layout, (SavedMeshLayout, SavedFlatLayout)):
+        _within(rank_map.numel(), limit, "rank map")
         dims = _layout_dims(layout)
         return _grid(dims, rank_map.flatten().tolist(), saved_rank), names, saved_rank
     fields = ", ".join(sorted(state)) or "no fields"
@@ -284,9 +368,23 @@ def _modes(shape: Any, stride: Any) -> list[tuple[int, int]]:
     raise MeshFormError(f"its device mesh layout has a dim of shape {shape!r} and stride {stride!r}")
 
 
+def _within(n: int, limit: int, what: str) -> None:
+    if n > limit:
+        raise MeshBoundsError(f"its device mesh's {what} holds {n:,} entries, more than the checkpoint's "
+                            f"{limit:,} ranks; the file does not describe this save")
+
+
 def _grid(dims: list[list[tuple[int, int]]], ranks: list[int], saved_rank: int | None) -> torch.Tensor:
     sizes = [s for d in dims for s, _ in d]
     strides = [st for d in dims for _, st in d]
+    # bounded before anything is enumerated: distinct positions inside the rank map need at most len(ranks)
+    # of them, and the largest one (every coordinate at its last index) must be inside it
+    if any(type(v) is not int or v < 0 for v in (*sizes, *strides)) or 0 in sizes:
+        raise MeshBoundsError(f"its device mesh layout {sizes}:{strides} has a size or stride that is not a "
+                            f"positive / non-negative int")
+    if math.prod(sizes) > len(ranks) or sum((s - 1) * st for s, st in zip(sizes, strides)) >= len(ranks):
+        raise MeshBoundsError(f"its device mesh layout {sizes}:{strides} spans {math.prod(sizes):,} positions, "
+                            f"more than its {len(ranks):,}-entry rank map holds")
     positions = [sum(c * st for c, st in zip(coord, strides)) for coord in product(*(range(s) for s in sizes))]
     if not positions or len(set(positions)) != len(positions) or min(positions) < 0:
         raise MeshFormError(f"its device mesh layout {sizes}:{strides} does not name distinct ranks")

@@ -29,10 +29,10 @@ import torch
 
 from .errors import CheckpointFormatError, UnsafePickleError
 from .quiet import quieted
-from .meshes import DTENSOR_STAND_INS, STAND_INS
+from .meshes import DTENSOR_STAND_INS, STAND_INS, MeshFormError, SavedDTensor, saved_as
 
 
-def _numpy_rng_globals() -> list[Any]:
+def numpy_rng_globals() -> list[Any]:
     """The globals ``np.random.get_state()`` pickles to, under every name numpy used."""
     import numpy as np
 
@@ -92,7 +92,7 @@ def load(
             if trust_pickle:
                 return torch.load(path, map_location=map_location, mmap=mmap, weights_only=False,
                                   pickle_module=_stand_in_pickle(stand_ins))
-            with _mesh_stand_ins(stand_ins, _numpy_rng_globals() if allow_numpy else []):
+            with _mesh_stand_ins(stand_ins, numpy_rng_globals() if allow_numpy else []):
                 return torch.load(path, map_location=map_location, mmap=mmap, weights_only=True)
     except pickle.UnpicklingError as e:
         culprit = _unsafe_global(str(e))
@@ -105,11 +105,19 @@ def load(
             f"{path}: refusing to unpickle {culprit or 'a non-tensor object'} with weights_only=True"
             f"{_foreign_hint(culprit)}; if you trust where this file came from, rerun with --trust-pickle"
         ) from None
+    except MeshFormError as e:  # a stand-in refused what the file asked of it (a dunder field, a swapped class)
+        raise CheckpointFormatError(f"{path}: {e}; the file is damaged or was not written by torch.save of a "
+                                    f"state dict") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointFormatError(
             f"{path}: cannot be read as a torch.save archive ({first}); the file is truncated or "
             f"corrupt: copy it again from the training job's storage"
+        ) from None
+    except (TypeError, AttributeError, IndexError, KeyError) as e:  # a valid archive whose objects do not rebuild
+        raise CheckpointFormatError(
+            f"{path}: its pickled objects cannot be rebuilt ({type(e).__name__}: {e}); the file is damaged or "
+            f"was not written by torch.save of a state dict"
         ) from None
 
 
@@ -217,7 +225,7 @@ def load_bytes(stream, *, where: str, allow_numpy: bool = True, trust_pickle: bo
             if trust_pickle:
                 return torch.load(stream, map_location="cpu", weights_only=False)
             if allow_numpy:
-                with torch.serialization.safe_globals(_numpy_rng_globals()):
+                with torch.serialization.safe_globals(numpy_rng_globals()):
                     return torch.load(stream, map_location="cpu", weights_only=True)
             return torch.load(stream, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
@@ -254,14 +262,43 @@ _DCP_METADATA_CLASSES = {
 }  # fmt: skip
 
 
-class _MegatronPlainData:
-    """Stands in for megatron-core's empty marker classes (``MCoreMetadata``, ``MCoreSavePlan``) that older
-    ``.metadata`` files pickle: unpickling only fills ``__dict__``; megatron is never imported."""
+# megatron-core 0.15 (dist_checkpointing/strategies/torch.py) pickles its dist_ckpt ``.metadata`` as
+# ``MCoreMetadata(mcore_data=..., **vars(Metadata))``: a dataclass subclass of DCP's Metadata with one more field,
+# ``mcore_data`` (per tensor key, a dict of plain data such as ``nd_reformulated_orig_global_shape``); its save
+# plans are ``MCoreSavePlan``, a frozen SavePlan subclass with the same extra field.  0.16 keeps both names as
+# empty classes only so those files load.  Both are read as the DCP classes they extend (megatron is never
+# imported): built by NEWOBJ + the saved fields, as pickle builds any dataclass, and the extra field kept as an
+# attribute.  Their contents are held to the allowlist above like any other field.
+_MEGATRON_CLASSES = {("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"): "Metadata",
+                     ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan"): "SavePlan"}
+_MEGATRON_READ_AS: dict[str, type] = {}
 
 
-# megatron.core.dist_checkpointing.strategies.torch: classes with no behaviour, kept there only so old files load
-_MEGATRON_PLAIN = {("megatron.core.dist_checkpointing.strategies.torch", "MCoreMetadata"),
-                   ("megatron.core.dist_checkpointing.strategies.torch", "MCoreSavePlan")}
+def _megatron_class(dcp_name: str) -> type:
+    """A subclass of DCP's ``Metadata`` / ``SavePlan`` that becomes that class once its fields are set."""
+    if dcp_name not in _MEGATRON_READ_AS:
+        from torch.distributed.checkpoint.metadata import Metadata
+        from torch.distributed.checkpoint.planner import SavePlan
+
+        base = {"Metadata": Metadata, "SavePlan": SavePlan}[dcp_name]
+
+        def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+            # only a hand-made pickle calls the class with arguments: megatron-core's are dataclasses, which
+            # pickle as NEWOBJ + fields
+            raise pickle.UnpicklingError(
+                f"megatron-core's MCore{dcp_name} called with arguments, which megatron-core never pickles: the "
+                f"file was not written by megatron-core's dist_checkpointing")
+
+        def __setstate__(self: Any, state: Any) -> None:
+            if not isinstance(state, dict) or not all(isinstance(k, str) and not k.startswith("__") for k in state):
+                raise pickle.UnpicklingError(f"megatron-core's MCore{dcp_name} with state of type "
+                                             f"{type(state).__name__}, not the dataclass fields it pickles")
+            self.__dict__.update(state)
+            object.__setattr__(self, "__class__", base)  # the DCP class from here on (a frozen SavePlan too)
+
+        _MEGATRON_READ_AS[dcp_name] = type(f"MCore{dcp_name}", (base,), {"__init__": __init__,
+                                                                         "__setstate__": __setstate__})
+    return _MEGATRON_READ_AS[dcp_name]
 
 
 class _DCPMetadataUnpickler(pickle.Unpickler):
@@ -276,8 +313,8 @@ class _DCPMetadataUnpickler(pickle.Unpickler):
             return _tolerant_tensor_properties()
         if self.trusted or name in _DCP_METADATA_CLASSES.get(module, ()):
             return super().find_class(module, name)
-        if (module, name) in _MEGATRON_PLAIN:
-            return _MegatronPlainData
+        if (module, name) in _MEGATRON_CLASSES:
+            return _megatron_class(_MEGATRON_CLASSES[(module, name)])
         if module == "torch":
             if name == "Size":
                 return torch.Size
@@ -365,3 +402,113 @@ def load_dcp_metadata(path: str | Path, *, trust_pickle: bool = False) -> Any:
     if not isinstance(md, Metadata):
         raise CheckpointFormatError(f"{path}: holds a {type(md).__name__}, not DCP Metadata; the save is corrupt")
     return md
+
+
+# ---------------------------------------------------------------- plain data out
+
+
+def load_plain(path: str | Path) -> Any:
+    """A file of plain data we wrote (``extra_state_merged.pt``), loaded as a user would: ``torch.load`` with
+    ``weights_only=True`` and nothing allowed beyond numpy's rng state (:func:`numpy_rng_globals`): none of our
+    stand-ins, no DTensor classes, and none of what the process registered (importing megatron.core adds
+    PosixPath, Namespace, ... to torch's process-wide allowlist): the allowlist is exactly numpy's for the load."""
+    with _ALLOWLIST_LOCK:
+        saved = torch.serialization.get_safe_globals()
+        torch.serialization.clear_safe_globals()
+        try:
+            torch.serialization.add_safe_globals(numpy_rng_globals())
+            return torch.load(path, map_location="cpu", weights_only=True)
+        finally:
+            torch.serialization.clear_safe_globals()
+            torch.serialization.add_safe_globals(saved)
+
+
+# What a file we write from a checkpoint's state (extra_state_merged.pt) may hold: what torch.load(weights_only=True)
+# rebuilds by itself, plus numpy's rng state (numpy_rng_globals).  The state was read from another job's pickle,
+# so it is rebuilt from these types alone, never pickled as the objects it holds (D2 of issue 26: a placement
+# stand-in re-pickled as a class named by the file ran that class on the next weights_only=False load).
+_PLAIN_SCALARS = (type(None), bool, int, float, str, bytes)
+_PLAIN_TORCH = (torch.dtype, torch.device, torch.Size, torch.layout, torch.memory_format)
+MAX_PLAIN_DEPTH = 200
+
+
+def plain_data(obj: Any, *, where: str, notes: list[str] | None = None) -> Any:
+    """``obj`` rebuilt from plain data alone: dicts, lists, tuples, scalars, plain tensors, numpy uint32 arrays.
+
+    Any other object (a stand-in for a torch class, or under ``--trust-pickle`` a trainer's own class) becomes
+    ``{"class": NAME, "fields": {...}}``: a string naming it and its fields as plain data, and a line in ``notes``.
+    A stand-in's NAME is its type's (:func:`~ckpt_bridge.formats.meshes.saved_as`), never a field of the file.
+    Shared values stay shared; a cycle or nesting deeper than :data:`MAX_PLAIN_DEPTH` is a
+    :class:`CheckpointFormatError` naming ``where``.
+    """
+    import numpy as np
+
+    done: dict[int, Any] = {}
+    busy: set[int] = set()
+    keep: list[Any] = []  # ids stay unique while their objects are alive
+
+    def named(o: Any) -> str:
+        if hasattr(type(o), "_saved_as") and type(o)._saved_as:
+            return saved_as(o)
+        return f"{type(o).__module__}.{type(o).__qualname__}"
+
+    def conv(o: Any, path: str, depth: int) -> Any:
+        if type(o) in _PLAIN_SCALARS or isinstance(o, _PLAIN_TORCH):
+            return o
+        if depth > MAX_PLAIN_DEPTH:
+            raise CheckpointFormatError(f"{where}: {path or 'the state'} nests deeper than {MAX_PLAIN_DEPTH} "
+                                        f"levels; not a trainer's state")
+        if id(o) in done:
+            return done[id(o)]
+        if id(o) in busy:
+            raise CheckpointFormatError(f"{where}: {path or 'the state'} contains itself; not a trainer's state")
+        busy.add(id(o))
+        keep.append(o)
+        try:
+            out = convert(o, path, depth)
+        finally:
+            busy.discard(id(o))
+        done[id(o)] = out
+        return out
+
+    def convert(o: Any, path: str, depth: int) -> Any:
+        for base in (bool, int, float, str, bytes):  # a subclass (an IntEnum): its plain value
+            if isinstance(o, base):
+                return base(o)
+        if isinstance(o, dict):
+            out = {}
+            for k, v in o.items():
+                key = conv(k, path, depth + 1)
+                try:
+                    hash(key)
+                except TypeError:  # a key object written as its fields: named by its repr instead
+                    key = repr(k)[:200]
+                out[key] = conv(v, f"{path}.{k}" if path else str(k), depth + 1)
+            return out
+        if isinstance(o, (list, tuple)):
+            items = [conv(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(o)]
+            return items if isinstance(o, list) else tuple(items)  # a namedtuple becomes a tuple
+        if isinstance(o, SavedDTensor) or (isinstance(o, torch.Tensor) and type(o) is not torch.Tensor
+                                           and type(o) is not torch.nn.Parameter):
+            fields = {k: conv(v, f"{path}.{k}", depth + 1) for k, v in vars(o).items()} if hasattr(o, "__dict__") else {}
+            return note(o, path, fields)
+        if isinstance(o, torch.Tensor):
+            return o.detach() if type(o) is not torch.Tensor else o
+        if isinstance(o, np.ndarray):
+            if type(o) is np.ndarray and o.dtype == np.uint32:  # np.random.get_state(): what the allowlist admits
+                return o
+            return torch.from_numpy(np.array(o)) if o.dtype.kind in "biuf" else conv(o.tolist(), path, depth + 1)
+        if isinstance(o, np.generic):
+            return conv(o.item(), path, depth + 1)
+        if isinstance(getattr(o, "__dict__", None), dict):
+            return note(o, path, {str(k): conv(v, f"{path}.{k}", depth + 1) for k, v in vars(o).items()})
+        return note(o, path, repr(o)[:200])
+
+    def note(o: Any, path: str, fields: Any) -> dict[str, Any]:
+        name = named(o)
+        if notes is not None:
+            notes.append(f"{where}: {path or 'the state'} held a {name}; written as its fields "
+                         f"({{'class': ..., 'fields': ...}}), plain data")
+        return {"class": name, "fields": fields}
+
+    return conv(obj, "", 0)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
+from ckpt_bridge import safeload
 from ckpt_bridge.cli import main as cli
 from ckpt_bridge.compare import bits_equal, deep_equal, diff
 from ckpt_bridge.formats.hf import weight_files
@@ -81,7 +82,7 @@ def test_verl_to_hf_keeps_specials_and_nan_lr(special_verl, tmp_path, capsys):
     for f in weight_files(tmp_path / "hf")[1]:
         got.update(load_file(f))
     assert same_bits(got["model.embed_tokens.weight"], expected)
-    extra = torch.load(tmp_path / "hf" / "extra_state_merged.pt", weights_only=False)
+    extra = safeload.load_plain(tmp_path / "hf" / "extra_state_merged.pt")
     assert str(extra["lr_scheduler"]["_last_lr"]) == "[nan]"
     # exact verify of the export against the source: equal (NaN == the same NaN)
     code, out, err = run(capsys, ["verify", str(actor), str(tmp_path / "hf")])

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ckpt_bridge import safeload
 from ckpt_bridge.cli import main
 from ckpt_bridge.commands.watch import watch
 
@@ -50,7 +51,7 @@ def test_missing_rank_rng_is_refused_and_world_size_comes_from_the_dcp(titan_ste
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["world_size"] == 2 and state["rng_saved_for_ranks"] == [0]
     assert "rank(s) [1]" in state["warnings"][0]
-    assert sorted(torch.load(out / "extra_state_merged.pt", weights_only=False)["rng"]) == [0]
+    assert sorted(safeload.load_plain(out / "extra_state_merged.pt")["rng"]) == [0]
 
 
 @pytest.fixture

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ckpt_bridge import safeload
 from ckpt_bridge.compare import bits_equal
 from ckpt_bridge.formats.base import TensorInfo
 from ckpt_bridge.commands.to_hf import to_hf
@@ -62,7 +63,7 @@ def test_export_is_bit_exact_and_loads(megatron_ckpts, tmp_path, case):
     model, info = getattr(transformers, cfg["architectures"][0]).from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"], info
 
-    extra = torch.load(out / "extra_state_merged.pt", weights_only=False)
+    extra = safeload.load_plain(out / "extra_state_merged.pt")
     refs = [torch.load(f, weights_only=False) for f in sorted((root / "reference").glob("rank*_rng.pt"))]
     firsts = {(r["pp"], r["tp"]): r for r in refs if r["dp"] == 0}  # verl saves data-parallel rank 0's rng
     assert sorted(extra["rng"]) == sorted(f"pp{p}_tp{t}" for p, t in firsts)
@@ -136,7 +137,7 @@ def test_bridge_written_weights_export_with_completeness_checked(megatron_ckpts,
     out = tmp_path / "hf"
     to_hf(root / "global_step_1", out, dtype="keep", progress=False)  # no --config: the bridge wrote one
     _assert_equals_reference(out, root)
-    extra = torch.load(out / "extra_state_merged.pt", weights_only=False)
+    extra = safeload.load_plain(out / "extra_state_merged.pt")
     assert sorted(extra["rng"]) == ["pp0_tp0", "pp0_tp1", "pp1_tp0", "pp1_tp1"]
 
     bad, _ = _copy_actor(megatron_ckpts, tmp_path, case="llama_bridge_tp2pp2")

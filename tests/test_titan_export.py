@@ -13,6 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from ckpt_bridge import safeload
 from ckpt_bridge.integrations.torchtitan import restore_rng_state
 from ckpt_bridge.testing.titan_save import draws, run
 
@@ -33,7 +34,7 @@ def check_export(rec_all: list[dict], dump: Path, hf: Path, step: int, steps: in
         model, info = AutoModelForCausalLM.from_pretrained(export, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
-    extra = torch.load(export / "extra_state_merged.pt", weights_only=False)
+    extra = safeload.load_plain(export / "extra_state_merged.pt")
     assert extra["global_step"] == step and sorted(extra["rng"]) == list(range(len(rec_all)))
     assert json.loads((export / "trainer_state.json").read_text())["global_step"] == step
     for rec in rec_all:  # the next draws of every rank, from its saved rng state

@@ -196,11 +196,11 @@ class _Trainer:
 
 
 def _trainer_model(cfg_dir: Path, specs: list[AuxSpec], layout: str, hf_config: Callable[[], Any], model: Any,
-                   *, titan_native: bool, built_by_us: bool) -> _Trainer:
+                   *, titan_native: bool, built_by_us: bool, source: Any = None) -> _Trainer:
     """The config's HF class plus aux modules (remembered per config: :mod:`~ckpt_bridge.plan.trainer_expectation`),
     or the model (parts) given: a user's, or the TorchTitan model we built (``built_by_us``: aux go on it)."""
     if model is None:
-        exp = trainer_expectation(cfg_dir, specs, layout, hf_config)
+        exp = trainer_expectation(cfg_dir, specs, layout, hf_config, source)  # source: checks a remembered entry
         # a factory is handed the real config; linear / mlp heads are built from the fields they read
         fields_only = all(s.factory is None for s in specs)
         return _Trainer(exp.model_class, exp.requested, exp.tie_groups, exp.known, lambda: Conversions(exp.model(),
@@ -262,7 +262,7 @@ def to_dcp(src: str | Path, out: str | Path, options: "ToDCP | None" = None, *, 
 
         hf_config = _hf_config(cfg_dir)
         trainer = _trainer_model(cfg_dir, specs, layout, hf_config, model, titan_native=titan is not None
-                                 or sd_adapter is not None, built_by_us=titan is not None)
+                                 or sd_adapter is not None, built_by_us=titan is not None, source=infos)
         req, model_class = trainer.requested, trainer.model_class
         aux_names = {s.name for s in specs}
         aux_want = {canonical_key(f): req.info[k] for k, f in req.fqn_of.items()

@@ -252,14 +252,40 @@ class VerlFSDPReader(Reader):
 
     def _mesh(self, rank: int, key: str, dt: meshes.SavedDTensor) -> tuple[torch.Tensor, tuple[str, ...] | None, int | None]:
         """(rank grid, dim names, saving rank) of ``dt``'s saved device mesh, whichever torch wrote it."""
-        m = dt.device_mesh
+        m = self._dtensor_part(rank, key, lambda: dt.device_mesh)
         if id(m) not in self._mesh_cache:
+            # bounded by the world size the rank files are named with (and never more than meshes.MAX_RANKS: a
+            # file name is no proof either): a mesh claiming more ranks is refused before it is enumerated
+            bound = min(self.world_size, meshes.MAX_RANKS)
             try:
-                self._mesh_cache[id(m)] = meshes.rank_grid(m)
+                self._mesh_cache[id(m)] = meshes.rank_grid(m, world_size=bound)
+            except meshes.MeshBoundsError as e:
+                raise CheckpointFormatError(f"{self.model_file(rank)}: key {key!r}: {e}; the rank file is damaged: "
+                                            f"copy it again from the training job's storage") from None
             except meshes.MeshFormError as e:
                 raise CheckpointFormatError(f"{self.model_file(rank)}: key {key!r}: {e}; cannot place the shard: "
                                             f"export it with ckpt-bridge under the torch that saved it") from None
         return self._mesh_cache[id(m)]
+
+    def _dtensor_part(self, rank: int, key: str, get: Any) -> Any:
+        """A part of a saved DTensor (its placements, mesh, local shard), or one line naming the rank file."""
+        try:
+            return get()
+        except meshes.MeshFormError as e:
+            raise CheckpointFormatError(f"{self.model_file(rank)}: key {key!r}: {e}; the file is damaged or was "
+                                        f"not written by torch.save of a DTensor state dict") from None
+
+    def _placements(self, rank: int, key: str, v: Any) -> tuple[Placement, ...]:
+        """``v``'s placements as plain data, each Shard's dim checked against the tensor's dims."""
+        where = f"{self.model_file(rank)}: key {key!r}"
+        saved = self._dtensor_part(rank, key, lambda: v.placements)
+        for p in saved:
+            if type(p).__name__ == "Shard":
+                d = getattr(p, "dim", None)
+                if type(d) is not int or not -v.dim() <= d < v.dim():
+                    raise CheckpointFormatError(f"{where}: placement Shard(dim={d!r}) on a tensor of "
+                                                f"{v.dim()} dims; the file does not match its own metadata")
+        return placements_of(saved, where)
 
     def check_keys(self, keys) -> None:
         for key in keys:  # placements and shard shapes of every key, on every rank
@@ -292,7 +318,7 @@ class VerlFSDPReader(Reader):
             return lay
 
         where0 = f"{self.model_file(0)}: key {key!r}"
-        placements = placements_of(first.placements, where0)
+        placements = self._placements(0, key, first)
         mesh, names, _ = self._mesh(0, key, first)
         if len(placements) != mesh.dim():
             raise CheckpointFormatError(f"{where0}: {len(placements)} placements for a {mesh.dim()}-D mesh")
@@ -309,9 +335,10 @@ class VerlFSDPReader(Reader):
             where = f"{self.model_file(r)}: key {key!r}"
             if not meshes.is_dtensor(v):
                 raise CheckpointFormatError(f"{where}: plain tensor on rank {r} but a DTensor on rank 0")
-            if placements_of(v.placements, where) != placements or tuple(v.shape) != shape or v.dtype != first.dtype:
+            local = self._dtensor_part(r, key, lambda: meshes.local_shard(v))
+            if self._placements(r, key, v) != placements or tuple(v.shape) != shape or v.dtype != first.dtype:
                 raise CheckpointFormatError(
-                    f"{where}: placements/shape/dtype {tuple(map(str, placements_of(v.placements, where)))} "
+                    f"{where}: placements/shape/dtype {tuple(map(str, self._placements(r, key, v)))} "
                     f"{tuple(v.shape)} {v.dtype} on rank {r} disagree with rank 0's "
                     f"{tuple(map(str, placements))} {shape} {first.dtype}"
                 )
@@ -326,9 +353,9 @@ class VerlFSDPReader(Reader):
             coord = tuple(int(i) for i in (mesh == r).nonzero()[0].tolist())
             region = local_region(shape, tuple(mesh.shape), placements, coord)
             expect = tuple(b - a for a, b in region)
-            if tuple(v._local_tensor.shape) != expect:
+            if tuple(local.shape) != expect:
                 raise CheckpointFormatError(
-                    f"{where}: rank {r} holds a shard of shape {tuple(v._local_tensor.shape)}, but "
+                    f"{where}: rank {r} holds a shard of shape {tuple(local.shape)}, but "
                     f"{tuple(map(str, placements))} on mesh {tuple(mesh.shape)} puts {expect} there; "
                     f"the file does not match its own metadata"
                 )
@@ -532,7 +559,7 @@ class VerlFSDPReader(Reader):
         for key, v in self._sd(0).items():
             if meshes.is_dtensor(v):
                 _, names, _ = self._mesh(0, key, v)
-                label = f"{tuple(str(p) for p in placements_of(v.placements, key))} on {names}"
+                label = f"{tuple(str(p) for p in self._placements(0, key, v))} on {names}"
             else:
                 label = "plain tensor (copied on every rank)"
             counts[label] = counts.get(label, 0) + 1
@@ -552,7 +579,7 @@ def _data_offsets(path: Path, trust_pickle: bool) -> dict[str, int | None]:
     sd = safeload.load(path, mmap=False, map_location="meta", trust_pickle=trust_pickle, saved_dtensors=True)
     out: dict[str, int | None] = {}
     for key, v in sd.items():
-        t = v._local_tensor if meshes.is_dtensor(v) else v
+        t = getattr(v, "_local_tensor", None) if meshes.is_dtensor(v) else v
         base = getattr(t.untyped_storage(), "_checkpoint_offset", None) if isinstance(t, torch.Tensor) else None
         ok = base is not None and t.is_contiguous()
         out[key] = base + t.storage_offset() * t.element_size() if ok else None

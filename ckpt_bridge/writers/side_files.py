@@ -22,6 +22,7 @@ from ..formats.base import Reader
 from ..models.hf import with_legacy_fields
 from ..jsonfiles import check_config, read_json
 from ..formats.config_files import side_files
+from ..safeload import plain_data
 from .marker import write_marker
 
 
@@ -131,7 +132,10 @@ def write_extra_state(tmp: Path, extra: dict[str, Any], *, source: str) -> list[
         "dataloader": extra.get("dataloader"),
         "source": source,
     }
-    torch.save(payload, tmp / "extra_state_merged.pt")
+    # plain data only (safeload.plain_data): the file loads with weights_only=True (numpy's rng classes allowed)
+    notes: list[str] = []
+    torch.save(plain_data(payload, where=f"{source}: extra state", notes=notes), tmp / "extra_state_merged.pt")
+    extra["warnings"] = [*extra.get("warnings", []), *notes]
     readable = {
         "global_step": extra.get("global_step"),
         "world_size": extra.get("world_size"),
@@ -147,8 +151,10 @@ def write_extra_state(tmp: Path, extra: dict[str, Any], *, source: str) -> list[
         "dataloader_state_saved": extra.get("dataloader") is not None,
         "rng_saved_for_ranks": sorted(extra.get("rng", {})),
         "lr_scheduler": jsonable(extra.get("lr_scheduler")),
-        "restore": "torch.load('extra_state_merged.pt', weights_only=False) is trusted output of ckpt-bridge; "
-                   "rng[rank] holds python/numpy/torch (and cuda) states",
+        "restore": "plain data: torch.load('extra_state_merged.pt', weights_only=True) inside "
+                   "torch.serialization.safe_globals(ckpt_bridge.safeload.numpy_rng_globals()) (numpy's rng "
+                   "state), i.e. ckpt_bridge.safeload.load_plain(path); rng[rank] holds python/numpy/torch (and "
+                   "cuda) states",
         "source": source,
         "warnings": extra.get("warnings", []),
     }
