@@ -1,11 +1,13 @@
-"""``to_dcp``: a Hugging Face model directory -> the DCP folder a TorchTitan /
+"""``to_dcp``: any checkpoint ``to-hf`` reads -> the DCP folder a TorchTitan /
 flame model-only load accepts, with auxiliary modules and a manifest.
 
-This module only assembles the pipeline (:func:`ckpt_bridge.pipeline.run.run`): the reader of the HF dir
-(seen through a TorchTitan adapter when the trainer's model is TorchTitan's own), the plan against the keys
-the trainer will request (:mod:`ckpt_bridge.plan.trainer_target`), the DCP sink (:mod:`ckpt_bridge.writers.dcp`:
-DCP's own ``FileSystemWriter`` and planner; a large tensor stored as row chunks, so memory is a few pieces) and
-the manifest as the side file.
+This module only assembles the pipeline (:func:`ckpt_bridge.pipeline.run.run`), then runs it: the reader
+(:func:`_open_source`: the source's names - Megatron's, a TorchTitan-native DCP's - brought to HF names by the
+plan ``to-hf`` composes before its target, aux modules it holds set apart), the plan against the keys the
+trainer will request (:func:`_plan_job`, :mod:`ckpt_bridge.plan.trainer_target`; seen through a TorchTitan
+adapter when the trainer's model is TorchTitan's own), the DCP sink (:mod:`ckpt_bridge.writers.dcp`: DCP's own
+``FileSystemWriter`` and planner; a large tensor stored as row chunks, so memory is a few pieces) and the
+manifest as the side file (:func:`_run_job`).
 
 Everything checkable (keys both ways, shapes, aux sources) is checked before
 the output directory is created; the output is written under a temporary name
