@@ -220,3 +220,16 @@ def test_torchtitan_loads_every_source_on_two_fsdp2_ranks(converted, tmp_path):
         assert r["loaded"] is True, kind
         assert not r["different"] and not r["not_in_model"] and not r["not_in_source"], (kind, r)
         assert len(r["equal"]) == r["keys_in_model"] > 10, kind
+
+
+def test_workers_2_from_a_megatron_save_equal_one_process(sources, converted, tmp_path):
+    """--workers 2 splits the Megatron source's plan (split qkv / fc1 composed before the trainer keys) between
+    two processes: the same DCP, tensor for tensor."""
+    src, common, _, _ = _opts(sources["megatron"])
+    args = ["to-dcp", str(src), "--out", str(tmp_path / "w2"), "--config", str(common["config"]), "--workers", "2",
+            "--seed", str(SEED), "--quiet"] + [x for a in NEW for x in ("--aux", a)]
+    assert cli(args) == 0
+    a, b = _dcp_state(converted["megatron"][0]), _dcp_state(tmp_path / "w2")
+    assert sorted(a) == sorted(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
