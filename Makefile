@@ -38,6 +38,7 @@ test: install
 bench: install
 	$(PYTHON) bench/bench_verl_to_hf.py --size all --repeat 3
 	$(PYTHON) bench/bench_megatron.py --size 1b --repeat 3
+	$(PYTHON) bench/bench_any_source.py --size 1b --repeat 3
 	$(PYTHON) bench/bench_dcp.py --size all --repeat 3 --profile 1b
 
 clean:

@@ -138,14 +138,17 @@ def _parser() -> argparse.ArgumentParser:
 
     pt = sub.add_parser(
         "to-dcp",
-        help="write a Hugging Face model as the DCP folder a TorchTitan/flame model-only load accepts",
-        description="Write HF_DIR's weights (streamed, one tensor in memory) as a torch.distributed.checkpoint "
+        help="write any checkpoint to-hf reads as the DCP folder a TorchTitan/flame model-only load accepts",
+        description="Write SRC's weights (streamed, one tensor in memory) as a torch.distributed.checkpoint "
         "folder holding exactly the keys the trainer's model-only load requests. --layout auto asks the installed "
         "torchtitan of any era - its own CheckpointManager, or its source when it does not import - and says "
         "which era it found: nested (model.<fqn>) up to commit e320a37 (already versioned 0.1.0; flame pins up to "
         "5e2033c), flat (<fqn>) from cddd7dc on (flame's 0b44d4c, 0.2.x, 0.3.0). The printed flags use that era's "
         "names (initial_load_model_only / initial_load_model_weights_only, or step-0 + load_step 0). Auxiliary modules "
-        "(--aux) are added freshly initialised (seeded) or copied (--aux-from). A manifest with the source "
+        "(--aux) are added freshly initialised (seeded) or copied (--aux-from); the ones SRC holds are carried unchanged. "
+        "SRC is anything to-hf reads: an HF dir, a verl FSDP actor or step dir, a verl Megatron save, a DCP step "
+        "folder of any era, a TorchTitan-native DCP (--source-titan-model), a torch file (--config); a LoRA run is "
+        "merged first (to-hf --lora merge). A manifest with the source "
         "files' sha256, the HF config, the layout decision and the aux specs is written next to the weights.",
         epilog="examples:\n"
         "  ckpt-bridge to-dcp models/OLMo-2-1B --out bootstrap/olmo2\n"
@@ -159,7 +162,8 @@ def _parser() -> argparse.ArgumentParser:
         "reference: docs/to-dcp.md (the TorchTitan eras table)",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    pt.add_argument("src", metavar="HF_DIR", help="Hugging Face model dir (config.json + safetensors)")
+    pt.add_argument("src", metavar="SRC", help="any checkpoint to-hf reads (HF dir, verl FSDP / Megatron save, DCP "
+                    "folder, TorchTitan-native DCP, torch file)")
     pt.add_argument("--out", required=True, metavar="DIR", help="output DCP folder (must not exist unless --overwrite)")
     pt.add_argument("--layout", default="auto", choices=["auto", "nested", "flat"],
                     help="auto (default): ask the installed torchtitan (any era); nested: trainers up to e320a37 "
@@ -172,8 +176,13 @@ def _parser() -> argparse.ArgumentParser:
     pt.add_argument("--seed", type=int, default=0, help="seed of the aux modules' init (default 0)")
     pt.add_argument("--aux-from", metavar="PATH", help="copy the aux modules' weights from this checkpoint "
                     "(DCP, HF dir, safetensors or torch file) instead of initialising them")
-    pt.add_argument("--config", metavar="PATH", help="config.json (or a dir with one) when HF_DIR has none")
+    pt.add_argument("--config", metavar="PATH", help="config.json (or a dir with one) when SRC has none "
+                    "(a torch file, a bare DCP)")
     pt.add_argument("--titan-model", metavar="NAME", help=TITAN_HELP + " (default: the HF model class itself)")
+    pt.add_argument("--source-titan-model", metavar="NAME", help="SRC holds TorchTitan NAME's own keys (llama3, "
+                    "qwen3); its adapter's to_hf names them (default: what SRC's to-dcp manifest recorded)")
+    pt.add_argument("--extra-state", action="store_true", help="copy SRC's lr_scheduler / rng / step into "
+                    "OUT/source_extra_state (the files to-hf writes); a model-only load does not read them")
     pt.add_argument("--overwrite", action="store_true", help="replace DIR if it exists")
     pt.add_argument("--dry-run", action="store_true", help="check all, print the plan of transforms; write nothing")
     pt.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -570,6 +579,9 @@ def _to_dcp(args: argparse.Namespace) -> int:
     print(f"  {res.tensors} tensors: {res.from_source} from {res.source}, {res.aux_tensors} in aux modules "
           f"({', '.join(res.aux) or 'none'}); {res.bytes_written / 1e6:.1f} MB in {res.seconds:.1f} s")
     _print_dropped(res.dropped)
+    if res.left_behind:
+        print(f"  not carried (a model-only DCP): {', '.join(res.left_behind)} of {res.source_format}"
+              + (f"; copied to {res.extra_state}" if res.extra_state else "; --extra-state copies it beside"))
     print(f"  manifest: {res.manifest}")
     print("to start training from it:")
     for line in res.flags():

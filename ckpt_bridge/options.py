@@ -63,12 +63,17 @@ class ToDCP:
     trust_pickle: bool = False
     progress: bool | None = None
     dry_run: bool = False
+    # the source holds a TorchTitan model's own names (to-hf's --titan-model; default: what its manifest recorded)
+    source_titan_model: str | None = None
+    extra_state: bool = False  # copy the source's training extra state beside the DCP (as to-hf writes it)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ToDCP":
         return cls(layout=args.layout, dtype=args.dtype, aux=args.aux, seed=args.seed, aux_from=args.aux_from,
                    config=args.config, titan_model=args.titan_model, overwrite=args.overwrite,
-                   trust_pickle=args.trust_pickle, progress=False if args.quiet else None, dry_run=args.dry_run)
+                   trust_pickle=args.trust_pickle, progress=False if args.quiet else None, dry_run=args.dry_run,
+                   source_titan_model=getattr(args, "source_titan_model", None),
+                   extra_state=getattr(args, "extra_state", False))
 
 
 def resolve(kind: type, options: Any, kwargs: dict[str, Any], caller: str) -> Any:

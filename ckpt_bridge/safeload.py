@@ -437,7 +437,7 @@ def plain_data(obj: Any, *, where: str, notes: list[str] | None = None) -> Any:
 
     Any other object (a stand-in for a torch class, or under ``--trust-pickle`` a trainer's own class) becomes
     ``{"class": NAME, "fields": {...}}``: a string naming it and its fields as plain data, and a line in ``notes``.
-    A stand-in's NAME is its type's (:func:`~ckpt_bridge.formats.meshes.saved_as`), never a field of the file.
+    A stand-in's NAME is its type's (:func:`~ckpt_bridge.meshes.saved_as`), never a field of the file.
     Shared values stay shared; a cycle or nesting deeper than :data:`MAX_PLAIN_DEPTH` is a
     :class:`CheckpointFormatError` naming ``where``.
     """

@@ -55,6 +55,9 @@ class DCPExportSummary:
     seconds: float = 0.0
     seed_flags: list[str] = field(default_factory=list)  # in the installed era's words (titan_eras.seed_flags)
     titan_model: str | None = None
+    source_format: str = ""
+    left_behind: list[str] = field(default_factory=list)  # what the source held beyond the weights, not carried
+    extra_state: str | None = None  # --extra-state: where the source's training state was copied
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "seed_flags"}

@@ -133,7 +133,7 @@ def _checkpoint_fqns(r: DCPReader) -> dict[str, str]:
 def _target_model(hf_dir: Path, manifest: dict | None):
     model = build_meta_model(hf_dir)
     specs = [parse_aux(a["spec"], origin=f"the to-dcp manifest's aux[{i}].spec")
-             for i, a in enumerate((manifest or {}).get("aux", [])) if a.get("kind") != "factory"]
+             for i, a in enumerate((manifest or {}).get("aux", [])) if a.get("kind") != "factory" and a.get("spec")]
     if specs:
         attach_aux(model, specs, model.config)
     return model, specs
@@ -151,7 +151,7 @@ def _titan_target(hf_dir: Path, manifest: dict | None, titan_model: str | None):
 
     tm = build_titan_model(name, hf_dir)
     model = tm.build("meta")
-    specs = [parse_aux(a["spec"]) for a in (manifest or {}).get("aux", []) if a.get("kind") != "factory"]
+    specs = [parse_aux(a["spec"]) for a in (manifest or {}).get("aux", []) if a.get("kind") != "factory" and a.get("spec")]
     if specs:
 
         attach_aux(model, specs, load_hf_config(hf_dir))
@@ -213,6 +213,7 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
     # load-time conversions: per-expert MoE weights fused, ...), one transform at a time
     in_dcp = _checkpoint_fqns(r)
     aux_names = {s.name for s in specs}
+    recorded = {a.get("name") for a in (manifest or {}).get("aux", [])}  # a carried module with no spec: by hash
     flat = requested_keys(model, "flat")
     conv = Conversions(model, "load")
     plan = plan_dcp(names.targets() if names is not None else hf.tensors(), flat,
@@ -256,7 +257,7 @@ def verify_dcp(dcp_dir: str | Path, hf_dir: str | Path, *, layout_for: str = "in
         else:
             res.aux[rec["name"]] = False
     res.unknown_extra = sorted(f for f in in_dcp if f not in hf_info
-                               and f.split(".", 1)[0] not in aux_names and not f.endswith("inv_freq"))
+                               and f.split(".", 1)[0] not in aux_names | recorded and not f.endswith("inv_freq"))
 
     # 3. loss on the same tokens
     if loss_text is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -118,104 +119,145 @@ def to_hf(src: str | Path, out: str | Path, options: "ToHF | None" = None, *, te
     (:mod:`ckpt_bridge.pipeline.team`; default: alone).
     """
     o = resolve(ToHF, options, kwargs, "to_hf")  # the same options from Python and from the CLI
-    dtype, max_shard_size, config, tokenizer = o.dtype, o.max_shard_size, o.config, o.tokenizer
-    aux, aux_prefixes, models, base = o.aux, o.aux_prefixes, o.models, o.base
-    titan_model, lora, lora_config, overwrite = o.titan_model, o.lora, o.lora_config, o.overwrite
-    trust_pickle, progress, allow_missing_rng, dry_run = o.trust_pickle, o.progress, o.allow_missing_rng, o.dry_run
     t0 = time.perf_counter()
     team = team or Team()
-    cast = parse_dtype(dtype, ", ".join(["keep", *DTYPES]))
-    if aux not in AUX_MODES:
-        raise BridgeError(f"--aux {aux!r}: choose one of {', '.join(AUX_MODES)}")
-    try:
-        shard_bytes = parse_size(max_shard_size)
-    except ValueError as e:
-        raise BridgeError(f"--max-shard-size: {e}") from None
-    tok_dir = Path(tokenizer) if tokenizer is not None else None
-    if tok_dir is not None and not tok_dir.is_dir():
-        raise BridgeError(f"--tokenizer {tok_dir}: not a directory")
-    models = list(models or ["main"])
-    if models[0] != "main" or len(set(models)) != len(models):
-        raise BridgeError(f"--models {','.join(models)}: list main first, then the other sections (e.g. main,ema)")
-    others = tuple(models[1:])
-    base_dir = Path(base) if base is not None else None
-    if base_dir is not None and not (base_dir / "config.json").is_file():
-        raise BridgeError(f"--base {base_dir}: not a model directory (no config.json)")
+    checked = _Checked.of(o)  # every option checked before anything is read
     # allow_missing_rng, DCP: a rank without rng is a warning, not an error
-    with open_reader(src, trust_pickle=trust_pickle, allow_missing_rng=allow_missing_rng) as reader:
-        if config is None and base_dir is not None and reader.hf_config_dir() is None:
-            config = base_dir  # the checkpoint has no config of its own: the base's describes it
+    with open_reader(src, trust_pickle=o.trust_pickle, allow_missing_rng=o.allow_missing_rng) as reader:
+        job = _assemble(src, out, reader, o, checked, team, t0)
+        if isinstance(job, ExportSummary):  # a LoRA export (its own command) or --dry-run: done
+            return job
+        _run(job, out, o, team)
+    job.summary.seconds = time.perf_counter() - t0
+    return job.summary
 
-        names = hf_names(reader, config, titan_model)  # a TorchTitan-native DCP: its adapter's to_hf, as transforms
-        all_infos, cfg_dir = _checked_source(reader, config, others, names)
-        if base_dir is not None and cfg_dir != base_dir:
-            same_model(cfg_dir, base_dir)
-        if team.size > 1 and (dry_run or is_lora(all_infos)):
-            raise BridgeError("--workers/--distributed: a LoRA export and --dry-run run in one process; "
-                              "drop the option")
-        if is_lora(all_infos):  # LoRA (issue 11): its own plan of folds + renames and a PEFT adapter
-            return export_lora(reader, all_infos, cfg_dir, src, out, mode=lora, lora_config=lora_config, cast=cast,
-                               shard_bytes=shard_bytes, tokenizer=tok_dir, base=base_dir, overwrite=overwrite,
-                               progress=progress, t0=t0, dry_run=dry_run)
-        where = str(reader.path)
+
+@dataclass(frozen=True)
+class _Checked:
+    """The options turned into what the export uses, each refused in one line before anything is read."""
+
+    cast: Any
+    shard_bytes: int
+    tok_dir: Path | None
+    others: tuple[str, ...]  # the sections besides main (--models)
+    base_dir: Path | None
+
+    @classmethod
+    def of(cls, o: ToHF) -> "_Checked":
+        cast = parse_dtype(o.dtype, ", ".join(["keep", *DTYPES]))
+        if o.aux not in AUX_MODES:
+            raise BridgeError(f"--aux {o.aux!r}: choose one of {', '.join(AUX_MODES)}")
         try:
-            plan, aux_keys = plan_export(reader, all_infos, cfg_dir, aux_prefixes=aux_prefixes, where=where)
-        except KeyPlanError as e:
-            raise _with_titan_hint(e, reader, cfg_dir, titan_model, names is not None) from None
-        other_plans = []
-        for name in others:  # planned and checked in full before any output exists
-            sec = reader.section_tensors(name)
-            if not sec:
-                raise KeyPlanError(f"{where}: --models {name}: no section {name!r} in this checkpoint "
-                                   f"(model sections: {', '.join(reader.model_sections()) or 'none'})")
-            other_plans.append((name, plan_hf_export(sec, cfg_dir, where=f"{where} [{name}]")))
-        summary = ExportSummary(str(src), reader.format, str(out), aux=aux_keys, aux_mode=aux)
-        aux_tf = [rename(k, k, all_infos[k], f"aux module {name}") for name, keys in aux_keys.items() for k in keys]
-        if aux == "drop":
-            summary.dropped += [(t.inputs[0], f"aux module {t.inputs[0].split('.', 1)[0]} (--aux drop)")
-                                for t in aux_tf]
-        main_tf = list(plan.transforms) + (aux_tf if aux == "inline" else [])
-        sep_tf = aux_tf if aux == "separate" else []
-        out_dt = out_dtype(cast)
-        protect = tuple(p for p in (Path(src), reader.path, cfg_dir, tok_dir, base_dir) if p is not None)
-        if dry_run:  # everything the real run reads before writing, minus tensor data
-            check_target(out, overwrite=overwrite, protect=protect)
-            extra = reader.extra_state()
-            summary.model_class, summary.extra_state = plan.model_class, bool(extra)
-            summary.warnings += (extra or {}).get("warnings", [])
-            aux_lines = [] if aux == "drop" else [f"{t.inputs[0]}  [{t.rule}, --aux {aux}]" for t in aux_tf]
-            summary.plan_lines = (plan.lines() + aux_lines + [f"{k} -> (dropped: {why})" for k, why in summary.dropped]
-                                  + [f"# {n}" for n in plan.notes])
-            summary.config = str(cfg_dir / "config.json")
-            return summary
-        if names is not None:  # read the native keys: the adapter's renames compose with the export's
-            main_tf = compose(names, Plan(transforms=main_tf), where=where).transforms
-            sep_tf = compose(names, Plan(transforms=sep_tf), where=where).transforms
-        main = SafetensorsSink(main_tf, out_dt, shard_bytes)
-        sinks = [main] + ([SafetensorsSink(sep_tf, out_dt, shard_bytes, prefix=AUX_FILE, shared=False)]
-                          if sep_tf else [])
-        section_tf = []
-        for name, p_other in other_plans:  # another model of the checkpoint (the EMA) as NAME.safetensors
-            fqn_to_key = reader.section_fqns(name)
-            tfs = [reading_from(t, fqn_to_key) for t in p_other.transforms]
-            section_tf += tfs
-            sinks.append(SafetensorsSink(tfs, out_dt, shard_bytes, prefix=name, shared=False))
-        side = [partial(_aux_index, aux_keys, all_infos)] if sep_tf else []
-        side.append(partial(write_hf_side_files, reader=reader, summary=summary, cfg_dir=cfg_dir, key_plan=plan,
-                            written=dominant_float_dtype(plan.targets().values(), out_dt), tokenizer=tok_dir,
-                            base=base_dir, write=_write_configs))
-        summary.model_class = plan.model_class
-        summary.dropped = list(plan.dropped) + summary.dropped
-        result = run(reader, Plan(transforms=main_tf + sep_tf + section_tf), sinks, side, team,
-                     output=Output(Path(out), overwrite=overwrite, protect=protect), label="to-hf",
-                     progress=progress)
-        if result.leader:
-            done = [o for t in main_tf + sep_tf for o in t.outputs]  # the model and its aux modules, all written
-            summary.tensors, summary.parameters = len(done), sum(o.numel for o in done)
-            summary.files = result.files
-            summary.bytes_written = main.total_size + (sinks[1].total_size if sep_tf else 0)
-    summary.seconds = time.perf_counter() - t0
-    return summary
+            shard_bytes = parse_size(o.max_shard_size)
+        except ValueError as e:
+            raise BridgeError(f"--max-shard-size: {e}") from None
+        tok_dir = Path(o.tokenizer) if o.tokenizer is not None else None
+        if tok_dir is not None and not tok_dir.is_dir():
+            raise BridgeError(f"--tokenizer {tok_dir}: not a directory")
+        models = list(o.models or ["main"])
+        if models[0] != "main" or len(set(models)) != len(models):
+            raise BridgeError(f"--models {','.join(models)}: list main first, then the other sections (e.g. main,ema)")
+        base_dir = Path(o.base) if o.base is not None else None
+        if base_dir is not None and not (base_dir / "config.json").is_file():
+            raise BridgeError(f"--base {base_dir}: not a model directory (no config.json)")
+        return cls(cast, shard_bytes, tok_dir, tuple(models[1:]), base_dir)
+
+
+@dataclass
+class _Export:
+    """One assembled export: what ``run`` needs (reader, plan, sinks, side files) and the summary it fills."""
+
+    reader: Reader
+    main_tf: list
+    sep_tf: list
+    section_tf: list
+    sinks: list
+    side: list
+    protect: tuple
+    summary: ExportSummary
+
+
+def _assemble(src: str | Path, out: str | Path, reader: Reader, o: ToHF, c: _Checked, team: Team, t0: float
+              ) -> "_Export | ExportSummary":
+    """Reader -> checked plan -> sinks and side files; a LoRA source goes to its own command, --dry-run stops
+    here with the plan in the summary."""
+    config = o.config
+    if config is None and c.base_dir is not None and reader.hf_config_dir() is None:
+        config = c.base_dir  # the checkpoint has no config of its own: the base's describes it
+
+    names = hf_names(reader, config, o.titan_model)  # a TorchTitan-native DCP: its adapter's to_hf, as transforms
+    all_infos, cfg_dir = _checked_source(reader, config, c.others, names)
+    if c.base_dir is not None and cfg_dir != c.base_dir:
+        same_model(cfg_dir, c.base_dir)
+    if team.size > 1 and (o.dry_run or is_lora(all_infos)):
+        raise BridgeError("--workers/--distributed: a LoRA export and --dry-run run in one process; "
+                          "drop the option")
+    if is_lora(all_infos):  # LoRA (issue 11): its own plan of folds + renames and a PEFT adapter
+        return export_lora(reader, all_infos, cfg_dir, src, out, mode=o.lora,
+                           lora_config=o.lora_config, cast=c.cast, shard_bytes=c.shard_bytes, tokenizer=c.tok_dir,
+                           base=c.base_dir, overwrite=o.overwrite, progress=o.progress, t0=t0, dry_run=o.dry_run)
+    where = str(reader.path)
+    try:
+        plan, aux_keys = plan_export(reader, all_infos, cfg_dir, aux_prefixes=o.aux_prefixes, where=where)
+    except KeyPlanError as e:
+        raise _with_titan_hint(e, reader, cfg_dir, o.titan_model, names is not None) from None
+    other_plans = []
+    for name in c.others:  # planned and checked in full before any output exists
+        sec = reader.section_tensors(name)
+        if not sec:
+            raise KeyPlanError(f"{where}: --models {name}: no section {name!r} in this checkpoint "
+                               f"(model sections: {', '.join(reader.model_sections()) or 'none'})")
+        other_plans.append((name, plan_hf_export(sec, cfg_dir, where=f"{where} [{name}]")))
+    summary = ExportSummary(str(src), reader.format, str(out), aux=aux_keys, aux_mode=o.aux)
+    aux_tf = [rename(k, k, all_infos[k], f"aux module {name}") for name, keys in aux_keys.items() for k in keys]
+    if o.aux == "drop":
+        summary.dropped += [(t.inputs[0], f"aux module {t.inputs[0].split('.', 1)[0]} (--aux drop)")
+                            for t in aux_tf]
+    main_tf = list(plan.transforms) + (aux_tf if o.aux == "inline" else [])
+    sep_tf = aux_tf if o.aux == "separate" else []
+    out_dt = out_dtype(c.cast)
+    protect = tuple(p for p in (Path(src), reader.path, cfg_dir, c.tok_dir, c.base_dir) if p is not None)
+    if o.dry_run:  # everything the real run reads before writing, minus tensor data
+        check_target(out, overwrite=o.overwrite, protect=protect)
+        extra = reader.extra_state()
+        summary.model_class, summary.extra_state = plan.model_class, bool(extra)
+        summary.warnings += (extra or {}).get("warnings", [])
+        aux_lines = [] if o.aux == "drop" else [f"{t.inputs[0]}  [{t.rule}, --aux {o.aux}]" for t in aux_tf]
+        summary.plan_lines = (plan.lines() + aux_lines + [f"{k} -> (dropped: {why})" for k, why in summary.dropped]
+                              + [f"# {n}" for n in plan.notes])
+        summary.config = str(cfg_dir / "config.json")
+        return summary
+    if names is not None:  # read the native keys: the adapter's renames compose with the export's
+        main_tf = compose(names, Plan(transforms=main_tf), where=where).transforms
+        sep_tf = compose(names, Plan(transforms=sep_tf), where=where).transforms
+    main = SafetensorsSink(main_tf, out_dt, c.shard_bytes)
+    sinks = [main] + ([SafetensorsSink(sep_tf, out_dt, c.shard_bytes, prefix=AUX_FILE, shared=False)]
+                      if sep_tf else [])
+    section_tf = []
+    for name, p_other in other_plans:  # another model of the checkpoint (the EMA) as NAME.safetensors
+        fqn_to_key = reader.section_fqns(name)
+        tfs = [reading_from(t, fqn_to_key) for t in p_other.transforms]
+        section_tf += tfs
+        sinks.append(SafetensorsSink(tfs, out_dt, c.shard_bytes, prefix=name, shared=False))
+    side = [partial(_aux_index, aux_keys, all_infos)] if sep_tf else []
+    side.append(partial(write_hf_side_files, reader=reader, summary=summary, cfg_dir=cfg_dir, key_plan=plan,
+                        written=dominant_float_dtype(plan.targets().values(), out_dt), tokenizer=c.tok_dir,
+                        base=c.base_dir, write=_write_configs))
+    summary.model_class = plan.model_class
+    summary.dropped = list(plan.dropped) + summary.dropped
+    return _Export(reader, main_tf, sep_tf, section_tf, sinks, side, protect, summary)
+
+
+def _run(job: _Export, out: str | Path, o: ToHF, team: Team) -> None:
+    """The one pipeline run: every sink's transforms streamed, side files after, renamed into place."""
+    result = run(job.reader, Plan(transforms=job.main_tf + job.sep_tf + job.section_tf), job.sinks, job.side, team,
+                 output=Output(Path(out), overwrite=o.overwrite, protect=job.protect), label="to-hf",
+                 progress=o.progress)
+    if result.leader:
+        done = [t for tf in job.main_tf + job.sep_tf for t in tf.outputs]  # the model and its aux modules
+        job.summary.tensors, job.summary.parameters = len(done), sum(t.numel for t in done)
+        job.summary.files = result.files
+        job.summary.bytes_written = sum(sink.total_size for sink in job.sinks[:1 + bool(job.sep_tf)])
 
 
 def _aux_index(aux_keys: dict[str, list[str]], infos: dict[str, TensorInfo], tmp: Path) -> list[str]:

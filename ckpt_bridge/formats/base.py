@@ -77,6 +77,11 @@ class Reader(ABC):
         """lr_scheduler / rng / step state, if the format stores any."""
         return {}
 
+    def held_state(self) -> list[str]:
+        """What the checkpoint holds beyond the model weights (``optimizer``, ``lr_scheduler``, ``rng``, ...),
+        from its file listing or metadata alone: a model-only export names what it leaves behind."""
+        return []
+
     def problems(self) -> list[str]:
         """Everything wrong that can be seen without reading tensor data."""
         return []

@@ -145,6 +145,11 @@ class DCPReader(Reader):
         present = {p[0] for p in nest.values() if p} | {k.split(".", 1)[0] for k in self.metadata.state_dict_metadata}
         return [s for s in TRAINING_SECTIONS if s in present]
 
+    def held_state(self) -> list[str]:
+        """The training sections saved beside the model, other model sections (an EMA), the hook's rng."""
+        return self.sections() + [f"model section {s}" for s in self.model_sections()] + \
+            (["rng"] if rng_files(self.path) else [])
+
     def model_sections(self) -> list[str]:
         """Nested sections that are neither the model nor training state (e.g. an "ema" copy)."""
         return sorted({p[0] for p in self.nesting().values() if len(p) > 1 and p[0] not in TRAINING_SECTIONS

@@ -4,6 +4,8 @@
   :func:`ckpt_bridge.commands.to_dcp.to_dcp`, read by the DCP reader (to find the kept HF config) and ``verify-dcp``.
 - ``hf_config/``: the source's config and tokenizer files, kept so a bootstrap checkpoint converts back without
   ``--config`` (paths recorded in a checkpoint are only followed inside it).
+- ``source_extra_state/``: with ``to-dcp --extra-state``, the source's lr_scheduler / rng / step in the files
+  ``to-hf`` writes (``extra_state_merged.pt``, ...); a model-only load does not read them.
 - ``ckpt_bridge_rng/rank_R.pt``: every rank's rng state; torchtitan saves none, so the save hook
   (:mod:`ckpt_bridge.integrations.torchtitan`) writes one per rank and the DCP reader hands them to the export.
 
@@ -25,6 +27,8 @@ MANIFEST = "ckpt_bridge_manifest.json"
 # to-hf and verify read them from there (paths recorded in a checkpoint are only followed inside it), so a
 # bootstrap checkpoint converts back without --config even after the source dir moved.
 HF_CONFIG_DIR = "hf_config"
+# to-dcp --extra-state: the source's optimizer-free training state (lr_scheduler, rng, step), as to-hf writes it
+EXTRA_STATE_DIR = "source_extra_state"
 RNG_DIR = "ckpt_bridge_rng"  # written by ckpt_bridge.integrations.torchtitan.attach (torchtitan saves no rng)
 _RNG_FILE = re.compile(r"rank_(\d+)\.pt")
 

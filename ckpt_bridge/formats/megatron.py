@@ -319,6 +319,12 @@ class MegatronReader(Reader):
             return False
         return self.dcp.read_rows(key, out, start, stop)
 
+    def held_state(self) -> list[str]:
+        lay = self.layout  # (a v1 save keeps them in the model's own dist_ckpt: not told apart here)
+        apart = [d for d in (lay.optimizer_dir, lay.extra_dir) if d is not None and d != lay.model_dir and d.is_dir()]
+        return ((["optimizer", "lr_scheduler"] if lay.optimizer_dir in apart else [])
+                + (["rng"] if lay.extra_dir in apart else []))
+
     def expect_reads(self, counts: dict[str, int]) -> None:
         """How many times the plan reads each key (as stored, ``dtype=None``): repeats are kept in between."""
         self._repeats.left = {k: n for k, n in counts.items() if n > 1}

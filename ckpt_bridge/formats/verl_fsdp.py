@@ -105,6 +105,11 @@ class VerlFSDPReader(Reader):
         self._layouts: dict[str, _Layout] = {}
         self._mesh_cache: dict[int, tuple[torch.Tensor, tuple[str, ...] | None, int | None]] = {}
 
+    def held_state(self) -> list[str]:
+        # verl's extra_state_* files hold the lr_scheduler and every rank's rng
+        return (["optimizer"] if self.files["optim"] else []) + (["lr_scheduler", "rng"]
+                                                                 if self.files["extra_state"] else [])
+
     # ------------------------------------------------------------------ scan
     def _scan(self) -> None:
         """Group the rank files by kind and world size; record problems (no tensor data read)."""

@@ -373,27 +373,40 @@ def check_save_config(reader: MegatronReader, cfg_dir: Path) -> dict[str, Any]:
     return hf
 
 
-def plan_megatron_export(reader: MegatronReader, cfg_dir: Path, *, where: str) -> Plan:
-    """The checked plan: Megatron dist_ckpt (or bridge-written HF weights) -> what ``save_pretrained`` writes."""
-
+def megatron_names(reader: MegatronReader, cfg_dir: Path, *, where: str) -> tuple[Plan | None, dict[str, TensorInfo]]:
+    """(the checked plan naming the save's tensors as the HF model's in-memory names, or None for a bridge-written
+    save, which already holds HF names; the tensors it names).  The config is checked against the save first.
+    Shared by the HF target (:func:`plan_megatron_export`) and to-dcp's trainer target."""
     hf = check_save_config(reader, cfg_dir)
     cfg_file = Path(cfg_dir) / "config.json"
     infos = reader.model_tensors()
     if reader.has_bridge_weights:  # already HF names: transformers' own rules, every tensor accounted for
         check_bridge_weights(infos, cfg_dir, where)
-        return plan_hf_export(infos, cfg_dir, where=where)
+        return None, infos
     emb = infos.get("embedding.word_embeddings.weight")
     if emb is not None and hf.get("vocab_size") is not None and emb.shape[0] != int(hf["vocab_size"]):
         raise KeyPlanError(f"{cfg_file}: vocab_size is {hf['vocab_size']} but the checkpoint's embedding has "
                            f"{emb.shape[0]} rows (a padded vocabulary?); pass --config the model this run trained")
     first = megatron_to_hf_names(infos, hf, where)
     first.check(infos, where=where)
-    second = plan_hf_export(first.targets(), cfg_dir, where=where)
-    out = compose(first, second, where=where)
-    out.dropped += [(k, "megatron _extra_state (bytes, not a weight)") for k in reader.skipped_entries()]
+    first.dropped += [(k, "megatron _extra_state (bytes, not a weight)") for k in reader.skipped_entries()]
+    return first, infos
+
+
+def expect_reads(reader: MegatronReader, plan: Plan) -> None:
+    """Tell the reader how often ``plan`` reads each layer slice (q, k, v of one ``linear_qkv``): kept between."""
     from collections import Counter
 
-    reader.expect_reads(Counter(k for t in out.transforms if t.fn is not None for k in t.inputs))
+    reader.expect_reads(Counter(k for t in plan.transforms if t.fn is not None for k in t.inputs))
+
+
+def plan_megatron_export(reader: MegatronReader, cfg_dir: Path, *, where: str) -> Plan:
+    """The checked plan: Megatron dist_ckpt (or bridge-written HF weights) -> what ``save_pretrained`` writes."""
+
+    first, infos = megatron_names(reader, cfg_dir, where=where)
+    if first is None:
+        return plan_hf_export(infos, cfg_dir, where=where)
+    second = plan_hf_export(first.targets(), cfg_dir, where=where)
+    out = compose(first, second, where=where)
+    expect_reads(reader, out)
     return out
-
-

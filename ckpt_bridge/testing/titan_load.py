@@ -118,12 +118,83 @@ def run(hf: str, aux: list[str], seed: int, cache: str, max_tokens: int = 1024) 
     return result
 
 
+def load_cases(cases: list[dict[str, Any]]) -> dict[str, Any]:
+    """``--cases FILE``: existing DCP folders, each loaded model-only by torchtitan's own ``CheckpointManager``
+    (initial_load_path = the folder) into the HF class of ``hf`` plus the aux modules ``aux`` (``attach_aux``
+    specs), every decoder layer and the root ``fully_shard``-ed under torchrun.  Rank 0 compares the gathered
+    full state dict with ``hf``'s files (``aux_modules.safetensors`` included: the aux modules it holds) and the
+    ``fresh`` specs' seeded init.  One job for many sources: {case name: checks}."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torchtitan.components.checkpoint import CheckpointManager
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from ckpt_bridge.formats.hf import AUX_FILE
+    from ckpt_bridge.plan.aux_modules import as_specs, attach_aux, init_aux
+    from ckpt_bridge.plan.planner import canonical_key
+
+    distributed = dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    out = {}
+    for case in cases:
+        cfg = AutoConfig.from_pretrained(case["hf"])
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+        attach_aux(model, case["aux"], cfg)
+        if distributed:
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+        model.to_empty(device="cpu")
+        with torch.no_grad():  # nothing may survive the load
+            for p in model.parameters():
+                p.fill_(7.0)
+        dump = _dump_folder(distributed)
+        mc = CheckpointManager.Config(enable=True, folder="checkpoint", keep_latest_k=0,
+                                      initial_load_path=str(Path(case["dcp"]).absolute()), initial_load_model_only=True)
+        mgr = CheckpointManager(mc, dataloader=None, model_parts=[model], optimizers=None, lr_schedulers=None,
+                                states={}, sd_adapter=None, base_folder=dump)
+        loaded = mgr.load()
+        mgr.close()
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            from ckpt_bridge.formats.hf import weight_files
+
+            want = {}
+            for f in weight_files(Path(case["hf"]))[1]:
+                want.update(load_file(f))
+            aux_file = Path(case["hf"]) / f"{AUX_FILE}.safetensors"
+            if aux_file.is_file():
+                want.update(load_file(aux_file))
+            for s in as_specs(case.get("fresh", [])):
+                module, _ = init_aux(s, cfg, case.get("seed", 0))
+                want.update({f"{s.name}.{k}": v for k, v in module.state_dict().items()})
+            got = {canonical_key(k): v for k, v in full.items()}
+            if cfg.tie_word_embeddings and "lm_head.weight" not in want:
+                want["lm_head.weight"] = want["model.embed_tokens.weight"]
+            out[case["name"]] = {
+                "loaded": loaded, "keys_in_model": len(got),
+                "equal": sorted(k for k in want if k in got and torch.equal(got[k], want[k].float())),
+                "different": sorted(k for k in want if k in got and not torch.equal(got[k], want[k].float())),
+                "not_in_model": sorted(set(want) - set(got)), "not_in_source": sorted(set(got) - set(want))}
+            import shutil
+
+            shutil.rmtree(dump, ignore_errors=True)
+        if distributed:
+            dist.barrier()
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--hf", required=True)
+    ap.add_argument("--cases", help="a JSON list of {name, dcp, hf, aux, fresh, seed}: load each existing DCP "
+                    "(load_cases); --hf / --cache are then not used")
+    ap.add_argument("--hf")
     ap.add_argument("--aux", action="append", default=[])
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--cache", required=True)
+    ap.add_argument("--cache")
     ap.add_argument("--out", required=True)
     ap.add_argument("--max-tokens", type=int, default=1024)
     args = ap.parse_args(argv)
@@ -132,6 +203,14 @@ def main(argv: list[str] | None = None) -> None:
     if distributed:
         dist.init_process_group("gloo")
     torch.manual_seed(1234 + (dist.get_rank() if distributed else 0))  # to_empty's memory is not ours to predict
+    if args.cases:
+        result = load_cases(json.loads(Path(args.cases).read_text()))
+        if not distributed or dist.get_rank() == 0:
+            Path(args.out).write_text(json.dumps(result, indent=2))
+        if distributed:
+            dist.barrier()
+            dist.destroy_process_group()
+        return
     result = run(args.hf, args.aux, args.seed, args.cache, args.max_tokens)
     if not distributed or dist.get_rank() == 0:
         tmp = Path(args.out).with_suffix(".tmp")

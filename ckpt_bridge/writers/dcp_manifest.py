@@ -69,3 +69,48 @@ def versions() -> dict[str, str | None]:
             out[pkg] = None
     return out
 
+
+
+def _file_sha256(p: Path) -> str:
+    with open(p, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def provenance(reader: Reader) -> list[dict[str, Any]]:
+    """The chain of checkpoints behind the weights, oldest first, ending with the source itself; each ckpt-bridge
+    output in it names the record it was read from with that record's sha256 (a to-dcp manifest, whose own chain
+    is carried on; a to-hf export's marker).  A to-dcp manifest stores it, so ``verify --against`` and a later
+    ``to-hf`` can follow where the weights came from across conversions."""
+    from ..formats.dcp_files import MANIFEST
+    from .marker import MARKER, read_marker
+
+    root = reader.path if reader.path.is_dir() else None
+    here: dict[str, Any] = {"format": reader.format, "path": str(reader.path.absolute())}
+    m = reader.manifest()
+    if m is not None and root is not None and (root / MANIFEST).is_file():
+        before = m.get("provenance")
+        if isinstance(before, list):
+            chain = [dict(x) for x in before if isinstance(x, dict)]
+        else:  # a manifest from before the chain was recorded: its source is the first step
+            src = m.get("source") if isinstance(m.get("source"), dict) else {}
+            chain = [{"format": src.get("format"), "path": src.get("path"), "files": src.get("files")}]
+        return chain + [{**here, "command": m.get("command"), "record": MANIFEST,
+                         "record_sha256": _file_sha256(root / MANIFEST)}]
+    marker = read_marker(root) if root is not None else None
+    if marker is not None:
+        return [{"format": marker.get("source_format"), "path": marker.get("source")},
+                {**here, "command": marker.get("command", "to-hf"), "record": MARKER,
+                 "record_sha256": _file_sha256(root / MARKER)}]
+    return [here]
+
+
+def left_behind(held: list[str], extra_written: bool) -> dict[str, Any]:
+    """The manifest's word on what the source held beyond the weights: a model-only DCP carries none of it
+    (the trainer starts a fresh optimizer, lr_scheduler and rng); ``--extra-state`` copies the readable part."""
+    return {"held": list(held), "carried": False,
+            "copied_beside": EXTRA_NOTE if extra_written and held else None,
+            "note": "a model-only load reads the weights alone: the trainer starts a fresh optimizer, lr_scheduler "
+                    "and rng" if held else "the source held nothing beyond the weights"}
+
+
+EXTRA_NOTE = "source_extra_state/ (lr_scheduler, rng, step as to-hf writes them; no optimizer)"
