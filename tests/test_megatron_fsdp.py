@@ -3,7 +3,8 @@
 The checkpoint is the ``llama_mfsdp`` case of the session's one Megatron torchrun job
 (``ckpt_bridge.testing.megatron_save``, 4 gloo ranks): megatron-core 0.16.1's ``GPTModel`` at TP 2 loaded from the HF
 model with that module's own mapping, wrapped in megatron-core's own ``FullyShardedDataParallel`` (Megatron-FSDP,
-DP 2 x TP 2, ``optim_grads_params``; CPU stand-ins for its CUDA device / stream / rng calls), saved by verl 0.9.1's own
+DP 2 x TP 2, ``optim_grads_params``; CPU stand-ins for its CUDA device / stream / rng calls) with megatron-core's
+distributed optimizer and an lr scheduler built by verl's own helpers, saved by verl 0.9.1's own
 ``MegatronCheckpointManager(use_megatron_fsdp=True)``.  verl imports the writer from Megatron-Bridge, which is not
 installed: ``megatron_save.save_fsdp_dtensor_checkpoint`` re-states Megatron-Bridge's ``save_fsdp_dtensor_checkpoint``
 / ``preprocess_fsdp_dtensor_state_dict`` (NVIDIA-NeMo/Megatron-Bridge 067f987, src/megatron/bridge/training/
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -50,6 +52,7 @@ def root(megatron_ckpts) -> Path:
 
 def test_the_save_is_verls_megatron_fsdp_layout(root):
     """What the issue describes, on the real save: one plain DCP in model/dist_ckpt (no megatron metadata.json)
+    holding model, optimizer, lr_scheduler and rng,
     with the model under the wrapper's ``module.`` names at their global (TP-gathered) shapes, SwiGLU halves and
     one rng per (pp, tp) rank; the manifest's extra/ and
     optimizer/ dist_ckpt folders hold nothing."""
@@ -63,8 +66,10 @@ def test_the_save_is_verls_megatron_fsdp_layout(root):
     assert tuple(meta["model.module.decoder.layers.0.mlp.linear_fc1.weight_w"].size) == (96, 64)  # gate, TP-gathered
     assert tuple(meta["model.module.decoder.layers.0.self_attention.linear_proj.weight"].size) == (64, 64)
     assert any(k.startswith("rng_state.(0, 1).") for k in keys)
-    assert json.loads((actor / "ckpt_contents.json").read_text())["contents"]["rng_state"]["path"] == "extra/dist_ckpt"
-    assert not any((actor / "extra" / "dist_ckpt").iterdir())
+    assert any(k.startswith("optimizer.") for k in keys) and "lr_scheduler.num_steps" in keys
+    contents = json.loads((actor / "ckpt_contents.json").read_text())["contents"]
+    assert contents["rng_state"]["path"] == "extra/dist_ckpt" and contents["optimizer"]["path"] == "optimizer/dist_ckpt"
+    assert not any((actor / "extra" / "dist_ckpt").iterdir()) and not any((actor / "optimizer" / "dist_ckpt").iterdir())
 
 
 def test_export_is_bit_exact_with_the_rng(root, tmp_path):
@@ -94,6 +99,9 @@ def test_export_is_bit_exact_with_the_rng(root, tmp_path):
         assert any(got["random_rng_state"] == r["random"] for r in mine)
         assert any(all(bits_equal(torch.as_tensor(a), torch.as_tensor(b)) if hasattr(a, "shape") else a == b
                        for a, b in zip(got["np_rng_state"], r["numpy"])) for r in mine)
+    # the real Megatron optimizer's scheduler (verl's helpers, stepped 3 times), from the same DCP
+    assert extra["lr_scheduler"] == torch.load(root / "reference" / "lr_scheduler.pt", weights_only=False)
+    assert json.loads((out / "lr_scheduler_state.json").read_text())["lr_scheduler"]["num_steps"] == 3
 
 
 def test_inspect_names_the_engine(root):
@@ -196,8 +204,10 @@ def test_a_save_of_two_pipeline_stages_is_refused(root, tmp_path, capsys):
     model_dir = actor / "model" / "dist_ckpt"
     shutil.rmtree(model_dir)
     rng = {"torch_rng_state": torch.get_rng_state()}
-    dcp.save({"model": {"module.decoder.final_layernorm.weight": torch.ones(64)},
-              "rng_state": {"(0, 0)": [rng], "(1, 0)": [rng]}},
-             storage_writer=dcp.FileSystemWriter(str(model_dir)), no_dist=True)
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.simplefilter("ignore")
+        dcp.save({"model": {"module.decoder.final_layernorm.weight": torch.ones(64)},
+                  "rng_state": {"(0, 0)": [rng], "(1, 0)": [rng]}},
+                 storage_writer=dcp.FileSystemWriter(str(model_dir)), no_dist=True)
     assert_fails(capsys, ["to-hf", str(actor), "--out", str(tmp_path / "o"), "--config", str(root / "base_model")],
                  says="pipeline stages", sources=(actor,))

@@ -75,7 +75,7 @@ CASES: dict[str, tuple[str, int, int, int]] = {
 # use_megatron_fsdp=True (its fsdp_dtensor path: :func:`_megatron_fsdp_wrap`, :func:`save_fsdp_dtensor_checkpoint`)
 OPTIONS: dict[str, dict] = {"llama_bridge_tp2pp2": {"bridge": True}, "qwen3_pp2": {"optimizer": True},
                             "qwen2_moe_tp2ep2_etp2": {"etp": 2}, "llama_pp2vpp2": {"vpp": 2},
-                            "llama_mfsdp": {"megatron_fsdp": True}}
+                            "llama_mfsdp": {"megatron_fsdp": True, "optimizer": True}}
 
 # what the test session builds, in ONE torchrun job of 4 gloo ranks (tests/conftest.py megatron_ckpts)
 SESSION_CASES = ["llama_tp2pp2", "qwen2_tp2", "qwen3_pp2", "qwen3_moe_ep2", "qwen2_moe_ep2", "mixtral_ep2",
@@ -507,17 +507,20 @@ def record_logits(models: list, hf_model, ref: Path) -> None:
     dist.barrier()
 
 
-def make_optimizer(model):
+def make_optimizer(model, wrapped=None):
     """(DDP-wrapped model, optimizer, lr scheduler) as verl's Megatron engine builds them
     (``verl.utils.megatron.optimizer``: megatron-core's ``get_megatron_optimizer`` and
-    ``OptimizerParamScheduler``), the scheduler stepped 3 times so its state is not the initial one."""
+    ``OptimizerParamScheduler``), the scheduler stepped 3 times so its state is not the initial one.  ``wrapped``:
+    a model already wrapped in Megatron-FSDP's ``FullyShardedDataParallel``, given megatron-core's distributed
+    optimizer (verl sets ``use_distributed_optimizer`` for Megatron-FSDP)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from omegaconf import OmegaConf
 
     from verl.utils.megatron.optimizer import (get_megatron_optimizer, get_megatron_optimizer_param_scheduler,
                                                init_megatron_optim_config)
 
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    ddp = wrapped if wrapped is not None else DistributedDataParallel(model.config, DistributedDataParallelConfig(),
+                                                                      model)
     optim = OmegaConf.create({"optimizer": "adam", "lr": 1e-4, "min_lr": 1e-6, "clip_grad": 1.0,
                               "weight_decay": 0.01, "lr_warmup_init": 0.0, "lr_decay_steps": 10,
                               "lr_warmup_steps": 2, "lr_decay_style": "cosine", "total_training_steps": 10,
@@ -525,8 +528,8 @@ def make_optimizer(model):
                               "lr_wsd_decay_style": "exponential", "lr_warmup_steps_ratio": None,
                               "lr_wsd_decay_steps": None})
     with _CudaToCpu():  # FP32Optimizer keeps a loss scale made with device="cuda"
-        optimizer = get_megatron_optimizer([ddp], init_megatron_optim_config(optim, use_distributed_optimizer=False,
-                                                                              bf16=False))
+        optimizer = get_megatron_optimizer([ddp], init_megatron_optim_config(
+            optim, use_distributed_optimizer=wrapped is not None, bf16=False))
     scheduler = get_megatron_optimizer_param_scheduler(optimizer, optim)
     for _ in range(3):
         scheduler.step(increment=1)
@@ -748,7 +751,7 @@ def save_case(case: str, root: Path, world: int) -> dict:
         _install_bridge_checkpointing()
         chunks = [_megatron_fsdp_wrap(models[0], tf_config)]
     if opts.get("optimizer"):
-        ddp, optimizer, scheduler = make_optimizer(models[0])
+        ddp, optimizer, scheduler = make_optimizer(models[0], chunks[0] if mfsdp else None)
         chunks = [ddp]
 
     tokenizer = AutoTokenizer.from_pretrained(base)
