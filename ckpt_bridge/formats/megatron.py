@@ -34,6 +34,7 @@ from ..jsonfiles import MEGATRON_MANIFEST, TRANSFORMER_CONFIG as SIZES, read_jso
 from .dcp import DCPReader
 from .hf import HFReader
 from .megatron_extra import extra_state_problem, read_extra_state
+from .megatron_fsdp import ENGINE as MEGATRON_FSDP_ENGINE, MegatronFSDPModel, is_megatron_fsdp_dir
 
 MANIFEST = "ckpt_contents.json"
 TRANSFORMER_CONFIG = "transformer_config.json"
@@ -209,6 +210,11 @@ class MegatronReader(Reader):
         elif layout.model_dir is None or not layout.model_dir.is_dir():
             self._problems.append(f"{layout.root}: the manifest names no model dist_ckpt (saved contents: "
                                   f"{(layout.manifest or {}).get('save_contents')}); nothing to export")
+        elif not self._problems and is_megatron_fsdp_dir(layout.model_dir):
+            # Megatron-FSDP: model, optimizer, lr_scheduler and rng in this one DCP (formats/megatron_fsdp.py)
+            self.dcp = MegatronFSDPModel(layout.model_dir, trust_pickle=trust_pickle)
+            self.evidence.notes.append(MEGATRON_FSDP_ENGINE)
+            self._problems += self.dcp.problems()
         elif not self._problems:
             self.dcp = DCPReader(layout.model_dir, trust_pickle=trust_pickle)
             self._problems += self.dcp.problems()
@@ -279,6 +285,8 @@ class MegatronReader(Reader):
         self.check()
         if self.dcp is None:
             return []
+        if isinstance(self.dcp, MegatronFSDPModel):
+            return self.dcp.skipped_entries()
         return [k for k, md in self.dcp.metadata.state_dict_metadata.items() if isinstance(md, BytesStorageMetadata)]
 
     def model_tensors(self, exclude_sections: tuple[str, ...] = ()) -> dict[str, TensorInfo]:
@@ -348,6 +356,8 @@ class MegatronReader(Reader):
 
     def extra_state(self) -> dict[str, Any]:
         """Every (pp, tp) rank's rng (``extra/dist_ckpt`` ``rng_state``), the lr_scheduler, the step."""
+        if isinstance(self.dcp, MegatronFSDPModel):  # all in the model DCP; the manifest's extra/ is empty
+            return self.dcp.extra_state(self.layout.manifest)
         return read_extra_state(self.layout, trust_pickle=self.trust_pickle)
 
     def describe(self) -> dict[str, Any]:
@@ -378,6 +388,9 @@ class MegatronReader(Reader):
             "optimizer_dir": str(self.layout.optimizer_dir) if self.layout.optimizer_dir else None,
         }
         d["bridge_weights"] = self.bridge_hf is not None
+        if isinstance(self.dcp, MegatronFSDPModel):  # rng (and optimizer) live in the model DCP, not extra/
+            d["engine"] = MEGATRON_FSDP_ENGINE
+            d["extra_dir"] = d["optimizer_dir"] = d["model_dir"]
         if (self.dcp is not None or self.bridge_hf is not None) and not self._problems:
             d["stored_tensors"] = len(self.tensors())
             d["per_layer_tensors"] = len(self.model_tensors())

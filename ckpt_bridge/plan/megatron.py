@@ -81,6 +81,14 @@ _LAYER_RENAMES = {
     "mlp.shared_experts.gate_weight": "mlp.shared_expert_gate.weight",
 }
 _GATE_UP = {"mlp.linear_fc1.weight": "mlp.", "mlp.shared_experts.linear_fc1.weight": "mlp.shared_expert."}
+# Megatron-FSDP's fsdp_dtensor save (formats/megatron_fsdp.py) stores a SwiGLU linear_fc1 already split by
+# megatron-core's handle_swiglu_in_state_dict: ``weight_w`` the gate half, ``weight_v`` the up half, each gathered
+# over TP (the [gate ; up] halves of every TP rank's rows): plain renames
+_SWIGLU_HALVES = {"mlp.linear_fc1.weight_w": "mlp.gate_proj.weight", "mlp.linear_fc1.weight_v": "mlp.up_proj.weight",
+                  "mlp.shared_experts.linear_fc1.weight_w": "mlp.shared_expert.gate_proj.weight",
+                  "mlp.shared_experts.linear_fc1.weight_v": "mlp.shared_expert.up_proj.weight"}
+_SWIGLU_HALVES_PLURAL = {"mlp.shared_experts.linear_fc1.weight_w": "mlp.shared_experts.gate_proj.weight",
+                         "mlp.shared_experts.linear_fc1.weight_v": "mlp.shared_experts.up_proj.weight"}
 
 # Multi-latent attention (DeepSeek-V2 / V3, Kimi-K2: HF configs with kv_lora_rank), megatron-core's MLASelfAttention
 # -> DeepseekV3Attention.  Every projection keeps HF's output layout ([kv_lora_rank | rope] rows of the kv
@@ -107,11 +115,12 @@ _GATE_UP_PLURAL = {"mlp.shared_experts.linear_fc1.weight": "mlp.shared_experts."
 
 def layer_rules(hf: dict) -> tuple[dict[str, str], dict[str, str]]:
     """(renames, gate/up splits) inside a layer for the HF config's family."""
-    renames, gate_up = {**_LAYER_RENAMES, **_ROUTER_BIAS}, dict(_GATE_UP)
+    renames, gate_up = {**_LAYER_RENAMES, **_ROUTER_BIAS, **_SWIGLU_HALVES}, dict(_GATE_UP)
     if hf.get("kv_lora_rank") is not None:
         renames.update(_MLA_RENAMES)
     if hf.get("n_shared_experts") is not None:
         renames.update(_SHARED_PLURAL)
+        renames.update(_SWIGLU_HALVES_PLURAL)
         gate_up.update(_GATE_UP_PLURAL)
     return renames, gate_up
 
@@ -317,6 +326,12 @@ def megatron_to_hf_names(infos: dict[str, TensorInfo], hf: dict, where: str) -> 
             plan.transforms.append(rename(key, _TOP[key], info, "megatron name"))
             continue
         layer = _layer_of(key)
+        if layer is None and key.startswith("mtp."):
+            raise KeyPlanError(f"{where}: Megatron key {key!r} is a multi-token-prediction (MTP) layer; the "
+                               f"transformers classes of the families that have one (DeepseekV3, Qwen3-Next) hold no "
+                               f"MTP modules (save_pretrained never writes them, from_pretrained drops the hub's), so "
+                               f"ckpt-bridge cannot check an export of it against the class: refusing to guess, "
+                               f"nothing written (docs/megatron.md, 'MTP')")
         if layer is None:
             raise KeyPlanError(f"{where}: Megatron key {key!r} is not one ckpt-bridge maps to Hugging Face "
                                f"(known: embedding, decoder.layers.*, decoder.final_layernorm, output_layer); "

@@ -19,7 +19,9 @@ For each case in turn (one process group and one set of imports for all of them)
    on either mapping.
 4. verl 0.9.1's own ``MegatronCheckpointManager.save_checkpoint`` (``use_dist_checkpointing=True``, save
    contents model + extra) writes ``ROOT/<case>/global_step_1/actor``; ``torch.cuda.synchronize`` and
-   ``torch.cuda.current_device`` get CPU stand-ins first (megatron calls them around its gloo barriers).
+   ``torch.cuda.current_device`` get CPU stand-ins first (megatron calls them around its gloo barriers).  A
+   ``megatron_fsdp`` case wraps the model in megatron-core's own ``FullyShardedDataParallel`` first and saves
+   with ``use_megatron_fsdp=True`` (one combined DCP in ``model/dist_ckpt``).
 5. each rank writes ``ROOT/<case>/reference/rank{R}_rng.pt``: the python / numpy / torch rng states it
    held right before the save, with its (pp, tp) rank.
 
@@ -58,6 +60,9 @@ CASES: dict[str, tuple[str, int, int, int]] = {
     # MLA + MoE: a dense first layer, then MoE layers with a shared expert, sigmoid routing with an expert bias,
     # group-limited top-k; attention TP2 (MLA's up/down projections column-split), experts EP2
     "deepseek_v3_tp2ep2": ("deepseek_v3", 2, 1, 2),
+    # verl's use_megatron_fsdp: megatron-core's FullyShardedDataParallel over DP 2 x TP 2 (each parameter a
+    # DTensor over (dp, tp), sharded on its flattened buffer), one combined DCP in model/dist_ckpt
+    "llama_mfsdp": ("llama", 2, 1, 1),
 }
 # how a case's save differs from the default (use_dist_checkpointing=True, no bridge, no optimizer):
 # "bridge": verl's default use_mbridge, use_dist_checkpointing=False: mbridge writes the HF weights into
@@ -66,13 +71,16 @@ CASES: dict[str, tuple[str, int, int, int]] = {
 # verl loads it, by the bridge from the HF dir (not by this module's mapping)
 # "optimizer": a real Megatron optimizer + lr scheduler, built by verl's own helpers, saved too
 # "etp": expert_tensor_parallel_size (default 1 when EP > 1); "vpp": virtual pipeline stages (model chunks)
+# "megatron_fsdp": the model wrapped in megatron-core's FullyShardedDataParallel and saved by verl's manager with
+# use_megatron_fsdp=True (its fsdp_dtensor path: :func:`_megatron_fsdp_wrap`, :func:`save_fsdp_dtensor_checkpoint`)
 OPTIONS: dict[str, dict] = {"llama_bridge_tp2pp2": {"bridge": True}, "qwen3_pp2": {"optimizer": True},
-                            "qwen2_moe_tp2ep2_etp2": {"etp": 2}, "llama_pp2vpp2": {"vpp": 2}}
+                            "qwen2_moe_tp2ep2_etp2": {"etp": 2}, "llama_pp2vpp2": {"vpp": 2},
+                            "llama_mfsdp": {"megatron_fsdp": True, "optimizer": True}}
 
 # what the test session builds, in ONE torchrun job of 4 gloo ranks (tests/conftest.py megatron_ckpts)
 SESSION_CASES = ["llama_tp2pp2", "qwen2_tp2", "qwen3_pp2", "qwen3_moe_ep2", "qwen2_moe_ep2", "mixtral_ep2",
                  "qwen2_critic_tp2pp2", "llama_bridge_tp2pp2", "qwen3_moe_tp2ep2", "qwen2_moe_tp2ep2_etp2",
-                 "llama_pp2vpp2", "deepseek_v3_tp2ep2"]
+                 "llama_pp2vpp2", "deepseek_v3_tp2ep2", "llama_mfsdp"]
 
 
 def is_critic(family: str) -> bool:
@@ -499,17 +507,20 @@ def record_logits(models: list, hf_model, ref: Path) -> None:
     dist.barrier()
 
 
-def make_optimizer(model):
+def make_optimizer(model, wrapped=None):
     """(DDP-wrapped model, optimizer, lr scheduler) as verl's Megatron engine builds them
     (``verl.utils.megatron.optimizer``: megatron-core's ``get_megatron_optimizer`` and
-    ``OptimizerParamScheduler``), the scheduler stepped 3 times so its state is not the initial one."""
+    ``OptimizerParamScheduler``), the scheduler stepped 3 times so its state is not the initial one.  ``wrapped``:
+    a model already wrapped in Megatron-FSDP's ``FullyShardedDataParallel``, given megatron-core's distributed
+    optimizer (verl sets ``use_distributed_optimizer`` for Megatron-FSDP)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from omegaconf import OmegaConf
 
     from verl.utils.megatron.optimizer import (get_megatron_optimizer, get_megatron_optimizer_param_scheduler,
                                                init_megatron_optim_config)
 
-    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    ddp = wrapped if wrapped is not None else DistributedDataParallel(model.config, DistributedDataParallelConfig(),
+                                                                      model)
     optim = OmegaConf.create({"optimizer": "adam", "lr": 1e-4, "min_lr": 1e-6, "clip_grad": 1.0,
                               "weight_decay": 0.01, "lr_warmup_init": 0.0, "lr_decay_steps": 10,
                               "lr_warmup_steps": 2, "lr_decay_style": "cosine", "total_training_steps": 10,
@@ -517,8 +528,8 @@ def make_optimizer(model):
                               "lr_wsd_decay_style": "exponential", "lr_warmup_steps_ratio": None,
                               "lr_wsd_decay_steps": None})
     with _CudaToCpu():  # FP32Optimizer keeps a loss scale made with device="cuda"
-        optimizer = get_megatron_optimizer([ddp], init_megatron_optim_config(optim, use_distributed_optimizer=False,
-                                                                              bf16=False))
+        optimizer = get_megatron_optimizer([ddp], init_megatron_optim_config(
+            optim, use_distributed_optimizer=wrapped is not None, bf16=False))
     scheduler = get_megatron_optimizer_param_scheduler(optimizer, optim)
     for _ in range(3):
         scheduler.step(increment=1)
@@ -541,6 +552,144 @@ def make_bridge(cfg):
     bridge._MLP_MAPPING = {"pre_mlp_layernorm.weight": ["model.layers.{layer_number}.post_attention_layernorm.weight"],
                            **bridge._MLP_MAPPING}
     return bridge
+
+
+class _MegatronFSDPOnCpu:
+    """CPU stand-ins while megatron-core 0.16.1's ``FullyShardedDataParallel`` wraps a model (no GPU here):
+    its ``MegatronFSDP`` compares the device with ``cuda:{current_device()}`` (an int is needed), builds its
+    DeviceMeshes with ``device_type="cuda"`` (gloo: cpu) and creates side streams (none on CPU: no-ops).  The
+    sharding, the DTensors and the state dict are megatron-fsdp's own."""
+
+    def __enter__(self):
+        import contextlib
+
+        from torch.distributed.device_mesh import DeviceMesh
+
+        class _Stream:
+            def __init__(self, *a, **k):
+                pass
+
+            def wait_stream(self, *a, **k):
+                pass
+
+            def synchronize(self):
+                pass
+
+        self.saved = {n: getattr(torch.cuda, n) for n in ("current_device", "Stream", "current_stream", "stream",
+                                                          "get_rng_state", "set_rng_state")}
+        self.from_group = DeviceMesh.__dict__["from_group"]
+        original = self.from_group.__func__
+
+        def from_group(*a, **k):
+            if k.get("device_type") == "cuda":
+                k["device_type"] = "cpu"
+            return original(*a, **k)
+
+        DeviceMesh.from_group = staticmethod(from_group)
+        torch.cuda.current_device = lambda: 0
+        torch.cuda.Stream = _Stream
+        # without transformer_engine, megatron's TE extension binds TELinear to a MagicMock (see _cpu_stand_ins);
+        # the adapter's isinstance(m, TELinear) under TP > 1 then raises TypeError: no module is a TELinear here
+        from megatron.core.distributed.fsdp import mcore_fsdp_adapter
+        from megatron.core.extensions import transformer_engine as te_ext
+
+        self.te_linear = mcore_fsdp_adapter.TELinear
+        if not te_ext.HAVE_TE:
+            mcore_fsdp_adapter.TELinear = type("NoTELinear", (), {})
+        torch.cuda.current_stream = lambda *a, **k: _Stream()
+        torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
+        # under TP > 1 the wrapper broadcasts TP rank 0's rng states, the CUDA one included: there is none
+        torch.cuda.get_rng_state = lambda *a, **k: torch.zeros(0, dtype=torch.uint8)
+        torch.cuda.set_rng_state = lambda *a, **k: None
+        return self
+
+    def __exit__(self, *exc):
+        from torch.distributed.device_mesh import DeviceMesh
+
+        from megatron.core.distributed.fsdp import mcore_fsdp_adapter
+
+        for n, f in self.saved.items():
+            setattr(torch.cuda, n, f)
+        DeviceMesh.from_group = self.from_group
+        mcore_fsdp_adapter.TELinear = self.te_linear
+        return False
+
+
+def _megatron_fsdp_wrap(model, tf_config):
+    """``model`` wrapped as verl's ``use_megatron_fsdp`` wraps it: megatron-core's ``FullyShardedDataParallel``
+    with the DDP config verl's ``make_megatron_module`` sets for Megatron-FSDP (verl/utils/megatron_utils.py:
+    use_distributed_optimizer, use_megatron_fsdp, data_parallel_sharding_strategy="optim_grads_params")."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.distributed.fsdp.mcore_fsdp_adapter import FullyShardedDataParallel
+
+    ddp = DistributedDataParallelConfig(use_distributed_optimizer=True, use_megatron_fsdp=True,
+                                        data_parallel_sharding_strategy="optim_grads_params")
+    with _MegatronFSDPOnCpu():
+        wrapper = FullyShardedDataParallel(tf_config, ddp, model, device=torch.device("cpu"))
+    _FSDP_WRAPPER_OF[id(wrapper.module)] = wrapper
+    return wrapper
+
+
+# MegatronFSDP module -> its FullyShardedDataParallel wrapper.  verl 0.9.1 hands the bridge
+# ``getattr(model[0], "module")`` (the MegatronFSDP module), while megatron-core's SwiGLU handler looks each key of
+# the wrapper's state dict (``module.<name>``) up as ``module.module.<name>`` from the module it is given, i.e. from
+# the wrapper, which is what Megatron-Bridge's own trainer passes (``model[0]``); from the MegatronFSDP module the
+# lookup fails (AttributeError).  The saved keys do not depend on it: the handler only reads each parameter's
+# sharding from it.
+_FSDP_WRAPPER_OF: dict[int, object] = {}
+
+
+def save_fsdp_dtensor_checkpoint(checkpoint_path, state_dict, *, cfg, model, storage_writer=None, barrier=True):
+    """Megatron-Bridge's ``save_fsdp_dtensor_checkpoint``, which verl's manager imports from
+    ``megatron.bridge.training.checkpointing`` (Megatron-Bridge is not installed here), re-stated from its source
+    (NVIDIA-NeMo/Megatron-Bridge 067f987, src/megatron/bridge/training/checkpointing.py,
+    ``preprocess_fsdp_dtensor_state_dict`` and ``save_fsdp_dtensor_checkpoint``) with megatron-core 0.16.1's own
+    handlers: drop ``_extra_state``; SwiGLU ``linear_fc1`` split into ``_w`` / ``_v`` DTensors; expert keys
+    renumbered globally; (the GDN / fused-MLA / MTP handlers do not exist in megatron-core 0.16.1, which the
+    bridge then skips); uneven-DTensor chunk metadata; then ``torch.distributed.checkpoint.save`` with a
+    ``FileSystemWriter``."""
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from megatron.core.distributed.fsdp.src.megatron_fsdp.uneven_dtensor import (
+        preprocess_state_dict_for_uneven_dtensor)
+    from megatron.core.transformer.fsdp_dtensor_checkpoint import (handle_experts_in_state_dict,
+                                                                   handle_fp8_extra_state_case,
+                                                                   handle_swiglu_in_state_dict)
+    from megatron.core.utils import get_model_config
+
+    model = _FSDP_WRAPPER_OF.get(id(model), model)
+    state_dict = state_dict.copy()
+    handle_fp8_extra_state_case(state_dict["model"])
+    config = get_model_config(model)
+    if getattr(config, "gated_linear_unit", False) and getattr(config, "activation_func", None) is F.silu:
+        state_dict["model"], optimizer = handle_swiglu_in_state_dict(model, state_dict["model"],
+                                                                     state_dict.get("optimizer"))
+        if "optimizer" in state_dict:
+            state_dict["optimizer"] = optimizer
+    if getattr(config, "num_moe_experts", None):
+        state_dict["model"] = handle_experts_in_state_dict(state_dict["model"], config.num_moe_experts)
+    preprocess_state_dict_for_uneven_dtensor(state_dict)
+    writer = storage_writer or torch.distributed.checkpoint.FileSystemWriter(str(checkpoint_path))
+    result = torch.distributed.checkpoint.save(state_dict=state_dict, storage_writer=writer)
+    if barrier and dist.is_initialized():
+        dist.barrier()
+    return result
+
+
+def _install_bridge_checkpointing() -> None:
+    """``megatron.bridge.training.checkpointing`` for verl's import, holding :func:`save_fsdp_dtensor_checkpoint`
+    (only when Megatron-Bridge itself is not installed)."""
+    import importlib.util
+    import sys
+    import types
+
+    if importlib.util.find_spec("megatron.bridge") is not None:
+        return
+    for name in ("megatron.bridge", "megatron.bridge.training"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    mod = types.ModuleType("megatron.bridge.training.checkpointing")
+    mod.save_fsdp_dtensor_checkpoint = save_fsdp_dtensor_checkpoint
+    sys.modules[mod.__name__] = mod
 
 
 def save_case(case: str, root: Path, world: int) -> dict:
@@ -595,8 +744,14 @@ def save_case(case: str, root: Path, world: int) -> dict:
     from transformers import AutoTokenizer
 
     chunks, optimizer, scheduler = models, None, None
+    mfsdp = bool(opts.get("megatron_fsdp"))
+    if mfsdp:
+        (out / "reference").mkdir(parents=True, exist_ok=True)
+        record_logits(models, hf_model, out / "reference")  # before the wrap moves the weights into its buffers
+        _install_bridge_checkpointing()
+        chunks = [_megatron_fsdp_wrap(models[0], tf_config)]
     if opts.get("optimizer"):
-        ddp, optimizer, scheduler = make_optimizer(models[0])
+        ddp, optimizer, scheduler = make_optimizer(models[0], chunks[0] if mfsdp else None)
         chunks = [ddp]
 
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -608,11 +763,12 @@ def save_case(case: str, root: Path, world: int) -> dict:
         model_config=saved_cfg, transformer_config=tf_config, role=role, model=chunks,
         arch=saved_cfg.architectures[0], hf_config=saved_cfg, param_dtype=torch.float32,
         share_embeddings_and_output_weights=saved_cfg.tie_word_embeddings, processing_class=tokenizer,
-        optimizer=optimizer, optimizer_scheduler=scheduler, use_distributed_optimizer=False,
-        use_dist_checkpointing=bridge is None, bridge=bridge)
+        optimizer=optimizer, optimizer_scheduler=scheduler, use_distributed_optimizer=mfsdp,
+        use_dist_checkpointing=bridge is None, use_megatron_fsdp=mfsdp, bridge=bridge)
     ref = out / "reference"
     ref.mkdir(parents=True, exist_ok=True)
-    record_logits(models, hf_model, ref)
+    if not mfsdp:
+        record_logits(models, hf_model, ref)
     # every rank's rng differs (the test checks each (pp, tp) rank's state lands in the export)
     rank = dist.get_rank()
     random.seed(100 + rank)
