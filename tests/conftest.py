@@ -128,6 +128,43 @@ def tiny_hf_dir(tiny_hf_factory):
     return tiny_hf_factory("llama")
 
 
+_PREFETCH: dict = {}
+
+
+def pytest_collection_finish(session):
+    """Start building, in the background, the overlays the selected tests will need (each test module's
+    ``OVERLAYS``: ckpt_bridge.testing.overlays.prefetch), so their downloads overlap the tests before them.
+    CKPT_BRIDGE_PREFETCH=0 turns it off."""
+    if os.environ.get("CKPT_BRIDGE_PREFETCH", "1") == "0" or getattr(session.config.option, "collectonly", False):
+        return
+    from ckpt_bridge.testing.overlays import overlay_root, prefetch
+
+    jobs, seen = [], set()
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is None or module.__name__ in seen:
+            continue
+        seen.add(module.__name__)
+        wanted = getattr(module, "OVERLAYS", None)
+        jobs += list(wanted() if callable(wanted) else wanted or [])
+    if jobs:
+        _PREFETCH["proc"] = prefetch(jobs, overlay_root() / "prefetch.log")
+
+
+def pytest_sessionfinish(session):
+    """A prefetch still running when the session ends (``-x``, a -k that skipped its tests) is stopped; what it
+    left half-built is removed by the next builder."""
+    import signal
+
+    proc = _PREFETCH.pop("proc", None)
+    if proc is not None and proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
 def pytest_terminal_summary(terminalreporter):
     if not BUILD_LOG:
         return
