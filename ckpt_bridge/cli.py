@@ -60,6 +60,17 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+class _Version(argparse.Action):
+    """``--version``: ours, and each dependency's installed release against the ones CI tests (version.py),
+    computed only when asked."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from .version import describe
+
+        print(describe())
+        parser.exit(0)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="ckpt-bridge",
@@ -69,6 +80,8 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--debug", action="store_true", help="on failure, also print the Python traceback")
+    p.add_argument("--version", action=_Version, nargs=0,
+                   help="print the version, and the installed torch / transformers / peft and whether CI tests them")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
 
     pi = sub.add_parser(

@@ -128,6 +128,76 @@ def tiny_hf_dir(tiny_hf_factory):
     return tiny_hf_factory("llama")
 
 
+# What is slow, and why: CPU seconds of the module (self + waited children) on the 2-core box, fresh machine,
+# measured 2026-12-07 (DEVELOPERS.md "Test time").  Marked here in one place (`-m "not slow"` skips them for a
+# quick loop; CI runs everything).  A module's time includes the session fixtures it is the first to use.
+SLOW = {
+    "test_verl_to_hf.py": "178 s: verl saves on 1 to 11 ranks (the 11-rank job alone ~95 s), one torchrun each",
+    "test_torch_versions.py": "164 s and ~11 min of downloads on a fresh machine: two torch overlays (~4.7 GB of "
+                              "CUDA wheels each, prefetched from session start) and a subprocess per version",
+    "test_titan_eras.py": "128 s: one 2-rank torchrun job per TorchTitan era, each importing that era's torchtitan",
+    "test_harness.py": "70 s: verl saves with HSDP 2x2, Shard(1), bf16 (one torchrun job each)",
+    "test_megatron.py": "69 s: one 4-rank torchrun job building megatron-core models for every case",
+    "test_workers.py": "57 s: --workers processes and torchrun ranks writing the same bytes",
+    "test_titan_models.py": "49 s: torchtitan's own llama3 / qwen3 built and loaded",
+    "test_megatron_merger_crosscheck.py": "47 s: verl's own Megatron merger under torchrun, per case",
+    "test_families.py": "33 s: one torchrun job saving every family through verl",
+    "test_transformers_versions.py": "a subprocess per transformers version: every family and preset rebuilt and "
+                                     "compared, plus the LoRA cases",
+    "test_titan_export.py": "a real torchtitan training loop with the save hook on 2 ranks",
+    "test_flame_interop.py": "flame and old torchtitan from source tarballs, fla overlay",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow(reason): heavy (torchrun jobs, overlays, subprocess per version): "
+                                       "tests/conftest.py SLOW says why")
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        reason = SLOW.get(item.path.name)
+        if reason:
+            item.add_marker(pytest.mark.slow(reason=reason))
+
+
+_PREFETCH: dict = {}
+
+
+def pytest_collection_finish(session):
+    """Start building, in the background, the overlays the selected tests will need (each test module's
+    ``OVERLAYS``: ckpt_bridge.testing.overlays.prefetch), so their downloads overlap the tests before them.
+    CKPT_BRIDGE_PREFETCH=0 turns it off."""
+    if os.environ.get("CKPT_BRIDGE_PREFETCH", "1") == "0" or getattr(session.config.option, "collectonly", False):
+        return
+    from ckpt_bridge.testing.overlays import overlay_root, prefetch
+
+    jobs, seen = [], set()
+    for item in session.items:
+        module = getattr(item, "module", None)
+        if module is None or module.__name__ in seen:
+            continue
+        seen.add(module.__name__)
+        wanted = getattr(module, "OVERLAYS", None)
+        jobs += list(wanted() if callable(wanted) else wanted or [])
+    if jobs:
+        _PREFETCH["proc"] = prefetch(jobs, overlay_root() / "prefetch.log")
+
+
+def pytest_sessionfinish(session):
+    """A prefetch still running when the session ends (``-x``, a -k that skipped its tests) is stopped; what it
+    left half-built is removed by the next builder."""
+    import signal
+
+    proc = _PREFETCH.pop("proc", None)
+    if proc is not None and proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
 def pytest_terminal_summary(terminalreporter):
     if not BUILD_LOG:
         return
@@ -180,3 +250,36 @@ def titan_two_rank_run(tiny_hf_factory, tmp_path_factory):
     run_torchrun(["ckpt_bridge.testing.titan_save", "--hf", str(hf), "--dump", str(tmp / "run"),
                   "--out", str(out), "--steps", "4", "--interval", "2"], nproc=2, timeout=400)
     return json.loads(out.read_text()), tmp / "run", hf
+
+
+# CKPT_BRIDGE_CPU_TIMES=FILE: CPU seconds per test and per module (this process + the children it waited for:
+# torchrun ranks, overlay builds, per-version subprocesses), the measure that holds on a machine others share,
+# where --durations' wall times do not.  A test's time includes the fixtures it is the first to use.
+_CPU: dict = {"rows": [], "start": {}}
+
+
+def _cpu_now() -> float:
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if os.environ.get("CKPT_BRIDGE_CPU_TIMES"):
+        _CPU["start"][nodeid] = _cpu_now()
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if nodeid in _CPU["start"]:
+        _CPU["rows"].append((nodeid, _cpu_now() - _CPU["start"].pop(nodeid)))
+
+
+def pytest_unconfigure(config):
+    path = os.environ.get("CKPT_BRIDGE_CPU_TIMES")
+    if not path or not _CPU["rows"]:
+        return
+    modules: dict[str, float] = {}
+    for nodeid, cpu in _CPU["rows"]:
+        modules[nodeid.split("::")[0]] = modules.get(nodeid.split("::")[0], 0.0) + cpu
+    lines = ["cpu_s  module"] + [f"{c:6.1f} {m}" for m, c in sorted(modules.items(), key=lambda kv: -kv[1])]
+    lines += ["", "cpu_s  test"] + [f"{c:6.1f} {n}" for n, c in sorted(_CPU["rows"], key=lambda r: -r[1])[:60]]
+    Path(path).write_text("\n".join(lines) + "\n")

@@ -11,7 +11,8 @@ the pinned one, is tests/test_torch_fixtures.py."""
 from __future__ import annotations
 
 import json
-import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,19 +21,22 @@ import pytest
 
 from ckpt_bridge import to_dcp, to_hf
 from ckpt_bridge.pipeline import pieces
-from ckpt_bridge.testing.harness import make_verl_lora_checkpoints, reference_dir
-from ckpt_bridge.testing.overlays import overlay_env, torch_overlay
+from ckpt_bridge.testing.harness import reference_dir
+from ckpt_bridge.testing.overlays import overlay, overlay_env, torch_job, torch_overlay
 from ckpt_bridge.testing.tiny_olmo2 import corpus_text
+from ckpt_bridge.version import TESTED, release
 
-VERSIONS = ["2.11.0", "2.15.0"]  # move with pyproject's torch range
+VERSIONS = ["2.11.0", "2.15.0"]  # move with ckpt_bridge/version.py TESTED
+# ~4.7 GB of downloads each on a fresh machine: started in the background when the session starts
+# (tests/conftest.py), so they arrive while the tests before these run
+OVERLAYS = [torch_job(v) for v in VERSIONS]
 
 
 @pytest.fixture(scope="module")
-def pinned_saves(verl_ckpt, tmp_path_factory):
-    """Saves written under the pinned torch: verl FSDP (2 ranks), HSDP (2x2), a LoRA run and its export."""
+def pinned_saves(verl_ckpt, lora_root, tmp_path_factory):
+    """Saves written under the pinned torch: verl FSDP (2 ranks), HSDP (2x2), a LoRA run (the session's
+    lora_root: tests/test_lora.py's llama case, no torchrun job of its own) and its export."""
     d = tmp_path_factory.mktemp("torch-versions")
-    cache = os.environ.get("CKPT_BRIDGE_TEST_CACHE")
-    lora_root = make_verl_lora_checkpoints((Path(cache) if cache else d) / "lora-torch-versions", ["llama"])
     lora = lora_root / "llama" / "global_step_2" / "actor"
     to_hf(lora, d / "lora-export", progress=False)
     (d / "text.txt").write_text(corpus_text()[:300])
@@ -47,8 +51,10 @@ def pinned_saves(verl_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def results(pinned_saves):
-    """One subprocess per torch version, one after the other (each imports a 4.7 GB torch: memory)."""
-    out = {}
+    """One subprocess per torch version, both at once: each runs at one thread (OMP_NUM_THREADS=1), so on 2
+    cores they take the wall time of the slower one instead of the sum; each maps its 4.7 GB CUDA torch but
+    stays near 1 GB resident on CPU."""
+    procs = {}
     for version in VERSIONS:
         env = overlay_env(torch_overlay(version))
         env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
@@ -58,8 +64,16 @@ def results(pinned_saves):
         result = work.parent / f"{work.name}.json"
         cmd = [sys.executable, "-m", "ckpt_bridge.testing.torch_checks", "--out", str(result), "--work", str(work),
                *args]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
-        out[version] = (proc.returncode, proc.stderr, result)
+        procs[version] = (subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                           text=True), result)
+    out = {}
+    for version, (proc, result) in procs.items():
+        try:
+            err = proc.communicate(timeout=900)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            err = proc.communicate()[1] + "\n(timed out after 900 s)"
+        out[version] = (proc.returncode, err, result)
     return out
 
 
@@ -84,3 +98,42 @@ def test_cli_under_other_torch(results, version):
         assert not titan["ok"] and "DataParallelMeshDims" in titan["error"], titan
     else:
         assert titan["ok"], titan
+
+
+def test_tested_torch_table_is_what_ci_runs():
+    """ckpt_bridge/version.py TESTED (what --version and inspect judge by) is this matrix plus the pinned torch."""
+    lock = (Path(__file__).resolve().parents[1] / "requirements.lock").read_text()
+    pinned = re.search(r"(?m)^torch==(\S+)", lock).group(1)
+    assert set(TESTED["torch"]) == set(VERSIONS) | {pinned}
+
+
+def test_pip_resolves_next_to_the_newest_torch_and_transformers(tmp_path):
+    """pip's own resolver, offline, with the newest torch and transformers CI tests installed (their overlays
+    first on sys.path: pip counts what is importable as installed, so nothing is downloaded): installing
+    ckpt-bridge needs nothing else and moves neither.  With the old cap transformers<5.25 this is pip's
+    ResolutionImpossible.  PIP_CONSTRAINT=/dev/null: this machine's pip.conf caps torch at the
+    CPU wheels on its disk, which is not what a user's pip sees."""
+    from test_transformers_versions import VERSIONS as TRANSFORMERS
+
+    newest_torch = max(VERSIONS, key=release)
+    newest_tf = max(TRANSFORMERS, key=release)
+    root = Path(__file__).resolve().parents[1]
+    src = tmp_path / "src"  # pip writes its metadata build beside the sources: a copy, never the checkout
+    src.mkdir()
+    for f in ("pyproject.toml", "README.md"):
+        shutil.copy(root / f, src / f)
+    for d in ("ckpt_bridge", "integrations", "patches"):
+        shutil.copytree(root / d, src / d, ignore=shutil.ignore_patterns("__pycache__"))
+    env = overlay_env(torch_overlay(newest_torch))
+    env = overlay_env(overlay(TRANSFORMERS[newest_tf], name=f"transformers-{newest_tf}"), env)
+    env["PIP_CONSTRAINT"] = "/dev/null"
+    report = tmp_path / "report.json"
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-index", "--no-build-isolation",
+                           "--disable-pip-version-check", "--report", str(report), str(src),
+                           f"torch=={newest_torch}", f"transformers=={newest_tf}"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    install = json.loads(report.read_text())["install"]
+    assert [i["metadata"]["name"] for i in install] == ["ckpt-bridge"]
+    requires = install[0]["metadata"]["requires_dist"]
+    assert any(r.replace(" ", "").startswith("torch>=") for r in requires), requires

@@ -14,6 +14,7 @@ from ..formats.megatron import MegatronReader
 from ..formats.verl_fsdp import VerlFSDPReader
 from ..plan.megatron import check_save_config
 from ..plan.lora import describe as describe_lora
+from ..version import untested
 
 
 def inspect(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Any]:
@@ -71,6 +72,8 @@ def inspect(path: str | Path, *, trust_pickle: bool = False) -> dict[str, Any]:
             except BridgeError as e:
                 problems.append(str(e))
         report["problems"] = list(dict.fromkeys(problems))  # each problem once
+    # a dependency release CI never ran (pyproject caps none): not a problem of the checkpoint, said beside it
+    report["untested"] = untested()
     return report
 
 
@@ -101,6 +104,8 @@ def format_report(r: dict[str, Any]) -> str:
     if r.get("lora"):
         lines.append(f"  lora        {_lora_line(r['lora'])}")
     lines.append(f"  config      {r['config'] or 'none found (to-hf needs --config)'}")
+    for name, what in (r.get("untested") or {}).items():
+        lines.append(f"  untested    {name} {what}")
     if r["problems"]:
         lines.append(f"  problems    {len(r['problems'])}")
         lines += [f"    - {p}" for p in r["problems"]]

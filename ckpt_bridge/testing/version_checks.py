@@ -14,7 +14,12 @@ logits of EXPORT on fixed tokens).  Checked here, with this version's own code:
   unexpected keys and gives the pinned version's logits (its config.json builds the same model);
 - after_load: meta build -> to_empty -> weights -> after_load gives the buffers, derived attributes,
   tied parameters and logits of ``from_pretrained`` for the families that derive state at init;
-- ``verify DCP --against SOURCE --loss``: runs, and the two losses agree.
+- ``verify DCP --against SOURCE --loss``: runs, and the two losses agree;
+- ``--lora ROOT`` (verl LoRA saves written under the pinned versions): tests/test_lora.py's PEFT comparisons with
+  this version's transformers and peft (the newest transformers' overlay carries the newest peft): our export
+  against ``merge_and_unload``, our adapter through ``PeftModel.from_pretrained`` (no warnings, the live logits)
+  and against ``save_pretrained``; from peft 0.22 also ``save_pretrained`` of the live model under FSDP2, which
+  gathers the DTensors into full tensors.
 """
 
 from __future__ import annotations
@@ -129,6 +134,126 @@ def _family_exports(ref: dict[str, torch.Tensor], exports: Path) -> dict:
     return out
 
 
+def _quietly(fn):
+    """``fn()``, and every warning and WARNING+ log record it gave (as strings)."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger().addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = fn()
+    finally:
+        logging.getLogger().removeHandler(handler)
+    return out, [str(w.message) for w in caught] + [r.getMessage() for r in records if r.levelno >= logging.WARNING]
+
+
+def _lora_case(case_dir: Path, work: Path) -> dict:
+    """tests/test_lora.py's PEFT comparisons of one verl LoRA save (written under the pinned versions), with this
+    process's transformers and peft: our export (run here) against PEFT's own merge_and_unload, PeftModel
+    .from_pretrained of our adapter against the live logits, and our adapter file against PEFT's save_pretrained."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from ckpt_bridge import to_hf
+    from ckpt_bridge.models.hf import dtype_kwarg
+    from ckpt_bridge.testing.verl_save import LORA_CASES, LORA_STEPS
+
+    fp32 = {dtype_kwarg(): torch.float32}
+    name = case_dir.name
+    extra = {}
+    if (case_dir / "init_adapter").is_dir():
+        extra["lora_config"] = case_dir / "init_adapter"
+    if LORA_CASES[name].get("save_lora_only"):
+        extra["base"] = case_dir / "base_model"
+    out = work / name
+    to_hf(case_dir / f"global_step_{LORA_STEPS}" / "actor", out, progress=False, **extra)
+    ref = case_dir / "reference"
+
+    def live():
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(case_dir / "base_model", **fp32),
+                               LoraConfig.from_pretrained(ref / "peft_config"))
+        model.load_state_dict(load_file(ref / "model.safetensors"), strict=True)
+        return model.eval()
+
+    want_logits = torch.load(ref / "logits.pt")
+    tokens = want_logits["tokens"]
+    # the merge: bit for bit PEFT's merge_and_unload, and the same logits
+    merged = live().merge_and_unload()
+    want = {k: v for k, v in merged.state_dict().items()
+            if not (k == "lm_head.weight" and merged.config.tie_word_embeddings)}
+    got = {k: v for f in sorted(out.glob("model*.safetensors")) for k, v in load_file(f).items()}
+    ours = AutoModelForCausalLM.from_pretrained(out, **fp32).eval()
+    with torch.no_grad():
+        merge_logits = torch.equal(ours(input_ids=tokens).logits, merged(input_ids=tokens).logits)
+    res = {"merge_keys": sorted(set(got) ^ set(want)),
+           "merge_differ": sorted(k for k in set(got) & set(want) if not torch.equal(got[k], want[k])),
+           "merge_logits_equal": merge_logits}
+    # the adapter: loads in PEFT without a warning (PEFT's own about a tied embedding target aside: peft#2777, a
+    # property of the run's config) and gives the live model's logits
+    base = AutoModelForCausalLM.from_pretrained(case_dir / "base_model", **fp32)
+    adapter, said = _quietly(lambda: PeftModel.from_pretrained(base, out / "lora_adapter").eval())
+    res["adapter_warnings"] = [w for w in said if "tied layer is part of the adapter" not in w]
+    with torch.no_grad():
+        res["adapter_logits_equal"] = torch.equal(adapter(input_ids=tokens).logits, want_logits["logits"])
+    # the adapter file: the keys and values PeftModel.save_pretrained writes for the live model
+    live().save_pretrained(work / f"{name}-peft")
+    want_adapter = load_file(work / f"{name}-peft" / "adapter_model.safetensors")
+    got_adapter = load_file(out / "lora_adapter" / "adapter_model.safetensors")
+    res["adapter_keys"] = sorted(set(got_adapter) ^ set(want_adapter))
+    res["adapter_differ"] = sorted(k for k in set(got_adapter) & set(want_adapter)
+                                   if not torch.equal(got_adapter[k], want_adapter[k]))
+    return res
+
+
+def _sharded_save(case_dir: Path, adapter_dir: Path, work: Path) -> dict:
+    """PeftModel.save_pretrained of the live model sharded by FSDP2 (fully_shard, a 1-process gloo group): peft
+    0.22 gathers the DTensors into full tensors before it writes, so the file must equal our adapter."""
+    import torch.distributed as dist
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    from ckpt_bridge.models.hf import dtype_kwarg
+
+    ref = case_dir / "reference"
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(case_dir / "base_model", **{dtype_kwarg(): torch.float32}),
+                           LoraConfig.from_pretrained(ref / "peft_config"))
+    model.load_state_dict(load_file(ref / "model.safetensors"), strict=True)
+    work.mkdir(parents=True, exist_ok=True)
+    dist.init_process_group("gloo", init_method=f"file://{work / 'store'}", rank=0, world_size=1)
+    try:
+        for layer in model.base_model.model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)
+        sharded = sum(type(p).__name__ == "DTensor" for p in model.parameters())
+        model.save_pretrained(work / "peft-sharded")
+    finally:
+        dist.destroy_process_group()
+    want = load_file(work / "peft-sharded" / "adapter_model.safetensors")
+    got = load_file(adapter_dir / "adapter_model.safetensors")
+    return {"dtensor_params": sharded, "keys": sorted(set(got) ^ set(want)),
+            "differ": sorted(k for k in set(got) & set(want) if not torch.equal(got[k], want[k]))}
+
+
+def _lora(root: Path, work: Path) -> dict:
+    import peft
+
+    out: dict = {"peft": peft.__version__, "cases": {}}
+    for case_dir in sorted(p for p in root.iterdir() if (p / "reference").is_dir()):
+        out["cases"][case_dir.name] = _lora_case(case_dir, work)
+    from ckpt_bridge.version import release
+
+    if "llama" in out["cases"] and release(peft.__version__) >= (0, 22):  # before 0.22 PEFT wrote the local shards
+        out["sharded_save"] = _sharded_save(root / "llama", work / "llama" / "lora_adapter", work / "sharded")
+    return out
+
+
 def _rope_theta(cfg) -> float:
     """The rope theta this transformers uses (4.x: rope_theta; 5.x: rope_parameters)."""
     from ckpt_bridge.models.hf import transformers_major
@@ -140,6 +265,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     for a in ("--ref", "--export", "--exports", "--source", "--dcp", "--text", "--out"):
         ap.add_argument(a, required=True)
+    ap.add_argument("--lora", help="the LoRA saves' root (tests/conftest.py lora_root): tests/test_lora.py's PEFT "
+                    "comparisons with this version's transformers and peft")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     import transformers
@@ -162,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     res["verify_loss"] = {"hf": loss.loss_hf, "dcp": loss.loss_dcp, "ok": loss.loss_ok}
     with tempfile.TemporaryDirectory() as tmp:
         res["after_load"] = _after_load(Path(tmp))
+    if args.lora:
+        with tempfile.TemporaryDirectory() as tmp:
+            res["lora"] = _lora(Path(args.lora), Path(tmp))
     Path(args.out).write_text(json.dumps(res, indent=2))
 
 
