@@ -34,6 +34,8 @@ class ToHF:
     progress: bool | None = None
     allow_missing_rng: bool = False
     dry_run: bool = False
+    custom_import: tuple[str, ...] = ()  # modules that register model classes (ckpt_bridge.models.custom_code)
+    trust_remote_code: bool = False  # run the checkpoint's auto_map code (transformers' opt-in)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ToHF":
@@ -42,7 +44,7 @@ class ToHF:
                    base=args.base, titan_model=args.titan_model, lora=args.lora, lora_config=args.lora_config,
                    overwrite=args.overwrite, trust_pickle=args.trust_pickle,
                    progress=False if args.quiet else None, allow_missing_rng=args.allow_missing_rng,
-                   dry_run=args.dry_run)
+                   dry_run=args.dry_run, **code_args(args))
 
 
 @dataclass(frozen=True)
@@ -63,12 +65,21 @@ class ToDCP:
     trust_pickle: bool = False
     progress: bool | None = None
     dry_run: bool = False
+    custom_import: tuple[str, ...] = ()  # modules that register model classes (ckpt_bridge.models.custom_code)
+    trust_remote_code: bool = False  # run the checkpoint's auto_map code (transformers' opt-in)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ToDCP":
         return cls(layout=args.layout, dtype=args.dtype, aux=args.aux, seed=args.seed, aux_from=args.aux_from,
                    config=args.config, titan_model=args.titan_model, overwrite=args.overwrite,
-                   trust_pickle=args.trust_pickle, progress=False if args.quiet else None, dry_run=args.dry_run)
+                   trust_pickle=args.trust_pickle, progress=False if args.quiet else None, dry_run=args.dry_run,
+                   **code_args(args))
+
+
+def code_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``--custom-import`` / ``--trust-remote-code`` as option fields (every verb that builds a model has them)."""
+    return {"custom_import": tuple(getattr(args, "custom_import", None) or ()),
+            "trust_remote_code": bool(getattr(args, "trust_remote_code", False))}
 
 
 def resolve(kind: type, options: Any, kwargs: dict[str, Any], caller: str) -> Any:

@@ -33,6 +33,7 @@ from ..formats.dcp_files import HF_CONFIG_DIR, MANIFEST, read_manifest, write_ma
 from ..formats.detect import open_reader
 from ..formats.memory import WithTensors
 from ..models.config_fit import read_fitting_config
+from ..models.custom_code import code_scope, record_for_manifest
 from ..models.hf import quiet_transformers, tie_groups
 from ..models.titan import adapter_record, titan_model as build_titan_model
 from ..models.titan_eras import seed_flags
@@ -247,7 +248,8 @@ def to_dcp(src: str | Path, out: str | Path, options: "ToDCP | None" = None, *, 
     specs = as_specs(aux)
     if aux_from is not None and not specs:
         specs = _aux_from_manifest(Path(aux_from))
-    with open_reader(src, trust_pickle=trust_pickle) as reader, ThreadPoolExecutor(1) as pool:
+    with code_scope(o.custom_import, o.trust_remote_code), open_reader(src, trust_pickle=trust_pickle) as reader, \
+            ThreadPoolExecutor(1) as pool:
         where = str(reader.path)
         reader.check()
         cfg_dir, _ = config_dir(reader, config)
@@ -323,6 +325,7 @@ def to_dcp(src: str | Path, out: str | Path, options: "ToDCP | None" = None, *, 
                 "hf_config": read_config(cfg_dir),
                 "model_class": model_class,
                 "titan_model": titan,
+                "model_code": record_for_manifest(read_config(cfg_dir).get("model_type")),
                 **({"titan_adapter": adapter_rec} if adapter_rec is not None else {}),
                 "layout": req.as_dict(),
                 "dtype": summary.dtype,

@@ -25,6 +25,7 @@ from ..errors import BridgeError, KeyPlanError
 from ..formats.base import Reader, TensorInfo
 from ..formats.detect import open_reader
 from ..models.config_fit import read_fitting_config
+from ..models.custom_code import code_scope
 from ..models.titan import hf_names, working_titan_model
 from ..pipeline.run import Output, run
 from ..options import ToHF, resolve
@@ -140,7 +141,8 @@ def to_hf(src: str | Path, out: str | Path, options: "ToHF | None" = None, *, te
     if base_dir is not None and not (base_dir / "config.json").is_file():
         raise BridgeError(f"--base {base_dir}: not a model directory (no config.json)")
     # allow_missing_rng, DCP: a rank without rng is a warning, not an error
-    with open_reader(src, trust_pickle=trust_pickle, allow_missing_rng=allow_missing_rng) as reader:
+    with code_scope(o.custom_import, o.trust_remote_code), \
+            open_reader(src, trust_pickle=trust_pickle, allow_missing_rng=allow_missing_rng) as reader:
         if config is None and base_dir is not None and reader.hf_config_dir() is None:
             config = base_dir  # the checkpoint has no config of its own: the base's describes it
 

@@ -28,6 +28,7 @@ from ..errors import BridgeError
 from ..formats.base import TensorInfo
 from ..jsonfiles import cache_root, cached_json, transformers_version
 from ..models import titan_eras
+from ..models.custom_code import code_key
 from ..models.hf import tie_groups
 from ..models.titan_eras import TitanEra
 from ..version import __version__
@@ -66,7 +67,7 @@ def _cache_file(cfg_dir: Path, specs: list[AuxSpec], layout: str) -> Path | None
     except OSError:
         return None
     parts = [SCHEMA, __version__, layout, _torchtitan_key(), str(transformers_version()), torch.__version__,
-             *(s.describe() for s in specs)]
+             code_key(), *(s.describe() for s in specs)]
     digest = hashlib.sha256(raw + b"\0" + "\0".join(parts).encode()).hexdigest()[:32]
     return cache_root() / "trainer-keys" / f"{digest}.json"
 
