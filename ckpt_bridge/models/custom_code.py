@@ -139,11 +139,6 @@ def code_scope(custom_import: Any = (), trust_remote_code: bool = False) -> Iter
             undo()
 
 
-def imported_records() -> list[dict[str, Any]]:
-    """The modules the current scope imported (``--custom-import``), with their distributions and versions."""
-    return list(_SCOPE.get().records)
-
-
 # ---------------------------------------------------------------- the Auto registries
 
 
@@ -275,8 +270,10 @@ def refusal(cfg: dict[str, Any], path: Path) -> str:
     fla_types = _fla_types()
     is_fla = mt in (fla_types if fla_types is not None else FLA_HINT_TYPES)
     if imported:
-        what = (f"--custom-import {imported} registered no model for model_type {mt!r}"
-                f" ({', '.join(sorted(registered_config_classes())) or 'nothing'} is registered)")
+        have = sorted(registered_config_classes())
+        listed = ", ".join(have[:6]) + (f" and {len(have) - 6} more" if len(have) > 6 else "")
+        what = (f"--custom-import {imported} registered no model for model_type {mt!r} (registered: "
+                f"{listed or 'none'})")
     else:
         what = f"model_type {mt!r} is not built into transformers and no installed package registered it"
     ways = []
