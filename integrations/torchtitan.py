@@ -34,7 +34,7 @@ from ckpt_bridge.errors import BridgeError, OutputError
 from ckpt_bridge.writers.marker import read_marker
 from ckpt_bridge.formats.dcp_files import MANIFEST, rng_files, write_rng
 from ckpt_bridge.formats.hf import weight_files
-from ckpt_bridge.models.custom_code import code_flags, code_key
+from ckpt_bridge.models.custom_code import as_modules, code_flags, code_key
 from ckpt_bridge.models.after_load import AfterLoadReport, ConfigMismatchError, after_load  # noqa: F401 - re-exported
 from ckpt_bridge.models.titan_eras import install_origin, torchtitan_version
 
@@ -202,7 +202,7 @@ def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: 
         # version and commit: e320a37 (nested) and 0b44d4c (flat) both call themselves 0.1.0
         "seed": seed, "dtype": dtype, "layout": layout, "torchtitan": [torchtitan_version(), install_origin()],
         "titan_model": titan_model,
-        "model_code": [list(custom_import), trust_remote_code, code_key()],
+        "model_code": [list(as_modules(custom_import)), trust_remote_code, code_key()],
         "model_keys": sorted(k for p in ([model] if isinstance(model, nn.Module) else model or [])
                              for k in p.state_dict()),
     }  # fmt: skip
@@ -215,7 +215,7 @@ def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: 
         try:
             to_dcp(hf_dir, out, layout=layout, dtype=dtype, aux=specs, seed=seed, aux_from=aux_from, model=model,
                    titan_model=titan_model, overwrite=out.exists(), progress=False,
-                   custom_import=tuple(custom_import), trust_remote_code=trust_remote_code)
+                   custom_import=as_modules(custom_import), trust_remote_code=trust_remote_code)
         except BridgeError as e:
             if not distributed:
                 raise

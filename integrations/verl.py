@@ -40,7 +40,7 @@ from typing import Any
 from ckpt_bridge.errors import BridgeError
 from ckpt_bridge.formats.megatron_ready import is_complete as megatron_complete, is_megatron_save
 from ckpt_bridge.commands.watch import export_dir, rotate, step_action
-from ckpt_bridge.models.custom_code import code_flags
+from ckpt_bridge.models.custom_code import as_modules, code_flags
 from ckpt_bridge.writers.atomic import busy
 
 log = logging.getLogger("ckpt_bridge")
@@ -66,8 +66,8 @@ class HFExportCallback(CheckpointCallback):
         self.keep = keep if keep is not None else int(env.get("CKPT_BRIDGE_EXPORT_KEEP", "0"))
         self.lora = lora or env.get("CKPT_BRIDGE_EXPORT_LORA", "both")  # LoRA runs: merge | adapter | both
         # a model class not built into transformers (default: the module registering it in this process)
-        self.custom_import = tuple(custom_import if custom_import is not None else
-                                   [m for m in env.get("CKPT_BRIDGE_EXPORT_CUSTOM_IMPORT", "").split(",") if m])
+        self.custom_import = as_modules(custom_import if custom_import is not None else
+                                        [m for m in env.get("CKPT_BRIDGE_EXPORT_CUSTOM_IMPORT", "").split(",") if m])
         self.trust_remote_code = bool(trust_remote_code if trust_remote_code is not None else
                                       env.get("CKPT_BRIDGE_EXPORT_TRUST_REMOTE_CODE", "") in ("1", "true"))
         self.running: list[tuple[int, str, Path, subprocess.Popen, Path, Path]] = []

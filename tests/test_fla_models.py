@@ -88,6 +88,7 @@ def test_torchtitan_loads_every_tensor_on_two_fsdp2_ranks(fla_runs, model_type):
     rec = fla_runs["load"]["types"][model_type]
     assert "exception" not in rec, rec["exception"]
     assert rec["loaded"] is True
+    assert "hidden_size" in rec["after_load_checked"], rec  # after_load checked the config against the HF one
     _exact(rec["vs_hf_and_aux"])  # the HF tensors and the aux head, under the keys the CheckpointManager loads
     # every HF tensor and the aux head's two
     assert rec["vs_hf_and_aux"]["compared"] == fla_runs["convert"][model_type]["export_vs_save_pretrained"]["compared"] + 2

@@ -230,7 +230,7 @@ def export_step(root: Path, step: int, *, role: str = "actor", out_root: str | P
                 return WatchEvent(step, str(out), {"wait": "waiting", "skip": "skipped", "refuse": "failed"}[action],
                                   why)
             s = to_hf(src, out, dtype=dtype, progress=False, overwrite=action == "redo", lora=lora,
-                      custom_import=tuple(custom_import), trust_remote_code=trust_remote_code)
+                      custom_import=custom_import, trust_remote_code=trust_remote_code)
     except OutputBusy:
         return WatchEvent(step, str(out), "skipped", "another ckpt-bridge process is exporting it now")
     except BridgeError as e:

@@ -100,10 +100,15 @@ def import_modules(modules: list[str] | tuple[str, ...]) -> list[dict[str, Any]]
         try:
             # a package's import-time notes (fla: "Triton is not supported on current platform", transformers'
             # GenerationMixin notes) are not our report, which is one line
+            pkg_log = logging.getLogger(name.split(".")[0])
+            level = pkg_log.level
             with warnings.catch_warnings(), quieted("transformers"):
                 warnings.simplefilter("ignore")
-                logging.getLogger(name.split(".")[0]).setLevel(logging.ERROR)
-                importlib.import_module(name)
+                pkg_log.setLevel(logging.ERROR)
+                try:
+                    importlib.import_module(name)
+                finally:
+                    pkg_log.setLevel(level)
         except ModuleNotFoundError as e:
             if e.name is not None and (name == e.name or name.startswith(e.name + ".")):
                 hint = " (flash-linear-attention: pip install flash-linear-attention fla-core)" \
@@ -121,13 +126,20 @@ def import_modules(modules: list[str] | tuple[str, ...]) -> list[dict[str, Any]]
     return out
 
 
+def as_modules(custom_import: Any) -> tuple[str, ...]:
+    """Module names from a name, or a list of names (``custom_import="fla"`` is one module, not three)."""
+    if not custom_import:
+        return ()
+    return (custom_import,) if isinstance(custom_import, str) else tuple(custom_import)
+
+
 @contextlib.contextmanager
 def code_scope(custom_import: Any = (), trust_remote_code: bool = False) -> Iterator[None]:
     """Import ``custom_import`` (module names) and hold ``trust_remote_code`` for the code in the block.
 
     Nested scopes add to the outer one (the CLI's scope, then the command's own for its options)."""
     outer = _SCOPE.get()
-    modules = tuple(dict.fromkeys([*outer.modules, *(custom_import or ())]))
+    modules = tuple(dict.fromkeys([*outer.modules, *as_modules(custom_import)]))
     records = import_modules([m for m in modules if m not in outer.modules])
     scope = _Scope(modules, [*outer.records, *records], bool(trust_remote_code or outer.trust_remote_code))
     token = _SCOPE.set(scope)
@@ -394,7 +406,7 @@ def code_flags(custom_import: Any = (), trust_remote_code: bool = False, cfg_fil
                ) -> list[str]:
     """The CLI flags giving a child process the same model code: the modules named, else the one registering
     ``cfg_file``'s model_type here, and the opt-in."""
-    mods = list(custom_import or ()) or (modules_registering(cfg_file) if cfg_file is not None else [])
+    mods = list(as_modules(custom_import)) or (modules_registering(cfg_file) if cfg_file is not None else [])
     return [a for m in mods for a in ("--custom-import", m)] + (["--trust-remote-code"] if trust_remote_code else [])
 
 

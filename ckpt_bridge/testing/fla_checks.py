@@ -15,8 +15,8 @@ A type whose model does not build on a CPU is recorded with the reason, not conv
 
 ``load`` (2 ranks, FSDP2 on gloo, as flame builds the model): per converted type, the HF class built on meta by
 ``AutoModelForCausalLM.from_config`` plus the aux module, every decoder layer and the root ``fully_shard``-ed,
-``to_empty``, then torchtitan's own ``CheckpointManager`` model-only load of our DCP; rank 0 compares the gathered
-full state dict with the HF files and the aux module's seeded init.  For the first type also the hooks with
+``to_empty``, then torchtitan's own ``CheckpointManager`` model-only load of our DCP and ``after_load``; rank 0
+compares the gathered full state dict with the HF files and the aux module's seeded init.  For the first type also the hooks with
 no flag (fla imported by the trainer): ``set_initial_load`` converts and the same load reads it; the save hook
 (``attach`` + ``HFExport``) exports a save whose weights must equal the HF files.
 """
@@ -162,7 +162,7 @@ def _load_one(hf: Path, dcp: Path | None, dump: str, *, hook: bool) -> dict[str,
     from torch.distributed.fsdp import fully_shard
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ckpt_bridge.integrations.torchtitan import HFExport, attach, set_initial_load
+    from ckpt_bridge.integrations.torchtitan import HFExport, after_load, attach, set_initial_load
     from ckpt_bridge.models.titan_eras import build_manager, new_config
     from ckpt_bridge.plan.aux_modules import as_specs, attach_aux, init_aux
 
@@ -185,8 +185,10 @@ def _load_one(hf: Path, dcp: Path | None, dump: str, *, hook: bool) -> dict[str,
     model.to_empty(device="cpu")
     mgr = build_manager([model], config, dump)
     loaded = mgr.load(step=-1)
+    report = after_load(model, str(hf))  # what flame's trainer calls after the load (config parity, buffers)
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    rec: dict[str, Any] = {"loaded": loaded, "dcp": str(dcp)}
+    rec: dict[str, Any] = {"loaded": loaded, "dcp": str(dcp), "after_load_checked": report.checked,
+                           "after_load_recomputed": [n for n, _ in report.recomputed]}
     if rank == 0:
         spec = as_specs([AUX])[0]
         module, _ = init_aux(spec, cfg, 0)
