@@ -125,6 +125,14 @@ def test_logits_and_loss_on_a_cpu_say_fla_needs_a_gpu(fla_runs):
     assert rec["verify_against"]["rc"] == 0 and rec["inspect"]["rc"] == 0, rec
 
 
+def test_workers_export_is_the_same(fla_runs):
+    """to-hf --workers 2 of an fla DCP: both processes import fla (the flag travels), the shards are bit exact."""
+    rec = fla_runs["convert"]["gla"]
+    assert rec["to_hf_workers"]["rc"] == 0, rec["to_hf_workers"]
+    assert rec["workers_files"] > 2  # several shards, split between the two workers
+    _exact(rec["workers_vs_save_pretrained"])
+
+
 def test_custom_import_of_a_missing_module_is_one_line(fla_runs):
     rec = fla_runs["convert"]["gla"]
     _one_line(rec["no_such_module"], "--custom-import no_such_fla_module", "no module named")

@@ -130,6 +130,12 @@ def convert(root: Path, types: list[str] | None) -> dict[str, Any]:
                 rec["verify_against_loss"] = _cli(["verify", str(dcp), "--against", str(hf), "--loss",
                                                    str(hf / "config.json"), "--custom-import", "fla"])
                 rec["inspect"] = _cli(["inspect", str(dcp), "--custom-import", "fla"])
+                # --workers: each worker process imports the same modules (the flags travel with its argv)
+                rec["to_hf_workers"] = _cli(["to-hf", str(dcp), "--out", str(d / "workers"), "--custom-import",
+                                             "fla", "--workers", "2", "--max-shard-size", "20KB", "--quiet"])
+                if rec["to_hf_workers"]["rc"] == 0:
+                    rec["workers_vs_save_pretrained"] = _same(_weights(d / "workers"), _weights(hf))
+                    rec["workers_files"] = len(list((d / "workers").glob("*.safetensors")))
                 # a module that does not exist, and one that registers nothing for this model_type
                 rec["no_such_module"] = _cli(["to-hf", str(dcp), "--out", str(d / "x1"), "--custom-import",
                                               "no_such_fla_module"])
