@@ -263,10 +263,21 @@ def _parser() -> argparse.ArgumentParser:
                     help="LoRA runs: what each export holds (see to-hf --lora; default both)")
     pw.add_argument("--keep", type=int, default=0, help="keep only the newest K exports (default 0: keep all); only "
                     "directories carrying ckpt_bridge_export.json are ever deleted")
+    for verb in ("inspect", "to-hf", "to-dcp", "verify", "watch"):  # every verb that builds or checks a model
+        _code_flags(sub.choices[verb])
     for sp in sub.choices.values():  # --debug also after the verb
         sp.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                         help="on failure, also print the Python traceback")
     return p
+
+
+def _code_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--custom-import", action="append", default=[], metavar="MODULE",
+                   help="import MODULE first: an installed package that registers model classes with transformers' "
+                        "Auto classes (flash-linear-attention's models: --custom-import fla); repeatable")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="run the model code a checkpoint ships (config.json auto_map), as transformers' "
+                        "trust_remote_code=True does; off by default: only for checkpoints you trust")
 
 
 def _team_args(p: argparse.ArgumentParser) -> None:
@@ -412,6 +423,14 @@ def main(argv: list[str] | None = None, *, ending: bool = False) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .models.custom_code import code_scope
+
+    # the modules first, before anything is planned; the opt-in held for the whole command
+    with code_scope(getattr(args, "custom_import", ()), getattr(args, "trust_remote_code", False)):
+        return _run_verb(args)
+
+
+def _run_verb(args: argparse.Namespace) -> int:
     if args.verb == "inspect":
         from .checks.inspect import format_report, inspect
 
@@ -533,6 +552,10 @@ def _to_hf(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
+    if args.logits or args.loss:  # a model whose forward cannot run here (fla: GPU kernels), said first
+        from .models.custom_code import check_forward_runs
+
+        check_forward_runs([args.against, args.a, args.b])
     if args.against:
         from .checks.verify_dcp import format_dcp_result, verify_dcp
 
@@ -564,7 +587,8 @@ def _watch(args: argparse.Namespace) -> int:
         print(f"step {ev.step}: {ev.status}  {ev.out}" + (f"  ({ev.message})" if ev.message else ""), flush=True)
 
     events = watch(args.root, role=args.role, out_root=args.out_root, dtype=args.dtype, every_step=args.all,
-                   once=args.once, interval=args.interval, keep=args.keep, on_event=show, lora=args.lora)
+                   once=args.once, interval=args.interval, keep=args.keep, on_event=show, lora=args.lora,
+                   custom_import=tuple(args.custom_import), trust_remote_code=args.trust_remote_code)
     if args.once and not events:
         print(f"nothing to export: no {args.root}/latest_checkpointed_iteration.txt yet")
     return 1 if any(e.status == "failed" for e in events) else 0

@@ -200,17 +200,28 @@ TRANSFORMER_CONFIG = {f: integer(1, null=True) for f in (
 def check_config(cfg: dict[str, Any], path: Path) -> dict[str, Any]:
     """config.json beyond its JSON shape: a model transformers knows, without the repo's own code."""
     check_shape(cfg, CONFIG, path, required=("model_type",))
-    if "auto_map" in cfg:
+    # a type registered with transformers' AutoConfig (an imported package's, or auto_map code the user
+    # trusted: ckpt_bridge.models.custom_code) is that registered class, not the checkpoint's code
+    registered = registered_model_types()
+    if "auto_map" in cfg and cfg["model_type"] not in registered:
         raise CheckpointFormatError(
-            f"{path}: uses auto_map (model code shipped with the checkpoint); ckpt-bridge never runs a "
-            f"checkpoint's code: convert with a transformers release that has {cfg['model_type']!r} built in, "
-            f"or remove auto_map if model_type is a built-in transformers model")
+            f"{path}: uses auto_map (model code shipped with the checkpoint); ckpt-bridge runs a checkpoint's "
+            f"code only with --trust-remote-code; or remove auto_map if model_type is a built-in transformers model")
     known, version = transformers_model_types()
-    if cfg["model_type"] not in known:
+    if cfg["model_type"] not in known and cfg["model_type"] not in registered:
         raise CheckpointFormatError(
-            f"{path}: model_type {cfg['model_type']!r} is not a model transformers {version} knows; "
-            f"install a transformers release that has it, or fix model_type")
+            f"{path}: model_type {cfg['model_type']!r} is not a model transformers {version} has built in; pass "
+            f"--custom-import MODULE naming the installed package that defines it, or fix model_type")
     return cfg
+
+
+def registered_model_types() -> set[str]:
+    """The model types registered with transformers' ``AutoConfig`` beyond its built-in ones (none when
+    transformers was never imported: nothing can have registered; no import is needed to know)."""
+    import sys
+
+    conf = sys.modules.get("transformers.models.auto.configuration_auto")
+    return set(getattr(getattr(conf, "CONFIG_MAPPING", None), "_extra_content", None) or ())
 
 
 def cache_root() -> Path:

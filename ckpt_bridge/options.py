@@ -34,6 +34,8 @@ class ToHF:
     progress: bool | None = None
     allow_missing_rng: bool = False
     dry_run: bool = False
+    custom_import: tuple[str, ...] = ()  # modules that register model classes (ckpt_bridge.models.custom_code)
+    trust_remote_code: bool = False  # run the checkpoint's auto_map code (transformers' opt-in)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ToHF":
@@ -42,7 +44,7 @@ class ToHF:
                    base=args.base, titan_model=args.titan_model, lora=args.lora, lora_config=args.lora_config,
                    overwrite=args.overwrite, trust_pickle=args.trust_pickle,
                    progress=False if args.quiet else None, allow_missing_rng=args.allow_missing_rng,
-                   dry_run=args.dry_run)
+                   dry_run=args.dry_run, **code_args(args))
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,8 @@ class ToDCP:
     # the source holds a TorchTitan model's own names (to-hf's --titan-model; default: what its manifest recorded)
     source_titan_model: str | None = None
     extra_state: bool = False  # copy the source's training extra state beside the DCP (as to-hf writes it)
+    custom_import: tuple[str, ...] = ()  # modules that register model classes (ckpt_bridge.models.custom_code)
+    trust_remote_code: bool = False  # run the checkpoint's auto_map code (transformers' opt-in)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ToDCP":
@@ -73,7 +77,13 @@ class ToDCP:
                    config=args.config, titan_model=args.titan_model, overwrite=args.overwrite,
                    trust_pickle=args.trust_pickle, progress=False if args.quiet else None, dry_run=args.dry_run,
                    source_titan_model=getattr(args, "source_titan_model", None),
-                   extra_state=getattr(args, "extra_state", False))
+                   extra_state=getattr(args, "extra_state", False), **code_args(args))
+
+
+def code_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``--custom-import`` / ``--trust-remote-code`` as option fields (every verb that builds a model has them)."""
+    return {"custom_import": tuple(getattr(args, "custom_import", None) or ()),
+            "trust_remote_code": bool(getattr(args, "trust_remote_code", False))}
 
 
 def resolve(kind: type, options: Any, kwargs: dict[str, Any], caller: str) -> Any:

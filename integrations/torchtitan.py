@@ -34,6 +34,7 @@ from ckpt_bridge.errors import BridgeError, OutputError
 from ckpt_bridge.writers.marker import read_marker
 from ckpt_bridge.formats.dcp_files import MANIFEST, rng_files, write_rng
 from ckpt_bridge.formats.hf import weight_files
+from ckpt_bridge.models.custom_code import as_modules, code_flags, code_key
 from ckpt_bridge.models.after_load import AfterLoadReport, ConfigMismatchError, after_load  # noqa: F401 - re-exported
 from ckpt_bridge.models.titan_eras import install_origin, torchtitan_version
 
@@ -163,7 +164,8 @@ def _dist_rank() -> tuple[bool, int]:
 def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: int = 0, dtype: str = "fp32",
                      layout: str = "auto", aux_from: str | Path | None = None,
                      model: nn.Module | list[nn.Module] | None = None,
-                     cache_dir: str | Path | None = None, titan_model: str | None = None) -> Path:
+                     cache_dir: str | Path | None = None, titan_model: str | None = None,
+                     custom_import: tuple[str, ...] = (), trust_remote_code: bool = False) -> Path:
     """Convert ``hf_dir`` once and make the trainer's first load read it (model only).
 
     Works with the config of every TorchTitan era, by its own field names:
@@ -181,7 +183,9 @@ def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: 
     files and config, the aux specs, seed, dtype, layout and the trainer
     version; a finished conversion is reused, an interrupted one is redone.
     ``titan_model``: the trainer builds TorchTitan's own model of that name
-    (``llama3``, ``qwen3``); the DCP gets its keys through its StateDictAdapter.
+    (``llama3``, ``qwen3``); the DCP gets its keys through its StateDictAdapter.  ``custom_import`` /
+    ``trust_remote_code``: as the CLI flags (a class this process registered already, flame's ``import fla``,
+    needs neither).
     """
     section = _checkpoint_section(config)
     step0 = None if hasattr(section, "initial_load_path") else _step0(config, section)
@@ -198,6 +202,7 @@ def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: 
         # version and commit: e320a37 (nested) and 0b44d4c (flat) both call themselves 0.1.0
         "seed": seed, "dtype": dtype, "layout": layout, "torchtitan": [torchtitan_version(), install_origin()],
         "titan_model": titan_model,
+        "model_code": [list(as_modules(custom_import)), trust_remote_code, code_key()],
         "model_keys": sorted(k for p in ([model] if isinstance(model, nn.Module) else model or [])
                              for k in p.state_dict()),
     }  # fmt: skip
@@ -209,7 +214,8 @@ def set_initial_load(config: Any, hf_dir: str | Path, *, aux: Any = None, seed: 
         log.info("ckpt-bridge: converting %s -> %s", hf_dir, out)
         try:
             to_dcp(hf_dir, out, layout=layout, dtype=dtype, aux=specs, seed=seed, aux_from=aux_from, model=model,
-                   titan_model=titan_model, overwrite=out.exists(), progress=False)
+                   titan_model=titan_model, overwrite=out.exists(), progress=False,
+                   custom_import=as_modules(custom_import), trust_remote_code=trust_remote_code)
         except BridgeError as e:
             if not distributed:
                 raise
@@ -286,6 +292,8 @@ class HFExport:
     save_rng: bool = True
     timeout: float = 3600.0
     titan_model: str | None = None
+    custom_import: tuple[str, ...] = ()  # default: the module that registered the model's class in this process
+    trust_remote_code: bool = False
 
 
 @dataclass
@@ -416,6 +424,9 @@ class ExportHook:
                    str(self.export.hf_config), "--dtype", self.export.dtype, "--aux", self.export.aux,
                    "--max-shard-size", self.export.max_shard_size, "--quiet"]
             cmd += ["--titan-model", self.export.titan_model] if self.export.titan_model else []
+            cfg = Path(self.export.hf_config)  # the child sees the model class this trainer imported
+            cmd += code_flags(self.export.custom_import, self.export.trust_remote_code,
+                              cfg / "config.json" if cfg.is_dir() else cfg)
             cmd += ["--overwrite"] if out.exists() else []
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=self.export.timeout)
             if proc.returncode != 0:

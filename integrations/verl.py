@@ -21,7 +21,9 @@ config): ``CKPT_BRIDGE_EXPORT_ROLES`` (``actor``; ``actor,critic``),
 survives verl's rotation because ``max_actor_ckpt_to_keep`` deletes only
 ``global_step_N/actor``), ``CKPT_BRIDGE_EXPORT_DTYPE`` (``keep``),
 ``CKPT_BRIDGE_EXPORT_KEEP`` (rotate exports beyond the newest K; 0 = keep all),
-``CKPT_BRIDGE_EXPORT_LORA`` (LoRA runs: ``both`` = merged model + PEFT adapter, ``merge``, ``adapter``).
+``CKPT_BRIDGE_EXPORT_LORA`` (LoRA runs: ``both`` = merged model + PEFT adapter, ``merge``, ``adapter``),
+``CKPT_BRIDGE_EXPORT_CUSTOM_IMPORT`` (modules, comma-separated: ``--custom-import``; default: the module that
+registered the model's class in the trainer's process), ``CKPT_BRIDGE_EXPORT_TRUST_REMOTE_CODE`` (``1``).
 For verl versions without the hook, run ``ckpt-bridge watch ROOT`` instead.
 """
 
@@ -38,6 +40,7 @@ from typing import Any
 from ckpt_bridge.errors import BridgeError
 from ckpt_bridge.formats.megatron_ready import is_complete as megatron_complete, is_megatron_save
 from ckpt_bridge.commands.watch import export_dir, rotate, step_action
+from ckpt_bridge.models.custom_code import as_modules, code_flags
 from ckpt_bridge.pipeline.atomic import busy
 
 log = logging.getLogger("ckpt_bridge")
@@ -53,7 +56,8 @@ except ImportError:  # pragma: no cover - verl without the hook: use `ckpt-bridg
 class HFExportCallback(CheckpointCallback):
     def __init__(self, config: Any = None, *, roles: tuple[str, ...] | None = None,
                  out_root: str | Path | None = None, dtype: str | None = None, keep: int | None = None,
-                 lora: str | None = None):
+                 lora: str | None = None, custom_import: tuple[str, ...] | None = None,
+                 trust_remote_code: bool | None = None):
         super().__init__(config)
         env = os.environ
         self.roles = tuple(roles or [r for r in env.get("CKPT_BRIDGE_EXPORT_ROLES", "actor").split(",") if r])
@@ -61,6 +65,11 @@ class HFExportCallback(CheckpointCallback):
         self.dtype = dtype or env.get("CKPT_BRIDGE_EXPORT_DTYPE", "keep")
         self.keep = keep if keep is not None else int(env.get("CKPT_BRIDGE_EXPORT_KEEP", "0"))
         self.lora = lora or env.get("CKPT_BRIDGE_EXPORT_LORA", "both")  # LoRA runs: merge | adapter | both
+        # a model class not built into transformers (default: the module registering it in this process)
+        self.custom_import = as_modules(custom_import if custom_import is not None else
+                                        [m for m in env.get("CKPT_BRIDGE_EXPORT_CUSTOM_IMPORT", "").split(",") if m])
+        self.trust_remote_code = bool(trust_remote_code if trust_remote_code is not None else
+                                      env.get("CKPT_BRIDGE_EXPORT_TRUST_REMOTE_CODE", "") in ("1", "true"))
         self.running: list[tuple[int, str, Path, subprocess.Popen, Path, Path]] = []
         self.finished: list[dict[str, Any]] = []
         self.pending: list[tuple[int, Path, str]] = []  # Megatron saves waiting for their ckpt_contents.json
@@ -110,6 +119,7 @@ class HFExportCallback(CheckpointCallback):
         # --overwrite only to redo our own export that lacked a part; anything else at `out` was refused above
         cmd = [sys.executable, "-m", "ckpt_bridge", "to-hf", str(src), "--out", str(out), "--dtype", self.dtype,
                "--lora", self.lora, "--quiet"] + (["--overwrite"] if action == "redo" else [])
+        cmd += code_flags(self.custom_import, self.trust_remote_code, src / "huggingface" / "config.json")
         with open(log_file, "w") as lf:
             # Its own session: the export is not killed by a Ctrl-C meant for the trainer's foreground.
             proc = subprocess.Popen(cmd, stdout=lf, stderr=subprocess.STDOUT, start_new_session=True)

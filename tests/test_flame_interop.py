@@ -6,6 +6,7 @@ and the tests skip without it):
   equals the HF source bit for bit.
 * ``python -m flame.utils.convert_dcp_to_hf`` reads our nested ``to-dcp`` output (no aux modules: flame's
   script loads the state dict strictly into the HF class) and its export equals the HF source bit for bit.
+* The same both ways for a flash-linear-attention GLA model (flame's own model zoo), with ``--custom-import fla``.
 """
 
 from __future__ import annotations
@@ -103,3 +104,51 @@ def test_to_hf_reads_flames_convert_hf_to_dcp(flame_runs, trained_olmo2, tmp_pat
 
 def test_flames_convert_dcp_to_hf_reads_our_nested_to_dcp(flame_runs, trained_olmo2):
     _assert_bit_identical(_weights(flame_runs["flame_hf_of_ours"]), _weights(trained_olmo2))
+
+
+# flame's own model zoo: a tiny GLA (flash-linear-attention, registered by `import fla`). In one process of the
+# flame environment: the model saved by save_pretrained (with the OLMo-2 byte tokenizer beside it: flame's
+# convert_dcp_to_hf copies one), our nested to-dcp (--custom-import fla), flame's two scripts, our to-hf of
+# flame's DCP.
+FLA_SCRIPT = """
+import runpy, shutil, sys
+from pathlib import Path
+from ckpt_bridge.cli import main
+from ckpt_bridge.testing.fla_checks import build
+
+hf, ours, theirs, back, tok = map(Path, {paths!r})
+why = build("gla", hf)
+assert why is None, why
+for f in Path(tok).iterdir():
+    if f.name.startswith(("tokenizer", "special_tokens")):
+        shutil.copy2(f, hf / f.name)
+assert main(["to-dcp", str(hf), "--out", str(ours / "checkpoint" / "step-0"), "--layout", "nested",
+             "--custom-import", "fla", "--quiet"]) == 0
+for argv in {argvs!r}:
+    sys.argv = argv
+    runpy.run_module(argv[0], run_name="__main__", alter_sys=True)
+assert main(["to-hf", str(theirs), "--out", str(back), "--config", str(hf), "--custom-import", "fla", "--quiet"]) == 0
+"""
+
+
+@pytest.fixture(scope="module")
+def flame_fla_runs(flame, trained_olmo2, tmp_path_factory) -> dict[str, Path]:
+    root, env = flame
+    work = tmp_path_factory.mktemp("flame-fla")
+    hf, ours, theirs, back = work / "gla-hf", work / "ours", work / "theirs" / "checkpoint" / "step-0", work / "back"
+    argvs = [["flame.utils.convert_hf_to_dcp", "--model", str(hf), "--checkpoint", str(theirs)],
+             ["flame.utils.convert_dcp_to_hf", "--path", str(ours), "--step", "0", "--config", str(hf),
+              "--tokenizer", str(hf)]]
+    script = FLA_SCRIPT.format(paths=[str(p) for p in (hf, ours, theirs, back, trained_olmo2)], argvs=argvs)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"hf": hf, "flame_hf_of_ours": ours, "ours_of_flame_dcp": back}
+
+
+def test_flame_and_ckpt_bridge_interoperate_on_an_fla_model(flame_fla_runs):
+    """flame's convert_dcp_to_hf reads our to-dcp of a GLA model, and our to-hf reads flame's convert_hf_to_dcp:
+    both give back the save_pretrained weights bit for bit."""
+    want = _weights(flame_fla_runs["hf"])
+    _assert_bit_identical(_weights(flame_fla_runs["flame_hf_of_ours"]), want)
+    _assert_bit_identical(_weights(flame_fla_runs["ours_of_flame_dcp"]), want)

@@ -40,6 +40,7 @@ from ..formats.hf import SafetensorsFileReader
 from ..formats.megatron import MegatronReader
 from ..formats.memory import WithNamespace, WithTensors
 from ..models.config_fit import read_fitting_config
+from ..models.custom_code import code_scope, record_for_manifest
 from ..models.hf import quiet_transformers, tie_groups
 from ..models.titan import adapter_record, titan_model as build_titan_model
 from ..plan.titan_names import hf_names, working_titan_model
@@ -395,7 +396,7 @@ def to_dcp(src: str | Path, out: str | Path, options: "ToDCP | None" = None, *, 
     specs = as_specs(o.aux)
     if o.aux_from is not None and not specs:
         specs = _aux_from_manifest(Path(o.aux_from))
-    with ExitStack() as stack, ThreadPoolExecutor(1) as pool:
+    with code_scope(o.custom_import, o.trust_remote_code), ExitStack() as stack, ThreadPoolExecutor(1) as pool:
         reader = stack.enter_context(open_reader(src, trust_pickle=o.trust_pickle))
         source = _open_source(reader, o, stack)
         job = _plan_job(source, o, specs)
@@ -533,6 +534,7 @@ def _run_job(src: str | Path, out: str | Path, o: ToDCP, source: _Source, job: _
             "hf_config": read_config(source.cfg_dir),
             "model_class": job.trainer.model_class,
             "titan_model": job.titan,
+            "model_code": record_for_manifest(read_config(source.cfg_dir).get("model_type")),
             **({"titan_adapter": job.adapter_rec} if job.adapter_rec is not None else {}),
             "layout": req.as_dict(),
             "dtype": summary.dtype,

@@ -26,6 +26,7 @@ from ..errors import BridgeError, KeyPlanError
 from ..formats.base import Reader, TensorInfo
 from ..formats.detect import open_reader
 from ..models.config_fit import read_fitting_config
+from ..models.custom_code import code_scope
 from ..plan.titan_names import hf_names, working_titan_model
 from ..pipeline.run import Output, run
 from ..options import ToHF, resolve
@@ -123,7 +124,8 @@ def to_hf(src: str | Path, out: str | Path, options: "ToHF | None" = None, *, te
     team = team or Team()
     checked = _Checked.of(o)  # every option checked before anything is read
     # allow_missing_rng, DCP: a rank without rng is a warning, not an error
-    with open_reader(src, trust_pickle=o.trust_pickle, allow_missing_rng=o.allow_missing_rng) as reader:
+    with code_scope(o.custom_import, o.trust_remote_code), \
+            open_reader(src, trust_pickle=o.trust_pickle, allow_missing_rng=o.allow_missing_rng) as reader:
         job = _assemble(src, out, reader, o, checked, team, t0)
         if isinstance(job, ExportSummary):  # a LoRA export (its own command) or --dry-run: done
             return job

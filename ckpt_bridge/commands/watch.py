@@ -221,7 +221,8 @@ def step_action(root: Path, step: int, role: str = "actor", out_root: str | Path
 
 
 def export_step(root: Path, step: int, *, role: str = "actor", out_root: str | Path | None = None,
-                dtype: str = "keep", settled: bool = True, lora: str = "both") -> WatchEvent:
+                dtype: str = "keep", settled: bool = True, lora: str = "both", custom_import: tuple[str, ...] = (),
+                trust_remote_code: bool = False) -> WatchEvent:
     """Export ``global_step_{step}/{role}`` once: skip when complete, redo when a part was missing.
 
     ``settled``: the caller knows the save finished (verl's latest file, or
@@ -240,7 +241,8 @@ def export_step(root: Path, step: int, *, role: str = "actor", out_root: str | P
             if action in ("wait", "skip", "refuse"):
                 return WatchEvent(step, str(out), {"wait": "waiting", "skip": "skipped", "refuse": "failed"}[action],
                                   why)
-            s = to_hf(src, out, dtype=dtype, progress=False, overwrite=action == "redo", lora=lora)
+            s = to_hf(src, out, dtype=dtype, progress=False, overwrite=action == "redo", lora=lora,
+                      custom_import=custom_import, trust_remote_code=trust_remote_code)
     except OutputBusy:
         return WatchEvent(step, str(out), "skipped", "another ckpt-bridge process is exporting it now")
     except BridgeError as e:
@@ -270,14 +272,16 @@ def _settled(root: Path, step: int, role: str, latest: int | None, seen: dict[in
 
 def watch(root: str | Path, *, role: str = "actor", out_root: str | Path | None = None, dtype: str = "keep",
           every_step: bool = False, once: bool = False, interval: float = 30.0, keep: int = 0,
-          on_event=None, stop=None, settle: float = 2.0, lora: str = "both") -> list[WatchEvent]:
+          on_event=None, stop=None, settle: float = 2.0, lora: str = "both", custom_import: tuple[str, ...] = (),
+          trust_remote_code: bool = False) -> list[WatchEvent]:
     """Follow ``ROOT/latest_checkpointed_iteration.txt`` and export each new step.
 
     ``every_step``: also export older saved steps not exported yet (default: the
     latest only, as they appear).  ``once``: one pass, then return (a step not
     covered by verl's latest file is polled twice, ``settle`` seconds apart).
     ``stop``: a callable; the loop ends when it returns True (tests, embedding).  ``lora``: what
-    a LoRA run's exports hold (``to_hf``'s ``lora``: merge, adapter or both).
+    a LoRA run's exports hold (``to_hf``'s ``lora``: merge, adapter or both).  ``custom_import`` /
+    ``trust_remote_code``: as to-hf's (a model class not built into transformers).
     """
     root = Path(root)
     if not (interval > 0 and interval != float("inf")):  # time.sleep(-5) raises mid-loop; NaN never waits
@@ -297,7 +301,8 @@ def watch(root: str | Path, *, role: str = "actor", out_root: str | Path | None 
             if not settled and once:
                 time.sleep(settle)
                 settled = _settled(root, step, role, latest, seen)
-            ev = export_step(root, step, role=role, out_root=out_root, dtype=dtype, settled=settled, lora=lora)
+            ev = export_step(root, step, role=role, out_root=out_root, dtype=dtype, settled=settled, lora=lora,
+                             custom_import=custom_import, trust_remote_code=trust_remote_code)
             if ev.status != "skipped" or once:
                 events.append(ev)
                 if on_event:

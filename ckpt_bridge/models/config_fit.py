@@ -34,6 +34,7 @@ from typing import Any
 from ..errors import CheckpointFormatError
 from ..formats.base import TensorInfo
 from ..jsonfiles import check_config, read_json
+from .custom_code import resolve_model_code
 
 # Fields that size the model (matched on the name, in the config and each *_config sub-config).
 _SIZE_FIELD = re.compile(r"^(num_\w+|n_\w+|\w+_size|head_dim|depth|\w+_dim|\w+_layers)$")
@@ -134,7 +135,8 @@ def check_fit(cfg: dict[str, Any], infos: dict[str, TensorInfo], path: Path) -> 
 
 def read_fitting_config(cfg_dir: Path, infos: dict[str, TensorInfo]) -> dict[str, Any]:
     """config.json checked as every command reads it (:func:`ckpt_bridge.jsonfiles.check_config`: UTF-8, field
-    types, a built-in model_type, no auto_map), then against the tensors (:func:`check_fit`).  The one gate
+    types, a model_type transformers has built in or the user's code registered, auto_map code only with
+    --trust-remote-code: :func:`ckpt_bridge.models.custom_code.resolve_model_code`), then against the tensors (:func:`check_fit`).  The one gate
     before anything parses the config with transformers or builds a model from it: to-hf, to-dcp, verify and
     inspect all call it."""
 
@@ -142,6 +144,8 @@ def read_fitting_config(cfg_dir: Path, infos: dict[str, TensorInfo]) -> dict[str
     cfg = read_json(path)
     if isinstance(cfg, dict):
         check_numbers(cfg, path)  # before check_config: a number transformers would choke on, named first
+        # which code builds the model: built in, registered by the user's imports, or trusted auto_map code
+        resolve_model_code(cfg, path)
     cfg = check_config(cfg, path)
     check_fit(cfg, infos, path)
     return cfg

@@ -55,7 +55,8 @@ def parity_fields(cfg: Any) -> dict[str, Any]:
     """The config fields that change what the weights compute (of the text model, for a VLM)."""
     if hasattr(cfg, "get_text_config"):
         cfg = cfg.get_text_config()
-    heads = config_field(cfg, "num_attention_heads")
+    # flash-linear-attention's configs (flame's models) call the head count num_heads
+    heads = config_field(cfg, "num_attention_heads") or config_field(cfg, "num_heads")
     hidden = config_field(cfg, "hidden_size")
     head_dim = config_field(cfg, "head_dim") or (hidden // heads if hidden and heads else None)
     rope = rope_settings(cfg)

@@ -23,6 +23,7 @@ from ..errors import BridgeError
 from ..quiet import quieted
 from ..jsonfiles import cache_root, cached_json, transformers_version
 from .config_fit import read_fitting_config
+from .custom_code import forward_needs_gpu, model_class_named
 from ..formats.hf import HFReader
 
 
@@ -49,11 +50,20 @@ def architecture_class(config: Any) -> type:
     import transformers
 
     archs = getattr(config, "architectures", None) or []
-    cls = getattr(transformers, archs[0], None) if archs else None
+    # transformers' own class, or one an imported package / trusted auto_map code registered with its Auto classes
+    cls = model_class_named(archs[0], config) if archs else None
     if cls is None and archs:
         raise BridgeError(f"config.json names architecture {archs[0]!r}, which transformers "
-                          f"{transformers.__version__} does not have; upgrade transformers or fix config.json")
+                          f"{transformers.__version__} does not have and no imported package registered; pass "
+                          f"--custom-import MODULE for the package that defines it, or fix config.json")
     return cls or transformers.AutoModelForCausalLM
+
+
+def check_runnable(cls: type) -> None:
+    """Refuse, in one line, to run a model whose forward cannot run on this machine (fla's GPU kernels)."""
+    why = forward_needs_gpu(cls)
+    if why:
+        raise BridgeError(why)
 
 
 def transformers_major() -> int:
@@ -249,6 +259,7 @@ def load_pretrained(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> n
     hf_logging.disable_progress_bar()  # our output is a report, not a loading bar
     config = load_config(hf_dir)
     cls = architecture_class(config)
+    check_runnable(_concrete(cls, config))
     try:
         with quiet_transformers():
             model, info = cls.from_pretrained(str(hf_dir), config=config, output_loading_info=True,
@@ -266,9 +277,22 @@ def load_pretrained(hf_dir: str | Path, dtype: torch.dtype = torch.float32) -> n
 
 def from_config(config: Any, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The class the config names, freshly built (weights to be loaded by the caller)."""
+    cls = architecture_class(config)
+    check_runnable(_concrete(cls, config))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return architecture_class(config)._from_config(config, **{dtype_kwarg(): dtype})
+        return cls._from_config(config, **{dtype_kwarg(): dtype})
+
+
+def _concrete(cls: type, config: Any) -> type:
+    """The model class an Auto class would build for ``config`` (``cls`` itself when it is not an Auto class)."""
+    mapping = getattr(cls, "_model_mapping", None)
+    if mapping is None:
+        return cls
+    try:
+        return mapping[type(config)]
+    except (KeyError, ValueError):
+        return cls
 
 
 def is_language_model(model: nn.Module) -> bool:

@@ -35,6 +35,7 @@ from typing import Any
 from ..errors import KeyPlanError
 from ..formats.base import TensorInfo
 from ..jsonfiles import cache_root, cached_json, transformers_version
+from ..models.custom_code import code_key, model_class_named
 from ..models.hf import tie_groups
 from .conversions import Conversions, Group
 from .core import Plan, Transform, rename
@@ -87,7 +88,7 @@ def _cache_file(config_dir: Path, overrides: dict | None = None) -> Path | None:
     root = cache_root()
     extra = json.dumps(overrides or {}, sort_keys=True).encode()
     digest = hashlib.sha256(raw + b"\0transformers " + version.encode() + b"\0" + extra
-                            + b"\0v3").hexdigest()[:32]
+                            + b"\0v3" + code_key().encode()).hexdigest()[:32]
     return root / "model-keys" / f"{digest}.json"
 
 
@@ -132,7 +133,6 @@ def build_meta_model(config_dir: Path, overrides: dict | None = None):
     import torch
 
     try:
-        import transformers
         from transformers import AutoConfig, AutoModelForCausalLM
     except ImportError as e:  # pragma: no cover - transformers is a dependency
         raise KeyPlanError(f"transformers is needed to check keys against the model: {e}") from None
@@ -148,7 +148,7 @@ def build_meta_model(config_dir: Path, overrides: dict | None = None):
             # a 5.x Qwen2.5-VL config.json with architectures None): the JSON says which class it is
             archs = getattr(cfg, "architectures", None) or \
                 json.loads((Path(config_dir) / "config.json").read_text()).get("architectures") or []
-            cls = getattr(transformers, archs[0], None) if archs else None
+            cls = model_class_named(archs[0], cfg) if archs else None  # built in, or registered (custom_code)
             with torch.device("meta"):
                 return cls._from_config(cfg) if cls is not None else AutoModelForCausalLM.from_config(cfg)
     except Exception as e:  # noqa: BLE001 - any failure means "cannot check"

@@ -28,6 +28,7 @@ from ..errors import BridgeError
 from ..formats.base import TensorInfo
 from ..jsonfiles import cache_root, cached_json, transformers_version
 from ..models import titan_eras
+from ..models.custom_code import code_key
 from ..models.hf import tie_groups
 from ..models.titan_eras import TitanEra
 from ..version import __version__
@@ -118,6 +119,7 @@ def cache_key_fields(raw_config: bytes, specs: list[AuxSpec], layout: str) -> li
         str(transformers_version()),
         _transformers_model_key(raw_config),
         torch.__version__,
+        code_key(),  # the model classes registered from outside transformers (--custom-import, auto_map)
         *(s.describe() for s in specs),
     ]
 
