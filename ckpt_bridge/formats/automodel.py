@@ -31,13 +31,12 @@ from safetensors import safe_open
 
 from ..errors import CheckpointFormatError
 from ..jsonfiles import read_json
-from .base import Reader, TensorInfo
+from .base import Reader, TensorInfo, verl_global_step
 from .chunks import chunks_of_regions, coverage
 from .dcp import DCPReader, is_dcp_dir
 from .hf import HFReader, SafetensorsFileReader, is_hf_dir
 
 _SHARD = re.compile(r"^shard-(\d+)-model-(\d+)-of-(\d+)\.safetensors$")
-_STEP_DIR = re.compile(r"^global_step_(\d+)$")
 SHARDING_KEY = "DCP_SHARDING_INFO"  # torch.distributed.checkpoint._hf_utils.CUSTOM_METADATA_KEY
 
 
@@ -233,11 +232,7 @@ class AutomodelReader(Reader):
     # ----------------------------------------------------------- extra state
     @property
     def global_step(self) -> int | None:
-        for p in (self.path, self.path.parent):
-            m = _STEP_DIR.match(p.name)
-            if m:
-                return int(m.group(1))
-        return None
+        return verl_global_step(self.path)
 
     def extra_state(self) -> dict[str, Any]:
         """The lr scheduler saved in ``optim/`` ("sched"); Automodel saves no rng."""

@@ -8,6 +8,7 @@ the tensor it was asked for.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,18 @@ from typing import Any
 import torch
 
 from ..dtypes import nbytes
+
+
+_VERL_STEP_DIR = re.compile(r"^global_step_(\d+)$")
+
+
+def verl_global_step(path: Path) -> int | None:
+    """N of verl's ``global_step_N`` folder: ``path`` itself or its parent (the role dir, ``actor``)."""
+    for p in (path, path.parent):
+        m = _VERL_STEP_DIR.match(p.name)
+        if m:
+            return int(m.group(1))
+    return None
 
 
 @dataclass(frozen=True)

@@ -45,11 +45,10 @@ from .shard_layout import Placement, local_region, placements_of, source_coords
 from .chunks import chunks_of_regions, coverage
 from ..compare import bits_equal, deep_equal
 from ..jsonfiles import FSDP_CONFIG, read_json
-from .base import Reader, TensorInfo
+from .base import Reader, TensorInfo, verl_global_step
 from ..confine import is_inside
 
 _RANK_FILE = re.compile(r"^(model|optim|extra_state)_world_size_(\d+)_rank_(\d+)\.pt$")
-_STEP_DIR = re.compile(r"^global_step_(\d+)$")
 
 
 def find_actor_dir(path: Path) -> Path | None:
@@ -483,11 +482,7 @@ class VerlFSDPReader(Reader):
     # ----------------------------------------------------------- extra state
     @property
     def global_step(self) -> int | None:
-        for p in (self.path, self.path.parent):
-            m = _STEP_DIR.match(p.name)
-            if m:
-                return int(m.group(1))
-        return None
+        return verl_global_step(self.path)
 
     def extra_state(self) -> dict[str, Any]:
         """lr_scheduler (checked equal on every rank) and every rank's rng, keyed by rank."""
