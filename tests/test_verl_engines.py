@@ -21,21 +21,22 @@ from safetensors.torch import load_file, save_file
 from ckpt_bridge.cli import main as cli
 from ckpt_bridge.compare import bits_equal
 from ckpt_bridge.testing.harness import run_torchrun
-from ckpt_bridge.testing.overlays import OverlayError, overlay, overlay_env
+from ckpt_bridge.testing.overlays import OverlayError, overlay, overlay_env, overlay_job
 from test_failure_table import assert_fails  # tests/ is on sys.path (rootdir conftest)
 
 
 # The libraries verl 0.9.1's engines call, each a --no-deps overlay (seconds, cached): nemo-automodel's
 # Checkpointer (Automodel engine) and veomni (VeOmni engine).  Without a registry, engine_saves follows each
 # library's source instead (its docstring says which lines).
-OVERLAYS = {"nemo-automodel": "nemo-automodel==0.3.0", "veomni": "veomni==0.1.12"}
+ENGINE_LIBS = {"nemo-automodel": "nemo-automodel==0.3.0", "veomni": "veomni==0.1.12"}
+OVERLAYS = [overlay_job([spec], name=name) for name, spec in ENGINE_LIBS.items()]  # prefetched (tests/conftest.py)
 
 
 @pytest.fixture(scope="session")
 def engine_saves(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("engine_saves")
     dirs = []
-    for name, spec in OVERLAYS.items():
+    for name, spec in ENGINE_LIBS.items():
         try:
             dirs.append(str(overlay([spec], name=name)))
         except OverlayError:
