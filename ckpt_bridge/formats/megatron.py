@@ -265,6 +265,8 @@ class MegatronReader(Reader):
         same check, :func:`~.megatron_extra.extra_state_problem`)."""
         if self._problems:
             return list(self._problems)
+        if isinstance(self.dcp, MegatronFSDPModel):  # its rng is in the model DCP; the manifest's extra/ is empty
+            return []
         extra = extra_state_problem(self.layout, trust_pickle=self.trust_pickle)
         return [extra] if extra else []
 
