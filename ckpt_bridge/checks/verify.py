@@ -195,7 +195,7 @@ class _SavedView:
         t = self._producer.get(key)
         if t is None:
             return self.view.read(key, dtype)  # an aux tensor, as it is
-        if t.fn is None:
+        if t.fn is None and not t.same_as:
             return self.view.read(t.inputs[0], dtype)
         if key not in self._ready:
             self._ready = t.apply({k: self.view.read(k) for k in t.inputs})

@@ -23,7 +23,8 @@ def execute(plan: Plan | list[Transform], read: Callable[..., torch.Tensor],
     dtype a target is written in (None: as produced).  A rename reads straight
     into that dtype (the readers cast while copying, no second buffer); other
     ops see the stored dtype and their outputs are cast afterwards, so a fold
-    or a fuse computes on the trained values.  The next transform's inputs
+    or a fuse computes on the trained values (a rename whose stored copies are
+    compared, ``same_as``, too: they are compared as stored).  The next transform's inputs
     are read in a background thread while the caller writes this one's
     outputs (see :mod:`ckpt_bridge.pipeline.stream`); drop the tensors before asking
     for the next item.  ``ahead=False`` reads in the caller's thread (a sink
@@ -37,7 +38,7 @@ def execute(plan: Plan | list[Transform], read: Callable[..., torch.Tensor],
         buffer = None
 
     def run(t: Transform) -> dict[str, torch.Tensor]:
-        if t.fn is None:
+        if t.fn is None and not t.same_as:
             o = t.outputs[0]
             if buffer is not None:
                 dt = dtype_of(o) or o.dtype

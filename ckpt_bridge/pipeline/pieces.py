@@ -28,7 +28,7 @@ import torch
 
 from .buffers import Recycled
 from ..formats.base import TensorInfo
-from ..plan.core import Transform
+from ..plan.core import Transform, check_same
 from .execute import execute
 from .stream import run_ahead
 
@@ -99,12 +99,36 @@ def _in_rows(t: Transform, reader, out_dt, slots: Recycled, piece_bytes: int) ->
     dt = out_dt(o)
     row_bytes = o.numel // o.shape[0] * dt.itemsize
     step = rows_per_piece(o.shape, dt, piece_bytes)
+    # a rename with stored copies (``same_as``: a tied pair) reads the same rows of each, as stored, and
+    # compares them before the piece goes out; two scratch pieces for the whole tensor, not two copies
+    scratch = Recycled(1 + len(t.same_as)) if t.same_as else None
     for a in range(0, o.shape[0], step):
         b = min(a + step, o.shape[0])
         buf = slots.take((b - a, *o.shape[1:]), dt)
-        if not reader.read_rows(t.inputs[0], buf, a, b):
+        if not _read(t, reader, buf, a, b, scratch):
             if a != 0:  # a reader answers for a whole key, never half of one
                 raise RuntimeError(f"{t.inputs[0]}: read_rows refused rows {a}:{b} after accepting the first")
             yield from _whole([t], reader, out_dt)
             return
         yield Piece(o.key, buf, a * row_bytes, t)
+
+
+def _read(t: Transform, reader, buf: torch.Tensor, a: int, b: int, scratch: Recycled | None) -> bool:
+    """Rows [a, b) of ``t``'s output into ``buf``; with ``same_as`` copies, the same rows of each read as stored
+    and compared bit for bit (:func:`~ckpt_bridge.plan.core.check_same`) first.  False: read it whole."""
+    if scratch is None:
+        return reader.read_rows(t.inputs[0], buf, a, b)
+    stored = t.outputs[0].dtype
+    shape = tuple(buf.shape)
+    kept = buf if buf.dtype == stored else scratch.take(shape, stored)
+    rows = {t.inputs[0]: kept}
+    if not reader.read_rows(t.inputs[0], kept, a, b):
+        return False
+    for k in t.same_as:
+        rows[k] = scratch.take(shape, stored)
+        if not reader.read_rows(k, rows[k], a, b):
+            return False
+    check_same(t, rows)
+    if kept is not buf:
+        buf.copy_(kept)  # cast as the reader would have cast it
+    return True

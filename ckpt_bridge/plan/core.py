@@ -5,7 +5,9 @@ A :class:`Transform` takes a few source tensors (``inputs``) and produces a
 few target tensors (``outputs``) with one named operation:
 
 =========  ================================================================
-rename     1 -> 1, the tensor unchanged (the common case; ``fn`` is None)
+rename     1 -> 1, the tensor unchanged (the common case; ``fn`` is None);
+           more inputs are stored copies that must equal the first bit
+           for bit (``same_as``: a tied pair), compared piece by piece
 split      1 -> n, e.g. a fused MoE ``experts.gate_up_proj`` -> per-expert
 fuse       n -> 1, e.g. per-expert weights -> one stacked tensor
 transpose  1 -> 1 with the data moved
@@ -35,6 +37,7 @@ from typing import Callable, Iterable
 
 import torch
 
+from ..compare import bits_equal
 from ..errors import KeyPlanError, few
 from ..formats.base import TensorInfo
 
@@ -73,6 +76,12 @@ class Transform:
     work on meta tensors too (see :func:`derive`).  ``fn`` is None only for a
     rename, whose single output is its single input under a new name.
     ``rule`` says where the operation comes from (shown by ``--dry-run``).
+
+    A rename may read more inputs than the one it writes: ``inputs[1:]`` (:attr:`same_as`) are other stored
+    copies of the same tensor (both names of a tied pair), which must equal ``inputs[0]`` bit for bit;
+    ``differ(copy, kept)`` words the :class:`DataCheckError` when they do not.  It stays a rename, so the
+    pipeline still moves it in row pieces and compares the same rows of the copies
+    (:func:`check_same`), instead of holding both copies whole.
     """
 
     op: str
@@ -80,20 +89,29 @@ class Transform:
     outputs: tuple[TensorInfo, ...]
     fn: TensorFn | None = None
     rule: str = ""
+    differ: Callable[[str, str], str] | None = None
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
             raise ValueError(f"unknown transform op {self.op!r}; one of {', '.join(OPS)}")
-        if self.fn is None and not (self.op == "rename" and len(self.inputs) == len(self.outputs) == 1):
+        if self.fn is None and not (self.op == "rename" and len(self.outputs) == 1 and len(self.inputs) >= 1):
             raise ValueError(f"{self.op} {self.inputs} -> {self.targets}: only a 1 -> 1 rename may omit fn")
+        if self.fn is None and len(self.inputs) > 1 and self.differ is None:
+            raise ValueError(f"rename {self.inputs} -> {self.targets}: copies compared without a message")
 
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(o.key for o in self.outputs)
 
+    @property
+    def same_as(self) -> tuple[str, ...]:
+        """A rename's other stored copies, which must equal ``inputs[0]`` (empty for any other transform)."""
+        return self.inputs[1:] if self.fn is None else ()
+
     def apply(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The outputs for these input tensors, checked against the planned shapes."""
         if self.fn is None:
+            check_same(self, tensors)
             return {self.outputs[0].key: tensors[self.inputs[0]]}
         out = self.fn(tensors)
         want = {o.key: o.shape for o in self.outputs}
@@ -110,11 +128,26 @@ class Transform:
         src = ", ".join(self.inputs) if len(self.inputs) <= 3 else f"{self.inputs[0]} .. ({len(self.inputs)} keys)"
         dst = ", ".join(self.targets) if len(self.targets) <= 3 else f"{self.targets[0]} .. ({len(self.targets)} keys)"
         why = f"  [{self.rule}]" if self.rule else ""
+        if self.same_as:  # the copies are read only to be compared; the rule says so
+            return f"{self.inputs[0]} -> {dst}{why}"
         return f"{src} -> {dst}" if self.op == "rename" else f"{self.op}: {src} -> {dst}{why}"
 
 
-def rename(source: str, target: str, info: TensorInfo, rule: str = "") -> Transform:
-    return Transform("rename", (source,), (TensorInfo(target, tuple(info.shape), info.dtype),), None, rule)
+def check_same(t: Transform, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse a rename whose ``same_as`` copies in ``tensors`` (whole tensors or the same rows of each, as
+    stored) are not bit-equal to its kept input: :class:`DataCheckError` naming both stored keys."""
+    kept = tensors[t.inputs[0]]
+    if kept.device.type == "meta":
+        return
+    for k in t.same_as:
+        if not bits_equal(tensors[k], kept):
+            raise DataCheckError(t.differ, (k, t.inputs[0]))
+
+
+def rename(source: str, target: str, info: TensorInfo, rule: str = "", same_as: tuple[str, ...] = (),
+           differ: Callable[[str, str], str] | None = None) -> Transform:
+    return Transform("rename", (source, *same_as), (TensorInfo(target, tuple(info.shape), info.dtype),), None,
+                     rule, differ)
 
 
 def reading_from(t: Transform, source_key: dict[str, str]) -> Transform:
@@ -122,7 +155,7 @@ def reading_from(t: Transform, source_key: dict[str, str]) -> Transform:
     plan, made on the section's own names, reading the checkpoint's stored keys."""
     inputs = tuple(source_key[k] for k in t.inputs)
     if t.fn is None:
-        return Transform(t.op, inputs, t.outputs, None, t.rule)
+        return Transform(t.op, inputs, t.outputs, None, t.rule, t.differ)
     back = dict(zip(inputs, t.inputs))
     stored = dict(zip(t.inputs, inputs))
 
@@ -223,9 +256,14 @@ def compose(first: Plan, second: Plan, *, where: str) -> Plan:
         if missing:
             raise KeyPlanError(f"{where}: {t2.line()} reads {few(missing)}, which no earlier step produces")
         t1s = list({id(producer[k]): producer[k] for k in t2.inputs}.values())
-        if t2.fn is None and t1s[0].fn is None:  # rename after rename
+        if t2.fn is None and t1s[0].fn is None:  # rename after rename (its copies: what their renames read)
             rule = " + ".join(r for r in (t1s[0].rule, t2.rule) if r)
-            steps.append((rename(t1s[0].inputs[0], t2.targets[0], t1s[0].outputs[0], rule), []))
+            # a copy an earlier step computed (a LoRA delta folded into a tied embedding: PEFT merges it into the
+            # one tied weight, whose other stored name still holds the base) is not a stored copy: not compared
+            copies = [k for c in t2.same_as if producer[c].fn is None for k in producer[c].inputs]
+            same = tuple(k for k in dict.fromkeys(t1s[0].inputs + tuple(copies)) if k != t1s[0].inputs[0])
+            steps.append((rename(t1s[0].inputs[0], t2.targets[0], t1s[0].outputs[0], rule, same,
+                                 t2.differ or t1s[0].differ), []))
         elif t2.fn is None:  # renames of a computed step's outputs, one after the other: the step runs once
             if not (steps and steps[-1][0] is t1s[0] and steps[-1][1]):  # (second's order is the files' order)
                 steps.append((t1s[0], []))

@@ -228,9 +228,11 @@ def _check_tied_copies(memory: Plan, made_by: dict[str, Transform], ties: list[l
     (verl FSDP and DCP state dicts hold both names; a Megatron run may save ``output_layer`` beside the
     embedding), the stored copies must be that one tensor: bit-equal.  An output layer trained apart from the
     embedding under a config that says tied would otherwise be dropped and the export would silently use the
-    embedding as its head.  The comparison needs the data, so it runs when the plan is executed: the producers
-    of the group's stored copies become one transform that reads them all (one group in memory), compares
-    them, and gives what the target wants (an equal pair is written once, as ``save_pretrained`` does).
+    embedding as its head.  The comparison needs the data, so it runs when the plan is executed: when the
+    producers are renames (the common case) the copy the target uses stays a rename whose other copies must
+    equal it (:func:`_tied_rename`: streamed in row pieces, compared piece by piece); otherwise the producers
+    become one transform that reads them all (one group in memory), compares them, and gives what the target
+    wants (an equal pair is written once, as ``save_pretrained`` does).
     ``verify`` reads through the same plan, so it refuses the pair too.  Different shapes or dtypes are
     refused here, before anything is read."""
     kept = {id(t): i for i, t in enumerate(memory.transforms)}
@@ -250,7 +252,8 @@ def _check_tied_copies(memory: Plan, made_by: dict[str, Transform], ties: list[l
                     " hold different values", f" differ ({tuple(b.shape)} {b.dtype} vs {tuple(a.shape)} {a.dtype})"))
         # a copy not written stays listed as dropped (tied to ...): it is read only to be compared (the merged
         # transform's rule says so in --dry-run)
-        merged = _tied_group(producers, mine, present, names, where)
+        merged = (_tied_rename(producers, mine[0], where) if len(mine) == 1 and all(t.fn is None for t in producers)
+                  else _tied_group(producers, mine, present, names, where))
         pos = min(kept[id(t)] for t in mine)
         gone = {id(t) for t in mine}
         memory.transforms = [merged if i == pos else t for i, t in enumerate(memory.transforms)
@@ -263,6 +266,17 @@ def _tie_message(where: str, alias: str, kept: str) -> str:
             f"true), so the export would write one tensor for both and lose {alias} (trained apart from the "
             f"embedding); set \"tie_word_embeddings\": false in config.json, or pass --config a config that unties "
             f"them")
+
+
+def _tied_rename(producers: list[Transform], mine: Transform, where: str) -> Transform:
+    """The stored copies of a tie group as one rename of the copy the target uses whose other stored copies
+    must equal it (:attr:`~.core.Transform.same_as`): the pipeline still streams it in row pieces, comparing
+    the same rows of every copy, so a tied embedding is never held twice."""
+    others = tuple(k for t in producers if t is not mine for k in t.inputs)
+    rule = " + ".join(r for r in (mine.rule, f"tied weights: {', '.join(others)} must be bit-equal to "
+                                              f"{mine.inputs[0]} (compared when read)") if r)
+    return rename(mine.inputs[0], mine.targets[0], mine.outputs[0], rule, others,
+                  lambda a, b: _tie_message(where, a, b))
 
 
 def _tied_group(producers: list[Transform], mine: list[Transform], present: list[str], names: dict[str, str],
