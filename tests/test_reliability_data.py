@@ -60,6 +60,9 @@ def _refused_both_ways(capsys, src: Path, tmp_path: Path, alias: str, kept: str,
     line = assert_fails(capsys, ["to-hf", str(src), "--out", str(tmp_path / "out"), "--config", str(config)],
                         says=f"{alias} and {kept} hold different values", sources=(src,))
     assert "tie_word_embeddings" in line and "false" in line
+    # to-dcp's trainer asks for both names of the tie group: each stays its own streamed copy, compared all the same
+    assert_fails(capsys, ["to-dcp", str(src), "--out", str(tmp_path / "dcp"), "--config", str(config)],
+                 says=f"{alias} and {kept} hold different values", sources=(src,))
     untied = tmp_path / "untied_cfg"  # the old export, made from the untied config
     untied.mkdir()
     shutil.copy(config / "config.json", untied / "config.json")

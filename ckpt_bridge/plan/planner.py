@@ -252,8 +252,14 @@ def _check_tied_copies(memory: Plan, made_by: dict[str, Transform], ties: list[l
                     " hold different values", f" differ ({tuple(b.shape)} {b.dtype} vs {tuple(a.shape)} {a.dtype})"))
         # a copy not written stays listed as dropped (tied to ...): it is read only to be compared (the merged
         # transform's rule says so in --dry-run)
-        merged = (_tied_rename(producers, mine[0], where) if len(mine) == 1 and all(t.fn is None for t in producers)
-                  else _tied_group(producers, mine, present, names, where))
+        if all(t.fn is None for t in producers):
+            # renames (the common case): the first copy the target uses carries the comparison with every other
+            # stored copy; each copy the target uses (to-dcp asks for both names) stays its own streamed rename
+            checked = _tied_rename(producers, mine[0], where)
+            memory.transforms = [checked if t is mine[0] else t for t in memory.transforms]
+            kept = {id(t): i for i, t in enumerate(memory.transforms)}
+            continue
+        merged = _tied_group(producers, mine, present, names, where)
         pos = min(kept[id(t)] for t in mine)
         gone = {id(t) for t in mine}
         memory.transforms = [merged if i == pos else t for i, t in enumerate(memory.transforms)
