@@ -93,6 +93,23 @@ def _reference(ref: Path, live_class, config, full) -> None:
     fresh.save_pretrained(str(ref / "hf"))
 
 
+def _write_reference(root: Path, rank: int, model, live_class, config, sched, writer: str) -> None:
+    """The oracle beside a save, after it: the live model's full state dict through ``save_pretrained``, the
+    live lr scheduler, and which writer made the save (every rank gathers; rank 0 writes)."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        ref = root / "reference"
+        ref.mkdir(parents=True)
+        _reference(ref, live_class, config, full)
+        torch.save(sched.state_dict(), ref / "sched.pt")
+        (ref / "writer.txt").write_text(writer + "\n")
+    dist.barrier()
+
+
 def _has_automodel() -> bool:
     try:
         import nemo_automodel.components.checkpoint.checkpointing  # noqa: F401
@@ -105,10 +122,8 @@ def _automodel_checkpointer(root, actor, model, opt, sched, live_class, config) 
     """nemo-automodel's own Checkpointer, configured and called exactly as verl 0.9.1's AutomodelEngine does
     (``_build_checkpointer`` / ``save_checkpoint``); ``model_repo_id`` is the base model dir (verl passes
     ``model_config.path``)."""
-    import torch
     import torch.distributed as dist
     from nemo_automodel.components.checkpoint.checkpointing import Checkpointer, CheckpointingConfig
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from ckpt_bridge.testing.tiny_models import save_tiny_hf
 
@@ -126,14 +141,7 @@ def _automodel_checkpointer(root, actor, model, opt, sched, live_class, config) 
     ckpt.save_model(model, str(actor))
     ckpt.save_optimizer(opt, model, str(actor), scheduler=[sched])
     dist.barrier()
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        ref = root / "reference"
-        ref.mkdir(parents=True)
-        _reference(ref, live_class, config, full)
-        torch.save(sched.state_dict(), ref / "sched.pt")
-        (ref / "writer.txt").write_text("nemo-automodel Checkpointer\n")
-    dist.barrier()
+    _write_reference(root, rank, model, live_class, config, sched, "nemo-automodel Checkpointer")
 
 
 def _automodel(root: Path) -> None:
@@ -196,14 +204,7 @@ def _automodel(root: Path) -> None:
     optim_state = {"optim": get_optimizer_state_dict(model, opt, options=StateDictOptions(
         flatten_optimizer_state_dict=True)), "sched": sched.state_dict()}
     dcp.save(optim_state, checkpoint_id=str(optim_dir))
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        ref = root / "reference"
-        ref.mkdir(parents=True)
-        _reference(ref, live_class, config, full)
-        torch.save(sched.state_dict(), ref / "sched.pt")
-        (ref / "writer.txt").write_text("torch HuggingFaceStorageWriter + consolidate_safetensors_files\n")
-    dist.barrier()
+    _write_reference(root, rank, model, live_class, config, sched, "torch HuggingFaceStorageWriter + consolidate_safetensors_files")
 
 
 def _has_veomni() -> bool:
